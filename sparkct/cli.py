@@ -1,0 +1,62 @@
+"""The ``sparkct`` command."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparkct
+
+    print(f"sparkct        {sparkct.__version__}")
+    print(f"python         {platform.python_version()} ({sys.executable})")
+    print(f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        from sparkct import _ext
+    except ImportError as e:
+        print(f"extension      NOT LOADED: {e}")
+        return 1
+    info = _ext.build_info()
+    print(f"built against  torch {info['torch_version']}, OpenMP {'on' if info['openmp'] else 'off'}")
+    if info["with_cuda"]:
+        rt = info["cuda_runtime_version"]
+        drv = info["cuda_driver_version"]
+        print(f"CUDA kernels   yes: CUDA {_ext.cuda_version()}, archs {', '.join(info['cuda_archs']) or '?'}")
+        print(f"CUDA runtime   {_ext._cuda_version_str(rt) if rt else 'not loadable'}; "
+              f"driver {_ext._cuda_version_str(drv) if drv else 'none'}")
+    else:
+        print("CUDA kernels   no (CPU-only build)")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        print("devices        cpu (no CUDA device visible)")
+    for i in range(n):
+        p = torch.cuda.get_device_properties(i)
+        print(f"device {i}       {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+              f"{p.multi_processor_count} SMs")
+    if info["with_cuda"] and n:
+        cap = "%d.%d" % torch.cuda.get_device_capability(0)
+        if info["cuda_archs"] and cap not in info["cuda_archs"]:
+            print(f"WARNING: device 0 is sm {cap}, kernels were built for {info['cuda_archs']}; "
+                  f"rebuild with TORCH_CUDA_ARCH_LIST={cap}")
+    print(f"threads        {torch.get_num_threads()} (torch intra-op)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparkct", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="versions, build (CUDA version/archs) and visible devices")
+    s.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

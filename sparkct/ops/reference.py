@@ -1,0 +1,3 @@
+"""Plain-PyTorch definitions of every sparkct op: the oracle the kernels are tested against, and a
+fallback users can call anywhere PyTorch runs."""
+from __future__ import annotations

@@ -1,0 +1,44 @@
+"""Shared test set-up: the `device` fixture (cpu always, cuda where a GPU and CUDA kernels exist)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def cuda_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from sparkct import _ext
+    except ImportError:
+        return False
+    return _ext.with_cuda()
+
+
+CUDA_READY = cuda_ready()
+needs_cuda = pytest.mark.cuda
+
+# Parametrize an op test over devices with `@pytest.mark.parametrize("device", DEVICES)` or use the
+# `device` fixture; the CUDA case carries the `cuda` mark and is skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_READY:
+        return
+    why = ("no CUDA device visible" if not torch.cuda.is_available()
+           else "sparkct was built without CUDA kernels")
+    skip = pytest.mark.skip(reason=f"needs CUDA: {why}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
