@@ -42,4 +42,8 @@ static std::string build_info() {
 
 TORCH_LIBRARY(sparkct, m) {
   m.def("build_info() -> str", &sparkct::build_info);
+
+  // ---- fused InfoNCE (Python face: sparkct/ops/info_nce.py) ----
+
+  // ---- sparse masked convolution, packed cell tiles (Python face: sparkct/ops/sparse.py) ----
 }

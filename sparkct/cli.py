@@ -45,11 +45,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMAND_MODULES = ["sparkct.data.cli"]  # `sparkct data ...`
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparkct", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="versions, build (CUDA version/archs) and visible devices")
     s.set_defaults(func=cmd_info)
+    # Command groups defined next to the code they drive; each module has register(subparsers).
+    import importlib
+    import importlib.util
+    for mod in _COMMAND_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod).register(sub)
     return p
 
 

@@ -1,0 +1,5 @@
+"""Modules users import."""
+
+# ---- fused InfoNCE ----
+
+# ---- sparse masked convolution ----

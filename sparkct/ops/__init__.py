@@ -3,8 +3,10 @@
 Each op module validates its input, attaches autograd and fake kernels, and exposes a function.
 ``sparkct.ops.reference`` holds the plain-PyTorch semantics every kernel is tested against.
 """
-from sparkct import _ext
 from sparkct._ext import build_info, cuda_version, with_cuda
 
 __all__ = ["build_info", "cuda_version", "with_cuda"]
-del _ext
+
+# ---- fused InfoNCE ----
+
+# ---- sparse masked convolution ----
