@@ -112,12 +112,13 @@ void pack_simple(const Tensor& x, const int32_t* cells, Tensor& out, int64_t c) 
   });
 }
 
+// Same layout on both sides: contiguous rows, memcpy (NHWC: c*C values per tile row; NCHW: c values).
 template <typename T>
 void pack_fast(const Tensor& x, const int32_t* cells, Tensor& out, int64_t c, bool cl) {
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t A = out.size(0), C = out.size(1), H = x.size(2), W = x.size(3);
-  if (cl) {  // one row = c*C contiguous values on both sides
+  if (cl) {
     at::parallel_for(0, A * c, grain(c * C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / c, y = r % c;
@@ -125,7 +126,7 @@ void pack_fast(const Tensor& x, const int32_t* cells, Tensor& out, int64_t c, bo
         std::memcpy(op + r * c * C, xp + ((b * H + i * c + y) * W + j * c) * C, sizeof(T) * c * C);
       }
     });
-  } else {  // one plane (t, ch) = c rows of c values
+  } else {
     at::parallel_for(0, A * C, grain(c * c), [&](int64_t p0, int64_t p1) {
       for (int64_t pl = p0; pl < p1; ++pl) {
         const int64_t t = pl / C, ch = pl % C;
@@ -138,11 +139,43 @@ void pack_fast(const Tensor& x, const int32_t* cells, Tensor& out, int64_t c, bo
   }
 }
 
-Tensor pack_cpu(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map) {
+// Changing layout (e.g. an NCHW image into NHWC tiles): any input strides, the output written in
+// its memory order.
+template <typename T>
+void pack_transpose(const Tensor& x, const int32_t* cells, Tensor& out, int64_t c, bool cl) {
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t A = out.size(0), C = out.size(1);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  if (cl) {
+    at::parallel_for(0, A * c, grain(c * C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / c, y = r % c;
+        const T* src = xp + cells[3 * t] * s0 + (cells[3 * t + 1] * c + y) * s2 + cells[3 * t + 2] * c * s3;
+        T* dst = op + r * c * C;
+        for (int64_t xx = 0; xx < c; ++xx)
+          for (int64_t ch = 0; ch < C; ++ch) dst[xx * C + ch] = src[xx * s3 + ch * s1];
+      }
+    });
+  } else {
+    at::parallel_for(0, A * C, grain(c * c), [&](int64_t p0, int64_t p1) {
+      for (int64_t pl = p0; pl < p1; ++pl) {
+        const int64_t t = pl / C, ch = pl % C;
+        const T* src = xp + cells[3 * t] * s0 + ch * s1 + cells[3 * t + 1] * c * s2 + cells[3 * t + 2] * c * s3;
+        T* dst = op + pl * c * c;
+        for (int64_t y = 0; y < c; ++y)
+          for (int64_t xx = 0; xx < c; ++xx) dst[y * c + xx] = src[y * s2 + xx * s3];
+      }
+    });
+  }
+}
+
+Tensor pack_cpu(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map, std::optional<bool> channels_last) {
   check_float(x_, "x");
   check_table(cells_, 3, "cells");
   const int64_t c = cell_size(x_, cell_map);
-  const bool cl = is_channels_last(x_);
+  const bool in_cl = is_channels_last(x_);
+  const bool cl = channels_last.value_or(in_cl);
   const Tensor cells = cells_.contiguous();
   const int64_t A = cells.size(0), C = x_.size(1);
   check_cells_values(cells, x_.size(0), x_.size(2) / c, x_.size(3) / c);
@@ -152,9 +185,11 @@ Tensor pack_cpu(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map) 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "sparse_pack", [&] {
     if (simple_kernels()) {
       pack_simple<scalar_t>(x_, ce, out, c);
-    } else {
+    } else if (cl == in_cl) {
       const Tensor x = x_.contiguous(format_of(cl));
       pack_fast<scalar_t>(x, ce, out, c, cl);
+    } else {
+      pack_transpose<scalar_t>(x_, ce, out, c, cl);
     }
   });
   return out;
@@ -225,6 +260,41 @@ void unpack_fast(const Tensor& in, const int32_t* cm, const T* fill, Tensor& out
   }
 }
 
+// Changing layout: any packed strides, the dense output written in its memory order.
+template <typename T>
+void unpack_transpose(const Tensor& in, const int32_t* cm, const T* fill, Tensor& out, int64_t c, bool cl) {
+  const T* ip = in.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t B = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3), gh = H / c, gw = W / c;
+  const int64_t s0 = in.stride(0), s1 = in.stride(1), s2 = in.stride(2), s3 = in.stride(3);
+  if (cl) {
+    at::parallel_for(0, B * H, grain(W * C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / H, Y = r % H, i = Y / c, y = Y % c;
+        for (int64_t j = 0; j < gw; ++j) {
+          const int64_t t = cm[(b * gh + i) * gw + j];
+          T* dst = op + (r * W + j * c) * C;
+          for (int64_t xx = 0; xx < c; ++xx)
+            for (int64_t ch = 0; ch < C; ++ch)
+              dst[xx * C + ch] = t >= 0 ? ip[t * s0 + ch * s1 + y * s2 + xx * s3] : (fill ? fill[ch] : T(0));
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, B * C, grain(H * W), [&](int64_t p0, int64_t p1) {
+      for (int64_t pl = p0; pl < p1; ++pl) {
+        const int64_t b = pl / C, ch = pl % C;
+        const T v = fill ? fill[ch] : T(0);
+        for (int64_t Y = 0; Y < H; ++Y)
+          for (int64_t X = 0; X < W; ++X) {
+            const int64_t t = cm[(b * gh + Y / c) * gw + X / c];
+            op[(pl * H + Y) * W + X] = t >= 0 ? ip[t * s0 + ch * s1 + (Y % c) * s2 + (X % c) * s3] : v;
+          }
+      }
+    });
+  }
+}
+
 void check_cell_map(const Tensor& cell_map, int64_t A) {
   check_cell_map_shape(cell_map);
   const int32_t* p = cell_map.data_ptr<int32_t>();
@@ -233,7 +303,7 @@ void check_cell_map(const Tensor& cell_map, int64_t A) {
 }
 
 Tensor unpack_cpu(const Tensor& in_, const Tensor& cells, const Tensor& cell_map_,
-                  const std::optional<Tensor>& fill_) {
+                  const std::optional<Tensor>& fill_, std::optional<bool> channels_last) {
   TORCH_CHECK(in_.dim() == 4 && in_.size(2) == in_.size(3) && in_.size(2) > 0, "packed must be (A, C, c, c), got ",
               in_.sizes());
   check_float(in_, "packed");
@@ -249,7 +319,8 @@ Tensor unpack_cpu(const Tensor& in_, const Tensor& cells, const Tensor& cell_map
     check_fill(in_, *fill_);
     fill = fill_->reshape({C}).contiguous();
   }
-  const bool cl = is_channels_last(in_);
+  const bool in_cl = is_channels_last(in_);
+  const bool cl = channels_last.value_or(in_cl);
   Tensor out = at::empty({B, C, H, W}, in_.options().memory_format(format_of(cl)));
   if (out.numel() == 0) return out;
   const int32_t* cm = cell_map.data_ptr<int32_t>();
@@ -257,9 +328,11 @@ Tensor unpack_cpu(const Tensor& in_, const Tensor& cells, const Tensor& cell_map
     const scalar_t* f = fill.defined() ? fill.data_ptr<scalar_t>() : nullptr;
     if (simple_kernels()) {
       unpack_simple<scalar_t>(in_, cm, f, out, c);
-    } else {
+    } else if (cl == in_cl) {
       const Tensor in = in_.contiguous(format_of(cl));
       unpack_fast<scalar_t>(in, cm, f, out, c, cl);
+    } else {
+      unpack_transpose<scalar_t>(in_, cm, f, out, c, cl);
     }
   });
   return out;
@@ -291,10 +364,10 @@ void masked_channel_sum(const Tensor& g, const int32_t* cm, Tensor& out, int64_t
 }
 
 std::tuple<Tensor, Tensor> unpack_backward_cpu(const Tensor& grad, const Tensor& cells, const Tensor& cell_map_,
-                                               bool fill_grad) {
+                                               bool fill_grad, std::optional<bool> channels_last) {
   const int64_t c = cell_size(grad, cell_map_);
   const Tensor cell_map = cell_map_.contiguous();
-  Tensor gpacked = pack_cpu(grad, cells, cell_map);
+  Tensor gpacked = pack_cpu(grad, cells, cell_map, channels_last);
   Tensor gfill = at::empty({fill_grad ? grad.size(1) : 0}, grad.options());
   if (fill_grad && gfill.numel() > 0) {
     check_cell_map(cell_map, cells.size(0));

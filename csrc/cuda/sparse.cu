@@ -166,14 +166,15 @@ __global__ void pack_cl_kernel(const V* x, const int32_t* cells, V* out, int64_t
   }
 }
 
-Tensor pack_cuda(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map) {
+Tensor pack_cuda(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map, std::optional<bool> channels_last) {
   check_float(x_, "x");
   check_table(cells_, 3, "cells");
   check_same_device(x_, cells_, "cells");
   check_same_device(x_, cell_map, "cell_map");
   const int64_t c = cell_size(x_, cell_map);
   c10::cuda::CUDAGuard guard(x_.device());
-  const bool cl = is_channels_last(x_);
+  const bool in_cl = is_channels_last(x_);
+  const bool cl = channels_last.value_or(in_cl);
   const Tensor cells = cells_.contiguous();
   const int64_t A = cells.size(0), B = x_.size(0), C = x_.size(1), H = x_.size(2), W = x_.size(3);
   Tensor out = at::empty({A, C, c, c}, x_.options().memory_format(format_of(cl)));
@@ -181,7 +182,7 @@ Tensor pack_cuda(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map)
   auto stream = at::cuda::getCurrentCUDAStream();
   const int32_t* ce = cells.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "sparse_pack_cuda", [&] {
-    if (cl && !simple_kernels()) {
+    if (cl && in_cl && !simple_kernels()) {
       const Tensor x = x_.contiguous(at::MemoryFormat::ChannelsLast);
       const int u = vector_bytes(C * sizeof(scalar_t), {x.data_ptr(), out.data_ptr()});
       with_vector_type(u, [&](auto tag) {
@@ -193,7 +194,8 @@ Tensor pack_cuda(const Tensor& x_, const Tensor& cells_, const Tensor& cell_map)
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
-      const Tensor x = simple_kernels() ? x_ : x_.contiguous(format_of(cl));
+      // NCHW, a change of layout, or the oracle: one thread per element over any strides.
+      const Tensor x = (simple_kernels() || cl != in_cl) ? x_ : x_.contiguous(format_of(cl));
       const int64_t n = out.numel();
       pack_simple_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), geo(x), ce, out.data_ptr<scalar_t>(), geo(out), c, n);
@@ -231,7 +233,7 @@ __global__ void unpack_cl_kernel(const V* in, const int32_t* cm, const V* fill, 
 }
 
 Tensor unpack_cuda(const Tensor& in_, const Tensor& cells, const Tensor& cell_map_,
-                   const std::optional<Tensor>& fill_) {
+                   const std::optional<Tensor>& fill_, std::optional<bool> channels_last) {
   TORCH_CHECK(in_.dim() == 4 && in_.size(2) == in_.size(3), "packed must be (A, C, c, c), got ", in_.sizes());
   check_float(in_, "packed");
   TORCH_CHECK(cell_map_.scalar_type() == at::kInt && cell_map_.dim() == 3,
@@ -250,14 +252,15 @@ Tensor unpack_cuda(const Tensor& in_, const Tensor& cells, const Tensor& cell_ma
     check_same_device(in_, *fill_, "fill");
     fill = fill_->reshape({C}).contiguous();
   }
-  const bool cl = is_channels_last(in_);
+  const bool in_cl = is_channels_last(in_);
+  const bool cl = channels_last.value_or(in_cl);
   Tensor out = at::empty({B, C, H, W}, in_.options().memory_format(format_of(cl)));
   if (out.numel() == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int32_t* cm = cell_map.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_.scalar_type(), "sparse_unpack_cuda", [&] {
     const scalar_t* f = fill.defined() ? fill.data_ptr<scalar_t>() : nullptr;
-    if (cl && !simple_kernels()) {
+    if (cl && in_cl && !simple_kernels()) {
       const Tensor in = in_.contiguous(at::MemoryFormat::ChannelsLast);
       const int u = vector_bytes(C * sizeof(scalar_t), {in.data_ptr(), out.data_ptr(), static_cast<const void*>(f)});
       with_vector_type(u, [&](auto tag) {
@@ -270,7 +273,7 @@ Tensor unpack_cuda(const Tensor& in_, const Tensor& cells, const Tensor& cell_ma
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
-      const Tensor in = simple_kernels() ? in_ : in_.contiguous(format_of(cl));
+      const Tensor in = (simple_kernels() || cl != in_cl) ? in_ : in_.contiguous(format_of(cl));
       const int64_t n = out.numel();
       unpack_simple_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
           in.data_ptr<scalar_t>(), geo(in), cm, f, out.data_ptr<scalar_t>(), geo(out), c, n);
@@ -281,11 +284,11 @@ Tensor unpack_cuda(const Tensor& in_, const Tensor& cells, const Tensor& cell_ma
 }
 
 std::tuple<Tensor, Tensor> unpack_backward_cuda(const Tensor& grad, const Tensor& cells, const Tensor& cell_map,
-                                                bool fill_grad) {
+                                                bool fill_grad, std::optional<bool> channels_last) {
   const int64_t c = cell_size(grad, cell_map);
   check_same_device(grad, cell_map, "cell_map");
   c10::cuda::CUDAGuard guard(grad.device());
-  Tensor gpacked = pack_cuda(grad, cells, cell_map);
+  Tensor gpacked = pack_cuda(grad, cells, cell_map, channels_last);
   Tensor gfill = at::empty({fill_grad ? grad.size(1) : 0}, grad.options());
   if (fill_grad && gfill.numel() > 0) {
     // A per-channel reduction over the masked cells: ATen's deterministic reductions, accumulated in fp32.

@@ -162,23 +162,27 @@ def _(mask):
             mask.new_empty(mask.shape, dtype=torch.int32))
 
 
+def _layout_of(x: Tensor, channels_last: bool | None) -> bool:
+    return _is_channels_last(x) if channels_last is None else bool(channels_last)
+
+
 @torch.library.register_fake("sparkct::sparse_pack")
-def _(x, cells, cell_map):
+def _(x, cells, cell_map, channels_last=None):
     c = x.shape[2] // cell_map.shape[1]
-    return _empty4((cells.shape[0], x.shape[1], c, c), x, _is_channels_last(x))
+    return _empty4((cells.shape[0], x.shape[1], c, c), x, _layout_of(x, channels_last))
 
 
 @torch.library.register_fake("sparkct::sparse_unpack")
-def _(packed, cells, cell_map, fill):
+def _(packed, cells, cell_map, fill, channels_last=None):
     c = packed.shape[2]
     B, gh, gw = cell_map.shape
-    return _empty4((B, packed.shape[1], gh * c, gw * c), packed, _is_channels_last(packed))
+    return _empty4((B, packed.shape[1], gh * c, gw * c), packed, _layout_of(packed, channels_last))
 
 
 @torch.library.register_fake("sparkct::sparse_unpack_backward")
-def _(grad, cells, cell_map, fill_grad):
+def _(grad, cells, cell_map, fill_grad, channels_last=None):
     c = grad.shape[2] // cell_map.shape[1]
-    gp = _empty4((cells.shape[0], grad.shape[1], c, c), grad, _is_channels_last(grad))
+    gp = _empty4((cells.shape[0], grad.shape[1], c, c), grad, _layout_of(grad, channels_last))
     return gp, grad.new_empty((grad.shape[1] if fill_grad else 0,))
 
 
@@ -210,47 +214,50 @@ def _(grad_cols, nbr, channels, cell, kernel, stride, pad, channels_last):
 # backward ops have the forward ops as their backward, so double backward works too).
 
 def _pack_setup(ctx, inputs, output):
-    _, cells, cell_map = inputs
+    x, cells, cell_map = inputs[:3]
     ctx.save_for_backward(cells, cell_map)
+    ctx.x_cl = _is_channels_last(x)
 
 
 def _pack_backward(ctx, grad):
     cells, cell_map = ctx.saved_tensors
-    return _ops.sparse_unpack(grad, cells, cell_map, None), None, None
+    return _ops.sparse_unpack(grad, cells, cell_map, None, ctx.x_cl), None, None, None
 
 
 torch.library.register_autograd("sparkct::sparse_pack", _pack_backward, setup_context=_pack_setup)
 
 
 def _unpack_setup(ctx, inputs, output):
-    _, cells, cell_map, fill = inputs
+    packed, cells, cell_map, fill = inputs[:4]
     ctx.save_for_backward(cells, cell_map)
     ctx.has_fill = fill is not None
     ctx.fill_shape = None if fill is None else fill.shape
+    ctx.packed_cl = _is_channels_last(packed)
 
 
 def _unpack_backward(ctx, grad):
     cells, cell_map = ctx.saved_tensors
     need_fill = ctx.has_fill and ctx.needs_input_grad[3]
-    gp, gf = _ops.sparse_unpack_backward(grad, cells, cell_map, need_fill)
-    return gp, None, None, (gf.reshape(ctx.fill_shape) if need_fill else None)
+    gp, gf = _ops.sparse_unpack_backward(grad, cells, cell_map, need_fill, ctx.packed_cl)
+    return gp, None, None, (gf.reshape(ctx.fill_shape) if need_fill else None), None
 
 
 torch.library.register_autograd("sparkct::sparse_unpack", _unpack_backward, setup_context=_unpack_setup)
 
 
 def _unpack_bw_setup(ctx, inputs, output):
-    _, cells, cell_map, fill_grad = inputs
+    grad, cells, cell_map, fill_grad = inputs[:4]
     ctx.save_for_backward(cells, cell_map)
     ctx.fill_grad = fill_grad
+    ctx.grad_cl = _is_channels_last(grad)
 
 
 def _unpack_bw_backward(ctx, g_packed, g_fill):
     cells, cell_map = ctx.saved_tensors
     fill = g_fill if (ctx.fill_grad and g_fill is not None) else None
     if g_packed is None:
-        return None, None, None, None
-    return _ops.sparse_unpack(g_packed, cells, cell_map, fill), None, None, None
+        return None, None, None, None, None
+    return _ops.sparse_unpack(g_packed, cells, cell_map, fill, ctx.grad_cl), None, None, None, None
 
 
 torch.library.register_autograd("sparkct::sparse_unpack_backward", _unpack_bw_backward,
@@ -316,16 +323,19 @@ torch.library.register_autograd("sparkct::sparse_im2col_backward", _im2col_bw_ba
 
 # ---- functions --------------------------------------------------------------------------------
 
-def pack(x: Tensor, layout: CellLayout) -> Tensor:
-    """Dense map (B, C, H, W) -> packed visible tiles (A, C, c, c), c = H / GH."""
+def pack(x: Tensor, layout: CellLayout, channels_last: bool | None = None) -> Tensor:
+    """Dense map (B, C, H, W) -> packed visible tiles (A, C, c, c), c = H / GH. ``channels_last``
+    picks the tiles' memory layout (None: the same as x's)."""
     _check_dense(x, layout, "x")
     check_device("pack", x, layout.cells)
-    return _ops.sparse_pack(x, layout.cells, layout.cell_map)
+    return _ops.sparse_pack(x, layout.cells, layout.cell_map, channels_last)
 
 
-def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None) -> Tensor:
+def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None,
+           channels_last: bool | None = None) -> Tensor:
     """Packed tiles (A, C, c, c) -> dense (B, C, GH*c, GW*c); masked cells hold ``fill`` (C,) (e.g. a
-    learnable mask token; its gradient is the per-channel sum over masked positions) or zeros."""
+    learnable mask token; its gradient is the per-channel sum over masked positions) or zeros.
+    ``channels_last`` picks the dense map's memory layout (None: the same as the tiles')."""
     _check_packed(packed, layout, "packed")
     if fill is not None:
         _check_float(fill, "fill")
@@ -334,7 +344,7 @@ def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None) -> Te
         if fill.dtype != packed.dtype:
             raise ValueError(f"fill dtype {fill.dtype} differs from packed dtype {packed.dtype}")
     check_device("unpack", packed, layout.cells, fill)
-    return _ops.sparse_unpack(packed, layout.cells, layout.cell_map, fill)
+    return _ops.sparse_unpack(packed, layout.cells, layout.cell_map, fill, channels_last)
 
 
 def halo(packed: Tensor, layout: CellLayout, pad: int, masked_fill: float = 0.0,
@@ -408,6 +418,25 @@ class _HaloConv(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+def _onednn_linear_ok() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear_ok()
+
+
+def _matmul_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """a (M, K) @ b (N, K)^T (+ bias). On CPU fp32 through oneDNN's inner product: on the AMD EPYC
+    development machine MKL's sgemm (ATen's mm) runs its AVX2 path at ~106 GFLOP/s per core while
+    oneDNN's JIT kernels reach ~220, which decides whether the gather-GEMM path beats dense at all."""
+    if _ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == torch.float32 == b.dtype:
+        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, "none", [], "")
+    return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
+
+
 class _GemmConv(torch.autograd.Function):
     """k x k conv = im2col over visible positions + one GEMM. The columns are rebuilt in backward
     rather than saved (they are k*k times the input)."""
@@ -418,8 +447,7 @@ class _GemmConv(torch.autograd.Function):
         cout, k = weight.shape[0], weight.shape[-1]
         co = ci // stride
         cols = _ops.sparse_im2col(x, nbr, k, stride, pad)
-        w2 = weight.reshape(cout, -1)
-        y = cols @ w2.t() if bias is None else torch.addmm(bias, cols, w2.t())
+        y = _matmul_nt(cols, weight.reshape(cout, -1), bias)
         y = y.view(A, co, co, cout).permute(0, 3, 1, 2)  # channels-last strides
         cl = _is_channels_last(x)
         if not cl:
@@ -438,11 +466,11 @@ class _GemmConv(torch.autograd.Function):
         gy2 = gy.permute(0, 2, 3, 1).reshape(-1, cout)
         gx = gw = gb = None
         if nw:
-            cols = _ops.sparse_im2col(x, nbr, k, stride, pad)
-            gw = (gy2.t() @ cols).view(weight.shape)
-            del cols
+            cols_t = _ops.sparse_im2col(x, nbr, k, stride, pad).t().contiguous()
+            gw = _matmul_nt(gy2.t().contiguous(), cols_t).view(weight.shape)
+            del cols_t
         if nx:
-            gcols = gy2 @ weight.reshape(cout, -1)
+            gcols = _matmul_nt(gy2, weight.reshape(cout, -1).t().contiguous())
             gx = _ops.sparse_im2col_backward(gcols, nbr, C, ci, k, stride, pad, cl)
         if nb and has_bias:
             gb = gy2.sum(0)
