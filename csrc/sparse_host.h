@@ -11,12 +11,10 @@ namespace sparse {
 
 constexpr int64_t kMaxKernel = 15;  // im2col keeps the k*k offsets of a row in fixed arrays
 
-// The packed/dense layout a kernel writes: NCHW unless the input is channels-last. A tensor that is
-// contiguous in both senses (size-1 dims) counts as NCHW; sparkct/ops/sparse.py mirrors this rule in
-// the fake kernels.
+// The packed/dense layout a kernel writes: NHWC when the input's strides say channels-last (ATen's
+// suggest_memory_format, which also decides for tensors that are contiguous both ways, e.g. 1x1
+// tiles, by their actual strides), else NCHW. sparkct/ops/sparse.py mirrors this in the fake kernels.
 inline bool is_channels_last(const at::Tensor& x) {
-  if (x.is_contiguous()) return false;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 

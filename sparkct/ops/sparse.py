@@ -133,12 +133,8 @@ def _check_packed(x: Tensor, layout: CellLayout, name: str) -> None:
 
 def _is_channels_last(x: Tensor) -> bool:
     """Mirror of is_channels_last in csrc/sparse_host.h: the layout the kernels write."""
-    if x.is_contiguous():
-        return False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True
     from torch._prims_common import suggest_memory_format
-    return suggest_memory_format(x) == torch.channels_last
+    return x.dim() == 4 and suggest_memory_format(x) == torch.channels_last
 
 
 def _empty4(shape, like: Tensor, channels_last: bool) -> Tensor:
