@@ -81,12 +81,15 @@ void with_vector_type(int u, F&& f) {
   }
 }
 
-// A vector whose every element is v.
+// A vector whose every element is v. (Vectors narrower than an element are instantiated by
+// with_vector_type but never chosen: vector_bytes only returns widths that hold whole elements.)
 template <typename V, typename T>
 V splat(T v) {
-  V out;
-  T* e = reinterpret_cast<T*>(&out);
-  for (size_t k = 0; k < sizeof(V) / sizeof(T); ++k) e[k] = v;
+  V out{};
+  if constexpr (sizeof(V) >= sizeof(T)) {
+    T* e = reinterpret_cast<T*>(&out);
+    for (size_t k = 0; k < sizeof(V) / sizeof(T); ++k) e[k] = v;
+  }
   return out;
 }
 
