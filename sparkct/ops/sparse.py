@@ -389,29 +389,44 @@ def _pair(v, name: str) -> int:
     return int(v)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a conv runs in: the autocast dtype where autocast is on (as F.conv2d would), else x's."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 class _HaloConv(torch.autograd.Function):
     """k x k conv = halo + valid conv. Only the packed input is saved: the halo is rebuilt in backward,
-    so it costs memory only while one layer runs (saving it would undo most of the memory gain)."""
+    so it costs memory only while one layer runs (saving it would undo most of the memory gain).
+    Under autocast the conv runs in the autocast dtype and gradients return in the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, nbr, stride, pad, groups):
-        h = _ops.sparse_halo(x, nbr, pad, 0.0, 0.0)
-        y = F.conv2d(h, weight, bias, stride, 0, 1, groups)
+        dt = _compute_dtype(x)
+        h = _ops.sparse_halo(x.to(dt), nbr, pad, 0.0, 0.0)
+        y = F.conv2d(h, weight.to(dt), _cast(bias, dt), stride, 0, 1, groups)
         ctx.save_for_backward(x, weight, nbr)
-        ctx.conf = (stride, pad, groups, None if bias is None else list(bias.shape))
+        ctx.conf = (stride, pad, groups, None if bias is None else list(bias.shape), dt,
+                    None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, nbr = ctx.saved_tensors
-        stride, pad, groups, bias_shape = ctx.conf
+        stride, pad, groups, bias_shape, dt, bias_dtype = ctx.conf
         nx, nw, nb = ctx.needs_input_grad[:3]
-        h = _ops.sparse_halo(x, nbr, pad, 0.0, 0.0)
+        h = _ops.sparse_halo(x.to(dt), nbr, pad, 0.0, 0.0)
         gh, gw, gb = torch.ops.aten.convolution_backward(
-            gy, h, weight, bias_shape, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
+            gy.to(dt), h, weight.to(dt), bias_shape, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
             [nx, nw, nb and bias_shape is not None])
-        gx = _ops.sparse_halo_backward(gh, nbr, pad) if nx else None
-        return gx, gw, gb, None, None, None, None
+        gx = _ops.sparse_halo_backward(gh, nbr, pad).to(x.dtype) if nx else None
+        return gx, _cast(gw, weight.dtype), _cast(gb, bias_dtype), None, None, None, None
 
 
 def _onednn_linear_ok() -> bool:
@@ -442,34 +457,35 @@ class _GemmConv(torch.autograd.Function):
         A, C, ci, _ = x.shape
         cout, k = weight.shape[0], weight.shape[-1]
         co = ci // stride
-        cols = _ops.sparse_im2col(x, nbr, k, stride, pad)
-        y = _matmul_nt(cols, weight.reshape(cout, -1), bias)
+        dt = _compute_dtype(x)
+        cols = _ops.sparse_im2col(x.to(dt), nbr, k, stride, pad)
+        y = _matmul_nt(cols, weight.reshape(cout, -1).to(dt), _cast(bias, dt))
         y = y.view(A, co, co, cout).permute(0, 3, 1, 2)  # channels-last strides
         cl = _is_channels_last(x)
         if not cl:
             y = y.contiguous()
         ctx.save_for_backward(x, weight, nbr)
-        ctx.conf = (stride, pad, cl, bias is not None)
+        ctx.conf = (stride, pad, cl, None if bias is None else bias.dtype, dt)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, nbr = ctx.saved_tensors
-        stride, pad, cl, has_bias = ctx.conf
+        stride, pad, cl, bias_dtype, dt = ctx.conf
         nx, nw, nb = ctx.needs_input_grad[:3]
         A, C, ci, _ = x.shape
         cout, k = weight.shape[0], weight.shape[-1]
-        gy2 = gy.permute(0, 2, 3, 1).reshape(-1, cout)
+        gy2 = gy.to(dt).permute(0, 2, 3, 1).reshape(-1, cout)
         gx = gw = gb = None
         if nw:
-            cols_t = _ops.sparse_im2col(x, nbr, k, stride, pad).t().contiguous()
-            gw = _matmul_nt(gy2.t().contiguous(), cols_t).view(weight.shape)
+            cols_t = _ops.sparse_im2col(x.to(dt), nbr, k, stride, pad).t().contiguous()
+            gw = _matmul_nt(gy2.t().contiguous(), cols_t).view(weight.shape).to(weight.dtype)
             del cols_t
         if nx:
-            gcols = _matmul_nt(gy2, weight.reshape(cout, -1).t().contiguous())
-            gx = _ops.sparse_im2col_backward(gcols, nbr, C, ci, k, stride, pad, cl)
-        if nb and has_bias:
-            gb = gy2.sum(0)
+            gcols = _matmul_nt(gy2, weight.reshape(cout, -1).to(dt).t().contiguous())
+            gx = _ops.sparse_im2col_backward(gcols, nbr, C, ci, k, stride, pad, cl).to(x.dtype)
+        if nb and bias_dtype is not None:
+            gb = gy2.sum(0, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else dt).to(bias_dtype)
         return gx, gw, gb, None, None, None
 
 

@@ -214,6 +214,25 @@ def test_bad_input_errors():
         sparsify(torchvision.models.resnet18(), memory_format="nhwc")
 
 
+def _autocast_case(device, dtype):
+    model = make_model("resnet18", seed=7).to(device)
+    mask = make_mask(5, 3, 4, 0.6, seed=9).to(device)
+    x = torch.randn(5, 3, 96, 128, device=device)
+    truth = run(model, x, mask, sparse=False)
+    with torch.autocast(device, dtype=dtype):
+        spark = run(model, x, mask, sparse=False)
+        ours = run(model, x, mask, sparse=True)
+    assert ours[0][0].dtype == spark[0][0].dtype
+    for (name, a, t), (_, b, _) in zip(all_pairs(ours, truth), all_pairs(spark, truth)):
+        assert a.dtype == t.dtype or name.startswith("feature"), name  # grads in the parameters' dtype
+        assert rel(a, t) <= max(2e-2, 3.0 * rel(b, t)), (name, rel(a, t), rel(b, t))
+
+
+def test_autocast_bfloat16_cpu():
+    """Mixed precision (SparK trains with AMP): convs in bf16, gradients back in fp32 parameters."""
+    _autocast_case("cpu", torch.bfloat16)
+
+
 # ---- CUDA ------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -249,3 +268,9 @@ def test_cuda_half_channels_last_matches(dtype):
         if name.startswith("buffer") and "num_batches" in name:
             continue
         assert rel(a, t) <= max(2e-2, 3.0 * rel(b, t)), (name, rel(a, t), rel(b, t))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast(dtype):
+    _autocast_case("cuda", dtype)
