@@ -43,6 +43,19 @@ FORMAT = "sparkct-ct-slice-cache"
 VERSION = 1
 CHUNK = 16  # slices resampled together
 
+# Test hook: when set, the process exits (os._exit, no clean-up, like a kill) after writing this
+# many slices into shards, leaving a half-written temporary shard behind.
+_TEST_EXIT_AFTER_SLICES: int | None = None
+_slices_written_in_process = 0
+
+
+def _tick(n: int) -> None:
+    global _slices_written_in_process
+    if _TEST_EXIT_AFTER_SLICES is not None:
+        _slices_written_in_process += n
+        if _slices_written_in_process >= _TEST_EXIT_AFTER_SLICES:
+            os._exit(137)
+
 # Files never read as images (labels, notes, archives of metadata) are counted as "ignored".
 IGNORED_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".md", ".xml", ".html", ".pdf", ".log", ".yaml",
                     ".yml", ".py", ".ini", ".cfg", ".xlsx", ".xls", ".npz", ".npy", ".pkl", ".zip",
@@ -285,6 +298,7 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
                     continue
                 kept.append(i)
                 k += 1
+                _tick(1)
             return k
         for c0 in range(0, len(plan.frames), CHUNK):
             chunk, idx = [], []
@@ -307,6 +321,7 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
             mm[k:k + len(idx)] = out
             k += len(idx)
             kept.extend(idx)
+            _tick(len(idx))
         return k
 
     n = _write_shard(job.dst, job.key, len(plan.frames), (oh, ow), fill)
