@@ -22,7 +22,8 @@ class ImageFolderSlices(torch.utils.data.Dataset):
 
     group: a regular expression whose first group (or whole match) in the file's path relative to
     root names the patient, for :func:`~sparkct.data.patient_split` (default: the file's folder
-    within its class, so slices kept in per-patient folders stay together). transform: applied
+    with its class folder, so slices kept in per-patient folders stay together; a file directly in
+    its class folder is its own group). transform: applied
     to the (1, C, H, W) batch of one image after resizing (e.g. an augmentation working in [0, 1])."""
 
     def __init__(self, root: str, size: int | None = 224, *, channels: int = 3, classes: Sequence[str] | None = None,
@@ -58,7 +59,7 @@ class ImageFolderSlices(torch.utils.data.Dataset):
                 key = (m.group(1) if m.groups() else m.group(0)) if m else rel
             else:
                 parts = rel.split("/")
-                key = "/".join(parts[1:-1]) or rel  # the folder within the class, else the file
+                key = "/".join(parts[:-1]) if len(parts) > 2 else rel  # class/sub/folder, else the file
             keys.append(hashlib.sha1(key.encode()).hexdigest()[:16])
         names, inv = np.unique(np.array(keys), return_inverse=True)
         self.patient_names = names
