@@ -194,13 +194,13 @@ def _classify(rel: str) -> str:
 
 def _scan_chunk(src: str, rels: list[str]) -> list[tuple]:
     """Worker: (rel, series_uid, n_frames, None) or (rel, None, 0, reason) per file."""
-    from .dicom import SkipFile, read_header
+    from .dicom import SkipFile, scan_file
 
     out = []
     for rel in rels:
         try:
-            h = read_header(os.path.join(src, rel))
-            out.append((rel, h.series_uid, len(h.frames), None))
+            uid, n_frames = scan_file(os.path.join(src, rel))
+            out.append((rel, uid, n_frames, None))
         except SkipFile as e:
             out.append((rel, None, 0, e.reason))
         except Exception as e:  # never let one file end the run
@@ -262,16 +262,20 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
     from .resample import output_geometry, resample_slices
 
     skipped: list[tuple[str, str]] = []
-    headers, datasets = [], {}
+    headers, datasets, native = [], {}, {}
     for f in job.files:
         p = os.path.join(job.src, f.rel)
         try:
-            h, ds = read_header(p, job.salt, keep_dataset=True)
+            # series metadata comes from the first readable header; the rest only give geometry
+            h, ds = read_header(p, job.salt, keep_dataset=True, with_meta=not headers)
         except SkipFile as e:
             skipped.append((f.token, e.reason))
             continue
         headers.append(h)
-        datasets[p] = ds
+        if h.native is not None:
+            native[p] = h.native  # pixels read straight from the file; the dataset is not kept
+        else:
+            datasets[p] = ds
     tok = {os.path.join(job.src, f.rel): f.token for f in job.files}
     plan = plan_series(headers)
     skipped += [(tok[p], r) for p, r in plan.skipped]
@@ -283,7 +287,7 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
     except ValueError:
         skipped += [(tok[f.path], "no PixelSpacing (cannot resample)") for f in plan.frames]
         return _finish_empty(job, rec, skipped, headers[0].meta)
-    reader = PixelReader(datasets)
+    reader = PixelReader(datasets, native)
     kept: list[int] = []
     lo, hi = st.clip_min, st.clip_max
 
@@ -292,7 +296,7 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
         if not st.resamples:
             for i, f in enumerate(plan.frames):
                 try:
-                    mm[k] = reader.hu_int16(f, lo, hi)
+                    reader.hu_int16(f, lo, hi, out=mm[k])
                 except SkipFile as e:
                     skipped.append((tok[f.path], e.reason))
                     continue

@@ -85,6 +85,9 @@ class FileHeader:
     series_uid: str
     frames: list[FrameInfo]
     meta: dict
+    # (byte offset, numpy dtype, item count) of uncompressed little-endian pixel data whose stored
+    # bits fill their allocation: then the pixels are exactly those bytes and are read directly
+    native: tuple | None = None
 
 
 @dataclass
@@ -233,17 +236,12 @@ def _series_meta(ds, shared, first_frame, salt: str | None) -> dict:
     return meta
 
 
-def _expected_native_bytes(ds, n_frames: int) -> int | None:
-    try:
-        return ds.Rows * ds.Columns * n_frames * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated // 8
-    except (AttributeError, TypeError):
-        return None
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
 
 
-def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = False):
-    """Parse one file into a :class:`FileHeader` (pixels deferred). Raises :class:`SkipFile`.
-
-    With keep_dataset=True returns (FileHeader, Dataset) so pixels can be read without a re-parse."""
+def _open_checked(path: str):
+    """Parse a header (pixels deferred) and check it can hold CT slices; raises SkipFile.
+    Returns (dataset, n_frames, series_uid, native pixel locator or None)."""
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
@@ -277,15 +275,17 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
     rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
     if not rows or not cols:
         raise SkipFile("missing Rows/Columns")
-    if ds.get("BitsAllocated") not in (8, 16, 32):
+    bits = ds.get("BitsAllocated")
+    if bits not in (8, 16, 32):
         raise SkipFile("unsupported BitsAllocated")
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         raise SkipFile("localizer")
     n_frames = _int(ds.get("NumberOfFrames")) or 1
     ts = fm.get("TransferSyntaxUID") if fm is not None else None
+    native = None
     if ts is not None and not ts.is_compressed:
-        expected = _expected_native_bytes(ds, n_frames)
+        expected = rows * cols * n_frames * bits // 8
         raw = ds._dict.get(0x7FE00010)
         length = getattr(raw, "length", None)
         if length is None:
@@ -293,17 +293,36 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
                 length = len(ds.PixelData)
             except Exception:
                 length = None
-        if expected is not None and length is not None and length != 0xFFFFFFFF:
+        tell = getattr(raw, "value_tell", None)
+        if length is not None and length != 0xFFFFFFFF:
             if length < expected:
                 raise SkipFile("truncated pixel data")
             try:
-                file_size = os.path.getsize(path)
-                tell = getattr(raw, "value_tell", None)
-                if tell is not None and tell + expected > file_size:
+                if tell is not None and tell + expected > os.path.getsize(path):
                     raise SkipFile("truncated pixel data")
             except OSError:
                 pass
+            if (str(ts) in _NATIVE_LE and tell is not None and ds.get("BitsStored") == bits
+                    and ds.get("PixelRepresentation") in (0, 1)):
+                kind = "i" if ds.PixelRepresentation == 1 else "u"
+                native = (int(tell), f"<{kind}{bits // 8}", rows * cols * n_frames)
+    return ds, n_frames, series_uid, native
 
+
+def scan_file(path: str) -> tuple[str, int]:
+    """(SeriesInstanceUID, number of frames) of a file usable as CT; raises SkipFile otherwise.
+    The cheap check the prepare scan runs on every file."""
+    _, n_frames, series_uid, _ = _open_checked(path)
+    return series_uid, n_frames
+
+
+def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = False, with_meta: bool = True):
+    """Parse one file into a :class:`FileHeader` (pixels deferred). Raises :class:`SkipFile`.
+
+    With keep_dataset=True returns (FileHeader, Dataset) so pixels can be read without a re-parse.
+    with_meta=False leaves out the series metadata (``meta`` holds only the UIDs)."""
+    ds, n_frames, series_uid, native = _open_checked(path)
+    rows, cols = int(ds.Rows), int(ds.Columns)
     lut = bool(ds.get("ModalityLUTSequence"))
     sop_uid = str(ds.get("SOPInstanceUID", "") or "")
     shared = _first(ds, "SharedFunctionalGroupsSequence")
@@ -348,8 +367,11 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
                 1.0 if slope is None else slope, 0.0 if icpt is None else icpt, lut))
         if not frames:
             raise SkipFile("localizer")
-    meta = _series_meta(ds, shared, per_frame[0] if per_frame else None, salt)
-    header = FileHeader(path, series_uid, frames, meta)
+    if with_meta:
+        meta = _series_meta(ds, shared, per_frame[0] if per_frame else None, salt)
+    else:
+        meta = {"series_uid": series_uid}
+    header = FileHeader(path, series_uid, frames, meta, None if lut else native)
     return (header, ds) if keep_dataset else header
 
 
@@ -465,26 +487,30 @@ def stored_to_hu(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
 
 
 def stored_to_hu_int16(arr: np.ndarray, slope: float, intercept: float, lo: int = -32768,
-                       hi: int = 32767) -> np.ndarray:
-    """HU rounded to int16 and clipped to [lo, hi]; integer arithmetic where slope is 1 and the
-    intercept integral (the usual CT case), so nothing is lost to float rounding."""
+                       hi: int = 32767, out: np.ndarray | None = None) -> np.ndarray:
+    """HU rounded to int16 and clipped to [lo, hi] (into `out` if given, e.g. a shard row); integer
+    arithmetic where slope is 1 and the intercept integral (the usual CT case), so nothing is lost
+    to float rounding, in two passes over the slice."""
     if slope == 1.0 and float(intercept).is_integer():
-        out = arr.astype(np.int32)
-        out += int(intercept)
+        tmp = np.add(arr, np.int32(intercept), dtype=np.int32)
     else:
-        out = np.rint(arr.astype(np.float64) * slope + intercept)
-    np.clip(out, lo, hi, out=out)
-    return out.astype(np.int16)
+        tmp = np.rint(arr.astype(np.float64) * slope + intercept)
+    if out is None:
+        out = np.empty(arr.shape, dtype=np.int16)
+    np.clip(tmp, lo, hi, out=out, casting="unsafe")
+    return out
 
 
 class PixelReader:
     """Decodes frames of the files of one series, keeping the last multi-frame file's pixels so its
     frames are decoded once."""
 
-    def __init__(self, datasets: dict | None = None):
+    def __init__(self, datasets: dict | None = None, native: dict | None = None):
         # Datasets already parsed by read_header(keep_dataset=True): their deferred pixel data is
         # read from the file on first access, so the header is not parsed a second time.
         self._datasets = dict(datasets or {})
+        # path -> FileHeader.native: uncompressed pixels read straight from the file
+        self._native = dict(native or {})
         self._path = None
         self._ds = None
         self._arr = None
@@ -502,6 +528,17 @@ class PixelReader:
 
     def stored(self, f: FrameInfo) -> np.ndarray:
         """The stored values of frame f (rows x cols), as pydicom decodes them. Raises SkipFile."""
+        loc = self._native.get(f.path)
+        if loc is not None:
+            if self._path != f.path:
+                try:
+                    arr = np.fromfile(f.path, dtype=loc[1], count=loc[2], offset=loc[0])
+                except (OSError, ValueError) as e:
+                    raise SkipFile(f"pixel data unreadable ({type(e).__name__})") from None
+                if arr.size != loc[2]:
+                    raise SkipFile("truncated pixel data")
+                self._path, self._ds, self._arr = f.path, None, arr.reshape(-1, f.rows, f.cols)
+            return self._arr[max(f.frame, 0)]
         try:
             ds = self.dataset(f.path)
             if self._arr is None:
@@ -533,13 +570,16 @@ class PixelReader:
             return np.asarray(apply_modality_lut(arr, self._ds), dtype=np.float32)
         return stored_to_hu(arr, f.slope, f.intercept)
 
-    def hu_int16(self, f: FrameInfo, lo: int = -32768, hi: int = 32767) -> np.ndarray:
+    def hu_int16(self, f: FrameInfo, lo: int = -32768, hi: int = 32767, out: np.ndarray | None = None) -> np.ndarray:
         arr = self.stored(f)
         if f.lut:
             from pydicom.pixels import apply_modality_lut
             hu = np.rint(np.asarray(apply_modality_lut(arr, self._ds), dtype=np.float64))
-            return np.clip(hu, lo, hi).astype(np.int16)
-        return stored_to_hu_int16(arr, f.slope, f.intercept, lo, hi)
+            if out is None:
+                out = np.empty(arr.shape, dtype=np.int16)
+            np.clip(hu, lo, hi, out=out, casting="unsafe")
+            return out
+        return stored_to_hu_int16(arr, f.slope, f.intercept, lo, hi, out)
 
 
 # ------------------------------------------------------------------------------------------ public
