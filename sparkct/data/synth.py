@@ -362,7 +362,7 @@ def make_patient(seed: int, index: int, p_finding: float = 0.5) -> Patient:
     p.birth = f"{2024 - age:04d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
     p.vessels = [_vessel_tree(rng, p, s) for s in (-1, 1)]
     if rng.random() < p_finding:
-        for _ in range(int(rng.choice([1, 1, 1, 2, 2, 3]))):
+        for _ in range(int(rng.choice([1, 2, 2, 3, 3, 4, 5]))):
             nod = _make_nodule(rng, p)
             if nod is not None:
                 p.nodules.append(nod)

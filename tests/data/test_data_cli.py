@@ -29,3 +29,23 @@ def test_synth_prepare_info_show_read(tmp_path, capsys):
     assert main(["data", "read", os.path.join(src, "dicom", "case_0000")]) == 0
     out = capsys.readouterr().out
     assert "6 slices of 48x48" in out and "localizer" in out
+
+
+def test_data_package_needs_no_extension_or_torch_to_prepare():
+    """`import sparkct.data` and the prepare path load neither torch nor the compiled extension;
+    the torch parts load torch but never sparkct.ops / sparkct._C."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "import sparkct.data, sparkct.data.cache, sparkct.data.dicom, sparkct.data.synth, sparkct.data.cli\n"
+        "from sparkct.data import prepare, read_series, synth\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "from sparkct.data import CTAugment, CTSliceDataset, SliceLoader, apply_windows\n"
+        "bad = [m for m in sys.modules if m.startswith(('sparkct.ops', 'sparkct._C', 'sparkct._ext'))]\n"
+        "assert not bad, bad\n"
+        "import os, torch\n"
+        "assert not [k for k in torch.ops.loaded_libraries if 'sparkct' in os.path.basename(k)], 'ops loaded'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
