@@ -347,8 +347,9 @@ class SliceLoader:
     """Batches of (augmented) slices from a cache-backed dataset.
 
     Each batch is one grouped read from the memory-mapped shards (int16) and one batched transform:
-    on the CPU, `workers` threads build batches in parallel (torch releases the GIL in its kernels);
-    on a GPU (device='cuda'), the int16 batch is copied (pinned, non-blocking) and transformed there.
+    on the CPU in the consuming thread by default (the transform's batched ops use torch's intra-op
+    threads; with workers=N, N threads build batches ahead, best with torch.set_num_threads(1));
+    on a GPU (device='cuda'), worker threads read and pin int16 batches and the transform runs there.
     Batches come out in order and are a function of (seed, epoch, batch number) only, whatever the
     number of workers. Yields tensors (B, C, h, w), a list of them for MultiCrop, and (x, y) for
     labelled datasets.
@@ -360,17 +361,21 @@ class SliceLoader:
 
     def __init__(self, dataset: CTSliceDataset, batch_size: int = 64, *, shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, transform: Callable | None = None,
-                 device: str | torch.device = "cpu", workers: int = 2, prefetch: int = 4,
+                 device: str | torch.device = "cpu", workers: int | None = None, prefetch: int = 4,
                  run_length: int = 1, tune_malloc: bool | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        self.device = torch.device(device)
+        if workers is None:
+            # CPU transforms already use torch's intra-op threads on whole batches; extra threads
+            # would only compete for the cores. For a GPU, threads read and pin the next batches.
+            workers = 0 if self.device.type == "cpu" else 2
         if workers < 0 or prefetch < 1:
             raise ValueError("need workers >= 0 and prefetch >= 1")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.transform = transform if transform is not None else dataset.transform
-        self.device = torch.device(device)
         self.workers, self.prefetch, self.run_length = workers, prefetch, int(run_length)
         self.epoch = 0
         on_cpu = self.device.type == "cpu"
