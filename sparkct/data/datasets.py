@@ -181,36 +181,36 @@ class CTLabelledDataset(CTSliceDataset):
         n_slices = len(c)
         target = np.full(n_slices, -1, dtype=np.int64)
         unmatched = 0
-        if level == "series":
-            for r, v in zip(rows, raw):
-                s = sidx.get(str(r[skey]).strip())
-                if s is None:
-                    unmatched += 1
-                    continue
-                off, n = int(c.series["offset"][s]), int(c.series["n"][s])
+        by_instance: dict[int, dict[int, int]] = {}
+        for r, v in zip(rows, raw):
+            s = sidx.get(str(r[skey]).strip())
+            if s is None:
+                unmatched += 1
+                continue
+            off, n = int(c.series["offset"][s]), int(c.series["n"][s])
+            if level == "series":
                 target[off:off + n] = cidx[v]
-        else:
-            for r, v in zip(rows, raw):
-                s = sidx.get(str(r[skey]).strip())
-                if s is None:
-                    unmatched += 1
-                    continue
-                off, n = int(c.series["offset"][s]), int(c.series["n"][s])
-                key = str(r[slice_key]).strip()
-                if slice_key == "slice_index":
-                    k = int(key)
-                    pos = off + k if 0 <= k < n else None
-                elif slice_key == "instance_number":
-                    hits = np.nonzero(c.slice_instance[off:off + n] == int(key))[0]
-                    pos = off + int(hits[0]) if len(hits) else None
-                else:
-                    dz = np.abs(c.slice_z[off:off + n] - float(key))
-                    k = int(np.argmin(dz)) if n else -1
-                    pos = off + k if n and dz[k] <= 0.05 else None
-                if pos is None:
-                    unmatched += 1
-                    continue
-                target[pos] = cidx[v]
+                continue
+            key = str(r[slice_key]).strip()
+            pos = None
+            if slice_key == "slice_index":
+                k = int(key)
+                pos = off + k if 0 <= k < n else None
+            elif slice_key == "instance_number":
+                m = by_instance.get(s)
+                if m is None:
+                    inst = c.slice_instance[off:off + n].tolist()
+                    m = by_instance[s] = {iv: off + k for k, iv in reversed(list(enumerate(inst)))}
+                pos = m.get(int(key))
+            elif n:
+                z = c.slice_z[off:off + n]  # ascending within a series
+                k = int(np.clip(np.searchsorted(z, float(key)), 1, max(1, n - 1)))
+                k = k - 1 if n == 1 or abs(z[k - 1] - float(key)) <= abs(z[min(k, n - 1)] - float(key)) else k
+                pos = off + k if abs(float(z[k]) - float(key)) <= 0.05 else None
+            if pos is None:
+                unmatched += 1
+                continue
+            target[pos] = cidx[v]
         self.unmatched_rows = unmatched
         t = target[self.indices]
         if (t < 0).any():
