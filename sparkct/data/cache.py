@@ -128,8 +128,8 @@ class PrepareReport:
             f"series     {self.series} CT series: {self.series_written} written, {self.series_cached} "
             f"already cached, {self.series_empty} without usable slices, {self.series_failed} failed",
             f"slices     {self.slices} in the index, {self.slices_written} written this run "
-            f"({self.slices_per_s:.0f} slices/s with {self.workers} worker(s) on {self.device}, "
-            f"{self.slices_per_s / max(1, self.workers):.0f} per worker)",
+            f"({self.slices_per_s:.0f} slices/s in the series phase with {self.workers} worker(s) on "
+            f"{self.device}, {self.slices_per_s / max(1, self.workers):.0f} per worker)",
         ]
         if self.skipped:
             lines.append(f"skipped    {sum(self.skipped.values())}:")
@@ -153,12 +153,20 @@ class _SrcFile:
     token: str  # salted hash of rel: how the cache refers to source files
 
 
-def _walk(src: str, salt: str) -> list[_SrcFile]:
+def _walk(src: str, salt: str, skip: str | None = None) -> list[_SrcFile]:
+    """Regular files under src (hidden ones and the folder `skip` left out; symlinked folders
+    followed once)."""
     out: list[_SrcFile] = []
     stack = [src]
+    seen: set = set()
+    skip_real = os.path.realpath(skip) if skip else None
     while stack:
         d = stack.pop()
         try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen or os.path.realpath(d) == skip_real:
+                continue
+            seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:
             log.warning("cannot list a folder (%s)", type(e).__name__)
@@ -554,7 +562,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
     skipped_rows: list[tuple[str, str]] = []
     warned = [0]
 
-    files = _walk(src, salt)
+    files = _walk(src, salt, skip=dst)  # DST may sit inside SRC
     by_token = {f.token: f for f in files}
     report.files = len(files)
 

@@ -247,3 +247,13 @@ def test_nifti_volumes_are_prepared(tmp_path):
     np.testing.assert_array_equal(c.shard(0), np.maximum(vol[::-1, ::-1, :].transpose(2, 1, 0), -1024))
     np.testing.assert_allclose(c.series["spacing"][0], [2.5, 0.9, 0.8], rtol=1e-6)
     assert "ct.nii" not in all_bytes(str(tmp_path / "c")).decode("latin-1")
+
+
+def test_dst_inside_src_and_symlink_loops(synth_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(synth_dir, src)
+    os.symlink(src / "dicom", src / "dicom" / "loop")  # a cycle
+    first = prepare(str(src), str(src / "cache"), progress=False)
+    again = prepare(str(src), str(src / "cache"), progress=False)
+    assert again.files == first.files and again.series_written == 0
+    assert first.series == len(list((src / "dicom").glob("case_*/series_*")))
