@@ -245,6 +245,7 @@ class _Job:
     fingerprint: str
     patient_from: str = "file"
     n_frames: int = 0  # frames found by the scan (for the progress bar)
+    kill_once: str | None = None  # test hook: a marker path; the worker dies once if it is absent
 
 
 def _write_shard(dst: str, key: str, n: int, shape: tuple[int, int], fill) -> int:
@@ -417,9 +418,24 @@ def _process_nifti(job: _Job, st: PrepareSettings) -> dict:
     return rec
 
 
+def _running_marker(job: _Job) -> str:
+    return os.path.join(job.dst, ".running", job.key)
+
+
 def _run_job(job: _Job) -> dict:
-    """Worker entry: never raises; an unexpected error becomes a failed-series result."""
+    """Worker entry: never raises; an unexpected error becomes a failed-series result. A marker
+    file exists while the job runs, so that after a worker dies the jobs it was running are known."""
     st = PrepareSettings(**job.settings)
+    marker = _running_marker(job)
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        open(marker, "w").close()
+    except OSError:
+        pass
+    if job.kill_once and (job.kill_once == "always" or not os.path.exists(job.kill_once)):
+        if job.kill_once != "always":
+            open(job.kill_once, "w").close()
+        os._exit(137)  # like the OOM killer: no clean-up, no result
     try:
         if job.kind == "nifti":
             return _process_nifti(job, st)
@@ -428,6 +444,24 @@ def _run_job(job: _Job) -> dict:
         log.debug("series %s failed", job.key, exc_info=True)
         return {"key": job.key, "failed": f"series failed ({type(e).__name__})",
                 "n_frames": len(job.files)}
+    finally:
+        try:
+            os.unlink(marker)
+        except OSError:
+            pass
+
+
+def _mp_context():
+    """Workers come from a fork server that has imported this module once: safe with threads and
+    CUDA in the parent (unlike fork), and later runs in the same process start workers quickly
+    (unlike spawn, which re-imports numpy/scipy/pydicom in every worker)."""
+    import multiprocessing as mp
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["sparkct.data.cache", "sparkct.data.dicom", "sparkct.data.resample",
+                                    "pydicom", "pydicom.pixels", "pydicom.encaps", "scipy.ndimage"])
+        return ctx
+    return mp.get_context("spawn")
 
 
 def _worker_init():
@@ -530,12 +564,15 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
             clip_min: int = -1024, clip_max: int = 32767, order: int = 1, antialias: bool = True,
             workers: int = 1, device: str = "cpu", progress: bool = True, reset: bool = False,
             salt: str | None = None, show_paths: bool = False, patient_from: str = "file",
-            max_warnings: int = 20, _crash_after: int | None = None) -> PrepareReport:
+            max_warnings: int = 20, _crash_after: int | None = None,
+            _kill_worker_once: str | None = None) -> PrepareReport:
     """Prepare the slice cache of every CT series under `src` into `dst` (see the module docstring).
 
     workers: parallel processes (header scan and series). device: where resampling runs ('cpu',
     'cuda' with cupy, 'auto'). patient_from: for NIfTI files, whether a 'file' or its parent 'dir'
-    is one patient. _crash_after: test hook, raise SimulatedCrash after that many series are written.
+    is one patient. Test hooks: _crash_after raises SimulatedCrash after that many series are
+    written; _kill_worker_once (a marker path, or "always") makes the worker of the first series
+    die once (every time); with workers > 1 only.
     """
     t0 = time.perf_counter()
     if not os.path.isdir(src):
@@ -555,6 +592,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
         raise ValueError(f"need -32768 <= clip_min < clip_max <= 32767, got {clip_min}, {clip_max}")
     man = _init_dst(dst, settings, salt, reset)
     salt = man["salt"]
+    shutil.rmtree(os.path.join(dst, ".running"), ignore_errors=True)
     n_tmp = _util.clean_stale_temps(dst)
     if n_tmp:
         log.info("removed %d temporary files left by an interrupted run", n_tmp)
@@ -608,12 +646,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
         else:
             to_scan.append(f)
 
-    pool = None
-    if workers > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                      initializer=_worker_init)
+    pool = _new_pool(workers) if workers > 1 else None
     try:
         if to_scan:
             bar = _Progress(progress, len(to_scan), "scan", "file")
@@ -644,6 +677,8 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
             jobs.append(_Job(key, "nifti", src, dst, [f], sd, salt, device, _fingerprint([f], sd), patient_from))
         jobs.sort(key=lambda j: j.key)
         report.series = len(jobs)
+        if _kill_worker_once and jobs and workers > 1:
+            jobs[0].kill_once = _kill_worker_once
 
         done: dict[str, dict] = {}
         pending: list[_Job] = []
@@ -693,10 +728,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
                 for j in pending:
                     finish(_run_job(j))
             else:
-                import concurrent.futures as cf
-                futs = [pool.submit(_run_job, j) for j in pending]
-                for fut in cf.as_completed(futs):
-                    finish(fut.result())
+                pool = _run_pool(pool, pending, workers, finish)
         except BaseException as e:
             bar.close()
             if pool is not None:
@@ -724,6 +756,50 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
     w.writerows(sorted(skipped_rows))
     _util.write_text_atomic(os.path.join(dst, "skipped.csv"), buf.getvalue())
     return report
+
+
+def _run_pool(pool, jobs: list, workers: int, finish):
+    """Run jobs on the pool, calling finish(result) as they complete. A worker that dies (killed,
+    out of memory) breaks the pool: the unfinished jobs go to a fresh pool; a job that was running
+    at two such deaths is reported failed instead of being retried again. Returns the live pool."""
+    import concurrent.futures as cf
+    from concurrent.futures.process import BrokenProcessPool
+
+    strikes: Counter = Counter()
+    todo = list(jobs)
+    while todo:
+        futs = {pool.submit(_run_job, j): j for j in todo}
+        todo = []
+        broken = False
+        for fut in cf.as_completed(futs):
+            j = futs[fut]
+            try:
+                rec = fut.result()
+            except BrokenProcessPool:
+                broken = True
+                continue
+            finish(rec)
+        if broken:
+            unfinished = [j for f, j in futs.items() if f.exception() is not None]
+            log.warning("a worker process died (killed or out of memory); %d series go to new workers",
+                        len(unfinished))
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = _new_pool(workers)
+            for j in unfinished:
+                if os.path.exists(_running_marker(j)):  # it was running when its worker died
+                    strikes[j.key] += 1
+                    os.unlink(_running_marker(j))
+                if strikes[j.key] >= 2:
+                    finish({"key": j.key, "failed": "worker process died (killed or out of memory)",
+                            "n_frames": len(j.files)})
+                else:
+                    todo.append(j)
+    return pool
+
+
+def _new_pool(workers: int):
+    import concurrent.futures as cf
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_worker_init)
 
 
 # ------------------------------------------------------------------------------------------- index

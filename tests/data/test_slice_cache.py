@@ -257,3 +257,21 @@ def test_dst_inside_src_and_symlink_loops(synth_dir, tmp_path):
     again = prepare(str(src), str(src / "cache"), progress=False)
     assert again.files == first.files and again.series_written == 0
     assert first.series == len(list((src / "dicom").glob("case_*/series_*")))
+
+
+def test_a_killed_worker_is_replaced_and_its_series_retried(synth_dir, cache_dir, tmp_path, salt, caplog):
+    dst = str(tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="sparkct.data"):
+        rep = prepare(synth_dir, dst, progress=False, salt=salt, workers=2,
+                      _kill_worker_once=str(tmp_path / "killed"))
+    assert os.path.exists(tmp_path / "killed") and "worker process died" in caplog.text
+    assert rep.series_failed == 0 and rep.series_written == rep.series
+    assert_same_cache(dst, cache_dir)
+    # a series whose worker always dies is reported failed; the others are written
+    dst2 = str(tmp_path / "c2")
+    rep = prepare(synth_dir, dst2, progress=False, salt=salt, workers=2, _kill_worker_once="always")
+    assert rep.series_failed == 1 and rep.series_written == rep.series - 1
+    assert rep.skipped["worker process died (killed or out of memory)"] > 0
+    rep = prepare(synth_dir, dst2, progress=False, salt=salt)  # and a later run completes the cache
+    assert rep.series_written == 1
+    assert_same_cache(dst2, cache_dir)
