@@ -24,7 +24,7 @@ _EXPORTS = {
     # datasets
     "CTSliceDataset": "datasets", "CTLabelledDataset": "datasets", "patient_split": "datasets",
     "patient_subset": "datasets", "SliceLoader": "datasets", "collate_batch": "datasets",
-    "tune_malloc": "datasets",
+    "tune_malloc": "datasets", "RunBatchSampler": "datasets",
     # images
     "ImageFolderSlices": "images",
     # synthetic data

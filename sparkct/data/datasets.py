@@ -343,6 +343,33 @@ def run_order(n: int, run_length: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.arange(s, min(s + run_length, n)) for s in starts]) if n else np.zeros(0, np.int64)
 
 
+class RunBatchSampler(torch.utils.data.Sampler):
+    """Batches of item positions for torch's DataLoader (``batch_sampler=``), made of runs of
+    `run_length` consecutive items (see :func:`run_order`), reshuffled per epoch from (seed, epoch).
+    With the datasets' ``__getitems__`` and ``collate_fn=collate_batch``, each batch is one grouped
+    read of the shards."""
+
+    def __init__(self, n: int, batch_size: int, *, run_length: int = 1, seed: int = 0, drop_last: bool = True,
+                 shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.n, self.batch_size, self.run_length = int(n), int(batch_size), int(run_length)
+        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        order = (run_order(self.n, self.run_length, np.random.default_rng([self.seed, self.epoch]))
+                 if self.shuffle else np.arange(self.n))
+        for b in range(len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
 class SliceLoader:
     """Batches of (augmented) slices from a cache-backed dataset.
 

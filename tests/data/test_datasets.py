@@ -194,3 +194,19 @@ def test_loader_on_device(cache_dir, device):
     dev = next(iter(SliceLoader(ds, 8, transform=aug, seed=3, device=device)))
     assert dev.device.type == device
     torch.testing.assert_close(dev.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_run_batch_sampler_with_torch_dataloader(cache_dir):
+    from sparkct.data.datasets import RunBatchSampler
+    ds = CTSliceDataset(cache_dir, transform=CTResize(16))
+    bs = RunBatchSampler(len(ds), 8, run_length=4, seed=1)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=bs, collate_fn=collate_batch, num_workers=0)
+    batches = list(bs)
+    assert len(batches) == len(ds) // 8 and all(len(b) == 8 for b in batches)
+    seen = np.concatenate(batches)
+    assert len(set(seen.tolist())) == len(seen)
+    x = next(iter(dl))
+    assert x.shape == (8, 3, 16, 16)
+    torch.testing.assert_close(x[1], ds[batches[0][1]])
+    bs.set_epoch(1)
+    assert list(bs)[0] != batches[0]
