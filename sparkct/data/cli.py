@@ -185,7 +185,8 @@ def register(subparsers) -> None:
     s.add_argument("--patient-from", choices=["file", "dir"], default="file",
                    help="NIfTI: one patient per file, or per parent folder")
     s.add_argument("-q", "--quiet", action="store_true")
-    s.add_argument("-v", "--verbose", action="store_true")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="debug log with tracebacks of failed series (these may quote header values)")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("info", help="summary of a prepared cache")
