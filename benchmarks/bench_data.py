@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -138,7 +137,8 @@ def test_loader_throughput(benchmark, cache256, mode):
     }[mode]
     run = _loader_run(ds, transform, batch)
     # correctness before timing
-    x = next(iter(__import__("sparkct.data.datasets", fromlist=["SliceLoader"]).SliceLoader(ds, 8, transform=transform)))
+    from sparkct.data.datasets import SliceLoader
+    x = next(iter(SliceLoader(ds, 8, transform=transform)))
     if mode != "read-only":
         assert x.shape == (8, 3, 224, 224) and 0 <= float(x.min()) and float(x.max()) <= 1
     n = LOADER_BATCHES * batch
@@ -175,10 +175,9 @@ def test_loader_threads(benchmark, cache256):
 def test_loader_gpu_augment(benchmark, cache256):
     from sparkct.data.augment import CTAugment
     from sparkct.data.datasets import CTSliceDataset
+    from sparkct.data.datasets import SliceLoader
     batch = 256
     ds = CTSliceDataset(cache256)
-    run = _loader_run(ds, CTAugment(224), batch, workers=2)
-    from sparkct.data.datasets import SliceLoader
     ld = SliceLoader(ds, batch, transform=CTAugment(224), device="cuda", workers=2)
 
     def run_gpu():
@@ -192,4 +191,3 @@ def test_loader_gpu_augment(benchmark, cache256):
     info = {"slices_per_s": round(n / extra["median_s"], 1)}
     benchmark.extra_info.update(info)
     benchkit.DERIVED[-1].update(info)
-    del run

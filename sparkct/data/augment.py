@@ -26,7 +26,7 @@ pixel (which would be the CPU loader's bottleneck). On CUDA the noise is drawn f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -1,9 +1,7 @@
 """``sparkct data ...``: synth, prepare, info, show, read."""
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 
 

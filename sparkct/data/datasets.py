@@ -18,7 +18,6 @@ import ctypes
 import ctypes.util
 import math
 import os
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence

@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from sparkct.data import cache as cache_mod
 from sparkct.data.cache import CacheSettingsError, SimulatedCrash, SliceCache, prepare
 from sparkct.data.dicom import iter_series
 from sparkct.data.resample import resample_slices
