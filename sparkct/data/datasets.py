@@ -425,54 +425,55 @@ class SliceLoader:
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         return run_order(n, self.run_length, rng)
 
-    def _generator(self, b: int) -> torch.Generator:
-        return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.epoch, b, 0xA6]).integers(2**62)))
+    def _generator(self, epoch: int, b: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, b, 0xA6]).integers(2**62)))
 
     def _transform(self, hu: torch.Tensor, g: torch.Generator):
         return self.dataset._convert(hu, g) if self.transform is self.dataset.transform else (
             self.transform(hu, g) if _takes_generator(self.transform) else self.transform(hu))
 
-    def _load(self, b: int, items: np.ndarray):
+    def _load(self, epoch: int, b: int, items: np.ndarray):
         hu = self.dataset.hu(items)
         y = torch.from_numpy(self.dataset.targets[items]) if self.labelled else None
         if self.device.type == "cpu":
-            x = self._transform(hu, self._generator(b))
+            x = self._transform(hu, self._generator(epoch, b))
             return x, y
         if torch.cuda.is_available():
             hu = hu.pin_memory()
         return hu, y
 
-    def _finish(self, b: int, loaded):
+    def _finish(self, epoch: int, b: int, loaded):
         x, y = loaded
         if self.device.type != "cpu":
-            x = self._transform(x.to(self.device, non_blocking=True), self._generator(b))
+            x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b))
             if y is not None:
                 y = y.to(self.device, non_blocking=True)
         return (x, y) if self.labelled else x
 
     def __iter__(self):
-        order = self.order()
+        epoch = self.epoch  # fixed for this pass, whatever set_epoch does meanwhile
+        order = self.order(epoch)
         nb = len(self)
         bs = self.batch_size
         batches = [order[b * bs:(b + 1) * bs] for b in range(nb)]
         if self.workers == 0:
             for b, items in enumerate(batches):
-                yield self._finish(b, self._load(b, items))
+                yield self._finish(epoch, b, self._load(epoch, b, items))
             return
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sparkct-loader") as pool:
             pending: deque = deque()
             nxt = 0
             try:
                 while nxt < nb and len(pending) < self.prefetch:
-                    pending.append(pool.submit(self._load, nxt, batches[nxt]))
+                    pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
                     nxt += 1
                 b = 0
                 while pending:
                     loaded = pending.popleft().result()
                     if nxt < nb:
-                        pending.append(pool.submit(self._load, nxt, batches[nxt]))
+                        pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
                         nxt += 1
-                    yield self._finish(b, loaded)
+                    yield self._finish(epoch, b, loaded)
                     b += 1
             finally:
                 for f in pending:

@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-pydicom = pytest.importorskip("pydicom")
-
 SALT = "5a17" * 8  # a fixed salt, so that caches prepared in different tests compare equal
 
 

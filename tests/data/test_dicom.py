@@ -8,8 +8,9 @@ import shutil
 from collections import Counter
 
 import numpy as np
-import pydicom
 import pytest
+
+pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.sequence import Sequence

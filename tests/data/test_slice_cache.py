@@ -11,8 +11,9 @@ import sys
 import time
 
 import numpy as np
-import pydicom
 import pytest
+
+pydicom = pytest.importorskip("pydicom")
 
 from sparkct.data.cache import CacheSettingsError, SimulatedCrash, SliceCache, prepare
 from sparkct.data.dicom import iter_series

@@ -6,8 +6,9 @@ import os
 from collections import defaultdict
 
 import numpy as np
-import pydicom
 import pytest
+
+pydicom = pytest.importorskip("pydicom")
 from pydicom.uid import UID
 
 from sparkct.data.dicom import iter_series
