@@ -760,40 +760,52 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
 
 def _run_pool(pool, jobs: list, workers: int, finish):
     """Run jobs on the pool, calling finish(result) as they complete. A worker that dies (killed,
-    out of memory) breaks the pool: the unfinished jobs go to a fresh pool; a job that was running
-    at two such deaths is reported failed instead of being retried again. Returns the live pool."""
+    out of memory) breaks the pool and takes every job then running with it, so the culprit is not
+    known: each job that was running is retried alone in a one-worker pool (a job that kills its
+    worker there is reported failed; an innocent one just completes), and the jobs that had not
+    started go to a fresh pool. Returns the live pool."""
     import concurrent.futures as cf
     from concurrent.futures.process import BrokenProcessPool
 
-    strikes: Counter = Counter()
     todo = list(jobs)
     while todo:
         futs = {pool.submit(_run_job, j): j for j in todo}
         todo = []
         broken = False
         for fut in cf.as_completed(futs):
-            j = futs[fut]
             try:
                 rec = fut.result()
             except BrokenProcessPool:
                 broken = True
                 continue
             finish(rec)
-        if broken:
-            unfinished = [j for f, j in futs.items() if f.exception() is not None]
-            log.warning("a worker process died (killed or out of memory); %d series go to new workers",
-                        len(unfinished))
-            pool.shutdown(wait=True, cancel_futures=True)
-            pool = _new_pool(workers)
-            for j in unfinished:
-                if os.path.exists(_running_marker(j)):  # it was running when its worker died
-                    strikes[j.key] += 1
+        if not broken:
+            break
+        unfinished = [j for f, j in futs.items() if f.exception() is not None]
+        log.warning("a worker process died (killed or out of memory); %d series go to new workers",
+                    len(unfinished))
+        pool.shutdown(wait=True, cancel_futures=True)
+        suspects = []
+        for j in unfinished:
+            if os.path.exists(_running_marker(j)):  # it was running when the pool broke
+                os.unlink(_running_marker(j))
+                suspects.append(j)
+            else:
+                todo.append(j)
+        for j in suspects:
+            solo = _new_pool(1)
+            try:
+                finish(solo.submit(_run_job, j).result())
+            except BrokenProcessPool:
+                try:
                     os.unlink(_running_marker(j))
-                if strikes[j.key] >= 2:
-                    finish({"key": j.key, "failed": "worker process died (killed or out of memory)",
-                            "n_frames": len(j.files)})
-                else:
-                    todo.append(j)
+                except OSError:
+                    pass
+                finish({"key": j.key, "failed": "worker process died (killed or out of memory)",
+                        "n_frames": len(j.files)})
+            finally:
+                solo.shutdown(wait=True, cancel_futures=True)
+        pool = _new_pool(workers)
     return pool
 
 
