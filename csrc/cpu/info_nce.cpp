@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "info_nce.h"
+#include "info_nce_host.h"
 
 namespace sparkct {
 namespace {
@@ -384,41 +385,7 @@ void grad_pass_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T*
 
 // ---- op entry points ----------------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& z0, const at::Tensor& z1, const c10::optional<at::Tensor>& cols,
-                  const c10::optional<at::Tensor>& bank, double temperature, int64_t col_offset, int64_t impl) {
-  TORCH_CHECK(z0.dim() == 2 && z1.dim() == 2, "info_nce: z0 and z1 must be 2-D (N, D), got ", z0.sizes(), " and ",
-              z1.sizes());
-  TORCH_CHECK(z0.sizes() == z1.sizes(), "info_nce: z0 and z1 must have the same shape, got ", z0.sizes(), " and ",
-              z1.sizes());
-  TORCH_CHECK(z0.size(0) >= 1, "info_nce: empty batch (N = 0)");
-  TORCH_CHECK(z0.size(1) >= 1, "info_nce: empty embedding dimension (D = 0)");
-  TORCH_CHECK(z0.scalar_type() == z1.scalar_type(), "info_nce: z0 and z1 must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(z0.scalar_type()), "info_nce: embeddings must be floating point, got ",
-              z0.scalar_type());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "info_nce: temperature must be finite and > 0, got ",
-              temperature);
-  TORCH_CHECK(!(cols.has_value() && bank.has_value()), "info_nce: pass gathered columns or a bank, not both");
-  TORCH_CHECK(impl == 0 || impl == 1, "info_nce: impl must be 0 (fast) or 1 (simple), got ", impl);
-  for (const auto* o : {&cols, &bank}) {
-    if (!o->has_value()) continue;
-    const at::Tensor& t = o->value();
-    const char* what = o == &cols ? "cols" : "bank";
-    TORCH_CHECK(t.dim() == 2 && t.size(1) == z0.size(1), "info_nce: ", what, " must be 2-D (K, D) with D = ",
-                z0.size(1), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == z0.scalar_type(), "info_nce: ", what, " dtype ", t.scalar_type(),
-                " differs from the embeddings' ", z0.scalar_type());
-    TORCH_CHECK(t.device() == z0.device(), "info_nce: ", what, " is on ", t.device(), ", embeddings on ",
-                z0.device());
-  }
-  TORCH_CHECK(z1.device() == z0.device(), "info_nce: z0 and z1 are on different devices");
-  if (cols.has_value()) {
-    TORCH_CHECK(col_offset >= 0 && col_offset + 2 * z0.size(0) <= cols->size(0),
-                "info_nce: rows [col_offset, col_offset + 2N) = [", col_offset, ", ", col_offset + 2 * z0.size(0),
-                ") must lie inside the ", cols->size(0), " gathered columns");
-  }
-}
-
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType compute_type(at::ScalarType t) { return nce::acc_type(t); }
 
 // A compute-dtype contiguous copy only where needed; detached so that ATen calls made from worker
 // threads (where the caller's autograd guards do not reach) never see requires_grad tensors.
@@ -471,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& z0, const at::
                                                 const c10::optional<at::Tensor>& bank, double temperature,
                                                 int64_t col_offset, bool allow_tf32, int64_t impl) {
   (void)allow_tf32;  // CPU fp32 is always exact
-  check_inputs(z0, z1, cols, bank, temperature, col_offset, impl);
+  nce::check_inputs(z0, z1, cols, bank, temperature, col_offset, impl);
   const Problem p = make_problem(z0, z1, cols, bank, col_offset);
   const auto ct = compute_type(z0.scalar_type());
   at::Tensor lse = at::empty({p.rows.rows}, z0.options().dtype(ct));
@@ -512,13 +479,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
     const c10::optional<at::Tensor>& bank, const at::Tensor& lse, double temperature, int64_t col_offset,
     bool other_grad, bool allow_tf32, int64_t impl) {
   (void)allow_tf32;
-  check_inputs(z0, z1, cols, bank, temperature, col_offset, impl);
+  nce::check_inputs(z0, z1, cols, bank, temperature, col_offset, impl);
   const Problem p = make_problem(z0, z1, cols, bank, col_offset);
   const auto ct = compute_type(z0.scalar_type());
-  TORCH_CHECK(grad.numel() == 1, "info_nce_backward: grad must be a scalar");
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == p.rows.rows && lse.scalar_type() == ct,
-              "info_nce_backward: lse must be (", p.rows.rows, ",) ", ct, ", got ", lse.sizes(), " ",
-              lse.scalar_type());
+  nce::check_backward(grad, lse, z0, p.rows.rows);
   const bool want_other = other_grad && !p.single;
   at::Tensor dz0 = at::empty_like(z0, at::MemoryFormat::Contiguous);
   at::Tensor dz1 = at::empty_like(z1, at::MemoryFormat::Contiguous);
