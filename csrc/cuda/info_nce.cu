@@ -290,42 +290,86 @@ struct TF32Layout {
 #endif
 
 #if SPARKCT_WMMA_OK
-// Tensor cores, fp16 / bf16 operands (sm_80+).
+// Fragment types of the two tensor-core flavours; fix() turns loaded fp32 values into TF32.
 template <class T>
-struct MmaTC16 : TC16Layout<T> {
-  using typename TC16Layout<T>::S;
-  using TC16Layout<T>::BK;
-  using TC16Layout<T>::LDK;
-  using TC16Layout<T>::LDW;
-  using TC16Layout<T>::LDX;
+struct TC16Frags {
+  using Layout = TC16Layout<T>;
+  static constexpr int kStep = 16;  // MMA k per step
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
   using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  template <class F>
+  static __device__ __forceinline__ void fix(F&) {}
+};
+struct TF32Frags {
+  using Layout = TF32Layout;
+  static constexpr int kStep = 8;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  template <class F>
+  static __device__ __forceinline__ void fix(F& f) {
+#pragma unroll
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+  }
+};
+
+// Tensor cores (sm_80+): fp16 / bf16 operands, or TF32 from fp32 operands (only when torch
+// allows TF32). Warp w computes S rows 32 (w / 2).., columns 32 (w % 2)..; O rows 32 (w / 2)..,
+// columns 64 (w % 2)...
+template <class F>
+struct MmaWmma : F::Layout {
+  using L = typename F::Layout;
+  using S = typename L::S;
+  static constexpr int BK = L::BK, LDK = L::LDK, LDW = L::LDW, LDX = L::LDX, KS = F::kStep;
+  using FragA = typename F::FragA;
+  using FragBc = typename F::FragBc;
+  using FragBr = typename F::FragBr;
+  using FragC = typename F::FragC;
   struct SAcc { FragC c[2][2]; };
   struct OAcc { FragC c[2][4]; };
 
-  static __device__ void s_zero(SAcc& acc) {
+  template <int NI, int NJ>
+  static __device__ __forceinline__ void zero(FragC (&c)[NI][NJ]) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < NI; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc.c[i][j], 0.0f);
+      for (int j = 0; j < NJ; ++j) wmma::fill_fragment(c[i][j], 0.0f);
   }
+  // c[i][j] += A[16 i.., 0:kend] * B[0:kend, 16 j..]; A row-major at a (leading dim lda), the
+  // (j, kk) block of B at b_at(j, kk) (leading dim ldb, layout of FB).
+  template <class FB, int NI, int NJ, class BAt>
+  static __device__ __forceinline__ void mma(FragC (&c)[NI][NJ], const S* a, int lda, int kend, BAt b_at,
+                                             int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < kend; kk += KS) {
+      FragA fa[NI];
+      FB fb[NJ];
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        wmma::load_matrix_sync(fa[i], a + i * 16 * lda + kk, lda);
+        F::fix(fa[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        wmma::load_matrix_sync(fb[j], b_at(j, kk), ldb);
+        F::fix(fb[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < NI; ++i)
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+    }
+  }
+
+  static __device__ void s_zero(SAcc& acc) { zero(acc.c); }
+  // S[64][64] += A[64][BK] * B[64][BK]^T; B as a column-major K x N operand: (k, n) at Bs[n][k].
   static __device__ void s_step(SAcc& acc, const S* As, const S* Bs, int warp) {
     const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      FragA a[2];
-      FragBc b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * LDK + kk, LDK);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + (wn * 32 + j * 16) * LDK + kk, LDK);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], a[i], b[j], acc.c[i][j]);
-    }
+    mma<FragBc>(acc.c, As + wm * 32 * LDK, LDK, BK,
+                [&](int j, int kk) { return Bs + (wn * 32 + j * 16) * LDK + kk; }, LDK);
   }
   static __device__ void s_store(SAcc& acc, float* Ss, int warp) {
     const int wm = warp >> 1, wn = warp & 1;
@@ -336,27 +380,12 @@ struct MmaTC16 : TC16Layout<T> {
         wmma::store_matrix_sync(Ss + (wm * 32 + i * 16) * kLDS + wn * 32 + j * 16, acc.c[i][j], kLDS,
                                 wmma::mem_row_major);
   }
-  static __device__ void o_zero(OAcc& acc) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc.c[i][j], 0.0f);
-  }
+  static __device__ void o_zero(OAcc& acc) { zero(acc.c); }
+  // O[64][128] += W[64][64] * X[64][128], both row-major in smem.
   static __device__ void o_step(OAcc& acc, const S* Ws, const S* Xs, int warp) {
     const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
-    for (int kk = 0; kk < kBN; kk += 16) {
-      FragA a[2];
-      FragBr b[4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], Ws + (wm * 32 + i * 16) * LDW + kk, LDW);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(b[j], Xs + kk * LDX + wn * 64 + j * 16, LDX);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc.c[i][j], a[i], b[j], acc.c[i][j]);
-    }
+    mma<FragBr>(acc.c, Ws + wm * 32 * LDW, LDW, kBN,
+                [&](int j, int kk) { return Xs + kk * LDX + wn * 64 + j * 16; }, LDX);
   }
   // Through a per-warp 16 x 16 staging tile, bounded by own_rows x d.
   static __device__ void o_store(OAcc& acc, float* stage, int warp, int lane, Acc<float> G, int sp, int64_t a0,
@@ -377,112 +406,20 @@ struct MmaTC16 : TC16Layout<T> {
       }
   }
 };
-
-// Tensor cores, TF32 from fp32 operands (sm_80+), only when torch allows TF32.
-template <class T = float>
-struct MmaTF32 : TF32Layout {
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-  struct SAcc { FragC c[2][2]; };
-  struct OAcc { FragC c[2][4]; };
-
-  template <class F>
-  static __device__ __forceinline__ void to_tf32(F& f) {
-#pragma unroll
-    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
-  }
-  static __device__ void s_zero(SAcc& acc) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc.c[i][j], 0.0f);
-  }
-  static __device__ void s_step(SAcc& acc, const S* As, const S* Bs, int warp) {
-    const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 8) {
-      FragA a[2];
-      FragBc b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * LDK + kk, LDK);
-        to_tf32(a[i]);
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], Bs + (wn * 32 + j * 16) * LDK + kk, LDK);
-        to_tf32(b[j]);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], a[i], b[j], acc.c[i][j]);
-    }
-  }
-  static __device__ void s_store(SAcc& acc, float* Ss, int warp) {
-    const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(Ss + (wm * 32 + i * 16) * kLDS + wn * 32 + j * 16, acc.c[i][j], kLDS,
-                                wmma::mem_row_major);
-  }
-  static __device__ void o_zero(OAcc& acc) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc.c[i][j], 0.0f);
-  }
-  static __device__ void o_step(OAcc& acc, const S* Ws, const S* Xs, int warp) {
-    const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
-    for (int kk = 0; kk < kBN; kk += 8) {
-      FragA a[2];
-      FragBr b[4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], Ws + (wm * 32 + i * 16) * LDW + kk, LDW);
-        to_tf32(a[i]);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::load_matrix_sync(b[j], Xs + kk * LDX + wn * 64 + j * 16, LDX);
-        to_tf32(b[j]);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc.c[i][j], a[i], b[j], acc.c[i][j]);
-    }
-  }
-  static __device__ void o_store(OAcc& acc, float* stage, int warp, int lane, Acc<float> G, int sp, int64_t a0,
-                                 int64_t own_rows, int64_t c0, int64_t d) {
-    const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::store_matrix_sync(stage, acc.c[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int64_t ag = a0 + wm * 32 + i * 16 + e / 16;
-          const int64_t k = c0 + wn * 64 + j * 16 + e % 16;
-          if (ag < own_rows && k < d) G.row(ag, sp)[k] = stage[e];
-        }
-        __syncwarp();
-      }
-  }
-};
-
 #else
 template <class T>
-struct MmaTC16 : TC16Layout<T> {};
-template <class T = float>
-struct MmaTF32 : TF32Layout {};
+struct TC16Frags {
+  using Layout = TC16Layout<T>;
+};
+struct TF32Frags {
+  using Layout = TF32Layout;
+};
+template <class F>
+struct MmaWmma : F::Layout {};
 #endif
+template <class T>
+using MmaTC16 = MmaWmma<TC16Frags<T>>;
+using MmaTF32 = MmaWmma<TF32Frags>;
 
 // Exact fp32 FMAs (fp32 without TF32, and any dtype on GPUs older than sm_80). Thread t owns
 // S rows 4*(t/8).., columns 8*(t%8)..; O rows 8*(t/16).., columns 8*(t%16)...
@@ -493,26 +430,35 @@ struct MmaFMA {
   struct SAcc { float c[4][8]; };
   struct OAcc { float c[8][8]; };
 
-  static __device__ void s_zero(SAcc& acc) {
+  template <int NI, int NJ>
+  static __device__ __forceinline__ void zero(float (&c)[NI][NJ]) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < NI; ++i)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc.c[i][j] = 0.0f;
+      for (int j = 0; j < NJ; ++j) c[i][j] = 0.0f;
   }
+  // c[i][j] += sum_k a_at(i, k) * b_at(j, k), k < kend.
+  template <int NI, int NJ, class AAt, class BAt>
+  static __device__ __forceinline__ void fma_tile(float (&c)[NI][NJ], int kend, AAt a_at, BAt b_at) {
+#pragma unroll 4
+    for (int k = 0; k < kend; ++k) {
+      float a[NI], b[NJ];
+#pragma unroll
+      for (int i = 0; i < NI; ++i) a[i] = a_at(i, k);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) b[j] = b_at(j, k);
+#pragma unroll
+      for (int i = 0; i < NI; ++i)
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
+    }
+  }
+
+  static __device__ void s_zero(SAcc& acc) { zero(acc.c); }
   static __device__ void s_step(SAcc& acc, const S* As, const S* Bs, int /*warp*/) {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-#pragma unroll 4
-    for (int k = 0; k < BK; ++k) {
-      float a[4], b[8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[(ty * 4 + i) * LDK + k];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = Bs[(tx * 8 + j) * LDK + k];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc.c[i][j] = fmaf(a[i], b[j], acc.c[i][j]);
-    }
+    fma_tile(acc.c, BK, [&](int i, int k) { return As[(ty * 4 + i) * LDK + k]; },
+             [&](int j, int k) { return Bs[(tx * 8 + j) * LDK + k]; });
   }
   static __device__ void s_store(SAcc& acc, float* Ss, int /*warp*/) {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
@@ -521,26 +467,11 @@ struct MmaFMA {
 #pragma unroll
       for (int j = 0; j < 8; ++j) Ss[(ty * 4 + i) * kLDS + tx * 8 + j] = acc.c[i][j];
   }
-  static __device__ void o_zero(OAcc& acc) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc.c[i][j] = 0.0f;
-  }
+  static __device__ void o_zero(OAcc& acc) { zero(acc.c); }
   static __device__ void o_step(OAcc& acc, const S* Ws, const S* Xs, int /*warp*/) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-#pragma unroll 4
-    for (int k = 0; k < kBN; ++k) {
-      float a[8], b[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = Ws[(ty * 8 + i) * LDW + k];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = Xs[k * LDX + tx * 8 + j];
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc.c[i][j] = fmaf(a[i], b[j], acc.c[i][j]);
-    }
+    fma_tile(acc.c, kBN, [&](int i, int k) { return Ws[(ty * 8 + i) * LDW + k]; },
+             [&](int j, int k) { return Xs[k * LDX + tx * 8 + j]; });
   }
   static __device__ void o_store(OAcc& acc, float* /*stage*/, int /*warp*/, int /*lane*/, Acc<float> G, int sp,
                                  int64_t a0, int64_t own_rows, int64_t c0, int64_t d) {
@@ -961,7 +892,7 @@ void forward_impl(const Problem& p, double temperature, bool allow_tf32, int64_t
     };
     const Path path = pick_path(p.z0.scalar_type(), allow_tf32);
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::kTF32) launch(fwd_fast_kernel<T, MmaTF32<>>, Smem<MmaTF32<>>::FwdBytes);
+      if (path == Path::kTF32) launch(fwd_fast_kernel<T, MmaTF32>, Smem<MmaTF32>::FwdBytes);
       else launch(fwd_fast_kernel<T, MmaFMA>, Smem<MmaFMA>::FwdBytes);
     } else {
       if (path == Path::kTC16) launch(fwd_fast_kernel<T, MmaTC16<T>>, Smem<MmaTC16<T>>::FwdBytes);
@@ -1079,7 +1010,7 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
       };
       const Path path = pick_path(p.z0.scalar_type(), allow_tf32);
       if constexpr (std::is_same_v<T, float>) {
-        if (path == Path::kTF32) by_kind(MmaTF32<>{});
+        if (path == Path::kTF32) by_kind(MmaTF32{});
         else by_kind(MmaFMA{});
       } else {
         if (path == Path::kTC16) by_kind(MmaTC16<T>{});
