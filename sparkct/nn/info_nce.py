@@ -90,6 +90,11 @@ class InfoNCELoss(nn.Module):
             self.bank_ptr[0] = ptr + b
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dtype != out1.dtype \
+                and out0.is_floating_point() and out1.is_floating_point():
+            # e.g. one projection computed under autocast and one not: compute in the wider type
+            common = torch.promote_types(out0.dtype, out1.dtype)
+            out0, out1 = out0.to(common), out1.to(common)
         if not self.uses_bank:
             return info_nce(out0, out1, self.temperature, gather_distributed=self.gather_distributed)
         if self.bank.dim() != 2:  # a bare K: draw the bank now that D is known

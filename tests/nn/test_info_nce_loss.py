@@ -95,6 +95,13 @@ def test_bf16_bank_mode_against_fp32():
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0)
 
 
+def test_mixed_precision_views_are_promoted():
+    a, b = torch.randn(6, 16), torch.randn(6, 16)
+    got = InfoNCELoss(0.3)(a, b.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, InfoNCELoss(0.3)(a, b.bfloat16().float()))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"temperature": 0.0}, "temperature"),
     ({"temperature": 1e-9}, "temperature"),
