@@ -966,6 +966,9 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
   }
   const int64_t D = p.D;
   const int64_t dchunks = (D + kDC - 1) / kDC;
+  // gridDim.y of the fast backward (D chunks) is limited to 65535
+  TORCH_CHECK(simple || dchunks <= 65535, "info_nce_backward: D = ", D, " exceeds the CUDA kernels' limit of ",
+              int64_t(65535) * kDC);
 
   // Own rows: [z0; z1] (pair) or z0 (bank). Outputs as row views.
   Rows<T> out_rows = p.is_bank ? rows_of<T, From>(dz0) : rows_of<T, From>(dz0, dz1);
