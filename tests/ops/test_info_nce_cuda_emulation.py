@@ -300,13 +300,24 @@ def tf32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), r, x)
 
 
+LOG2E = torch.tensor(1.4426950408889634, dtype=torch.float32)
+
+
+def fast_exp(x):
+    """nce::ExpFast on the device, __expf = ex2.approx.ftz(x * log2 e): the product rounded to fp32
+    (its error grows with |x|; ex2.approx's own ~2 ulp is not modelled), results below 2^-126
+    flushed to zero."""
+    y = torch.exp2(x * LOG2E)
+    return torch.where(y < 2.0 ** -126, torch.zeros(()), y)
+
+
 def lse_merge(m, s, m2, s2):
-    """nce::lse_merge, elementwise."""
+    """nce::lse_merge with ExpFast, elementwise."""
     nan = torch.isnan(m2) | torch.isnan(s2) | torch.isnan(m)
     ninf2, ninf, gt = m2 == -math.inf, m == -math.inf, m2 > m
     with torch.no_grad():
-        s_gt = s * torch.exp(m - m2) + s2
-        s_le = s + s2 * torch.exp(m2 - m)
+        s_gt = s * fast_exp(m - m2) + s2
+        s_le = s + s2 * fast_exp(m2 - m)
     nm = torch.where(ninf2, m, torch.where(ninf, m2, torch.where(gt, m2, m)))
     ns = torch.where(ninf2, s, torch.where(ninf, s2, torch.where(gt, s_gt, s_le)))
     return torch.where(nan, math.nan, nm), torch.where(nan, math.nan, ns)
@@ -476,13 +487,13 @@ def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: 
                     seen.n[by][A_[inb], B_[inb]] += 1
                     if kind == ROW:
                         slf, ps = geo.is_self(A_, B_), geo.is_pos(A_, B_)
-                        w = torch.exp(l - lse_ot[:, None]) - ps.float()
+                        w = fast_exp(l - lse_ot[:, None]) - ps.float()
                     elif kind == COL:
                         slf, ps = geo.is_self(B_, A_), geo.is_pos(B_, A_)
-                        w = torch.exp(l - lse_xt[None, :]) - ps.float()
+                        w = fast_exp(l - lse_xt[None, :]) - ps.float()
                     else:
                         slf, ps = geo.is_self(A_, B_), geo.is_pos(A_, B_)
-                        w = torch.exp(l - lse_ot[:, None]) + torch.exp(l - lse_xt[None, :]) - 2 * ps.float()
+                        w = fast_exp(l - lse_ot[:, None]) + fast_exp(l - lse_xt[None, :]) - 2 * ps.float()
                     w = torch.where(slf, torch.zeros(()), w)
                     w = torch.where(inb, w, torch.zeros(()))
                     xhat = padded(other, b0, K_BN, c0, K_DC) * inv_xt[:, None]  # load_tile_scaled
