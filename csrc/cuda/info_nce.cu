@@ -422,7 +422,14 @@ using MmaTC16 = MmaWmma<TC16Frags<T>>;
 using MmaTF32 = MmaWmma<TF32Frags>;
 
 // Exact fp32 FMAs (fp32 without TF32, and any dtype on GPUs older than sm_80). Thread t owns
-// S rows 4*(t/8).., columns 8*(t%8)..; O rows 8*(t/16).., columns 8*(t%16)...
+// S rows 4 (t/8) + i (i < 4), columns t%8 + 8 j (j < 8); O rows t/16 + 8 i (i < 8), columns
+// o_col(t%16, j) (j < 8: two float4 runs, 4 (t%16).. and 64 + 4 (t%16)..). Interleaved so that the
+// inner loops' shared-memory reads are free of bank conflicts: per instruction a warp reads B rows
+// tx + 8 j (word 17 tx + const: 8 distinct banks), W rows ty and ty + 1 (68 words apart: different
+// banks) and X as float4 runs that are contiguous per 8 lanes. (Blocked ownership -- rows 8 ty..,
+// columns 8 tx.. -- put every W and X read of the backward's second GEMM and every B read of the
+// first on 2-way conflicts: W rows 8 apart are 544 = 0 mod 32 words apart. Checked by
+// tests/ops/test_info_nce_cuda_emulation.py.)
 struct MmaFMA {
   using S = float;
   static constexpr int BK = 16, LDK = BK + 1, LDW = kLDS, LDX = kDC + 4;
@@ -458,32 +465,33 @@ struct MmaFMA {
   static __device__ void s_step(SAcc& acc, const S* As, const S* Bs, int /*warp*/) {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     fma_tile(acc.c, BK, [&](int i, int k) { return As[(ty * 4 + i) * LDK + k]; },
-             [&](int j, int k) { return Bs[(tx * 8 + j) * LDK + k]; });
+             [&](int j, int k) { return Bs[(tx + 8 * j) * LDK + k]; });
   }
   static __device__ void s_store(SAcc& acc, float* Ss, int /*warp*/) {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) Ss[(ty * 4 + i) * kLDS + tx * 8 + j] = acc.c[i][j];
+      for (int j = 0; j < 8; ++j) Ss[(ty * 4 + i) * kLDS + tx + 8 * j] = acc.c[i][j];
   }
+  static __device__ __forceinline__ int o_col(int tx, int j) { return 4 * tx + 64 * (j / 4) + j % 4; }
   static __device__ void o_zero(OAcc& acc) { zero(acc.c); }
   static __device__ void o_step(OAcc& acc, const S* Ws, const S* Xs, int /*warp*/) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    fma_tile(acc.c, kBN, [&](int i, int k) { return Ws[(ty * 8 + i) * LDW + k]; },
-             [&](int j, int k) { return Xs[k * LDX + tx * 8 + j]; });
+    fma_tile(acc.c, kBN, [&](int i, int k) { return Ws[(ty + 8 * i) * LDW + k]; },
+             [&](int j, int k) { return Xs[k * LDX + o_col(tx, j)]; });
   }
   static __device__ void o_store(OAcc& acc, float* /*stage*/, int /*warp*/, int /*lane*/, Acc<float> G, int sp,
                                  int64_t a0, int64_t own_rows, int64_t c0, int64_t d) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int64_t ag = a0 + ty * 8 + i;
+      const int64_t ag = a0 + ty + 8 * i;
       if (ag >= own_rows) continue;
       float* g = G.row(ag, sp);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int64_t k = c0 + tx * 8 + j;
+        const int64_t k = c0 + o_col(tx, j);
         if (k < d) g[k] = acc.c[i][j];
       }
     }
@@ -958,6 +966,9 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
   }
   const int64_t D = p.D;
   const int64_t dchunks = (D + kDC - 1) / kDC;
+  // gridDim.y of the fast backward (D chunks) is limited to 65535
+  TORCH_CHECK(simple || dchunks <= 65535, "info_nce_backward: D = ", D, " exceeds the CUDA kernels' limit of ",
+              int64_t(65535) * kDC);
 
   // Own rows: [z0; z1] (pair) or z0 (bank). Outputs as row views.
   Rows<T> out_rows = p.is_bank ? rows_of<T, From>(dz0) : rows_of<T, From>(dz0, dz1);
