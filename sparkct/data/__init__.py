@@ -1,0 +1,47 @@
+"""CT data: DICOM/NIfTI -> Hounsfield units, the prepared slice cache, datasets, CT augmentations,
+and a synthetic chest-CT generator.
+
+Names load on first use: ``import sparkct.data`` imports neither torch nor pydicom, so the prepare
+workers start fast, and nothing here needs sparkct's compiled extension.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # dicom / nifti reading
+    "CTVolume": "dicom", "read_series": "dicom", "iter_series": "dicom", "read_header": "dicom",
+    "plan_series": "dicom", "SkipFile": "dicom", "read_nifti": "nifti",
+    # cache
+    "prepare": "cache", "PrepareReport": "cache", "SliceCache": "cache", "CacheSettingsError": "cache",
+    # resampling
+    "resample_slices": "resample",
+    # windows
+    "WINDOWS": "windows", "DEFAULT_WINDOWS": "windows", "apply_windows": "windows", "Windows": "windows",
+    "resolve_windows": "windows",
+    # augmentation
+    "CTAugment": "augment", "MultiCrop": "augment", "TwoViews": "augment", "CTResize": "augment",
+    # datasets
+    "CTSliceDataset": "datasets", "CTLabelledDataset": "datasets", "patient_split": "datasets",
+    "patient_subset": "datasets", "SliceLoader": "datasets", "collate_batch": "datasets",
+    "tune_malloc": "datasets", "RunBatchSampler": "datasets",
+    # images
+    "ImageFolderSlices": "images",
+    # synthetic data
+    "synth": "synth",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'sparkct.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sparkct.data.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

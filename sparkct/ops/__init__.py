@@ -8,6 +8,9 @@ from sparkct._ext import build_info, cuda_version, with_cuda
 __all__ = ["build_info", "cuda_version", "with_cuda"]
 
 # ---- fused InfoNCE ----
+from sparkct.ops.info_nce import info_nce  # noqa: E402
+
+__all__ += ["info_nce"]
 
 # ---- sparse masked convolution ----
 from sparkct.ops import sparse  # noqa: E402

@@ -1,0 +1,480 @@
+"""Datasets over the prepared slice cache, patient-level splits, and the fast batched loader.
+
+- :class:`CTSliceDataset`: unlabelled slices (pretraining). ``ds[i]`` is one windowed slice
+  (C, H, W); ``ds.hu(items)`` a batch of raw int16 HU (B, 1, H, W) read in one go from the shards.
+- :class:`CTLabelledDataset`: slices with labels from a CSV, per series (every slice of the series
+  gets it) or per slice (series_uid + instance_number / slice_index / z_mm).
+- :func:`patient_split`: train/val/test by patient (salted hash), never mixing a patient across
+  splits; deterministic given the seed; optionally stratified by label.
+- :func:`patient_subset`: nested patient subsets (1 %, 10 %, ... of the training patients) for
+  small-data fine-tuning curves.
+- :class:`SliceLoader`: batches straight from the memory-mapped shards, augmented as whole batches
+  (:mod:`sparkct.data.augment`) on the CPU by worker threads or on the GPU after an int16 transfer.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import ctypes.util
+import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cache import SliceCache
+from .windows import DEFAULT_WINDOWS, WindowSpec, apply_windows, resolve_windows
+
+
+def _open_cache(cache) -> SliceCache:
+    if isinstance(cache, SliceCache):
+        return cache
+    return SliceCache(os.fspath(cache))
+
+
+class CTSliceDataset(torch.utils.data.Dataset):
+    """Unlabelled CT slices of a prepared cache.
+
+    indices: which cache slices (default all). windows: HU windows as channels (None returns HU as
+    float). transform: a batch transform (B, 1, H, W) HU -> (B, C, h, w), e.g. CTResize or
+    CTAugment; it replaces `windows`. ``ds[i]`` returns (C, h, w); ``ds.__getitems__(items)`` (used
+    by torch's DataLoader) returns the whole batch as one tensor: pass ``collate_fn=collate_batch``.
+    """
+
+    def __init__(self, cache, indices=None, *, windows: WindowSpec | None = DEFAULT_WINDOWS,
+                 transform: Callable | None = None):
+        self.cache = _open_cache(cache)
+        self.indices = (np.arange(len(self.cache), dtype=np.int64) if indices is None
+                        else np.asarray(indices, dtype=np.int64).reshape(-1))
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(self.cache)):
+            raise IndexError(f"indices out of range for a cache of {len(self.cache)} slices")
+        self.windows = resolve_windows(windows) if windows is not None else None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    # identity of items -------------------------------------------------------------------------
+    @property
+    def patients(self) -> np.ndarray:
+        """Patient index (into cache.patients) of every item."""
+        return self.cache.slice_patient[self.indices]
+
+    @property
+    def patient_names(self) -> np.ndarray:
+        """The salted patient hashes that ``patients`` indexes."""
+        return self.cache.patients
+
+    @property
+    def series(self) -> np.ndarray:
+        """Series index (into the cache's series table) of every item."""
+        return self.cache.slice_series[self.indices]
+
+    def subset(self, items) -> "CTSliceDataset":
+        """The same dataset restricted to item positions `items` (e.g. a split)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.indices = self.indices[np.asarray(items, dtype=np.int64)]
+        if hasattr(self, "targets"):
+            new.targets = self.targets[np.asarray(items, dtype=np.int64)]
+        return new
+
+    # reading -----------------------------------------------------------------------------------
+    def hu(self, items) -> torch.Tensor:
+        """Raw HU of items as int16 (B, 1, H, W): one read per shard run."""
+        arr = self.cache.read(self.indices[np.asarray(items, dtype=np.int64).reshape(-1)])
+        return torch.from_numpy(arr).unsqueeze(1)
+
+    def _convert(self, hu: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.transform is not None:
+            return self.transform(hu, generator) if _takes_generator(self.transform) else self.transform(hu)
+        if self.windows is not None:
+            return apply_windows(hu, self.windows)
+        return hu.float()
+
+    def __getitem__(self, i):
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} out of range for {len(self)} items")
+        return self._convert(self.hu([i]))[0]
+
+    def __getitems__(self, items):
+        return self._convert(self.hu(items))
+
+
+def _takes_generator(fn) -> bool:
+    from .augment import CTAugment, CTResize, MultiCrop
+    return isinstance(fn, (CTAugment, CTResize, MultiCrop))
+
+
+def collate_batch(batch):
+    """collate_fn for torch's DataLoader with these datasets: their __getitems__ already batches."""
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+def read_labels_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+_SLICE_KEYS = ("instance_number", "slice_index", "z_mm")
+
+
+class CTLabelledDataset(CTSliceDataset):
+    """Labelled slices: labels per series or per slice from a CSV (or a list of dict rows).
+
+    The series is named by ``series_uid`` (or ``series_key``, the cache's key). Per-slice rows add
+    ``instance_number`` (DICOM InstanceNumber), ``slice_index`` (0-based position in the series as
+    cached) or ``z_mm`` (position along the slice normal, matched within 0.05 mm). level='auto'
+    picks per-slice when such a column is present. Labels in `label_column` may be integers or
+    class names (``classes``: sorted unique names unless given). Slices without a label are left out
+    (missing='drop') or raise (missing='error'). ``targets`` holds each item's class index.
+    """
+
+    def __init__(self, cache, labels, *, label_column: str = "label", level: str = "auto",
+                 classes: Sequence | None = None, missing: str = "drop", indices=None,
+                 windows: WindowSpec | None = DEFAULT_WINDOWS, transform: Callable | None = None):
+        super().__init__(cache, indices, windows=windows, transform=transform)
+        rows = read_labels_csv(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+        if not rows:
+            raise ValueError("no label rows")
+        cols = set(rows[0])
+        if label_column not in cols:
+            raise ValueError(f"label column {label_column!r} not in the labels (columns: {sorted(cols)})")
+        skey = "series_uid" if "series_uid" in cols else "series_key" if "series_key" in cols else None
+        if skey is None:
+            raise ValueError("labels need a series_uid (or series_key) column")
+        slice_key = next((k for k in _SLICE_KEYS if k in cols), None)
+        if level == "auto":
+            level = "slice" if slice_key else "series"
+        if level not in ("series", "slice"):
+            raise ValueError(f"level must be 'auto', 'series' or 'slice', got {level!r}")
+        if level == "slice" and slice_key is None:
+            raise ValueError(f"per-slice labels need one of the columns {', '.join(_SLICE_KEYS)}")
+        if missing not in ("drop", "error"):
+            raise ValueError("missing must be 'drop' or 'error'")
+        raw = [str(r[label_column]).strip() for r in rows]
+        if classes is None:
+            try:
+                ints = sorted({int(v) for v in raw})
+                classes = ints
+            except ValueError:
+                classes = sorted(set(raw))
+        self.classes = list(classes)
+        cidx = {str(c): i for i, c in enumerate(self.classes)}
+        unknown = sorted({v for v in raw if v not in cidx})
+        if unknown:
+            raise ValueError(f"labels not among classes {self.classes}: {unknown[:5]}")
+        self.level = level
+
+        c = self.cache
+        ser_names = c.series["series_uid" if skey == "series_uid" else "key"]
+        sidx = {str(n): i for i, n in enumerate(ser_names)}
+        n_slices = len(c)
+        target = np.full(n_slices, -1, dtype=np.int64)
+        unmatched = 0
+        by_instance: dict[int, dict[int, int]] = {}
+        for r, v in zip(rows, raw):
+            s = sidx.get(str(r[skey]).strip())
+            if s is None:
+                unmatched += 1
+                continue
+            off, n = int(c.series["offset"][s]), int(c.series["n"][s])
+            if level == "series":
+                target[off:off + n] = cidx[v]
+                continue
+            key = str(r[slice_key]).strip()
+            pos = None
+            if slice_key == "slice_index":
+                k = int(key)
+                pos = off + k if 0 <= k < n else None
+            elif slice_key == "instance_number":
+                m = by_instance.get(s)
+                if m is None:
+                    inst = c.slice_instance[off:off + n].tolist()
+                    m = by_instance[s] = {iv: off + k for k, iv in reversed(list(enumerate(inst)))}
+                pos = m.get(int(key))
+            elif n:
+                z = c.slice_z[off:off + n]  # ascending within a series
+                k = int(np.clip(np.searchsorted(z, float(key)), 1, max(1, n - 1)))
+                k = k - 1 if n == 1 or abs(z[k - 1] - float(key)) <= abs(z[min(k, n - 1)] - float(key)) else k
+                pos = off + k if abs(float(z[k]) - float(key)) <= 0.05 else None
+            if pos is None:
+                unmatched += 1
+                continue
+            target[pos] = cidx[v]
+        self.unmatched_rows = unmatched
+        t = target[self.indices]
+        if (t < 0).any():
+            if missing == "error":
+                raise ValueError(f"{int((t < 0).sum())} slices have no label (missing='drop' leaves them out)")
+            keep = t >= 0
+            self.indices = self.indices[keep]
+            t = t[keep]
+        self.targets = t
+
+    def __getitem__(self, i):
+        x = super().__getitem__(i)
+        return x, int(self.targets[int(i)])
+
+    def __getitems__(self, items):
+        items = np.asarray(items, dtype=np.int64)
+        return self._convert(self.hu(items)), torch.from_numpy(self.targets[items])
+
+    def series_targets(self) -> dict[int, int]:
+        """Series index -> label (the max over its slices: positive if any slice is)."""
+        out: dict[int, int] = {}
+        for s, t in zip(self.series.tolist(), self.targets.tolist()):
+            out[s] = max(out.get(s, t), t)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+def _patient_labels(dataset) -> np.ndarray | None:
+    t = getattr(dataset, "targets", None)
+    if t is None:
+        return None
+    p = dataset.patients
+    lab = np.full(int(p.max()) + 1 if len(p) else 0, -1, dtype=np.int64)
+    np.maximum.at(lab, p, t)
+    return lab
+
+
+def patient_split(dataset, fractions: Sequence[float] = (0.7, 0.15, 0.15), *, seed: int = 0,
+                  stratify: bool = False, names: Sequence[str] = ("train", "val", "test")) -> dict[str, np.ndarray]:
+    """Item positions of each split, assigning whole patients to splits.
+
+    `dataset` is a CTSliceDataset, an ImageFolderSlices (anything with ``patients`` and
+    ``patient_names``), or a SliceCache (every slice). The patients (salted hashes)
+    are sorted, permuted by `seed` and cut by `fractions` (of patients); with stratify=True (a
+    labelled dataset) each label stratum (a patient's label is the max of its slices') is cut
+    separately, so splits keep the class balance. Deterministic given the seed and the cache."""
+    if isinstance(dataset, SliceCache):
+        dataset = CTSliceDataset(dataset, windows=None)
+    fr = np.asarray(fractions, dtype=np.float64)
+    if len(fr) != len(names):
+        raise ValueError(f"{len(fr)} fractions for {len(names)} names")
+    if (fr < 0).any() or fr.sum() <= 0:
+        raise ValueError(f"fractions must be >= 0 with a positive sum, got {list(fractions)}")
+    fr = fr / fr.sum()
+    pat = dataset.patients
+    hashes = dataset.patient_names
+    uniq = np.unique(pat)
+    uniq = uniq[np.argsort(hashes[uniq], kind="stable")]  # order by hash, not by cache position
+    strata = {0: uniq}
+    if stratify:
+        lab = _patient_labels(dataset)
+        if lab is None:
+            raise ValueError("stratify=True needs a labelled dataset")
+        strata = {int(v): uniq[lab[uniq] == v] for v in np.unique(lab[uniq])}
+    rng = np.random.default_rng(seed)
+    assign = np.full(int(pat.max()) + 1 if len(pat) else 0, -1, dtype=np.int64)
+    for key in sorted(strata):
+        ps = strata[key][rng.permutation(len(strata[key]))]
+        cuts = np.round(np.cumsum(fr) * len(ps)).astype(int)
+        start = 0
+        for k, end in enumerate(cuts):
+            assign[ps[start:end]] = k
+            start = end
+    which = assign[pat]
+    return {name: np.nonzero(which == k)[0] for k, name in enumerate(names)}
+
+
+def patient_subset(dataset, items, fraction: float, *, seed: int = 0, min_patients: int = 1) -> np.ndarray:
+    """A subset of item positions `items` holding `fraction` of their patients (at least
+    min_patients). For one seed, smaller fractions give subsets of larger ones (nested), so
+    learning curves over the labelled-data fraction compare like with like."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    items = np.asarray(items, dtype=np.int64)
+    pat = dataset.patients[items]
+    uniq = np.unique(pat)
+    uniq = uniq[np.argsort(dataset.patient_names[uniq], kind="stable")]
+    order = uniq[np.random.default_rng([seed, 0x5EED]).permutation(len(uniq))]
+    k = min(len(order), max(min_patients, int(math.ceil(fraction * len(order)))))
+    keep = np.isin(pat, order[:k])
+    return items[keep]
+
+
+# ------------------------------------------------------------------------------------------ loader
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS (no mmap for large
+    blocks, no heap trimming). Batches of augmented slices are large (a batch of 64 three-channel
+    224x224 crops is 38 MB); without this every batch is fresh memory whose page faults cost
+    more than the augmentation itself on some machines. Process-wide; returns whether it applied."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    _MALLOC_TUNED = ok
+    return ok
+
+
+_tune_malloc = tune_malloc
+
+
+def run_order(n: int, run_length: int, rng: np.random.Generator) -> np.ndarray:
+    """A random order of range(n) made of runs of `run_length` consecutive items (the last run may
+    be shorter): the blocks are shuffled, their contents stay in order. run_length=1 is a plain
+    permutation."""
+    if run_length <= 1:
+        return rng.permutation(n)
+    starts = np.arange(0, n, run_length)
+    starts = starts[rng.permutation(len(starts))]
+    return np.concatenate([np.arange(s, min(s + run_length, n)) for s in starts]) if n else np.zeros(0, np.int64)
+
+
+class RunBatchSampler(torch.utils.data.Sampler):
+    """Batches of item positions for torch's DataLoader (``batch_sampler=``), made of runs of
+    `run_length` consecutive items (see :func:`run_order`), reshuffled per epoch from (seed, epoch).
+    With the datasets' ``__getitems__`` and ``collate_fn=collate_batch``, each batch is one grouped
+    read of the shards."""
+
+    def __init__(self, n: int, batch_size: int, *, run_length: int = 1, seed: int = 0, drop_last: bool = True,
+                 shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.n, self.batch_size, self.run_length = int(n), int(batch_size), int(run_length)
+        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        order = (run_order(self.n, self.run_length, np.random.default_rng([self.seed, self.epoch]))
+                 if self.shuffle else np.arange(self.n))
+        for b in range(len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+class SliceLoader:
+    """Batches of (augmented) slices from a cache-backed dataset.
+
+    Each batch is one grouped read from the memory-mapped shards (int16) and one batched transform:
+    on the CPU in the consuming thread by default (the transform's batched ops use torch's intra-op
+    threads; with workers=N, N threads build batches ahead, best with torch.set_num_threads(1));
+    on a GPU (device='cuda'), worker threads read and pin int16 batches and the transform runs there.
+    Batches come out in order and are a function of (seed, epoch, batch number) only, whatever the
+    number of workers. Yields tensors (B, C, h, w), a list of them for MultiCrop, and (x, y) for
+    labelled datasets.
+
+    run_length > 1 samples runs of that many consecutive cache slices (neighbouring slices of a
+    series) to turn random reads into sequential ones when the cache is not in the page cache.
+    tune_malloc: see :func:`tune_malloc`; default on when transforming on the CPU.
+    """
+
+    def __init__(self, dataset: CTSliceDataset, batch_size: int = 64, *, shuffle: bool = True,
+                 drop_last: bool = True, seed: int = 0, transform: Callable | None = None,
+                 device: str | torch.device = "cpu", workers: int | None = None, prefetch: int = 4,
+                 run_length: int = 1, tune_malloc: bool | None = None):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.device = torch.device(device)
+        if workers is None:
+            # CPU transforms already use torch's intra-op threads on whole batches; extra threads
+            # would only compete for the cores. For a GPU, threads read and pin the next batches.
+            workers = 0 if self.device.type == "cpu" else 2
+        if workers < 0 or prefetch < 1:
+            raise ValueError("need workers >= 0 and prefetch >= 1")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.transform = transform if transform is not None else dataset.transform
+        self.workers, self.prefetch, self.run_length = workers, prefetch, int(run_length)
+        self.epoch = 0
+        on_cpu = self.device.type == "cpu"
+        if tune_malloc is None:
+            tune_malloc = on_cpu
+        if tune_malloc:
+            _tune_malloc()
+        self.labelled = hasattr(dataset, "targets")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
+        return run_order(n, self.run_length, rng)
+
+    def _generator(self, epoch: int, b: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, b, 0xA6]).integers(2**62)))
+
+    def _transform(self, hu: torch.Tensor, g: torch.Generator):
+        return self.dataset._convert(hu, g) if self.transform is self.dataset.transform else (
+            self.transform(hu, g) if _takes_generator(self.transform) else self.transform(hu))
+
+    def _load(self, epoch: int, b: int, items: np.ndarray):
+        hu = self.dataset.hu(items)
+        y = torch.from_numpy(self.dataset.targets[items]) if self.labelled else None
+        if self.device.type == "cpu":
+            x = self._transform(hu, self._generator(epoch, b))
+            return x, y
+        if torch.cuda.is_available():
+            hu = hu.pin_memory()
+        return hu, y
+
+    def _finish(self, epoch: int, b: int, loaded):
+        x, y = loaded
+        if self.device.type != "cpu":
+            x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b))
+            if y is not None:
+                y = y.to(self.device, non_blocking=True)
+        return (x, y) if self.labelled else x
+
+    def __iter__(self):
+        epoch = self.epoch  # fixed for this pass, whatever set_epoch does meanwhile
+        order = self.order(epoch)
+        nb = len(self)
+        bs = self.batch_size
+        batches = [order[b * bs:(b + 1) * bs] for b in range(nb)]
+        if self.workers == 0:
+            for b, items in enumerate(batches):
+                yield self._finish(epoch, b, self._load(epoch, b, items))
+            return
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sparkct-loader") as pool:
+            pending: deque = deque()
+            nxt = 0
+            try:
+                while nxt < nb and len(pending) < self.prefetch:
+                    pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
+                    nxt += 1
+                b = 0
+                while pending:
+                    loaded = pending.popleft().result()
+                    if nxt < nb:
+                        pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
+                        nxt += 1
+                    yield self._finish(epoch, b, loaded)
+                    b += 1
+            finally:
+                for f in pending:
+                    f.cancel()

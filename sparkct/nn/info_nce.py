@@ -1,0 +1,114 @@
+"""``InfoNCELoss``: a drop-in for lightly's ``NTXentLoss`` on the fused InfoNCE kernels."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sparkct.ops.info_nce import _distributed, info_nce
+
+__all__ = ["InfoNCELoss"]
+
+
+class InfoNCELoss(nn.Module):
+    """Contrastive cross-entropy (NT-Xent) loss, the same constructor and ``forward(out0, out1)``
+    as lightly's ``NTXentLoss``, with the same values and gradients.
+
+    Args:
+        temperature: logits are cosine similarities / temperature (> 0).
+        memory_bank_size: 0 (no bank: SimCLR, the other 2N - 2 embeddings of the batch are the
+            negatives), or ``(K, D)`` (MoCo: a FIFO bank of K normalized keys of dimension D is the
+            set of negatives; initialized at construction with ``normalize(randn(K, D))``, drawing
+            from the global RNG exactly like lightly). A bare ``K > 0`` is also accepted (lightly
+            1.6 rejects it): the bank is then drawn the same way at the first forward, with D taken
+            from that batch.
+        gather_distributed: without a bank, every rank's embeddings serve as negatives (needs
+            torch.distributed initialized and the same batch size on every rank); with a bank, the
+            keys of every rank are enqueued. Gradient convention: see :mod:`sparkct.ops.info_nce`
+            (DDP's gradient averaging gives the gradients of the single-process loss on the global
+            batch).
+
+    Bank mode follows lightly: the loss uses the bank as it was before this call; afterwards, if
+    ``out0.requires_grad``, the normalized ``out1`` is enqueued (detached) at ``bank_ptr``; a batch
+    that reaches the end of the bank fills it up to the end, its remaining rows are dropped, and
+    the pointer wraps to 0. ``bank`` and ``bank_ptr`` are non-persistent buffers, as in lightly.
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: int | Sequence[int] = 0,
+                 gather_distributed: bool = False):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise ValueError(f"InfoNCELoss: temperature must be a number, got {temperature!r}")
+        if not math.isfinite(temperature) or temperature <= 0 or abs(temperature) < 1e-8:
+            raise ValueError(f"InfoNCELoss: illegal temperature {temperature}: must be finite and >= 1e-8")
+        if gather_distributed and not dist.is_available():
+            raise ValueError("InfoNCELoss: gather_distributed is True but torch.distributed is not available")
+        self.temperature = float(temperature)
+        self.gather_distributed = bool(gather_distributed)
+        if isinstance(memory_bank_size, bool):
+            raise ValueError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r}")
+        size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in size) or any(s < 0 for s in size) \
+                or len(size) not in (1, 2) or (len(size) == 2 and size[1] == 0 and size[0] > 0):
+            raise ValueError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r}: expected 0, K, or "
+                             "(K, D) with K, D >= 0")
+        self.memory_bank_size = size
+        self.register_buffer("bank", torch.empty(size if len(size) == 2 else (0,), dtype=torch.float),
+                             persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if len(size) == 2 and size[0] > 0:
+            self._init_bank(size)
+
+    @property
+    def uses_bank(self) -> bool:
+        return self.memory_bank_size[0] > 0
+
+    @torch.no_grad()
+    def _init_bank(self, size) -> None:
+        bank = torch.randn(size).to(self.bank)  # the global CPU RNG, like lightly
+        self.bank = F.normalize(bank, dim=-1)
+        self.bank_ptr = torch.zeros(1, dtype=torch.long, device=self.bank_ptr.device)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        if _distributed(self.gather_distributed):
+            parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, keys.contiguous())
+            keys = torch.cat(parts, 0)
+        size = self.bank.shape[0]
+        ptr = int(self.bank_ptr)
+        b = keys.shape[0]
+        if ptr + b >= size:
+            self.bank[ptr:] = keys[:size - ptr]
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr:ptr + b] = keys
+            self.bank_ptr[0] = ptr + b
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dtype != out1.dtype \
+                and out0.is_floating_point() and out1.is_floating_point():
+            # e.g. one projection computed under autocast and one not: compute in the wider type
+            common = torch.promote_types(out0.dtype, out1.dtype)
+            out0, out1 = out0.to(common), out1.to(common)
+        if not self.uses_bank:
+            return info_nce(out0, out1, self.temperature, gather_distributed=self.gather_distributed)
+        if self.bank.dim() != 2:  # a bare K: draw the bank now that D is known
+            if not isinstance(out1, torch.Tensor) or out1.dim() != 2:
+                raise ValueError("InfoNCELoss: out1 must be a 2-D (N, D) tensor")
+            self._init_bank((self.memory_bank_size[0], out1.shape[1]))
+        # The bank as it is now (a copy: the update below must not touch what the backward reads).
+        negatives = self.bank.detach().to(device=out0.device, dtype=out0.dtype, copy=True)
+        loss = info_nce(out0, out1, self.temperature, bank=negatives)
+        if out0.requires_grad:
+            self._enqueue(F.normalize(out1.detach(), dim=1))
+        return loss
+
+    def extra_repr(self) -> str:
+        size = self.memory_bank_size if len(self.memory_bank_size) == 2 else self.memory_bank_size[0]
+        return (f"temperature={self.temperature}, memory_bank_size={size}, "
+                f"gather_distributed={self.gather_distributed}")

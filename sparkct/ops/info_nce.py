@@ -1,0 +1,177 @@
+"""Fused InfoNCE loss (NT-Xent as in SimCLR, or queries against a memory bank as in MoCo).
+
+``info_nce(z0, z1, temperature, bank=None)`` equals lightly's ``NTXentLoss`` (value and gradients):
+
+* without a bank: the 2N embeddings ``[z0; z1]`` are anchors; each anchor's positive is its other
+  view, its negatives the other 2N - 2 embeddings; the loss is the mean over the 2N anchors;
+* with a bank (K, D): anchors ``z0``, positives ``z1`` row-wise, negatives the bank rows; the loss
+  is the mean over the N anchors.
+
+All embeddings (bank rows included) are L2-normalized inside (``F.normalize``, eps 1e-12). The
+kernels never form the (2N)^2 or N x K logits: a tiled forward keeps one log-sum-exp per row, and
+the backward recomputes the tiles from it, so the extra memory is O(rows + tile) (plus
+gradient-sized fp32 accumulators), not O(rows x cols).
+
+``gather_distributed=True`` (torch.distributed initialized, world size > 1, every rank the same
+N): every rank's embeddings serve as negatives. Each rank's loss is the mean over its own 2N
+anchors against all ranks' embeddings; the gather carries gradients (summed over ranks in the
+backward), so the gradient a rank gets for its embeddings is ``world_size`` times the gradient of
+the single-process loss on the concatenated batch. DDP averages parameter gradients over ranks,
+which cancels that factor: DDP training sees exactly the gradients of the single-process loss on
+the global batch (the same convention as lightly's ``gather_distributed``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+
+from sparkct._ext import check_device
+
+__all__ = ["info_nce", "IMPLS"]
+
+#: kernel choice: "auto"/"fast" = the tiled kernels, "simple" = the plain per-element kernels
+#: (the GPU test oracle; slow, for checking).
+IMPLS = {"auto": 0, "fast": 0, "simple": 1}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(z0, z1, temperature, bank) -> float:
+    for name, t in (("z0", z0), ("z1", z1)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"info_nce: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"info_nce: {name} must be 2-D (N, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"info_nce: {name} has dtype {t.dtype}; expected one of float16, bfloat16, "
+                             "float32, float64")
+    if z0.shape != z1.shape:
+        raise ValueError(f"info_nce: z0 and z1 must have the same shape, got {tuple(z0.shape)} and "
+                         f"{tuple(z1.shape)}")
+    if z0.dtype != z1.dtype:
+        raise ValueError(f"info_nce: z0 and z1 must have the same dtype, got {z0.dtype} and {z1.dtype}")
+    if z0.shape[0] == 0:
+        raise ValueError("info_nce: empty batch (N = 0)")
+    if z0.shape[1] == 0:
+        raise ValueError("info_nce: empty embedding dimension (D = 0)")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError("info_nce: temperature must be a number")
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"info_nce: temperature must be a real number, got {temperature!r}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"info_nce: temperature must be finite and > 0, got {temperature}")
+    if bank is not None:
+        if not isinstance(bank, torch.Tensor):
+            raise ValueError(f"info_nce: bank must be a torch.Tensor, got {type(bank).__name__}")
+        if bank.dim() != 2 or bank.shape[1] != z0.shape[1]:
+            raise ValueError(f"info_nce: bank must be 2-D (K, D) with D = {z0.shape[1]} like the embeddings, "
+                             f"got shape {tuple(bank.shape)}")
+        if bank.dtype != z0.dtype:
+            raise ValueError(f"info_nce: bank dtype {bank.dtype} differs from the embeddings' {z0.dtype}")
+    check_device("info_nce", z0, z1, bank)
+    return temperature
+
+
+def _allow_tf32() -> bool:
+    # torch.set_float32_matmul_precision("high"/"medium") sets this flag too.
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradients of every rank's copy and returns
+    this rank's slice (each rank's loss depends on every rank's embeddings)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()  # a fresh buffer we may reduce into
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        world = dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        n = grad.shape[0] // world
+        return grad[rank * n:(rank + 1) * n], None
+
+
+def _distributed(gather_distributed: bool) -> bool:
+    return bool(gather_distributed) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank: torch.Tensor | None = None, *,
+             gather_distributed: bool = False, group=None, impl: str = "auto") -> torch.Tensor:
+    """Fused InfoNCE loss, a scalar in z0's dtype (see the module docstring for the semantics).
+
+    z0, z1: (N, D) embeddings of two views (float16/bfloat16/float32/float64; fp32 accumulation).
+    temperature: > 0. bank: optional (K, D) negatives (MoCo); None for NT-Xent (SimCLR).
+    gather_distributed: with torch.distributed initialized, use every rank's embeddings as negatives
+    (NT-Xent only; `group` picks the process group). impl: "auto" (fast kernels) or "simple" (the
+    plain per-element kernels used as a test oracle).
+    """
+    temperature = _check(z0, z1, temperature, bank)
+    if impl not in IMPLS:
+        raise ValueError(f"info_nce: impl must be one of {sorted(IMPLS)}, got {impl!r}")
+    code = IMPLS[impl]
+    tf32 = _allow_tf32()
+    if bank is None and _distributed(gather_distributed):
+        local = torch.cat([z0, z1], 0)
+        cols = _GatherWithGrad.apply(local, group)
+        offset = dist.get_rank(group) * local.shape[0]
+        loss, _ = torch.ops.sparkct.info_nce(z0, z1, cols, None, temperature, offset, tf32, code)
+        return loss
+    loss, _ = torch.ops.sparkct.info_nce(z0, z1, None, bank, temperature, 0, tf32, code)
+    return loss
+
+
+# ---- fake (meta) kernels and autograd ------------------------------------------------------------
+
+@torch.library.register_fake("sparkct::info_nce")
+def _info_nce_fake(z0, z1, cols, bank, temperature, col_offset, allow_tf32, impl):
+    rows = z0.shape[0] if bank is not None else 2 * z0.shape[0]
+    lse_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    return z0.new_empty(()), z0.new_empty((rows,), dtype=lse_dtype)
+
+
+@torch.library.register_fake("sparkct::info_nce_backward")
+def _info_nce_backward_fake(grad, z0, z1, cols, bank, lse, temperature, col_offset, other_grad, allow_tf32, impl):
+    other = bank if bank is not None else cols
+    if other_grad and other is not None:
+        g_other = torch.empty_like(other, memory_format=torch.contiguous_format)
+    else:
+        g_other = z0.new_empty((0,))
+    return (torch.empty_like(z0, memory_format=torch.contiguous_format),
+            torch.empty_like(z1, memory_format=torch.contiguous_format), g_other)
+
+
+def _setup_context(ctx, inputs, output):
+    z0, z1, cols, bank, temperature, col_offset, allow_tf32, impl = inputs
+    _, lse = output
+    ctx.save_for_backward(z0, z1, cols, bank, lse)
+    ctx.args = (temperature, col_offset, allow_tf32, impl)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    z0, z1, cols, bank, lse = ctx.saved_tensors
+    temperature, col_offset, allow_tf32, impl = ctx.args
+    need = ctx.needs_input_grad
+    other_grad = bool((cols is not None and need[2]) or (bank is not None and need[3]))
+    g0, g1, g_other = torch.ops.sparkct.info_nce_backward(
+        grad_loss, z0, z1, cols, bank, lse, temperature, col_offset, other_grad, allow_tf32, impl)
+    return (g0 if need[0] else None, g1 if need[1] else None,
+            g_other if (cols is not None and other_grad) else None,
+            g_other if (bank is not None and other_grad) else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("sparkct::info_nce", _backward, setup_context=_setup_context)
