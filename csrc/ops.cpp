@@ -7,6 +7,7 @@
 #include <string>
 
 #include "build_info.h"
+#include "sparse.h"
 
 #ifndef SPARKCT_TORCH_VERSION
 #define SPARKCT_TORCH_VERSION "unknown"
@@ -57,4 +58,24 @@ TORCH_LIBRARY(sparkct, m) {
         "-> (Tensor, Tensor, Tensor)");
 
   // ---- sparse masked convolution, packed cell tiles (Python face: sparkct/ops/sparse.py) ----
+  // Tables of a boolean cell mask (B, GH, GW), True = visible: cells (A, 3) int32 (b, i, j),
+  // nbr (A, 8) int32 (neighbour tile, -1 masked, -2 outside), cell_map (B, GH, GW) int32 (tile or -1).
+  m.def("sparse_cell_tables(Tensor mask) -> (Tensor, Tensor, Tensor)");
+  // channels_last: the layout of the result (None: the input's layout).
+  // dense (B, C, GH*c, GW*c) -> packed (A, C, c, c); its backward is sparse_unpack (no fill).
+  m.def("sparse_pack(Tensor x, Tensor cells, Tensor cell_map, bool? channels_last=None) -> Tensor");
+  // packed (A, C, c, c) -> dense (B, C, GH*c, GW*c); masked cells get fill (C,) or zeros.
+  m.def("sparse_unpack(Tensor packed, Tensor cells, Tensor cell_map, Tensor? fill, bool? channels_last=None) -> Tensor");
+  // -> (grad packed = pack(grad), grad fill = per-channel sum over masked cells, or empty).
+  m.def("sparse_unpack_backward(Tensor grad, Tensor cells, Tensor cell_map, bool fill_grad, "
+        "bool? channels_last=None) -> (Tensor, Tensor)");
+  // packed (A, C, c, c) -> (A, C, c+2p, c+2p) with the ring read from neighbour tiles.
+  m.def("sparse_halo(Tensor x, Tensor nbr, int pad, float masked_fill, float border_fill) -> Tensor");
+  m.def("sparse_halo_backward(Tensor grad, Tensor nbr, int pad) -> Tensor");
+  // packed (A, C, ci, ci) -> columns (A*co*co, C*k*k), co = ci/stride, zero outside visible cells.
+  m.def("sparse_im2col(Tensor x, Tensor nbr, int kernel, int stride, int pad) -> Tensor");
+  m.def("sparse_im2col_backward(Tensor grad_cols, Tensor nbr, int channels, int cell, int kernel, int stride, "
+        "int pad, bool channels_last) -> Tensor");
+  // Test switch: run the simple per-element kernels (the fast kernels' oracle). Returns the old value.
+  m.def("sparse_simple_kernels(bool enable) -> bool", &sparkct::sparse::set_simple_kernels);
 }
