@@ -672,7 +672,9 @@ def _base_dataset(p: Patient, acq: Acquisition, study_uid: str, series_uid: str,
 
 
 def _write(ds, path: str):
-    ds.save_as(path, enforce_file_format=True)
+    # atomic: an interrupted synth never leaves a truncated DICOM that a later prepare would skip
+    with _util.atomic_path(path, ".dcm") as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 @dataclass
