@@ -31,7 +31,7 @@ LOADER_BATCHES = 24
 
 @pytest.fixture(scope="module")
 def dicom512(tmp_path_factory):
-    from sparkct.data.synth import synth
+    from sparkct.data.synthetic import synth
     d = str(tmp_path_factory.mktemp("synth512"))
     synth(d, patients=2, seed=0, size=512, thickness=2.5, series_per_patient=(1, 1), slices=PREPARE_SLICES // 2,
           localizer=False)
@@ -41,7 +41,7 @@ def dicom512(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache256(tmp_path_factory):
     from sparkct.data.cache import prepare
-    from sparkct.data.synth import synth
+    from sparkct.data.synthetic import synth
     src = str(tmp_path_factory.mktemp("synth256"))
     synth(src, patients=4, seed=1, size=256, thickness=2.5, series_per_patient=(1, 1), slices=100, localizer=False)
     dst = str(tmp_path_factory.mktemp("cache256"))

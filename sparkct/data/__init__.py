@@ -28,10 +28,14 @@ _EXPORTS = {
     # images
     "ImageFolderSlices": "images",
     # synthetic data
-    "synth": "synth",
+    "synth": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+# No submodule shares a name with an export: once imported, a submodule becomes an attribute of
+# this package and would shadow the lazily exported function of the same name.
 
 
 def __getattr__(name: str):

@@ -27,7 +27,7 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
 
 
 def cmd_synth(args) -> int:
-    from .synth import synth
+    from .synthetic import synth
 
     _setup_logging(args.quiet)
     rep = synth(args.dst, patients=args.patients, seed=args.seed, size=args.size, thickness=args.thickness,

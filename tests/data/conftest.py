@@ -29,7 +29,7 @@ def salt() -> str:
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
-    from sparkct.data.synth import synth
+    from sparkct.data.synthetic import synth
     d = str(tmp_path_factory.mktemp("synth"))
     synth(d, patients=4, seed=3, size=64, thickness=5.0, series_per_patient=(1, 2), p_finding=0.75)
     return d

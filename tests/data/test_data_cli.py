@@ -38,7 +38,7 @@ def test_data_package_needs_no_extension_or_torch_to_prepare():
     import sys
     code = (
         "import sys\n"
-        "import sparkct.data, sparkct.data.cache, sparkct.data.dicom, sparkct.data.synth, sparkct.data.cli\n"
+        "import sparkct.data, sparkct.data.cache, sparkct.data.dicom, sparkct.data.synthetic, sparkct.data.cli\n"
         "from sparkct.data import prepare, read_series, synth\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "from sparkct.data import CTAugment, CTSliceDataset, SliceLoader, apply_windows\n"
@@ -49,3 +49,17 @@ def test_data_package_needs_no_extension_or_torch_to_prepare():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_exports_are_not_shadowed_by_submodules():
+    """`from sparkct.data import synth` must be the function whatever was imported before."""
+    import importlib
+    import pkgutil
+
+    import sparkct.data as D
+    mods = {m.name for m in pkgutil.iter_modules(D.__path__)}
+    clash = mods & set(D.__all__)
+    assert not clash, f"submodules named like exports: {clash}"
+    for m in mods:
+        importlib.import_module(f"sparkct.data.{m}")
+    assert callable(D.synth) and callable(D.prepare)

@@ -12,7 +12,7 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.uid import UID
 
 from sparkct.data.dicom import iter_series
-from sparkct.data.synth import make_patient, synth
+from sparkct.data.synthetic import make_patient, synth
 
 
 def read_csv(path):
@@ -87,7 +87,7 @@ def test_nodule_slices_show_the_nodule():
             break
     else:
         pytest.skip("no large solid nodule drawn")
-    from sparkct.data.synth import make_acquisition, render_slice
+    from sparkct.data.synthetic import make_acquisition, render_slice
     rng = np.random.default_rng(0)
     acq = make_acquisition(rng, p, 256, 2.5)
     n = big[0]
@@ -126,7 +126,7 @@ def test_seeded_and_deterministic(tmp_path, dicom_files):
 def test_stored_encodings_round_trip(tmp_path):
     """Every stored-value encoding the generator uses (int16, int16 + intercept, uint16, slope 0.5)
     decodes to the same HU."""
-    from sparkct.data.synth import _encode
+    from sparkct.data.synthetic import _encode
     hu = np.linspace(-1024, 3071, 64 * 64).reshape(64, 64).astype(np.float32)
     for enc in ("int16", "int16-offset", "uint16", "uint16-slope"):
         stored, slope, icpt, rep = _encode(hu, enc)
