@@ -42,3 +42,35 @@ def test_cli_info_runs():
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="different devices"):
         _ext.check_device("op", torch.zeros(1), torch.zeros(1, device="meta"))
+
+
+def _fake_build(monkeypatch, cuda_version: int, torch_cuda):
+    info = dict(_ext.build_info())
+    info.update(cuda_version=cuda_version, with_cuda=cuda_version > 0)
+    monkeypatch.setattr(_ext, "build_info", lambda: info)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    _ext._check_cuda_runtime.cache_clear()
+
+
+def test_cuda_tensor_on_cpu_only_build_is_a_clear_error(monkeypatch):
+    _fake_build(monkeypatch, 0, "13.0")
+    try:
+        with pytest.raises(RuntimeError, match="without CUDA kernels|no CUDA kernels"):
+            _ext._check_cuda_runtime()
+    finally:
+        _ext._check_cuda_runtime.cache_clear()
+
+
+def test_built_and_runtime_cuda_mismatch_is_a_clear_error(monkeypatch):
+    _fake_build(monkeypatch, 12080, "13.0")
+    try:
+        with pytest.raises(RuntimeError, match=r"CUDA version mismatch.*12\.8.*13\.0"):
+            _ext._check_cuda_runtime()
+    finally:
+        _ext._check_cuda_runtime.cache_clear()
+    _fake_build(monkeypatch, 13000, None)
+    try:
+        with pytest.raises(RuntimeError, match="no CUDA support"):
+            _ext._check_cuda_runtime()
+    finally:
+        _ext._check_cuda_runtime.cache_clear()
