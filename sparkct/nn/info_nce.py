@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sparkct.ops.info_nce import _distributed, info_nce
+from sparkct.ops.info_nce import _all_gather_rows, _distributed, _row_counts, info_nce
 
 __all__ = ["InfoNCELoss"]
 
@@ -27,7 +27,7 @@ class InfoNCELoss(nn.Module):
             1.6 rejects it): the bank is then drawn the same way at the first forward, with D taken
             from that batch.
         gather_distributed: without a bank, every rank's embeddings serve as negatives (needs
-            torch.distributed initialized and the same batch size on every rank); with a bank, the
+            torch.distributed initialized; ranks may hold different batch sizes); with a bank, the
             keys of every rank are enqueued. Gradient convention: see :mod:`sparkct.ops.info_nce`
             (DDP's gradient averaging gives the gradients of the single-process loss on the global
             batch).
@@ -76,9 +76,7 @@ class InfoNCELoss(nn.Module):
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
         if _distributed(self.gather_distributed):
-            parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, keys.contiguous())
-            keys = torch.cat(parts, 0)
+            keys = _all_gather_rows(keys, _row_counts(keys.shape[0], keys.device, None), None)
         size = self.bank.shape[0]
         ptr = int(self.bank_ptr)
         b = keys.shape[0]

@@ -12,13 +12,15 @@ kernels never form the (2N)^2 or N x K logits: a tiled forward keeps one log-sum
 the backward recomputes the tiles from it, so the extra memory is O(rows + tile) (plus
 gradient-sized fp32 accumulators), not O(rows x cols).
 
-``gather_distributed=True`` (torch.distributed initialized, world size > 1, every rank the same
-N): every rank's embeddings serve as negatives. Each rank's loss is the mean over its own 2N
-anchors against all ranks' embeddings; the gather carries gradients (summed over ranks in the
-backward), so the gradient a rank gets for its embeddings is ``world_size`` times the gradient of
-the single-process loss on the concatenated batch. DDP averages parameter gradients over ranks,
-which cancels that factor: DDP training sees exactly the gradients of the single-process loss on
-the global batch (the same convention as lightly's ``gather_distributed``).
+``gather_distributed=True`` (torch.distributed initialized, world size > 1; ranks may hold
+different N): every rank's embeddings serve as negatives. Each rank's loss is the mean over its own
+2N anchors against all ranks' embeddings; the gather carries gradients (summed over ranks in the
+backward), so the gradient a rank gets for its embeddings is that of the sum of all ranks' losses.
+With equal N on every rank that is ``world_size`` times the gradient of the single-process loss on
+the concatenated batch; DDP averages parameter gradients over ranks, which cancels that factor, so
+DDP training sees exactly the gradients of the single-process loss on the global batch (the same
+convention as lightly's ``gather_distributed``). With unequal N each rank's loss stays the mean over
+its own anchors (a smaller last batch weighs as much as a full one, as DDP weighs ranks anyway).
 """
 from __future__ import annotations
 
@@ -82,26 +84,41 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
+def _row_counts(n: int, device: torch.device, group) -> list[int]:
+    """Every rank's row count (ranks may differ: the last batch of an epoch often does)."""
+    mine = torch.tensor([n], dtype=torch.long, device=device)
+    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    return [int(c) for c in counts]
+
+
+def _all_gather_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """Every rank's x concatenated along dim 0, rank r contributing counts[r] rows."""
+    big = max(counts)
+    local = x.contiguous()
+    if local.shape[0] < big:  # collectives want one shape on every rank (NCCL does): pad, then trim
+        local = torch.cat([local, local.new_zeros((big - local.shape[0],) + tuple(local.shape[1:]))], 0)
+    parts = [torch.empty_like(local) for _ in counts]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], 0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gradients of every rank's copy and returns
-    this rank's slice (each rank's loss depends on every rank's embeddings)."""
+    this rank's rows (each rank's loss depends on every rank's embeddings)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, 0)
+    def forward(ctx, x: torch.Tensor, counts: list[int], group):
+        rank = dist.get_rank(group)
+        ctx.group, ctx.lo, ctx.hi = group, sum(counts[:rank]), sum(counts[:rank + 1])
+        return _all_gather_rows(x, counts, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()  # a fresh buffer we may reduce into
+        # Every rank holds the same gathered shape, so one all-reduce sums every rank's gradient.
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        world = dist.get_world_size(ctx.group)
-        rank = dist.get_rank(ctx.group)
-        n = grad.shape[0] // world
-        return grad[rank * n:(rank + 1) * n], None
+        return grad[ctx.lo:ctx.hi], None, None
 
 
 def _distributed(gather_distributed: bool) -> bool:
@@ -125,8 +142,9 @@ def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank:
     tf32 = _allow_tf32()
     if bank is None and _distributed(gather_distributed):
         local = torch.cat([z0, z1], 0)
-        cols = _GatherWithGrad.apply(local, group)
-        offset = dist.get_rank(group) * local.shape[0]
+        counts = _row_counts(local.shape[0], local.device, group)
+        cols = _GatherWithGrad.apply(local, counts, group)
+        offset = sum(counts[:dist.get_rank(group)])  # after the rows of the lower ranks
         loss, _ = torch.ops.sparkct.info_nce(z0, z1, cols, None, temperature, offset, tf32, code)
         return loss
     loss, _ = torch.ops.sparkct.info_nce(z0, z1, None, bank, temperature, 0, tf32, code)

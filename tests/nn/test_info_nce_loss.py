@@ -234,3 +234,54 @@ def test_gather_distributed_two_processes(tmp_path):
             torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(bank_a, bank_b, rtol=0, atol=1e-7)
     torch.testing.assert_close(res[0]["bank"][-1][2], res[1]["bank"][-1][2], rtol=0, atol=0)
+
+
+UNEVEN = (3, 5)  # rows per rank: the last batch of an epoch rarely splits evenly
+
+
+def _uneven_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        E0, E1 = torch.randn(sum(UNEVEN), D, generator=gen), torch.randn(sum(UNEVEN), D, generator=gen)
+        lo = sum(UNEVEN[:rank])
+        sl = slice(lo, lo + UNEVEN[rank])
+        a, b = E0[sl].clone().requires_grad_(True), E1[sl].clone().requires_grad_(True)
+        loss = InfoNCELoss(TAU, gather_distributed=True)(a, b)
+        loss.backward()
+        # bank mode: every rank's keys, whatever their count, enqueued in rank order
+        bank = InfoNCELoss(TAU, memory_bank_size=(20, D), gather_distributed=True)
+        bank(a.detach().clone().requires_grad_(True), b.detach())
+        torch.save({"loss": loss.detach(), "g0": a.grad, "g1": b.grad, "bank": bank.bank.clone(),
+                    "ptr": int(bank.bank_ptr)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_gather_distributed_uneven_batches(tmp_path):
+    """Ranks with 3 and 5 pairs: each rank's loss is the mean over its own anchors against all 16
+    embeddings, and its embedding gradients are those of the sum of both ranks' losses (the
+    gather's backward sums them), computed here in one process with the reference."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_uneven_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    gen = torch.Generator().manual_seed(7)
+    E0, E1 = torch.randn(sum(UNEVEN), D, generator=gen), torch.randn(sum(UNEVEN), D, generator=gen)
+    a, b = E0.clone().requires_grad_(True), E1.clone().requires_grad_(True)
+    bounds = [(sum(UNEVEN[:r]), sum(UNEVEN[:r + 1])) for r in range(WORLD)]
+    cols = torch.cat([torch.cat([a[lo:hi], b[lo:hi]]) for lo, hi in bounds])  # rank order, [z0; z1] each
+    losses = [ref.info_nce(a[lo:hi], b[lo:hi], TAU, cols=cols, col_offset=2 * lo) for lo, hi in bounds]
+    torch.stack(losses).sum().backward()
+    keys = torch.nn.functional.normalize(E1, dim=1)
+    for r, (lo, hi) in enumerate(bounds):
+        torch.testing.assert_close(res[r]["loss"], losses[r].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res[r]["g0"], a.grad[lo:hi], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res[r]["g1"], b.grad[lo:hi], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res[r]["bank"][:sum(UNEVEN)], keys, rtol=0, atol=1e-7)
+        assert res[r]["ptr"] == sum(UNEVEN)
