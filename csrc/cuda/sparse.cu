@@ -237,11 +237,13 @@ __global__ void unpack_cl_kernel(const V* in, const int32_t* cm, const V* fill, 
 
 Tensor unpack_cuda(const Tensor& in_, const Tensor& cells, const Tensor& cell_map_,
                    const std::optional<Tensor>& fill_, std::optional<bool> channels_last) {
-  TORCH_CHECK(in_.dim() == 4 && in_.size(2) == in_.size(3), "packed must be (A, C, c, c), got ", in_.sizes());
+  TORCH_CHECK(in_.dim() == 4 && in_.size(2) == in_.size(3) && in_.size(2) > 0, "packed must be (A, C, c, c), got ",
+              in_.sizes());
   check_float(in_, "packed");
-  TORCH_CHECK(cell_map_.scalar_type() == at::kInt && cell_map_.dim() == 3,
-              "cell_map must be an int32 (B, GH, GW) tensor (from sparse_cell_tables), got ",
-              cell_map_.scalar_type(), " ", cell_map_.sizes());
+  check_table(cells, 3, "cells");
+  TORCH_CHECK(cells.size(0) == in_.size(0), "cells has ", cells.size(0), " rows for ", in_.size(0), " tiles");
+  check_same_device(in_, cells, "cells");
+  check_cell_map_shape(cell_map_);
   check_same_device(in_, cell_map_, "cell_map");
   c10::cuda::CUDAGuard guard(in_.device());
   const Tensor cell_map = cell_map_.contiguous();
@@ -249,10 +251,7 @@ Tensor unpack_cuda(const Tensor& in_, const Tensor& cells, const Tensor& cell_ma
   const int64_t B = cell_map.size(0), H = cell_map.size(1) * c, W = cell_map.size(2) * c;
   Tensor fill;
   if (fill_.has_value()) {
-    TORCH_CHECK(fill_->numel() == C, "fill must have one value per channel (", C, "), got ", fill_->sizes());
-    TORCH_CHECK(fill_->scalar_type() == in_.scalar_type(), "fill dtype ", fill_->scalar_type(),
-                " differs from packed dtype ", in_.scalar_type());
-    check_same_device(in_, *fill_, "fill");
+    check_fill(in_, *fill_);
     fill = fill_->reshape({C}).contiguous();
   }
   const bool in_cl = is_channels_last(in_);
