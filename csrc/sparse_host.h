@@ -82,6 +82,18 @@ inline void check_conv_geometry(int64_t ci, int64_t k, int64_t s, int64_t p) {
               " reaches beyond the neighbouring cells of a ", ci, "x", ci, " cell");
 }
 
+// grad_cols of im2col over A tiles of size ci with C channels: (A * (ci / s)^2, C * k * k).
+inline void check_im2col_grad_args(const at::Tensor& g, const at::Tensor& nbr, int64_t C, int64_t ci, int64_t k,
+                                   int64_t s, int64_t p) {
+  check_float(g, "grad_cols");
+  check_table(nbr, 8, "nbr");
+  check_same_device(g, nbr, "nbr");
+  check_conv_geometry(ci, k, s, p);
+  const int64_t A = nbr.size(0), co = ci / s;
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == A * co * co && g.size(1) == C * k * k, "grad_cols must be (",
+              A * co * co, ", ", C * k * k, "), got ", g.sizes());
+}
+
 inline void check_fill(const at::Tensor& in, const at::Tensor& fill) {
   TORCH_CHECK(fill.numel() == in.size(1), "fill must have one value per channel (", in.size(1), "), got ",
               fill.sizes());

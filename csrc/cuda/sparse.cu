@@ -578,13 +578,8 @@ __global__ void col2im_positions_kernel(const T* g, const int32_t* nbr, T* out, 
 
 Tensor im2col_backward_cuda(const Tensor& g_, const Tensor& nbr_, int64_t C, int64_t ci, int64_t k, int64_t s,
                             int64_t p, bool cl) {
-  check_float(g_, "grad_cols");
-  check_table(nbr_, 8, "nbr");
-  check_same_device(g_, nbr_, "nbr");
-  check_conv_geometry(ci, k, s, p);
-  const int64_t A = nbr_.size(0), co = ci / s;
-  TORCH_CHECK(g_.dim() == 2 && g_.size(0) == A * co * co && g_.size(1) == C * k * k, "grad_cols must be (",
-              A * co * co, ", ", C * k * k, "), got ", g_.sizes());
+  check_im2col_grad_args(g_, nbr_, C, ci, k, s, p);
+  const int64_t A = nbr_.size(0);
   c10::cuda::CUDAGuard guard(g_.device());
   const Tensor nbr = nbr_.contiguous();
   Tensor out = at::empty({A, C, ci, ci}, g_.options().memory_format(format_of(cl)));
