@@ -89,7 +89,7 @@ def _row_counts(n: int, device: torch.device, group) -> list[int]:
     mine = torch.tensor([n], dtype=torch.long, device=device)
     counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(counts, mine, group=group)
-    return [int(c) for c in counts]
+    return torch.cat(counts).tolist()  # one device-to-host copy, not one per rank
 
 
 def _all_gather_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
