@@ -34,7 +34,9 @@ import torch
 import benchkit
 from sparkct.nn import SparseEncoder
 from sparkct.ops import reference as R
+from sparkct.models.spark import reference as SR
 from sparkct.ops import sparse as S
+from sparkct.models.masking import cell_mask
 
 CONFIGS = {
     "cpu": dict(arch="resnet18", batch=16, size=224, dtype=torch.float32, channels_last=False),
@@ -49,12 +51,7 @@ _MEDIANS: dict[str, dict[str, dict]] = {}  # group -> impl -> extra_info, for th
 
 def make_mask(batch: int, grid: int, ratio: float, device, seed: int = 0) -> torch.Tensor:
     """SparK's masking: the same number of visible cells in every sample, at random places."""
-    g = torch.Generator().manual_seed(seed)
-    keep = max(1, round(grid * grid * (1 - ratio)))
-    mask = torch.zeros(batch, grid * grid, dtype=torch.bool)
-    for b in range(batch):
-        mask[b, torch.randperm(grid * grid, generator=g)[:keep]] = True
-    return mask.view(batch, grid, grid).to(device)
+    return cell_mask(batch, grid, ratio, generator=torch.Generator().manual_seed(seed), device=device)
 
 
 def build(device: str, cfg: dict, seed: int = 0):
@@ -85,7 +82,7 @@ def step(impl: str, model, x, mask, enc=None):
         if impl == "dense":
             feats = dense_features(model, x)
         elif impl == "spark":
-            feats = R.spark_dense_masked_features(model, x, mask)
+            feats = SR.spark_dense_masked_features(model, x, mask)
         else:
             feats = enc(x, mask, packed=True)
         loss = sum(f.float().sum() for f in feats)
@@ -238,7 +235,7 @@ def layer_breakdown(device: str = "cpu", ratio: float = 0.6, rounds: int = 5, cf
     mask = make_mask(cfg["batch"], cfg["size"] // 32, ratio, device)
     layout = S.cell_layout(mask)
     enc = SparseEncoder.from_dense(model)
-    masker = R.SparKMasker(mask)
+    masker = SR.SparKMasker(mask)
     stages = _stages(model)
     # inputs of every stage, both ways, from one forward
     with torch.no_grad():
@@ -250,10 +247,10 @@ def layer_breakdown(device: str = "cpu", ratio: float = 0.6, rounds: int = 5, cf
             dn_in.append(hd)
             if name == "stem":
                 hs = enc.relu(enc.bn1(enc._conv(model.conv1, hs, layout)))
-                hd = model.relu(R._spark_module(model.bn1, R._spark_module(model.conv1, hd, masker), masker))
+                hd = model.relu(SR._spark_module(model.bn1, SR._spark_module(model.conv1, hd, masker), masker))
             else:
                 hs = enc._run(mod, hs, layout)
-                hd = R._spark_module(mod, hd, masker)
+                hd = SR._spark_module(mod, hd, masker)
 
     def timed(f):
         for _ in range(2):
@@ -280,9 +277,9 @@ def layer_breakdown(device: str = "cpu", ratio: float = 0.6, rounds: int = 5, cf
         def spark_fn(b=b, name=name, mod=mod):
             b = b.detach().requires_grad_(True)
             if name == "stem":
-                y = model.relu(R._spark_module(model.bn1, R._spark_module(model.conv1, b, masker), masker))
+                y = model.relu(SR._spark_module(model.bn1, SR._spark_module(model.conv1, b, masker), masker))
             else:
-                y = R._spark_module(mod, b, masker)
+                y = SR._spark_module(mod, b, masker)
             y.float().sum().backward()
 
         t_sp, t_dn = timed(sparse_fn), timed(spark_fn)

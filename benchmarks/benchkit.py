@@ -7,57 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from sparkct.bench import peak_memory, sync  # noqa: F401  (the package's timers; re-exported here)
+
 DERIVED: list[dict] = []  # rows for the end-of-run table (benchmarks/conftest.py prints them)
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _cpu_alloc_peak(fn) -> int:
-    """Peak bytes allocated through the ATen CPU allocator while fn runs, above what was live before.
-    Read from the profiler's allocation events (each carries a signed size); scratch that kernels
-    allocate outside ATen is not seen, so sparkct kernels allocate theirs with at::empty."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = []
-
-    def walk(ev):
-        if ev.typed[0] == _EventType.Allocation and str(ev.typed[1].device) == "cpu":
-            events.append((ev.start_time_ns, ev.typed[1].alloc_size))
-        for c in ev.children:
-            walk(c)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    events.sort()
-    cur = peak = 0
-    for _, size in events:
-        cur += size
-        peak = max(peak, cur)
-    return peak
-
-
-def peak_memory(fn, device) -> int:
-    """Extra peak bytes fn allocates on `device` (inputs already live are not counted); the
-    outputs fn returns are counted, then freed."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return peak
-    return _cpu_alloc_peak(fn)
 
 
 def run(benchmark, fn, device, *, rounds: int | None = None, warmup: int = 1, **info):

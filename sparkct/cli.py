@@ -1,9 +1,15 @@
-"""The ``sparkct`` command."""
+"""sparkct: fast self-supervised pretraining on CT (SparK sparse masked convolution, fused InfoNCE,
+CT DICOM data). Run `sparkct COMMAND -h` for a command's options.
+
+A user's mistake (a bad flag value, a missing path) is reported in one line with exit status 2;
+add -v for the traceback."""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+
+from sparkct.device import DEVICE_CHOICES_HELP
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -45,32 +51,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda_default() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 _COMMAND_MODULES = ["sparkct.data.cli"]  # `sparkct data ...`
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from sparkct.device import resolve_device
     from sparkct.pipeline import PipelineConfig, run_pipeline
 
+    resolve_device(args.device)
     cfg = PipelineConfig(workdir=args.workdir, dicom=args.dicom, patients=args.patients, size=args.size,
                          slices=args.slices, arch=args.arch, batch=args.batch, crop=args.crop,
                          mask_ratio=args.mask_ratio, steps=args.steps, seed=args.seed, device=args.device,
                          workers=args.jobs)
-    try:
-        report = run_pipeline(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparkct pipeline: error: {e}", file=sys.stderr)
-        return 2
+    report = run_pipeline(cfg)
     return 0 if report["checks_passed"] else 1
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, defaults shown."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Every sparkct (sub)parser: defaults in the help. Subparsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparkct", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    # Building the parser imports no torch: `sparkct -h` must be instant. Commands import what they
+    # need when they run.
+    p = Parser(prog="sparkct", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks for errors (and debug logs)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions, build (CUDA version/archs) and visible devices")
     s.set_defaults(func=cmd_info)
     s = sub.add_parser(
@@ -87,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask-ratio", type=float, default=0.6)
     s.add_argument("--steps", type=int, default=3, help="timed steps (after one checked warm-up step)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cuda" if _cuda_default() else "cpu")
+    s.add_argument("--device", default="auto", help=DEVICE_CHOICES_HELP)
     s.add_argument("-j", "--jobs", type=int, default=1, help="prepare worker processes")
     s.set_defaults(func=cmd_pipeline)
     # Command groups defined next to the code they drive; each module has register(subparsers).
@@ -100,8 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparkct.errors import UserError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None)) if x)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
+        if args.verbose:
+            raise
+        msg = str(e) if isinstance(e, UserError) or not getattr(e, "filename", None) else \
+            f"{e.strerror or e}: {e.filename}"
+        print(f"{name}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

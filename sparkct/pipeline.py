@@ -108,6 +108,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     from sparkct.data import CTAugment, CTSliceDataset, SliceLoader, TwoViews
     from sparkct.nn import InfoNCELoss, SparseEncoder
     from sparkct.ops import reference
+    from sparkct.models.spark import reference as spark_reference
 
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
@@ -153,7 +154,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
             return feats
 
         def dense_step():
-            feats = reference.spark_dense_masked_features(reference_model, xd, keep)
+            feats = spark_reference.spark_dense_masked_features(reference_model, xd, keep)
             sum(f.float().square().mean() for f in feats).backward()
             return feats
 
@@ -223,7 +224,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         f"{t_bb * 1e3:.0f} ms")
 
     from sparkct import _ext
-    from sparkct.data import _util
+    from sparkct import io as sio
 
     report = {
         "config": asdict(cfg), "data": data_info, "spark": spark, "contrastive": contrastive,
@@ -236,6 +237,6 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
           and contrastive["loss_rel_err"] < 1e-4 and contrastive["grad_rel_err"] < 1e-3)
     report["checks_passed"] = ok
     path = os.path.join(cfg.workdir, "report.json")
-    _util.write_json_atomic(path, report)
+    sio.write_json_atomic(path, report)
     log(f"{'all checks passed' if ok else 'CHECKS FAILED'}; report: {path} ({report['seconds']:.0f} s)")
     return report

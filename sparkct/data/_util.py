@@ -1,86 +1,14 @@
-"""Small helpers shared by the data modules: atomic writes, salted hashes, logging.
+"""Small helpers shared by the data modules: salted hashes, logging.
 
-Nothing here imports torch, so the prepare workers start fast.
+Nothing here imports torch, so the prepare workers start fast. Atomic writes live in sparkct.io.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
 import logging
-import os
 import secrets
-import tempfile
-from typing import Any, Iterator
-
-import numpy as np
 
 log = logging.getLogger("sparkct.data")
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.
-
-    A crash at any point leaves either the old file or the new one, never a half-written one; the
-    temporary file (``.<name>.<random>.tmp``) is removed on error and ignored/cleaned by readers."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp", dir=d)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(d)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def new_salt() -> str:
@@ -97,15 +25,3 @@ def salted_hash(salt: str, value: str, n: int = 16) -> str:
 def stable_hash(value: str, n: int = 16) -> str:
     """Unsalted digest for non-identifying keys (series keys, file names of shards)."""
     return hashlib.sha1(value.encode("utf-8")).hexdigest()[:n]
-
-
-def clean_stale_temps(root: str) -> int:
-    """Remove ``*.tmp`` files left in `root` (recursively) by an interrupted run; returns how many."""
-    n = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            if f.endswith(".tmp") and f.startswith("."):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(dirpath, f))
-                    n += 1
-    return n

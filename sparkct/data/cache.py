@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sparkct import io as sio
+
 from . import _util
 from ._util import log, salted_hash, stable_hash
 
@@ -252,7 +254,7 @@ def _write_shard(dst: str, key: str, n: int, shape: tuple[int, int], fill) -> in
     """Create the shard of `n` slices through `fill(memmap) -> rows written`, atomically; a shard with
     fewer rows than planned (frames that failed to decode) is rewritten at its real length."""
     path = os.path.join(dst, _shard_rel(key))
-    with _util.atomic_path(path, ".npy") as tmp:
+    with sio.atomic_path(path, ".npy") as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, *shape))
         k = fill(mm)
         mm.flush()
@@ -360,7 +362,7 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
         positions=positions[kept].tolist() if positions is not None else None,
         skipped=skipped,
     )
-    _util.write_json_atomic(os.path.join(job.dst, _record_rel(job.key)), rec)
+    sio.write_json_atomic(os.path.join(job.dst, _record_rel(job.key)), rec)
     return rec
 
 
@@ -378,7 +380,7 @@ def _base_record(job: _Job) -> dict:
 
 def _finish_empty(job: _Job, rec: dict, skipped, meta) -> dict:
     rec.update(meta_fields(meta), n_slices=0, shape=[0, 0, 0], skipped=skipped)
-    _util.write_json_atomic(os.path.join(job.dst, _record_rel(job.key)), rec)
+    sio.write_json_atomic(os.path.join(job.dst, _record_rel(job.key)), rec)
     return rec
 
 
@@ -414,7 +416,7 @@ def _process_nifti(job: _Job, st: PrepareSettings) -> dict:
                source_shape=list(vol.hu.shape), source_pixel_spacing=list(ps), thickness=vol.spacing[0],
                orientation=list(vol.orientation), sorted_by="position", z=vol.z.tolist(),
                instance=vol.instance_numbers.tolist(), positions=vol.positions.tolist(), skipped=[])
-    _util.write_json_atomic(os.path.join(job.dst, _record_rel(job.key)), rec)
+    sio.write_json_atomic(os.path.join(job.dst, _record_rel(job.key)), rec)
     return rec
 
 
@@ -501,7 +503,7 @@ def _init_dst(dst: str, settings: PrepareSettings, salt: str | None, reset: bool
     man = {"format": FORMAT, "version": VERSION, "settings": settings.as_dict(),
            "salt": salt or _util.new_salt(), "created_by": f"sparkct {__version__}",
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _util.write_json_atomic(man_path, man)
+    sio.write_json_atomic(man_path, man)
     return man
 
 
@@ -593,7 +595,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
     man = _init_dst(dst, settings, salt, reset)
     salt = man["salt"]
     shutil.rmtree(os.path.join(dst, ".running"), ignore_errors=True)
-    n_tmp = _util.clean_stale_temps(dst)
+    n_tmp = sio.clean_stale_temps(dst)
     if n_tmp:
         log.info("removed %d temporary files left by an interrupted run", n_tmp)
     report = PrepareReport(workers=workers, device=dev_name)
@@ -749,12 +751,12 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
     recs = [done[j.key] for j in jobs if j.key in done and done[j.key].get("n_slices", 0) > 0]
     report.slices = write_index(dst, recs)
     report.seconds = time.perf_counter() - t0
-    _util.write_json_atomic(os.path.join(dst, "report.json"), report.to_dict())
+    sio.write_json_atomic(os.path.join(dst, "report.json"), report.to_dict())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "reason"])
     w.writerows(sorted(skipped_rows))
-    _util.write_text_atomic(os.path.join(dst, "skipped.csv"), buf.getvalue())
+    sio.write_text_atomic(os.path.join(dst, "skipped.csv"), buf.getvalue())
     return report
 
 
@@ -852,7 +854,7 @@ def write_index(dst: str, recs: list[dict]) -> int:
         arrays["series." + k] = np.array([np.nan if r.get(k) is None else float(r[k]) for r in recs],
                                          dtype=np.float32)
     assert len(arrays["slice.z"]) == N and len(arrays["slice.instance"]) == N
-    _util.write_npz_atomic(os.path.join(dst, "index.npz"), arrays)
+    sio.write_npz_atomic(os.path.join(dst, "index.npz"), arrays)
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -867,7 +869,7 @@ def write_index(dst: str, recs: list[dict]) -> int:
                     _fmt(r.get("thickness")), _fmt(r.get("kvp")), r.get("patient_age", ""),
                     r.get("patient_sex", ""), r.get("manufacturer", ""), r.get("kernel", ""),
                     r.get("modality", ""), r.get("kind", "")])
-    _util.write_text_atomic(os.path.join(dst, "series.csv"), buf.getvalue())
+    sio.write_text_atomic(os.path.join(dst, "series.csv"), buf.getvalue())
     return N
 
 

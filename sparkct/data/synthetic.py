@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from sparkct import io as sio
+
 from . import _util
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
@@ -673,7 +675,7 @@ def _base_dataset(p: Patient, acq: Acquisition, study_uid: str, series_uid: str,
 
 def _write(ds, path: str):
     # atomic: an interrupted synth never leaves a truncated DICOM that a later prepare would skip
-    with _util.atomic_path(path, ".dcm") as tmp:
+    with sio.atomic_path(path, ".dcm") as tmp:
         ds.save_as(tmp, enforce_file_format=True)
 
 
@@ -776,15 +778,15 @@ def synth(dst: str, *, patients: int = 8, seed: int = 0, size: int = 256, thickn
         w.writerows(rows)
         return buf.getvalue()
 
-    _util.write_text_atomic(os.path.join(dst, "labels.csv"), table(
+    sio.write_text_atomic(os.path.join(dst, "labels.csv"), table(
         ["series_uid", "study_uid", "label", "n_nodules", "max_diameter_mm", "nodule_types", "n_slices",
          "thickness_mm", "kvp", "kernel", "contrast"], series_rows))
-    _util.write_text_atomic(os.path.join(dst, "slice_labels.csv"), table(
+    sio.write_text_atomic(os.path.join(dst, "slice_labels.csv"), table(
         ["series_uid", "instance_number", "z_mm", "label", "n_nodules", "max_diameter_mm"], slice_rows))
-    _util.write_text_atomic(os.path.join(dst, "nodules.csv"), table(
+    sio.write_text_atomic(os.path.join(dst, "nodules.csv"), table(
         ["series_uid", "x_mm", "y_mm", "z_mm", "diameter_mm", "type", "hu"], nodule_rows))
     rep.seconds = time.perf_counter() - t0
-    _util.write_json_atomic(os.path.join(dst, "synth.json"), {
+    sio.write_json_atomic(os.path.join(dst, "synth.json"), {
         "generator": "sparkct synth", "seed": seed, "patients": patients, "size": size,
         "thickness": thickness, "series_per_patient": list(series_per_patient), "p_finding": p_finding,
         "slices": slices, "series": rep.series, "total_slices": rep.slices, "positive_series": rep.positives})

@@ -1,0 +1,1 @@
+"""Compositions: the backbone builder, the SparK cell-mask generator, pretraining methods."""

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sparkct.ops.info_nce import _all_gather_rows, _distributed, _row_counts, info_nce
+from sparkct.distributed import all_gather_rows
+from sparkct.ops.info_nce import _distributed, info_nce
 
 __all__ = ["InfoNCELoss"]
 
@@ -76,7 +77,7 @@ class InfoNCELoss(nn.Module):
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
         if _distributed(self.gather_distributed):
-            keys = _all_gather_rows(keys, _row_counts(keys.shape[0], keys.device, None), None)
+            keys = all_gather_rows(keys)
         size = self.bank.shape[0]
         ptr = int(self.bank_ptr)
         b = keys.shape[0]

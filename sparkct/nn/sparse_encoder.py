@@ -8,7 +8,7 @@
 The encoder holds the model's own modules (shared, not copied), registered under the model's names
 (conv1, bn1, ..., layer4), so its state_dict is the model's minus the classifier, optimizers see the
 model's parameters, and BatchNorm running statistics update in the model. It computes exactly what
-SparK's dense-masked encoder computes (`sparkct.ops.reference.spark_dense_masked_features`: every conv
+SparK's dense-masked encoder computes (`sparkct.models.spark.reference.spark_dense_masked_features`: every conv
 and pool dense, then masked cells zeroed; BatchNorm over visible positions), but on packed tiles:
 
 * 1x1 convs, BatchNorm (also nn.SyncBatchNorm: statistics over the visible positions of every rank),

@@ -28,9 +28,8 @@ import math
 import numbers
 
 import torch
-import torch.distributed as dist
-
 from sparkct._ext import check_device
+from sparkct.distributed import gather_with_grad, is_distributed
 
 __all__ = ["info_nce", "IMPLS"]
 
@@ -84,45 +83,8 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def _row_counts(n: int, device: torch.device, group) -> list[int]:
-    """Every rank's row count (ranks may differ: the last batch of an epoch often does)."""
-    mine = torch.tensor([n], dtype=torch.long, device=device)
-    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, mine, group=group)
-    return torch.cat(counts).tolist()  # one device-to-host copy, not one per rank
-
-
-def _all_gather_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """Every rank's x concatenated along dim 0, rank r contributing counts[r] rows."""
-    big = max(counts)
-    local = x.contiguous()
-    if local.shape[0] < big:  # collectives want one shape on every rank (NCCL does): pad, then trim
-        local = torch.cat([local, local.new_zeros((big - local.shape[0],) + tuple(local.shape[1:]))], 0)
-    parts = [torch.empty_like(local) for _ in counts]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], 0)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums the gradients of every rank's copy and returns
-    this rank's rows (each rank's loss depends on every rank's embeddings)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: list[int], group):
-        rank = dist.get_rank(group)
-        ctx.group, ctx.lo, ctx.hi = group, sum(counts[:rank]), sum(counts[:rank + 1])
-        return _all_gather_rows(x, counts, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # Every rank holds the same gathered shape, so one all-reduce sums every rank's gradient.
-        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.lo:ctx.hi], None, None
-
-
-def _distributed(gather_distributed: bool) -> bool:
-    return bool(gather_distributed) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _distributed(gather_distributed: bool, group=None) -> bool:
+    return bool(gather_distributed) and is_distributed(group)
 
 
 def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank: torch.Tensor | None = None, *,
@@ -140,11 +102,8 @@ def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank:
         raise ValueError(f"info_nce: impl must be one of {sorted(IMPLS)}, got {impl!r}")
     code = IMPLS[impl]
     tf32 = _allow_tf32()
-    if bank is None and _distributed(gather_distributed):
-        local = torch.cat([z0, z1], 0)
-        counts = _row_counts(local.shape[0], local.device, group)
-        cols = _GatherWithGrad.apply(local, counts, group)
-        offset = sum(counts[:dist.get_rank(group)])  # after the rows of the lower ranks
+    if bank is None and _distributed(gather_distributed, group):
+        cols, offset = gather_with_grad(torch.cat([z0, z1], 0), group)  # offset: after the lower ranks' rows
         loss, _ = torch.ops.sparkct.info_nce(z0, z1, cols, None, temperature, offset, tf32, code)
         return loss
     loss, _ = torch.ops.sparkct.info_nce(z0, z1, None, bank, temperature, 0, tf32, code)

@@ -1,5 +1,5 @@
 """SparseEncoder (a torchvision ResNet on packed visible cells) against SparK's dense-masked encoder
-(sparkct.ops.reference.spark_dense_masked_features): features, the gradients of the input and of
+(sparkct.models.spark.reference.spark_dense_masked_features): features, the gradients of the input and of
 every parameter, and BatchNorm running statistics.
 
 Exactness is shown in float64 (agreement to ~1e-12). In float32 a random-init ResNet-50 in train mode
@@ -18,12 +18,13 @@ import torchvision
 
 from sparkct.nn import SparseEncoder, sparsify
 from sparkct.ops import reference as R
+from sparkct.models.spark import reference as SR
 from sparkct.ops import sparse as S
+from sparkct.models.masking import cell_mask
 
 
 def make_mask(B, gh, gw, ratio, seed=0, special=True):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, gh, gw, generator=g) >= ratio
+    mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if special and B >= 3:
         mask[0] = False  # one sample fully masked
         mask[1] = True   # one fully visible
@@ -51,7 +52,7 @@ def run(model, x, mask, sparse, train=True, stem=False, **kw):
     if sparse:
         feats = SparseEncoder.from_dense(model, **kw)(x, mask, stem=stem)
     else:
-        feats = R.spark_dense_masked_features(model, x, mask, stem=stem)
+        feats = SR.spark_dense_masked_features(model, x, mask, stem=stem)
     g = torch.Generator().manual_seed(123)
     seeds = [torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.dtype) for f in feats]
     sum((f * s).sum() for f, s in zip(feats, seeds)).backward()

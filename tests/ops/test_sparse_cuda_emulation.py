@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from sparkct.ops import reference as R
+from sparkct.models.masking import cell_mask
 
 CU = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "sparse.cu"
 HOST = Path(__file__).resolve().parents[2] / "csrc" / "sparse_host.h"
@@ -325,8 +326,7 @@ def col2im_positions(g, nbr, C, ci, k, s, p):
 # ---- cases --------------------------------------------------------------------------------------
 
 def make_mask(B, gh, gw, ratio, seed):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, gh, gw, generator=g) >= ratio
+    mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
         mask[0] = False
         mask[1] = True

@@ -10,13 +10,13 @@ import torch
 
 from sparkct.ops import reference as R
 from sparkct.ops import sparse as S
+from sparkct.models.masking import cell_mask
 
 ops = torch.ops.sparkct
 
 
 def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, gh, gw, generator=g) >= ratio
+    mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
         mask[0] = False  # a fully masked sample
         mask[1] = True   # a fully visible one

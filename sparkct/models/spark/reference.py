@@ -1,0 +1,93 @@
+"""SparK's own encoder semantics, the model-level oracle: "dense conv, then mask" on a torchvision ResNet.
+
+Every conv / pool runs densely and its output's masked cells are zeroed; BatchNorm normalizes the
+visible positions only (SparK's encoder.py). ``sparkct.nn.SparseEncoder`` must equal it; the
+``--encoder dense-masked`` option of SparK pretraining runs it (the baseline of the benchmarks).
+"""
+from __future__ import annotations
+
+__all__ = ["SparKMasker", "spark_conv", "spark_bn", "spark_dense_masked_features"]
+
+
+class SparKMasker:
+    """SparK's helper (its encoder.py `_get_active_ex_or_ii`): the cell mask expanded to a feature
+    map's resolution, recomputed at every layer as SparK does."""
+
+    def __init__(self, mask):
+        self.mask = mask  # (B, GH, GW) bool
+
+    def active_ex(self, H, W):
+        gh, gw = self.mask.shape[1:]
+        return self.mask.repeat_interleave(H // gh, 1).repeat_interleave(W // gw, 2).unsqueeze(1)
+
+    def active_ii(self, H, W):
+        return self.active_ex(H, W).squeeze(1).nonzero(as_tuple=True)
+
+
+def spark_conv(module, x, masker):
+    """SparK's SparseConv2d / SparseMaxPooling: the dense layer, then zero the masked cells (in place)."""
+    y = module(x)
+    y *= masker.active_ex(y.shape[2], y.shape[3])
+    return y
+
+
+def spark_bn(bn, x, masker):
+    """SparK's SparseBatchNorm2d: normalize the visible positions only (statistics and running-stat
+    update over them, as its BatchNorm1d on the (N_visible, C) rows), zeros elsewhere. Returns the
+    (B, C, H, W) view of a channels-last buffer, as SparK's permute does."""
+    import torch
+
+    ii = masker.active_ii(x.shape[2], x.shape[3])
+    bhwc = x.permute(0, 2, 3, 1)
+    nc = bhwc[ii]
+    nc = bn(nc[:, :, None, None])[:, :, 0, 0]  # BatchNorm2d on (N, C, 1, 1) == BatchNorm1d on (N, C)
+    out = torch.zeros_like(bhwc)
+    out[ii] = nc
+    return out.permute(0, 3, 1, 2)
+
+
+def _spark_module(m, x, masker):
+    import torch.nn as nn
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        return spark_conv(m, x, masker)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return spark_bn(m, x, masker)
+    if isinstance(m, (nn.ReLU, nn.Identity)):
+        return m(x)
+    if isinstance(m, nn.Sequential):
+        for sub in m:
+            x = _spark_module(sub, x, masker)
+        return x
+    if isinstance(m, BasicBlock):
+        identity = x if m.downsample is None else _spark_module(m.downsample, x, masker)
+        out = m.relu(_spark_module(m.bn1, _spark_module(m.conv1, x, masker), masker))
+        out = _spark_module(m.bn2, _spark_module(m.conv2, out, masker), masker)
+        out += identity
+        return m.relu(out)
+    if isinstance(m, Bottleneck):
+        identity = x if m.downsample is None else _spark_module(m.downsample, x, masker)
+        out = m.relu(_spark_module(m.bn1, _spark_module(m.conv1, x, masker), masker))
+        out = m.relu(_spark_module(m.bn2, _spark_module(m.conv2, out, masker), masker))
+        out = _spark_module(m.bn3, _spark_module(m.conv3, out, masker), masker)
+        out += identity
+        return m.relu(out)
+    raise TypeError(f"SparK dense-masked reference: unsupported module {type(m).__name__}")
+
+
+def spark_dense_masked_features(model, x, mask, stem=False):
+    """SparK's encoder forward on a torchvision ResNet ("dense conv, then mask"): the input is masked,
+    every conv / pool runs densely and its output's masked cells are zeroed, BatchNorm normalizes the
+    visible positions only. Returns the dense feature maps of layer1..layer4 (strides 4, 8, 16, 32),
+    preceded by the stride-2 stem output if stem=True. Uses (and trains) the model's own modules."""
+    masker = SparKMasker(mask)
+    x = x * masker.active_ex(x.shape[2], x.shape[3])
+    x = _spark_module(model.conv1, x, masker)
+    x = model.relu(_spark_module(model.bn1, x, masker))
+    feats = [x] if stem else []
+    x = _spark_module(model.maxpool, x, masker)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = _spark_module(getattr(model, name), x, masker)
+        feats.append(x)
+    return feats

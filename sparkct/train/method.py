@@ -1,0 +1,83 @@
+"""What a pretraining (or fine-tuning) method is to the trainer.
+
+A method is a small ``nn.Module`` (one file in ``sparkct/models/``, reusable parts in ``sparkct/nn/``)
+with a config dataclass; the trainer (``sparkct.train.Trainer``) owns everything else: the loop, AMP,
+channels-last, accumulation, clipping, optimizers and schedules, checkpoints and resume, logging,
+previews, DDP. The trainer calls, per optimizer step:
+
+    batch = next(loader)                      # built by the method's transform()
+    loss, logs = method.training_step(batch, step)
+    ... backward, clip, optimizer step ...
+    method.after_step(step, total_steps)      # EMA, queues, prototype freezing
+
+and, every ``preview_every`` steps, ``method.preview(batch)`` for the PNG grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Method", "MethodConfig"]
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config. Each field becomes a ``sparkct pretrain METHOD --flag`` (underscores
+    -> dashes), with the field's default and its ``metadata={"help": ...}``; ``validate`` raises
+    :class:`sparkct.errors.UserError` for bad values before any work starts."""
+
+    def validate(self) -> None:
+        pass
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name`` and ``config_class`` and implement the methods below.
+
+    Attributes:
+        backbone: the torchvision ResNet (``fc`` = Identity) that is exported
+            (``sparkct.models.backbone.backbone_state``) and fine-tuned later.
+        config: the method's config (an instance of ``config_class``).
+    """
+
+    name: str = "method"
+    config_class: type[MethodConfig] = MethodConfig
+
+    def __init__(self, backbone: nn.Module, config: MethodConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config if config is not None else self.config_class()
+
+    # --- data ---------------------------------------------------------------------------------------
+    def transform(self, crop: int, windows) -> Callable[..., Any]:
+        """The batch transform for ``sparkct.data.SliceLoader``: ``(hu (B, 1, H, W) int16, generator) ->
+        batch`` (a tensor, a list of views, ...), applied on the loader's device. `crop` and `windows`
+        come from the trainer config (windows = the input channels)."""
+        raise NotImplementedError
+
+    # --- the step -----------------------------------------------------------------------------------
+    def training_step(self, batch: Any, step: int) -> tuple[Tensor, dict[str, float | Tensor]]:
+        """(scalar loss to minimize, scalars to log). Runs under the trainer's autocast."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (EMA/momentum updates, queues, prototype normalization)."""
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """Called after backward and before clipping/stepping (e.g. zero the gradients of frozen
+        prototypes)."""
+
+    # --- optimizer ----------------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters (as in ``named_parameters()``) exempt from weight decay beyond the
+        trainer's rule (biases and every 1-D parameter: norms). E.g. SparK's mask tokens."""
+        return set()
+
+    # --- what a person looks at ---------------------------------------------------------------------
+    @torch.no_grad()
+    def preview(self, batch: Any) -> dict[str, Tensor] | None:
+        """Rows of images for the preview PNG, name -> (B, C, H, W) in [0, 1] (e.g. SparK: input, masked
+        input, reconstruction). None: no preview."""
+        return None
