@@ -145,7 +145,7 @@ def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile:
     line = font_px + 3
     cap = 2 * line + 4
     sheet = Image.new("L", (len(windows) * tile, len(indices) * (tile + cap)), color=0)
-    draw = ImageDraw.Draw(sheet)
+    short = tile < 160  # captions are clipped to their tile: shorter words for small tiles
     for r, i in enumerate(indices):
         s = int(cache.slice_series[i])
         k, n = int(cache.slice_index[i]), int(cache.series["n"][s])
@@ -154,13 +154,15 @@ def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile:
         for c, (name, center, width) in enumerate(windows):
             g = apply_windows(hu, [(center, width)])[0]  # (H, W) in [0, 1]
             img = Image.fromarray(np.rint(g * 255).astype(np.uint8), mode="L").resize((tile, tile), Image.BILINEAR)
-            x = c * tile
-            sheet.paste(img, (x, y + cap))
-            draw.text((x + 3, y + 2), f"series {s}  slice {k + 1}/{n}", fill=255, font=font)
-            draw.text((x + 3, y + 2 + line), f"{name} (C {center:g}, W {width:g})", fill=200, font=font)
+            label = Image.new("L", (tile, cap), color=0)
+            draw = ImageDraw.Draw(label)
+            draw.text((3, 2), f"s{s} {k + 1}/{n}" if short else f"series {s}  slice {k + 1}/{n}", fill=255, font=font)
+            draw.text((3, 2 + line), name if short else f"{name} (C {center:g}, W {width:g})", fill=200, font=font)
             if c:
-                draw.line([(x, y), (x, y + tile + cap - 1)], fill=90)
-        draw.line([(0, y + tile + cap - 1), (sheet.width, y + tile + cap - 1)], fill=90)
+                draw.line([(0, 0), (0, cap - 1)], fill=90)
+            x = c * tile
+            sheet.paste(label, (x, y))
+            sheet.paste(img, (x, y + cap))
     return sheet
 
 

@@ -293,62 +293,81 @@ def _is_deflated(path: str) -> bool:
     return _DEFLATED.encode() in head
 
 
-def _check_deflated(path: str, limits: PixelLimits) -> None:
-    """pydicom inflates a deflated data set whole, in memory, before it parses a single element, so
-    a small file can claim, and inflate to, gigabytes. Inflate it here as a stream first: parse the
-    elements before the pixel data from the first _DEFLATED_HEAD bytes, count the rest without
-    keeping it, and skip the file unless its image is within the limits and the inflated size
-    matches what its header declares."""
+def _inflate(f, step: int = 1 << 22):
+    """The raw-deflate stream from f's position, as chunks of at most `step` bytes (a small input
+    never becomes a huge output in one step)."""
     import zlib
 
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    while not d.eof:
+        data = f.read(1 << 20)
+        if not data:
+            break
+        while data and not d.eof:
+            out = d.decompress(data, step)
+            data = d.unconsumed_tail
+            if out:
+                yield out
+    out = d.flush()
+    if out:
+        yield out
 
-    limit = limits.max_file_pixels * 4 + _DEFLATED_HEAD  # the most a file within the limits inflates to
-    head = bytearray()
-    total = 0
-    with open(path, "rb") as f:
-        read_preamble(f, False)
-        _read_file_meta_info(f)
-        d = zlib.decompressobj(-zlib.MAX_WBITS)
-        while not d.eof:
-            data = f.read(1 << 20)
-            if not data:
-                break
-            while data and not d.eof:
-                out = d.decompress(data, 1 << 22)  # bounded output per call: no bomb in one step
-                data = d.unconsumed_tail
-                total += len(out)
-                if len(head) < _DEFLATED_HEAD:
-                    head += out[:_DEFLATED_HEAD - len(head)]
-                if total > limit:
-                    raise SkipFile("image too large (deflated data over the pixel limit)")
-        total += len(d.flush())
-    found = {}
+
+def _parse_to_pixels(head: bytes):
+    """(dataset of the elements before PixelData, offset of the PixelData element) from an
+    explicit VR little endian data set, or (dataset or None, None) when PixelData is not in `head`."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    buf = DicomBytesIO(head)
+    found = []
 
     def at_pixels(tag, vr, length):
         if tag == 0x7FE00010:
-            found["length"] = length
+            found.append(length)
             return True
         return False
 
-    buf = DicomBytesIO(bytes(head))
     try:
-        ds = read_dataset(buf, False, True, stop_when=at_pixels)
-    except Exception as e:
-        raise SkipFile(f"damaged DICOM header ({type(e).__name__})") from None
-    if "length" not in found:
-        if total > len(head):
-            raise SkipFile("damaged DICOM header (deflated header too large)")
-        return  # no pixel data: the ordinary checks say so
-    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    frames = _n_frames(ds)
-    bits = ds.get("BitsAllocated")
-    if not rows or not cols or bits not in (8, 16, 32):
-        return  # the ordinary checks report these
-    limits.check(rows, cols, frames)
-    if total > buf.tell() + 12 + rows * cols * frames * bits // 8 + (1 << 20):
-        raise SkipFile("deflated data larger than its header declares")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(buf, False, True, stop_when=at_pixels)
+    except Exception:
+        return None, None
+    return ds, (buf.tell() if found else None)
+
+
+def _check_deflated(path: str, limits: PixelLimits) -> None:
+    """pydicom inflates a deflated data set whole, in memory, before it parses a single element, so
+    a small file can claim, and inflate to, gigabytes. Inflate it here as a stream first, keeping
+    only the elements before the pixel data: skip the file as soon as its image is over the limits,
+    or once it inflates to more than its header declares."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    head = bytearray()
+    total = 0
+    declared = None  # the most inflated bytes the header allows, once it is parsed
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        for out in _inflate(f):
+            total += len(out)
+            if declared is None:
+                head += out
+                ds, at = _parse_to_pixels(bytes(head))
+                if at is not None:
+                    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
+                    bits = ds.get("BitsAllocated")
+                    if not rows or not cols or bits not in (8, 16, 32):
+                        return  # the ordinary checks report these
+                    frames = _n_frames(ds)
+                    limits.check(rows, cols, frames)
+                    declared = at + 12 + rows * cols * frames * bits // 8 + (1 << 20)
+                    head = bytearray()
+                elif len(head) > _DEFLATED_HEAD:
+                    raise SkipFile("damaged DICOM header (deflated header too large)")
+            if declared is not None and total > declared:
+                raise SkipFile("deflated data larger than its header declares")
 
 
 def _n_frames(ds) -> int:

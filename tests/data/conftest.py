@@ -1,6 +1,7 @@
 """Shared fixtures for the CT data tests: a small synthetic DICOM tree and its prepared cache."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -123,3 +124,33 @@ class Faults:
 @pytest.fixture
 def faults(monkeypatch) -> Faults:
     return Faults(monkeypatch)
+
+
+@pytest.fixture
+def ct_series(testdata):
+    """ct_series(folder, n, edit=None) -> paths of a new n-slice CT series made from pydicom's
+    CT_small (128 x 128): slice k at z = 5 k with pixels + 10 k, file k named f"{k:03d}.dcm".
+    edit(k, ds) may change slice k's data set before it is written."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
+
+    def make(folder, n: int = 4, edit=None) -> list[str]:
+        base = pydicom.dcmread(testdata("CT_small.dcm"))
+        arr = base.pixel_array
+        uid = generate_uid()
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for k in range(n):
+            ds = copy.deepcopy(base)
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+            ds.InstanceNumber = k + 1
+            ds.PixelData = (arr + 10 * k).astype(arr.dtype).tobytes()
+            if edit is not None:
+                edit(k, ds)
+            p = os.path.join(folder, f"{k:03d}.dcm")
+            ds.save_as(p, enforce_file_format=True)
+            paths.append(p)
+        return paths
+    return make
