@@ -383,7 +383,7 @@ def _process_nifti(job: _Job, st: PrepareSettings) -> dict:
     f = job.files[0]
     rec = _base_record(job)
     try:
-        vol = read_nifti(os.path.join(job.src, f.rel))
+        vol = read_nifti(os.path.join(job.src, f.rel), limits=job.limits)
     except (ValueError, OSError, EOFError) as e:
         reason = str(e) if isinstance(e, ValueError) else f"unreadable file ({type(e).__name__})"
         return _finish_empty(job, rec, [(f.token, reason)], {})

@@ -327,3 +327,13 @@ def test_workers_exit_when_prepare_is_killed(synth_dir, tmp_path):
         for k, s in kids.items():
             if _alive(k, s):
                 os.kill(k, signal.SIGKILL)
+
+
+def test_nifti_volumes_over_the_limits_are_skipped(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    (tmp_path / "src").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((20, 24, 6), np.int16), np.eye(4)), str(tmp_path / "src" / "v.nii.gz"))
+    rep = prepare(str(tmp_path / "src"), str(tmp_path / "c"), progress=False,
+                  limits=PixelLimits(max_slice_pixels=20 * 24 - 1))
+    assert rep.slices == 0 and rep.skipped == Counter({"image too large (Rows x Columns over the pixel limit)": 1})
+    assert prepare(str(tmp_path / "src"), str(tmp_path / "c2"), progress=False).slices == 6
