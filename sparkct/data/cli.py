@@ -231,8 +231,8 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="everything is a function of the seed")
     s.add_argument("--size", type=int, default=256, help="rows = columns of each slice (32-2048)")
     s.add_argument("--thickness", type=float, default=None,
-                   help="slice thickness = spacing in mm (default: random per series, 2.5-5 mm)")
-    s.add_argument("--slices", type=int, default=None, help="slices per series (default: the whole chest)")
+                   help="slice thickness = spacing in mm (unset: random per series, 2.5-5 mm)")
+    s.add_argument("--slices", type=int, default=None, help="slices per series (unset: the whole chest)")
     s.add_argument("--min-series", type=int, default=1, help="fewest series per patient")
     s.add_argument("--max-series", type=int, default=2, help="most series per patient")
     s.add_argument("--p-finding", type=float, default=0.5, help="fraction of patients with nodules")
@@ -249,7 +249,7 @@ def register(subparsers) -> None:
     s.add_argument("dst", help="cache folder (created; may sit inside SRC)")
     s.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
     s.add_argument("--spacing", type=float, default=None,
-                   help="resample to this in-plane spacing (mm); default: keep the source grid")
+                   help="resample to this in-plane spacing in mm (unset: keep the source grid)")
     s.add_argument("--size", type=int, default=None,
                    help="output rows = cols: with --spacing a centre crop/pad, alone a resize")
     s.add_argument("--clip-min", type=int, default=-1024, help="HU floor (padding and outside the FOV become this)")
@@ -264,7 +264,7 @@ def register(subparsers) -> None:
                    help="skip files whose Rows x Columns x frames is larger (a file is decoded at once)")
     s.add_argument("--reset", action="store_true", help="delete DST's cache and start over")
     s.add_argument("--show-paths", action="store_true",
-                   help="name skipped files by path in skipped.csv and the log (default: a salted token)")
+                   help="name skipped files by their path in skipped.csv and the log, not by a salted token")
     s.add_argument("--patient-from", choices=["file", "dir"], default="file",
                    help="NIfTI: one patient per file, or per parent folder")
     s.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")

@@ -89,7 +89,7 @@ class PrepareReport:
     series_failed: int = 0
     slices: int = 0  # slices in the index
     slices_written: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> files (or frames)
+    skipped: Counter = field(default_factory=Counter)  # reason -> files (or frames, or folders)
     ignored: Counter = field(default_factory=Counter)  # reason -> files not meant to be images
     seconds: float = 0.0
     prepare_seconds: float = 0.0  # the series phase (decode, resample, write)

@@ -44,6 +44,7 @@ def test_data_package_needs_no_extension_or_torch_to_prepare():
     code = (
         "import sys\n"
         "import sparkct.data, sparkct.data.cache, sparkct.data.dicom, sparkct.data.synthetic, sparkct.data.cli\n"
+        "import sparkct.data.preparing, sparkct.data.workers\n"
         "from sparkct.data import prepare, read_series, synth\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "from sparkct.data import CTAugment, CTSliceDataset, SliceLoader, apply_windows\n"
@@ -132,6 +133,7 @@ def test_every_data_option_says_what_it_is_for():
         for action in parser._actions:
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, f"data {name} {action.dest}"
+                assert "default" not in action.help, "the formatter shows defaults"
         assert "(default:" in parser.format_help() or name in ("info", "read")
 
 
