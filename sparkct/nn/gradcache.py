@@ -4,7 +4,7 @@
 A contrastive loss couples every embedding of the global batch, but the encoder's activations need
 not all be alive at once:
 
-1. embed every input in chunks of `chunk` rows without autograd (only the embeddings are kept);
+1. embed every input in chunks of at most `chunk` rows (near-equal parts) without autograd (only the embeddings are kept);
 2. compute the loss on the whole batch of embeddings (detached leaves) and its gradient with
    respect to them (``torch.autograd.grad``; parameter-free: everything with parameters belongs in
    `encode`);
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["grad_cache", "chunked"]
+__all__ = ["grad_cache", "chunked", "chunks"]
 
 Outputs = Tensor | tuple[Tensor, ...]
 
@@ -48,7 +48,12 @@ def _rng_state(device: torch.device):
 
 
 def chunks(x: Tensor, chunk: int) -> list[Tensor]:
-    return list(torch.split(x, chunk, dim=0)) if chunk > 0 else [x]
+    """x split along dim 0 into ceil(N / chunk) near-equal parts of at most `chunk` rows (no tiny last
+    chunk: BatchNorm wants more than one row), or [x] for chunk <= 0."""
+    n = x.shape[0]
+    if chunk <= 0 or n <= chunk:
+        return [x]
+    return list(torch.tensor_split(x, -(-n // chunk), dim=0))
 
 
 @torch.no_grad()
@@ -61,7 +66,7 @@ def chunked(encode: Callable[[Tensor], Outputs], x: Tensor, chunk: int) -> Outpu
 
 def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
                loss_fn: Callable[[list[Outputs]], tuple[Tensor, Any]], backward: Callable, chunk: int,
-               *, module: nn.Module | None = None) -> tuple[Tensor, list[Outputs], Any]:
+               *, module: nn.Module | Sequence[nn.Module] | None = None) -> tuple[Tensor, list[Outputs], Any]:
     """One step of gradient caching.
 
     Args:
@@ -73,15 +78,17 @@ def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
         backward: ``backward(tensors, grad_tensors)`` (the trainer's; ``torch.autograd.backward``
             outside a trainer).
         chunk: rows per forward (> 0).
-        module: the module whose buffers `encode` updates (BatchNorm running statistics); they are
-            restored after the no-grad pass so that only the re-run updates them.
+        module: the module(s) whose buffers `encode` updates (BatchNorm running statistics); they
+            are restored after the no-grad pass so that only the re-run updates them.
 
     Returns:
         (the loss, detached; the outputs, detached; ``extra`` from loss_fn).
     """
     if chunk < 1:
         raise ValueError(f"grad_cache: chunk must be >= 1, got {chunk}")
-    saved = {k: b.clone() for k, b in module.named_buffers()} if module is not None else None
+    mods = [] if module is None else [module] if isinstance(module, nn.Module) else list(module)
+    buffers = [b for m in mods for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
     parts: list[list[tuple[Tensor, ...]]] = []
     states: list[list[Any]] = []
     with torch.no_grad():
@@ -92,10 +99,9 @@ def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
                 outs.append(_as_tuple(encode(c)))
             parts.append(outs)
             states.append(rng)
-    if saved is not None:
-        with torch.no_grad():
-            for k, b in module.named_buffers():
-                b.copy_(saved[k])
+    with torch.no_grad():
+        for b, v in zip(buffers, saved):
+            b.copy_(v)
     leaves = [tuple(torch.cat(p, 0).detach().requires_grad_(p[0].is_floating_point()) for p in zip(*outs))
               for outs in parts]
     structured = [t if len(t) > 1 else t[0] for t in leaves]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sparkct.nn import InfoNCELoss, chunked, grad_cache
+from sparkct.nn.gradcache import chunks
 
 
 def encoder(dropout=0.0, norm="group"):
@@ -52,7 +53,7 @@ def test_dropout_replays_identically():
     ref = encoder(dropout=0.5)
     torch.manual_seed(7)
     # reference: the same chunked forwards in the same order, kept in one autograd graph
-    outs = [torch.cat([ref(c) for c in v.split(chunk)]) for v in x]
+    outs = [torch.cat([ref(c) for c in chunks(v, chunk)]) for v in x]
     after_ref = torch.rand(3)
     simclr_loss(outs)[0].backward()
     m = encoder(dropout=0.5)
@@ -68,7 +69,7 @@ def test_batchnorm_is_per_chunk_and_running_stats_update_once_per_chunk():
     x = views()
     chunk = 4
     ref = encoder(norm="batch")
-    outs = [torch.cat([ref(c) for c in v.split(chunk)]) for v in x]
+    outs = [torch.cat([ref(c) for c in chunks(v, chunk)]) for v in x]
     simclr_loss(outs)[0].backward()
     m = encoder(norm="batch")
     grad_cache(m, x, simclr_loss, torch.autograd.backward, chunk, module=m)
@@ -107,6 +108,14 @@ def test_tuple_outputs_and_trainer_style_backward():
     grad_cache(encode, x, loss_fn, scaled_backward, 5)
     for p, g in zip((*body.parameters(), *cls.parameters()), ref_grads):
         torch.testing.assert_close(p.grad / 4.0, g, rtol=1e-10, atol=1e-12)
+
+
+def test_chunks_are_near_equal():
+    x = torch.arange(10)
+    assert [len(c) for c in chunks(x, 3)] == [3, 3, 2, 2]
+    assert [len(c) for c in chunks(x, 5)] == [5, 5]
+    assert [len(c) for c in chunks(x, 10)] == [10] and [len(c) for c in chunks(x, 0)] == [10]
+    torch.testing.assert_close(torch.cat(chunks(x, 4)), x)
 
 
 def test_chunked_no_grad_embedding_and_bad_chunk():
