@@ -66,7 +66,10 @@ def grads_chunked_vs_unchunked(make, views, chunk: int, step: int = 0):
     other = copy.deepcopy(base)
     other.config.chunk = chunk
     other.manual_backward = True
-    views = [v.double() for v in views]
+    if isinstance(views, tuple):  # (views, targets)
+        views = ([v.double() for v in views[0]], views[1])
+    else:
+        views = [v.double() for v in views]
     loss0, _ = base.training_step(views, step)
     loss0.backward()
     loss1, _ = other.training_step(views, step)
