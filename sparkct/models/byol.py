@@ -44,6 +44,9 @@ class BYOLConfig(SSLConfig):
 class BYOL(SSLMethod):
     name = "byol"
     config_class = BYOLConfig
+    # BYOL: LARS, lr 0.2 x batch / 256, weight decay 1.5e-6 (warm-up shortened from 10 epochs for short runs)
+    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6,
+                "warmup_epochs": 1.0}
 
     def __init__(self, backbone: nn.Module, config: BYOLConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)

@@ -69,6 +69,9 @@ def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) 
 class MoCo(SSLMethod):
     name = "moco"
     config_class = MoCoConfig
+    # MoCo v2: SGD (momentum 0.9), lr 0.03 x batch / 256, weight decay 1e-4, cosine schedule
+    defaults = {**SSLMethod.defaults, "optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4,
+                "warmup_epochs": 0.0}
 
     def __init__(self, backbone: nn.Module, config: MoCoConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)

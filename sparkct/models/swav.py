@@ -79,6 +79,9 @@ class SwAVConfig(SSLConfig):
 class SwAV(SSLMethod):
     name = "swav"
     config_class = SwAVConfig
+    # SwAV: LARS, lr 4.8 at batch 4096 (0.3 x batch / 256), weight decay 1e-6
+    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6,
+                "warmup_epochs": 1.0}
 
     def __init__(self, backbone: nn.Module, config: SwAVConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)

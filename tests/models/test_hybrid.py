@@ -130,3 +130,18 @@ def test_bad_config():
         SimCLRConfig(hybrid_weight=-1.0, num_classes=2).validate()
     with pytest.raises(UserError, match="crop size"):
         make().transform(4, "lung")
+
+
+@pytest.mark.parametrize("name,kw", [("simclr", {"chunk": 4}), ("moco", {"queue_size": 32, "chunk": 4}),
+                                     ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16, "queue_start_epoch": 0}),
+                                     ("byol", {})])
+def test_through_the_trainer(cache, tmp_path, name, kw):
+    """A few steps of each method (chunked where it applies) through the one trainer, resnet18 at 32 px."""
+    from sparkct.train.config import TrainConfig
+    from sparkct.train.trainer import Trainer, build_method
+    cfg = TrainConfig(data=cache, out=str(tmp_path / name), arch="resnet18", windows="lung", crop=32, batch=6,
+                      max_steps=3, ckpt_every=3, log_every=1, preview_every=0, tensorboard=False, progress=False,
+                      device="cpu", channels_last=False)
+    m = build_method(name, cfg, get_method(name).config_class(**kw))
+    res = Trainer(m, cfg, method_name=name, log=lambda *a: None).fit()
+    assert res["steps"] == 3 and np.isfinite(res["final"]["loss"]) and res["final"]["collapse"] > 0.05
