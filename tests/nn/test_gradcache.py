@@ -11,6 +11,15 @@ from sparkct.nn import InfoNCELoss, chunked, grad_cache
 from sparkct.nn.gradcache import chunks
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is fastest and leaves the shared cores alone."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def encoder(dropout=0.0, norm="group"):
     torch.manual_seed(1)
     layers = [nn.Conv2d(1, 4, 3, padding=1)]

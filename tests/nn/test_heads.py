@@ -9,6 +9,15 @@ from torch import nn
 from sparkct.nn import heads as H
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is fastest and leaves the shared cores alone."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def linears(head):
     return [(m.in_features, m.out_features, m.bias is not None) for m in head.modules() if isinstance(m, nn.Linear)]
 
