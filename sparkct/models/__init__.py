@@ -11,6 +11,10 @@ __all__ = ["METHODS", "get_method"]
 
 METHODS: dict[str, str] = {
     "spark": "sparkct.models.spark.model:SparK",
+    "simclr": "sparkct.models.simclr:SimCLR",
+    "moco": "sparkct.models.moco:MoCo",
+    "swav": "sparkct.models.swav:SwAV",
+    "byol": "sparkct.models.byol:BYOL",
 }
 
 
