@@ -174,6 +174,7 @@ class SSLMethod(Method):
     the logs (``ssl``, ``supervised``, ``collapse``)."""
 
     config_class = SSLConfig
+    accepts_targets = True  # the trainer passes (views, targets) when a labels file is given
     #: how many leading views are "global" (full-size crops): the supervised term and the probe use them
     n_global = 2
 

@@ -10,10 +10,16 @@ global batch, as SparK's SyncBN gives.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
 from sparkct.distributed import is_distributed
+
+# The differentiable all_reduce is what this needs (its backward all-reduces the gradients); torch marks
+# it deprecated in favour of functional collectives whose autograd support is still partial.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
 
 __all__ = ["GlobalBatchNorm2d", "convert_sync_batchnorm"]
 

@@ -62,6 +62,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(TrainConfig, ns)
     mcfg = dataclass_from_args(cls.config_class, ns)
+    if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
+        import os
+
+        from sparkct.data.datasets import read_labels_csv
+        from sparkct.errors import UserError
+        if not os.path.isfile(cfg.labels):
+            raise UserError(f"--labels {cfg.labels}: no such file")
+        rows = read_labels_csv(cfg.labels)
+        if not rows or "label" not in rows[0]:
+            raise UserError(f"--labels {cfg.labels}: expected a CSV with a 'label' column")
+        mcfg.num_classes = len({r["label"] for r in rows})  # the hybrid classifier's width
     cfg.validate()
     mcfg.validate()
     from sparkct.device import resolve_device

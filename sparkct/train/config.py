@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,10 @@ class TrainConfig:
     keep: int = _h("keep the last K step checkpoints", default=2)
     log_every: int = _h("log metrics every N optimizer steps", default=5)
     preview_every: int = _h("write a preview PNG every N optimizer steps (0: only at the end)", default=50)
+    labels: str | None = _h("a labels CSV over the data (slice or series level, column 'label'): enables the "
+                             "online linear probe, kNN accuracy and the hybrid objective", default=None)
+    knn_every: int = _h("with --labels: kNN accuracy on held-out labelled patients every N epochs (0: off)",
+                        default=1)
     tensorboard: bool = _h("also log to TensorBoard (OUT/tb)", default=True)
     progress: bool = _h("show a progress bar", default=True)
     synth_patients: int = _h("built-in data: synthetic patients", default=8)
@@ -75,6 +80,10 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.knn_every < 0:
+            raise UserError(f"--knn-every must be >= 0, got {self.knn_every}")
+        if self.labels is not None and not os.path.isfile(self.labels):
+            raise UserError(f"--labels {self.labels}: no such file")
         if self.preview_every < 0:
             raise UserError(f"--preview-every must be >= 0, got {self.preview_every}")
         if self.batch % self.accum:

@@ -57,6 +57,9 @@ class Method(nn.Module):
     name: str = "method"
     config_class: type[MethodConfig] = MethodConfig
     manual_backward: bool = False
+    #: with a labels file the loader yields (x, targets); methods that use targets (the hybrid objective)
+    #: get the pair, the others x alone (the trainer's online probe uses the targets either way)
+    accepts_targets: bool = False
     seed: int = 0  # set by the trainer from its config
     #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
     defaults: dict = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,

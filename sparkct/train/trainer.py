@@ -223,6 +223,13 @@ class Trainer:
             cache = resolve_data(cfg, self.log)
             self.dataset = CTSliceDataset(cache)
         ds = self.dataset
+        classes = None
+        if cfg.labels is not None:
+            from sparkct.models.hybrid import label_slices
+            ds, classes = label_slices(ds, cfg.labels)
+            if len(classes) < 2:
+                raise UserError(f"--labels {cfg.labels}: a single class ({classes}); monitors need at least two")
+            self.dataset = ds
         micro = cfg.batch // cfg.accum  # images per micro-step, all ranks together
         if len(ds) < micro:
             raise UserError(f"the data has {len(ds)} slices, fewer than one batch of {micro}; lower --batch")
@@ -253,8 +260,20 @@ class Trainer:
         optimizer = build_optimizer(method, opt_name, peak, wd0, betas=self._setting("betas"),
                                     no_decay=method.no_weight_decay(), groups=groups)
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        probe = None
+        if classes is not None:
+            from sparkct.models.backbone import feature_dim
+            from sparkct.train.monitors import OnlineLinearProbe
+            probe = OnlineLinearProbe(feature_dim(method.backbone), len(classes)).to(device)
         model = method
-        if world > 1:
+        manual_ddp = world > 1 and method.manual_backward
+        if manual_ddp:
+            # one forward, several backward passes (gradient caching): DDP's reducer cannot follow that,
+            # so the gradients are averaged once after the last backward instead
+            import torch.distributed as dist
+            for t in method.state_dict().values():
+                dist.broadcast(t, 0)
+        elif world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
                         broadcast_buffers=False)
@@ -268,6 +287,8 @@ class Trainer:
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             C.set_rng_state(state["rng"])
+            if probe is not None and state.get("probe"):
+                probe.restore(state["probe"])
             step, best = int(state["step"]), state.get("best")
             self.log(f"resumed {state['path']} at step {step} of {total}")
             if step >= total:
@@ -294,7 +315,8 @@ class Trainer:
             st = {"config": json.dumps(record), "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                   "scaler": scaler.state_dict() if scaler is not None else {}, "step": cur_step, "epoch": epoch,
                   "batch_in_epoch": in_epoch, "rng": C.rng_state(), "best": best,
-                  "metrics": {k: float(v) for k, v in logs.items()}}
+                  "metrics": {k: float(v) for k, v in logs.items()},
+                  "probe": probe.checkpoint() if probe is not None else {}}
             return C.save_checkpoint(self.run_dir, st, cur_step, cfg.keep)
 
         def backward(tensors, grad_tensors=None):
@@ -317,7 +339,7 @@ class Trainer:
         first_loss = None
         logs_out: dict = {}
         last_saved = step if state is not None else -1
-        batch = None
+        last_inp = None
         start_epoch, start_in = divmod(step, steps_per_epoch)
         for epoch in range(start_epoch, epochs):
             if step >= total:
@@ -333,13 +355,21 @@ class Trainer:
                 loss_sum, logs_sum = 0.0, {}
                 for m in range(cfg.accum):
                     batch = _to(next(it), device, cfg.channels_last)
-                    sync = (model.no_sync() if world > 1 and m < cfg.accum - 1 else contextlib.nullcontext())
+                    targets = None
+                    if probe is not None:
+                        x_only, targets = batch
+                        inp = batch if method.accepts_targets else x_only
+                    else:
+                        inp = batch
+                    last_inp = inp
+                    sync = (model.no_sync() if world > 1 and not manual_ddp and m < cfg.accum - 1
+                            else contextlib.nullcontext())
                     with sync:
                         with autocast:
                             if method.manual_backward:
-                                loss, logs = model(batch, step, backward=backward)
+                                loss, logs = model(inp, step, backward=backward)
                             else:
-                                loss, logs = model(batch, step)
+                                loss, logs = model(inp, step)
                         lv = float(loss.detach().float())
                         bad = torch.tensor([0.0 if math.isfinite(lv) else 1.0])
                         if world > 1:
@@ -358,6 +388,8 @@ class Trainer:
                     loss_sum += lv / cfg.accum
                     for k, v in logs.items():
                         logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum
+                if manual_ddp:
+                    _average_gradients(method)
                 method.on_before_optimizer_step(step)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -371,6 +403,8 @@ class Trainer:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_step(step, total)
+                if probe is not None:
+                    logs_sum.update(self._probe_step(probe, x_only, targets))
                 step += 1
                 n_int += cfg.batch
                 if first_loss is None:
@@ -389,7 +423,7 @@ class Trainer:
                     metrics.write(step, epoch + 1, logs_out)
                     bar.set_postfix(loss=f"{D_loss:.4g}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
                 if main and cfg.preview_every and step % cfg.preview_every == 0:
-                    self._preview(batch, step)
+                    self._preview(last_inp, step)
                 if step % cfg.ckpt_every == 0:
                     nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
                     save(step, nxt_epoch, nxt_in, logs_out)
@@ -399,7 +433,9 @@ class Trainer:
                         from sparkct.train.visual import plot_curves
                         plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
             if in_epoch + 1 == steps_per_epoch or step >= total:
-                ep_logs = method.on_epoch_end(epoch)
+                ep_logs = dict(method.on_epoch_end(epoch) or {})
+                if probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
+                    ep_logs.update(self._knn(ds, device))
                 if ep_logs:
                     metrics.write(step, epoch + 1, {f"epoch/{k}": float(v) for k, v in ep_logs.items()})
                     self.log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in ep_logs.items()))
@@ -422,8 +458,8 @@ class Trainer:
             metrics.flush()
             from sparkct.train.visual import plot_curves
             plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
-            if batch is not None:
-                self._preview(batch, step)
+            if last_inp is not None:
+                self._preview(last_inp, step)
             C.export_backbone(method.backbone, os.path.join(self.run_dir, "backbone.pt"))
             summary = {"method": self.method_name, "steps": step, "total_steps": total, "seconds": round(seconds, 2),
                        "first_loss": first_loss, "final": logs_out, "best_monitor": best,
@@ -437,6 +473,46 @@ class Trainer:
                      f"backbone.pt)")
         metrics.close()
         return summary
+
+    @torch.no_grad()
+    def _probe_step(self, probe, x, targets) -> dict:
+        """Train the online linear probe on this step's detached backbone features (the method's own, or
+        a no-grad eval-mode forward of the whole image: no gradient or statistic reaches the backbone)."""
+        method = self.method
+        feats = getattr(method, "last_features", None)
+        if feats is None or feats.shape[0] != targets.shape[0]:
+            x0 = x if isinstance(x, torch.Tensor) else x[0]
+            was = method.backbone.training
+            method.backbone.eval()
+            try:
+                feats = method.backbone(x0).float().flatten(1)
+            finally:
+                method.backbone.train(was)
+        return probe.step(feats.float(), targets)
+
+    def _knn(self, ds, device) -> dict:
+        """kNN accuracy of the backbone's features: labelled slices of 80 % of the labelled patients are
+        the bank, those of the other 20 % the queries."""
+        import numpy as np
+
+        from sparkct.data import CTResize, SliceLoader, patient_split
+        from sparkct.train.monitors import extract_features, knn_accuracy
+
+        lab = ds.subset(np.nonzero(ds.targets >= 0)[0])
+        try:
+            split = patient_split(lab, (0.8, 0.2), seed=self.cfg.seed, names=("bank", "query"))
+        except UserError as e:
+            if not getattr(self, "_knn_warned", False):
+                self.log(f"kNN monitor skipped: {e}")
+                self._knn_warned = True
+            return {}
+        out = []
+        for part in ("bank", "query"):
+            loader = SliceLoader(lab.subset(split[part]), 64, shuffle=False, drop_last=False,
+                                 transform=CTResize(self.cfg.crop, windows=self.cfg.windows), device=device)
+            out.append(extract_features(self.method.backbone, loader, device))
+        (fb, yb), (fq, yq) = out
+        return {"knn_acc": knn_accuracy(fb, yb, fq, yq, k=min(20, len(yb)))}
 
     def _title(self) -> str:
         return f"{self.method_name} · {self.cfg.arch} · batch {self.cfg.batch} · {self.run_dir}"
@@ -459,6 +535,22 @@ class Trainer:
             path = os.path.join(d, f"step-{step:07d}.png")
             save_preview(rows, path, title=f"{self._title()} · step {step}")
             C.link_atomic(path, os.path.join(d, "latest.png"))
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce and average the gradients over the ranks, in one flat buffer (what DDP does, for the
+    steps DDP cannot wrap)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= D.world_size()
+    for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(v)
 
 
 def _mean_over_ranks(v: float, device) -> float:
