@@ -15,6 +15,10 @@ METHODS: dict[str, str] = {
     "moco": "sparkct.models.moco:MoCo",
     "swav": "sparkct.models.swav:SwAV",
     "byol": "sparkct.models.byol:BYOL",
+    "rotation": "sparkct.models.pretext:Rotation",
+    "flip": "sparkct.models.pretext:Flip",
+    "denoise": "sparkct.models.pretext:Denoise",
+    "inpaint": "sparkct.models.pretext:Inpaint",
 }
 
 
