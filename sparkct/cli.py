@@ -51,7 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.data.cli"]  # `sparkct data ...`
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`, `sparkct data ...`
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -117,9 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     from sparkct.errors import UserError
 
     args = build_parser().parse_args(argv)
-    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None)) if x)
+    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None),
+                                getattr(args, "method", None)) if x)
+    from sparkct.errors import TrainingDiverged
     try:
         return args.func(args)
+    except TrainingDiverged as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         if args.verbose:
             raise

@@ -1,1 +1,23 @@
-"""Compositions: the backbone builder, the SparK cell-mask generator, pretraining methods."""
+"""Compositions: the backbone builder, the SparK cell-mask generator, pretraining methods.
+
+``METHODS`` maps a method's name to ``"module:Class"``; classes load on first use (``get_method``), so
+listing the names imports no torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["METHODS", "get_method"]
+
+METHODS: dict[str, str] = {
+    "spark": "sparkct.models.spark.model:SparK",
+}
+
+
+def get_method(name: str):
+    from sparkct.errors import UserError
+
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    mod, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)

@@ -16,6 +16,8 @@ ops = torch.ops.sparkct
 
 
 def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
+    if ratio >= 1.0:  # every cell masked: an edge case of the kernels, not a SparK mask
+        return torch.zeros(B, gh, gw, dtype=torch.bool, device=device)
     mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
         mask[0] = False  # a fully masked sample
