@@ -51,7 +51,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`, `sparkct data ...`
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`,
+# `sparkct finetune/report`, `sparkct data ...`
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:

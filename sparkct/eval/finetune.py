@@ -24,10 +24,8 @@ checkpoint: ``result.json`` (test metrics with bootstrap CIs, validation history
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,39 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkct.errors import UserError
-from sparkct.train.method import Method, MethodConfig
+from sparkct.eval.config import FinetuneConfig
+from sparkct.train.method import Method
 
 __all__ = ["FinetuneConfig", "Classifier", "predict", "evaluate", "resolve_init", "finetune", "AGGREGATE"]
 
 AGGREGATE = ("auto", "none", "series", "patient")
-
-
-def _h(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class FinetuneConfig(MethodConfig):
-    linear_probe: bool = _h("keep the backbone frozen throughout (linear probing)", default=False)
-    freeze_epochs: float = _h("epochs with the backbone frozen (only the head learns) before it is unfrozen",
-                              default=10.0)
-    ramp_epochs: float = _h("epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr",
-                            default=10.0)
-    backbone_lr_start: float = _h("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
-    label_smoothing: float = _h("cross-entropy label smoothing", default=0.0)
-    eval_batch: int = _h("batch size for validation and testing", default=128)
-
-    def validate(self) -> None:
-        for name in ("freeze_epochs", "ramp_epochs"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise UserError(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
-        if not 0 < self.backbone_lr_start <= 1:
-            raise UserError(f"--backbone-lr-start must be in (0, 1], got {self.backbone_lr_start}")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.eval_batch < 1:
-            raise UserError(f"--eval-batch must be >= 1, got {self.eval_batch}")
 
 
 def eval_transform(crop: int, windows):
@@ -252,6 +223,21 @@ def evaluate(model: Classifier, dataset, *, aggregate: str = "auto", level: str 
 
 # ------------------------------------------------------------------------------------------ one run
 
+def init_name(init: str) -> str:
+    """A method name for reports: 'random', a pretraining run's method (e.g. 'spark'), or a file's stem."""
+    if init in (None, "", "random"):
+        return "random"
+    if os.path.isdir(init):
+        cfg = os.path.join(init, "config.json")
+        if os.path.isfile(cfg):
+            with open(cfg) as f:
+                m = json.load(f).get("method")
+            if m:
+                return str(m)
+        return os.path.basename(os.path.normpath(init))
+    return os.path.splitext(os.path.basename(init))[0]
+
+
 def resolve_init(init: str, arch: str) -> tuple[str | None, str, str]:
     """(weights file or None, arch, kind) for --init: 'random', a state_dict FILE (a backbone export or
     torchvision weights), or a pretraining RUN folder (its backbone.pt export; its arch)."""
@@ -279,7 +265,8 @@ def _steps_per_epoch(n: int, batch: int, accum: int) -> int:
 
 
 def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConfig | None = None,
-             aggregate: str = "auto", n_resamples: int = 1000, resume: bool = False, log=None) -> dict:
+             aggregate: str = "auto", n_resamples: int = 1000, resume: bool = False, log=None,
+             name: str | None = None) -> dict:
     """Fine-tune on `task` (a :class:`sparkct.eval.data.TaskData`) into ``train_cfg.out``; test the
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
@@ -324,6 +311,7 @@ def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConf
                    seed=cfg.seed, batch=config.eval_batch)
     history = _read_history(cfg.out)
     result = {
+        "method": name or init_name(init), "status": "done",
         "init": {"kind": kind, "source": None if kind == "random" else os.path.abspath(init), "weights": weights,
                  "arch": arch},
         "task": task.describe(), "fraction": task.fraction, "seed": cfg.seed,

@@ -24,8 +24,8 @@ import numpy as np
 
 from sparkct.errors import UserError
 
-__all__ = ["METRICS", "as_probabilities", "compute_metrics", "bootstrap_ci", "paired_bootstrap",
-           "delong_test", "delong_variance", "metrics_from_counts"]
+__all__ = ["METRICS", "Models", "as_probabilities", "compute_metrics", "bootstrap_ci", "paired_bootstrap",
+           "delong_test", "delong_variance", "metrics_from_counts", "summarize"]
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall")
 
@@ -238,6 +238,31 @@ def _run_bootstrap(statistic_of_counts, unit: np.ndarray, strata, *, n_resamples
     return low, high, dist
 
 
+class Models(list):
+    """Several models' scores on the same test items (e.g. one fine-tuning per seed): the bootstrap and
+    DeLong functions then work on the metric averaged over the models (the interval of a mean over
+    seeds, which holds the test-set uncertainty; the seeds' spread is reported beside it)."""
+
+
+def _models(y_true, scores, n_classes=None):
+    """(y, [probabilities per model]) from one score array or a :class:`Models` list of them."""
+    lst = list(scores) if isinstance(scores, Models) else [scores]
+    if not lst:
+        raise UserError("no predictions given")
+    y, p0 = _check(y_true, lst[0], n_classes)
+    return y, [p0] + [_check(y, s, p0.shape[1])[1] for s in lst[1:]]
+
+
+def _mean_point(y, probs, metrics) -> dict[str, float]:
+    vals = [compute_metrics(y, p, metrics=metrics) for p in probs]
+    return {m: float(np.mean([v[m] for v in vals])) for m in metrics}
+
+
+def _mean_stat(y, probs, rows):
+    stats = [_Batched(y, p) for p in probs]
+    return lambda c: np.mean([st(c)[rows] for st in stats], 0)
+
+
 def bootstrap_ci(y_true, y_score, *, groups=None, n_resamples: int = 1000, confidence: float = 0.95,
                  method: str = "BCa", seed=0, batch: int | None = 2000,
                  metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
@@ -246,14 +271,14 @@ def bootstrap_ci(y_true, y_score, *, groups=None, n_resamples: int = 1000, confi
     The test set is resampled within each class (stratified); with `groups` (e.g. patient ids) whole
     groups are resampled, stratified by a group's largest label. method: scipy's 'BCa' (default; a
     metric whose resamples are all equal falls back to the percentile interval), 'percentile' or
-    'basic'. `batch` bounds memory (resamples evaluated at once)."""
+    'basic'. `batch` bounds memory (resamples evaluated at once). `y_score` may be
+    :class:`Models` (several seeds): the metric is then their mean."""
     metrics = _check_names(metrics)
     rows = [METRICS.index(m) for m in metrics]
-    y, p = _check(y_true, y_score)
-    point = compute_metrics(y, p, metrics=metrics)
+    y, probs = _models(y_true, y_score)
+    point = _mean_point(y, probs, metrics)
     unit, _, strata = _units(y, groups)
-    stat = _Batched(y, p)
-    low, high, dist = _run_bootstrap(lambda c: stat(c)[rows], unit, strata, n_resamples=n_resamples,
+    low, high, dist = _run_bootstrap(_mean_stat(y, probs, rows), unit, strata, n_resamples=n_resamples,
                                      confidence=confidence, method=method, seed=seed, batch=batch)
     se = np.nanstd(dist, axis=-1, ddof=1) if dist.shape[-1] > 1 else np.full(len(metrics), np.nan)
     return {name: {"value": point[name], "low": float(low[i]), "high": float(high[i]), "se": float(se[i])}
@@ -266,15 +291,16 @@ def paired_bootstrap(y_true, score_a, score_b, *, groups=None, n_resamples: int 
     """Method A minus method B on the same test items, resampled together (paired, stratified as in
     :func:`bootstrap_ci`): name -> {a, b, diff, low, high, p}. p is the two-sided bootstrap p-value
     for "no difference": twice the smaller share of resampled differences on either side of 0
-    (identical predictions give 1; with R resamples the smallest is 2 / (R + 1))."""
+    (identical predictions give 1; with R resamples the smallest is 2 / (R + 1)). Either side may be
+    :class:`Models` (the mean over its seeds)."""
     metrics = _check_names(metrics)
     rows = [METRICS.index(m) for m in metrics]
-    y, pa = _check(y_true, score_a)
-    _, pb = _check(y, score_b, pa.shape[1])
-    ma, mb = compute_metrics(y, pa, metrics=metrics), compute_metrics(y, pb, metrics=metrics)
+    y, pa = _models(y_true, score_a)
+    _, pb = _models(y, score_b, pa[0].shape[1])
+    ma, mb = _mean_point(y, pa, metrics), _mean_point(y, pb, metrics)
     unit, _, strata = _units(y, groups)
-    sa, sb = _Batched(y, pa), _Batched(y, pb)
-    low, high, dist = _run_bootstrap(lambda c: (sa(c) - sb(c))[rows], unit, strata, n_resamples=n_resamples,
+    sa, sb = _mean_stat(y, pa, rows), _mean_stat(y, pb, rows)
+    low, high, dist = _run_bootstrap(lambda c: sa(c) - sb(c), unit, strata, n_resamples=n_resamples,
                                      confidence=confidence, method=method, seed=seed, batch=batch)
     r = dist.shape[-1]
     le = (dist <= 0).sum(-1)
@@ -334,18 +360,24 @@ def delong_variance(y_true, y_score) -> tuple[float, float]:
     return auc, _stratified_var(psi, y)
 
 
+def _mean_placements(y, probs) -> tuple[float, np.ndarray]:
+    parts = [_placements(y, p) for p in probs]
+    return float(np.mean([a for a, _ in parts])), np.mean([psi for _, psi in parts], 0)
+
+
 def delong_test(y_true, score_a, score_b, *, confidence: float = 0.95) -> dict[str, float]:
     """DeLong's test of AUC(A) = AUC(B) for two methods' scores on the same test items.
 
     Returns auc_a, auc_b, diff, var_a, var_b, cov, z, p (two-sided, normal), low/high (the CI of the
     difference). Identical predictions give z = 0, p = 1. Multi-class: macro one-vs-rest AUCs (see
-    :func:`delong_variance`)."""
+    :func:`delong_variance`). Either side may be :class:`Models`: the AUC averaged over its seeds,
+    whose influence values are the average of theirs. Items must be independent (one per patient)."""
     from scipy.stats import norm
 
-    y, pa = _check(y_true, score_a)
-    _, pb = _check(y, score_b, pa.shape[1])
-    auc_a, psi_a = _placements(y, pa)
-    auc_b, psi_b = _placements(y, pb)
+    y, pa = _models(y_true, score_a)
+    _, pb = _models(y, score_b, pa[0].shape[1])
+    auc_a, psi_a = _mean_placements(y, pa)
+    auc_b, psi_b = _mean_placements(y, pb)
     var_a = _stratified_var(psi_a, y)
     var_b = _stratified_var(psi_b, y)
     var_d = _stratified_var(psi_a - psi_b, y)

@@ -220,3 +220,19 @@ def test_summarize_over_seeds():
     s = M.summarize([0.8, 0.82, 0.84])
     assert s["mean"] == pytest.approx(0.82) and s["low"] < 0.8 and s["high"] > 0.84 and s["n"] == 3
     assert M.summarize([0.7])["n"] == 1 and np.isnan(M.summarize([0.7])["low"])
+
+
+def test_several_seeds_average_the_metric():
+    y, x = asah()
+    two = M.Models([x["wfns"], x["s100b"]])
+    ci = M.bootstrap_ci(y, two, n_resamples=300, metrics=["auc"])["auc"]
+    assert ci["value"] == pytest.approx((PROC_AUC["wfns"] + PROC_AUC["s100b"]) / 2)
+    assert ci["low"] < ci["value"] < ci["high"]
+    # the mean of two seeds' AUCs compared with ndka: DeLong on the averaged influence values
+    d = M.delong_test(y, two, x["ndka"])
+    assert d["diff"] == pytest.approx((PROC_AUC["wfns"] + PROC_AUC["s100b"]) / 2 - PROC_AUC["ndka"])
+    # var of (A + B) / 2 = (var A + var B + 2 cov) / 4, from pROC's published values
+    want = (PROC_VAR["wfns"] + PROC_VAR["s100b"] + 2 * PROC_COV[("s100b", "wfns")]) / 4
+    assert d["var_a"] == pytest.approx(want, rel=1e-9)
+    same = M.paired_bootstrap(y, two, M.Models([x["s100b"], x["wfns"]]), n_resamples=200)
+    assert same["auc"]["diff"] == 0 and same["auc"]["p"] == 1.0
