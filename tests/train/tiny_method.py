@@ -35,7 +35,11 @@ class Tiny(Method):
 
     def training_step(self, batch, step):
         target = batch.float().mean((2, 3))
-        noise = torch.rand(batch.shape[0], 1, generator=self.step_generator(step)).to(batch)  # step-keyed RNG
+        # step-keyed randomness drawn for the global batch, this rank's rows taken (as the protocol asks)
+        from sparkct.distributed import rank, world_size
+        n = batch.shape[0]
+        noise = torch.rand(n * world_size(), 1, generator=self.step_generator(step))[rank() * n:(rank() + 1) * n]
+        noise = noise.to(batch)
         pred = self.head(self.backbone(batch * (0.9 + 0.1 * noise[:, :, None, None])))
         loss = (pred.float() - target).square().mean()
         if step == self.config.nan_at:
