@@ -50,7 +50,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`, `sparkct data ...`
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`,
+# `sparkct finetune/report`, `sparkct data ...`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -538,3 +538,33 @@ class SliceLoader:
             finally:
                 for f in pending:
                     f.cancel()
+
+
+# ------------------------------------------------------------------------------------------ stratified subsets
+
+def patient_subset_stratified(dataset, items, fraction: float, *, seed: int = 0,
+                              min_per_class: int = 1) -> np.ndarray:
+    """Like :func:`patient_subset`, stratified by class: item positions of `items` holding `fraction`
+    of the patients of each class (a patient's class is the largest label of its items in `items`;
+    at least `min_per_class` patients of every class, so training sees every class). For one seed
+    the subsets are nested across fractions (10 % inside 25 % inside 50 %): each class's patients
+    are ranked once by a permutation drawn from (seed, class) and a fraction keeps a prefix."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    t = getattr(dataset, "targets", None)
+    if t is None:
+        raise ValueError("a stratified subset needs a labelled dataset (with targets)")
+    items = np.asarray(items, dtype=np.int64)
+    pat = np.asarray(dataset.patients)[items]
+    uniq, inv = np.unique(pat, return_inverse=True)
+    lab = np.full(len(uniq), -1, dtype=np.int64)
+    np.maximum.at(lab, inv, np.asarray(t)[items])
+    names = np.asarray(dataset.patient_names)[uniq]
+    keep = []
+    for c in np.unique(lab):
+        ps = uniq[lab == c]
+        ps = ps[np.argsort(names[lab == c], kind="stable")]  # by pseudonym, not by cache position
+        ps = ps[np.random.default_rng([seed, 0x57A7, int(c)]).permutation(len(ps))]
+        k = min(len(ps), max(min_per_class, int(math.ceil(fraction * len(ps) - 1e-9))))
+        keep.append(ps[:k])
+    return items[np.isin(pat, np.concatenate(keep) if keep else np.zeros(0, np.int64))]
