@@ -68,14 +68,14 @@ class ExperimentConfig:
     finetune_batch: int = _h("fine-tuning batch", default=32)
     freeze_epochs: float = _h("fine-tuning: epochs with the backbone frozen", default=1.0)
     ramp_epochs: float = _h("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
-    split: str = _h("train,val,test fractions of the labelled patients", default="0.6,0.2,0.2")
+    split: str = _h("train,val,test fractions of the labelled patients", default="0.5,0.2,0.3")
     resamples: int = _h("bootstrap resamples for CIs and paired tests", default=1000)
     device: str = _h("cpu, cuda, cuda:N or auto", default="auto")
     amp: str = _h("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
-    synth_patients: int = _h("built-in data: labelled patients", default=16)
+    synth_patients: int = _h("built-in data: labelled patients", default=30)
     pretrain_patients: int = _h("built-in data: unlabelled pretraining patients", default=8)
     synth_size: int = _h("built-in data: slice size", default=96)
-    synth_slices: int = _h("built-in data: slices per series", default=20)
+    synth_slices: int = _h("built-in data: slices per series", default=12)
     set: list = _h("method option METHOD.FIELD=VALUE (repeatable), e.g. spark.mask_ratio=0.75",
                    default_factory=list)
 

@@ -103,6 +103,19 @@ def _prepare_once(src: str, dst: str, log) -> str:
     return dst
 
 
+def _check_test_set(task) -> None:
+    """The test set's CIs resample patients within each class: each class needs two of them, else every
+    fine-tuning run would fail at its evaluation. Said once, before any training."""
+    import numpy as np
+
+    t = task.test
+    per_class = [len(np.unique(np.asarray(t.patients)[np.asarray(t.targets) == c])) for c in range(task.n_classes)]
+    if min(per_class) < 2:
+        raise UserError(f"the test split holds {per_class} patients per class ({', '.join(map(str, task.classes))}); "
+                        "bootstrap CIs need at least 2 per class: use more labelled patients or a larger test "
+                        "fraction (--split)")
+
+
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     """Run (or resume) the experiment; returns the report's paths."""
     from sparkct.device import resolve_device
@@ -144,8 +157,11 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     from sparkct.eval.data import load_task
 
     split = tuple(float(v) for v in cfg.split.split(","))
-    probe = load_task(task_data, labels, split=split, seed=seeds[0], windows=cfg.windows)  # checks labels early
-    log(f"task: {json.dumps(probe.describe()['train'])} train (full), test {probe.describe()['test']}")
+    task0 = load_task(task_data, labels, split=split, seed=seeds[0], windows=cfg.windows)  # checks labels early
+    desc = task0.describe()
+    log(f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, "
+        f"test {desc['test']}")
+    _check_test_set(task0)
 
     pre_methods = [m for m in methods if m != "random"]
     n_runs = len(pre_methods) + len(methods) * len(fractions) * len(seeds)
@@ -240,7 +256,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     extra = {"data": data_desc,
              "pretraining": (f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
                              f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
-                             + (f"; options {json.dumps(overrides)}" if overrides else "")),
+                             + (f"; options {json.dumps(used)}" if (used := {k: v for k, v in overrides.items()
+                                                                               if k in pre_methods}) else "")),
              "fine-tuning": (f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
                              f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
                              f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
