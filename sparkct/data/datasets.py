@@ -388,9 +388,15 @@ class SliceLoader:
     def __init__(self, dataset: CTSliceDataset, batch_size: int = 64, *, shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, transform: Callable | None = None,
                  device: str | torch.device = "cpu", workers: int | None = None, prefetch: int = 4,
-                 run_length: int = 1, tune_malloc: bool | None = None):
+                 run_length: int = 1, tune_malloc: bool | None = None, shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        rank, world = (int(v) for v in shard)
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"shard {shard}: need 0 <= rank < world and a batch size ({batch_size}) divisible "
+                             "by the world size")
+        self.rank, self.world = rank, world
+        self.start_batch = 0
         self.device = torch.device(device)
         if workers is None:
             # CPU transforms already use torch's intra-op threads on whole batches; extra threads
@@ -411,8 +417,11 @@ class SliceLoader:
             _tune_malloc()
         self.labelled = hasattr(dataset, "targets")
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next pass is epoch `epoch`, starting at its batch `start_batch` (a resumed run continues
+        with exactly the batches an uninterrupted one would have seen)."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -451,13 +460,20 @@ class SliceLoader:
         return (x, y) if self.labelled else x
 
     def __iter__(self):
-        epoch = self.epoch  # fixed for this pass, whatever set_epoch does meanwhile
+        epoch, start = self.epoch, self.start_batch  # fixed for this pass, whatever set_epoch does meanwhile
         order = self.order(epoch)
         nb = len(self)
         bs = self.batch_size
-        batches = [order[b * bs:(b + 1) * bs] for b in range(nb)]
+        # shard (rank, world): this rank's contiguous share of every global batch, so the ranks together
+        # read what one process reads, in the same order
+        lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
+        batches = [order[b * bs:(b + 1) * bs][lo:hi] for b in range(nb)]
+        # the transform's randomness is drawn per (epoch, batch) and, with several ranks, per rank
+        ids = [b if self.world == 1 else b * self.world + self.rank for b in range(nb)]
+        batches, ids = batches[start:], ids[start:]
+        nb = len(batches)
         if self.workers == 0:
-            for b, items in enumerate(batches):
+            for b, items in zip(ids, batches):
                 yield self._finish(epoch, b, self._load(epoch, b, items))
             return
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sparkct-loader") as pool:
@@ -465,15 +481,15 @@ class SliceLoader:
             nxt = 0
             try:
                 while nxt < nb and len(pending) < self.prefetch:
-                    pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
+                    pending.append(pool.submit(self._load, epoch, ids[nxt], batches[nxt]))
                     nxt += 1
                 b = 0
                 while pending:
                     loaded = pending.popleft().result()
                     if nxt < nb:
-                        pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
+                        pending.append(pool.submit(self._load, epoch, ids[nxt], batches[nxt]))
                         nxt += 1
-                    yield self._finish(epoch, b, loaded)
+                    yield self._finish(epoch, ids[b], loaded)
                     b += 1
             finally:
                 for f in pending:

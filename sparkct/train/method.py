@@ -58,6 +58,9 @@ class Method(nn.Module):
     config_class: type[MethodConfig] = MethodConfig
     manual_backward: bool = False
     seed: int = 0  # set by the trainer from its config
+    #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
+    defaults: dict = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
+                      "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
 
     def __init__(self, backbone: nn.Module, config: MethodConfig | None = None):
         super().__init__()
@@ -70,6 +73,10 @@ class Method(nn.Module):
         batch`` (a tensor, a list of views, ...), applied on the loader's device. `crop` and `windows`
         come from the trainer config (windows = the input channels)."""
         raise NotImplementedError
+
+    def forward(self, batch: Any, step: int, **kwargs):
+        # DDP calls forward(); routing it to training_step lets DDP's gradient hooks see the whole step
+        return self.training_step(batch, step, **kwargs)
 
     # --- the step -----------------------------------------------------------------------------------
     def training_step(self, batch: Any, step: int) -> tuple[Tensor, dict[str, float | Tensor]]:
