@@ -145,6 +145,7 @@ class SparK(Method):
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
         super().__init__(backbone, config)
         self.config.validate()
+        self._micro_step, self._micro = None, 0
         from sparkct.nn import SparseEncoder
 
         enc = SparseEncoder(backbone)  # validates the backbone (a torchvision ResNet) and gives the widths
@@ -187,14 +188,14 @@ class SparK(Method):
                          p_noise=0.0, p_blur=0.0)
 
     # --- masks --------------------------------------------------------------------------------------
-    def draw_mask(self, batch: int, grid: tuple[int, int], step: int, device) -> Tensor:
+    def draw_mask(self, batch: int, grid: tuple[int, int], step: int, device, micro: int = 0) -> Tensor:
         """(batch, GH, GW) bool, True = visible: this rank's rows of the masks drawn for the global batch
-        (ranks hold consecutive row blocks in rank order) from ``step_generator(step)``, so a resumed or
-        a DDP run hides what one uninterrupted process hides."""
-        counts = dist_utils.row_counts(batch, torch.device(device)) if dist_utils.is_distributed() else [batch]
-        start = sum(counts[:dist_utils.rank()]) if len(counts) > 1 else 0
-        m = cell_mask(sum(counts), grid, self.config.mask_ratio, generator=self.step_generator(step))
-        return m[start:start + batch].to(device, non_blocking=True)
+        from ``step_generator(step, micro)``, so a resumed or a DDP run hides what one uninterrupted process
+        hides. The loader gives every rank an equal, contiguous share of each global batch, in rank order;
+        `micro` numbers the accumulation micro-batches of one optimizer step."""
+        r, world = dist_utils.rank(), dist_utils.world_size()
+        m = cell_mask(batch * world, grid, self.config.mask_ratio, generator=self.step_generator(step, micro))
+        return m[r * batch:(r + 1) * batch].to(device, non_blocking=True)
 
     # --- the model ----------------------------------------------------------------------------------
     def sparse_encoder(self):
@@ -240,7 +241,7 @@ class SparK(Method):
         self._check_input(x, mask)
         return self.decoder(self.densify(*self.encode(x, mask)))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def reconstruction_loss(self, x: Tensor, mask: Tensor) -> Tensor:
         """The loss of reconstructing the masked cells of x (targets = x itself, the windowed HU)."""
         return masked_cell_loss(self.reconstruct(x, mask), x, mask)
 
@@ -255,8 +256,12 @@ class SparK(Method):
     # --- the step -----------------------------------------------------------------------------------
     def training_step(self, batch: Tensor, step: int) -> tuple[Tensor, dict]:
         x = batch
-        mask = self.draw_mask(x.shape[0], (x.shape[2] // CELL, x.shape[3] // CELL), step, x.device)
-        return self(x, mask), {}
+        # the trainer calls once per micro-batch with the optimizer step's number: count the calls so that
+        # accumulated micro-batches draw different masks (a resume starts at a step boundary, at 0)
+        self._micro = self._micro + 1 if step == self._micro_step else 0
+        self._micro_step = step
+        mask = self.draw_mask(x.shape[0], (x.shape[2] // CELL, x.shape[3] // CELL), step, x.device, self._micro)
+        return self.reconstruction_loss(x, mask), {}
 
     def no_weight_decay(self) -> set[str]:
         return {f"mask_tokens.{i}" for i in range(len(self.mask_tokens))}
