@@ -145,7 +145,8 @@ def test_model_never_sees_masked_pixels(encoder):
     x2 = x.clone()
     x2[~mask.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, None].expand_as(x)] = 0.5
     assert torch.equal(m.reconstruct(x2, mask), rec)  # the encoder reads visible cells only
-    assert m.reconstruction_loss(x2, mask).item() != m.reconstruction_loss(x, mask).item()  # but the masked cells are the targets
+    # but the masked cells are the targets
+    assert m.reconstruction_loss(x2, mask).item() != m.reconstruction_loss(x, mask).item()
 
 
 def test_loss_fp32_under_autocast():
@@ -320,7 +321,8 @@ def test_structure_as_published():
     ("mask_ratio", 1.0, "mask ratio"), ("mask_ratio", -0.1, "mask ratio"), ("mask_ratio", float("nan"), "mask ratio"),
     ("mask_ratio", "lots", "mask ratio"), ("encoder", "dense", "encoder"), ("decoder_width", 100, "decoder width"),
     ("decoder_width", 0, "decoder width"), ("decoder_width", True, "decoder width"),
-    ("crop_scale", (0.0, 1.0), "crop scale"), ("crop_scale", (0.9, 0.5), "crop scale"), ("crop_scale", "x", "crop scale"),
+    ("crop_scale", (0.0, 1.0), "crop scale"), ("crop_scale", (0.9, 0.5), "crop scale"),
+    ("crop_scale", "x", "crop scale"),
     ("hflip", 1.5, "hflip"), ("hflip", "yes", "hflip"),
 ])
 def test_bad_config_raises_user_error(field, value, match):
@@ -352,3 +354,16 @@ def test_registry():
         assert ":" in target
     with pytest.raises(UserError, match="unknown pretraining method 'mae'.*spark"):
         get_method("mae")
+
+
+def test_config_from_command_line_flags():
+    import argparse
+
+    from sparkct.train.config import add_dataclass_args, dataclass_from_args
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, SparKConfig)
+    cfg = dataclass_from_args(SparKConfig, p.parse_args(["--mask-ratio", "0.75", "--encoder", "dense-masked",
+                                                          "--decoder-width", "512", "--crop-scale", "0.5,1"]))
+    cfg.validate()
+    assert (cfg.mask_ratio, cfg.encoder, cfg.decoder_width, cfg.crop_scale) == (0.75, "dense-masked", 512, (0.5, 1.0))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -53,7 +52,8 @@ class LightDecoder(nn.Module):
         if n < 1 or 2 ** n != up_sample_ratio:
             raise ValueError(f"up_sample_ratio must be a power of two >= 2, got {up_sample_ratio}")
         if not isinstance(width, int) or width < 2 ** n or width % 2 ** n:
-            raise ValueError(f"decoder width must be a positive multiple of {2 ** n} (it halves {n} times), got {width}")
+            raise ValueError(f"decoder width must be a positive multiple of {2 ** n} (it halves {n} times), "
+                             f"got {width}")
         if not isinstance(out_chans, int) or out_chans < 1:
             raise ValueError(f"out_chans must be a positive integer, got {out_chans!r}")
         self.width, self.out_chans = width, out_chans

@@ -141,6 +141,9 @@ class SparK(Method):
 
     name = "spark"
     config_class = SparKConfig
+    # SparK's published recipe: LAMB, base lr 2e-4 per 256 images, weight decay 0.04 -> 0.2 (cosine)
+    defaults = {"optimizer": "lamb", "base_lr": 2e-4, "weight_decay": 0.04, "weight_decay_end": 0.2,
+                "warmup_epochs": 1.0, "betas": (0.9, 0.95)}
 
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
         super().__init__(backbone, config)
