@@ -1,7 +1,7 @@
 """Compositions: the backbone builder, the SparK cell-mask generator, pretraining methods.
 
-``METHODS`` maps a method's name to ``"module:Class"``; classes load on first use (``get_method``), so
-listing the names imports no torch.
+``METHODS`` maps a method's name (``sparkct pretrain NAME``) to ``"module:Class"``; :func:`get_method`
+imports the class on first use, so listing the methods (``--help``) imports no model code or torch.
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ METHODS: dict[str, str] = {
 
 
 def get_method(name: str):
+    """The :class:`sparkct.train.method.Method` subclass registered as `name`."""
     from sparkct.errors import UserError
 
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    mod, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)
+    target = METHODS.get(name)
+    if target is None:
+        raise UserError(f"unknown pretraining method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -6,7 +6,7 @@ visible positions only (SparK's encoder.py). ``sparkct.nn.SparseEncoder`` must e
 """
 from __future__ import annotations
 
-__all__ = ["SparKMasker", "spark_conv", "spark_bn", "spark_dense_masked_features"]
+__all__ = ["SparKMasker", "spark_conv", "spark_bn", "spark_dense_masked_features", "spark_published_loss"]
 
 
 class SparKMasker:
@@ -91,3 +91,56 @@ def spark_dense_masked_features(model, x, mask, stem=False):
         x = _spark_module(getattr(model, name), x, masker)
         feats.append(x)
     return feats
+
+
+def spark_published_loss(model, x, mask, vis=False):
+    """The whole SparK forward written as SparK's pretrain/spark.py writes it, on the modules of a
+    ``sparkct.models.spark.SparK`` (its backbone, densify layers, mask tokens, decoder blocks): the
+    input masked, SparK's dense-masked encoder, densify with ``torch.where`` over expanded masks, the
+    decoder's ``x = x + to_dec[i]`` loop, targets ``patchify``-ed with einsum. One change, the one
+    sparkct makes: the per-cell target mean/variance are taken per channel (HU window), not over the
+    cell's channels together. It is the oracle of the model tests and "SparK's published way" in the
+    benchmarks. With ``vis`` returns SparK's visualization triple (input, masked input, reconstruction
+    pasted into the masked cells) instead of the loss."""
+    import torch
+
+    p = 32
+    B, C, H, W = x.shape
+    h, w = H // p, W // p
+    active_b1ff = mask.view(B, 1, h, w)
+    active_b1hw = active_b1ff.repeat_interleave(p, 2).repeat_interleave(p, 3)
+    masked_bchw = x * active_b1hw
+    fea = spark_dense_masked_features(model.backbone, masked_bchw, mask)
+    fea.reverse()
+    masker = SparKMasker(mask)
+    cur_active = active_b1ff
+    to_dec = []
+    for i, bcff in enumerate(fea):
+        bcff = spark_bn(model.densify_norms[i], bcff, masker)
+        tokens = model.mask_tokens[i].expand_as(bcff)
+        bcff = torch.where(cur_active.expand_as(bcff), bcff, tokens)
+        to_dec.append(model.densify_projs[i](bcff))
+        cur_active = cur_active.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    dec = model.decoder
+    y = 0
+    for i, blk in enumerate(dec.dec):
+        if i < len(to_dec):
+            y = y + to_dec[i]
+        y = blk(y)
+    rec_bchw = dec.proj(y)
+
+    def patchify(bchw):  # (B, L, p*p, C): per-channel statistics need the channel axis kept apart
+        t = bchw.reshape(B, C, h, p, w, p)
+        return torch.einsum("bchpwq->bhwpqc", t).reshape(B, h * w, p * p, C)
+
+    inp, rec = patchify(x), patchify(rec_bchw)
+    mean = inp.mean(dim=2, keepdim=True)
+    var = (inp.var(dim=2, keepdim=True) + 1e-6) ** 0.5
+    inp = (inp - mean) / var
+    l2_loss = ((rec - inp) ** 2).mean(dim=(2, 3))  # (B, L)
+    non_active = active_b1ff.logical_not().int().view(B, -1)
+    if vis:
+        rec = rec * var + mean
+        rec = torch.einsum("bhwpqc->bchpwq", rec.reshape(B, h, w, p, p, C)).reshape(B, C, H, W)
+        return x, masked_bchw, torch.where(active_b1hw, x, rec)
+    return l2_loss.mul_(non_active).sum() / (non_active.sum() + 1e-8)
