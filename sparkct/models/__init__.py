@@ -28,6 +28,6 @@ def get_method(name: str):
 
     target = METHODS.get(name)
     if target is None:
-        raise UserError(f"unknown pretraining method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)

@@ -61,6 +61,7 @@ class Method(nn.Module):
     #: get the pair, the others x alone (the trainer's online probe uses the targets either way)
     accepts_targets: bool = False
     seed: int = 0  # set by the trainer from its config
+    micro: int = 0  # the accumulation micro-batch of the current step, set by the trainer
     #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
     defaults: dict = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
                       "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
@@ -99,9 +100,9 @@ class Method(nn.Module):
         return {}
 
     def step_generator(self, step: int, stream: int = 0) -> torch.Generator:
-        """A CPU generator that depends only on (seed, step, stream): the same draws after a resume and
-        on every rank."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 65_537 + stream)
+        """A CPU generator that depends only on (seed, step, accumulation micro-batch, stream): the same
+        draws after a resume and on every rank, different ones for each micro-batch of a step."""
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 257 + self.micro) * 65_537 + stream)
 
     # --- optimizer ----------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:

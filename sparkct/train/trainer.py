@@ -354,6 +354,7 @@ class Trainer:
                 apply_schedule(optimizer, lr, wd)
                 loss_sum, logs_sum = 0.0, {}
                 for m in range(cfg.accum):
+                    method.micro = m
                     batch = _to(next(it), device, cfg.channels_last)
                     targets = None
                     if probe is not None:

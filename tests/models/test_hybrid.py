@@ -76,7 +76,7 @@ def test_chunked_equals_unchunked_with_labels():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    from sparkct.data.cache import prepare
+    from sparkct.data import prepare
     from sparkct.data.synthetic import synth
     src, dst = tmp_path_factory.mktemp("synth"), tmp_path_factory.mktemp("cache")
     synth(str(src), patients=2, seed=1, size=64, thickness=8.0, series_per_patient=(1, 1), slices=6)

@@ -67,11 +67,13 @@ def test_training_step_uses_the_drawn_mask():
     ref = copy.deepcopy(m)
     loss, logs = m.training_step(x, 7)
     assert torch.allclose(loss, ref.reconstruction_loss(x, ref.draw_mask(3, (2, 2), 7, "cpu")), rtol=0, atol=1e-13)
-    # forward(batch, step) is the training step (what DDP calls); a second call with the same step is the
-    # next accumulation micro-batch: other masks
+    # forward(batch, step) is the training step (what DDP calls); the next accumulation micro-batch of the
+    # same step (the trainer sets method.micro) draws other masks
     m2 = copy.deepcopy(ref)
     assert torch.equal(m2(x, 7)[0], loss)
+    m2.micro = 1
     assert not torch.equal(m2(x, 7)[0], loss)
+    m2.micro = 0
     assert torch.equal(m2(x, 8)[0], ref.reconstruction_loss(x, ref.draw_mask(3, (2, 2), 8, "cpu")))
 
 
@@ -352,7 +354,7 @@ def test_registry():
     assert get_method("spark") is SparK and SparK.name == "spark"
     for name, target in METHODS.items():
         assert ":" in target
-    with pytest.raises(UserError, match="unknown pretraining method 'mae'.*spark"):
+    with pytest.raises(UserError, match="unknown method 'mae'.*spark"):
         get_method("mae")
 
 

@@ -148,7 +148,6 @@ class SparK(Method):
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
         super().__init__(backbone, config)
         self.config.validate()
-        self._micro_step, self._micro = None, 0
         from sparkct.nn import SparseEncoder
 
         enc = SparseEncoder(backbone)  # validates the backbone (a torchvision ResNet) and gives the widths
@@ -191,13 +190,13 @@ class SparK(Method):
                          p_noise=0.0, p_blur=0.0)
 
     # --- masks --------------------------------------------------------------------------------------
-    def draw_mask(self, batch: int, grid: tuple[int, int], step: int, device, micro: int = 0) -> Tensor:
+    def draw_mask(self, batch: int, grid: tuple[int, int], step: int, device) -> Tensor:
         """(batch, GH, GW) bool, True = visible: this rank's rows of the masks drawn for the global batch
-        from ``step_generator(step, micro)``, so a resumed or a DDP run hides what one uninterrupted process
-        hides. The loader gives every rank an equal, contiguous share of each global batch, in rank order;
-        `micro` numbers the accumulation micro-batches of one optimizer step."""
+        from ``step_generator(step)`` (which also tells accumulation micro-batches apart), so a resumed or
+        a DDP run hides what one uninterrupted process hides. The loader gives every rank an equal,
+        contiguous share of each global batch, in rank order."""
         r, world = dist_utils.rank(), dist_utils.world_size()
-        m = cell_mask(batch * world, grid, self.config.mask_ratio, generator=self.step_generator(step, micro))
+        m = cell_mask(batch * world, grid, self.config.mask_ratio, generator=self.step_generator(step))
         return m[r * batch:(r + 1) * batch].to(device, non_blocking=True)
 
     # --- the model ----------------------------------------------------------------------------------
@@ -259,11 +258,8 @@ class SparK(Method):
     # --- the step -----------------------------------------------------------------------------------
     def training_step(self, batch: Tensor, step: int) -> tuple[Tensor, dict]:
         x = batch
-        # the trainer calls once per micro-batch with the optimizer step's number: count the calls so that
-        # accumulated micro-batches draw different masks (a resume starts at a step boundary, at 0)
-        self._micro = self._micro + 1 if step == self._micro_step else 0
-        self._micro_step = step
-        mask = self.draw_mask(x.shape[0], (x.shape[2] // CELL, x.shape[3] // CELL), step, x.device, self._micro)
+        # step_generator already tells accumulation micro-batches apart (the trainer sets self.micro)
+        mask = self.draw_mask(x.shape[0], (x.shape[2] // CELL, x.shape[3] // CELL), step, x.device)
         return self.reconstruction_loss(x, mask), {}
 
     def no_weight_decay(self) -> set[str]:
