@@ -104,6 +104,14 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _same_stat(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns)
+
+
 def build_dir(variant: str, torch_version: str) -> str:
     """The persistent object folder: one per interpreter, variant and environment (the torch headers'
     paths are in every command line, so two environments sharing one folder would rebuild each
@@ -128,7 +136,7 @@ def make_build_ext(base, build_temp: str):
         def run(self) -> None:
             build_py = self.get_finalized_command("build_py")
             # the library the user ends up loading: in place (--inplace, editable installs) or build_lib
-            self._targets = {ext.name: self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1]
+            self._targets = {ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
                              for ext in self.extensions}
             self._stamps = []
             super().run()
@@ -158,8 +166,8 @@ def make_build_ext(base, build_temp: str):
                     fresh = False
                 if fresh:
                     log(f"{ext.name} is up to date: nothing compiled, nothing linked ({self.build_temp})")
-                    if os.path.abspath(output) != os.path.abspath(target):
-                        os.makedirs(os.path.dirname(output), exist_ok=True)
+                    if not _same_stat(output, target):
+                        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
                         shutil.copy2(target, output)  # where setuptools expects the build result
                     return None
                 log(f"linking {os.path.basename(output)} ({len(objects)} objects)")
@@ -177,7 +185,8 @@ def make_build_ext(base, build_temp: str):
             build_py = self.get_finalized_command("build_py")
             for ext in self.extensions:
                 inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
-                if os.path.isfile(inplace_file) and _sha256(inplace_file) == _sha256(regular_file):
+                if _same_stat(inplace_file, regular_file) or (
+                        os.path.isfile(inplace_file) and _sha256(inplace_file) == _sha256(regular_file)):
                     continue
                 tmp = inplace_file + ".tmp"
                 shutil.copy2(regular_file, tmp)
@@ -192,7 +201,14 @@ def main() -> None:
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
 
+    import logging
+
     import torch
+
+    # "No CUDA runtime is found" only means no GPU is visible, which does not matter for compiling;
+    # the line below says what is built. Other warnings of cpp_extension (e.g. no ninja) still show.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda rec: not rec.getMessage().startswith("No CUDA runtime is found"))
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     torch_cuda = torch.version.cuda
@@ -245,9 +261,7 @@ def main() -> None:
                            extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
         log(f"building CPU kernels only ({'; '.join(reasons)}): torch {torch.__version__}, {len(sources)} sources")
         if not force_cpu:
-            log("#" * 78)
-            log("## WARNING: the CUDA kernels are NOT being compiled: " + "; ".join(reasons))
-            log("#" * 78)
+            log("WARNING: the CUDA kernels are NOT being compiled")
 
     setup(
         packages=find_packages(include=["sparkct", "sparkct.*"]),
