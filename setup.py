@@ -120,6 +120,15 @@ def build_dir(variant: str, torch_version: str) -> str:
     return os.path.join(ROOT, "build", f"{sys.implementation.cache_tag}-{variant}-{key}")
 
 
+def _use_environment_ninja() -> None:
+    """This environment's ninja first on PATH, also when its python or pip is called without activating
+    it: without ninja torch compiles every source on every build, and two ninja versions (a system
+    1.11 beside pip's 1.13) do not read each other's build log, so each switch rebuilds everything."""
+    bindir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bindir, "ninja")):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
 def make_build_ext(base, build_temp: str):
     """torch's BuildExtension with a persistent build folder and a link that runs only when needed.
 
@@ -127,6 +136,7 @@ def make_build_ext(base, build_temp: str):
     the library on every run; here the link is skipped when the objects, the link command and the
     target library are those of the last link, and the library is copied in place only when it
     differs, by an atomic rename (a running process keeps the old file)."""
+    _use_environment_ninja()  # before the command is constructed: torch looks for ninja then
 
     class BuildExt(base):
         def finalize_options(self) -> None:
