@@ -45,6 +45,7 @@ QUICK_CPU = [
     ("bench_data.py", "test_prepare_throughput", "j1"),
     ("bench_data.py", "test_loader_throughput", "read-only"),
     ("bench_data.py", "test_loader_throughput", "default-augment"),
+    ("bench_contrastive.py", "test_method_step", "cpu-simclr-*"),              # naive, fused, chunked
 ]
 
 
@@ -70,6 +71,10 @@ def _interrupt(signum, frame):
 
 
 def _quick(item) -> bool:
+    """In the default run: a CUDA case, a QUICK_CPU case, or any case of a file QUICK_CPU does not
+    list (a new benchmark file runs whole until it gets its entries)."""
+    if "cuda" in item.keywords or item.path.name not in {f for f, _, _ in QUICK_CPU}:
+        return True
     spec = getattr(item, "callspec", None)
     pid = spec.id if spec is not None else ""
     return any(item.path.name == f and getattr(item, "originalname", item.name) == fn and fnmatch.fnmatchcase(pid, p)
@@ -88,8 +93,8 @@ def pytest_collection_modifyitems(config, items):
     full = (config.getoption("bench_full") or os.environ.get("SPARKCT_BENCH_FULL", "") == "1"
             or _explicit_selection(config))
     if not full:
-        keep = [it for it in items if "cuda" in it.keywords or _quick(it)]
-        dropped = [it for it in items if not ("cuda" in it.keywords or _quick(it))]
+        keep = [it for it in items if _quick(it)]
+        dropped = [it for it in items if not _quick(it)]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = keep
@@ -129,6 +134,10 @@ class _Progress:
             what = "full grid" if full else "quick subset (SPARKCT_BENCH_FULL=1 or --bench-full: the full grid)"
             tr.write_line(f"sparkct benchmarks: {self.total} cases to run, {what}; "
                           f"results so far in {self.path}")
+            listed = {f for f, _, _ in QUICK_CPU}
+            whole = sorted({it.path.name for it in items if it.path.name not in listed})
+            if whole and not full:
+                tr.write_line(f"  run whole (no quick cases listed in benchmarks/conftest.py): {', '.join(whole)}")
 
     def record(self, report, row: dict | None) -> None:
         self.cases.append({"nodeid": report.nodeid, "outcome": report.outcome,

@@ -38,6 +38,9 @@ def bench_dir(tmp_path):
     for f in ("conftest.py", "benchkit.py"):
         shutil.copy(os.path.join(ROOT, "benchmarks", f), d / f)
     (d / "bench_info_nce.py").write_text(_BENCH)
+    # a benchmark file conftest's quick list does not know yet: runs whole by default
+    (d / "bench_new.py").write_text("import pytest\n\n@pytest.mark.parametrize('i', [0, 1])\n"
+                                    "def test_new(i):\n    pass\n")
     return d
 
 
@@ -55,18 +58,19 @@ def _run(bench_dir, *args, **env):
 def test_default_run_is_the_quick_subset_with_progress(bench_dir):
     r, prog = _run(bench_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 passed, 2 deselected" in r.stdout
-    assert "[  1/2 " in r.stdout and "[  2/2 " in r.stdout
+    assert "4 passed, 2 deselected" in r.stdout and "run whole" in r.stdout and "bench_new.py" in r.stdout
+    assert "[  1/4 " in r.stdout and "[  4/4 " in r.stdout
     assert prog["complete"] is True and not prog["full_grid"]
-    assert [c["nodeid"].split("[")[1] for c in prog["cases"]] == [
+    timed = [c for c in prog["cases"] if "test_info_nce" in c["nodeid"]]
+    assert [c["nodeid"].split("[")[1] for c in timed] == [
         "cpu-fp32-2N8192-D128-fwd+bwd-naive]", "cpu-fp32-2N8192-D128-fwd+bwd-fused]"]
-    assert all(c["figures"]["median_s"] > 0 for c in prog["cases"])
+    assert all(c["figures"]["median_s"] > 0 for c in timed)
 
 
 def test_interrupted_full_run_keeps_what_it_measured(bench_dir):
     r, prog = _run(bench_dir, SPARKCT_BENCH_FULL="1", STOP_AT="cpu-fp32-2N16384-D512-fwd-naive")
     assert r.returncode == 2, r.stdout + r.stderr  # pytest's "interrupted"
-    assert "[  2/4 " in r.stdout and prog["full_grid"]
+    assert "[  2/6 " in r.stdout and prog["full_grid"]
     assert prog["complete"] is False and prog["exitstatus"] == 2
     assert [c["outcome"] for c in prog["cases"]] == ["passed", "passed"]
     assert "sparkct derived figures" in r.stdout  # the table of what was measured
