@@ -45,7 +45,8 @@ def bench_dir(tmp_path):
 
 
 def _run(bench_dir, *args, **env):
-    cmd = [sys.executable, "-m", "pytest", "-q", str(bench_dir), "-p", "no:cacheprovider", "--rootdir", str(bench_dir),
+    cmd = [sys.executable, "-m", "pytest", "-q", str(bench_dir), "-p", "no:cacheprovider", "-c", os.devnull,
+           "--rootdir", str(bench_dir),
            "-o", "python_files=bench_*.py", "--benchmark-json", str(bench_dir / "bench.json"),
            "--bench-progress", str(bench_dir / "progress.json"), *args]
     e = {k: v for k, v in os.environ.items() if not k.startswith("SPARKCT_BENCH")}
