@@ -10,6 +10,13 @@ Environment switches
   CUDA_HOME                  the toolkit root (the folder above nvcc's bin/); found from nvcc otherwise
   MAX_JOBS                   parallel compile jobs (ninja)
 
+Incremental builds: objects live in a persistent folder, build/<python>-<cuda|cpu>-<env hash>/ (one per
+environment and variant), never in the temporary folder pip hands to editable/wheel builds, so
+ninja recompiles only sources whose text, included headers or command line changed; the link is
+skipped when no object changed and the installed library is the one last linked (a stamp in that
+folder). `python setup.py build_ext --inplace` (what scripts/setup.sh runs) and
+`pip install --no-build-isolation -e .` share it. `rm -rf build` forces a full rebuild.
+
 No GPU is needed to compile the CUDA sources: headers and libraries of pip's CUDA wheels
 (site-packages/nvidia/...) are added to the search paths, so a toolkit that has only nvcc and
 the runtime is enough.
@@ -17,6 +24,8 @@ the runtime is enough.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -102,6 +111,115 @@ def pip_cuda_dirs() -> tuple[list[str], list[str]]:
     return incs, libs
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _same_stat(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns)
+
+
+def build_dir(variant: str, torch_version: str) -> str:
+    """The persistent object folder: one per interpreter, variant and environment (the torch headers'
+    paths are in every command line, so two environments sharing one folder would rebuild each
+    other's objects)."""
+    key = hashlib.sha256(f"{sys.prefix}|{torch_version}".encode()).hexdigest()[:10]
+    return os.path.join(ROOT, "build", f"{sys.implementation.cache_tag}-{variant}-{key}")
+
+
+def _use_environment_ninja() -> None:
+    """This environment's ninja first on PATH, also when its python or pip is called without activating
+    it: without ninja torch compiles every source on every build, and two ninja versions (a system
+    1.11 beside pip's 1.13) do not read each other's build log, so each switch rebuilds everything."""
+    bindir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bindir, "ninja")):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def make_build_ext(base, build_temp: str):
+    """torch's BuildExtension with a persistent build folder and a link that runs only when needed.
+
+    torch sets `force` (ninja decides what to compile), which also makes distutils relink and recopy
+    the library on every run; here the link is skipped when the objects, the link command and the
+    target library are those of the last link, and the library is copied in place only when it
+    differs, by an atomic rename (a running process keeps the old file)."""
+    _use_environment_ninja()  # before the command is constructed: torch looks for ninja then
+
+    class BuildExt(base):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.build_temp = build_temp  # pip's editable/wheel builds pass a fresh temporary folder
+
+        def run(self) -> None:
+            build_py = self.get_finalized_command("build_py")
+            # the library the user ends up loading: in place (--inplace, editable installs) or build_lib
+            self._targets = {ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
+                             for ext in self.extensions}
+            self._stamps = []
+            super().run()
+            for stamp, sig, target in self._stamps:
+                os.makedirs(os.path.dirname(stamp), exist_ok=True)
+                tmp = stamp + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"signature": sig, "target": target, "sha256": _sha256(target)}, f)
+                os.replace(tmp, stamp)
+
+        def build_extension(self, ext) -> None:
+            target = self._targets[ext.name]
+            stamp = os.path.join(self.build_temp, f"link-{ext.name}.json")
+            link = self.compiler.link_shared_object
+
+            def link_if_changed(objects, output, *args, **kwargs):
+                sig = hashlib.sha256(json.dumps({
+                    "objects": [(o, os.stat(o).st_size, os.stat(o).st_mtime_ns) for o in objects],
+                    "linker": self.compiler.linker_so, "args": args, "kwargs": kwargs,
+                    "output": os.path.basename(output)}, default=str, sort_keys=True).encode()).hexdigest()
+                try:
+                    with open(stamp) as f:
+                        last = json.load(f)
+                    fresh = (last["signature"] == sig and last["target"] == target
+                             and os.path.isfile(target) and last["sha256"] == _sha256(target))
+                except (OSError, ValueError, KeyError):
+                    fresh = False
+                if fresh:
+                    log(f"{ext.name} is up to date: nothing compiled, nothing linked ({self.build_temp})")
+                    if not _same_stat(output, target):
+                        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+                        shutil.copy2(target, output)  # where setuptools expects the build result
+                    return None
+                log(f"linking {os.path.basename(output)} ({len(objects)} objects)")
+                result = link(objects, output, *args, **kwargs)
+                self._stamps.append((stamp, sig, target))
+                return result
+
+            self.compiler.link_shared_object = link_if_changed
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+
+        def copy_extensions_to_source(self) -> None:
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                if _same_stat(inplace_file, regular_file) or (
+                        os.path.isfile(inplace_file) and _sha256(inplace_file) == _sha256(regular_file)):
+                    continue
+                tmp = inplace_file + ".tmp"
+                shutil.copy2(regular_file, tmp)
+                os.replace(tmp, inplace_file)
+
+    return BuildExt
+
+
 def main() -> None:
     reject_fast_math()
     force_cpu = truthy("SPARKCT_FORCE_CPU")
@@ -109,7 +227,14 @@ def main() -> None:
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
 
+    import logging
+
     import torch
+
+    # "No CUDA runtime is found" only means no GPU is visible, which does not matter for compiling;
+    # the line below says what is built. Other warnings of cpp_extension (e.g. no ninja) still show.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda rec: not rec.getMessage().startswith("No CUDA runtime is found"))
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     torch_cuda = torch.version.cuda
@@ -121,6 +246,7 @@ def main() -> None:
     if not force_cpu and cuda_home is None:
         reasons.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
     with_cuda = not reasons
+    variant = "cuda" if with_cuda else "cpu"
     if not with_cuda and truthy("SPARKCT_FORCE_CUDA"):
         raise SystemExit("SPARKCT_FORCE_CUDA is set but CUDA kernels cannot be built: " + "; ".join(reasons))
 
@@ -161,12 +287,13 @@ def main() -> None:
                            extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
         log(f"building CPU kernels only ({'; '.join(reasons)}): torch {torch.__version__}, {len(sources)} sources")
         if not force_cpu:
-            log("WARNING: CUDA kernels are NOT being compiled")
+            log("WARNING: the CUDA kernels are NOT being compiled")
 
     setup(
         packages=find_packages(include=["sparkct", "sparkct.*"]),
         ext_modules=[ext],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": make_build_ext(BuildExtension.with_options(use_ninja=True),
+                                              build_dir(variant, torch.__version__))},
     )
 
 
