@@ -76,7 +76,8 @@ class ExperimentConfig:
     pretrain_patients: int = _h("built-in data: unlabelled pretraining patients", default=8)
     synth_size: int = _h("built-in data: slice size", default=96)
     synth_slices: int = _h("built-in data: slices per series", default=12)
-    set: list = _h("method option METHOD.FIELD=VALUE (repeatable), e.g. spark.mask_ratio=0.75",
+    set: list = _h("METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
+                   "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
                    default_factory=list)
 
     def lists(self) -> tuple[list[str], list[float], list[int]]:

@@ -174,13 +174,18 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     from sparkct.train.config import TrainConfig, config_to_dict
     from sparkct.train.trainer import Trainer, build_method
 
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for m in pre_methods:
         cls = get_method(m)
-        mcfg = _typed(cls.config_class, overrides.get(m, {}))
+        opts = overrides.get(m, {})
+        mcfg = _typed(cls.config_class, {k: v for k, v in opts.items() if k not in train_fields})
         tcfg = TrainConfig(data=pre_cache, arch=cfg.arch, windows=cfg.windows, crop=cfg.crop,
                            epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, device=cfg.device, amp=cfg.amp,
                            seed=0, progress=False, tensorboard=False, log_every=5, ckpt_every=25, keep=1,
                            preview_every=0)
+        for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}).__dict__.items():
+            if k in opts:
+                setattr(tcfg, k, v)
         key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
         run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
         tcfg.out = run_dir
