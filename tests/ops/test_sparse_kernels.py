@@ -16,6 +16,8 @@ ops = torch.ops.sparkct
 
 
 def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
+    if ratio >= 1:  # every cell masked (cell_mask draws ratios in [0, 1) only)
+        return torch.zeros(B, gh, gw, dtype=torch.bool, device=device)
     mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
         mask[0] = False  # a fully masked sample
@@ -229,6 +231,8 @@ def test_gradcheck_float64(kernels):
     assert torch.autograd.gradgradcheck(lambda t: S.halo(t, L, 1), (p,))
     assert torch.autograd.gradgradcheck(lambda t: S.im2col(t, L, 3, 1, 1), (p,))
     assert torch.autograd.gradgradcheck(lambda t, f: S.unpack(t, L, f), (p, fill))
+    assert torch.autograd.gradgradcheck(lambda t: S.pack(t, L), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: S.halo(t, L, 2, 0.5, -0.25), (p,))
 
 
 def test_opcheck(device):
