@@ -12,6 +12,24 @@ kernels never form the (2N)^2 or N x K logits: a tiled forward keeps one log-sum
 the backward recomputes the tiles from it, so the extra memory is O(rows + tile) (plus
 gradient-sized fp32 accumulators), not O(rows x cols).
 
+Any magnitude: rows whose largest |x| lies outside [2^-49, 2^48) (fp32/bf16; fp64: 2^+-480) are
+scaled by an exact power of two before their squares and dot products are formed, so 1e19 or
+1e-30 embeddings (which overflow or underflow fp32 squares) give the normalized definition's loss
+and gradients; ordinary rows compute exactly what they would without it (csrc/info_nce.h).
+
+Temperature: any tau > 0. The logits are ~1/tau and are formed in fp32 (fp64 for fp64 input), so
+like any fp32 implementation the loss carries an absolute error of ~2^-24 / tau per logit; the
+backward reuses the forward's own rounded logits against its LSE, which keeps the gradients as
+accurate as a naive fp32 cross-entropy down to tau = 1e-7 (tests/ops/test_info_nce.py). Where two
+logits of a row lie within ~2^-24 / tau of each other, fp32 cannot resolve them (naive fp32 cannot
+either); compute in float64 there.
+
+Double backward (Hessian-vector products, gradient penalties): supported. The backward op has
+autograd of its own that differentiates the plain-PyTorch definition twice, which forms the full
+logits: O(rows x cols) memory at second order (first order stays O(rows)). A tensor temperature
+that requires grad is refused (the kernels take it as a constant); sparkct.ops.reference.info_nce
+differentiates in it.
+
 ``gather_distributed=True`` (torch.distributed initialized, world size > 1; ranks may hold
 different N): every rank's embeddings serve as negatives. Each rank's loss is the mean over its own
 2N anchors against all ranks' embeddings; the gather carries gradients (summed over ranks in the
