@@ -4,8 +4,8 @@ Environment switches
   SPARKCT_FORCE_CPU=1        build without CUDA kernels even where nvcc and a CUDA torch exist
   SPARKCT_FORCE_CUDA=1       fail instead of falling back to a CPU-only build when CUDA cannot be built
   TORCH_CUDA_ARCH_LIST       archs to compile for; default: the visible GPUs, else "8.0;9.0"
-  SPARKCT_NVCC_FLAGS         extra nvcc flags (space separated)
-  SPARKCT_CXX_FLAGS          extra host compiler flags
+  SPARKCT_NVCC_FLAGS         extra nvcc flags (space separated; fast-math flags are rejected)
+  SPARKCT_CXX_FLAGS          extra host compiler flags (idem)
   SPARKCT_DEBUG=1            -O0 -g (and -lineinfo for nvcc)
   CUDA_HOME                  the toolkit root (the folder above nvcc's bin/); found from nvcc otherwise
   MAX_JOBS                   parallel compile jobs (ninja)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -34,6 +35,20 @@ def log(msg: str) -> None:
 
 def truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# The kernels need IEEE semantics: the host compiler's fast-math folds their NaN checks (x != x and
+# std::isnan alike) to false, and nvcc's --use_fast_math makes the simple kernels -- the GPU tests'
+# oracle -- use approximate exp / division / sqrt and flush fp32 subnormals to zero.
+FAST_MATH = re.compile(r"use[_-]fast[_-]math|(?<!no-)fast-math|(?<!no-)finite-math-only|^-Ofast$")
+
+
+def reject_fast_math(env=os.environ) -> None:
+    for name in ("SPARKCT_NVCC_FLAGS", "SPARKCT_CXX_FLAGS"):
+        bad = [t for t in env.get(name, "").split() if any(FAST_MATH.search(p) for p in re.split(r"[=,]", t))]
+        if bad:
+            raise SystemExit(f"{name}: {' '.join(bad)} is not supported: sparkct's kernels rely on NaN checks "
+                             "and exact exp / division / sqrt, which fast-math removes; drop the flag")
 
 
 def find_cuda_home() -> str | None:
@@ -88,6 +103,7 @@ def pip_cuda_dirs() -> tuple[list[str], list[str]]:
 
 
 def main() -> None:
+    reject_fast_math()
     force_cpu = truthy("SPARKCT_FORCE_CPU")
     cuda_home = None if force_cpu else find_cuda_home()
     if cuda_home:

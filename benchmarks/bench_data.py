@@ -40,7 +40,7 @@ def dicom512(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache256(tmp_path_factory):
-    from sparkct.data.cache import prepare
+    from sparkct.data import prepare
     from sparkct.data.synthetic import synth
     src = str(tmp_path_factory.mktemp("synth256"))
     synth(src, patients=4, seed=1, size=256, thickness=2.5, series_per_patient=(1, 1), slices=100, localizer=False)
@@ -78,7 +78,7 @@ def test_pydicom_decode_baseline(benchmark, dicom512):
 @pytest.mark.parametrize("workers,resample", [(1, False), (1, True), (2, False)],
                          ids=["j1", "j1-resample224", "j2"])
 def test_prepare_throughput(benchmark, dicom512, tmp_path, workers, resample):
-    from sparkct.data.cache import SliceCache, prepare
+    from sparkct.data import SliceCache, prepare
     make = _fresh(str(tmp_path))
     kw = dict(spacing=1.6, size=224) if resample else {}
     secs = []

@@ -2,6 +2,13 @@
 // exercise the same index and reduction arithmetic the GPU kernels use.
 #pragma once
 
+// The kernels test for NaN (x != x, isnan) to propagate it; host fast-math (-ffast-math, -Ofast,
+// -ffinite-math-only) folds those tests to "false" and would turn NaN inputs into wrong finite results.
+// setup.py rejects such flags in SPARKCT_*_FLAGS; this catches every other route (CFLAGS, CXXFLAGS, ...).
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "sparkct must not be compiled with fast-math / finite-math-only: its NaN checks would be folded away"
+#endif
+
 #include <cmath>
 #include <cstdint>
 

@@ -9,7 +9,6 @@ import argparse
 import platform
 import sys
 
-from sparkct.device import DEVICE_CHOICES_HELP
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -51,20 +50,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.data.cli"]  # `sparkct data ...`
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from sparkct.device import resolve_device
-    from sparkct.pipeline import PipelineConfig, run_pipeline
-
-    resolve_device(args.device)
-    cfg = PipelineConfig(workdir=args.workdir, dicom=args.dicom, patients=args.patients, size=args.size,
-                         slices=args.slices, arch=args.arch, batch=args.batch, crop=args.crop,
-                         mask_ratio=args.mask_ratio, steps=args.steps, seed=args.seed, device=args.device,
-                         workers=args.jobs)
-    report = run_pipeline(cfg)
-    return 0 if report["checks_passed"] else 1
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`,
+# `sparkct finetune/report`, `sparkct data ...`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -87,23 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions, build (CUDA version/archs) and visible devices")
     s.set_defaults(func=cmd_info)
-    s = sub.add_parser(
-        "pipeline", help="the main job: CT data -> cache -> SparK sparse encoder and fused InfoNCE, "
-        "checked against the references and timed (see sparkct/pipeline.py)")
-    s.add_argument("--workdir", default="runs/main", help="synthetic data, cache and report.json go here")
-    s.add_argument("--dicom", default=None, help="a DICOM tree to use instead of the built-in synthetic CT")
-    s.add_argument("--patients", type=int, default=6, help="synthetic patients")
-    s.add_argument("--size", type=int, default=256, help="synthetic slice size")
-    s.add_argument("--slices", type=int, default=40, help="synthetic slices per series")
-    s.add_argument("--arch", default="resnet18", help="torchvision ResNet (resnet18 ... resnet152)")
-    s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--crop", type=int, default=224)
-    s.add_argument("--mask-ratio", type=float, default=0.6)
-    s.add_argument("--steps", type=int, default=3, help="timed steps (after one checked warm-up step)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto", help=DEVICE_CHOICES_HELP)
-    s.add_argument("-j", "--jobs", type=int, default=1, help="prepare worker processes")
-    s.set_defaults(func=cmd_pipeline)
     # Command groups defined next to the code they drive; each module has register(subparsers).
     import importlib
     import importlib.util
@@ -117,9 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     from sparkct.errors import UserError
 
     args = build_parser().parse_args(argv)
-    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None)) if x)
+    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None),
+                                getattr(args, "method", None)) if x)
+    from sparkct.errors import TrainingDiverged
     try:
         return args.func(args)
+    except TrainingDiverged as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         if args.verbose:
             raise

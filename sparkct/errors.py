@@ -5,8 +5,13 @@ library callers get a ValueError they can catch. Real bugs stay ordinary excepti
 """
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "TrainingDiverged"]
 
 
 class UserError(ValueError):
     """A mistake the user can fix; the message names the problem (and, where useful, the fix)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf: the run stopped without saving that state (the last good checkpoint
+    stays). The CLI prints it in one line with exit status 1."""

@@ -290,11 +290,18 @@ struct TC16Layout {
   using S = T;  // smem operand type
   static constexpr int BK = 32, LDK = BK + 8, LDW = kBN + 8, LDX = kDC + 8;
   static constexpr bool kSeparateW = true;  // W is converted to T in its own buffer
+  // W (in [-2, 2]) is stored times 2^13 and the product unscaled in o_store (both exact: powers of
+  // two). Unscaled, fp16 keeps only an absolute step of 6e-8 below 6e-5 and flushes values below
+  // 3e-8 to zero, while a negative's coefficient is ~1 / M (at M = 65,536 up to ~0.4 % off).
+  // Scaled, W stays a normal fp16 number down to 7e-9, and |W| up to 8 still fits (4x its range).
+  // For bf16 (fp32's exponent range) the scaling changes nothing.
+  static constexpr float kWScale = 8192.0f;
 };
 struct TF32Layout {
   using S = float;
   static constexpr int BK = 16, LDK = BK + 4, LDW = kLDS, LDX = kDC + 4;
   static constexpr bool kSeparateW = false;  // W overwrites the fp32 similarity tile in place
+  static constexpr float kWScale = 1.0f;     // W stays fp32 (TF32 keeps fp32's exponent range)
 };
 
 // WMMA with bf16 / TF32 operands needs sm_80. Device passes for older archs get layout-only stubs;
@@ -416,7 +423,7 @@ struct MmaWmma : F::Layout {
         for (int e = lane; e < 256; e += 32) {
           const int64_t ag = a0 + wm * 32 + i * 16 + e / 16;
           const int64_t k = c0 + wn * 64 + j * 16 + e % 16;
-          if (ag < own_rows && k < d) G.row(ag, sp)[k] = stage[e];
+          if (ag < own_rows && k < d) G.row(ag, sp)[k] = stage[e] * (1.0f / L::kWScale);
         }
         __syncwarp();
       }
@@ -765,7 +772,7 @@ __device__ __forceinline__ void grad_fast_body(Rows<const T> own, Rows<const T> 
           w = nce::coef_sym(l, lse_ot[a], lse_xt[b], nce::is_self(g, ag, bg), nce::is_pos(g, ag, bg), ex);
         }
       }
-      if constexpr (P::kSeparateW) Ws[a * P::LDW + b] = from_f<S>(w);
+      if constexpr (P::kSeparateW) Ws[a * P::LDW + b] = from_f<S>(w * P::kWScale);
       else Ss[a * kLDS + b] = w;
     }
     load_tile_scaled<kDC>(Xs, P::LDX, other, b0, kBN, c0, inv_xt);  // other_hat = other * inv

@@ -293,10 +293,14 @@ std::tuple<Tensor, Tensor> unpack_backward_cuda(const Tensor& grad, const Tensor
   Tensor gpacked = pack_cuda(grad, cells, cell_map, channels_last);
   Tensor gfill = at::empty({fill_grad ? grad.size(1) : 0}, grad.options());
   if (fill_grad && gfill.numel() > 0) {
-    // A per-channel reduction over the masked cells: ATen's deterministic reductions, accumulated in fp32.
-    const Tensor masked = cell_map.lt(0).repeat_interleave(c, 1).repeat_interleave(c, 2).unsqueeze(1);
+    // A per-channel sum over the masked cells: ATen's deterministic reductions, accumulated in fp32.
+    // A where, not grad * mask: a non-finite gradient at a visible position (an fp16 overflow under
+    // AMP) must not reach the fill's gradient as inf * 0 = NaN; the CPU op skips visible cells.
+    const int64_t B = grad.size(0), C = grad.size(1), gh = cell_map.size(1), gw = cell_map.size(2);
+    const Tensor masked = cell_map.lt(0).view({B, 1, gh, 1, gw, 1});
+    const Tensor g6 = grad.view({B, C, gh, c, gw, c});  // splits H and W: a view for any strides
     const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    gfill.copy_(at::sum(grad * masked.to(grad.scalar_type()), {0, 2, 3}, false, acc));
+    gfill.copy_(at::sum(at::where(masked, g6, 0), {0, 2, 3, 4, 5}, false, acc));
   }
   return {gpacked, gfill};
 }

@@ -11,9 +11,10 @@ import importlib
 _EXPORTS = {
     # dicom / nifti reading
     "CTVolume": "dicom", "read_series": "dicom", "iter_series": "dicom", "read_header": "dicom",
-    "plan_series": "dicom", "SkipFile": "dicom", "read_nifti": "nifti",
-    # cache
-    "prepare": "cache", "PrepareReport": "cache", "SliceCache": "cache", "CacheSettingsError": "cache",
+    "plan_series": "dicom", "SkipFile": "dicom", "PixelLimits": "dicom", "read_nifti": "nifti",
+    # the cache: preparing it, reading it
+    "prepare": "preparing", "PrepareReport": "preparing", "CacheSettingsError": "preparing",
+    "SliceCache": "cache",
     # resampling
     "resample_slices": "resample",
     # windows
@@ -24,7 +25,7 @@ _EXPORTS = {
     # datasets
     "CTSliceDataset": "datasets", "CTLabelledDataset": "datasets", "patient_split": "datasets",
     "patient_subset": "datasets", "SliceLoader": "datasets", "collate_batch": "datasets",
-    "tune_malloc": "datasets", "RunBatchSampler": "datasets",
+    "tune_malloc": "datasets", "RunBatchSampler": "datasets", "takes_generator": "datasets",
     # images
     "ImageFolderSlices": "images",
     # synthetic data

@@ -18,10 +18,16 @@ def new_salt() -> str:
 def salted_hash(salt: str, value: str, n: int = 16) -> str:
     """Hex digest (n chars) of value under salt: a pseudonym that cannot be reversed without the salt
     and a dictionary of candidate values."""
-    h = hashlib.blake2b(value.encode("utf-8"), key=bytes.fromhex(salt)[:64], digest_size=32)
+    h = hashlib.blake2b(_bytes(value), key=bytes.fromhex(salt)[:64], digest_size=32)
     return h.hexdigest()[:n]
 
 
 def stable_hash(value: str, n: int = 16) -> str:
     """Unsalted digest for non-identifying keys (series keys, file names of shards)."""
-    return hashlib.sha1(value.encode("utf-8")).hexdigest()[:n]
+    return hashlib.sha1(_bytes(value)).hexdigest()[:n]
+
+
+def _bytes(value: str) -> bytes:
+    # File names need not be UTF-8: Python reads their odd bytes as surrogate escapes, which must
+    # hash as the original bytes rather than fail.
+    return value.encode("utf-8", "surrogateescape")

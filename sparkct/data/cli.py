@@ -1,8 +1,15 @@
-"""``sparkct data ...``: synth, prepare, info, show, read."""
+"""``sparkct data ...``: synth, prepare, info, show, read.
+
+Each command checks its arguments before it reads or writes anything; a mistake raises
+:class:`sparkct.errors.UserError`, which ``sparkct`` prints in one line (exit status 2).
+"""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+from sparkct.errors import UserError
 
 
 class _TqdmHandler(logging.Handler):
@@ -16,19 +23,36 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+def _setup_logging(quiet: bool, debug: bool = False) -> None:
     log = logging.getLogger("sparkct.data")
     if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
         h = _TqdmHandler()
         h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(h)
         log.propagate = False
-    log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.ERROR if quiet else logging.DEBUG if debug else logging.INFO)
+
+
+def _output_file(path: str, what: str) -> str:
+    """Check that `path` can be written as a new file: its folder exists and it is not a folder."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UserError(f"{what} {path!r}: folder {d!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder")
+    return path
+
+
+def _cache(path: str):
+    from .cache import SliceCache
+    return SliceCache(path)
 
 
 def cmd_synth(args) -> int:
-    from .synthetic import synth
+    from .synthetic import _check_synth_args, synth
 
+    _check_synth_args(args.dst, args.patients, args.size, args.thickness, (args.min_series, args.max_series),
+                      args.p_finding, args.slices)
     _setup_logging(args.quiet)
     rep = synth(args.dst, patients=args.patients, seed=args.seed, size=args.size, thickness=args.thickness,
                 series_per_patient=(args.min_series, args.max_series), p_finding=args.p_finding,
@@ -38,17 +62,16 @@ def cmd_synth(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .cache import CacheSettingsError, prepare
+    from .dicom import PixelLimits
+    from .preparing import prepare
 
-    _setup_logging(args.quiet, args.verbose)
+    limits = PixelLimits(args.max_slice_pixels, args.max_file_pixels)
+    _setup_logging(args.quiet, args.debug)
     try:
         rep = prepare(args.src, args.dst, spacing=args.spacing, size=args.size, clip_min=args.clip_min,
                       clip_max=args.clip_max, order=args.order, antialias=not args.no_antialias,
                       workers=args.jobs, device=args.device, progress=not args.quiet, reset=args.reset,
-                      show_paths=args.show_paths, patient_from=args.patient_from)
-    except (CacheSettingsError, FileNotFoundError, ValueError) as e:
-        print(f"sparkct data prepare: error: {e}", file=sys.stderr)
-        return 2
+                      show_paths=args.show_paths, patient_from=args.patient_from, limits=limits)
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
         return 130
@@ -59,9 +82,9 @@ def cmd_prepare(args) -> int:
 def cmd_info(args) -> int:
     import numpy as np
 
-    from .cache import SliceCache
-
-    c = SliceCache(args.cache)
+    if args.csv:
+        _output_file(args.csv, "--csv")
+    c = _cache(args.cache)
     s = c.series
     print(f"cache      {args.cache}")
     print(f"settings   {c.manifest['settings']}")
@@ -95,31 +118,74 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _window_names(spec: str) -> list[tuple[str, float, float]]:
+    from .windows import resolve_windows
+
+    names = [w.strip() for w in spec.split(",") if w.strip()]
+    try:
+        ws = resolve_windows(names)
+    except ValueError as e:
+        raise UserError(f"--windows: {e}") from None
+    return [(n, c, w) for n, (c, w) in zip(names, ws)]
+
+
+def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile: int = 256):
+    """A PIL image: one row per slice of `indices`, one greyscale tile per window (name, center,
+    width), each captioned with its series, slice and window."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .windows import apply_windows
+
+    font_px = max(9, min(16, tile // 18))
+    try:
+        font = ImageFont.load_default(size=font_px)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    line = font_px + 3
+    cap = 2 * line + 4
+    sheet = Image.new("L", (len(windows) * tile, len(indices) * (tile + cap)), color=0)
+    short = tile < 160  # captions are clipped to their tile: shorter words for small tiles
+    for r, i in enumerate(indices):
+        s = int(cache.slice_series[i])
+        k, n = int(cache.slice_index[i]), int(cache.series["n"][s])
+        hu = cache[i]
+        y = r * (tile + cap)
+        for c, (name, center, width) in enumerate(windows):
+            g = apply_windows(hu, [(center, width)])[0]  # (H, W) in [0, 1]
+            img = Image.fromarray(np.rint(g * 255).astype(np.uint8), mode="L").resize((tile, tile), Image.BILINEAR)
+            label = Image.new("L", (tile, cap), color=0)
+            draw = ImageDraw.Draw(label)
+            draw.text((3, 2), f"s{s} {k + 1}/{n}" if short else f"series {s}  slice {k + 1}/{n}", fill=255, font=font)
+            draw.text((3, 2 + line), name if short else f"{name} (C {center:g}, W {width:g})", fill=200, font=font)
+            if c:
+                draw.line([(0, 0), (0, cap - 1)], fill=90)
+            x = c * tile
+            sheet.paste(label, (x, y))
+            sheet.paste(img, (x, y + cap))
+    return sheet
+
+
 def cmd_show(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .cache import SliceCache
-    from .windows import apply_windows
-
-    c = SliceCache(args.cache)
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise UserError(f"--out {args.out!r}: not an image file name (.png, .jpg, ...)")
+    _output_file(args.out, "--out")
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if not 16 <= args.tile <= 2048:
+        raise UserError(f"--tile must be in [16, 2048] pixels, got {args.tile}")
+    windows = _window_names(args.windows)
+    c = _cache(args.cache)
     if len(c) == 0:
-        print("empty cache", file=sys.stderr)
-        return 1
+        raise UserError(f"the cache {args.cache!r} holds no slices")
     rng = np.random.default_rng(args.seed)
     idx = np.sort(rng.choice(len(c), size=min(args.n, len(c)), replace=False))
-    tiles = []
-    for i in idx:
-        w = apply_windows(c[i], args.windows)  # (C, H, W)
-        img = (w[:3] if w.shape[0] >= 3 else np.repeat(w[:1], 3, 0)).transpose(1, 2, 0)
-        tiles.append(Image.fromarray((img * 255).astype(np.uint8)).resize((args.tile, args.tile)))
-    cols = int(np.ceil(np.sqrt(len(tiles))))
-    rows = int(np.ceil(len(tiles) / cols))
-    sheet = Image.new("RGB", (cols * args.tile, rows * args.tile))
-    for k, t in enumerate(tiles):
-        sheet.paste(t, ((k % cols) * args.tile, (k // cols) * args.tile))
-    sheet.save(args.out)
-    print(f"wrote {args.out} ({len(tiles)} slices)")
+    contact_sheet(c, idx, windows, args.tile).save(args.out)
+    print(f"wrote {args.out} ({len(idx)} slices x {len(windows)} windows)")
     return 0
 
 
@@ -128,6 +194,8 @@ def cmd_read(args) -> int:
 
     from .nifti import is_nifti, read_nifti
 
+    if not os.path.exists(args.path):
+        raise FileNotFoundError(f"no such file or folder: {args.path!r}")
     if is_nifti(args.path):
         vols = [read_nifti(args.path)]
     else:
@@ -148,59 +216,82 @@ def cmd_read(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="CT data: synth, prepare, info, show, read",
-                              description="CT data: synthetic DICOM, the prepared slice cache, inspection")
-    sub = p.add_subparsers(dest="data_command", required=True)
+    # No torch, pydicom or numpy here: `sparkct -h` must stay instant.
+    p = subparsers.add_parser(
+        "data", help="CT data: synthetic DICOM, the prepared slice cache, inspection",
+        description="CT data: write synthetic chest CT (synth), turn DICOM/NIfTI into a slice cache "
+                    "(prepare), and look at caches (info, show) and series (read).")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("synth", help="write synthetic chest CT DICOM series with labelled nodules")
-    s.add_argument("dst")
-    s.add_argument("--patients", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
-    s.add_argument("--thickness", type=float, default=None, help="slice thickness = spacing, mm (default random per series)")
-    s.add_argument("--slices", type=int, default=None, help="slices per series (default: the whole chest)")
-    s.add_argument("--min-series", type=int, default=1)
-    s.add_argument("--max-series", type=int, default=2)
+    s = sub.add_parser("synth", help="write synthetic chest CT DICOM series with labelled nodules",
+                       description="Write procedurally generated chest CT as real DICOM (one file per "
+                                   "slice), with per-series and per-slice nodule labels (CSV).")
+    s.add_argument("dst", help="output folder (dicom/, labels.csv, slice_labels.csv, nodules.csv)")
+    s.add_argument("--patients", type=int, default=8, help="number of patients")
+    s.add_argument("--seed", type=int, default=0, help="everything is a function of the seed")
+    s.add_argument("--size", type=int, default=256, help="rows = columns of each slice (32-2048)")
+    s.add_argument("--thickness", type=float, default=None,
+                   help="slice thickness = spacing in mm (unset: random per series, 2.5-5 mm)")
+    s.add_argument("--slices", type=int, default=None, help="slices per series (unset: the whole chest)")
+    s.add_argument("--min-series", type=int, default=1, help="fewest series per patient")
+    s.add_argument("--max-series", type=int, default=2, help="most series per patient")
     s.add_argument("--p-finding", type=float, default=0.5, help="fraction of patients with nodules")
-    s.add_argument("--no-localizer", action="store_true")
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--no-localizer", action="store_true", help="leave out the scout image of each study")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("prepare", help="DICOM/NIfTI tree -> int16 HU slice cache (resumable)")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = sub.add_parser("prepare", help="DICOM/NIfTI tree -> int16 HU slice cache (resumable)",
+                       description="Turn every CT series under SRC into the memory-mapped int16 HU slice "
+                                   "cache DST. Resumable: run it again after an interruption; an unchanged "
+                                   "source is not read again. Files that cannot be used are skipped and "
+                                   "counted by reason (DST/report.json, DST/skipped.csv).")
+    s.add_argument("src", help="folder of DICOM files and/or NIfTI volumes (searched recursively)")
+    s.add_argument("dst", help="cache folder (created; may sit inside SRC)")
     s.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
-    s.add_argument("--spacing", type=float, default=None, help="target in-plane spacing (mm)")
-    s.add_argument("--size", type=int, default=None, help="output rows = cols (with --spacing: crop/pad)")
-    s.add_argument("--clip-min", type=int, default=-1024, help="HU floor (padding, outside the FOV)")
-    s.add_argument("--clip-max", type=int, default=32767)
-    s.add_argument("--order", type=int, default=1, help="interpolation order when resampling")
-    s.add_argument("--no-antialias", action="store_true")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where resampling runs")
+    s.add_argument("--spacing", type=float, default=None,
+                   help="resample to this in-plane spacing in mm (unset: keep the source grid)")
+    s.add_argument("--size", type=int, default=None,
+                   help="output rows = cols: with --spacing a centre crop/pad, alone a resize")
+    s.add_argument("--clip-min", type=int, default=-1024, help="HU floor (padding and outside the FOV become this)")
+    s.add_argument("--clip-max", type=int, default=32767, help="HU ceiling")
+    s.add_argument("--order", type=int, default=1, help="spline order when resampling (0-5; 1 = linear)")
+    s.add_argument("--no-antialias", action="store_true", help="no low-pass before shrinking")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where resampling runs (cuda needs cupy)")
+    s.add_argument("--max-slice-pixels", type=int, default=4096 * 4096,
+                   help="skip images whose Rows x Columns is larger (checked before decoding)")
+    s.add_argument("--max-file-pixels", type=int, default=2 ** 29,
+                   help="skip files whose Rows x Columns x frames is larger (a file is decoded at once)")
     s.add_argument("--reset", action="store_true", help="delete DST's cache and start over")
     s.add_argument("--show-paths", action="store_true",
-                   help="name skipped files by path in skipped.csv and the log (default: a salted token)")
+                   help="name skipped files by their path in skipped.csv and the log, not by a salted token")
     s.add_argument("--patient-from", choices=["file", "dir"], default="file",
                    help="NIfTI: one patient per file, or per parent folder")
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.add_argument("-v", "--verbose", action="store_true",
+    s.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
+    s.add_argument("-v", "--verbose", dest="debug", action="store_true",
                    help="debug log with tracebacks of failed series (these may quote header values)")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("info", help="summary of a prepared cache")
-    s.add_argument("cache")
+    s = sub.add_parser("info", help="summary of a prepared cache",
+                       description="Slices, series, patients, shapes, spacings, sex, age and kVp of a cache.")
+    s.add_argument("cache", help="a folder written by `sparkct data prepare`")
     s.add_argument("--csv", default=None, help="also write one row per slice to this CSV")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("show", help="a contact sheet of random slices (PNG)")
-    s.add_argument("cache")
-    s.add_argument("--out", default="slices.png")
-    s.add_argument("--n", type=int, default=16)
-    s.add_argument("--tile", type=int, default=256)
-    s.add_argument("--windows", default="lung,mediastinum,bone")
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("show", help="a contact sheet of random slices (PNG), one greyscale tile per window",
+                       description="Random slices of a cache, one row per slice and one greyscale tile per "
+                                   "HU window, each captioned with its series, slice and window.")
+    s.add_argument("cache", help="a folder written by `sparkct data prepare`")
+    s.add_argument("--out", default="slices.png", help="image file to write (its folder must exist)")
+    s.add_argument("--n", type=int, default=8, help="number of slices (rows)")
+    s.add_argument("--tile", type=int, default=256, help="tile size in pixels (16-2048)")
+    s.add_argument("--windows", default="lung,mediastinum,bone",
+                   help="comma-separated HU window presets: lung, mediastinum, abdomen, bone, brain")
+    s.add_argument("--seed", type=int, default=0, help="which slices are drawn")
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("read", help="read DICOM series (a folder) or a NIfTI file and describe them")
-    s.add_argument("path")
+    s = sub.add_parser("read", help="read DICOM series (a folder) or a NIfTI file and describe them",
+                       description="Read every CT series under PATH (or one NIfTI file) into HU and print "
+                                   "its size, spacing, order, kVp, HU range and skipped files.")
+    s.add_argument("path", help="a DICOM file or folder, or a .nii/.nii.gz file")
     s.set_defaults(func=cmd_read)

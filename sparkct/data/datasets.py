@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import ctypes.util
+import inspect
 import math
 import os
 from collections import deque
@@ -24,6 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from sparkct.errors import UserError
 
 from .cache import SliceCache
 from .windows import DEFAULT_WINDOWS, WindowSpec, apply_windows, resolve_windows
@@ -39,8 +42,10 @@ class CTSliceDataset(torch.utils.data.Dataset):
     """Unlabelled CT slices of a prepared cache.
 
     indices: which cache slices (default all). windows: HU windows as channels (None returns HU as
-    float). transform: a batch transform (B, 1, H, W) HU -> (B, C, h, w), e.g. CTResize or
-    CTAugment; it replaces `windows`. ``ds[i]`` returns (C, h, w); ``ds.__getitems__(items)`` (used
+    float). transform: a batch transform of int16 HU (B, 1, H, W) -> a batch (a tensor (B, C, h, w),
+    a list of views, ...), e.g. CTResize or CTAugment; it replaces `windows`. A transform that takes
+    a ``generator`` parameter (or sets ``takes_generator = True``) is called ``transform(hu,
+    generator=g)`` and must draw all its randomness from g; see :func:`takes_generator`. ``ds[i]`` returns (C, h, w); ``ds.__getitems__(items)`` (used
     by torch's DataLoader) returns the whole batch as one tensor: pass ``collate_fn=collate_batch``.
     """
 
@@ -90,7 +95,7 @@ class CTSliceDataset(torch.utils.data.Dataset):
 
     def _convert(self, hu: torch.Tensor, generator=None) -> torch.Tensor:
         if self.transform is not None:
-            return self.transform(hu, generator) if _takes_generator(self.transform) else self.transform(hu)
+            return _call_transform(self.transform, hu, generator)
         if self.windows is not None:
             return apply_windows(hu, self.windows)
         return hu.float()
@@ -107,9 +112,27 @@ class CTSliceDataset(torch.utils.data.Dataset):
         return self._convert(self.hu(items))
 
 
-def _takes_generator(fn) -> bool:
-    from .augment import CTAugment, CTResize, MultiCrop
-    return isinstance(fn, (CTAugment, CTResize, MultiCrop))
+def takes_generator(transform) -> bool:
+    """Whether a batch transform draws its randomness from the loader's generator, and so is called
+    ``transform(hu, generator=g)`` rather than ``transform(hu)``.
+
+    The transform says so itself: a ``takes_generator`` attribute (True/False) wins; otherwise, a
+    parameter named ``generator`` in its signature (``__call__``'s for an object) means yes. So
+    CTAugment, MultiCrop, TwoViews, CTResize and a method's own transform (any callable ``(hu,
+    generator)``) get the generator with nothing registered here, and a plain ``f(hu)`` does not."""
+    flag = getattr(transform, "takes_generator", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        sig = inspect.signature(transform)
+    except (TypeError, ValueError):
+        return False
+    p = sig.parameters.get("generator")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _call_transform(transform, hu: torch.Tensor, generator):
+    return transform(hu, generator=generator) if takes_generator(transform) else transform(hu)
 
 
 def collate_batch(batch):
@@ -256,14 +279,18 @@ def patient_split(dataset, fractions: Sequence[float] = (0.7, 0.15, 0.15), *, se
     ``patient_names``), or a SliceCache (every slice). The patients (salted hashes)
     are sorted, permuted by `seed` and cut by `fractions` (of patients); with stratify=True (a
     labelled dataset) each label stratum (a patient's label is the max of its slices') is cut
-    separately, so splits keep the class balance. Deterministic given the seed and the cache."""
+    separately, so splits keep the class balance. Deterministic given the seed and the cache.
+
+    A split whose fraction is > 0 but that would get no patient (of some class, when stratified)
+    raises :class:`sparkct.errors.UserError` naming the counts; a fraction of 0 asks for an empty
+    split."""
     if isinstance(dataset, SliceCache):
         dataset = CTSliceDataset(dataset, windows=None)
     fr = np.asarray(fractions, dtype=np.float64)
     if len(fr) != len(names):
-        raise ValueError(f"{len(fr)} fractions for {len(names)} names")
-    if (fr < 0).any() or fr.sum() <= 0:
-        raise ValueError(f"fractions must be >= 0 with a positive sum, got {list(fractions)}")
+        raise UserError(f"{len(fr)} fractions for {len(names)} names")
+    if not np.isfinite(fr).all() or (fr < 0).any() or fr.sum() <= 0:
+        raise UserError(f"fractions must be >= 0 with a positive sum, got {list(fractions)}")
     fr = fr / fr.sum()
     pat = dataset.patients
     hashes = dataset.patient_names
@@ -273,13 +300,24 @@ def patient_split(dataset, fractions: Sequence[float] = (0.7, 0.15, 0.15), *, se
     if stratify:
         lab = _patient_labels(dataset)
         if lab is None:
-            raise ValueError("stratify=True needs a labelled dataset")
+            raise UserError("stratify=True needs a labelled dataset")
         strata = {int(v): uniq[lab[uniq] == v] for v in np.unique(lab[uniq])}
     rng = np.random.default_rng(seed)
     assign = np.full(int(pat.max()) + 1 if len(pat) else 0, -1, dtype=np.int64)
     for key in sorted(strata):
         ps = strata[key][rng.permutation(len(strata[key]))]
         cuts = np.round(np.cumsum(fr) * len(ps)).astype(int)
+        sizes = np.diff(np.concatenate([[0], cuts]))
+        empty = [n for n, f, k in zip(names, fr, sizes) if f > 0 and k == 0]
+        if empty:
+            counts = "/".join(str(int(k)) for k in sizes)
+            fracs = "/".join(f"{f:.3g}" for f in fr)
+            who = f"{len(ps)} patients" if not stratify else f"{len(ps)} patients of class {key}"
+            raise UserError(
+                f"patient_split: {who} give {counts} patients for {'/'.join(names)} (fractions {fracs}); "
+                f"{', '.join(repr(n) for n in empty)} would be empty"
+                + (" (a stratified split needs every class in every split)" if stratify else "")
+                + ": use more patients, other fractions, or fraction 0 for a split you do not want")
         start = 0
         for k, end in enumerate(cuts):
             assign[ps[start:end]] = k
@@ -380,6 +418,11 @@ class SliceLoader:
     number of workers. Yields tensors (B, C, h, w), a list of them for MultiCrop, and (x, y) for
     labelled datasets.
 
+    transform (default: the dataset's): the batch transform; one that declares a ``generator``
+    parameter (or ``takes_generator = True``, see :func:`takes_generator`) is called
+    ``transform(hu, generator=g)`` with a CPU torch.Generator seeded from (seed, epoch, batch), which
+    is what makes batches reproducible; any other callable is called ``transform(hu)``.
+
     run_length > 1 samples runs of that many consecutive cache slices (neighbouring slices of a
     series) to turn random reads into sequential ones when the cache is not in the page cache.
     tune_malloc: see :func:`tune_malloc`; default on when transforming on the CPU.
@@ -388,9 +431,15 @@ class SliceLoader:
     def __init__(self, dataset: CTSliceDataset, batch_size: int = 64, *, shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, transform: Callable | None = None,
                  device: str | torch.device = "cpu", workers: int | None = None, prefetch: int = 4,
-                 run_length: int = 1, tune_malloc: bool | None = None):
+                 run_length: int = 1, tune_malloc: bool | None = None, shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        rank, world = (int(v) for v in shard)
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"shard {shard}: need 0 <= rank < world and a batch size ({batch_size}) divisible "
+                             "by the world size")
+        self.rank, self.world = rank, world
+        self.start_batch = 0
         self.device = torch.device(device)
         if workers is None:
             # CPU transforms already use torch's intra-op threads on whole batches; extra threads
@@ -411,8 +460,11 @@ class SliceLoader:
             _tune_malloc()
         self.labelled = hasattr(dataset, "targets")
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next pass is epoch `epoch`, starting at its batch `start_batch` (a resumed run continues
+        with exactly the batches an uninterrupted one would have seen)."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -429,8 +481,9 @@ class SliceLoader:
         return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, b, 0xA6]).integers(2**62)))
 
     def _transform(self, hu: torch.Tensor, g: torch.Generator):
-        return self.dataset._convert(hu, g) if self.transform is self.dataset.transform else (
-            self.transform(hu, g) if _takes_generator(self.transform) else self.transform(hu))
+        if self.transform is self.dataset.transform:
+            return self.dataset._convert(hu, g)
+        return _call_transform(self.transform, hu, g)
 
     def _load(self, epoch: int, b: int, items: np.ndarray):
         hu = self.dataset.hu(items)
@@ -451,13 +504,20 @@ class SliceLoader:
         return (x, y) if self.labelled else x
 
     def __iter__(self):
-        epoch = self.epoch  # fixed for this pass, whatever set_epoch does meanwhile
+        epoch, start = self.epoch, self.start_batch  # fixed for this pass, whatever set_epoch does meanwhile
         order = self.order(epoch)
         nb = len(self)
         bs = self.batch_size
-        batches = [order[b * bs:(b + 1) * bs] for b in range(nb)]
+        # shard (rank, world): this rank's contiguous share of every global batch, so the ranks together
+        # read what one process reads, in the same order
+        lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
+        batches = [order[b * bs:(b + 1) * bs][lo:hi] for b in range(nb)]
+        # the transform's randomness is drawn per (epoch, batch) and, with several ranks, per rank
+        ids = [b if self.world == 1 else b * self.world + self.rank for b in range(nb)]
+        batches, ids = batches[start:], ids[start:]
+        nb = len(batches)
         if self.workers == 0:
-            for b, items in enumerate(batches):
+            for b, items in zip(ids, batches):
                 yield self._finish(epoch, b, self._load(epoch, b, items))
             return
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sparkct-loader") as pool:
@@ -465,16 +525,46 @@ class SliceLoader:
             nxt = 0
             try:
                 while nxt < nb and len(pending) < self.prefetch:
-                    pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
+                    pending.append(pool.submit(self._load, epoch, ids[nxt], batches[nxt]))
                     nxt += 1
                 b = 0
                 while pending:
                     loaded = pending.popleft().result()
                     if nxt < nb:
-                        pending.append(pool.submit(self._load, epoch, nxt, batches[nxt]))
+                        pending.append(pool.submit(self._load, epoch, ids[nxt], batches[nxt]))
                         nxt += 1
-                    yield self._finish(epoch, b, loaded)
+                    yield self._finish(epoch, ids[b], loaded)
                     b += 1
             finally:
                 for f in pending:
                     f.cancel()
+
+
+# ------------------------------------------------------------------------------------------ stratified subsets
+
+def patient_subset_stratified(dataset, items, fraction: float, *, seed: int = 0,
+                              min_per_class: int = 1) -> np.ndarray:
+    """Like :func:`patient_subset`, stratified by class: item positions of `items` holding `fraction`
+    of the patients of each class (a patient's class is the largest label of its items in `items`;
+    at least `min_per_class` patients of every class, so training sees every class). For one seed
+    the subsets are nested across fractions (10 % inside 25 % inside 50 %): each class's patients
+    are ranked once by a permutation drawn from (seed, class) and a fraction keeps a prefix."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    t = getattr(dataset, "targets", None)
+    if t is None:
+        raise ValueError("a stratified subset needs a labelled dataset (with targets)")
+    items = np.asarray(items, dtype=np.int64)
+    pat = np.asarray(dataset.patients)[items]
+    uniq, inv = np.unique(pat, return_inverse=True)
+    lab = np.full(len(uniq), -1, dtype=np.int64)
+    np.maximum.at(lab, inv, np.asarray(t)[items])
+    names = np.asarray(dataset.patient_names)[uniq]
+    keep = []
+    for c in np.unique(lab):
+        ps = uniq[lab == c]
+        ps = ps[np.argsort(names[lab == c], kind="stable")]  # by pseudonym, not by cache position
+        ps = ps[np.random.default_rng([seed, 0x57A7, int(c)]).permutation(len(ps))]
+        k = min(len(ps), max(min_per_class, int(math.ceil(fraction * len(ps) - 1e-9))))
+        keep.append(ps[:k])
+    return items[np.isin(pat, np.concatenate(keep) if keep else np.zeros(0, np.int64))]

@@ -10,9 +10,22 @@ Reading is two-step so that a series can be sorted before its pixels are decoded
 - :func:`plan_series` drops duplicates and frames inconsistent with the series majority (size,
   orientation), sorts frames along the slice normal (ImagePositionPatient projected on
   ImageOrientationPatient's row x column direction; InstanceNumber as fallback) and derives spacing.
-- :func:`read_frames_hu` decodes pixels (compressed transfer syntaxes through pydicom's plugins) and
-  applies the modality LUT per frame: RescaleSlope/Intercept, or a Modality LUT Sequence through
-  pydicom's own :func:`pydicom.pixels.apply_modality_lut`.
+- :class:`PixelReader` decodes pixels (every transfer syntax pydicom can decode, compressed ones
+  through its plugins) and applies the modality LUT per frame: RescaleSlope/Intercept, or a Modality
+  LUT Sequence through pydicom's own :func:`pydicom.pixels.apply_modality_lut`. A frame whose
+  conversion fails is skipped with the reason; the other frames of its series are kept.
+
+Image sizes are bounded before anything is decoded (:class:`PixelLimits`): a file whose Rows x
+Columns, or Rows x Columns x NumberOfFrames, is over the limit is skipped, so a small file that
+claims a huge image cannot make a reader allocate gigabytes.
+
+Rescale values: RescaleSlope / RescaleIntercept are required (type 1) in the CT Image module and in
+an enhanced CT's Pixel Value Transformation; a value that is present but empty, not a number or not
+finite, a slope of 0, or a rescale that maps every storable value outside int16 skips the frame with
+the reason (it is never replaced by a default). Where the values are absent, the stored values are
+used as they are (slope 1, intercept 0, as pydicom's ``apply_modality_lut`` does); a multi-frame
+frame without its own values takes the shared functional group's (the standard's rule), then the
+top-level ones.
 
 :func:`read_series` puts these together into a :class:`CTVolume` (float32 HU, spacing, orientation,
 positions, metadata). No patient name, ID or birth date is ever kept: patient identity is a salted
@@ -44,6 +57,33 @@ class SkipFile(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    """Largest images read (checked on the header, before any pixel is decoded or any memory is
+    allocated for them). ``max_slice_pixels`` bounds Rows x Columns of one frame (default 4096 x
+    4096); ``max_file_pixels`` bounds Rows x Columns x NumberOfFrames of one file, which is decoded
+    at once (default 2**29, 1 GiB of 16-bit pixels)."""
+    max_slice_pixels: int = 4096 * 4096
+    max_file_pixels: int = 2 ** 29
+
+    def __post_init__(self):
+        for k in ("max_slice_pixels", "max_file_pixels"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                from sparkct.errors import UserError
+                raise UserError(f"{k} must be a positive integer, got {v!r}")
+
+    def check(self, rows: int, cols: int, frames: int) -> None:
+        """Raise SkipFile when an image of this size is over the limits."""
+        if rows * cols > self.max_slice_pixels:
+            raise SkipFile("image too large (Rows x Columns over the pixel limit)")
+        if rows * cols * frames > self.max_file_pixels:
+            raise SkipFile("image too large (Rows x Columns x frames over the pixel limit)")
+
+
+DEFAULT_LIMITS = PixelLimits()
 
 
 def _pydicom():
@@ -88,6 +128,7 @@ class FileHeader:
     # (byte offset, numpy dtype, item count) of uncompressed little-endian pixel data whose stored
     # bits fill their allocation: then the pixels are exactly those bytes and are read directly
     native: tuple | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # frames left out: (path, reason)
 
 
 @dataclass
@@ -237,18 +278,129 @@ def _series_meta(ds, shared, first_frame, salt: str | None) -> dict:
 
 
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_DEFLATED_HEAD = 64 << 20  # the most inflated bytes kept to parse a deflated file's header
 
 
-def _open_checked(path: str):
-    """Parse a header (pixels deferred) and check it can hold CT slices; raises SkipFile.
-    Returns (dataset, n_frames, series_uid, native pixel locator or None)."""
-    pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
+def _is_deflated(path: str) -> bool:
+    """Whether the file meta names the deflated transfer syntax (a look at the first 4 KB, where the
+    file meta is)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return _DEFLATED.encode() in head
+
+
+def _inflate(f, step: int = 1 << 22):
+    """The raw-deflate stream from f's position, as chunks of at most `step` bytes (a small input
+    never becomes a huge output in one step)."""
+    import zlib
+
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    while not d.eof:
+        data = f.read(1 << 20)
+        if not data:
+            break
+        while data and not d.eof:
+            out = d.decompress(data, step)
+            data = d.unconsumed_tail
+            if out:
+                yield out
+    out = d.flush()
+    if out:
+        yield out
+
+
+def _parse_to_pixels(head: bytes):
+    """(dataset of the elements before PixelData, offset of the PixelData element) from an
+    explicit VR little endian data set, or (dataset or None, None) when PixelData is not in `head`."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    buf = DicomBytesIO(head)
+    found = []
+
+    def at_pixels(tag, vr, length):
+        if tag == 0x7FE00010:
+            found.append(length)
+            return True
+        return False
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            ds = read_dataset(buf, False, True, stop_when=at_pixels)
+    except Exception:
+        return None, None
+    return ds, (buf.tell() if found else None)
+
+
+def _check_deflated(path: str, limits: PixelLimits) -> None:
+    """pydicom inflates a deflated data set whole, in memory, before it parses a single element, so
+    a small file can claim, and inflate to, gigabytes. Inflate it here as a stream first, keeping
+    only the elements before the pixel data: skip the file as soon as its image is over the limits,
+    or once it inflates to more than its header declares."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    head = bytearray()
+    total = 0
+    declared = None  # the most inflated bytes the header allows, once it is parsed
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        for out in _inflate(f):
+            total += len(out)
+            if declared is None:
+                head += out
+                ds, at = _parse_to_pixels(bytes(head))
+                if at is not None:
+                    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
+                    bits = ds.get("BitsAllocated")
+                    if not rows or not cols or bits not in (8, 16, 32):
+                        return  # the ordinary checks report these
+                    frames = _n_frames(ds)
+                    limits.check(rows, cols, frames)
+                    declared = at + 12 + rows * cols * frames * bits // 8 + (1 << 20)
+                    head = bytearray()
+                elif len(head) > _DEFLATED_HEAD:
+                    raise SkipFile("damaged DICOM header (deflated header too large)")
+            if declared is not None and total > declared:
+                raise SkipFile("deflated data larger than its header declares")
+
+
+def _n_frames(ds) -> int:
+    """NumberOfFrames (1 when absent); SkipFile when present but not a positive integer."""
+    if "NumberOfFrames" not in ds:
+        return 1
+    try:
+        v = ds.get("NumberOfFrames")
+    except Exception:
+        v = None
+    if v is None or v == "":
+        return 1
+    n = _int(v)
+    if n is None or n < 1:
+        raise SkipFile("bad header (NumberOfFrames not a positive integer)")
+    return n
+
+
+def _open_checked(path: str, limits: PixelLimits = DEFAULT_LIMITS):
+    """Parse a header (pixels deferred) and check it can hold CT slices within `limits`; raises
+    SkipFile. Returns (dataset, n_frames, series_uid, native pixel locator or None)."""
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    deflated = _is_deflated(path)
+    try:
+        if deflated:
+            _check_deflated(path, limits)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, defer_size=2048)
+    except SkipFile:
+        raise
     except InvalidDicomError:
         raise SkipFile("not a DICOM file") from None
     except (OSError, EOFError) as e:
@@ -273,15 +425,16 @@ def _open_checked(path: str):
     if not series_uid:
         raise SkipFile("no SeriesInstanceUID")
     rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    if not rows or not cols:
+    if not rows or not cols or rows < 0 or cols < 0:
         raise SkipFile("missing Rows/Columns")
     bits = ds.get("BitsAllocated")
     if bits not in (8, 16, 32):
         raise SkipFile("unsupported BitsAllocated")
+    n_frames = _n_frames(ds)
+    limits.check(rows, cols, n_frames)
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         raise SkipFile("localizer")
-    n_frames = _int(ds.get("NumberOfFrames")) or 1
     ts = fm.get("TransferSyntaxUID") if fm is not None else None
     native = None
     if ts is not None and not ts.is_compressed:
@@ -293,7 +446,8 @@ def _open_checked(path: str):
                 length = len(ds.PixelData)
             except Exception:
                 length = None
-        tell = getattr(raw, "value_tell", None)
+        # Offsets into a deflated file are offsets into the inflated data set, not the file.
+        tell = None if deflated else getattr(raw, "value_tell", None)
         if length is not None and length != 0xFFFFFFFF:
             if length < expected:
                 raise SkipFile("truncated pixel data")
@@ -309,39 +463,94 @@ def _open_checked(path: str):
     return ds, n_frames, series_uid, native
 
 
-def scan_file(path: str) -> tuple[str, int]:
+def scan_file(path: str, limits: PixelLimits = DEFAULT_LIMITS) -> tuple[str, int]:
     """(SeriesInstanceUID, number of frames) of a file usable as CT; raises SkipFile otherwise.
     The cheap check the prepare scan runs on every file."""
-    _, n_frames, series_uid, _ = _open_checked(path)
+    _, n_frames, series_uid, _ = _open_checked(path, limits)
     return series_uid, n_frames
 
 
-def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = False, with_meta: bool = True):
+_ABSENT = object()
+
+
+def _rescale_value(owner, name: str):
+    """RescaleSlope / RescaleIntercept of a data set or functional-group item: _ABSENT when the
+    element is not there, a finite float, or a reason string when present but unusable."""
+    if owner is None or name not in owner:
+        return _ABSENT
+    try:
+        v = owner.get(name)
+    except Exception:
+        return f"invalid {name} (not a number)"
+    if v is None or (isinstance(v, (str, bytes)) and not v.strip()):
+        return f"invalid {name} (empty)"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return f"invalid {name} (not a number)"
+    if not np.isfinite(f):
+        return f"invalid {name} (not finite)"
+    return f
+
+
+def _stored_range(ds) -> tuple[int, int]:
+    bits = _int(ds.get("BitsStored")) or _int(ds.get("BitsAllocated")) or 16
+    bits = min(max(bits, 1), 32)
+    if ds.get("PixelRepresentation") == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _rescale(slope, icpt, stored: tuple[int, int]) -> tuple[float, float]:
+    """The (slope, intercept) a frame uses, from the values _rescale_value found (the first that is
+    not _ABSENT of each list: per-frame, shared, top level); raises SkipFile with the reason."""
+    s = next((v for v in slope if v is not _ABSENT), _ABSENT)
+    i = next((v for v in icpt if v is not _ABSENT), _ABSENT)
+    s = 1.0 if s is _ABSENT else s
+    i = 0.0 if i is _ABSENT else i
+    for v in (s, i):
+        if isinstance(v, str):
+            raise SkipFile(v)
+    if s == 0:
+        raise SkipFile("invalid RescaleSlope (zero)")
+    lo, hi = sorted((stored[0] * s + i, stored[1] * s + i))
+    if hi < -32768 or lo > 32767:
+        raise SkipFile("rescale maps every stored value outside the int16 HU range")
+    return float(s), float(i)
+
+
+def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = False, with_meta: bool = True,
+                limits: PixelLimits = DEFAULT_LIMITS):
     """Parse one file into a :class:`FileHeader` (pixels deferred). Raises :class:`SkipFile`.
 
-    With keep_dataset=True returns (FileHeader, Dataset) so pixels can be read without a re-parse.
-    with_meta=False leaves out the series metadata (``meta`` holds only the UIDs)."""
-    ds, n_frames, series_uid, native = _open_checked(path)
+    Frames of a multi-frame file that cannot be used (bad rescale values) are left out and listed in
+    ``FileHeader.skipped``. With keep_dataset=True returns (FileHeader, Dataset) so pixels can be read
+    without a re-parse. with_meta=False leaves out the series metadata (``meta`` holds only the UIDs)."""
+    ds, n_frames, series_uid, native = _open_checked(path, limits)
     rows, cols = int(ds.Rows), int(ds.Columns)
     lut = bool(ds.get("ModalityLUTSequence"))
     sop_uid = str(ds.get("SOPInstanceUID", "") or "")
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     frames: list[FrameInfo] = []
+    skipped: list[tuple[str, str]] = []
     top_pos = _floats(ds.get("ImagePositionPatient"), 3)
     top_ori = _floats(ds.get("ImageOrientationPatient"), 6)
     top_ps = _floats(ds.get("PixelSpacing"), 2)
     top_th = _float(ds.get("SliceThickness"))
-    top_slope = _float(ds.get("RescaleSlope"))
-    top_icpt = _float(ds.get("RescaleIntercept"))
+    stored = _stored_range(ds)
+    top_slope = _ABSENT if lut else _rescale_value(ds, "RescaleSlope")
+    top_icpt = _ABSENT if lut else _rescale_value(ds, "RescaleIntercept")
     if n_frames == 1 and not per_frame:
+        slope, icpt = _rescale([top_slope], [top_icpt], stored)  # a single frame: SkipFile skips the file
         frames.append(FrameInfo(path, -1, sop_uid, rows, cols, top_pos, top_ori, top_ps, top_th,
-                                _int(ds.get("InstanceNumber")),
-                                1.0 if top_slope is None else top_slope,
-                                0.0 if top_icpt is None else top_icpt, lut))
+                                _int(ds.get("InstanceNumber")), slope, icpt, lut))
     else:
         if per_frame is not None and len(per_frame) != n_frames:
             raise SkipFile("per-frame functional groups do not match NumberOfFrames")
+        shared_pvt = _first(shared, "PixelValueTransformationSequence")
+        sh_slope = _rescale_value(shared_pvt, "RescaleSlope")
+        sh_icpt = _rescale_value(shared_pvt, "RescaleIntercept")
         for i in range(n_frames):
             pf = per_frame[i] if per_frame is not None else None
             ftype = _fg_item(pf, shared, "CTImageFrameTypeSequence")
@@ -350,12 +559,15 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
             pos = _fg_item(pf, shared, "PlanePositionSequence")
             ori = _fg_item(pf, shared, "PlaneOrientationSequence")
             meas = _fg_item(pf, shared, "PixelMeasuresSequence")
-            pvt = _fg_item(pf, shared, "PixelValueTransformationSequence")
+            pvt = _first(pf, "PixelValueTransformationSequence")
             content = _fg_item(pf, None, "FrameContentSequence")
-            slope = _float(pvt.get("RescaleSlope")) if pvt is not None else None
-            icpt = _float(pvt.get("RescaleIntercept")) if pvt is not None else None
-            slope = top_slope if slope is None else slope
-            icpt = top_icpt if icpt is None else icpt
+            try:
+                slope, icpt = (1.0, 0.0) if lut else _rescale(
+                    [_rescale_value(pvt, "RescaleSlope"), sh_slope, top_slope],
+                    [_rescale_value(pvt, "RescaleIntercept"), sh_icpt, top_icpt], stored)
+            except SkipFile as e:
+                skipped.append((path, e.reason))
+                continue
             inst = _int(content.get("InStackPositionNumber")) if content is not None else None
             frames.append(FrameInfo(
                 path, i, sop_uid, rows, cols,
@@ -363,15 +575,14 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
                 _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else top_ori,
                 _floats(meas.get("PixelSpacing"), 2) if meas is not None else top_ps,
                 (_float(meas.get("SliceThickness")) if meas is not None else None) or top_th,
-                inst if inst is not None else i + 1,
-                1.0 if slope is None else slope, 0.0 if icpt is None else icpt, lut))
-        if not frames:
-            raise SkipFile("localizer")
+                inst if inst is not None else i + 1, slope, icpt, lut))
+        if not frames:  # the file counts once, by the reason of its first unusable frame
+            raise SkipFile(skipped[0][1] if skipped else "localizer")
     if with_meta:
         meta = _series_meta(ds, shared, per_frame[0] if per_frame else None, salt)
     else:
         meta = {"series_uid": series_uid}
-    header = FileHeader(path, series_uid, frames, meta, None if lut else native)
+    header = FileHeader(path, series_uid, frames, meta, None if lut else native, skipped)
     return (header, ds) if keep_dataset else header
 
 
@@ -405,7 +616,7 @@ def _majority(values):
 
 def plan_series(headers: Sequence[FileHeader]) -> SeriesPlan:
     """Order and check the frames of one series (see the module docstring)."""
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = [sk for h in headers for sk in h.skipped]
     seen: set = set()
     frames: list[FrameInfo] = []
     for h in headers:
@@ -491,7 +702,7 @@ def stored_to_hu_int16(arr: np.ndarray, slope: float, intercept: float, lo: int 
     """HU rounded to int16 and clipped to [lo, hi] (into `out` if given, e.g. a shard row); integer
     arithmetic where slope is 1 and the intercept integral (the usual CT case), so nothing is lost
     to float rounding, in two passes over the slice."""
-    if slope == 1.0 and float(intercept).is_integer():
+    if slope == 1.0 and float(intercept).is_integer() and abs(intercept) < 2**31 - 2**17:
         tmp = np.add(arr, np.int32(intercept), dtype=np.int32)
     else:
         tmp = np.rint(arr.astype(np.float64) * slope + intercept)
@@ -562,24 +773,38 @@ class PixelReader:
             raise SkipFile("pixel data unreadable (shape)")
         return arr
 
+    def _lut(self, arr: np.ndarray) -> np.ndarray:
+        from pydicom.pixels import apply_modality_lut
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return np.asarray(apply_modality_lut(arr, self._ds), dtype=np.float64)
+        except Exception as e:  # a malformed sequence raises anything from struct.error to IndexError
+            raise SkipFile(f"malformed Modality LUT Sequence ({type(e).__name__})") from None
+
     def hu(self, f: FrameInfo) -> np.ndarray:
-        """Frame f in HU, float32: per-frame RescaleSlope/Intercept, or the Modality LUT Sequence."""
+        """Frame f in HU, float32: per-frame RescaleSlope/Intercept, or the Modality LUT Sequence.
+        Raises SkipFile when the frame cannot be decoded or converted."""
         arr = self.stored(f)
         if f.lut:
-            from pydicom.pixels import apply_modality_lut
-            return np.asarray(apply_modality_lut(arr, self._ds), dtype=np.float32)
-        return stored_to_hu(arr, f.slope, f.intercept)
+            return self._lut(arr).astype(np.float32)
+        try:
+            return stored_to_hu(arr, f.slope, f.intercept)
+        except (ArithmeticError, ValueError) as e:
+            raise SkipFile(f"HU conversion failed ({type(e).__name__})") from None
 
     def hu_int16(self, f: FrameInfo, lo: int = -32768, hi: int = 32767, out: np.ndarray | None = None) -> np.ndarray:
         arr = self.stored(f)
         if f.lut:
-            from pydicom.pixels import apply_modality_lut
-            hu = np.rint(np.asarray(apply_modality_lut(arr, self._ds), dtype=np.float64))
+            hu = np.rint(self._lut(arr))
             if out is None:
                 out = np.empty(arr.shape, dtype=np.int16)
             np.clip(hu, lo, hi, out=out, casting="unsafe")
             return out
-        return stored_to_hu_int16(arr, f.slope, f.intercept, lo, hi, out)
+        try:
+            return stored_to_hu_int16(arr, f.slope, f.intercept, lo, hi, out)
+        except (ArithmeticError, ValueError) as e:
+            raise SkipFile(f"HU conversion failed ({type(e).__name__})") from None
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -595,13 +820,13 @@ def list_files(root: str) -> list[str]:
     return out
 
 
-def scan_headers(paths: Iterable[str], salt: str | None = None):
+def scan_headers(paths: Iterable[str], salt: str | None = None, limits: PixelLimits = DEFAULT_LIMITS):
     """Headers of `paths` grouped by SeriesInstanceUID: ({series_uid: [FileHeader]}, [(path, reason)])."""
     groups: dict[str, list[FileHeader]] = {}
     skipped: list[tuple[str, str]] = []
     for p in paths:
         try:
-            h = read_header(p, salt)
+            h = read_header(p, salt, limits=limits)
         except SkipFile as e:
             skipped.append((p, e.reason))
             continue
@@ -648,16 +873,17 @@ def volume_from_headers(headers: Sequence[FileHeader], skipped=None) -> CTVolume
 
 
 def read_series(source: str | Sequence[str], *, series_uid: str | None = None,
-                salt: str | None = None) -> CTVolume:
+                salt: str | None = None, limits: PixelLimits = DEFAULT_LIMITS) -> CTVolume:
     """Read one CT series into float32 HU.
 
     `source` is a folder (searched recursively) or a list of files. When the files hold several
     series, pass `series_uid` (see :func:`iter_series` to read them all). Files that are not usable
-    CT slices are skipped and listed in ``volume.skipped`` as (path, reason)."""
+    CT slices are skipped and listed in ``volume.skipped`` as (path, reason); so are files over
+    `limits` (see :class:`PixelLimits`)."""
     paths = list_files(source) if isinstance(source, (str, os.PathLike)) else [str(p) for p in source]
     if not paths:
         raise FileNotFoundError(f"no files in {source!r}")
-    groups, skipped = scan_headers(paths, salt)
+    groups, skipped = scan_headers(paths, salt, limits)
     if series_uid is not None:
         if series_uid not in groups:
             raise ValueError(f"series {series_uid!r} not found among {len(groups)} CT series")
@@ -672,9 +898,9 @@ def read_series(source: str | Sequence[str], *, series_uid: str | None = None,
     return volume_from_headers(headers, skipped)
 
 
-def iter_series(source: str | Sequence[str], *, salt: str | None = None):
+def iter_series(source: str | Sequence[str], *, salt: str | None = None, limits: PixelLimits = DEFAULT_LIMITS):
     """Yield a :class:`CTVolume` for every CT series under `source` (sorted by SeriesInstanceUID)."""
     paths = list_files(source) if isinstance(source, (str, os.PathLike)) else [str(p) for p in source]
-    groups, skipped = scan_headers(paths, salt)
+    groups, skipped = scan_headers(paths, salt, limits)
     for i, uid in enumerate(sorted(groups)):
         yield volume_from_headers(groups[uid], skipped if i == 0 else None)

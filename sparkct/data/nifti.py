@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .dicom import CTVolume
+from .dicom import DEFAULT_LIMITS, CTVolume, PixelLimits, SkipFile
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -27,8 +27,9 @@ def _nibabel():
     return nibabel
 
 
-def read_nifti(path: str, *, meta: dict | None = None) -> CTVolume:
-    """Read a 3-D NIfTI CT volume as float32 HU slices (see the module docstring)."""
+def read_nifti(path: str, *, meta: dict | None = None, limits: PixelLimits | None = DEFAULT_LIMITS) -> CTVolume:
+    """Read a 3-D NIfTI CT volume as float32 HU slices (see the module docstring). A volume over
+    `limits` (checked on the header, before the data is read) raises ValueError."""
     nib = _nibabel()
     try:
         img = nib.load(path)
@@ -38,6 +39,11 @@ def read_nifti(path: str, *, meta: dict | None = None) -> CTVolume:
         img = img.slicer[..., 0]
     if len(img.shape) != 3:
         raise ValueError(f"expected a 3-D NIfTI volume, got shape {img.shape}")
+    if limits is not None:
+        try:
+            limits.check(*(int(v) for v in img.shape))
+        except SkipFile as e:
+            raise ValueError(e.reason) from None
     img = nib.as_closest_canonical(img)
     data = np.asarray(img.dataobj, dtype=np.float32)
     if not np.isfinite(data).all():

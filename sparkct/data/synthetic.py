@@ -694,6 +694,29 @@ class SynthReport:
                 f"({self.slices / max(self.seconds, 1e-9):.0f} slices/s)")
 
 
+def _check_synth_args(dst, patients, size, thickness, series_per_patient, p_finding, slices) -> None:
+    from sparkct.errors import UserError
+
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not is_int(patients) or patients < 1:
+        raise UserError(f"patients must be an integer >= 1, got {patients!r}")
+    if not is_int(size) or not 32 <= size <= 2048:
+        raise UserError(f"size must be an integer in [32, 2048], got {size!r}")
+    if thickness is not None and not (isinstance(thickness, (int, float)) and 0.1 <= thickness <= 50):
+        raise UserError(f"thickness must be in [0.1, 50] mm, got {thickness!r}")
+    lo, hi = series_per_patient
+    if not (is_int(lo) and is_int(hi) and 1 <= lo <= hi):
+        raise UserError(f"series per patient must satisfy 1 <= min <= max, got {lo!r}, {hi!r}")
+    if not (isinstance(p_finding, (int, float)) and 0 <= p_finding <= 1):
+        raise UserError(f"p_finding must be in [0, 1], got {p_finding!r}")
+    if slices is not None and (not is_int(slices) or slices < 1):
+        raise UserError(f"slices must be an integer >= 1, got {slices!r}")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise UserError(f"DST {dst!r} exists and is not a folder")
+
+
 def synth(dst: str, *, patients: int = 8, seed: int = 0, size: int = 256, thickness: float | None = None,
           series_per_patient: tuple[int, int] = (1, 2), p_finding: float = 0.5, localizer: bool = True,
           progress: bool = False, slices: int | None = None) -> SynthReport:
@@ -701,10 +724,7 @@ def synth(dst: str, *, patients: int = 8, seed: int = 0, size: int = 256, thickn
 
     size: rows = columns; thickness: slice thickness = spacing in mm (random per series when None);
     slices: a fixed number of slices per series (centred on the chest) instead of the full chest."""
-    if patients < 1:
-        raise ValueError("patients must be >= 1")
-    if size < 32 or size > 2048:
-        raise ValueError("size must be in [32, 2048]")
+    _check_synth_args(dst, patients, size, thickness, series_per_patient, p_finding, slices)
     t0 = time.perf_counter()
     rep = SynthReport(out=dst)
     series_rows, slice_rows, nodule_rows = [], [], []

@@ -10,7 +10,19 @@ previews, DDP. The trainer calls, per optimizer step:
     ... backward, clip, optimizer step ...
     method.after_step(step, total_steps)      # EMA, queues, prototype freezing
 
-and, every ``preview_every`` steps, ``method.preview(batch)`` for the PNG grid.
+and, every ``preview_every`` steps, ``method.preview(batch)`` for the PNG grid, and at the end of
+every epoch ``method.on_epoch_end(epoch)`` (evaluation; a ``"monitor"`` entry, higher = better, makes
+the trainer keep ``best.ckpt``).
+
+Methods whose step must run its own backward (gradient caching: embeddings in chunks without
+autograd, then each chunk again with autograd) set ``manual_backward = True``; the trainer then
+calls ``training_step(batch, step, backward=bw)`` where ``bw(tensors, grad_tensors=None)`` back-
+propagates with the trainer's loss scaling and accumulation applied (a scalar loss, or tensors with
+the gradients of the loss with respect to them), and the returned loss is only logged.
+
+Randomness inside a step (SparK's masks, say) must be a function of (seed, step, sample) so that a
+resumed run and a DDP run draw what one uninterrupted process draws: use ``self.step_generator(step)``
+for the global batch and ``sparkct.distributed`` rank/world to take this rank's rows.
 """
 from __future__ import annotations
 
@@ -44,6 +56,14 @@ class Method(nn.Module):
 
     name: str = "method"
     config_class: type[MethodConfig] = MethodConfig
+    manual_backward: bool = False
+    #: with a labels file the loader yields (x, targets); methods that use targets (the hybrid objective)
+    #: get the pair, the others x alone (the trainer's online probe uses the targets either way)
+    accepts_targets: bool = False
+    seed: int = 0  # set by the trainer from its config
+    #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
+    defaults: dict = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
+                      "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
 
     def __init__(self, backbone: nn.Module, config: MethodConfig | None = None):
         super().__init__()
@@ -57,6 +77,10 @@ class Method(nn.Module):
         come from the trainer config (windows = the input channels)."""
         raise NotImplementedError
 
+    def forward(self, batch: Any, step: int, **kwargs):
+        # DDP calls forward(); routing it to training_step lets DDP's gradient hooks see the whole step
+        return self.training_step(batch, step, **kwargs)
+
     # --- the step -----------------------------------------------------------------------------------
     def training_step(self, batch: Any, step: int) -> tuple[Tensor, dict[str, float | Tensor]]:
         """(scalar loss to minimize, scalars to log). Runs under the trainer's autocast."""
@@ -68,6 +92,16 @@ class Method(nn.Module):
     def on_before_optimizer_step(self, step: int) -> None:
         """Called after backward and before clipping/stepping (e.g. zero the gradients of frozen
         prototypes)."""
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """Scalars to log after each epoch (e.g. validation metrics); key "monitor" (higher is better)
+        selects ``best.ckpt``."""
+        return {}
+
+    def step_generator(self, step: int, stream: int = 0) -> torch.Generator:
+        """A CPU generator that depends only on (seed, step, stream): the same draws after a resume and
+        on every rank."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 65_537 + stream)
 
     # --- optimizer ----------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:

@@ -210,3 +210,77 @@ def test_run_batch_sampler_with_torch_dataloader(cache_dir):
     torch.testing.assert_close(x[1], ds[batches[0][1]])
     bs.set_epoch(1)
     assert list(bs)[0] != batches[0]
+
+
+class _Patients:
+    """n patients (the first n_pos positive), 2 items each."""
+    def __init__(self, n, n_pos=0):
+        self.patients = np.repeat(np.arange(n), 2)
+        self.patient_names = np.array([f"p{k:03d}" for k in range(n)])
+        self.targets = np.repeat((np.arange(n) < n_pos).astype(np.int64), 2)
+
+
+def test_patient_split_refuses_an_empty_split():
+    from sparkct.errors import UserError
+    with pytest.raises(UserError, match=r"4 patients give 3/0/1 patients for train/val/test.*'val' would be empty"):
+        patient_split(_Patients(4), (0.7, 0.15, 0.15))
+    sp = patient_split(_Patients(7), (0.7, 0.15, 0.15))
+    assert [len(set(_Patients(7).patients[v])) for v in sp.values()] == [5, 1, 1]
+    sp = patient_split(_Patients(4), (1, 0), names=("a", "b"))  # a fraction of 0 asks for an empty split
+    assert len(sp["a"]) == 8 and len(sp["b"]) == 0
+    # stratified: every class must reach every split
+    with pytest.raises(UserError, match=r"2 patients of class 1 give 1/1/0 .*'test' would be empty.*every class"):
+        patient_split(_Patients(20, n_pos=2), (0.6, 0.2, 0.2), stratify=True)
+    sp = patient_split(_Patients(20, n_pos=2), (0.6, 0.2, 0.2))  # unstratified, the same patients fit
+    assert all(len(v) for v in sp.values())
+    with pytest.raises(UserError, match="fractions"):
+        patient_split(_Patients(4), (0.5, float("nan"), 0.5))
+
+
+class _ViewsWithGenerator:
+    """A method's own transform (two random crops), written without anything from sparkct.data."""
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, hu, generator):
+        views = []
+        for _ in range(2):
+            y, x = (int(v) for v in torch.randint(0, hu.shape[-1] - self.size + 1, (2,), generator=generator))
+            views.append(hu[..., y:y + self.size, x:x + self.size].float())
+        return views
+
+
+class _Declared:
+    takes_generator = True
+
+    def __call__(self, hu, *args, **kwargs):  # nothing named `generator` in the signature
+        return hu.float() + torch.rand(1, generator=kwargs["generator"])
+
+
+class _Refuses:
+    takes_generator = False
+
+    def __call__(self, hu, generator=None):
+        assert generator is None
+        return hu.float()
+
+
+def test_transforms_declare_whether_they_take_the_generator(cache_dir):
+    from sparkct.data.datasets import takes_generator
+    assert takes_generator(CTAugment(32)) and takes_generator(CTResize(32)) and takes_generator(MultiCrop(32, 16))
+    assert takes_generator(_ViewsWithGenerator(16)) and takes_generator(_Declared())
+    assert not takes_generator(_Refuses()) and not takes_generator(lambda hu: hu)
+    ds = CTSliceDataset(cache_dir)
+    a = list(SliceLoader(ds, 4, transform=_ViewsWithGenerator(16), seed=5, workers=0))
+    b = list(SliceLoader(ds, 4, transform=_ViewsWithGenerator(16), seed=5, workers=2))
+    assert len(a[0]) == 2 and a[0][0].shape == (4, 1, 16, 16)
+    assert all(torch.equal(u, v) for x, y in zip(a, b) for u, v in zip(x, y))  # reproducible: drawn from g
+    c = list(SliceLoader(ds, 4, transform=_ViewsWithGenerator(16), seed=6, workers=0))
+    assert not all(torch.equal(u, v) for x, y in zip(a, c) for u, v in zip(x, y))
+    d = next(iter(SliceLoader(ds, 4, transform=_Declared(), seed=5)))
+    assert torch.equal(d, next(iter(SliceLoader(ds, 4, transform=_Declared(), seed=5))))
+    assert next(iter(SliceLoader(ds, 4, transform=_Refuses()))).shape == (4, 1, 64, 64)
+    assert next(iter(SliceLoader(ds, 4, transform=lambda hu: hu[..., :8, :8]))).shape == (4, 1, 8, 8)
+    # the dataset's own transform follows the same protocol
+    ds2 = CTSliceDataset(cache_dir, transform=_ViewsWithGenerator(8))
+    assert [tuple(v.shape) for v in next(iter(SliceLoader(ds2, 2)))] == [(2, 1, 8, 8)] * 2

@@ -15,7 +15,7 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from sparkct.data.cache import CacheSettingsError, SimulatedCrash, SliceCache, prepare
+from sparkct.data import CacheSettingsError, SliceCache, prepare
 from sparkct.data.dicom import iter_series
 from sparkct.data.resample import resample_slices
 
@@ -136,10 +136,12 @@ def test_bad_files_are_counted_and_the_run_completes(synth_dir, tmp_path, testda
     assert rep2.skipped == rep.skipped
 
 
-def test_interrupted_run_resumes_to_the_same_cache(synth_dir, cache_dir, tmp_path, salt):
+def test_interrupted_run_resumes_to_the_same_cache(synth_dir, cache_dir, tmp_path, salt, faults, monkeypatch):
     dst = str(tmp_path / "c")
-    with pytest.raises(SimulatedCrash):
-        prepare(synth_dir, dst, progress=False, salt=salt, _crash_after=2)
+    faults.crash_after(2)
+    with pytest.raises(faults.SimulatedCrash):
+        prepare(synth_dir, dst, progress=False, salt=salt)
+    monkeypatch.undo()
     assert not os.path.exists(os.path.join(dst, "index.npz"))
     with pytest.raises(FileNotFoundError, match="resume"):
         SliceCache(dst)
@@ -148,12 +150,11 @@ def test_interrupted_run_resumes_to_the_same_cache(synth_dir, cache_dir, tmp_pat
     assert_same_cache(dst, cache_dir)
 
 
-def test_killed_mid_shard_leaves_no_partial_shard_and_resumes(synth_dir, cache_dir, tmp_path, salt):
+def test_killed_mid_shard_leaves_no_partial_shard_and_resumes(synth_dir, cache_dir, tmp_path, salt, faults):
     dst = str(tmp_path / "c")
-    code = (
-        "import sparkct.data.cache as c\n"
-        "c._TEST_EXIT_AFTER_SLICES = 100\n"
-        f"c.prepare({synth_dir!r}, {dst!r}, progress=False, salt={salt!r})\n"
+    code = faults.exit_after_slices_code(100) + (
+        "from sparkct.data import prepare\n"
+        f"prepare({synth_dir!r}, {dst!r}, progress=False, salt={salt!r})\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == 137, r.stderr.decode()[-2000:]
@@ -259,17 +260,22 @@ def test_dst_inside_src_and_symlink_loops(synth_dir, tmp_path):
     assert first.series == len(list((src / "dicom").glob("case_*/series_*")))
 
 
-def test_a_killed_worker_is_replaced_and_its_series_retried(synth_dir, cache_dir, tmp_path, salt, caplog):
+def test_a_killed_worker_is_replaced_and_its_series_retried(synth_dir, cache_dir, tmp_path, salt, caplog, faults,
+                                                            monkeypatch):
     dst = str(tmp_path / "c")
+    first = str(SliceCache(cache_dir).series["key"][0])  # the first series submitted (jobs go by key)
+    faults.kill_worker(first, marker=str(tmp_path / "killed"))
     with caplog.at_level(logging.WARNING, logger="sparkct.data"):
-        rep = prepare(synth_dir, dst, progress=False, salt=salt, workers=2,
-                      _kill_worker_once=str(tmp_path / "killed"))
+        rep = prepare(synth_dir, dst, progress=False, salt=salt, workers=2)
     assert os.path.exists(tmp_path / "killed") and "worker process died" in caplog.text
     assert rep.series_failed == 0 and rep.series_written == rep.series
     assert_same_cache(dst, cache_dir)
     # a series whose worker always dies is reported failed; the others are written
     dst2 = str(tmp_path / "c2")
-    rep = prepare(synth_dir, dst2, progress=False, salt=salt, workers=2, _kill_worker_once="always")
+    monkeypatch.undo()
+    faults.kill_worker(first)
+    rep = prepare(synth_dir, dst2, progress=False, salt=salt, workers=2)
+    monkeypatch.undo()
     assert rep.series_failed == 1 and rep.series_written == rep.series - 1
     assert rep.skipped["worker process died (killed or out of memory)"] > 0
     rep = prepare(synth_dir, dst2, progress=False, salt=salt)  # and a later run completes the cache

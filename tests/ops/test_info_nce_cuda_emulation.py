@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparkct.ops import reference as ref
 
@@ -50,6 +51,7 @@ def _one_thread():
 
 K_THREADS, K_BM, K_BN, K_DC = 128, 64, 64, 128
 K_LDS = K_BN + 4
+K_W_SCALE = 8192.0  # TC16Layout::kWScale: W in [-2, 2] is stored times 2^13 in fp16 / bf16
 WARPS = K_THREADS // 32
 
 
@@ -132,6 +134,13 @@ def test_mirror_matches_source():
     for anchor, p in (("struct TC16Layout", TC16), ("struct TF32Layout", TF32), ("struct MmaFMA", FMA)):
         assert layout(anchor) == (p.BK, p.LDK, p.LDW, p.LDX, p.separate_w), p.name
     assert "static constexpr int kStep = 16;" in src and "static constexpr int kStep = 8;" in src
+    # the W tile's scale (mirrored in emu_grad_pass): TC16 scales, TF32 does not
+    tc16, tf32 = src[src.index("struct TC16Layout"):], src[src.index("struct TF32Layout"):]
+    assert re.search(r"kWScale = ([0-9.]+)f;", tc16).group(1) == f"{K_W_SCALE:.1f}"
+    assert re.search(r"kWScale = ([0-9.]+)f;", tf32).group(1) == "1.0"
+    for snippet in ("Ws[a * P::LDW + b] = from_f<S>(w * P::kWScale);",
+                    "G.row(ag, sp)[k] = stage[e] * (1.0f / L::kWScale);"):
+        assert snippet in src, snippet
     # the FMA ownership maps mirrored above
     for snippet in ("As[(ty * 4 + i) * LDK + k]", "Bs[(tx + 8 * j) * LDK + k]",
                     "Ss[(ty * 4 + i) * kLDS + tx + 8 * j]", "Ws[(ty + 8 * i) * LDW + k]",
@@ -472,9 +481,11 @@ def emu_forward(p: Policy, rows, cols, geo: Geo, tau: float, pos_init, sms: int,
 ROW, COL, SYM = 0, 1, 2
 
 
-def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: Geo, tau, splits, dtype):
+def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: Geo, tau, splits, dtype,
+                  w_scale=None):
     """grad_fast_body over the grid (ceil(own / 64), ceil(D / 128), splits): returns the fp32
-    gradient slices G[splits, own, D] w.r.t. the normalized own rows (before g / (R tau))."""
+    gradient slices G[splits, own, D] w.r.t. the normalized own rows (before g / (R tau)).
+    w_scale: the factor W is stored with in the 16-bit W tile (default: the kernel's kWScale)."""
     RO, RX, D = own.shape[0], other.shape[0], own.shape[1]
     inv_tau = torch.tensor(1.0 / tau, dtype=torch.float32)
     G = torch.full((splits, RO, D), math.nan)
@@ -518,7 +529,10 @@ def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: 
                     w = torch.where(inb, w, torch.zeros(()))
                     xhat = padded(other, b0, K_BN, c0, K_DC) * inv_xt[:, None]  # load_tile_scaled
                     if p is TC16:
-                        w, xhat = w.to(dtype).float(), xhat.to(dtype).float()
+                        # Ws = from_f<S>(w * kWScale); o_store multiplies by 1 / kWScale. Both are
+                        # exact (powers of two), so unscaling W here equals unscaling O there.
+                        ws = K_W_SCALE if w_scale is None else w_scale
+                        w, xhat = (w * ws).to(dtype).float() / ws, xhat.to(dtype).float()
                     elif p is TF32:
                         w, xhat = tf32(w), tf32(xhat)
                     O = O + w @ xhat
@@ -716,3 +730,54 @@ def test_emulated_nan_propagates_through_splits_and_butterfly():
     assert splits > 1
     assert torch.isnan(lse).all()
     assert torch.isnan(pos[105]) and torch.isnan(pos[40])
+
+
+def _bank_grad_errors(M, w_scales, R=16, D=64, tau=0.1):
+    """Bank mode, fp16 embeddings, M negatives: the fast backward's row pass (d z0) and column pass
+    (d bank) on tensor cores (TC16: fp16 W and X tiles, fp32 accumulation), each W tile stored with
+    the given scales, against the fp64 reference. The LSE is the fp64 one rounded to fp32 (the
+    forward's own error is covered above); gradients are compared in fp32, before the output's
+    rounding to fp16 (with a GradScaler's upstream gradient they are normal fp16 numbers, while W is
+    formed before that factor and cannot profit from it). Returns {scale: (d z0 error, d bank
+    error)}, each the largest over rows of |got - want| / |want|."""
+    gen = torch.Generator().manual_seed(M)
+    z0 = torch.randn(R, D, generator=gen)
+    z1 = z0 + 0.5 * torch.randn(R, D, generator=gen)
+    bank = torch.randn(M, D, generator=gen)
+    z0, z1, bank = (t.half().float() for t in (z0, z1, bank))
+    ins = [t.double().requires_grad_(True) for t in (z0, z1, bank)]
+    want0, _, want_b = torch.autograd.grad(ref.info_nce(ins[0], ins[1], tau, ins[2]), ins)
+    zn, z1n, bn = (F.normalize(t.detach(), dim=1) for t in ins)
+    lse = torch.logsumexp(torch.cat([(zn * z1n).sum(1, keepdim=True), zn @ bn.t()], 1) / tau, 1).float()
+
+    inv0, inv1, invb = (inv_norm((t * t).sum(1)) for t in (z0, z1, bank))
+    c = torch.tensor(1.0 / (R * tau), dtype=torch.float32)
+    pos = ((z0 * z1).sum(1) * (inv0 * torch.tensor(1.0 / tau, dtype=torch.float32))) * inv1
+    w_pos = torch.exp(pos - lse) - 1  # bank_pos_grad_kernel (fp32, accurate exp)
+
+    def err(got, want):
+        return ((got.double() - want).norm(dim=1) / want.norm(dim=1)).max().item()
+
+    out = {}
+    for ws in w_scales:
+        Gr = emu_grad_pass(TC16, ROW, z0, bank, inv0, invb, lse, None, Geo(), tau, bwd_splits(R, M, D, 132),
+                           torch.float16, w_scale=ws)
+        Gr[0] = Gr[0] + (w_pos * inv1)[:, None] * z1
+        Gc = emu_grad_pass(TC16, COL, bank, z0, invb, inv0, None, lse, Geo(), tau, bwd_splits(M, R, D, 132),
+                           torch.float16, w_scale=ws)
+        out[ws] = (err(finalize(z0, Gr, c), want0), err(finalize(bank, Gc, c), want_b))
+    return out
+
+
+@pytest.mark.parametrize("M", [8192, 65536])
+def test_fp16_coefficients_keep_their_precision_at_large_batches(M):
+    """Issue 13: a negative's coefficient is ~1 / M, below fp16's smallest normal (6e-5) from M ~ 16k,
+    where fp16 keeps only an absolute step of 6e-8. Stored times kWScale = 2^13 it stays normal, and
+    the gradients keep fp16's relative precision: within 2^-10 (4x the unit roundoff of the W and X
+    tiles) of the fp64 reference. Unscaled (as before), the bank's gradient misses that at 65,536."""
+    errs = _bank_grad_errors(M, (1.0, K_W_SCALE))
+    (b0, bb), (a0, ab) = errs[1.0], errs[K_W_SCALE]
+    print(f"M={M}: d z0 error {b0:.2e} unscaled -> {a0:.2e} scaled; d bank {bb:.2e} -> {ab:.2e}")
+    assert a0 <= 2.0 ** -10 and ab <= 2.0 ** -10
+    if M >= 65536:
+        assert bb > 4 * ab

@@ -25,6 +25,7 @@ compute-sanitizer check the rest on a GPU. If a mirrored line of the kernel chan
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,11 @@ MIRRORED = [
     "if (src[kk] >= 0) acc += static_cast<acc_t>(g[src[kk] + ch * K]);",
     "const int64_t N = A * ci * ci;",
     "const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(C, 32) * 32)));",
+    # unpack_backward_cuda, the fill gradient (ATen on the device)
+    "const Tensor masked = cell_map.lt(0).view({B, 1, gh, 1, gw, 1});",
+    "const Tensor g6 = grad.view({B, C, gh, c, gw, c});",
+    "const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;",
+    "gfill.copy_(at::sum(at::where(masked, g6, 0), {0, 2, 3, 4, 5}, false, acc));",
 ]
 
 
@@ -323,6 +329,25 @@ def col2im_positions(g, nbr, C, ci, k, s, p):
     return out.to(g.dtype).reshape(A, ci, ci, C).permute(0, 3, 1, 2)
 
 
+def unpack_fill_grad(grad, cell_map):
+    """unpack_backward_cuda's fill gradient: the same ATen calls, on the CPU."""
+    B, C, H, W = grad.shape
+    gh, gw = cell_map.shape[1:]
+    c = H // gh
+    masked = cell_map.lt(0).view(B, 1, gh, 1, gw, 1)
+    g6 = grad.view(B, C, gh, c, gw, c)
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return torch.where(masked, g6, 0).sum((0, 2, 3, 4, 5), dtype=acc).to(grad.dtype)
+
+
+def unpack_fill_grad_before_issue_13(grad, cell_map):
+    """The expression it replaced: sum(grad * masked), where inf * 0 = NaN."""
+    c = grad.shape[2] // cell_map.shape[1]
+    masked = cell_map.lt(0).repeat_interleave(c, 1).repeat_interleave(c, 2).unsqueeze(1)
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return (grad * masked.to(grad.dtype)).sum((0, 2, 3), dtype=acc).to(grad.dtype)
+
+
 # ---- cases --------------------------------------------------------------------------------------
 
 def make_mask(B, gh, gw, ratio, seed):
@@ -434,3 +459,36 @@ def test_launch_geometry_at_training_sizes():
         for n in (A * c * c * C, 128 * 49 * c * c * C, A * P * P * C):
             b = blocks_for(n)
             assert 1 <= b <= SM_COUNT * 32 and b * K_THREADS * (-(-n // (b * K_THREADS))) >= n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("c", [1, 2, 8])
+def test_unpack_fill_grad(dtype, cl, c):
+    """The fill gradient = the CPU op and the reference (autograd through the where), in both layouts,
+    also with non-finite gradients at visible positions (fp16 overflow under AMP), which the former
+    sum(grad * masked) turned into NaN (issue 13)."""
+    mask = make_mask(3, 3, 4, 0.5, seed=c)
+    mask[2, 0, 0], mask[2, 0, 1] = True, False
+    B, gh, gw = mask.shape
+    cells, nbr, cell_map = R.sparse_cell_tables(mask)
+    C = 5
+    packed = torch.randn(cells.shape[0], C, c, c, dtype=torch.float64)
+    fill = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, C, gh * c, gw * c, dtype=torch.float64)
+    g[2, 1, 0, 0] = math.inf   # cell (2, 0, 0): visible
+    g[2, 3, 0, c - 1] = -math.inf
+    g[1, 4, 0, 0] = math.nan   # sample 1: all visible
+    gs = g.to(dtype)
+    gs = gs.contiguous(memory_format=torch.channels_last) if cl else gs.contiguous()
+    (want,) = torch.autograd.grad(R.sparse_unpack(packed, mask, fill), fill, gs.double())
+    assert torch.isfinite(want).all()
+    got = unpack_fill_grad(gs, cell_map)
+    close = {"rtol": tol(dtype) * 10, "atol": tol(dtype) * 10 * want.abs().max().item()}  # sums of ~100 terms
+    torch.testing.assert_close(got.double(), want, **close)
+    _, cpu = torch.ops.sparkct.sparse_unpack_backward(gs, cells, cell_map, True)
+    torch.testing.assert_close(got.double(), cpu.double(), **close)
+    before = unpack_fill_grad_before_issue_13(gs, cell_map)
+    assert torch.isnan(before[[1, 3, 4]]).all() and torch.isfinite(before[[0, 2]]).all()
+    finite = torch.isfinite(gs).all((0, 2, 3))
+    torch.testing.assert_close(before[finite].double(), got[finite].double(), **close)

@@ -16,7 +16,7 @@ ops = torch.ops.sparkct
 
 
 def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
-    if ratio >= 1:  # every cell masked (cell_mask draws ratios in [0, 1) only)
+    if ratio >= 1.0:  # every cell masked: an edge case of the kernels, not a SparK mask
         return torch.zeros(B, gh, gw, dtype=torch.bool, device=device)
     mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
@@ -346,3 +346,29 @@ def test_cuda_device_mismatch_errors():
     L = S.cell_layout(mask)
     with pytest.raises(ValueError, match="different devices"):
         S.pack(torch.randn(2, 3, 16, 24, device="cuda"), L)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_fill_grad_ignores_nonfinite_grad_at_visible(device, kernels, dtype, cl, bad):
+    """unpack's fill gradient reads only masked cells: a non-finite gradient at a visible position (an
+    fp16 overflow under AMP) stays out of it, as in the reference (a where), instead of becoming
+    inf * 0 = NaN. The case of issue 13: 1x2x2 mask, C = 3, c = 2, grad[0, 1, 0, 0] = inf."""
+    mask = torch.tensor([[[True, False], [False, True]]], device=device)
+    L = S.cell_layout(mask)
+    gen = torch.Generator().manual_seed(13)
+    p = to_layout(torch.randn(L.num_tiles, 3, 2, 2, generator=gen), cl).to(device, dtype).requires_grad_(True)
+    fill = torch.randn(3, generator=gen).to(device, dtype).requires_grad_(True)
+    g = to_layout(torch.randn(1, 3, 4, 4, generator=gen), cl).to(device, dtype)
+    g[0, 1, 0, 0] = bad      # cell (0, 0): visible
+    g[0, 2, 3, 3] = bad      # cell (1, 1): visible
+    gp, gf = torch.autograd.grad(S.unpack(p, L, fill), (p, fill), g)
+    pr, fr = p.detach().double().requires_grad_(True), fill.detach().double().requires_grad_(True)
+    gpr, gfr = torch.autograd.grad(R.sparse_unpack(pr, mask, fr), (pr, fr), g.double())
+    assert torch.isfinite(gf).all(), gf
+    visible = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)[0]
+    want = torch.where(~visible, g.double(), 0).sum((0, 2, 3))
+    torch.testing.assert_close(gfr, want)  # the reference skips visible cells too
+    torch.testing.assert_close(gf.double(), gfr, rtol=tol(dtype), atol=tol(dtype) * 4)
+    torch.testing.assert_close(gp.double(), gpr, rtol=0, atol=0, equal_nan=True)  # the tiles keep it

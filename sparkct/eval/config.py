@@ -1,0 +1,132 @@
+"""The fine-tuning and experiment configs (no torch here: ``sparkct finetune/experiment -h`` stay instant)."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from sparkct.errors import UserError
+
+__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES"]
+
+
+def _h(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tuning method's options (each a ``sparkct finetune`` flag); the trainer's own options
+    (epochs, batch, lr, ...) are in :class:`sparkct.train.config.TrainConfig`."""
+
+    linear_probe: bool = _h("keep the backbone frozen throughout (linear probing)", default=False)
+    freeze_epochs: float = _h("epochs with the backbone frozen (only the head learns) before it is unfrozen",
+                              default=10.0)
+    ramp_epochs: float = _h("epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr",
+                            default=10.0)
+    backbone_lr_start: float = _h("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
+    label_smoothing: float = _h("cross-entropy label smoothing", default=0.0)
+    eval_batch: int = _h("batch size for validation and testing", default=128)
+
+    def validate(self) -> None:
+        for name in ("freeze_epochs", "ramp_epochs"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise UserError(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
+        if not 0 < self.backbone_lr_start <= 1:
+            raise UserError(f"--backbone-lr-start must be in (0, 1], got {self.backbone_lr_start}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.eval_batch < 1:
+            raise UserError(f"--eval-batch must be >= 1, got {self.eval_batch}")
+
+
+#: method options used when the experiment runs on its built-in data (tiny pools: a 3,000-prototype SwAV or
+#: a 65,536-key MoCo queue would only hold random vectors); shown in the report, replaced by --set
+SMALL_DATA_OVERRIDES = {"spark.decoder_width": 256, "swav.prototypes": 100, "swav.freeze_prototypes": 20,
+                        "moco.queue_size": 1024}
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = _h("experiment folder: data, pretraining and fine-tuning runs, report", default="runs/experiment")
+    data: str | None = _h("labelled task data: a prepared cache (with --labels), an image folder or a .npz; "
+                          "default: built-in synthetic chest CT", default=None)
+    labels: str | None = _h("labels CSV for a cache (slice, series or patient rows)", default=None)
+    pretrain_data: str | None = _h("unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
+                                   "synthetic pool (or --data's cache when --data is given)", default=None)
+    methods: str = _h("comma-separated: random and pretraining methods (sparkct pretrain --list)",
+                      default="random,spark,simclr,moco,swav,byol")
+    fractions: str = _h("labelled training fractions", default="1,0.5,0.25,0.1")
+    seeds: str = _h("fine-tuning seeds (each seed draws its own nested fractions)", default="0,1")
+    arch: str = _h("backbone", default="resnet18")
+    windows: str = _h("HU windows as input channels", default="lung,mediastinum,bone")
+    crop: int = _h("crop size for pretraining and fine-tuning (multiple of 32)", default=64)
+    pretrain_epochs: int = _h("pretraining epochs per method", default=3)
+    pretrain_batch: int = _h("pretraining batch", default=32)
+    finetune_epochs: int = _h("fine-tuning epochs", default=6)
+    finetune_batch: int = _h("fine-tuning batch", default=32)
+    freeze_epochs: float = _h("fine-tuning: epochs with the backbone frozen", default=1.0)
+    ramp_epochs: float = _h("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
+    split: str = _h("train,val,test fractions of the labelled patients", default="0.6,0.2,0.2")
+    resamples: int = _h("bootstrap resamples for CIs and paired tests", default=1000)
+    device: str = _h("cpu, cuda, cuda:N or auto", default="auto")
+    amp: str = _h("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
+    synth_patients: int = _h("built-in data: labelled patients", default=16)
+    pretrain_patients: int = _h("built-in data: unlabelled pretraining patients", default=8)
+    synth_size: int = _h("built-in data: slice size", default=96)
+    synth_slices: int = _h("built-in data: slices per series", default=20)
+    set: list = _h("method option METHOD.FIELD=VALUE (repeatable), e.g. spark.mask_ratio=0.75",
+                   default_factory=list)
+
+    def lists(self) -> tuple[list[str], list[float], list[int]]:
+        from sparkct.models import METHODS
+
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m != "random" and m not in METHODS]
+        if not methods or bad:
+            raise UserError(f"--methods: unknown {bad or 'none given'}; choose from random, {', '.join(METHODS)}")
+        try:
+            fr = [float(v) for v in self.fractions.split(",") if v.strip()]
+            seeds = [int(v) for v in self.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--fractions / --seeds: expected comma-separated numbers, got {self.fractions!r} / "
+                            f"{self.seeds!r}") from None
+        if not fr or any(not 0 < f <= 1 for f in fr):
+            raise UserError(f"--fractions must be in (0, 1], got {self.fractions}")
+        if not seeds:
+            raise UserError("--seeds: give at least one seed")
+        return methods, sorted(set(fr), reverse=True), sorted(set(seeds))
+
+    def validate(self) -> None:
+        from sparkct.models.backbone import check_arch
+
+        self.lists()
+        check_arch(self.arch)
+        if self.crop < 32 or self.crop % 32:
+            raise UserError(f"--crop must be a positive multiple of 32, got {self.crop}")
+        for k in ("pretrain_epochs", "pretrain_batch", "finetune_epochs", "finetune_batch", "resamples",
+                  "synth_patients", "pretrain_patients", "synth_size", "synth_slices"):
+            if getattr(self, k) < 1:
+                raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        if self.data is not None and not os.path.exists(self.data):
+            raise UserError(f"--data {self.data}: no such file or folder")
+        if self.pretrain_data is not None and not os.path.exists(self.pretrain_data):
+            raise UserError(f"--pretrain-data {self.pretrain_data}: no such file or folder")
+        if self.labels is not None and not os.path.isfile(self.labels):
+            raise UserError(f"--labels {self.labels}: no such file")
+        self.overrides()
+
+    def overrides(self) -> dict[str, dict]:
+        """{method: {field: value}}: the built-in data's small-pool defaults (when no --data), then --set."""
+        pairs = dict(SMALL_DATA_OVERRIDES) if self.data is None and self.pretrain_data is None else {}
+        for item in self.set:
+            if "=" not in item or "." not in item.split("=", 1)[0]:
+                raise UserError(f"--set {item!r}: expected METHOD.FIELD=VALUE")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v.strip()
+        out: dict[str, dict] = {}
+        for k, v in pairs.items():
+            m, f = k.split(".", 1)
+            out.setdefault(m, {})[f] = v
+        return out

@@ -1,0 +1,255 @@
+"""``sparkct experiment``: the small-data experiment end to end.
+
+For each selected method: pretrain a backbone on the unlabelled CT (one run of the trainer), then
+fine-tune it, and a randomly initialized baseline, on nested class-stratified fractions of the labelled
+training patients for several seeds, test every fine-tuned model on the same held-out patients with
+bootstrap CIs, and write the report (``results.md``, ``auc_vs_fraction.png``, ``results.json``,
+``runs.csv``) into the experiment folder.
+
+Without data it runs on the built-in synthetic chest CT: a pretraining pool and a disjoint labelled task
+(nodule present / absent per slice, from ``sparkct data synth``'s ``slice_labels.csv``), sized for a 2-core
+CPU in minutes; flags scale everything for real archives on GPUs.
+
+Resumable: every pretraining and fine-tuning run lives in a folder named by a hash of its config; a
+finished run (``summary.json`` / ``result.json``) is skipped, an interrupted one resumes from its last
+checkpoint, a failed one is recorded (``failed.json``) and reported as failed, never dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+
+from sparkct import io as sio
+from sparkct.errors import UserError
+from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig
+
+__all__ = ["ExperimentConfig", "run_experiment", "SMALL_DATA_OVERRIDES"]
+
+def _key(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _typed(cls, values: dict):
+    """An instance of dataclass `cls` with string values converted by the field types (--set)."""
+    import typing
+
+    from sparkct.train.config import _arg_type, _base_type
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in values.items():
+        if k not in names:
+            raise UserError(f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))})")
+        tp, _ = _base_type(hints[k])
+        kw[k] = _arg_type(tp)(v) if isinstance(v, str) else v
+    return cls(**kw)
+
+
+class _Progress:
+    def __init__(self, total: int, log):
+        self.total, self.done, self.t0, self.log = total, 0, time.perf_counter(), log
+        self.spent = 0.0
+
+    def start(self, what: str) -> None:
+        el = time.perf_counter() - self.t0
+        eta = ""
+        if self.done and self.spent > 0:
+            eta = f", about {self.spent / self.done * (self.total - self.done) / 60:.1f} min left"
+        self.log(f"[{self.done + 1}/{self.total}] {what} ({el / 60:.1f} min elapsed{eta})")
+        self._t = time.perf_counter()
+
+    def finish(self, ran: bool) -> None:
+        self.done += 1
+        if ran:  # skipped runs cost nothing: they do not enter the time-left estimate
+            self.spent += time.perf_counter() - self._t
+        else:
+            self.total -= 1
+            self.done -= 1
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log) -> str:
+    from sparkct.data import synth
+
+    want = {"seed": seed, "patients": patients, "size": size, "slices": slices}
+    marker = os.path.join(dst, "synth.json")
+    have = sio.read_json(marker) if os.path.isfile(marker) else None
+    if have is None or any(have.get(k) != v for k, v in want.items()):
+        import shutil
+        log(f"synthesizing {patients} patients ({size}x{size}, {slices} slices per series) into {dst}")
+        shutil.rmtree(dst, ignore_errors=True)
+        synth(dst, patients=patients, seed=seed, size=size, slices=slices, localizer=False)
+    return dst
+
+
+def _prepare_once(src: str, dst: str, log) -> str:
+    from sparkct.data import prepare
+
+    if os.path.isfile(os.path.join(src, "cache.json")):
+        return src
+    rep = prepare(src, dst, progress=False)
+    if rep.slices == 0:
+        raise UserError(f"{src}: no usable CT slices")
+    log(f"cache {dst}: {rep.slices} slices of {rep.series} series")
+    return dst
+
+
+def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
+    """Run (or resume) the experiment; returns the report's paths."""
+    from sparkct.device import resolve_device
+
+    cfg.validate()
+    methods, fractions, seeds = cfg.lists()
+    resolve_device(cfg.device)
+    overrides = cfg.overrides()
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    data_dir = os.path.join(out, "data")
+    t_start = time.perf_counter()
+
+    # ---- data ------------------------------------------------------------------------------------
+    if cfg.data is None:
+        task_src = _synth_once(os.path.join(data_dir, "synth-task"), cfg.synth_patients, 2, cfg.synth_size,
+                               cfg.synth_slices, log)
+        task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log)
+        labels = os.path.join(task_src, "slice_labels.csv")
+        data_desc = (f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
+                     f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
+                     f"{cfg.synth_size}, {cfg.synth_slices} slices per series")
+    else:
+        task_data, labels = cfg.data, cfg.labels
+        data_desc = f"{cfg.data}" + (f" with labels {cfg.labels}" if cfg.labels else "")
+    if cfg.pretrain_data is not None:
+        pre_cache = _prepare_once(cfg.pretrain_data, os.path.join(data_dir, "cache-pretrain"), log)
+    elif cfg.data is None:
+        pre_src = _synth_once(os.path.join(data_dir, "synth-pretrain"), cfg.pretrain_patients, 1, cfg.synth_size,
+                              cfg.synth_slices, log)
+        pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log)
+    elif os.path.isfile(os.path.join(cfg.data, "cache.json")):
+        pre_cache = cfg.data
+    else:
+        pre_cache = None
+        if any(m != "random" for m in methods):
+            raise UserError("--pretrain-data is needed: --data is not a CT cache, and pretraining reads CT")
+
+    from sparkct.eval.data import load_task
+
+    split = tuple(float(v) for v in cfg.split.split(","))
+    probe = load_task(task_data, labels, split=split, seed=seeds[0], windows=cfg.windows)  # checks labels early
+    log(f"task: {json.dumps(probe.describe()['train'])} train (full), test {probe.describe()['test']}")
+
+    pre_methods = [m for m in methods if m != "random"]
+    n_runs = len(pre_methods) + len(methods) * len(fractions) * len(seeds)
+    prog = _Progress(n_runs, log)
+    inits: dict[str, str | None] = {"random": "random"}
+    failed_pre: dict[str, str] = {}
+
+    # ---- pretraining -------------------------------------------------------------------------------
+    from sparkct.models import get_method
+    from sparkct.train.config import TrainConfig, config_to_dict
+    from sparkct.train.trainer import Trainer, build_method
+
+    for m in pre_methods:
+        cls = get_method(m)
+        mcfg = _typed(cls.config_class, overrides.get(m, {}))
+        tcfg = TrainConfig(data=pre_cache, arch=cfg.arch, windows=cfg.windows, crop=cfg.crop,
+                           epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, device=cfg.device, amp=cfg.amp,
+                           seed=0, progress=False, tensorboard=False, log_every=5, ckpt_every=25, keep=1,
+                           preview_every=0)
+        key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
+        run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
+        tcfg.out = run_dir
+        prog.start(f"pretrain {m} -> {run_dir}")
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            log("  finished earlier: skipped")
+            inits[m] = run_dir
+            prog.finish(False)
+            continue
+        try:
+            mcfg.validate()
+            method = build_method(m, tcfg, mcfg)
+            resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
+            Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
+            inits[m] = run_dir
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a failed method is reported, not fatal
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            failed_pre[m] = f"pretraining failed: {type(e).__name__}: {e}"
+            log(f"  FAILED: {failed_pre[m]}")
+            sio.write_json_atomic(os.path.join(run_dir, "pretrain_failed.json"),
+                                  {"method": m, "error": failed_pre[m], "traceback": traceback.format_exc()})
+        prog.finish(True)
+
+    # ---- fine-tuning -------------------------------------------------------------------------------
+    from sparkct.eval.config import FinetuneConfig
+    from sparkct.eval.finetune import finetune
+
+    fcfg = FinetuneConfig(freeze_epochs=cfg.freeze_epochs, ramp_epochs=cfg.ramp_epochs)
+    for m in methods:
+        for seed in seeds:
+            for fr in fractions:
+                tcfg = TrainConfig(arch=cfg.arch, windows=cfg.windows, crop=cfg.crop, epochs=cfg.finetune_epochs,
+                                   batch=cfg.finetune_batch, device=cfg.device, amp=cfg.amp, seed=seed,
+                                   progress=False, tensorboard=False, log_every=5, ckpt_every=50, keep=1,
+                                   preview_every=0)
+                key = _key({"init": inits.get(m, m), "train": config_to_dict(tcfg),
+                            "finetune": config_to_dict(fcfg), "fraction": fr, "split": cfg.split,
+                            "data": task_data, "labels": labels})
+                run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
+                tcfg.out = run_dir
+                prog.start(f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
+                if os.path.isfile(os.path.join(run_dir, "result.json")):
+                    log("  finished earlier: skipped")
+                    prog.finish(False)
+                    continue
+                failed = os.path.join(run_dir, "failed.json")
+                if os.path.isfile(failed):
+                    os.unlink(failed)  # try again: the cause may have been fixed
+                try:
+                    if m in failed_pre:
+                        raise RuntimeError(failed_pre[m])
+                    task = load_task(task_data, labels, split=split, fraction=fr, seed=seed, windows=cfg.windows)
+                    resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
+                    finetune(task, init=inits[m], train_cfg=tcfg, config=fcfg, n_resamples=cfg.resamples,
+                             resume=resume, name=m, log=lambda s: log("  " + s))
+                except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    msg = str(e) if m in failed_pre else f"{type(e).__name__}: {e}"
+                    log(f"  FAILED: {msg}")
+                    sio.write_json_atomic(failed, {"method": m, "fraction": fr, "seed": seed, "error": msg,
+                                                   "traceback": traceback.format_exc()})
+                prog.finish(True)
+
+    # ---- report ------------------------------------------------------------------------------------
+    from sparkct.eval.report import collect_runs, write_report
+
+    runs = collect_runs(os.path.join(out, "finetune"))
+    keep = {(m, fr, s) for m in methods for fr in fractions for s in seeds}
+    runs = [r for r in runs if (r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)) in keep
+            and os.path.basename(os.path.dirname(r["run_dir"])) in methods]
+    extra = {"data": data_desc,
+             "pretraining": (f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
+                             f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
+                             + (f"; options {json.dumps(overrides)}" if overrides else "")),
+             "fine-tuning": (f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
+                             f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
+                             f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
+                             f"split {cfg.split} of the labelled patients"),
+             "experiment time": f"{(time.perf_counter() - t_start) / 60:.1f} min (this invocation)"}
+    if failed_pre:
+        extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())
+    paths = write_report(runs, out, baseline="random" if "random" in methods else methods[0],
+                         n_resamples=cfg.resamples, extra=extra,
+                         config={**dataclasses.asdict(cfg), "overrides": overrides})
+    log(f"report: {', '.join(paths.values())} ({(time.perf_counter() - t_start) / 60:.1f} min)")
+    return paths

@@ -1,0 +1,407 @@
+"""Classification metrics with confidence intervals, and paired comparisons of two methods.
+
+- :func:`compute_metrics`: AUC (binary; one-vs-rest macro for multi-class), accuracy, balanced
+  accuracy, F1, precision, recall, all from scikit-learn. Binary F1 / precision / recall are those
+  of class 1; multi-class ones are macro averages. The predicted class is the argmax of the scores.
+- :func:`bootstrap_ci`: 95 % intervals from ``scipy.stats.bootstrap`` over the test set, resampled
+  within each class (stratified: every resample keeps the class counts, so AUC is always defined),
+  optionally by whole groups (patients) when items of a group are correlated (slices of a scan).
+- :func:`paired_bootstrap`: two methods' predictions on the same test set, resampled together; the
+  interval of the difference and a two-sided bootstrap p-value.
+- :func:`delong_test`: DeLong, DeLong & Clarke-Pearson (1988) for the difference of two correlated
+  AUCs, with the midrank placements of Sun & Xu (2014); checked against pROC's published values.
+
+Inside the bootstrap every metric is a function of how often each test item was drawn (a counts
+matrix, one row per resample), computed for all resamples at once with a few matrix products and
+cumulative sums; tests check that these batched forms equal scikit-learn's on resamples.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from sparkct.errors import UserError
+
+__all__ = ["METRICS", "Models", "as_probabilities", "compute_metrics", "bootstrap_ci", "paired_bootstrap",
+           "delong_test", "delong_variance", "metrics_from_counts", "summarize"]
+
+METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def as_probabilities(y_score, n_classes: int | None = None) -> np.ndarray:
+    """(n, K) class probabilities from `y_score`: (n,) scores of class 1 (binary; the predicted class
+    is 1 where the score exceeds 0.5) or (n, K) probabilities or logits (softmax is applied to rows
+    that are not probabilities)."""
+    s = np.asarray(y_score, dtype=np.float64)
+    if s.ndim == 1:
+        if n_classes not in (None, 2):
+            raise UserError(f"1-D scores are for binary tasks, got n_classes={n_classes}")
+        return np.stack([1.0 - s, s], 1)
+    if s.ndim != 2 or s.shape[1] < 2:
+        raise UserError(f"scores must be (n,) or (n, classes >= 2), got shape {s.shape}")
+    if n_classes is not None and s.shape[1] != n_classes:
+        raise UserError(f"scores have {s.shape[1]} columns for {n_classes} classes")
+    if not (np.all(s >= 0) and np.allclose(s.sum(1), 1.0, atol=1e-6)):
+        # logits: softmax, so that every metric (and sklearn's multi-class AUC) sees probabilities
+        z = np.exp(s - s.max(1, keepdims=True))
+        s = z / z.sum(1, keepdims=True)
+    return s
+
+
+def _check(y_true, y_score, n_classes=None) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).reshape(-1)
+    if not np.issubdtype(y.dtype, np.integer):
+        if y.size and not np.all(np.mod(y, 1) == 0):
+            raise UserError("labels must be class indices 0..K-1")
+        y = y.astype(np.int64)
+    p = as_probabilities(y_score, n_classes)
+    if len(p) != len(y):
+        raise UserError(f"{len(y)} labels for {len(p)} predictions")
+    if not np.isfinite(p).all():
+        raise UserError("predictions contain NaN or infinity")
+    k = p.shape[1]
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise UserError(f"labels must be in 0..{k - 1}, got {sorted(set(y.tolist()) - set(range(k)))[:5]}")
+    missing = sorted(set(range(k)) - set(y.tolist()))
+    if missing:
+        raise UserError(f"the test set has no items of class(es) {missing}: AUC and balanced accuracy need "
+                        f"every class present (use a larger or stratified test split)")
+    return y.astype(np.int64), p
+
+
+# ------------------------------------------------------------------------------------------ point estimates
+
+def compute_metrics(y_true, y_score, *, n_classes: int | None = None,
+                    metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """The metrics in `metrics` (default all of :data:`METRICS`) from scikit-learn. y_true: class
+    indices (n,); y_score: (n,) scores of class 1 or (n, K) class probabilities or logits."""
+    from sklearn import metrics as skm
+
+    metrics = _check_names(metrics)
+    y, p = _check(y_true, y_score, n_classes)
+    k = p.shape[1]
+    pred = p.argmax(1)
+    kw = dict(average="binary", zero_division=0) if k == 2 else \
+        dict(average="macro", labels=list(range(k)), zero_division=0)
+    fns = {
+        # multi-class: one-vs-rest, each class's probability ranking it against the rest, as in the
+        # per-class placements of DeLong's test and the bootstrap
+        "auc": lambda: skm.roc_auc_score(y, p[:, 1]) if k == 2 else
+        skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(k))),
+        "accuracy": lambda: skm.accuracy_score(y, pred),
+        "balanced_accuracy": lambda: skm.balanced_accuracy_score(y, pred),
+        "f1": lambda: skm.f1_score(y, pred, **kw),
+        "precision": lambda: skm.precision_score(y, pred, **kw),
+        "recall": lambda: skm.recall_score(y, pred, **kw),
+    }
+    return {m: float(fns[m]()) for m in metrics}
+
+
+def _check_names(metrics) -> tuple[str, ...]:
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise UserError(f"unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ batched forms
+
+class _Batched:
+    """Every metric of resampled test sets given as counts (R, n): how often each item was drawn.
+
+    The confusion matrices are one matrix product; AUC per class sorts the items once by score and
+    sums, per tie group, positives x (negatives below + half the tied negatives) with cumulative
+    sums (the Mann-Whitney form, exact with ties and repeated items)."""
+
+    def __init__(self, y: np.ndarray, p: np.ndarray):
+        self.n, self.k = p.shape
+        k = self.k
+        pred = p.argmax(1)
+        self.cell = np.zeros((self.n, k * k))
+        self.cell[np.arange(self.n), y * k + pred] = 1.0
+        self.auc_parts = []
+        classes = [1] if k == 2 else range(k)
+        for c in classes:
+            s = p[:, c]
+            order = np.argsort(s, kind="stable")
+            ss = s[order]
+            starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+            pos = (y[order] == c).astype(np.float64)
+            self.auc_parts.append((order, starts, pos))
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        """(len(METRICS), R) metric values for counts (R, n)."""
+        c = np.asarray(counts, dtype=np.float64)
+        k = self.k
+        cm = (c @ self.cell).reshape(-1, k, k)  # (R, true, pred)
+        total = cm.sum((1, 2))
+        tp = np.diagonal(cm, axis1=1, axis2=2)
+        support = cm.sum(2)  # per true class
+        predicted = cm.sum(1)  # per predicted class
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rec = np.where(support > 0, tp / support, 0.0)
+            prec = np.where(predicted > 0, tp / predicted, 0.0)
+            f1d = support + predicted
+            f1 = np.where(f1d > 0, 2 * tp / f1d, 0.0)
+            bal = np.where(support > 0, tp / support, np.nan)
+            bal = np.nanmean(bal, 1) if bal.shape[0] else np.zeros(0)
+        if k == 2:
+            rec, prec, f1 = rec[:, 1], prec[:, 1], f1[:, 1]
+        else:
+            rec, prec, f1 = rec.mean(1), prec.mean(1), f1.mean(1)
+        aucs = []
+        for order, starts, pos in self.auc_parts:
+            co = c[:, order]
+            npos = np.add.reduceat(co * pos, starts, axis=1)
+            nneg = np.add.reduceat(co * (1 - pos), starts, axis=1)
+            below = np.cumsum(nneg, 1) - nneg
+            with np.errstate(invalid="ignore", divide="ignore"):
+                aucs.append((npos * (below + 0.5 * nneg)).sum(1) / (npos.sum(1) * nneg.sum(1)))
+        auc = np.mean(aucs, 0)
+        return np.stack([auc, tp.sum(1) / total, bal, f1, prec, rec])
+
+
+def metrics_from_counts(y_true, y_score, counts) -> dict[str, np.ndarray]:
+    """The metrics of resampled test sets, counts (R, n) = how often each item is drawn (the batched
+    form the bootstrap uses; equal to :func:`compute_metrics` on the repeated items)."""
+    y, p = _check(y_true, y_score)
+    out = _Batched(y, p)(np.atleast_2d(counts))
+    return dict(zip(METRICS, out))
+
+
+# ------------------------------------------------------------------------------------------ bootstrap
+
+def _units(y: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(unit of each item, label of each unit, unit indices per stratum). A unit is an item, or a
+    group (patient) when `groups` is given; a group's stratum is its largest label (a patient with
+    any positive slice is positive), so every resample keeps both the groups' and the items' classes
+    present."""
+    if groups is None:
+        unit = np.arange(len(y))
+        ulab = y
+    else:
+        g = np.asarray(groups).reshape(-1)
+        if len(g) != len(y):
+            raise UserError(f"{len(g)} groups for {len(y)} labels")
+        _, unit = np.unique(g, return_inverse=True)
+        ulab = np.full(unit.max() + 1, -1, dtype=np.int64)
+        np.maximum.at(ulab, unit, y)
+    strata = [np.flatnonzero(ulab == v) for v in np.unique(ulab)]
+    return unit, ulab, strata
+
+
+def _run_bootstrap(statistic_of_counts, unit: np.ndarray, strata, *, n_resamples: int,
+                   confidence: float, method: str, seed, batch: int | None):
+    from scipy import stats
+
+    n_units = int(unit.max()) + 1 if len(unit) else 0
+    if any(len(s) < 2 for s in strata):
+        small = [len(s) for s in strata]
+        raise UserError(f"bootstrap needs at least 2 units (items or patients) per class, got {small}")
+
+    def statistic(*idx, axis=-1):
+        # One array of drawn unit indices per stratum, batch dims in front (resamples or jackknife).
+        lead = np.broadcast_shapes(*(a.shape[:-1] for a in idx))
+        flat = np.concatenate([np.broadcast_to(a, lead + a.shape[-1:]).reshape(-1, a.shape[-1]) for a in idx], 1)
+        r = flat.shape[0]
+        uc = np.bincount((np.arange(r)[:, None] * n_units + flat).ravel(), minlength=r * n_units)
+        counts = uc.reshape(r, n_units)[:, unit]
+        out = statistic_of_counts(counts)  # (M, r)
+        return out.reshape(out.shape[:-1] + lead)
+
+    m = {"bca": "BCa", "percentile": "percentile", "basic": "basic"}.get(str(method).lower())
+    if m is None:
+        raise UserError(f"CI method must be 'BCa', 'percentile' or 'basic', got {method!r}")
+    if not 0 < confidence < 1:
+        raise UserError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise UserError(f"n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    data = tuple(s.astype(np.int64) for s in strata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate BCa (a statistic constant over resamples) -> fallback below
+        res = stats.bootstrap(data, statistic, n_resamples=n_resamples, vectorized=True, paired=False,
+                              confidence_level=confidence, method=m, rng=rng, batch=batch)
+    low = np.array(res.confidence_interval.low, dtype=np.float64, ndmin=1)
+    high = np.array(res.confidence_interval.high, dtype=np.float64, ndmin=1)
+    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+    bad = ~(np.isfinite(low) & np.isfinite(high))
+    if bad.any():  # BCa undefined (e.g. accuracy 1.0 in every resample): the percentile interval
+        a = (1 - confidence) / 2
+        q = np.nanquantile(dist[bad], [a, 1 - a], axis=-1)
+        low[bad], high[bad] = q[0], q[1]
+    return low, high, dist
+
+
+class Models(list):
+    """Several models' scores on the same test items (e.g. one fine-tuning per seed): the bootstrap and
+    DeLong functions then work on the metric averaged over the models (the interval of a mean over
+    seeds, which holds the test-set uncertainty; the seeds' spread is reported beside it)."""
+
+
+def _models(y_true, scores, n_classes=None):
+    """(y, [probabilities per model]) from one score array or a :class:`Models` list of them."""
+    lst = list(scores) if isinstance(scores, Models) else [scores]
+    if not lst:
+        raise UserError("no predictions given")
+    y, p0 = _check(y_true, lst[0], n_classes)
+    return y, [p0] + [_check(y, s, p0.shape[1])[1] for s in lst[1:]]
+
+
+def _mean_point(y, probs, metrics) -> dict[str, float]:
+    vals = [compute_metrics(y, p, metrics=metrics) for p in probs]
+    return {m: float(np.mean([v[m] for v in vals])) for m in metrics}
+
+
+def _mean_stat(y, probs, rows):
+    stats = [_Batched(y, p) for p in probs]
+    return lambda c: np.mean([st(c)[rows] for st in stats], 0)
+
+
+def bootstrap_ci(y_true, y_score, *, groups=None, n_resamples: int = 1000, confidence: float = 0.95,
+                 method: str = "BCa", seed=0, batch: int | None = 2000,
+                 metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+    """Each metric with its bootstrap confidence interval: name -> {value, low, high, se}.
+
+    The test set is resampled within each class (stratified); with `groups` (e.g. patient ids) whole
+    groups are resampled, stratified by a group's largest label. method: scipy's 'BCa' (default; a
+    metric whose resamples are all equal falls back to the percentile interval), 'percentile' or
+    'basic'. `batch` bounds memory (resamples evaluated at once). `y_score` may be
+    :class:`Models` (several seeds): the metric is then their mean."""
+    metrics = _check_names(metrics)
+    rows = [METRICS.index(m) for m in metrics]
+    y, probs = _models(y_true, y_score)
+    point = _mean_point(y, probs, metrics)
+    unit, _, strata = _units(y, groups)
+    low, high, dist = _run_bootstrap(_mean_stat(y, probs, rows), unit, strata, n_resamples=n_resamples,
+                                     confidence=confidence, method=method, seed=seed, batch=batch)
+    se = np.nanstd(dist, axis=-1, ddof=1) if dist.shape[-1] > 1 else np.full(len(metrics), np.nan)
+    return {name: {"value": point[name], "low": float(low[i]), "high": float(high[i]), "se": float(se[i])}
+            for i, name in enumerate(metrics)}
+
+
+def paired_bootstrap(y_true, score_a, score_b, *, groups=None, n_resamples: int = 1000,
+                     confidence: float = 0.95, method: str = "percentile", seed=0,
+                     batch: int | None = 2000, metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+    """Method A minus method B on the same test items, resampled together (paired, stratified as in
+    :func:`bootstrap_ci`): name -> {a, b, diff, low, high, p}. p is the two-sided bootstrap p-value
+    for "no difference": twice the smaller share of resampled differences on either side of 0
+    (identical predictions give 1; with R resamples the smallest is 2 / (R + 1)). Either side may be
+    :class:`Models` (the mean over its seeds)."""
+    metrics = _check_names(metrics)
+    rows = [METRICS.index(m) for m in metrics]
+    y, pa = _models(y_true, score_a)
+    _, pb = _models(y, score_b, pa[0].shape[1])
+    ma, mb = _mean_point(y, pa, metrics), _mean_point(y, pb, metrics)
+    unit, _, strata = _units(y, groups)
+    sa, sb = _mean_stat(y, pa, rows), _mean_stat(y, pb, rows)
+    low, high, dist = _run_bootstrap(lambda c: sa(c) - sb(c), unit, strata, n_resamples=n_resamples,
+                                     confidence=confidence, method=method, seed=seed, batch=batch)
+    r = dist.shape[-1]
+    le = (dist <= 0).sum(-1)
+    ge = (dist >= 0).sum(-1)
+    pval = np.minimum(1.0, 2 * (np.minimum(le, ge) + 1) / (r + 1))
+    return {name: {"a": ma[name], "b": mb[name], "diff": ma[name] - mb[name], "low": float(low[i]),
+                   "high": float(high[i]), "p": float(pval[i])} for i, name in enumerate(metrics)}
+
+
+# ------------------------------------------------------------------------------------------ DeLong
+
+def _placements(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """(AUC, influence of each item). For binary tasks the AUC is of class 1; for K classes the
+    one-vs-rest macro average. An item's influence for class c's AUC is its placement value (DeLong's
+    V10 for a positive: the share of negatives it outranks, ties half; V01 for a negative: the share
+    of positives that outrank it) divided by the size of its side, via midranks (Sun & Xu 2014)."""
+    from scipy.stats import rankdata
+
+    k = p.shape[1]
+    classes = [1] if k == 2 else list(range(k))
+    psi = np.zeros(len(y))
+    aucs = []
+    for c in classes:
+        s = p[:, c]
+        pos = y == c
+        m, n = int(pos.sum()), int((~pos).sum())
+        r_all = rankdata(s)
+        r_pos = rankdata(s[pos])
+        r_neg = rankdata(s[~pos])
+        v10 = (r_all[pos] - r_pos) / n  # positives: negatives below (ties 1/2)
+        v01 = 1.0 - (r_all[~pos] - r_neg) / m  # negatives: positives above (ties 1/2)
+        auc = float(v10.mean())
+        aucs.append(auc)
+        inf = np.zeros(len(y))
+        inf[pos] = (v10 - auc) / m
+        inf[~pos] = (v01 - auc) / n
+        psi += inf / len(classes)
+    return float(np.mean(aucs)), psi
+
+
+def _stratified_var(psi: np.ndarray, strata_of: np.ndarray) -> float:
+    """Sum over strata of n_s/(n_s-1) x the sum of squared centred influences: with the classes as
+    strata this is DeLong's S10/m + S01/n for a binary AUC."""
+    v = 0.0
+    for s in np.unique(strata_of):
+        x = psi[strata_of == s]
+        if len(x) > 1:
+            v += len(x) / (len(x) - 1) * float(((x - x.mean()) ** 2).sum())
+    return v
+
+
+def delong_variance(y_true, y_score) -> tuple[float, float]:
+    """(AUC, DeLong variance of the AUC). Multi-class: the one-vs-rest macro AUC, its variance from
+    the same placements with the classes as strata (DeLong's estimator when K = 2)."""
+    y, p = _check(y_true, y_score)
+    auc, psi = _placements(y, p)
+    return auc, _stratified_var(psi, y)
+
+
+def _mean_placements(y, probs) -> tuple[float, np.ndarray]:
+    parts = [_placements(y, p) for p in probs]
+    return float(np.mean([a for a, _ in parts])), np.mean([psi for _, psi in parts], 0)
+
+
+def delong_test(y_true, score_a, score_b, *, confidence: float = 0.95) -> dict[str, float]:
+    """DeLong's test of AUC(A) = AUC(B) for two methods' scores on the same test items.
+
+    Returns auc_a, auc_b, diff, var_a, var_b, cov, z, p (two-sided, normal), low/high (the CI of the
+    difference). Identical predictions give z = 0, p = 1. Multi-class: macro one-vs-rest AUCs (see
+    :func:`delong_variance`). Either side may be :class:`Models`: the AUC averaged over its seeds,
+    whose influence values are the average of theirs. Items must be independent (one per patient)."""
+    from scipy.stats import norm
+
+    y, pa = _models(y_true, score_a)
+    _, pb = _models(y, score_b, pa[0].shape[1])
+    auc_a, psi_a = _mean_placements(y, pa)
+    auc_b, psi_b = _mean_placements(y, pb)
+    var_a = _stratified_var(psi_a, y)
+    var_b = _stratified_var(psi_b, y)
+    var_d = _stratified_var(psi_a - psi_b, y)
+    cov = (var_a + var_b - var_d) / 2
+    diff = auc_a - auc_b
+    if var_d <= 1e-15 * max(1.0, var_a + var_b):
+        z, pval, half = 0.0 if diff == 0 else float(np.sign(diff) * np.inf), 1.0 if diff == 0 else 0.0, 0.0
+    else:
+        se = float(np.sqrt(var_d))
+        z = diff / se
+        pval = float(2 * norm.sf(abs(z)))
+        half = float(norm.ppf(0.5 + confidence / 2) * se)
+    return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "var_a": var_a, "var_b": var_b, "cov": cov,
+            "z": float(z), "p": float(pval), "low": diff - half, "high": diff + half}
+
+
+def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of per-seed values with a t interval over seeds (n >= 2), for reports."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    if len(v) == 1:
+        return {"mean": float(v[0]), "low": float("nan"), "high": float("nan"), "n": 1}
+    lo, hi = stats.t.interval(confidence, len(v) - 1, loc=v.mean(), scale=stats.sem(v)) if v.std() > 0 else (v[0], v[0])
+    return {"mean": float(v.mean()), "low": float(lo), "high": float(hi), "n": int(len(v))}

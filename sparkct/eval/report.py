@@ -1,0 +1,331 @@
+"""The experiment's report from fine-tuning runs (method x labelled fraction x seed):
+
+- ``results.md``: per method and fraction the test AUC (mean over seeds) with its 95 % bootstrap CI,
+  the best per column in bold, then the paired comparison with the baseline (random init): the AUC
+  difference with its paired-bootstrap CI and p-value, and DeLong's p where test units are
+  independent (one per patient); the data, sizes, epochs and failed runs are stated above the tables;
+- ``auc_vs_fraction.png``: AUC against the labelled fraction, one line per method with its CI band;
+- ``results.json``: every number (per run, per cell, per comparison), the configs, versions, timings;
+- ``runs.csv``: one row per fine-tuning run (failed ones too).
+
+All files are written atomically (sparkct.io). A run is the ``result.json`` that
+:func:`sparkct.eval.finetune.finetune` writes with its ``predictions.npz``, or a ``failed.json``
+({method, fraction, seed, error}) for a run that failed: it is reported as failed, never dropped.
+
+The CI of a cell is that of the mean over seeds: every bootstrap resample of the (shared) test set
+recomputes each seed's AUC and averages them, so it holds the test-set uncertainty of the seed-mean;
+the seeds' standard deviation is reported beside it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from sparkct import io as sio
+from sparkct.errors import UserError
+
+__all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
+
+RUN_FIELDS = ("method", "fraction", "seed", "status", "auc", "auc_low", "auc_high", "accuracy", "balanced_accuracy",
+              "f1", "precision", "recall", "test_units", "test_unit", "train_items", "train_patients",
+              "best_val_auc", "tested_step", "effective_batch", "epochs", "train_seconds", "run_dir", "error")
+
+
+def collect_runs(paths) -> list[dict]:
+    """Every result.json / failed.json under `paths` (folders, searched recursively), with its folder
+    as ``run_dir``."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    out = []
+    for root in paths:
+        if not os.path.isdir(root):
+            raise UserError(f"not a folder: {root}")
+        for dp, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in ("result.json", "failed.json"):
+                if name in files:
+                    r = sio.read_json(os.path.join(dp, name))
+                    r.setdefault("status", "done" if name == "result.json" else "failed")
+                    r["run_dir"] = dp
+                    out.append(r)
+    if not out:
+        raise UserError(f"no fine-tuning results (result.json) under {', '.join(paths)}")
+    return out
+
+
+def _predictions(run: dict) -> dict | None:
+    p = run.get("predictions")
+    if p is not None:
+        return p
+    path = os.path.join(run.get("run_dir", ""), "predictions.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _row(run: dict) -> dict:
+    row = {k: "" for k in RUN_FIELDS}
+    row.update(method=run.get("method", "?"), fraction=run.get("fraction"), seed=run.get("seed"),
+               status=run.get("status", "done"), run_dir=run.get("run_dir", ""), error=run.get("error", ""))
+    if row["status"] != "done":
+        return row
+    m = run["test"]["metrics"]
+    row.update(auc=m["auc"]["value"], auc_low=m["auc"]["low"], auc_high=m["auc"]["high"],
+               **{k: m[k]["value"] for k in ("accuracy", "balanced_accuracy", "f1", "precision", "recall")},
+               test_units=run["test"].get("n_units"), test_unit=run["test"].get("unit"),
+               train_items=run.get("task", {}).get("train", {}).get("items"),
+               train_patients=run.get("task", {}).get("train", {}).get("patients"),
+               best_val_auc=run.get("tested_checkpoint", {}).get("best_val_auc"),
+               tested_step=run.get("tested_checkpoint", {}).get("step"), effective_batch=run.get("effective_batch"),
+               epochs=run.get("train", {}).get("epochs"), train_seconds=run.get("seconds", {}).get("train"))
+    return row
+
+
+def _same_test_set(preds: list[dict]) -> bool:
+    a = preds[0]
+    return all(len(p["labels"]) == len(a["labels"]) and np.array_equal(p["labels"], a["labels"])
+               and np.array_equal(p["patients"], a["patients"]) for p in preds[1:])
+
+
+def aggregate(runs: list[dict], *, baseline: str = "random", n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Cells (method, fraction) -> mean AUC over seeds with its bootstrap CI, and paired comparisons
+    of every method with `baseline` at each fraction (paired bootstrap; DeLong where the test units
+    are one per patient)."""
+    from sparkct.eval.metrics import Models, bootstrap_ci, delong_test, paired_bootstrap
+
+    cells: dict = defaultdict(list)
+    for r in runs:
+        cells[(r.get("method", "?"), float(r.get("fraction", float("nan"))))].append(r)
+    out_cells, preds_of = [], {}
+    for (method, frac), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        done = [r for r in rs if r.get("status", "done") == "done"]
+        failed = [r for r in rs if r.get("status", "done") != "done"]
+        cell = {"method": method, "fraction": frac, "seeds": sorted(r.get("seed") for r in done),
+                "failed_seeds": sorted(r.get("seed") for r in failed), "n_runs": len(rs)}
+        aucs = [r["test"]["metrics"]["auc"]["value"] for r in done]
+        cell["auc_per_seed"] = aucs
+        cell["auc_seed_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None
+        preds = [p for p in (_predictions(r) for r in done) if p is not None]
+        if done and len(preds) == len(done) and _same_test_set(preds):
+            ci = bootstrap_ci(preds[0]["labels"], Models([p["probabilities"] for p in preds]),
+                              groups=preds[0]["patients"], n_resamples=n_resamples, seed=seed)
+            cell["metrics"] = ci
+            cell["auc"] = ci["auc"]
+            preds_of[(method, frac)] = preds
+        elif done:  # predictions missing or test sets differ: the seeds' mean, CI from the runs' own
+            cell["auc"] = {"value": float(np.mean(aucs)),
+                           "low": float(np.mean([r["test"]["metrics"]["auc"]["low"] for r in done])),
+                           "high": float(np.mean([r["test"]["metrics"]["auc"]["high"] for r in done])),
+                           "note": "mean of per-run CIs (predictions not comparable across seeds)"}
+        else:
+            cell["auc"] = None
+        out_cells.append(cell)
+
+    comparisons = []
+    for (method, frac), preds in sorted(preds_of.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        base = preds_of.get((baseline, frac))
+        if method == baseline or base is None:
+            continue
+        if not _same_test_set([preds[0], base[0]]):
+            comparisons.append({"method": method, "fraction": frac, "baseline": baseline,
+                                "note": "different test sets: not compared"})
+            continue
+        y, g = preds[0]["labels"], preds[0]["patients"]
+        a, b = Models([p["probabilities"] for p in preds]), Models([p["probabilities"] for p in base])
+        pb = paired_bootstrap(y, a, b, groups=g, n_resamples=n_resamples, seed=seed, metrics=["auc"])["auc"]
+        comp = {"method": method, "fraction": frac, "baseline": baseline, "auc": pb["a"], "baseline_auc": pb["b"],
+                "diff": pb["diff"], "low": pb["low"], "high": pb["high"], "p_bootstrap": pb["p"]}
+        independent = len(np.unique(g)) == len(g)
+        if independent:
+            d = delong_test(y, a, b)
+            comp.update(p_delong=d["p"], z_delong=d["z"])
+        else:
+            comp["p_delong"] = None
+            comp["note"] = "DeLong not applicable: several test units per patient"
+        comparisons.append(comp)
+    return {"cells": out_cells, "comparisons": comparisons, "baseline": baseline, "n_resamples": n_resamples}
+
+
+def _fmt(v, nd=3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:g} %"
+
+
+def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
+    cells = agg["cells"]
+    methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
+    fracs = sorted({c["fraction"] for c in cells}, reverse=True)
+    by = {(c["method"], c["fraction"]): c for c in cells}
+    best = {}
+    for f in fracs:
+        vals = [(by[(m, f)]["auc"]["value"], m) for m in methods if (m, f) in by and by[(m, f)]["auc"]]
+        if vals:
+            best[f] = max(vals)[0]
+    lines = ["# Fine-tuning results", ""]
+    lines += [f"- {k}: {v}" for k, v in meta["lines"]]
+    lines += ["", f"## Test AUC (mean over seeds, 95 % CI by bootstrap of the test set, {agg['n_resamples']} "
+                  "resamples, stratified by class, by patient)", ""]
+    lines.append("| method | " + " | ".join(_pct(f) for f in fracs) + " |")
+    lines.append("|---|" + "---|" * len(fracs))
+    for m in methods:
+        row = []
+        for f in fracs:
+            c = by.get((m, f))
+            if c is None:
+                row.append("not run")
+                continue
+            a = c["auc"]
+            if a is None:
+                row.append("failed")
+                continue
+            txt = f"{_fmt(a['value'])} [{_fmt(a['low'])}, {_fmt(a['high'])}]"
+            if f in best and a["value"] == best[f]:
+                txt = f"**{txt}**"
+            n = len(c["seeds"])
+            txt += f" (n={n}{', ' + str(len(c['failed_seeds'])) + ' failed' if c['failed_seeds'] else ''})"
+            row.append(txt)
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", "Bold: the best mean AUC of the column. n: seeds that finished.", ""]
+    comps = [c for c in agg["comparisons"] if "diff" in c]
+    if comps:
+        lines += [f"## Paired comparison with {agg['baseline']} (same test set)", "",
+                  "| method | fraction | AUC − baseline [95 % CI] | p (paired bootstrap) | p (DeLong) |",
+                  "|---|---|---|---|---|"]
+        floor = 2 / (agg["n_resamples"] + 1)  # the smallest p the bootstrap can give
+        for c in comps:
+            pb = f"≤ {floor:.2g}" if c["p_bootstrap"] <= floor * (1 + 1e-9) else f"{c['p_bootstrap']:.3g}"
+            pd = "n/a" if c.get("p_delong") is None else f"{c['p_delong']:.3g}"
+            lines.append(f"| {c['method']} | {_pct(c['fraction'])} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | "
+                         f"{pb} | {pd} |")
+        lines.append("")
+    elif agg["baseline"] not in methods:
+        lines += [f"No paired comparison: the baseline {agg['baseline']!r} has no finished runs.", ""]
+    failed = [r for r in runs if r.get("status", "done") != "done"]
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {r.get('method')} at {_pct(float(r.get('fraction', float('nan'))))}, seed {r.get('seed')}: "
+                  f"{r.get('error', 'failed')}" for r in failed]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(agg: dict, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in agg["cells"] if c["auc"] is not None]
+    methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for i, m in enumerate(methods):
+        cs = sorted((c for c in cells if c["method"] == m), key=lambda c: c["fraction"])
+        x = np.array([100 * c["fraction"] for c in cs])
+        y = np.array([c["auc"]["value"] for c in cs])
+        lo = np.array([c["auc"]["low"] for c in cs])
+        hi = np.array([c["auc"]["high"] for c in cs])
+        color = f"C{i}"
+        ax.plot(x, y, marker="o", color=color, label=m, lw=2 if m != agg["baseline"] else 1.5,
+                ls="-" if m != agg["baseline"] else "--")
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+    fr = sorted({100 * c["fraction"] for c in cells})
+    if len(fr) > 1 and fr[-1] / max(fr[0], 1e-9) > 4:
+        ax.set_xscale("log")
+    ax.set_xticks(fr)
+    ax.set_xticklabels([f"{f:g}%" for f in fr])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training data (fraction of patients)")
+    ax.set_ylabel("test AUC (mean over seeds, 95 % CI)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with sio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _versions() -> dict:
+    import importlib
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("sparkct", "torch", "torchvision", "numpy", "scipy", "sklearn", "matplotlib"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except Exception:  # a missing optional package is recorded as absent
+            out[mod] = None
+    return out
+
+
+def _meta(runs: list[dict], extra: dict | None) -> dict:
+    done = [r for r in runs if r.get("status", "done") == "done"]
+    lines = []
+    if done:
+        t = done[0].get("task", {})
+        lines.append(("data", f"{t.get('source')} ({t.get('kind')}, labels per {t.get('level')}"
+                              f"{', ' + t['labels'] if t.get('labels') else ''})"))
+        lines.append(("classes", ", ".join(t.get("classes", []))))
+        lines.append(("split (patients)", f"train {t.get('full_train', {}).get('patients')}, val "
+                                          f"{t.get('val', {}).get('patients')}, test {t.get('test', {}).get('patients')} "
+                                          f"(test items per class {t.get('test', {}).get('per_class')})"))
+        tr = done[0].get("train", {})
+        lines.append(("fine-tuning", f"{tr.get('arch')}, crop {tr.get('crop')}, {tr.get('epochs')} epochs, batch "
+                                     f"{tr.get('batch')}, optimizer {tr.get('optimizer') or 'adam'}, "
+                                     f"linear probe {done[0].get('finetune', {}).get('linear_probe')}"))
+        units = {(r["test"].get("unit"), r["test"].get("n_units")) for r in done}
+        lines.append(("test units", ", ".join(f"{n} {u}s" for u, n in sorted(units, key=str))))
+    seeds = sorted({r.get("seed") for r in runs}, key=str)
+    lines.append(("runs", f"{len(runs)} ({len(done)} finished, {len(runs) - len(done)} failed), seeds {seeds}"))
+    for k, v in (extra or {}).items():
+        lines.append((k, v))
+    return {"lines": lines}
+
+
+def write_report(runs: list[dict], out: str, *, baseline: str = "random", n_resamples: int = 1000,
+                 extra: dict | None = None, config: dict | None = None) -> dict[str, str]:
+    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
+    `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
+    results.json."""
+    if not runs:
+        raise UserError("no runs to report")
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)
+    meta = _meta(runs, extra)
+    paths = {k: os.path.join(out, f) for k, f in (("md", "results.md"), ("png", "auc_vs_fraction.png"),
+                                                  ("json", "results.json"), ("csv", "runs.csv"))}
+    sio.write_text_atomic(paths["md"], _markdown(agg, runs, meta) + "\n")
+    done = [r for r in runs if r.get("status", "done") == "done"]
+    title = "test AUC vs labelled fraction"
+    if done:
+        title += f" · {done[0].get('train', {}).get('arch')} · {len({r.get('seed') for r in done})} seed(s)"
+    _plot(agg, paths["png"], title)
+    rows = [_row(r) for r in runs]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(RUN_FIELDS), lineterminator="\n")
+    w.writeheader()
+    for row in sorted(rows, key=lambda r: (str(r["method"]), -float(r["fraction"] or 0), str(r["seed"]))):
+        w.writerow(row)
+    sio.write_text_atomic(paths["csv"], buf.getvalue())
+    slim = [{k: v for k, v in r.items() if k != "predictions"} for r in runs]
+    sio.write_json_atomic(paths["json"], {
+        "header": dict(meta["lines"]), "cells": agg["cells"], "comparisons": agg["comparisons"],
+        "baseline": baseline, "n_resamples": n_resamples, "runs": slim, "config": config or {},
+        "versions": _versions(),
+        "timings": {"fine_tuning_seconds": float(sum(r.get("seconds", {}).get("train") or 0 for r in done)),
+                    "report_seconds": round(time.perf_counter() - t0, 2)}})
+    return paths
+
+
+def load_results(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,312 @@
+"""What the contrastive and clustering methods (SimCLR, MoCo v2, SwAV, BYOL) share: the hybrid
+objective, gradient caching, the view transforms, and the step's bookkeeping.
+
+Hybrid objective. ``loss = ssl + hybrid_weight * supervised``: a linear classifier on the backbone's
+pooled features of the global views is trained with cross-entropy on the labelled slices of the
+batch. How labels reach the batch:
+
+1. a labels CSV over some slices (the format of :class:`sparkct.data.CTLabelledDataset`: a
+   ``series_uid`` column, optionally ``instance_number`` / ``slice_index`` / ``z_mm`` for per-slice
+   labels, and a label column) is mapped onto the training dataset by :func:`label_slices`, which
+   returns a copy of the dataset with a ``targets`` array: the class index of each labelled slice,
+   -1 for every other slice (none is dropped);
+2. :class:`sparkct.data.SliceLoader` yields ``(views, targets)`` for a dataset with ``targets``;
+3. the method's step takes ``(views, targets)`` (or bare views: no supervised term), and the
+   cross-entropy averages over the rows with a target >= 0 (0 when the batch has none); under DDP
+   each rank averages its own labelled rows.
+
+``num_classes`` (a config field) is the number of classes (``len(classes)`` from :func:`label_slices`;
+the trainer sets it from ``--labels``); ``hybrid_weight`` > 0 needs it. The detached backbone
+features and targets of every step are left in ``method.last_features`` / ``method.last_targets``
+for the trainer's online linear probe (:mod:`sparkct.train.monitors`).
+
+Gradient caching. ``chunk`` > 0 embeds the views in chunks of that many rows
+(:func:`sparkct.nn.grad_cache`): the method then sets ``manual_backward`` and back-propagates itself
+through the trainer's ``backward`` callable; the returned loss is only logged.
+
+Transforms. Each method's views come from :class:`sparkct.data.CTAugment`; its keyword arguments
+come from named presets (:data:`AUGMENTS`) joined with ``+`` (later ones override earlier ones), e.g.
+``--augment strong+no-rotate``; each method has its own default and may vary per view (BYOL's
+asymmetric blur).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparkct.data.augment import CTAugment, MultiCrop
+from sparkct.errors import UserError
+from sparkct.nn.gradcache import grad_cache
+from sparkct.train.method import Method, MethodConfig
+from sparkct.train.monitors import collapse_indicator
+
+__all__ = ["AUGMENTS", "augment_kwargs", "Views", "label_slices", "SSLConfig", "SSLMethod"]
+
+#: CTAugment keyword presets for the views, composable with "+"
+AUGMENTS: dict[str, dict[str, Any]] = {
+    # CTAugment's defaults: mild crops, HU calibration, window jitter, some gamma / noise / blur
+    "ct": {},
+    # SimCLR-strength: crops down to 8 % of the slice, strong window (contrast/brightness) jitter as
+    # SimCLR's colour jitter, blur on half the views, more noise and rotations
+    "strong": dict(scale=(0.08, 1.0), contrast=(0.6, 1.4), brightness=(-0.15, 0.15), p_intensity=0.8,
+                   gamma=(0.6, 1.6), p_gamma=0.3, noise=(0.0, 40.0), p_noise=0.3, blur=(0.1, 2.0), p_blur=0.5,
+                   p_rotate=0.3),
+    # MoCo v2's crop range (0.2 - 1) with the strong intensity jitter
+    "moco": dict(scale=(0.2, 1.0), contrast=(0.6, 1.4), brightness=(-0.15, 0.15), p_intensity=0.8,
+                 gamma=(0.6, 1.6), p_gamma=0.3, noise=(0.0, 40.0), p_noise=0.3, blur=(0.1, 2.0), p_blur=0.5,
+                 p_rotate=0.3),
+    "light": dict(scale=(0.5, 1.0), p_intensity=0.3, p_gamma=0.0, p_noise=0.1, p_blur=0.0, p_rotate=0.1),
+    "no-rotate": dict(p_rotate=0.0),
+    "no-noise": dict(p_noise=0.0),
+    "no-blur": dict(p_blur=0.0),
+    "no-intensity": dict(p_intensity=0.0, p_gamma=0.0, p_hu=0.0),
+    "vflip": dict(vflip=0.5),
+}
+
+
+def augment_kwargs(spec: str) -> dict[str, Any]:
+    """CTAugment keyword arguments of a preset name or names joined with '+'."""
+    out: dict[str, Any] = {}
+    for name in (s.strip() for s in str(spec).split("+")):
+        if name not in AUGMENTS:
+            raise UserError(f"unknown augmentation preset {name!r}; choose from {', '.join(AUGMENTS)} "
+                            "(join several with '+')")
+        out.update(AUGMENTS[name])
+    return out
+
+
+class Views(MultiCrop):
+    """A list of views of the same batch, one per CTAugment (each its own crop size and settings).
+    A MultiCrop, so :class:`sparkct.data.SliceLoader` hands it the batch's generator."""
+
+    def __init__(self, augments: Sequence[CTAugment]):
+        if not augments:
+            raise ValueError("Views needs at least one augmentation")
+        self.augments = list(augments)
+        self.n_global, self.n_local = len(self.augments), 0
+
+    def __call__(self, hu: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        return [aug(hu, generator) for aug in self.augments]
+
+    def __repr__(self) -> str:
+        return "Views(" + ", ".join(repr(a) for a in self.augments) + ")"
+
+
+def label_slices(dataset, labels, *, label_column: str = "label", classes: Sequence | None = None):
+    """(a copy of `dataset` with ``targets``: class index of each labelled slice, -1 elsewhere; the
+    class names). `labels`: a CSV path or rows, as :class:`sparkct.data.CTLabelledDataset` reads them."""
+    from sparkct.data.datasets import CTLabelledDataset
+
+    try:
+        lab = CTLabelledDataset(dataset.cache, labels, label_column=label_column, classes=classes,
+                                missing="drop", indices=dataset.indices, windows=None)
+    except (ValueError, OSError) as e:
+        raise UserError(f"labels {labels if isinstance(labels, str) else ''}: {e}") from None
+    if len(lab.indices) == 0:
+        raise UserError("the labels file matches no slice of the training data")
+    out = dataset.subset(np.arange(len(dataset)))
+    targets = np.full(len(dataset), -1, dtype=np.int64)
+    pos = {int(c): i for i, c in enumerate(dataset.indices.tolist())}
+    for c, t in zip(lab.indices.tolist(), lab.targets.tolist()):
+        targets[pos[int(c)]] = t
+    out.targets = targets
+    return out, list(lab.classes)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def _number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UserError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _integer(v, name: str, low: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise UserError(f"{name} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+@dataclass
+class SSLConfig(MethodConfig):
+    """Fields every contrastive / clustering method has (besides its own)."""
+    chunk: int = field(default=0, metadata={
+        "help": "gradient caching: embed the batch in chunks of this many images (no autograd), then re-run "
+                "each chunk with autograd; same gradients, memory of one chunk (0: whole batch at once)"})
+    hybrid_weight: float = field(default=0.0, metadata={
+        "help": "weight lambda of the supervised cross-entropy on labelled slices: loss = ssl + lambda * ce "
+                "(needs --labels; 0: self-supervised only)"})
+    num_classes: int = field(default=0, metadata={
+        "help": "classes of the supervised head (set from the labels file; 0: none)"})
+
+    def validate(self) -> None:
+        _integer(self.chunk, "chunk")
+        w = _number(self.hybrid_weight, "hybrid weight")
+        _check(w >= 0, f"hybrid weight must be >= 0, got {w}")
+        _integer(self.num_classes, "num_classes")
+        _check(w == 0 or self.num_classes >= 2,
+               "--hybrid-weight > 0 needs labels with at least 2 classes (--labels labels.csv)")
+
+    def validate_temperature(self, t, name: str = "temperature") -> None:
+        _check(_number(t, name) > 0, f"{name} must be > 0, got {t!r}")
+
+    def validate_momentum(self, *values) -> None:
+        for v in values:
+            v = _number(v, "momentum")
+            _check(0.0 <= v <= 1.0, f"momentum must be in [0, 1], got {v}")
+
+
+class SSLMethod(Method):
+    """Base of the contrastive / clustering methods. Subclasses implement :meth:`embed` (a view's
+    rows -> ``(embedding, backbone features)``, every parameter that gets a gradient inside),
+    :meth:`objective` (the self-supervised loss from the embeddings of the grad-carrying views),
+    :meth:`views_transform`, and optionally :meth:`prepare` (no-grad work before the step: key /
+    target encoders, prototype normalization). The base adds the hybrid term, gradient caching and
+    the logs (``ssl``, ``supervised``, ``collapse``)."""
+
+    config_class = SSLConfig
+    accepts_targets = True  # the trainer passes (views, targets) when a labels file is given
+    #: how many leading views are "global" (full-size crops): the supervised term and the probe use them
+    n_global = 2
+
+    def __init__(self, backbone: nn.Module, config: SSLConfig | None = None, *, feature_dim: int | None = None):
+        super().__init__(backbone, config)
+        self.config.validate()
+        if feature_dim is None:
+            from sparkct.models.backbone import feature_dim as _fd
+            try:
+                feature_dim = _fd(backbone)
+            except AttributeError:
+                raise ValueError("pass feature_dim= for a backbone that is not a torchvision ResNet") from None
+        self.feature_dim = int(feature_dim)
+        self.manual_backward = self.config.chunk > 0
+        c = self.config
+        self.classifier = nn.Linear(self.feature_dim, c.num_classes) if c.hybrid_weight > 0 else None
+        self.last_features: Tensor | None = None
+        self.last_targets: Tensor | None = None
+
+    # --- subclass interface -------------------------------------------------------------------------
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def objective(self, outs: list[Tensor], state: Any, step: int) -> tuple[Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def grad_views(self, views: list[Tensor]) -> list[Tensor]:
+        """The views that go through :meth:`embed` with autograd (default: all)."""
+        return views
+
+    def collapse_embedding(self, out: Tensor) -> Tensor:
+        """The embedding the collapse indicator watches, from :meth:`embed`'s first output."""
+        return out
+
+    def prepare(self, views: list[Tensor], step: int) -> Any:
+        """No-grad work before the step; its result reaches :meth:`objective` as `state`."""
+        return None
+
+    def views_transform(self, crop: int, windows) -> Views:
+        raise NotImplementedError
+
+    # --- data ---------------------------------------------------------------------------------------
+    def transform(self, crop: int, windows) -> Callable[..., Any]:
+        _check(isinstance(crop, int) and not isinstance(crop, bool) and crop >= 8,
+               f"crop size must be an integer >= 8 pixels, got {crop!r}")
+        try:
+            return self.views_transform(crop, windows)
+        except ValueError as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(str(e)) from None
+
+    def augment(self, size: int, windows, spec: str, **override) -> CTAugment:
+        return CTAugment(size, windows=windows, **{**augment_kwargs(spec), **override})
+
+    @staticmethod
+    def split_batch(batch) -> tuple[list[Tensor], Tensor | None]:
+        """(views, targets or None) of a loader's batch: views, or (views, targets)."""
+        if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], Tensor) and batch[1].dim() == 1 \
+                and isinstance(batch[0], (list, tuple)):
+            return list(batch[0]), batch[1]
+        if isinstance(batch, Tensor):
+            raise ValueError("expected a list of views (the method's transform makes them), got one tensor")
+        return list(batch), None
+
+    # --- the step -----------------------------------------------------------------------------------
+    def _groups(self, views: list[Tensor]) -> list[tuple[Tensor, int]]:
+        """Consecutive views of one shape concatenated (one backbone call per resolution, BatchNorm over
+        them together, as SimCLR and SwAV do)."""
+        groups: list[list[Tensor]] = []
+        for v in views:
+            if groups and groups[-1][0].shape == v.shape:
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        return [(torch.cat(g, 0) if len(g) > 1 else g[0], len(g)) for g in groups]
+
+    def _embed_all(self, x: Tensor) -> tuple[Tensor, ...]:
+        out, feats = self.embed(x)
+        if self.classifier is None:
+            return out, feats
+        return out, feats, self.classifier(feats)
+
+    def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy over the rows with a target >= 0 (0 when there are none)."""
+        t = targets.to(logits.device).long()
+        keep = t >= 0
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[keep].float(), t[keep])
+
+    def training_step(self, batch: Any, step: int, backward: Callable | None = None
+                      ) -> tuple[Tensor, dict[str, Any]]:
+        views, targets = self.split_batch(batch)
+        state = self.prepare(views, step)
+        inputs = self.grad_views(views)
+        groups = self._groups(inputs)
+        sizes = [g.shape[0] // n for g, n in groups]
+        n_global = min(self.n_global, len(inputs))
+
+        def loss_fn(group_outs):
+            per_view: list[tuple[Tensor, ...]] = []
+            for (g, n), outs, size in zip(groups, group_outs, sizes):
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                split = [o.split(size, 0) for o in outs]
+                per_view += [tuple(s[i] for s in split) for i in range(n)]
+            ssl, logs = self.objective([o[0] for o in per_view], state, step)
+            loss = ssl
+            logs = dict(logs)
+            logs["ssl"] = ssl.detach()
+            if self.classifier is not None and targets is not None:
+                sup = sum(self.supervised_loss(o[2], targets) for o in per_view[:n_global]) / n_global
+                loss = ssl + self.config.hybrid_weight * sup
+                logs["supervised"] = sup.detach()
+            return loss, (per_view, logs)
+
+        if self.config.chunk > 0:
+            bw = backward if backward is not None else torch.autograd.backward
+            loss, _, (per_view, logs) = grad_cache(self._embed_all, [g for g, _ in groups], loss_fn, bw,
+                                                   self.config.chunk, module=self._embedding_modules())
+        else:
+            loss, (per_view, logs) = loss_fn([self._embed_all(g) for g, _ in groups])
+        emb = self.collapse_embedding(per_view[0][0].detach())
+        if emb.shape[0] >= 2:
+            logs["collapse"] = collapse_indicator(emb)
+        self.last_features = per_view[0][1].detach()
+        self.last_targets = targets
+        return loss, logs
+
+    def _embedding_modules(self) -> list[nn.Module]:
+        """Modules whose buffers :meth:`embed` updates (restored after the no-grad pass of gradient
+        caching): all but the loss modules (whose queues are updated once, by the loss)."""
+        return [m for name, m in self.named_children() if name not in self._loss_modules]
+
+    _loss_modules: tuple[str, ...] = ("criterion", "queue")

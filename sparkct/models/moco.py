@@ -1,0 +1,112 @@
+"""MoCo v2 (Chen et al. 2020) on CT: a query encoder (backbone + MLP 2048-2048-128, no BN) and a key
+encoder, its EMA (momentum 0.999, or a cosine schedule to 1.0 with ``--momentum-end 1``), a queue of
+65,536 keys (the memory bank of the fused :class:`sparkct.nn.InfoNCELoss`), temperature 0.2.
+
+Under DDP the key encoder uses **shuffled BN** (MoCo's own choice): the key images of the global
+batch are gathered, permuted by a permutation every rank draws alike (``step_generator``), each rank
+embeds its share, and the keys go back to their rows. Per-device BN statistics then come from a
+random subset of the global batch, so a query cannot cheat by matching its key's BN statistics. The
+queue takes every rank's keys (``gather_distributed``), so it is the same on every rank. The key
+encoder's EMA runs on every rank from the same (DDP-synchronized) parameters, so it stays identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sparkct.distributed import all_gather_rows, is_distributed, rank, row_counts, world_size
+from sparkct.errors import UserError
+from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
+from sparkct.nn import InfoNCELoss, MoCoProjectionHead, MomentumEncoder
+from sparkct.nn.gradcache import chunked
+
+__all__ = ["MoCo", "MoCoConfig", "shuffled_forward"]
+
+
+@dataclass
+class MoCoConfig(SSLConfig):
+    temperature: float = field(default=0.2, metadata={"help": "InfoNCE temperature (0.2 in MoCo v2)"})
+    queue_size: int = field(default=65536, metadata={
+        "help": "keys in the queue of negatives (65,536 in MoCo); at least the global batch"})
+    momentum: float = field(default=0.999, metadata={"help": "key encoder EMA momentum at the start"})
+    momentum_end: float = field(default=0.999, metadata={
+        "help": "momentum at the end, reached along a cosine (equal to --momentum: constant; 1.0: cosine to 1)"})
+    proj_hidden_dim: int = field(default=0, metadata={
+        "help": "projector hidden width (0: 2048 scaled by the backbone's feature dim / 2048)"})
+    proj_dim: int = field(default=128, metadata={"help": "projector output width (the key dimension)"})
+    augment: str = field(default="moco", metadata={
+        "help": "CTAugment presets for both views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_temperature(self.temperature)
+        self.validate_momentum(self.momentum, self.momentum_end)
+        if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise UserError(f"queue size must be a positive integer, got {self.queue_size!r}")
+        if self.proj_dim < 1 or self.proj_hidden_dim < 0:
+            raise UserError(f"projector widths must be positive, got {self.proj_hidden_dim} and {self.proj_dim}")
+
+
+@torch.no_grad()
+def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
+    """encoder(x) with shuffled BN across ranks (see the module docstring); encoder(x) in one process."""
+    if not is_distributed():
+        return encoder(x)
+    counts = row_counts(x.shape[0], x.device)
+    everything = all_gather_rows(x, counts)
+    perm = torch.randperm(everything.shape[0], generator=generator).to(x.device)
+    r = rank()
+    lo, hi = sum(counts[:r]), sum(counts[:r + 1])
+    mine = encoder(everything[perm[lo:hi]])
+    keys = all_gather_rows(mine, counts)  # keys of the permuted rows, in rank order
+    out = torch.empty_like(keys)
+    out[perm] = keys
+    return out[lo:hi]
+
+
+class MoCo(SSLMethod):
+    name = "moco"
+    config_class = MoCoConfig
+    # MoCo v2: SGD (momentum 0.9), lr 0.03 x batch / 256, weight decay 1e-4, cosine schedule
+    defaults = {**SSLMethod.defaults, "optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4,
+                "warmup_epochs": 0.0}
+
+    def __init__(self, backbone: nn.Module, config: MoCoConfig | None = None, *, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim=feature_dim)
+        c = self.config
+        self.projector = MoCoProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
+        self.key_encoder = MomentumEncoder(nn.Sequential(self.backbone, self.projector), c.momentum, c.momentum_end)
+        self.criterion = InfoNCELoss(c.temperature, memory_bank_size=(c.queue_size, c.proj_dim),
+                                     gather_distributed=True)
+
+    def views_transform(self, crop: int, windows) -> Views:
+        aug = self.augment(crop, windows, self.config.augment)
+        return Views([aug, aug])
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.backbone(x).flatten(1)
+        return self.projector(f), f
+
+    def grad_views(self, views):
+        return views[:1]  # queries; the keys come from the key encoder without autograd
+
+    @torch.no_grad()
+    def prepare(self, views, step):
+        if len(views) != 2:
+            raise ValueError(f"MoCo takes 2 views, got {len(views)}")
+        n = views[1].shape[0] * world_size()
+        if n > self.config.queue_size:
+            raise UserError(f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch ({n}): "
+                            "raise --queue-size or lower the batch size")
+        g = self.step_generator(step, stream=1)
+        enc = self.key_encoder
+        return chunked(lambda x: shuffled_forward(enc, x, g), views[1], self.config.chunk)
+
+    def objective(self, outs, keys, step):
+        q = outs[0]
+        return self.criterion(q, keys.to(q.dtype)), {}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.key_encoder.update(step, total_steps)

@@ -1,0 +1,201 @@
+"""Pretext tasks of the chest-CT pretraining literature, each a method on the one trainer.
+
+* ``rotation``: predict which of 0/90/180/270 degrees a slice was turned by (4-way);
+* ``flip``: predict whether a slice was mirrored left-right (2-way; CT anatomy is not symmetric: heart,
+  aortic arch, liver dome);
+* ``denoise``: reconstruct the windowed slice from a copy with added Gaussian noise;
+* ``inpaint``: reconstruct a random box that was blanked out (loss on the box only).
+
+The classification tasks put a linear head on the pooled backbone features; the reconstruction tasks
+put SparK's light decoder (``sparkct.models.spark.decoder.LightDecoder``) on the backbone's four stages
+(1x1 projections into the decoder's blocks). Per-sample randomness (the rotation, the flip, the noise,
+the box) is drawn for the global batch from ``step_generator`` and each rank takes its rows, so resume
+and DDP draw what one uninterrupted process draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparkct.errors import UserError
+from sparkct.train.method import Method, MethodConfig
+
+__all__ = ["PretextConfig", "Rotation", "Flip", "Denoise", "Inpaint"]
+
+
+@dataclass
+class PretextConfig(MethodConfig):
+    decoder_width: int = field(default=256, metadata={"help": "denoise/inpaint: width of the light decoder "
+                                                              "(SparK's halving rule; multiple of 32)"})
+    noise: float = field(default=0.15, metadata={"help": "denoise: noise std in windowed units ([0, 1] range)"})
+    box: tuple[float, float] = field(default=(0.15, 0.4), metadata={
+        "help": "inpaint: box side as a fraction of the crop, low,high"})
+    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={
+        "help": "random resized crop scale range, low,high"})
+
+    def validate(self) -> None:
+        if not isinstance(self.decoder_width, int) or self.decoder_width < 32 or self.decoder_width % 32:
+            raise UserError(f"--decoder-width must be a positive multiple of 32, got {self.decoder_width}")
+        if not 0 < self.noise < 10:
+            raise UserError(f"--noise must be in (0, 10), got {self.noise}")
+        lo, hi = self.box
+        if not 0 < lo <= hi < 1:
+            raise UserError(f"--box must satisfy 0 < low <= high < 1, got {self.box}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise UserError(f"--crop-scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+
+
+class _Pretext(Method):
+    config_class = PretextConfig
+    defaults = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
+                "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
+    #: geometric augmentation that would give the task's answer away is switched off
+    hflip: float = 0.5
+
+    def transform(self, crop: int, windows):
+        from sparkct.data import CTAugment
+        c = self.config
+        return CTAugment(crop, windows=windows, scale=tuple(c.crop_scale), hflip=self.hflip, rotate=0.0,
+                         p_rotate=0.0, p_noise=0.0, p_blur=0.0)
+
+    def _draw(self, step: int, n: int, fn) -> Tensor:
+        """fn(generator, global_n) -> tensor with the global batch first; this rank's rows."""
+        from sparkct.distributed import rank, world_size
+        g = self.step_generator(step)
+        full = fn(g, n * world_size())
+        return full[rank() * n:(rank() + 1) * n]
+
+
+class _Classification(_Pretext):
+    n_classes = 2
+
+    def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
+        super().__init__(backbone, config)
+        from sparkct.models.backbone import feature_dim
+        self.head = nn.Linear(feature_dim(backbone), self.n_classes)
+
+    def corrupt(self, x: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _labels(self, x: Tensor, step: int) -> Tensor:
+        return self._draw(step, x.shape[0], lambda g, n: torch.randint(self.n_classes, (n,), generator=g)).to(
+            x.device)
+
+    def training_step(self, batch: Tensor, step: int):
+        y = self._labels(batch, step)
+        logits = self.head(self.backbone(self.corrupt(batch, y)))
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
+
+    @torch.no_grad()
+    def preview(self, batch: Tensor):
+        x = batch[:8]
+        y = torch.arange(x.shape[0], device=x.device) % self.n_classes
+        return {"input": x, f"task ({self.name})": self.corrupt(x, y)}
+
+
+class Rotation(_Classification):
+    """Rotation prediction: which of 0/90/180/270 degrees a slice was turned by."""
+
+    name = "rotation"
+    n_classes = 4
+    hflip = 0.5
+
+    def corrupt(self, x: Tensor, labels: Tensor) -> Tensor:
+        if x.shape[-1] != x.shape[-2]:
+            raise UserError(f"rotation needs square crops, got {tuple(x.shape[-2:])}")
+        out = x.clone()
+        for k in range(1, 4):
+            idx = (labels == k).nonzero().flatten()
+            if len(idx):
+                out[idx] = torch.rot90(x[idx], k, dims=(2, 3))
+        return out
+
+
+class Flip(_Classification):
+    """Flip prediction: whether a slice was mirrored left-right."""
+
+    name = "flip"
+    n_classes = 2
+    hflip = 0.0  # a random flip in the augmentation would make the label meaningless
+
+    def corrupt(self, x: Tensor, labels: Tensor) -> Tensor:
+        return torch.where(labels.view(-1, 1, 1, 1).bool(), x.flip(-1), x)
+
+
+class _Reconstruction(_Pretext):
+    def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
+        super().__init__(backbone, config)
+        from sparkct.models.spark.decoder import LightDecoder
+        chans = backbone.conv1.in_channels
+        self.decoder = LightDecoder(out_chans=chans, width=self.config.decoder_width)
+        stage_ch = [_out_channels(getattr(backbone, n)) for n in ("layer4", "layer3", "layer2", "layer1")]
+        self.proj = nn.ModuleList([nn.Conv2d(c, w, 1) for c, w in zip(stage_ch, self.decoder.in_widths)])
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        b = self.backbone
+        h = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        feats = []
+        for n in ("layer1", "layer2", "layer3", "layer4"):
+            h = getattr(b, n)(h)
+            feats.append(h)
+        return feats[::-1]
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decoder([p(f) for p, f in zip(self.proj, self.stages(x))])
+
+    def corrupt(self, x: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """(corrupted input, weight map of where the loss counts)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Tensor, step: int):
+        xin, where = self.corrupt(batch, step)
+        out = self.reconstruct(xin).float()
+        err = (out - batch.float()).square() * where
+        loss = err.sum() / (where.sum() * batch.shape[1]).clamp_min(1)
+        return loss, {}
+
+    @torch.no_grad()
+    def preview(self, batch: Tensor):
+        x = batch[:8]
+        xin, _ = self.corrupt(x, 0)
+        return {"input": x, f"corrupted ({self.name})": xin, "reconstruction": self.reconstruct(xin).clamp(0, 1)}
+
+
+def _out_channels(stage: nn.Sequential) -> int:
+    last = stage[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+class Denoise(_Reconstruction):
+    """Denoising: reconstruct the slice from a copy with Gaussian noise added."""
+
+    name = "denoise"
+
+    def corrupt(self, x: Tensor, step: int):
+        noise = self._draw(step, x.shape[0], lambda g, n: torch.randn((n,) + tuple(x.shape[1:]), generator=g))
+        return x + self.config.noise * noise.to(x), torch.ones_like(x[:, :1])
+
+
+class Inpaint(_Reconstruction):
+    """Masked-region prediction: reconstruct a random box that was blanked out (loss on the box)."""
+
+    name = "inpaint"
+
+    def corrupt(self, x: Tensor, step: int):
+        B, _, H, W = x.shape
+        lo, hi = self.config.box
+        r = self._draw(step, B, lambda g, n: torch.rand(n, 4, generator=g, dtype=torch.float64))
+        hh = (lo + (hi - lo) * r[:, 0]) * H
+        ww = (lo + (hi - lo) * r[:, 1]) * W
+        top = (r[:, 2] * (H - hh)).floor()
+        left = (r[:, 3] * (W - ww)).floor()
+        ys = torch.arange(H, dtype=torch.float64).view(1, H, 1)
+        xs = torch.arange(W, dtype=torch.float64).view(1, 1, W)
+        box = ((ys >= top.view(-1, 1, 1)) & (ys < (top + hh).view(-1, 1, 1)) &
+               (xs >= left.view(-1, 1, 1)) & (xs < (left + ww).view(-1, 1, 1))).unsqueeze(1).to(x)
+        return x * (1 - box), box

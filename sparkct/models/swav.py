@@ -1,0 +1,145 @@
+"""SwAV (Caron et al. 2020) on CT: multi-crop views (2 global at the trainer's crop size + 6 local at
+96/224 of it, :class:`sparkct.data.MultiCrop`-style), projector 2048-2048-128 with BN, L2-normalized
+features scored against L2-normalized prototypes (3,000 as in SwAV; ``--prototypes 500`` as in the
+published CT comparison), codes by Sinkhorn-Knopp (fp32, 3 iterations, epsilon 0.05) over the global
+batch under DDP, swapped prediction at temperature 0.1.
+
+- The prototypes are renormalized before every step and receive no update for the first
+  ``freeze_prototypes`` steps (their gradients are dropped before the optimizer step, as SwAV does
+  for its first epoch: 313 iterations at batch 4,096).
+- Optional feature queue (``--queue-size``, SwAV: 3,840 at batch 256) from epoch ``--queue-start-epoch``:
+  the normalized features of the global crops of past batches join the Sinkhorn equipartition
+  (scored with the current prototypes), which small batches need (B << K). The queue is per rank,
+  as in SwAV, and is used once full.
+- BatchNorm: the crops of one resolution go through the backbone together (SwAV's code does the same).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparkct.distributed import world_size
+from sparkct.errors import UserError
+from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
+from sparkct.nn import FeatureQueue, SwAVLoss, SwAVProjectionHead, SwAVPrototypes
+
+__all__ = ["SwAV", "SwAVConfig"]
+
+
+@dataclass
+class SwAVConfig(SSLConfig):
+    prototypes: int = field(default=3000, metadata={
+        "help": "number of prototypes (3000 as in SwAV; 500 in the published CT comparison)"})
+    temperature: float = field(default=0.1, metadata={"help": "swapped prediction softmax temperature"})
+    sinkhorn_iterations: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations"})
+    epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn-Knopp entropy regularization"})
+    n_global: int = field(default=2, metadata={"help": "global crops (at the trainer's crop size)"})
+    n_local: int = field(default=6, metadata={"help": "local crops"})
+    local_crop: int = field(default=0, metadata={
+        "help": "local crop size in pixels (0: 96/224 of the crop size, as SwAV's 224 + 96)"})
+    global_scale: tuple[float, float] = field(default=(0.14, 1.0), metadata={
+        "help": "global crops' area range as a fraction of the slice (SwAV: 0.14 1)"})
+    local_scale: tuple[float, float] = field(default=(0.05, 0.14), metadata={
+        "help": "local crops' area range (SwAV: 0.05 0.14)"})
+    freeze_prototypes: int = field(default=313, metadata={
+        "help": "steps at the start during which the prototypes are not updated (SwAV: its first epoch)"})
+    queue_size: int = field(default=0, metadata={
+        "help": "feature queue length per global crop (0: no queue; SwAV: 3840 at batch 256)"})
+    queue_start_epoch: int = field(default=15, metadata={"help": "epoch from which the queue is used"})
+    proj_hidden_dim: int = field(default=0, metadata={
+        "help": "projector hidden width (0: 2048 scaled by the backbone's feature dim / 2048)"})
+    proj_dim: int = field(default=128, metadata={"help": "projector output width"})
+    augment: str = field(default="strong", metadata={
+        "help": "CTAugment presets of every crop, joined with '+' (crop scales come from the scale flags)"})
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_temperature(self.temperature)
+        self.validate_temperature(self.epsilon, "epsilon")
+        for name in ("prototypes", "sinkhorn_iterations", "n_global", "proj_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
+        for name in ("n_local", "local_crop", "freeze_prototypes", "queue_size", "queue_start_epoch",
+                     "proj_hidden_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise UserError(f"{name.replace('_', ' ')} must be an integer >= 0, got {v!r}")
+        if self.n_global + self.n_local < 2:
+            raise UserError("SwAV needs at least 2 crops (n_global + n_local)")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = (float(v) for v in getattr(self, name))
+            if not 0 < lo <= hi <= 1:
+                raise UserError(f"{name.replace('_', ' ')} must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
+
+
+class SwAV(SSLMethod):
+    name = "swav"
+    config_class = SwAVConfig
+    # SwAV: LARS, lr 4.8 at batch 4096 (0.3 x batch / 256), weight decay 1e-6
+    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6,
+                "warmup_epochs": 1.0}
+
+    def __init__(self, backbone: nn.Module, config: SwAVConfig | None = None, *, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim=feature_dim)
+        c = self.config
+        self.n_global = c.n_global
+        self.projector = SwAVProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
+        self.prototypes = SwAVPrototypes(c.proj_dim, c.prototypes)
+        self.criterion = SwAVLoss(c.temperature, c.sinkhorn_iterations, c.epsilon, sinkhorn_gather_distributed=True)
+        self.queue = nn.ModuleList([FeatureQueue(c.queue_size, c.proj_dim) for _ in range(c.n_global)]) \
+            if c.queue_size else None
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # epochs done, for the queue start
+
+    def views_transform(self, crop: int, windows) -> Views:
+        c = self.config
+        local = c.local_crop or max(8, round(crop * 96 / 224))
+        g = self.augment(crop, windows, c.augment, scale=tuple(c.global_scale))
+        lo = self.augment(local, windows, c.augment, scale=tuple(c.local_scale))
+        return Views([g] * c.n_global + [lo] * c.n_local)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.backbone(x).flatten(1)
+        z = F.normalize(self.projector(f), dim=1)
+        return torch.cat([self.prototypes(z), z], 1), f  # scores and features side by side (one tensor)
+
+    def collapse_embedding(self, out: Tensor) -> Tensor:
+        return out[:, self.config.prototypes:]
+
+    @torch.no_grad()
+    def prepare(self, views, step):
+        c = self.config
+        if len(views) != c.n_global + c.n_local:
+            raise ValueError(f"SwAV expects {c.n_global} + {c.n_local} crops, got {len(views)}")
+        if self.queue is not None and views[0].shape[0] * world_size() > c.queue_size:
+            raise UserError(f"SwAV's queue ({c.queue_size}) is smaller than the global batch "
+                            f"({views[0].shape[0] * world_size()}): raise --queue-size")
+        self.prototypes.normalize()
+
+    def objective(self, outs, state, step):
+        c = self.config
+        K = c.prototypes
+        scores = [o[:, :K] for o in outs]
+        feats = [o[:, K:].detach() for o in outs[:c.n_global]]
+        queue = None
+        use_queue = self.queue is not None and int(self.epoch) >= c.queue_start_epoch
+        if use_queue and all(q.full for q in self.queue):
+            w = self.prototypes.weight.detach()
+            queue = [q.features().to(w.dtype) @ w.t() for q in self.queue]
+        loss = self.criterion(scores[:c.n_global], scores[c.n_global:], queue)
+        if use_queue:
+            for q, z in zip(self.queue, feats):
+                q.push(z)
+        return loss, {"queue_used": float(queue is not None)} if self.queue is not None else {}
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        if step < self.config.freeze_prototypes:
+            for p in self.prototypes.parameters():
+                p.grad = None  # SwAV's "cancel gradients for the prototypes": no update, no weight decay
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        self.epoch.fill_(epoch + 1)
+        return {}

@@ -1,0 +1,90 @@
+"""BatchNorm with statistics over every rank's batch, on any device and backend (gloo on CPU too).
+
+torch's ``nn.SyncBatchNorm`` runs only on GPUs; DDP on CPUs (tests, small clusters) would otherwise
+normalize each rank's part of the batch on its own, and training would differ from one process with the
+global batch. Here the per-channel sums go through ``torch.distributed.nn.functional.all_reduce``, which
+carries gradients (its backward all-reduces them), so forward and backward both equal BatchNorm on the
+concatenated batch. Two passes (mean, then centred squares) keep the variance as accurate as BatchNorm's.
+On a packed SparK tensor (visible cells only) the statistics are those of the visible positions of the
+global batch, as SparK's SyncBN gives.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from sparkct.distributed import is_distributed
+
+# The differentiable all_reduce is what this needs (its backward all-reduces the gradients); torch marks
+# it deprecated in favour of functional collectives whose autograd support is still partial.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
+
+__all__ = ["GlobalBatchNorm2d", "convert_sync_batchnorm"]
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics span all ranks of `process_group` (default: the world)."""
+
+    process_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed(self.process_group)):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        if x.dim() != 4:
+            raise ValueError(f"GlobalBatchNorm2d expects (N, C, H, W), got {tuple(x.shape)}")
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(acc)
+        C = x.shape[1]
+        n_local = torch.tensor([x.numel() // max(C, 1)], dtype=acc, device=x.device)
+        s = torch.cat([xf.sum((0, 2, 3)), n_local])
+        s = all_reduce(s, group=self.process_group)
+        n = s[C]
+        mean = s[:C] / n
+        d = xf - mean.view(1, C, 1, 1)
+        var = all_reduce(d.square().sum((0, 2, 3)), group=self.process_group) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        y = d * torch.rsqrt(var + self.eps).view(1, C, 1, 1)
+        if self.affine:
+            y = y * self.weight.to(acc).view(1, C, 1, 1) + self.bias.to(acc).view(1, C, 1, 1)
+        return y.to(x.dtype).contiguous(memory_format=torch.channels_last if x.is_contiguous(
+            memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None, *, cuda_native: bool | None = None) -> nn.Module:
+    """Replace every BatchNorm2d in `module` by a synchronized one, sharing parameters and buffers: torch's
+    nn.SyncBatchNorm on CUDA (its fused kernels), GlobalBatchNorm2d elsewhere."""
+    if cuda_native is None:
+        p = next(module.parameters(), None)
+        cuda_native = p is not None and p.is_cuda
+    if cuda_native:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _convert(module, process_group)
+
+
+def _convert(m: nn.Module, group) -> nn.Module:
+    if type(m) is nn.BatchNorm2d:
+        new = GlobalBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                                device=m.running_mean.device if m.running_mean is not None else None)
+        new.process_group = group
+        if m.affine:
+            new.weight, new.bias = m.weight, m.bias
+        if m.track_running_stats:
+            new.running_mean, new.running_var, new.num_batches_tracked = (m.running_mean, m.running_var,
+                                                                          m.num_batches_tracked)
+        new.train(m.training)
+        return new
+    for name, child in m.named_children():
+        new = _convert(child, group)
+        if new is not child:
+            setattr(m, name, new)
+    return m

@@ -1,0 +1,135 @@
+"""The one checkpoint format.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with ``torch.save``
+to a temporary file and renamed into place (sparkct.io), and read with ``torch.load(weights_only=True)``:
+loading never unpickles code. The configs travel as a JSON string. Files in a run folder:
+
+    checkpoints/step-0000100.ckpt   every ckpt_every steps (the last `keep` are kept)
+    last.ckpt                       hard link to the newest step checkpoint
+    best.ckpt                       hard link to the checkpoint with the best "monitor" value (if any)
+    backbone.pt                     the backbone export: a torchvision state_dict (no classifier)
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from sparkct import io as sio
+from sparkct.errors import UserError
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "find_latest", "rng_state", "set_rng_state",
+           "link_atomic", "prune", "export_backbone"]
+
+FORMAT = "sparkct-checkpoint-1"
+_STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+          "python_pos": random.getstate()[2],
+          "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+          "numpy_gauss": [int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"]), st["python_pos"]))
+    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype(np.uint32), st["numpy_pos"],
+                         st["numpy_gauss"][0], st["numpy_gauss"][1]))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def link_atomic(src: str, dst: str) -> None:
+    """Make dst name the same file as src, replacing dst atomically (a hard link; a copy where links fail)."""
+    tmp = f"{dst}.{os.getpid()}.lnk.tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        import shutil
+        with sio.atomic_path(dst) as t:
+            shutil.copyfile(src, t)
+    sio.fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
+    """Write checkpoints/step-N.ckpt atomically, point last.ckpt at it, drop all but the newest `keep`."""
+    d = os.path.join(run_dir, "checkpoints")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"step-{step:07d}.ckpt")
+    state = dict(state, format=FORMAT)
+    with sio.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    link_atomic(path, os.path.join(run_dir, "last.ckpt"))
+    prune(d, keep)
+    return path
+
+
+def prune(ckpt_dir: str, keep: int) -> None:
+    files = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(ckpt_dir, "step-*.ckpt"))
+                   if (m := _STEP_RE.search(p)))
+    for _, p in files[:-keep] if keep > 0 else []:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def find_latest(run_dir: str) -> str | None:
+    """last.ckpt of a run folder, else its newest step checkpoint, else None."""
+    last = os.path.join(run_dir, "last.ckpt")
+    if os.path.isfile(last):
+        return last
+    files = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step-*.ckpt"))
+                   if (m := _STEP_RE.search(p)))
+    return files[-1][1] if files else None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A sparkct checkpoint, loaded without unpickling code; a UserError for anything else."""
+    if os.path.isdir(path):
+        found = find_latest(path)
+        if found is None:
+            raise UserError(f"{path}: no checkpoint in this run folder (last.ckpt or checkpoints/step-*.ckpt)")
+        path = found
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickled code, truncated or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable sparkct checkpoint ({type(e).__name__}: {first[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path}: not a sparkct checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {FORMAT!r})")
+    state["config"] = json.loads(state["config"])
+    state["path"] = path
+    return state
+
+
+def export_backbone(state_or_model, out: str) -> dict:
+    """Write the backbone export (torchvision state_dict minus fc) atomically; returns it."""
+    from sparkct.models.backbone import backbone_state
+
+    if isinstance(state_or_model, dict):
+        sd = {k[len("backbone."):]: v.detach().cpu().contiguous() for k, v in state_or_model["model"].items()
+              if k.startswith("backbone.") and not k.startswith("backbone.fc.")}
+        if not sd:
+            raise UserError("the checkpoint holds no backbone weights")
+    else:
+        sd = backbone_state(state_or_model)
+    with sio.atomic_path(out) as tmp:
+        torch.save(sd, tmp)
+    return sd

@@ -1,0 +1,117 @@
+"""``sparkct pretrain METHOD ...`` and ``sparkct export RUN --out FILE``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+_PRETRAIN_EPILOG = """examples:
+  sparkct pretrain spark                                   # built-in synthetic CT, CPU, a few minutes
+  sparkct pretrain spark --data data/cache --arch resnet50 --crop 224 --batch 256 --amp bf16 --device cuda
+  sparkct pretrain spark --out runs/spark --resume         # continue an interrupted run
+  torchrun --nproc_per_node=4 -m sparkct.cli pretrain spark --device cuda ...   # DDP
+  sparkct pretrain --list                                  # the methods and their defaults
+run `sparkct pretrain METHOD -h` for every option of a method."""
+
+
+def _method_parser(name: str):
+    from sparkct.cli import Parser
+    from sparkct.models import get_method
+    from sparkct.train.config import TrainConfig, add_dataclass_args
+    from sparkct.train.method import Method
+
+    cls = get_method(name)
+    p = Parser(prog=f"sparkct pretrain {name}", description=(cls.__doc__ or "").strip().split("\n\n")[0])
+    add_dataclass_args(p, TrainConfig, {"out": f"runs/{name}"}, title="training (shared by every method)")
+    add_dataclass_args(p, cls.config_class, title=f"{name}")
+    g = p.add_argument_group("run control")
+    g.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
+    g.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+    d = dict(Method.defaults)
+    d.update(cls.defaults)
+    p.epilog = "method defaults for unset options: " + ", ".join(f"{k}={v}" for k, v in d.items())
+    return p, cls
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from sparkct.models import METHODS
+
+    if args.list or not args.method:
+        if not args.method and not args.list:
+            print("sparkct pretrain: error: name a method (" + ", ".join(METHODS) + ") or --list", file=sys.stderr)
+            return 2
+        from sparkct.models import get_method
+        from sparkct.train.method import Method
+        for name in METHODS:
+            cls = get_method(name)
+            d = dict(Method.defaults)
+            d.update(cls.defaults)
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name:10s} {doc}")
+            cfg = cls.config_class()
+            fields = getattr(cfg, "__dataclass_fields__", {})
+            print(" " * 11 + ", ".join([f"{k}={getattr(cfg, k)}" for k in fields] +
+                                       [f"{k}={v}" for k, v in d.items()]))
+        return 0
+    if args.method not in METHODS:
+        from sparkct.errors import UserError
+        raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
+    p, cls = _method_parser(args.method)
+    ns = p.parse_args(args.rest)
+    from sparkct.train.config import TrainConfig, dataclass_from_args
+    from sparkct.train.trainer import Trainer, build_method
+
+    cfg = dataclass_from_args(TrainConfig, ns)
+    mcfg = dataclass_from_args(cls.config_class, ns)
+    if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
+        import os
+
+        from sparkct.data.datasets import read_labels_csv
+        from sparkct.errors import UserError
+        if not os.path.isfile(cfg.labels):
+            raise UserError(f"--labels {cfg.labels}: no such file")
+        rows = read_labels_csv(cfg.labels)
+        if not rows or "label" not in rows[0]:
+            raise UserError(f"--labels {cfg.labels}: expected a CSV with a 'label' column")
+        mcfg.num_classes = len({r["label"] for r in rows})  # the hybrid classifier's width
+    cfg.validate()
+    mcfg.validate()
+    from sparkct.device import resolve_device
+    resolve_device(cfg.device)  # before any data work: a missing GPU is reported at once
+    method = build_method(args.method, cfg, mcfg)
+    summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
+    return 0 if summary is not None else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    from sparkct.train.checkpoint import export_backbone, load_checkpoint
+
+    src = args.run
+    if os.path.isdir(src) and args.best:
+        src = os.path.join(src, "best.ckpt")
+    state = load_checkpoint(src)
+    sd = export_backbone(state, args.out)
+    arch = state["config"].get("train", {}).get("arch", "?")
+    print(f"wrote {args.out}: {arch} backbone ({len(sd)} tensors, step {state['step']} of {state['path']}); "
+          f"load with torchvision.models.{arch}() whose fc is replaced by nn.Identity(), strict=True")
+    return 0
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser(
+        "pretrain", help="self-supervised pretraining on CT (SparK, ...) with the one trainer",
+        description="Pretrain a CNN backbone on CT slices with a self-supervised method; checkpoints, resume, "
+                    "metrics, previews and the backbone export go to --out.", epilog=_PRETRAIN_EPILOG)
+    s.add_argument("method", nargs="?", help="the method (see --list)")
+    s.add_argument("--list", action="store_true", help="list the methods with their defaults")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="the method's options (sparkct pretrain METHOD -h)")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = subparsers.add_parser("export", help="write a run's backbone as a plain torchvision state_dict",
+                              description="Write the backbone of a pretraining run (its last.ckpt, or a given "
+                                          "checkpoint) as a torchvision ResNet state_dict without the classifier.")
+    s.add_argument("run", help="a run folder or a checkpoint file")
+    s.add_argument("--out", required=True, help="where to write the state_dict (.pt)")
+    s.add_argument("--best", action="store_true", help="export best.ckpt instead of last.ckpt")
+    s.set_defaults(func=cmd_export)

@@ -1,0 +1,91 @@
+"""Fixtures for the evaluation tests: a small prepared cache with balanced patient-level labels,
+tiny MedMNIST-style .npz files and image folders written by the tests themselves."""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+SALT = "e7a1" * 8
+N_PATIENTS = 12
+
+
+def write_ct_patients(root: str, n_patients: int = N_PATIENTS, *, size: int = 32, slices: int = 4, seed: int = 0):
+    """NIfTI CT of `n_patients` patients (a folder each, one or two series), 'nodule' patients with a
+    bright disc in every slice. Returns {patient folder: label}."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) / (0.42 * size)) ** 2 + ((xx - size / 2) / (0.46 * size)) ** 2 <= 1
+    labels = {}
+    for p in range(n_patients):
+        y = p % 2
+        d = os.path.join(root, f"patient{p:02d}")
+        os.makedirs(d, exist_ok=True)
+        for s in range(1 + (p % 3 == 0)):
+            vol = np.full((size, size, slices), -1000.0, np.float32)
+            for k in range(slices):
+                sl = np.where(body, 40.0, -1000.0) + rng.normal(0, 15, (size, size))
+                if y:
+                    cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+                    sl[(yy - cy) ** 2 + (xx - cx) ** 2 <= (size / 8) ** 2] = 400.0
+                vol[:, :, k] = sl.T
+            nib.save(nib.Nifti1Image(vol.astype(np.int16), np.diag([1.0, 1.0, 5.0, 1.0])),
+                     os.path.join(d, f"series{s}.nii.gz"))
+        labels[f"patient{p:02d}"] = y
+    return labels
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory) -> dict:
+    """{'cache', 'patients' (pseudonym -> 0/1), 'patient_labels' (CSV path: patient, label as
+    clear/nodule), 'series_labels' (CSV: series_key, label)}: 12 NIfTI patients (a folder each,
+    patient_from='dir'), 32x32 slices, half of them with a bright 'nodule' in every slice."""
+    from sparkct.data._util import salted_hash
+    from sparkct.data.cache import SliceCache, prepare
+
+    root = tmp_path_factory.mktemp("evalcache")
+    src, dst = str(root / "nifti"), str(root / "cache")
+    folders = write_ct_patients(src)
+    prepare(src, dst, progress=False, salt=SALT, patient_from="dir")
+    c = SliceCache(dst)
+    labels = {salted_hash(SALT, "file:" + f): y for f, y in folders.items()}
+    assert set(labels) == set(map(str, c.patients))
+    path = str(root / "patients.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient", "label"])
+        for p, y in labels.items():
+            w.writerow([p, "nodule" if y else "clear"])
+    spath = str(root / "series.csv")
+    with open(spath, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["series_key", "label"])
+        for s in range(c.n_series):
+            w.writerow([c.series["key"][s], labels[str(c.patients[c.series["patient_index"][s]])]])
+    return {"cache": dst, "patients": labels, "patient_labels": path, "series_labels": spath}
+
+
+@pytest.fixture
+def write_npz():
+    """write_npz(path, n=(train, val, test), k=classes, size, seed, rgb) -> path."""
+    return _write_npz
+
+
+def _write_npz(path, n=(60, 20, 20), k=3, size=16, seed=0, rgb=False):
+    """A tiny MedMNIST-style .npz whose class shows as image brightness."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, m in zip(("train", "val", "test"), n):
+        y = np.arange(m) % k
+        x = rng.integers(0, 60, size=(m, size, size)) + (y * 60)[:, None, None]
+        x = x.astype(np.uint8)
+        if rgb:
+            x = np.repeat(x[..., None], 3, -1)
+        arrays[f"{split}_images"] = x
+        arrays[f"{split}_labels"] = y[:, None].astype(np.uint8)
+    np.savez(path, **arrays)
+    return str(path)

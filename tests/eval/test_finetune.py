@@ -1,0 +1,175 @@
+"""sparkct.eval.finetune: the Classifier method's schedule, and fine-tuning through the trainer."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sparkct.errors import UserError
+from sparkct.eval.data import load_task
+from sparkct.eval.finetune import Classifier, FinetuneConfig, evaluate, finetune, resolve_init
+from sparkct.models.backbone import backbone_state, build_backbone
+from sparkct.train.config import TrainConfig
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv2, self.bn2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+
+
+class _TinyBackbone(torch.nn.Module):
+    """A stand-in with a ResNet's shape where it matters (feature_dim reads layer4[-1].bn2): the
+    method's schedule does not depend on the network, and a ResNet-18 in float64 is slow here."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+        self.layer4 = torch.nn.Sequential(_Block(c))
+
+    def forward(self, x):
+        b = self.layer4[0]
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(b.bn2(b.conv2(h))).mean((2, 3))
+
+
+def _model(cfg=None, spe=4, k=2):
+    torch.manual_seed(0)
+    bb = _TinyBackbone()
+    return Classifier(bb, k, cfg or FinetuneConfig(freeze_epochs=2, ramp_epochs=1, backbone_lr_start=0.1),
+                      windows="lung", steps_per_epoch=spe, crop=32)
+
+
+def test_freeze_and_ramp_schedule():
+    m = _model()
+    scales = [m.backbone_lr_scale(s) for s in range(14)]
+    assert scales[:8] == [0.0] * 8  # 2 epochs x 4 steps frozen
+    assert scales[8:13] == pytest.approx([0.1, 0.325, 0.55, 0.775, 1.0]) and scales[13] == 1.0
+    m.config = FinetuneConfig(linear_probe=True)
+    assert all(m.frozen(s) for s in (0, 100, 10_000))
+    m.config = FinetuneConfig(freeze_epochs=0, ramp_epochs=0)
+    assert m.backbone_lr_scale(0) == 1.0
+    with pytest.raises(UserError, match="backbone-lr-start"):
+        FinetuneConfig(backbone_lr_start=0).validate()
+
+
+def test_training_step_frozen_then_unfrozen():
+    m = _model()
+    m.train()
+    x = torch.rand(4, 1, 32, 32)
+    y = torch.tensor([0, 1, 0, 1])
+    loss, logs = m.training_step((x, y), 0)
+    assert not m.backbone.training and m.head.training  # frozen: BatchNorm statistics stay
+    loss.backward()
+    m.on_before_optimizer_step(0)
+    assert all(p.grad is None for p in m.backbone.parameters()) and m.head.weight.grad is not None
+    assert logs["backbone_lr_scale"] == 0.0 and 0 <= float(logs["acc"]) <= 1
+    m.zero_grad(set_to_none=True)
+    loss, logs = m.training_step((x, y), 8)
+    assert m.backbone.training
+    loss.backward()
+    m.on_before_optimizer_step(8)
+    assert all(p.grad is not None for p in m.backbone.parameters())
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd"])
+def test_ramp_equals_a_scaled_backbone_learning_rate(opt):
+    # The step's change scaled by s after the step == that optimizer with lr x s for the backbone.
+    from sparkct.train.optim import build_optimizer
+
+    # float64: Adam divides by sqrt(v); with near-zero gradients float32 rounding alone would differ
+    a = _model(FinetuneConfig(freeze_epochs=0, ramp_epochs=4, backbone_lr_start=0.1), spe=1).double()
+    b = copy.deepcopy(a)
+    lr = 1e-2
+    oa = build_optimizer(a, opt, lr, 5e-4, betas=(0.9, 0.999))
+    ob = torch.optim.Adam if opt == "adam" else torch.optim.AdamW if opt == "adamw" else torch.optim.SGD
+    kw = {"momentum": 0.9} if opt == "sgd" else {"betas": (0.9, 0.999)}
+    groups = []
+    for mod, is_bb in ((b.backbone, True), (b.head, False)):
+        for p_decay in (True, False):
+            ps = [p for n, p in mod.named_parameters() if (p.ndim > 1 and not n.endswith(".bias")) == p_decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": 5e-4 if p_decay else 0.0, "bb": is_bb})
+    ob = ob(groups, lr=lr, **kw)
+    a.train(), b.train()
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.rand(4, 1, 16, 16, generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 1, 1, 0])
+        for m, o in ((a, oa), (b, ob)):
+            loss, _ = m.training_step((x, y), step)
+            loss.backward()
+            if m is a:
+                m.on_before_optimizer_step(step)
+            else:
+                for grp in o.param_groups:
+                    grp["lr"] = lr * (b.backbone_lr_scale(step) if grp["bb"] else 1.0)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            if m is a:
+                m.after_step(step, 2)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-10, msg=n)
+    assert not torch.equal(a.backbone.conv1.weight, _model(spe=1).double().backbone.conv1.weight)
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(out=str(tmp_path / name), arch="resnet18", crop=32, epochs=3, batch=8, device="cpu", progress=False,
+                tensorboard=False, preview_every=0, ckpt_every=1000, log_every=1, amp="none")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_finetune_end_to_end_on_a_cache(eval_cache, tmp_path):
+    task = load_task(eval_cache["cache"], eval_cache["patient_labels"], split=(0.5, 0.25, 0.25), fraction=1.0)
+    cfg = _cfg(tmp_path, "ft", epochs=3, batch=16)
+    res = finetune(task, train_cfg=cfg, config=FinetuneConfig(freeze_epochs=1, ramp_epochs=1), n_resamples=200)
+    out = cfg.out
+    for f in ("result.json", "predictions.npz", "best.ckpt", "last.ckpt", "backbone.pt", "config.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    saved = json.load(open(os.path.join(out, "result.json")))
+    assert saved["test"]["unit"] == "patient" and saved["test"]["n_units"] == 4  # patient labels: per patient
+    auc = saved["test"]["metrics"]["auc"]
+    assert 0 <= auc["low"] <= auc["value"] <= auc["high"] <= 1
+    assert [h["epoch"] for h in saved["val_history"]] == [1, 2, 3]
+    assert all("val_auc" in h and "monitor" in h for h in saved["val_history"])
+    best = max(h["monitor"] for h in saved["val_history"])
+    assert saved["tested_checkpoint"]["best_val_auc"] == pytest.approx(best)
+    z = np.load(os.path.join(out, "predictions.npz"))
+    assert z["probabilities"].shape == (4, 2) and np.allclose(z["probabilities"].sum(1), 1)
+    assert res["init"]["kind"] == "random" and saved["effective_batch"] == 16
+    # a finished run folder is refused unless resumed
+    with pytest.raises(UserError, match="already holds a run"):
+        finetune(task, train_cfg=_cfg(tmp_path, "ft", epochs=3, batch=16), config=FinetuneConfig(freeze_epochs=1))
+
+
+def test_linear_probe_from_a_file_keeps_the_backbone(tmp_path, write_npz):
+    task = load_task(write_npz(tmp_path / "s.npz", n=(24, 12, 12), k=3, size=20), fraction=0.5, seed=1)
+    torch.manual_seed(5)
+    bb, _ = build_backbone("resnet18", in_chans=1)
+    w = str(tmp_path / "init.pt")
+    torch.save(backbone_state(bb), w)
+    cfg = _cfg(tmp_path, "probe", epochs=2, batch=64)  # batch lowered to the 12 training images
+    res = finetune(task, init=w, train_cfg=cfg, config=FinetuneConfig(linear_probe=True), n_resamples=100)
+    assert res["effective_batch"] == 12 and res["init"]["kind"] == "file" and res["test"]["unit"] == "item"
+    assert res["task"]["train"]["per_class"] == [4, 4, 4]
+    after = torch.load(os.path.join(cfg.out, "backbone.pt"), weights_only=True)
+    for k, v in backbone_state(bb).items():
+        assert torch.equal(after[k], v), k  # frozen throughout, BatchNorm statistics included
+
+
+def test_resolve_init(tmp_path):
+    assert resolve_init("random", "resnet50") == (None, "resnet50", "random")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(UserError, match="without backbone.pt"):
+        resolve_init(str(run), "resnet18")
+    (run / "backbone.pt").write_bytes(b"")
+    (run / "config.json").write_text(json.dumps({"train": {"arch": "resnet34"}}))
+    assert resolve_init(str(run), "resnet18") == (str(run / "backbone.pt"), "resnet34", "run")
+    with pytest.raises(UserError, match="not 'random'"):
+        resolve_init(str(tmp_path / "nope.pt"), "resnet18")

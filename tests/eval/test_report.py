@@ -1,0 +1,110 @@
+"""sparkct.eval.report: results.md, auc_vs_fraction.png, results.json, runs.csv from synthetic runs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sparkct import io as sio
+from sparkct.errors import UserError
+from sparkct.eval.report import RUN_FIELDS, collect_runs, write_report
+
+QUALITY = {"random": 0.6, "spark": 2.0, "simclr": 1.2}  # separation of the classes' scores
+
+
+def _run(method, fraction, seed, n=60, per_patient=1):
+    rng = np.random.default_rng([list(QUALITY).index(method), int(fraction * 100), seed])
+    y = np.repeat(np.arange(n) % 2, per_patient)
+    patients = np.repeat(np.arange(n), per_patient)
+    z = rng.normal(size=len(y)) + QUALITY[method] * fraction * (2 * y - 1)
+    p1 = 1 / (1 + np.exp(-z))
+    prob = np.stack([1 - p1, p1], 1)
+    from sparkct.eval.metrics import bootstrap_ci
+    ci = bootstrap_ci(y, prob, groups=patients, n_resamples=100)
+    return {"method": method, "fraction": fraction, "seed": seed, "status": "done",
+            "task": {"source": "/data/synthetic", "kind": "cache", "level": "patient", "labels": "/data/labels.csv",
+                     "classes": ["clear", "nodule"], "full_train": {"patients": 80}, "val": {"patients": 20},
+                     "test": {"patients": n, "per_class": [n // 2, n // 2]},
+                     "train": {"items": int(80 * fraction), "patients": int(80 * fraction)}},
+            "train": {"arch": "resnet18", "crop": 64, "epochs": 3, "batch": 16},
+            "finetune": {"linear_probe": False}, "effective_batch": 16,
+            "tested_checkpoint": {"step": 12, "best_val_auc": 0.7},
+            "test": {"metrics": ci, "unit": "patient", "n_units": n, "n_patients": n},
+            "seconds": {"train": 1.5, "test": 0.1},
+            "predictions": {"probabilities": prob, "labels": y, "patients": patients}}
+
+
+def _runs():
+    runs = [_run(m, f, s) for m in QUALITY for f in (1.0, 0.5, 0.1) for s in (0, 1)]
+    runs.append({"method": "simclr", "fraction": 0.1, "seed": 2, "status": "failed",
+                 "error": "TrainingDiverged: loss is nan at step 3"})
+    return runs
+
+
+def test_report_files_written_and_well_formed(tmp_path):
+    runs = _runs()
+    paths = write_report(runs, str(tmp_path / "rep"), n_resamples=200, extra={"pretraining": "2 epochs"},
+                         config={"methods": list(QUALITY)})
+    md = open(paths["md"]).read()
+    assert "| method | 100 % | 50 % | 10 % |" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| random") or ln.startswith("| spark")
+             or ln.startswith("| simclr")]
+    assert len(table) == 3 + 2 * 3  # the AUC table, and the comparison table (2 methods x 3 fractions)
+    res = json.load(open(paths["json"]))
+    for k, f in enumerate((1.0, 0.5, 0.1)):  # the best mean AUC of each column, and only it, is bold
+        best = max((c for c in res["cells"] if c["fraction"] == f), key=lambda c: c["auc"]["value"])
+        for ln in table[:3]:
+            cell = ln.split("|")[2 + k]
+            assert ("**" in cell) == ln.startswith(f"| {best['method']} |"), (f, ln)
+    assert "1 failed" in md and "## Failed runs" in md and "TrainingDiverged" in md
+    assert "pretraining: 2 epochs" in md and "/data/synthetic" in md
+    assert len(res["cells"]) == 9 and len(res["runs"]) == 19
+    cell = next(c for c in res["cells"] if c["method"] == "spark" and c["fraction"] == 1.0)
+    assert cell["auc"]["low"] < cell["auc"]["value"] < cell["auc"]["high"]
+    assert cell["auc"]["value"] == pytest.approx(np.mean(cell["auc_per_seed"]))
+    failed_cell = next(c for c in res["cells"] if c["method"] == "simclr" and c["fraction"] == 0.1)
+    assert failed_cell["failed_seeds"] == [2] and failed_cell["seeds"] == [0, 1]
+    comp = next(c for c in res["comparisons"] if c["method"] == "spark" and c["fraction"] == 1.0)
+    assert comp["diff"] > 0.1 and comp["p_bootstrap"] < 0.05 and comp["p_delong"] < 0.05
+    assert comp["low"] < comp["diff"] < comp["high"]
+    assert res["versions"]["numpy"] == np.__version__ and res["config"] == {"methods": list(QUALITY)}
+    assert "predictions" not in res["runs"][0]
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert len(rows) == 19 and list(rows[0]) == list(RUN_FIELDS)
+    assert sum(r["status"] == "failed" for r in rows) == 1
+    assert all(0 <= float(r["auc"]) <= 1 for r in rows if r["status"] == "done")
+    from PIL import Image
+    with Image.open(paths["png"]) as im:
+        assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 300
+        px = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        assert len(np.unique(px, axis=0)) > 20  # lines, bands and text were drawn
+
+
+def test_slice_level_units_skip_delong(tmp_path):
+    runs = [_run(m, 1.0, s, n=30, per_patient=3) for m in ("random", "spark") for s in (0,)]
+    paths = write_report(runs, str(tmp_path / "r"), n_resamples=100)
+    res = json.load(open(paths["json"]))
+    assert res["comparisons"][0]["p_delong"] is None and "DeLong not applicable" in res["comparisons"][0]["note"]
+    assert "n/a |" in open(paths["md"]).read()
+
+
+def test_collect_runs_from_folders(tmp_path):
+    runs = [_run("random", 1.0, 0), _run("spark", 1.0, 0)]
+    for r in runs:
+        d = tmp_path / "exp" / r["method"]
+        d.mkdir(parents=True)
+        sio.write_npz_atomic(str(d / "predictions.npz"), r.pop("predictions"))
+        sio.write_json_atomic(str(d / "result.json"), r)
+    (tmp_path / "exp" / "broken").mkdir()
+    sio.write_json_atomic(str(tmp_path / "exp" / "broken" / "failed.json"),
+                          {"method": "simclr", "fraction": 1.0, "seed": 0, "error": "out of memory"})
+    found = collect_runs(str(tmp_path / "exp"))
+    assert sorted(r["method"] for r in found) == ["random", "simclr", "spark"]
+    paths = write_report(found, str(tmp_path / "out"), n_resamples=100)
+    md = open(paths["md"]).read()
+    assert "| simclr | failed |" in md and "out of memory" in md
+    with pytest.raises(UserError, match="no fine-tuning results"):
+        collect_runs(str(tmp_path / "out"))

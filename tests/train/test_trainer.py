@@ -1,0 +1,163 @@
+"""The trainer: loss falls, resume after SIGKILL is bit-identical, NaN stops with the last good
+checkpoint kept, checkpoints never unpickle code, a changed config is refused on resume, the export loads
+strictly into torchvision, previews and metrics are written."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparkct.errors import TrainingDiverged, UserError
+from sparkct.train import checkpoint as C
+from sparkct.train.config import TrainConfig
+from sparkct.train.trainer import Trainer, build_method
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cfg_for(cache, out, **kw):
+    base = dict(data=cache, out=str(out), arch="resnet18", windows="lung", crop=32, batch=8, epochs=2,
+                ckpt_every=3, keep=2, log_every=1, preview_every=4, tensorboard=False, progress=False,
+                device="cpu", channels_last=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train(cache, out, method_kw=None, resume=False, force=False, **kw):
+    from tiny_method import TinyConfig
+    cfg = cfg_for(cache, out, **kw)
+    m = build_method("tiny", cfg, TinyConfig(**(method_kw or {})))
+    return Trainer(m, cfg, method_name="tiny", resume=resume, force=force).fit()
+
+
+def test_loss_falls_and_run_folder_is_complete(small_cache, tmp_path):
+    out = tmp_path / "run"
+    s = train(small_cache, out, epochs=4)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) == s["steps"] and s["steps"] >= 8
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    for f in ("config.json", "summary.json", "last.ckpt", "backbone.pt", "loss.png", "previews/latest.png"):
+        assert (out / f).exists(), f
+    assert len(list((out / "checkpoints").glob("step-*.ckpt"))) <= 2  # keep-last-k
+    rec = json.load(open(out / "config.json"))
+    assert rec["method"] == "tiny" and rec["resolved"]["optimizer"] == "adamw"
+
+
+def test_export_loads_strictly_into_torchvision(small_cache, tmp_path):
+    import torchvision
+
+    out = tmp_path / "run"
+    train(small_cache, out, max_steps=2, windows="lung,mediastinum,bone")
+    from sparkct.cli import main
+    assert main(["export", str(out), "--out", str(tmp_path / "b.pt")]) == 0
+    sd = torch.load(tmp_path / "b.pt", weights_only=True)
+    m = torchvision.models.resnet18()
+    m.fc = torch.nn.Identity()
+    m.load_state_dict(sd, strict=True)
+    ck = C.load_checkpoint(str(out))
+    assert torch.equal(sd["conv1.weight"], ck["model"]["backbone.conv1.weight"])
+
+
+def _run_script(cache, out, die_at=-1):
+    code = f"""
+import sys; sys.path.insert(0, {HERE!r})
+from sparkct import models; models.METHODS['tiny'] = 'tiny_method:Tiny'
+from test_trainer import train
+train({cache!r}, {str(out)!r}, resume={die_at < 0 and (out / 'last.ckpt').exists()!r})
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", "TINY_DIE_AT": str(die_at)})
+
+
+def test_resume_after_sigkill_is_bit_identical(small_cache, tmp_path):
+    ref = tmp_path / "ref"
+    r = _run_script(small_cache, ref)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = _run_script(small_cache, run, die_at=5)  # killed after step 5; last checkpoint at step 3
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    assert C.load_checkpoint(str(run))["step"] == 3
+    r = _run_script(small_cache, run)  # resumes from step 3
+    assert r.returncode == 0, r.stderr
+    a, b = C.load_checkpoint(str(ref)), C.load_checkpoint(str(run))
+    assert a["step"] == b["step"] > 5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+    la = [r["loss"] for r in csv.DictReader(open(ref / "metrics.csv"))]
+    lb = [r["loss"] for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert la == lb  # the resumed run's log has no duplicated or missing steps
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(small_cache, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        train(small_cache, out, method_kw={"nan_at": 4})
+    st = C.load_checkpoint(str(out))
+    assert st["step"] == 3
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+def test_existing_run_needs_resume_and_same_config(small_cache, tmp_path):
+    out = tmp_path / "run"
+    train(small_cache, out, max_steps=3)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(small_cache, out, max_steps=3)
+    with pytest.raises(UserError, match=r"another config \(crop 32 -> 64"):
+        train(small_cache, out, max_steps=3, crop=64, resume=True)
+    s = train(small_cache, out, max_steps=4, resume=True, force=True)
+    assert s["steps"] == 4
+
+
+def test_checkpoint_loading_refuses_code_and_foreign_files(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"format": C.FORMAT, "x": Evil()}, bad)
+    with pytest.raises(UserError, match="not a loadable sparkct checkpoint"):
+        C.load_checkpoint(str(bad))
+    assert not (tmp_path / "pwned").exists()
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(UserError, match="not a loadable"):
+        C.load_checkpoint(str(junk))
+    other = tmp_path / "other.ckpt"
+    torch.save({"w": torch.zeros(2)}, other)
+    with pytest.raises(UserError, match="not a sparkct checkpoint"):
+        C.load_checkpoint(str(other))
+    with pytest.raises(UserError, match="no checkpoint"):
+        C.load_checkpoint(str(tmp_path))
+
+
+def test_bad_config_is_refused_before_any_work(small_cache, tmp_path):
+    for kw, msg in [({"crop": 48}, "multiple of 32"), ({"arch": "resnet999"}, "unknown arch"),
+                    ({"batch": 6, "accum": 4}, "divisible"), ({"amp": "fp8"}, "--amp"),
+                    ({"data": str(tmp_path / "missing")}, "no such file")]:
+        with pytest.raises(UserError, match=msg):
+            train(small_cache, tmp_path / "x", **kw)
+    assert not (tmp_path / "x" / "last.ckpt").exists()
+
+
+def test_labels_drive_the_online_probe_and_knn_monitors(small_cache, tmp_path):
+    import glob
+    synth_dir = os.path.join(os.path.dirname(small_cache), "..")
+    labels = sorted(glob.glob(os.path.join(os.path.dirname(small_cache.rstrip("/")), "synth*", "slice_labels.csv")))
+    assert labels, synth_dir
+    out = tmp_path / "run"
+    train(small_cache, out, epochs=2, labels=labels[0], knn_every=1)
+    rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    assert any("probe_acc" in r for r in rows)
+    knn = [r for r in rows if "epoch/knn_acc" in r]
+    assert len(knn) == 2 and all(0.0 <= r["epoch/knn_acc"] <= 1.0 for r in knn)
+    assert C.load_checkpoint(str(out))["probe"]["model"]["linear.weight"].shape[0] == 2
