@@ -750,7 +750,7 @@ def _bank_grad_errors(M, w_scales, R=16, D=64, tau=0.1):
     zn, z1n, bn = (F.normalize(t.detach(), dim=1) for t in ins)
     lse = torch.logsumexp(torch.cat([(zn * z1n).sum(1, keepdim=True), zn @ bn.t()], 1) / tau, 1).float()
 
-    inv0, inv1, invb = (inv_norm((t * t).sum(1)) for t in (z0, z1, bank))
+    (z0, ss0, inv0, pw0), (z1, _, inv1, _), (bank, ssb, invb, pwb) = (norms(t) for t in (z0, z1, bank))
     c = torch.tensor(1.0 / (R * tau), dtype=torch.float32)
     pos = ((z0 * z1).sum(1) * (inv0 * torch.tensor(1.0 / tau, dtype=torch.float32))) * inv1
     w_pos = torch.exp(pos - lse) - 1  # bank_pos_grad_kernel (fp32, accurate exp)
@@ -765,7 +765,7 @@ def _bank_grad_errors(M, w_scales, R=16, D=64, tau=0.1):
         Gr[0] = Gr[0] + (w_pos * inv1)[:, None] * z1
         Gc = emu_grad_pass(TC16, COL, bank, z0, invb, inv0, None, lse, Geo(), tau, bwd_splits(M, R, D, 132),
                            torch.float16, w_scale=ws)
-        out[ws] = (err(finalize(z0, Gr, c), want0), err(finalize(bank, Gc, c), want_b))
+        out[ws] = (err(finalize(z0, Gr, c, ss0, inv0, pw0), want0), err(finalize(bank, Gc, c, ssb, invb, pwb), want_b))
     return out
 
 
