@@ -22,7 +22,8 @@
 //   d cols_c  = sum_r (P_rc - [c = pos(r)]) xhat_r
 // Single-process pair mode (columns = rows, S symmetric, pos an involution) folds both into one
 // pass: d zhat_r = sum_c W_rc zhat_c with W_rc = P_rc + P_cr - 2 [c = pos(r)] (0 on the diagonal).
-// Then through the normalization: dz = inv * g_hat - inv^3 (z . g_hat) z (unless clamped).
+// Then through the normalization: dz = inv * g_hat - inv^3 (z . g_hat) z (unless clamped), in the
+// scale-safe form below ("scale safety").
 #pragma once
 
 #include <cmath>
@@ -66,24 +67,69 @@ SPARKCT_HD int64_t row_of_pos_col(const Geometry& g, int64_t c) {
 }
 
 // ---- normalization ----------------------------------------------------------------------------
-
-// 1 / max(||x||, eps) from the sum of squares.
+// Scale safety. Squares and dot products of raw embeddings overflow (fp32: |x| ~ 1e19 with D = 16)
+// or lose precision in denormals. So a row whose largest |x| lies outside [2^-S, 2^S] is multiplied
+// by an exact power of two p (its largest |x| is then in [0.5, 1)), and the kernels work on
+// x' = p x. Every quantity is exactly scale-equivariant (no rounding: p is a power of two):
+//   ||x'|| = p ||x||,  x'_r . y'_c = p_r p_c (x_r . y_c),  inv' = 1 / max(||x'||, eps p) = inv / p,
+// so logit = (x'_r . y'_c) inv'_r inv'_c / tau is the definition's, and F.normalize's clamp
+// ||x|| < eps <=> ||x'|| < eps p. Rows inside the range get p = 1 and compute what they always did.
+// S keeps every sum of squares and dot product of in-range rows finite for D < 2^30 (fp32) and
+// never scales fp16 input (|x| in [2^-24, 2^16]).
 template <class T>
-SPARKCT_HD T inv_norm(T sumsq) {
+struct ScaleLimits;
+template <>
+struct ScaleLimits<float> {
+  static constexpr int kSafeExp = 48;  // rows with max |x| in [2^-49, 2^48) keep p = 1
+  static constexpr int kMaxExp = 126;  // p stays a normal number (flush-to-zero safe)
+};
+template <>
+struct ScaleLimits<double> {
+  static constexpr int kSafeExp = 480;
+  static constexpr int kMaxExp = 1022;
+};
+
+SPARKCT_HD float frexp_(float x, int* e) { return frexpf(x, e); }
+SPARKCT_HD double frexp_(double x, int* e) { return frexp(x, e); }
+SPARKCT_HD float ldexp_(float x, int e) { return ldexpf(x, e); }
+SPARKCT_HD double ldexp_(double x, int e) { return ldexp(x, e); }
+
+// The power of two p for a row whose largest |x| is maxabs: 1 inside the safe range, for zero rows
+// and for inf / NaN rows (which must propagate as they are).
+template <class T>
+SPARKCT_HD T row_pow2_scale(T maxabs) {
+  if (!(maxabs > T(0)) || !(maxabs <= std::numeric_limits<T>::max())) return T(1);
+  int e = 0;
+  frexp_(maxabs, &e);  // maxabs = m 2^e, m in [0.5, 1)
+  if (e >= -ScaleLimits<T>::kSafeExp && e <= ScaleLimits<T>::kSafeExp) return T(1);
+  e = e > ScaleLimits<T>::kMaxExp ? ScaleLimits<T>::kMaxExp : (e < -ScaleLimits<T>::kMaxExp ? -ScaleLimits<T>::kMaxExp : e);
+  return ldexp_(T(1), -e);
+}
+
+// 1 / max(||x||, eps p) from the sum of squares of the scaled row x' = p x (inv' above).
+template <class T>
+SPARKCT_HD T inv_norm(T sumsq, T p = T(1)) {
   const T nrm = sqrt(sumsq);
-  return T(1) / (nrm > T(kNormEps) ? nrm : T(kNormEps));
+  const T lim = T(kNormEps) * p;
+  return T(1) / (nrm > lim ? nrm : lim);
 }
 // Is the norm clamped to eps (F.normalize then passes no gradient through the norm)?
 // clamp_min's gradient flows where norm >= eps; NaN norms are not clamped (NaN must propagate).
 template <class T>
-SPARKCT_HD bool norm_clamped(T sumsq) {
-  return sqrt(sumsq) < T(kNormEps);
+SPARKCT_HD bool norm_clamped(T sumsq, T p = T(1)) {
+  return sqrt(sumsq) < T(kNormEps) * p;
 }
-// Gradient through x -> x * inv: dx = inv * g - beta * x with beta = inv^3 (x . g), where g is
-// the gradient w.r.t. the normalized vector and xg = x . g.
+// Gradient through x -> x * inv in scaled terms: dz = c (inv_true g - beta x') with inv_true = p inv'
+// (norm_grad_inv) and beta = p inv'^3 (x' . g), g the gradient w.r.t. the normalized row and
+// xg = x' . g. With x' within [0.5, 1) of unit size neither factor over- or underflows; a clamped
+// row (beta = 0) passes inv_true = 1 / eps. For p = 1 this is dz = c (inv g - inv^3 (x . g) x).
 template <class T>
-SPARKCT_HD T norm_grad_beta(T inv, T xg, bool clamped) {
-  return clamped ? T(0) : ((xg * inv) * inv) * inv;
+SPARKCT_HD T norm_grad_beta(T inv, T xg, bool clamped, T p = T(1)) {
+  return clamped ? T(0) : p * (((xg * inv) * inv) * inv);
+}
+template <class T>
+SPARKCT_HD T norm_grad_inv(T inv, T p = T(1)) {
+  return p * inv;
 }
 
 // ---- logits and the online log-sum-exp ----------------------------------------------------------
@@ -93,6 +139,28 @@ template <class T>
 SPARKCT_HD T row_scale(T inv_r, T inv_tau) { return inv_r * inv_tau; }
 template <class T>
 SPARKCT_HD T logit(T dot, T scale_r, T inv_c) { return (dot * scale_r) * inv_c; }
+// The same logit, symmetric in (r, c): (x_r . y_c) (inv_r inv_c) / tau rounds identically for (r, c)
+// and (c, r) (given the same dot product). The backward recomputes every logit and subtracts a
+// forward LSE; where that LSE is another row's (the symmetric pass: P_cr = exp(l_cr - lse_c) read
+// from row r's tile; the column pass), an asymmetric rounding of l is an absolute error of
+// |l| * 2^-24 ~ 2^-24 / tau in the exponent: 6 % in P at tau = 1e-6 (relative gradient error 1e-2).
+// With this form the recomputed logit equals the one the LSE was built from, bit for bit.
+// On the device the products are rounded explicitly (__fmul_rn is never contracted into an FMA with
+// a following subtraction; see coef_row_impl in csrc/cpu/info_nce.cpp for the host's way).
+SPARKCT_HD float logit_sym(float dot, float inv_r, float inv_c, float inv_tau) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(__fmul_rn(dot, __fmul_rn(inv_r, inv_c)), inv_tau);
+#else
+  return (dot * (inv_r * inv_c)) * inv_tau;
+#endif
+}
+SPARKCT_HD double logit_sym(double dot, double inv_r, double inv_c, double inv_tau) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(__dmul_rn(dot, __dmul_rn(inv_r, inv_c)), inv_tau);
+#else
+  return (dot * (inv_r * inv_c)) * inv_tau;
+#endif
+}
 
 template <class T>
 SPARKCT_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }

@@ -81,31 +81,64 @@ std::vector<Block> blocks_of(const Mat& m, int64_t bs) {
 
 at::Tensor block_view(const Mat& m, const Block& b) { return m.seg[b.seg].narrow(0, b.local, b.len); }
 
-// Sum of squares per row, in the compute dtype.
+// Per-row normalization data (compute dtype): sum of squares of the scaled row x' = p x, inv' =
+// 1 / max(||x'||, eps p) and the power of two p (csrc/info_nce.h, "scale safety").
+struct RowNorms {
+  at::Tensor sumsq, inv, p;
+};
+
+// Largest |x| and sum of squares per row in one pass.
 template <class T>
-at::Tensor row_sumsq(const Mat& m) {
-  at::Tensor out = at::empty({m.rows}, m.seg[0].options());
-  T* o = out.data_ptr<T>();
+void row_stats(const Mat& m, T* maxabs, T* sumsq) {
   const int64_t d = m.dim;
   at::parallel_for(0, m.rows, 256, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const T* x = m.row<T>(r);
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < d; ++k) acc += x[k] * x[k];
-      o[r] = acc;
+      T acc = 0, mx = 0;
+#pragma omp simd reduction(+ : acc) reduction(max : mx)
+      for (int64_t k = 0; k < d; ++k) {
+        const T a = x[k] < 0 ? -x[k] : x[k];
+        acc += x[k] * x[k];
+        mx = a > mx ? a : mx;
+      }
+      // a NaN anywhere: keep it visible to row_pow2_scale (which then leaves the row alone)
+      sumsq[r] = acc;
+      maxabs[r] = acc != acc ? acc : mx;
     }
   });
-  return out;
 }
 
+// Norms of m's rows; segments holding rows outside the safe range are replaced by scaled copies
+// (x' = p x, exact), so nothing is copied for ordinary inputs.
 template <class T>
-at::Tensor inv_norms(const at::Tensor& sumsq) {
-  at::Tensor inv = at::empty_like(sumsq);
-  const T* s = sumsq.data_ptr<T>();
-  T* o = inv.data_ptr<T>();
-  for (int64_t i = 0; i < sumsq.numel(); ++i) o[i] = nce::inv_norm<T>(s[i]);
-  return inv;
+RowNorms normalize_rows(Mat& m) {
+  RowNorms out;
+  const auto opt = m.seg[0].options();
+  out.sumsq = at::empty({m.rows}, opt);
+  out.p = at::empty({m.rows}, opt);
+  at::Tensor maxabs = at::empty({m.rows}, opt);
+  T* ss = out.sumsq.data_ptr<T>();
+  T* p = out.p.data_ptr<T>();
+  const T* mx = maxabs.data_ptr<T>();
+  row_stats<T>(m, maxabs.data_ptr<T>(), ss);
+  for (int s = 0; s < m.nseg; ++s) {
+    const int64_t n = m.seg[s].size(0), r0 = m.start[s];
+    bool scaled = false;
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      p[r] = nce::row_pow2_scale<T>(mx[r]);
+      scaled = scaled || p[r] != T(1);
+    }
+    if (!scaled) continue;
+    m.seg[s] = (m.seg[s] * out.p.narrow(0, r0, n).unsqueeze(1)).contiguous();
+    Mat one;
+    one.add(m.seg[s]);
+    at::Tensor tmp = at::empty({n}, opt);
+    row_stats<T>(one, tmp.data_ptr<T>(), ss + r0);
+  }
+  out.inv = at::empty_like(out.sumsq);
+  T* iv = out.inv.data_ptr<T>();
+  for (int64_t r = 0; r < m.rows; ++r) iv[r] = nce::inv_norm<T>(ss[r], p[r]);
+  return out;
 }
 
 // ---- vectorized epilogues -----------------------------------------------------------------------
@@ -113,9 +146,9 @@ at::Tensor inv_norms(const at::Tensor& sumsq) {
 // One tile row: logits in place, then its (max, sum exp(x - max)). The caller masks the own
 // column between the two steps.
 template <class T>
-SPARKCT_INLINE void scale_row_impl(T* x, int64_t n, T scale_r, const T* inv_c) {
+SPARKCT_INLINE void scale_row_impl(T* x, int64_t n, T inv_r, const T* inv_c, T inv_tau) {
 #pragma omp simd
-  for (int64_t b = 0; b < n; ++b) x[b] = nce::logit(x[b], scale_r, inv_c[b]);
+  for (int64_t b = 0; b < n; ++b) x[b] = nce::logit_sym(x[b], inv_r, inv_c[b], inv_tau);
 }
 
 template <class T>
@@ -139,75 +172,79 @@ SPARKCT_INLINE void max_sumexp_impl(const T* x, int64_t n, T* m_out, T* s_out) {
   *s_out = s;
 }
 
+// kRowPass: d rows from the rows' tiles; kColPass: d columns from the same tiles (the forward's
+// orientation, see col_pass_fast); kSymPass: single-process NT-Xent in one pass.
 enum Kind : int { kRowPass = 0, kColPass = 1, kSymPass = 2 };
 
-// One tile row of backward coefficients, in place: x holds dot products on entry and
+// One tile row of backward coefficients, in place: x holds the logits on entry (written by
+// scale_row, the forward's own function, so they are the forward's logits bit for bit) and
 // W * inv_other on exit. lse_own is this row's LSE (row and symmetric passes), lse_other the
-// other rows' LSEs (column and symmetric passes).
+// other rows' LSEs (symmetric pass). The column pass (the tile of anchor row `own` against
+// columns) writes W * s_own instead, s_own the row's inverse norm.
+// Why the logits go through memory: at low temperature a logit is ~1/tau and the coefficient
+// exp(l - lse) amplifies any difference between the logit the forward summed and the one
+// recomputed here (2^-24 / tau: 6 % at tau = 1e-6). Computed inline, the compiler may contract
+// (dot * s) * inv_tau - lse into one FMA (GCC's default -ffp-contract=fast in the AVX2 / AVX-512
+// clones), which skips the rounding of l that the forward did: relative gradient errors of 1e-4 at
+// tau = 1e-4 and 1e-2 at 1e-6. Rounded by the store and reread, l is the forward's.
 template <class T, int K>
-SPARKCT_INLINE void coef_row_impl(T* x, int64_t n, T scale_o, const T* inv_x, T lse_own, const T* lse_other) {
+SPARKCT_INLINE void coef_row_impl(T* x, int64_t n, const T* inv_x, T lse_own, const T* lse_other, T s_own) {
   const nce::ExpFast ex;
 #pragma omp simd
   for (int64_t b = 0; b < n; ++b) {
-    const T l = nce::logit(x[b], scale_o, inv_x[b]);
+    const T l = x[b];
     T w;
     if constexpr (K == kRowPass) {
       w = nce::coef_row(l, lse_own, false, false, ex);
     } else if constexpr (K == kColPass) {
-      w = nce::coef_row(l, lse_other[b], false, false, ex);
+      w = nce::coef_row(l, lse_own, false, false, ex);
     } else {
       w = nce::coef_sym(l, lse_own, lse_other[b], false, false, ex);
     }
-    x[b] = w * inv_x[b];
+    if constexpr (K == kColPass) x[b] = w * s_own;
+    else x[b] = w * inv_x[b];
   }
 }
 
-SPARKCT_CLONES void scale_row_f(float* x, int64_t n, float s, const float* c) { scale_row_impl(x, n, s, c); }
+SPARKCT_CLONES void scale_row_f(float* x, int64_t n, float ir, const float* c, float it) {
+  scale_row_impl(x, n, ir, c, it);
+}
 SPARKCT_CLONES void max_sumexp_f(const float* x, int64_t n, float* m, float* s) { max_sumexp_impl(x, n, m, s); }
-SPARKCT_CLONES void coef_row_f0(float* x, int64_t n, float so, const float* ix, float lo, const float* lx) {
-  coef_row_impl<float, kRowPass>(x, n, so, ix, lo, lx);
+SPARKCT_CLONES void coef_row_f0(float* x, int64_t n, const float* ix, float lo, const float* lx, float so) {
+  coef_row_impl<float, kRowPass>(x, n, ix, lo, lx, so);
 }
-SPARKCT_CLONES void coef_row_f1(float* x, int64_t n, float so, const float* ix, float lo, const float* lx) {
-  coef_row_impl<float, kColPass>(x, n, so, ix, lo, lx);
+SPARKCT_CLONES void coef_row_f1(float* x, int64_t n, const float* ix, float lo, const float* lx, float so) {
+  coef_row_impl<float, kColPass>(x, n, ix, lo, lx, so);
 }
-SPARKCT_CLONES void coef_row_f2(float* x, int64_t n, float so, const float* ix, float lo, const float* lx) {
-  coef_row_impl<float, kSymPass>(x, n, so, ix, lo, lx);
+SPARKCT_CLONES void coef_row_f2(float* x, int64_t n, const float* ix, float lo, const float* lx, float so) {
+  coef_row_impl<float, kSymPass>(x, n, ix, lo, lx, so);
 }
 
-inline void scale_row(float* x, int64_t n, float s, const float* c) { scale_row_f(x, n, s, c); }
-inline void scale_row(double* x, int64_t n, double s, const double* c) { scale_row_impl(x, n, s, c); }
+inline void scale_row(float* x, int64_t n, float ir, const float* c, float it) { scale_row_f(x, n, ir, c, it); }
+inline void scale_row(double* x, int64_t n, double ir, const double* c, double it) { scale_row_impl(x, n, ir, c, it); }
 inline void max_sumexp(const float* x, int64_t n, float* m, float* s) { max_sumexp_f(x, n, m, s); }
 inline void max_sumexp(const double* x, int64_t n, double* m, double* s) { max_sumexp_impl(x, n, m, s); }
 template <int K>
-inline void coef_row_vec(float* x, int64_t n, float so, const float* ix, float lo, const float* lx) {
-  if constexpr (K == kRowPass) coef_row_f0(x, n, so, ix, lo, lx);
-  else if constexpr (K == kColPass) coef_row_f1(x, n, so, ix, lo, lx);
-  else coef_row_f2(x, n, so, ix, lo, lx);
+inline void coef_row_vec(float* x, int64_t n, const float* ix, float lo, const float* lx, float so = 0) {
+  if constexpr (K == kRowPass) coef_row_f0(x, n, ix, lo, lx, so);
+  else if constexpr (K == kColPass) coef_row_f1(x, n, ix, lo, lx, so);
+  else coef_row_f2(x, n, ix, lo, lx, so);
 }
 template <int K>
-inline void coef_row_vec(double* x, int64_t n, double so, const double* ix, double lo, const double* lx) {
-  coef_row_impl<double, K>(x, n, so, ix, lo, lx);
+inline void coef_row_vec(double* x, int64_t n, const double* ix, double lo, const double* lx, double so = 0) {
+  coef_row_impl<double, K>(x, n, ix, lo, lx, so);
 }
 
 // ---- the fast path ------------------------------------------------------------------------------
 
-// In tile coordinates, the own column (self) and the positive of own row `a` among other rows
-// [b0, b0 + bc), or -1. Row/symmetric passes: own = anchor row, other = column. Column pass:
-// own = column, other = anchor row.
-template <int K>
-void specials(const Geometry& g, int64_t a, int64_t b0, int64_t bc, int64_t* b_self, int64_t* b_pos) {
+// In tile coordinates, the own column (self) and the positive of anchor row `a` among columns
+// [b0, b0 + bc), or -1.
+inline void specials(const Geometry& g, int64_t a, int64_t b0, int64_t bc, int64_t* b_self, int64_t* b_pos) {
   *b_self = *b_pos = -1;
   if (!g.pair) return;
-  int64_t s, p;
-  if constexpr (K == kColPass) {
-    s = nce::row_of_self_col(g, a);
-    p = nce::row_of_pos_col(g, a);
-  } else {
-    s = g.offset + a;
-    p = g.offset + nce::partner(a, g.n);
-  }
+  const int64_t s = g.offset + a, p = g.offset + nce::partner(a, g.n);
   if (s >= b0 && s < b0 + bc) *b_self = s - b0;
-  if (p >= 0 && p >= b0 && p < b0 + bc) *b_pos = p - b0;
+  if (p >= b0 && p < b0 + bc) *b_pos = p - b0;
 }
 
 // Forward: per anchor row, the LSE over its logits (own column excluded) and its positive logit.
@@ -219,14 +256,13 @@ void forward_fast(const Mat& rows, const Mat& cols, const T* inv_r, const T* inv
   at::parallel_for(0, static_cast<int64_t>(rb.size()), 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({kOwnBlock, kOtherBlock}, rows.seg[0].options());
     T* t = tile.data_ptr<T>();
-    T m[kOwnBlock], s[kOwnBlock], sc[kOwnBlock];
+    T m[kOwnBlock], s[kOwnBlock];
     for (int64_t bi = begin; bi < end; ++bi) {
       const Block& R = rb[bi];
       const at::Tensor A = block_view(rows, R);
       for (int64_t a = 0; a < R.len; ++a) {
         m[a] = nce::neg_inf<T>();
         s[a] = 0;
-        sc[a] = nce::row_scale(inv_r[R.global + a], inv_tau);
         if (pos_init) {
           nce::lse_add(m[a], s[a], pos_init[R.global + a], nce::ExpFast{});
           pos[R.global + a] = pos_init[R.global + a];
@@ -237,9 +273,9 @@ void forward_fast(const Mat& rows, const Mat& cols, const T* inv_r, const T* inv
         at::mm_out(S, A, block_view(cols, C).t());
         for (int64_t a = 0; a < R.len; ++a) {
           T* x = t + a * kOtherBlock;
-          scale_row(x, C.len, sc[a], inv_c + C.global);
+          scale_row(x, C.len, inv_r[R.global + a], inv_c + C.global, inv_tau);
           int64_t bs, bp;
-          specials<kRowPass>(g, R.global + a, C.global, C.len, &bs, &bp);
+          specials(g, R.global + a, C.global, C.len, &bs, &bp);
           if (bp >= 0) pos[R.global + a] = x[bp];
           if (bs >= 0) x[bs] = nce::neg_inf<T>();
           T tm, ts;
@@ -272,25 +308,25 @@ void grad_pass_fast(const Mat& own, const Mat& other, const T* inv_o, const T* i
         for (int64_t a = 0; a < O.len; ++a) {
           const int64_t ag = O.global + a;
           T* x = t + a * kOtherBlock;
-          const T so = nce::row_scale(inv_o[ag], inv_tau);
           int64_t bs, bp;
-          specials<K>(g, ag, X.global, X.len, &bs, &bp);
-          // The own column and the positive, from the raw dot products, before the vector loop.
+          specials(g, ag, X.global, X.len, &bs, &bp);
+          // The forward's logits (see coef_row_impl), then the own column and the positive before the
+          // vector loop.
+          scale_row(x, X.len, inv_o[ag], inv_x + X.global, inv_tau);
           T ws = 0, wp = 0;
           const nce::ExpFast ex;
           auto special = [&](int64_t b) {
             const int64_t bg = X.global + b;
-            const T l = nce::logit(x[b], so, inv_x[bg]);
+            const T l = x[b];
             const bool self = b == bs, posf = b == bp;
             T w;
             if constexpr (K == kRowPass) w = nce::coef_row(l, lse_o[ag], self, posf, ex);
-            else if constexpr (K == kColPass) w = nce::coef_row(l, lse_x[bg], self, posf, ex);
             else w = nce::coef_sym(l, lse_o[ag], lse_x[bg], self, posf, ex);
             return w * inv_x[bg];
           };
           if (bs >= 0) ws = special(bs);
           if (bp >= 0) wp = special(bp);
-          coef_row_vec<K>(x, X.len, so, inv_x + X.global, lse_o ? lse_o[ag] : T(0),
+          coef_row_vec<K>(x, X.len, inv_x + X.global, lse_o ? lse_o[ag] : T(0),
                           lse_x ? lse_x + X.global : nullptr);
           if (bs >= 0) x[bs] = ws;
           if (bp >= 0) x[bp] = wp;
@@ -301,12 +337,63 @@ void grad_pass_fast(const Mat& own, const Mat& other, const T* inv_o, const T* i
   });
 }
 
-// dz = c * (inv * G - beta * z) for the rows of one segment, written in the output's dtype.
+// The column pass: G_cols += sum over anchor rows r of W_rc * rows_hat_r (d columns before the
+// factor g / (R tau)). Threads own blocks of columns and walk every row block; each tile is the
+// forward's GEMM call itself (rows block x columns block, same operands and shape), so its logits
+// are the forward's bit for bit. A transposed call (columns x rows) would not do: MKL's sgemm rounds
+// x.y and y.x differently for some shapes (e.g. 8 x 24 vs 24 x 8), and at low temperature that last
+// bit, divided by tau, is a visible error in exp(l - lse_r).
 template <class T>
-void finalize(const Mat& m, int segi, const T* sumsq, const T* inv, const at::Tensor& G, T c, at::Tensor out) {
+void col_pass_fast(const Mat& rows, const Mat& cols, const T* inv_r, const T* inv_c, const T* lse, const Geometry& g,
+                   T inv_tau, at::Tensor G) {
+  const std::vector<Block> rb = blocks_of(rows, kOwnBlock), cb = blocks_of(cols, kOtherBlock);
+  at::parallel_for(0, static_cast<int64_t>(cb.size()), 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({kOwnBlock, kOtherBlock}, rows.seg[0].options());
+    T* t = tile.data_ptr<T>();
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const Block& C = cb[bi];
+      const at::Tensor B = block_view(cols, C);
+      at::Tensor Gb = G.narrow(0, C.global, C.len);
+      for (const Block& R : rb) {
+        const at::Tensor A = block_view(rows, R);
+        at::Tensor S = tile.narrow(0, 0, R.len).narrow(1, 0, C.len);
+        at::mm_out(S, A, B.t());
+        for (int64_t a = 0; a < R.len; ++a) {
+          const int64_t ag = R.global + a;
+          T* x = t + a * kOtherBlock;
+          int64_t bs, bp;
+          specials(g, ag, C.global, C.len, &bs, &bp);
+          scale_row(x, C.len, inv_r[ag], inv_c + C.global, inv_tau);
+          const T wp = bp >= 0 ? nce::coef_row(x[bp], lse[ag], false, true, nce::ExpFast{}) * inv_r[ag] : T(0);
+          coef_row_vec<kColPass>(x, C.len, nullptr, lse[ag], nullptr, inv_r[ag]);
+          if (bs >= 0) x[bs] = 0;
+          if (bp >= 0) x[bp] = wp;
+        }
+        Gb.addmm_(S.t(), A);
+      }
+    }
+  });
+}
+
+// Single-process NT-Xent fuses the row and column passes into one symmetric pass: W_rc = P_rc + P_cr
+// - 2 [pos], P_cr read from row r's tile (the logit is symmetric, csrc/info_nce.h logit_sym) against
+// the LSE of row c, which the forward summed from row c's tile. That needs x_r.y_c and x_c.y_r to
+// round alike, which MKL does not promise (see col_pass_fast): a last-bit difference is an error of
+// 2^-24 / tau in the exponent. Above this temperature that stays below fp32's own error (measured:
+// no worse than the naive fp32 loss at tau >= 0.05); below it the backward runs the row pass and the
+// column pass, both on the forward's own tiles (twice the GEMMs, the same exps).
+constexpr double kSymPassMinTemperature = 0.05;
+
+// dz = c * (inv_true * G - beta * z') for the rows of one segment (z' the scaled rows, csrc/info_nce.h),
+// written in the output's dtype.
+template <class T>
+void finalize(const Mat& m, int segi, const RowNorms& nm, const at::Tensor& G, T c, at::Tensor out) {
   const int64_t n = m.seg[segi].size(0), d = m.dim, g0 = m.start[segi];
   const T* z = m.seg[segi].data_ptr<T>();
   const T* gp = G.data_ptr<T>() + g0 * d;
+  const T* sumsq = nm.sumsq.data_ptr<T>();
+  const T* inv = nm.inv.data_ptr<T>();
+  const T* ps = nm.p.data_ptr<T>();
   const bool direct = out.scalar_type() == G.scalar_type();  // else via a per-chunk buffer
   at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
     at::Tensor buf = direct ? out.narrow(0, b, e - b) : at::empty({e - b, d}, G.options());
@@ -317,11 +404,12 @@ void finalize(const Mat& m, int segi, const T* sumsq, const T* inv, const at::Te
       T xg = 0;
 #pragma omp simd reduction(+ : xg)
       for (int64_t k = 0; k < d; ++k) xg += zr[k] * gr[k];
-      const T iv = inv[g0 + r];
-      const T beta = nce::norm_grad_beta(iv, xg, nce::norm_clamped(sumsq[g0 + r]));
+      const T iv = inv[g0 + r], p = ps[g0 + r];
+      const T beta = nce::norm_grad_beta(iv, xg, nce::norm_clamped(sumsq[g0 + r], p), p);
+      const T ivt = nce::norm_grad_inv(iv, p);
       T* orow = o + (r - b) * d;
 #pragma omp simd
-      for (int64_t k = 0; k < d; ++k) orow[k] = c * (iv * gr[k] - beta * zr[k]);
+      for (int64_t k = 0; k < d; ++k) orow[k] = c * (ivt * gr[k] - beta * zr[k]);
     }
     if (!direct) out.narrow(0, b, e - b).copy_(buf);
   });
@@ -343,14 +431,13 @@ void forward_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T* i
   at::parallel_for(0, rows.rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       T m = nce::neg_inf<T>(), s = 0;
-      const T sc = nce::row_scale(inv_r[r], inv_tau);
       if (pos_init) {
         nce::lse_add(m, s, pos_init[r], ex);
         pos[r] = pos_init[r];
       }
       for (int64_t c = 0; c < cols.rows; ++c) {
         if (nce::is_self(g, r, c)) continue;
-        const T l = nce::logit(dot(rows.row<T>(r), cols.row<T>(c), rows.dim), sc, inv_c[c]);
+        const T l = nce::logit_sym(dot(rows.row<T>(r), cols.row<T>(c), rows.dim), inv_r[r], inv_c[c], inv_tau);
         if (nce::is_pos(g, r, c)) pos[r] = l;
         nce::lse_add(m, s, l, ex);
       }
@@ -373,7 +460,7 @@ void grad_pass_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T*
       T* ga = gp + a * d;
       for (int64_t o = 0; o < other.rows; ++o) {
         const int64_t r = col_pass ? o : a, c = col_pass ? a : o;
-        const T l = nce::logit(dot(rows.row<T>(r), cols.row<T>(c), d), nce::row_scale(inv_r[r], inv_tau), inv_c[c]);
+        const T l = nce::logit_sym(dot(rows.row<T>(r), cols.row<T>(c), d), inv_r[r], inv_c[c], inv_tau);
         const T w = nce::coef_row(l, lse[r], nce::is_self(g, r, c), nce::is_pos(g, r, c), ex);
         const T wo = w * (col_pass ? inv_r[r] : inv_c[c]);
         const T* y = other.row<T>(o);
@@ -387,6 +474,11 @@ void grad_pass_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T*
 
 at::ScalarType compute_type(at::ScalarType t) { return nce::acc_type(t); }
 
+template <class T>
+struct ProblemNorms {
+  RowNorms r, c;
+};
+
 // A compute-dtype contiguous copy only where needed; detached so that ATen calls made from worker
 // threads (where the caller's autograd guards do not reach) never see requires_grad tensors.
 at::Tensor prep(const at::Tensor& t) { return t.detach().to(compute_type(t.scalar_type())).contiguous(); }
@@ -396,6 +488,20 @@ struct Problem {
   Geometry g;
   bool bank = false, single = false;
 };
+
+// Norms of rows and columns; may swap segments for scaled copies (single: the columns are the rows).
+template <class T>
+ProblemNorms<T> normalize_problem(Problem& p) {
+  ProblemNorms<T> n;
+  n.r = normalize_rows<T>(p.rows);
+  if (p.single) {
+    p.cols = p.rows;
+    n.c = n.r;
+  } else {
+    n.c = normalize_rows<T>(p.cols);
+  }
+  return n;
+}
 
 Problem make_problem(const at::Tensor& z0, const at::Tensor& z1, const c10::optional<at::Tensor>& cols,
                      const c10::optional<at::Tensor>& bank, int64_t col_offset) {
@@ -428,7 +534,7 @@ at::Tensor bank_pos_logits(const at::Tensor& z0c, const at::Tensor& z1c, const T
   const T* b = z1c.data_ptr<T>();
   at::parallel_for(0, n, 256, [&](int64_t s, int64_t e) {
     for (int64_t r = s; r < e; ++r)
-      o[r] = nce::logit(dot(a + r * d, b + r * d, d), nce::row_scale(inv0[r], inv_tau), inv1[r]);
+      o[r] = nce::logit_sym(dot(a + r * d, b + r * d, d), inv0[r], inv1[r], inv_tau);
   });
   return out;
 }
@@ -439,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& z0, const at::
                                                 int64_t col_offset, bool allow_tf32, int64_t impl) {
   (void)allow_tf32;  // CPU fp32 is always exact
   nce::check_inputs(z0, z1, cols, bank, temperature, col_offset, impl);
-  const Problem p = make_problem(z0, z1, cols, bank, col_offset);
+  Problem p = make_problem(z0, z1, cols, bank, col_offset);
   const auto ct = compute_type(z0.scalar_type());
   at::Tensor lse = at::empty({p.rows.rows}, z0.options().dtype(ct));
   at::Tensor pos = at::empty({p.rows.rows}, z0.options().dtype(ct));
@@ -447,16 +553,16 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& z0, const at::
   AT_DISPATCH_FLOATING_TYPES(ct, "info_nce_cpu", [&] {
     using T = scalar_t;
     const T inv_tau = static_cast<T>(1.0 / temperature);
-    const at::Tensor inv_r = inv_norms<T>(row_sumsq<T>(p.rows));
-    const at::Tensor inv_c = p.single ? inv_r : inv_norms<T>(row_sumsq<T>(p.cols));
+    const ProblemNorms<T> nm = normalize_problem<T>(p);
+    const at::Tensor& inv_r = nm.r.inv;
+    const at::Tensor& inv_c = nm.c.inv;
     at::Tensor pos_init;
     if (p.bank) {
       // rows = z0 only; z1 is the positive
-      const at::Tensor z1c = prep(z1);
       Mat m1;
-      m1.add(z1c);
-      const at::Tensor inv1 = inv_norms<T>(row_sumsq<T>(m1));
-      pos_init = bank_pos_logits<T>(p.rows.seg[0], z1c, inv_r.data_ptr<T>(), inv1.data_ptr<T>(), inv_tau);
+      m1.add(prep(z1));
+      const RowNorms n1 = normalize_rows<T>(m1);
+      pos_init = bank_pos_logits<T>(p.rows.seg[0], m1.seg[0], inv_r.data_ptr<T>(), n1.inv.data_ptr<T>(), inv_tau);
     }
     const T* pi = pos_init.defined() ? pos_init.data_ptr<T>() : nullptr;
     if (impl == 1) {
@@ -480,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
     bool other_grad, bool allow_tf32, int64_t impl) {
   (void)allow_tf32;
   nce::check_inputs(z0, z1, cols, bank, temperature, col_offset, impl);
-  const Problem p = make_problem(z0, z1, cols, bank, col_offset);
+  Problem p = make_problem(z0, z1, cols, bank, col_offset);
   const auto ct = compute_type(z0.scalar_type());
   nce::check_backward(grad, lse, z0, p.rows.rows);
   const bool want_other = other_grad && !p.single;
@@ -494,20 +600,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
     const T c = static_cast<T>(grad.item<double>() / (static_cast<double>(p.rows.rows) * temperature));
     const at::Tensor lse_c = lse.contiguous();
     const T* l = lse_c.data_ptr<T>();
-    const at::Tensor ss_r = row_sumsq<T>(p.rows);
-    const at::Tensor inv_r = inv_norms<T>(ss_r);
-    const at::Tensor ss_c = p.single ? ss_r : row_sumsq<T>(p.cols);
-    const at::Tensor inv_c = p.single ? inv_r : inv_norms<T>(ss_c);
-    const T* ir = inv_r.data_ptr<T>();
-    const T* ic = inv_c.data_ptr<T>();
+    const ProblemNorms<T> nm = normalize_problem<T>(p);
+    const T* ir = nm.r.inv.data_ptr<T>();
+    const T* ic = nm.c.inv.data_ptr<T>();
     const int64_t d = p.rows.dim;
     // Gradient accumulators w.r.t. the normalized rows; the output itself when it is fp32/fp64.
     at::Tensor Gr = at::zeros({p.rows.rows, d}, z0.options().dtype(ct));
     at::Tensor Gc = want_other ? at::zeros({p.cols.rows, d}, z0.options().dtype(ct)) : at::Tensor();
     const bool fast = impl == 0;
     if (p.single) {
-      if (fast) {
+      if (fast && temperature >= kSymPassMinTemperature) {
         grad_pass_fast<T, kSymPass>(p.rows, p.rows, ir, ir, l, l, p.g, inv_tau, Gr);
+      } else if (fast) {
+        grad_pass_fast<T, kRowPass>(p.rows, p.rows, ir, ir, l, nullptr, p.g, inv_tau, Gr);
+        col_pass_fast<T>(p.rows, p.rows, ir, ir, l, p.g, inv_tau, Gr);
       } else {  // row pass + column pass into the same accumulator
         grad_pass_simple<T>(p.rows, p.cols, ir, ic, l, p.g, inv_tau, false, Gr);
         grad_pass_simple<T>(p.rows, p.cols, ir, ic, l, p.g, inv_tau, true, Gr);
@@ -516,21 +622,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
       if (fast) grad_pass_fast<T, kRowPass>(p.rows, p.cols, ir, ic, l, nullptr, p.g, inv_tau, Gr);
       else grad_pass_simple<T>(p.rows, p.cols, ir, ic, l, p.g, inv_tau, false, Gr);
       if (want_other) {
-        if (fast) grad_pass_fast<T, kColPass>(p.cols, p.rows, ic, ir, nullptr, l, p.g, inv_tau, Gc);
+        if (fast) col_pass_fast<T>(p.rows, p.cols, ir, ic, l, p.g, inv_tau, Gc);
         else grad_pass_simple<T>(p.rows, p.cols, ir, ic, l, p.g, inv_tau, true, Gc);
       }
     }
     Mat m1;  // bank mode: z1 (the positives) is not among the rows
-    at::Tensor ss1, inv1;
+    RowNorms n1;
     at::Tensor G1;
     if (p.bank) {
       m1.add(prep(z1));
-      ss1 = row_sumsq<T>(m1);
-      inv1 = inv_norms<T>(ss1);
+      n1 = normalize_rows<T>(m1);
       G1 = at::empty({p.rows.rows, d}, z0.options().dtype(ct));
-      const at::Tensor pl = bank_pos_logits<T>(p.rows.seg[0], m1.seg[0], ir, inv1.data_ptr<T>(), inv_tau);
+      const at::Tensor pl = bank_pos_logits<T>(p.rows.seg[0], m1.seg[0], ir, n1.inv.data_ptr<T>(), inv_tau);
       const T* plp = pl.data_ptr<T>();
-      const T* i1 = inv1.data_ptr<T>();
+      const T* i1 = n1.inv.data_ptr<T>();
       T* g0p = Gr.data_ptr<T>();
       T* g1p = G1.data_ptr<T>();
       const T* a = p.rows.seg[0].data_ptr<T>();
@@ -546,11 +651,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
         }
       });
     }
-    const T* ssr = ss_r.data_ptr<T>();
-    finalize<T>(p.rows, 0, ssr, ir, Gr, c, dz0);
-    if (p.bank) finalize<T>(m1, 0, ss1.data_ptr<T>(), inv1.data_ptr<T>(), G1, c, dz1);
-    else finalize<T>(p.rows, 1, ssr, ir, Gr, c, dz1);
-    if (want_other) finalize<T>(p.cols, 0, ss_c.data_ptr<T>(), ic, Gc, c, dother);
+    finalize<T>(p.rows, 0, nm.r, Gr, c, dz0);
+    if (p.bank) finalize<T>(m1, 0, n1, G1, c, dz1);
+    else finalize<T>(p.rows, 1, nm.r, Gr, c, dz1);
+    if (want_other) finalize<T>(p.cols, 0, nm.c, Gc, c, dother);
   });
   return {dz0, dz1, dother};
 }

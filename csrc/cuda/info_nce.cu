@@ -139,17 +139,30 @@ __device__ __forceinline__ A warp_dot(const T* x, const T* y, int64_t d, int lan
 
 // ---- per-row helpers (both implementations) --------------------------------------------------------
 
-// Sum of squares and inverse norm per row; warp per row.
+// Per row (warp per row): the power of two pw that brings the row into the safe range, the sum of
+// squares of the scaled row and its inverse norm (csrc/info_nce.h, "scale safety"). The caller then
+// swaps the inputs for their scaled copies (scale_problem).
 template <class T, class A>
-__global__ void __launch_bounds__(kThreads) norms_kernel(Rows<const T> x, A* sumsq, A* inv) {
+__global__ void __launch_bounds__(kThreads) norms_kernel(Rows<const T> x, A* sumsq, A* inv, A* pw) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (r >= x.rows) return;
   const T* p = x.row(r);
-  const A ss = warp_dot<T, A>(p, p, x.ld, lane);
+  A mx = 0;
+  for (int64_t k = lane; k < x.ld; k += 32) mx = fmax(mx, fabs(static_cast<A>(to_f(p[k]))));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const A sc = nce::row_pow2_scale(mx);
+  A ss = 0;
+  for (int64_t k = lane; k < x.ld; k += 32) {
+    const A v = static_cast<A>(to_f(p[k])) * sc;
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
   if (lane == 0) {
     sumsq[r] = ss;
-    inv[r] = nce::inv_norm(ss);
+    inv[r] = nce::inv_norm(ss, sc);
+    pw[r] = sc;
   }
 }
 
@@ -183,11 +196,13 @@ __global__ void __launch_bounds__(kThreads) bank_pos_grad_kernel(Rows<const T> z
   }
 }
 
-// dz_r = c (inv G_r - beta z_r), G_r summed over the splits, c = grad * scale; warp per row.
+// dz_r = c (inv_true G_r - beta z'_r) on the scaled rows z' (csrc/info_nce.h), G_r summed over the
+// splits, c = grad * scale; warp per row.
 // `out` may alias G (fp32, one split): each element is read before the same lane writes it.
 template <class T, class A>
-__global__ void __launch_bounds__(kThreads) finalize_kernel(Rows<const T> z, const A* sumsq, const A* inv, Acc<A> g,
-                                                            int splits, Rows<T> out, const A* grad, A scale) {
+__global__ void __launch_bounds__(kThreads) finalize_kernel(Rows<const T> z, const A* sumsq, const A* inv,
+                                                            const A* pw, Acc<A> g, int splits, Rows<T> out,
+                                                            const A* grad, A scale) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (r >= z.rows) return;
@@ -200,14 +215,15 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(Rows<const T> z, con
     xg += static_cast<A>(to_f(zr[k])) * gk;
   }
   xg = warp_sum(xg);
-  const A iv = inv[r];
-  const A beta = nce::norm_grad_beta(iv, xg, nce::norm_clamped(sumsq[r]));
+  const A iv = inv[r], sc = pw[r];
+  const A beta = nce::norm_grad_beta(iv, xg, nce::norm_clamped(sumsq[r], sc), sc);
+  const A ivt = nce::norm_grad_inv(iv, sc);
   const A c = grad[0] * scale;
   T* o = out.row(r);
   for (int64_t k = lane; k < d; k += 32) {
     A gk = 0;
     for (int sp = 0; sp < splits; ++sp) gk += g.row(r, sp)[k];
-    o[k] = from_acc<T>(c * (iv * gk - beta * static_cast<A>(to_f(zr[k]))));
+    o[k] = from_acc<T>(c * (ivt * gk - beta * static_cast<A>(to_f(zr[k]))));
   }
 }
 
@@ -853,33 +869,59 @@ Rows<const T> cols_view(const Problem& p) {
 }
 
 template <class T, class A>
-void launch_norms(Rows<const T> x, at::Tensor& sumsq, at::Tensor& inv, cudaStream_t st) {
+void launch_norms(Rows<const T> x, at::Tensor& sumsq, at::Tensor& inv, at::Tensor& pw, cudaStream_t st) {
   if (x.rows == 0) return;
-  norms_kernel<T, A><<<blocks_for_rows(x.rows), kThreads, 0, st>>>(x, sumsq.data_ptr<A>(), inv.data_ptr<A>());
+  norms_kernel<T, A><<<blocks_for_rows(x.rows), kThreads, 0, st>>>(x, sumsq.data_ptr<A>(), inv.data_ptr<A>(),
+                                                                   pw.data_ptr<A>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Scale safety (csrc/info_nce.h): row x becomes x' = pw x, the power of two the norms kernel chose.
+// fp16 rows always get pw = 1 (|x| in [2^-24, 2^16]) and are used as they are; other dtypes get a
+// copy (a multiply by 1 for ordinary rows): choosing on the host would cost a device sync.
+at::Tensor scaled_rows(const at::Tensor& t, const at::Tensor& pw) {
+  if (t.scalar_type() == at::kHalf || t.numel() == 0) return t;
+  return at::mul(t, pw.unsqueeze(1)).to(t.scalar_type()).contiguous();
+}
+// pw_r over the rows ([z0; z1], or z0 with a bank), pw_c over gathered columns or the bank. In bank
+// mode z1 has norms of its own and is scaled by the caller.
+void scale_problem(Problem& p, const at::Tensor& pw_r, const at::Tensor& pw_c) {
+  const int64_t n = p.z0.size(0);
+  p.z0 = scaled_rows(p.z0, pw_r.narrow(0, 0, n));
+  if (p.is_bank) {
+    p.bank = scaled_rows(p.bank, pw_c);
+    return;
+  }
+  p.z1 = scaled_rows(p.z1, pw_r.narrow(0, n, n));
+  if (!p.single) p.cols = scaled_rows(p.cols, pw_c);
 }
 
 // Forward for element type T (CUDA type) whose ATen type is From; A the accumulation type.
 template <class T, class From, class A>
-void forward_impl(const Problem& p, double temperature, bool allow_tf32, int64_t impl, at::Tensor& lse,
+void forward_impl(Problem p, double temperature, bool allow_tf32, int64_t impl, at::Tensor& lse,
                   at::Tensor& pos) {
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   const auto opt = p.z0.options().dtype(c10::CppTypeToScalarType<A>::value);
   const A inv_tau = static_cast<A>(1.0 / temperature);
-  const Rows<const T> rv = rows_view<T, From>(p), cv = cols_view<T, From>(p);
-  at::Tensor ss_r = at::empty({p.R}, opt), inv_r = at::empty({p.R}, opt);
-  launch_norms<T, A>(rv, ss_r, inv_r, st);
-  at::Tensor ss_c = ss_r, inv_c = inv_r;
+  Rows<const T> rv = rows_view<T, From>(p), cv = cols_view<T, From>(p);
+  at::Tensor ss_r = at::empty({p.R}, opt), inv_r = at::empty({p.R}, opt), pw_r = at::empty({p.R}, opt);
+  launch_norms<T, A>(rv, ss_r, inv_r, pw_r, st);
+  at::Tensor ss_c = ss_r, inv_c = inv_r, pw_c = pw_r;
   if (!p.single) {
     ss_c = at::empty({p.M}, opt);
     inv_c = at::empty({p.M}, opt);
-    launch_norms<T, A>(cv, ss_c, inv_c, st);
+    pw_c = at::empty({p.M}, opt);
+    launch_norms<T, A>(cv, ss_c, inv_c, pw_c, st);
   }
+  scale_problem(p, pw_r, pw_c);
+  rv = rows_view<T, From>(p);
+  cv = cols_view<T, From>(p);
   at::Tensor pos_init;
   if (p.is_bank) {
+    at::Tensor ss1 = at::empty({p.R}, opt), inv1 = at::empty({p.R}, opt), pw1 = at::empty({p.R}, opt);
+    launch_norms<T, A>(rows_of<const T, From>(p.z1), ss1, inv1, pw1, st);
+    p.z1 = scaled_rows(p.z1, pw1);
     const Rows<const T> z1v = rows_of<const T, From>(p.z1);
-    at::Tensor ss1 = at::empty({p.R}, opt), inv1 = at::empty({p.R}, opt);
-    launch_norms<T, A>(z1v, ss1, inv1, st);
     pos_init = at::empty({p.R}, opt);
     bank_pos_logit_kernel<T, A><<<blocks_for_rows(p.R), kThreads, 0, st>>>(
         rv, z1v, inv_r.data_ptr<A>(), inv1.data_ptr<A>(), inv_tau, pos_init.data_ptr<A>());
@@ -946,7 +988,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cuda(const at::Tensor& z0, const at:
 // Backward for one dtype. G accumulators: fp32 slices (fast) or fp32/fp64 (simple); written
 // straight into the fp32 outputs when there is one slice.
 template <class T, class From, class A>
-void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& lse, double temperature,
+void backward_impl(Problem p, const at::Tensor& grad, const at::Tensor& lse, double temperature,
                    bool want_other, bool allow_tf32, int64_t impl, at::Tensor& dz0, at::Tensor& dz1,
                    at::Tensor& dother) {
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
@@ -956,15 +998,19 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
   const at::Tensor g = grad.detach().reshape({1}).to(opt.dtype());
   const at::Tensor lse_c = lse.contiguous();
   const A* l = lse_c.data_ptr<A>();
-  const Rows<const T> rv = rows_view<T, From>(p), cv = cols_view<T, From>(p);
-  at::Tensor ss_r = at::empty({p.R}, opt), inv_r = at::empty({p.R}, opt);
-  launch_norms<T, A>(rv, ss_r, inv_r, st);
-  at::Tensor ss_c = ss_r, inv_c = inv_r;
+  Rows<const T> rv = rows_view<T, From>(p), cv = cols_view<T, From>(p);
+  at::Tensor ss_r = at::empty({p.R}, opt), inv_r = at::empty({p.R}, opt), pw_r = at::empty({p.R}, opt);
+  launch_norms<T, A>(rv, ss_r, inv_r, pw_r, st);
+  at::Tensor ss_c = ss_r, inv_c = inv_r, pw_c = pw_r;
   if (!p.single) {
     ss_c = at::empty({p.M}, opt);
     inv_c = at::empty({p.M}, opt);
-    launch_norms<T, A>(cv, ss_c, inv_c, st);
+    pw_c = at::empty({p.M}, opt);
+    launch_norms<T, A>(cv, ss_c, inv_c, pw_c, st);
   }
+  scale_problem(p, pw_r, pw_c);
+  rv = rows_view<T, From>(p);
+  cv = cols_view<T, From>(p);
   const bool simple = impl == 1 || std::is_same_v<A, double>;
   if (simple) {  // the simple kernels accumulate (+=), also when the output is the accumulator
     dz0.zero_();
@@ -1054,13 +1100,15 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
   }
   // bank mode: z1 gets only the positive's term; z0 gets it added to split 0
   Rows<const T> z1v;
-  at::Tensor ss1, inv1;
+  at::Tensor ss1, inv1, pw1;
   Acc<A> G1;
   if (p.is_bank) {
-    z1v = rows_of<const T, From>(p.z1);
     ss1 = at::empty({p.R}, opt);
     inv1 = at::empty({p.R}, opt);
-    launch_norms<T, A>(z1v, ss1, inv1, st);
+    pw1 = at::empty({p.R}, opt);
+    launch_norms<T, A>(rows_of<const T, From>(p.z1), ss1, inv1, pw1, st);
+    p.z1 = scaled_rows(p.z1, pw1);
+    z1v = rows_of<const T, From>(p.z1);
     at::Tensor pl = at::empty({p.R}, opt);
     bank_pos_logit_kernel<T, A><<<blocks_for_rows(p.R), kThreads, 0, st>>>(rv, z1v, ir, inv1.data_ptr<A>(), inv_tau,
                                                                          pl.data_ptr<A>());
@@ -1070,12 +1118,13 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
                                                                         pl.data_ptr<A>(), l, Gr, G1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  finalize_kernel<T, A><<<blocks_for_rows(p.R), kThreads, 0, st>>>(rv, ss_r.data_ptr<A>(), ir, Gr, splits_r, out_rows,
-                                                                  g.data_ptr<A>(), scale);
+  finalize_kernel<T, A><<<blocks_for_rows(p.R), kThreads, 0, st>>>(rv, ss_r.data_ptr<A>(), ir, pw_r.data_ptr<A>(), Gr,
+                                                                  splits_r, out_rows, g.data_ptr<A>(), scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.is_bank) {
-    finalize_kernel<T, A><<<blocks_for_rows(p.R), kThreads, 0, st>>>(z1v, ss1.data_ptr<A>(), inv1.data_ptr<A>(), G1,
-                                                                    1, rows_of<T, From>(dz1), g.data_ptr<A>(), scale);
+    finalize_kernel<T, A><<<blocks_for_rows(p.R), kThreads, 0, st>>>(z1v, ss1.data_ptr<A>(), inv1.data_ptr<A>(),
+                                                                    pw1.data_ptr<A>(), G1, 1, rows_of<T, From>(dz1),
+                                                                    g.data_ptr<A>(), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (want_other && p.M > 0) {
@@ -1083,8 +1132,8 @@ void backward_impl(const Problem& p, const at::Tensor& grad, const at::Tensor& l
     Rows<T> out_c = rows_of<T, From>(dother);
     Acc<A> Gc = make_acc(p.M, splits_c, out_c, keep_c);
     grad_pass(kColPass, cv, rv, ic, ir, nullptr, l, Gc, splits_c);
-    finalize_kernel<T, A><<<blocks_for_rows(p.M), kThreads, 0, st>>>(cv, ss_c.data_ptr<A>(), ic, Gc, splits_c, out_c,
-                                                                    g.data_ptr<A>(), scale);
+    finalize_kernel<T, A><<<blocks_for_rows(p.M), kThreads, 0, st>>>(cv, ss_c.data_ptr<A>(), ic, pw_c.data_ptr<A>(),
+                                                                    Gc, splits_c, out_c, g.data_ptr<A>(), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkct.distributed import all_gather_rows
+from sparkct.errors import UserError
 from sparkct.ops.info_nce import _distributed, info_nce
 
 __all__ = ["InfoNCELoss"]
@@ -43,20 +45,30 @@ class InfoNCELoss(nn.Module):
                  gather_distributed: bool = False):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise ValueError(f"InfoNCELoss: temperature must be a number, got {temperature!r}")
+            hint = (" (the fused loss keeps a fixed temperature; pass float(t))"
+                    if isinstance(temperature, torch.Tensor) else "")
+            raise UserError(f"InfoNCELoss: temperature must be a number, got {temperature!r}{hint}")
         if not math.isfinite(temperature) or temperature <= 0 or abs(temperature) < 1e-8:
-            raise ValueError(f"InfoNCELoss: illegal temperature {temperature}: must be finite and >= 1e-8")
+            raise UserError(f"InfoNCELoss: illegal temperature {temperature}: must be finite and >= 1e-8")
         if gather_distributed and not dist.is_available():
-            raise ValueError("InfoNCELoss: gather_distributed is True but torch.distributed is not available")
+            raise UserError("InfoNCELoss: gather_distributed is True but torch.distributed is not available")
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)
-        if isinstance(memory_bank_size, bool):
-            raise ValueError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r}")
-        size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in size) or any(s < 0 for s in size) \
-                or len(size) not in (1, 2) or (len(size) == 2 and size[1] == 0 and size[0] > 0):
-            raise ValueError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r}: expected 0, K, or "
-                             "(K, D) with K, D >= 0")
+        bad = UserError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r} (a "
+                        f"{type(memory_bank_size).__name__}): expected an int 0 (no bank), K, or a pair (K, D) "
+                        "of ints with K, D >= 0")
+        if isinstance(memory_bank_size, numbers.Integral) and not isinstance(memory_bank_size, bool):
+            size = (int(memory_bank_size),)
+        elif isinstance(memory_bank_size, Sequence) and not isinstance(memory_bank_size, str):
+            size = tuple(memory_bank_size)
+        else:
+            raise bad
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size) \
+                or len(size) not in (1, 2):
+            raise bad
+        size = tuple(int(s) for s in size)
+        if any(s < 0 for s in size) or (len(size) == 2 and size[1] == 0 and size[0] > 0):
+            raise bad
         self.memory_bank_size = size
         self.register_buffer("bank", torch.empty(size if len(size) == 2 else (0,), dtype=torch.float),
                              persistent=False)

@@ -12,6 +12,24 @@ kernels never form the (2N)^2 or N x K logits: a tiled forward keeps one log-sum
 the backward recomputes the tiles from it, so the extra memory is O(rows + tile) (plus
 gradient-sized fp32 accumulators), not O(rows x cols).
 
+Any magnitude: rows whose largest |x| lies outside [2^-49, 2^48) (fp32/bf16; fp64: 2^+-480) are
+scaled by an exact power of two before their squares and dot products are formed, so 1e19 or
+1e-30 embeddings (which overflow or underflow fp32 squares) give the normalized definition's loss
+and gradients; ordinary rows compute exactly what they would without it (csrc/info_nce.h).
+
+Temperature: any tau > 0. The logits are ~1/tau and are formed in fp32 (fp64 for fp64 input), so
+like any fp32 implementation the loss carries an absolute error of ~2^-24 / tau per logit; the
+backward reuses the forward's own rounded logits against its LSE, which keeps the gradients as
+accurate as a naive fp32 cross-entropy down to tau = 1e-7 (tests/ops/test_info_nce.py). Where two
+logits of a row lie within ~2^-24 / tau of each other, fp32 cannot resolve them (naive fp32 cannot
+either); compute in float64 there.
+
+Double backward (Hessian-vector products, gradient penalties): supported. The backward op has
+autograd of its own that differentiates the plain-PyTorch definition twice, which forms the full
+logits: O(rows x cols) memory at second order (first order stays O(rows)). A tensor temperature
+that requires grad is refused (the kernels take it as a constant); sparkct.ops.reference.info_nce
+differentiates in it.
+
 ``gather_distributed=True`` (torch.distributed initialized, world size > 1; ranks may hold
 different N): every rank's embeddings serve as negatives. Each rank's loss is the mean over its own
 2N anchors against all ranks' embeddings; the gather carries gradients (summed over ranks in the
@@ -30,6 +48,7 @@ import numbers
 import torch
 from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
+from sparkct.errors import UserError
 
 __all__ = ["info_nce", "IMPLS"]
 
@@ -59,7 +78,13 @@ def _check(z0, z1, temperature, bank) -> float:
         raise ValueError("info_nce: empty embedding dimension (D = 0)")
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError("info_nce: temperature must be a number")
+            raise UserError(f"info_nce: temperature must be a number, got a tensor of shape "
+                            f"{tuple(temperature.shape)}")
+        if temperature.requires_grad and torch.is_grad_enabled():
+            # The kernels take temperature as a float: a gradient for it would silently be lost.
+            raise UserError("info_nce: temperature is a tensor that requires grad, but the fused loss does not "
+                            "differentiate with respect to temperature; pass a float (or temperature.detach()), "
+                            "or use sparkct.ops.reference.info_nce for a learnable temperature")
         temperature = float(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"info_nce: temperature must be a real number, got {temperature!r}")
@@ -152,3 +177,57 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 torch.library.register_autograd("sparkct::info_nce", _backward, setup_context=_setup_context)
+
+
+# ---- double backward ------------------------------------------------------------------------------
+# info_nce_backward is differentiable too (Hessian-vector products, gradient penalties, MAML): its
+# backward differentiates the plain-PyTorch definition (sparkct.ops.reference.info_nce) twice with
+# torch.func, in fp32 (fp64 for fp64 inputs). That forms the full rows x cols logits, so second
+# order costs O(rows x cols) memory where first order is O(rows); it composes with autograd, so
+# third and higher orders work as well. The saved LSE is an intermediate of the forward (marked
+# non-differentiable there): its dependence on the embeddings is part of this derivative, and a
+# direct call of info_nce_backward with an `lse` that requires grad is refused.
+
+def _reference_loss(z0, z1, other, bank_mode: bool, temperature: float, col_offset: int):
+    from sparkct.ops import reference
+
+    if bank_mode:
+        return reference.info_nce(z0, z1, temperature, bank=other)
+    return reference.info_nce(z0, z1, temperature, cols=other, col_offset=col_offset)
+
+
+def _bw_setup_context(ctx, inputs, output):
+    grad, z0, z1, cols, bank, lse, temperature, col_offset, other_grad, allow_tf32, impl = inputs
+    ctx.save_for_backward(grad, z0, z1, cols, bank)
+    ctx.args = (temperature, col_offset, bool(other_grad))
+
+
+def _bw_backward(ctx, gg0, gg1, gg_other):
+    if ctx.needs_input_grad[5]:
+        raise UserError("info_nce_backward: lse requires grad, but the op is not differentiable with respect to "
+                        "lse (it is the forward's saved log-sum-exp); differentiate info_nce itself twice instead")
+    grad, z0, z1, cols, bank = ctx.saved_tensors
+    temperature, col_offset, other_grad = ctx.args
+    other = bank if bank is not None else cols
+    acc = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    primals = [grad, z0, z1] + ([] if other is None else [other])
+    cot = [gg0, gg1] + ([] if other is None else [gg_other if other_grad else None])
+    cot = [torch.zeros_like(p, dtype=acc) if (c is None or c.numel() != p.numel()) else c.to(acc).reshape(p.shape)
+           for c, p in zip(cot, primals[1:])]
+
+    def first_order(g, a0, a1, *o):
+        loss = lambda b0, b1, *ob: _reference_loss(b0, b1, ob[0] if ob else None, bank is not None, temperature,
+                                                   col_offset)
+        _, vjp = torch.func.vjp(loss, a0, a1, *o)
+        return vjp(g.reshape(()))
+
+    _, vjp2 = torch.func.vjp(first_order, *(p.to(acc) for p in primals))
+    d = [t.to(p.dtype) for t, p in zip(vjp2(tuple(cot)), primals)]
+    need = ctx.needs_input_grad
+    d_grad = d[0].reshape(grad.shape) if need[0] else None
+    d_cols = d[3] if (cols is not None and need[3]) else None
+    d_bank = d[3] if (bank is not None and need[4]) else None
+    return (d_grad, d[1] if need[1] else None, d[2] if need[2] else None, d_cols, d_bank) + (None,) * 6
+
+
+torch.library.register_autograd("sparkct::info_nce_backward", _bw_backward, setup_context=_bw_setup_context)

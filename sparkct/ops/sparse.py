@@ -206,8 +206,13 @@ def _(grad_cols, nbr, channels, cell, kernel, stride, pad, channels_last):
 
 
 # ---- autograd ---------------------------------------------------------------------------------
-# Every op here is linear in its tensor input; each backward is another op of the family (and the
-# backward ops have the forward ops as their backward, so double backward works too).
+# Every op here is linear in its tensor input; each backward is another op of the family, and the
+# backward ops have the forward ops as their backward, so double (and any higher order) backward is
+# supported: pack <-> unpack, unpack_backward -> unpack (with fill), halo <-> halo_backward, im2col
+# <-> im2col_backward. The layers (_HaloConv, _GemmConv, _HaloMaxPool) compute their backward from
+# these ops and differentiable aten ops, so their backward is recorded under create_graph=True too
+# (tests/ops/test_sparse_conv.py: gradgradcheck of every op and layer in float64, and fp32 double
+# backward of each layer against float64).
 
 def _pack_setup(ctx, inputs, output):
     x, cells, cell_map = inputs[:3]
@@ -443,7 +448,10 @@ def _matmul_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """a (M, K) @ b (N, K)^T (+ bias). On CPU fp32 through oneDNN's inner product: on the AMD EPYC
     development machine MKL's sgemm (ATen's mm) runs its AVX2 path at ~106 GFLOP/s per core while
     oneDNN's JIT kernels reach ~220, which decides whether the gather-GEMM path beats dense at all."""
-    if _ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == torch.float32 == b.dtype:
+    # mkldnn._linear_pointwise has no autograd kernel: only where nothing is recorded (the forward,
+    # a first-order backward), never under create_graph, where it would silently cut the graph.
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, bias))
+    if _ONEDNN_LINEAR and not recording and a.device.type == "cpu" and a.dtype == torch.float32 == b.dtype:
         return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, "none", [], "")
     return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
 

@@ -8,6 +8,8 @@ import socket
 import pytest
 import torch
 
+from sparkct.errors import UserError
+
 from sparkct.nn import InfoNCELoss
 from sparkct.ops import reference as ref
 
@@ -113,10 +115,21 @@ def test_mixed_precision_views_are_promoted():
     ({"memory_bank_size": (10, -8)}, "memory_bank_size"),
     ({"memory_bank_size": (10, 0)}, "memory_bank_size"),
     ({"memory_bank_size": True}, "memory_bank_size"),
+    ({"memory_bank_size": 16.0}, r"illegal memory_bank_size 16.0 \(a float\)"),
+    ({"memory_bank_size": (16.0, 8)}, "memory_bank_size"),
+    ({"memory_bank_size": "16"}, "memory_bank_size"),
+    ({"memory_bank_size": None}, "memory_bank_size"),
+    ({"temperature": torch.tensor(0.5, requires_grad=True)}, "fixed temperature"),
 ])
 def test_bad_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         InfoNCELoss(**kwargs)
+
+
+def test_numpy_integer_bank_size():
+    import numpy as np
+
+    assert InfoNCELoss(memory_bank_size=(np.int64(16), np.int32(8))).bank.shape == (16, 8)
 
 
 def test_bad_forward_names_the_problem():

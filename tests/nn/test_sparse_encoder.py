@@ -7,10 +7,20 @@ is ill-conditioned: SparK's own fp32 forward differs from its fp64 forward by ~1
 features and by ~1e-2 in parameter gradients (BatchNorm over few visible positions at stride 32).
 So the fp32 tests check that the sparse encoder is as accurate as SparK's own fp32 code, measured
 against the fp64 truth, and within 1e-4 outright where the problem is well conditioned.
+
+ReLU kinks. A pre-activation within fp32 rounding of 0 (|x| ~ 1e-6 among ~1e5 values per layer) can
+land on the other side of the kink in one fp32 computation and not in another: ReLU's derivative
+then differs there, by the whole upstream gradient of that element. That is not an error of either
+computation (each is the exact gradient of a neighbouring point), but it is a jump of ~1e-3 in the
+relative error of the gradients upstream of it (seen: one flipped element in layer1.0 of the
+resnet18 192x256 case, true value -7.35e-7, fp32 +7.15e-7; in float64 the sparse encoder equals the
+truth there to 4e-15). So each fp32 run is compared with the float64 truth evaluated on *its own*
+ReLU pattern (`run(..., relu=...)`), and the flips themselves must sit at near-zero pre-activations.
 """
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -45,9 +55,40 @@ def make_model(arch, seed=0):
     return m
 
 
-def run(model, x, mask, sparse, train=True, stem=False, **kw):
-    """Features, input gradient, parameter gradients (by name) and buffers after one step."""
+class ReluPattern:
+    """Every ReLU call of a run, in call order, as dense (B, C, H, W) maps: `record` keeps the sign
+    pattern (pre-activation > 0) and the pre-activations; `impose` replaces ReLU by x * pattern (the
+    linear piece another run chose). Both implementations call the ResNet's ReLUs in the same order."""
+
+    def __init__(self, impose=None):
+        self.impose = impose
+        self.signs, self.pre = [], []
+
+    def install(self, model, mask, sparse):
+        layout = S.cell_layout(mask) if sparse else None
+        dense = (lambda t: S.unpack(t, layout)) if sparse else (lambda t: t)
+        rec = self
+
+        def forward(self, x):
+            i = len(rec.pre)
+            rec.pre.append(dense(x.detach()))
+            if rec.impose is not None:
+                p = rec.impose.signs[i]
+                return x * (S.pack(p.to(x.dtype), layout) if sparse else p.to(x.dtype))
+            rec.signs.append(rec.pre[-1] > 0)
+            return torch.relu(x)
+
+        for m in model.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.forward = types.MethodType(forward, m)
+
+
+def run(model, x, mask, sparse, train=True, stem=False, relu=None, **kw):
+    """Features, input gradient, parameter gradients (by name) and buffers after one step. relu: a
+    ReluPattern to record or impose."""
     model = copy.deepcopy(model).train(train)
+    if relu is not None:
+        relu.install(model, mask, sparse)
     x = x.clone().requires_grad_(True)
     if sparse:
         feats = SparseEncoder.from_dense(model, **kw)(x, mask, stem=stem)
@@ -111,15 +152,39 @@ def test_matches_spark_dense_masked_float32(arch, B, H, W, strict):
     model = make_model(arch, seed=1)
     mask = make_mask(B, H // 32, W // 32, 0.6, seed=3)
     x = torch.randn(B, 3, H, W)
-    truth = run(copy.deepcopy(model).double(), x.double(), mask, sparse=False)
-    spark32 = run(model, x, mask, sparse=False)
-    ours32 = run(model, x, mask, sparse=True)
-    for (name, a, t), (_, b, _) in zip(all_pairs(ours32, truth), all_pairs(spark32, truth)):
+    p_ours, p_spark = ReluPattern(), ReluPattern()
+    ours32 = run(model, x, mask, sparse=True, relu=p_ours)
+    spark32 = run(model, x, mask, sparse=False, relu=p_spark)
+    # the float64 truth on each fp32 run's own ReLU pattern (module docstring: ReLU kinks)
+    t_ours, t_spark = ReluPattern(impose=p_ours), ReluPattern(impose=p_spark)
+    truth_ours = run(copy.deepcopy(model).double(), x.double(), mask, sparse=False, relu=t_ours)
+    truth_spark = run(copy.deepcopy(model).double(), x.double(), mask, sparse=False, relu=t_spark)
+    for (name, a, t), (_, b, u) in zip(all_pairs(ours32, truth_ours), all_pairs(spark32, truth_spark)):
         # at least as accurate as SparK's own fp32 forward/backward (or within 1e-4 outright)
-        assert rel(a, t) <= max(1e-4, 2.0 * rel(b, t)), (name, rel(a, t), rel(b, t))
+        assert rel(a, t) <= max(1e-4, 2.0 * rel(b, u)), (name, rel(a, t), rel(b, u))
+    # ... and a pattern differs from float64's only at kinks: pre-activations within fp32 rounding of 0
+    for rec, t in ((p_ours, t_ours), (p_spark, t_spark)):
+        assert len(rec.signs) == len(t.pre) > 0
+        for i, (sign, pre) in enumerate(zip(rec.signs, t.pre)):
+            flips = sign != (pre > 0)
+            scale = pre.abs().max().item()
+            assert (pre[flips].abs() <= 1e-3 * scale).all(), (i, pre[flips].abs().max().item(), scale)
+            assert flips.sum().item() <= 10, (i, int(flips.sum()))  # resnet50: <= 3 per call, |x| <= 3e-5 max
     if strict:  # well conditioned enough for the plain 1e-4 comparison with SparK's fp32
         for name, a, b in all_pairs(ours32, spark32):
             assert rel(a, b) < 1e-4, (name, rel(a, b))
+
+
+def test_relu_kink_flip_case_float64():
+    """The case that showed a kink flip in fp32 (resnet18 192x256, seed 3 with a fully masked and a
+    fully visible sample): in float64 the sparse encoder equals SparK's dense-masked encoder."""
+    model = make_model("resnet18", seed=1).double()
+    mask = make_mask(3, 6, 8, 0.6, seed=3, special=True)
+    x = torch.randn(3, 3, 192, 256, dtype=torch.float64)
+    want = run(model, x, mask, sparse=False)
+    got = run(model, x, mask, sparse=True)
+    for name, a, b in all_pairs(got, want):
+        assert rel(a, b) < 1e-12, (name, rel(a, b))
 
 
 def test_eval_mode_and_options_agree():

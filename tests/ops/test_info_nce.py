@@ -3,6 +3,7 @@ gradients), the simple kernels, gradcheck, opcheck, torch.compile, bad input and
 CUDA cases carry the `cuda` mark (the `device` fixture) and run where a GPU is present."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -164,6 +165,103 @@ def test_gathered_columns(device, impl):
     assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+# ---- scale safety and low temperatures -------------------------------------------------------------
+
+def _scaled(kind, n, d, k, gen):
+    """(z0, z1, bank) in float64 with rows of magnitude 1e19, 1e-19 or mixed 1e-30 .. 1e30 per row."""
+    z0, z1 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z1 = z1 + 2 * z0
+    bank = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    if kind == "mixed":
+        f = 10.0 ** torch.randint(-30, 31, (3, max(n, k), 1), generator=gen).double()
+        return z0 * f[0, :n], z1 * f[1, :n], bank * f[2, :k]
+    return z0 * kind, z1 * kind, bank * kind
+
+
+@pytest.mark.parametrize("impl", ["auto", "simple"])
+@pytest.mark.parametrize("kind,dtype", [(1e19, torch.float32), (1e-19, torch.float32), (1e30, torch.float32),
+                                        ("mixed", torch.float32), (1e160, torch.float64)])
+def test_scale_safe_normalization(device, impl, kind, dtype):
+    """Squares and dot products of embeddings of magnitude 1e19 overflow fp32 (NaN loss before); the
+    kernels scale such rows by exact powers of two, so loss and gradients follow the normalized
+    definition (float64 reference) at any magnitude, also with rows of 1e-30 .. 1e30 mixed in one
+    batch (1e-19 rows are below F.normalize's eps: clamped, gradient g / eps). fp64 overflows at
+    1e154: its reference runs on the rows times 2^-500 (the loss is scale-invariant for unclamped rows,
+    so its gradient is 2^-500 times the one there)."""
+    gen = torch.Generator().manual_seed(21)
+    z0, z1, bank = _scaled(kind, 70, 24, 90, gen)  # 140 rows: two row blocks on CPU
+    pre = 2.0 ** -500 if dtype == torch.float64 else 1.0
+    for b in (None, bank):
+        got = loss_and_grads(fused(0.2, impl), z0.to(device=device, dtype=dtype), z1.to(device=device, dtype=dtype),
+                             None if b is None else b.to(device=device, dtype=dtype), bank_grad=b is not None)
+        want = loss_and_grads(naive(0.2), z0.to(dtype).double() * pre, z1.to(dtype).double() * pre,
+                              None if b is None else b.to(dtype).double() * pre, bank_grad=b is not None)
+        want = (want[0], *(w * pre for w in want[1:]))
+        assert all(torch.isfinite(t).all() for t in got), (kind, b is None)
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * w.abs().max().item())
+
+
+def test_scale_safe_gathered_columns_and_raw_op():
+    """The distributed form (gradient w.r.t. the gathered columns) at 1e19, through the raw op."""
+    n, d, rank = 6, 16, 1
+    gen = torch.Generator().manual_seed(5)
+    cols = torch.randn(4 * n, d, generator=gen, dtype=torch.float64) * 1e19
+    cols[: 2 * n] *= 1e-38  # another rank's rows at 1e-19
+    z0, z1 = cols[2 * n: 3 * n].clone(), cols[3 * n:].clone()
+    for impl in (0, 1):
+        a, b, c = (t.float().requires_grad_(True) for t in (z0, z1, cols))
+        loss = OP(a, b, c, None, 0.3, rank * 2 * n, False, impl)[0]
+        got = (loss, *torch.autograd.grad(loss, [a, b, c]))
+        a, b, c = (t.clone().requires_grad_(True) for t in (a.double(), b.double(), c.double()))
+        loss = ref.info_nce(a, b, 0.3, cols=c, col_offset=rank * 2 * n)
+        want = (loss, *torch.autograd.grad(loss, [a, b, c]))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+TEMPERATURES = [0.5, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
+
+
+@pytest.mark.parametrize("mode", ["pair", "bank", "cols"])
+@pytest.mark.parametrize("n,d", [(8, 16), (150, 24)])
+def test_low_temperature_gradients(n, d, mode):
+    """At low temperature a logit is ~1/tau and exp(logit - lse) amplifies any difference between the
+    logit the forward summed and the one the backward recomputes (an FMA-contracted or asymmetric
+    logit: relative gradient errors of 1e-4 at tau = 1e-4 and 1e-2 at 1e-6 before). The fast and simple
+    kernels must stay as accurate as the naive fp32 computation, against float64, at every tau.
+    (Where two logits of a row lie within a few units of each other at |logit| ~ 1e6, fp32 itself
+    cannot resolve them: that is what the naive fp32 bound allows for.)"""
+    gen = torch.Generator().manual_seed(n + d)
+    z0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    other = torch.randn(3 * n, d, generator=gen, dtype=torch.float64)
+    if mode == "cols":
+        other[n: 3 * n] = torch.cat([z0, z1])
+
+    def run(fn, dtype):
+        ins = [t.to(dtype).requires_grad_(True) for t in ((z0, z1) if mode == "pair" else (z0, z1, other))]
+        loss = fn(*ins)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, ins)]).double()
+
+    for tau in TEMPERATURES:
+        if mode == "pair":
+            fns = {i: (lambda a, b, i=i: OP(a, b, None, None, tau, 0, False, i)[0]) for i in (0, 1)}
+            fref = lambda a, b: ref.info_nce(a, b, tau)  # noqa: E731
+        elif mode == "bank":
+            fns = {i: (lambda a, b, c, i=i: OP(a, b, None, c, tau, 0, False, i)[0]) for i in (0, 1)}
+            fref = lambda a, b, c: ref.info_nce(a, b, tau, c)  # noqa: E731
+        else:
+            fns = {i: (lambda a, b, c, i=i: OP(a, b, c, None, tau, n, False, i)[0]) for i in (0, 1)}
+            fref = lambda a, b, c: ref.info_nce(a, b, tau, cols=c, col_offset=n)  # noqa: E731
+        want = run(fref, torch.float64)
+        naive32 = ((run(fref, torch.float32) - want).norm() / want.norm()).item()
+        for impl, fn in fns.items():
+            err = ((run(fn, torch.float32) - want).norm() / want.norm()).item()
+            assert err <= max(1e-5, 4 * naive32), (tau, impl, err, naive32)
+
+
 # ---- the autograd / compiler contract -----------------------------------------------------------
 
 @pytest.mark.parametrize("impl", [0, 1])
@@ -175,6 +273,67 @@ def test_gradcheck_float64(impl):
     assert torch.autograd.gradcheck(lambda a, b: OP(a, b, None, None, 0.3, 0, False, impl)[0], (z0, z1))
     assert torch.autograd.gradcheck(lambda a, b, c: OP(a, b, None, c, 0.3, 0, False, impl)[0], (z0, z1, bank))
     assert torch.autograd.gradcheck(lambda a, b, c: OP(a, b, c, None, 0.3, 8, False, impl)[0], (z0, z1, cols))
+
+
+@pytest.mark.parametrize("impl", [0, 1])
+def test_double_backward_gradgradcheck_float64(impl):
+    """Double backward (info_nce_backward has autograd of its own: the reference differentiated twice)
+    in every mode, w.r.t. the embeddings, the bank / gathered columns and the upstream gradient."""
+    gen = torch.Generator().manual_seed(13)
+    z0, z1 = (torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bank = torch.randn(3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    cols = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    gg = functools.partial(torch.autograd.gradgradcheck, fast_mode=True)
+    assert gg(lambda a, b: OP(a, b, None, None, 0.3, 0, False, impl)[0], (z0, z1))
+    assert gg(lambda a, b, c: OP(a, b, None, c, 0.3, 0, False, impl)[0], (z0, z1, bank))
+    assert gg(lambda a, b, c: OP(a, b, c, None, 0.3, 2, False, impl)[0], (z0, z1, cols))
+    assert gg(lambda a, b: info_nce(a, b, 0.3, bank.detach()), (z0, z1))  # a bank without gradient
+
+
+def test_double_backward_float32_matches_reference_and_third_order():
+    """The issue's case: grad with create_graph=True, then backward, fills z0.grad (it stayed None);
+    fp32 values equal the float64 reference's second derivatives, and a third order works too."""
+    z0, z1, _ = make(6, 8)
+    z0.requires_grad_(True)
+    z1.requires_grad_(True)
+    (g0,) = torch.autograd.grad(info_nce(z0, z1, 0.2), z0, create_graph=True)
+    (g0 * g0).sum().backward()
+    assert z0.grad is not None and z1.grad is not None
+    r0, r1 = z0.detach().double().requires_grad_(True), z1.detach().double().requires_grad_(True)
+    (h0,) = torch.autograd.grad(ref.info_nce(r0, r1, 0.2), r0, create_graph=True)
+    (h0 * h0).sum().backward()
+    torch.testing.assert_close(z0.grad.double(), r0.grad, rtol=1e-4, atol=1e-5 * r0.grad.abs().max().item())
+    torch.testing.assert_close(z1.grad.double(), r1.grad, rtol=1e-4, atol=1e-5 * r1.grad.abs().max().item())
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64)
+    third = lambda f: torch.autograd.grad(torch.autograd.grad(  # noqa: E731
+        torch.autograd.grad(f(a, b, 0.4), a, create_graph=True)[0].sum(), a, create_graph=True)[0].pow(2).sum(), a)[0]
+    torch.testing.assert_close(third(info_nce), third(ref.info_nce), rtol=1e-8, atol=1e-10)
+
+
+def test_double_backward_refuses_lse_with_grad():
+    """The saved LSE is the forward's intermediate: info_nce_backward is not differentiable in it."""
+    z0, z1, _ = make(4, 8, dtype=torch.float64)
+    z0.requires_grad_(True)
+    _, lse = OP(z0, z1, None, None, 0.5, 0, False, 0)
+    lse = lse.clone().requires_grad_(True)
+    g0, _, _ = OP_BWD(torch.tensor(1.0, dtype=torch.float64), z0, z1, None, None, lse, 0.5, 0, False, False, 0)
+    with pytest.raises(ValueError, match="not differentiable with respect to lse"):
+        g0.sum().backward()
+
+
+def test_tensor_temperature():
+    z0, z1, _ = make(4, 8)
+    want = info_nce(z0, z1, 0.25)
+    assert info_nce(z0, z1, torch.tensor(0.25)) == want
+    t = torch.tensor(0.25, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        info_nce(z0, z1, t)
+    assert info_nce(z0, z1, t.detach()) == want
+    with torch.no_grad():
+        assert info_nce(z0, z1, t) == want  # nothing is recorded: no gradient to lose
+    with pytest.raises(ValueError, match="temperature must be a number"):
+        info_nce(z0, z1, torch.tensor([0.25, 0.5]))
 
 
 def test_opcheck():

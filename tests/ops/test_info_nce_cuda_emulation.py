@@ -338,9 +338,28 @@ def lse_final(m, s):
     return torch.where(torch.isnan(m) | torch.isnan(s), math.nan, out)
 
 
-def inv_norm(sumsq):
+def inv_norm(sumsq, pw=None):
+    """nce::inv_norm: 1 / max(||x'||, eps pw) (pw: the row's power-of-two scale, 1 if None)."""
     nrm = torch.sqrt(sumsq)
-    return 1.0 / torch.where(nrm > 1e-12, nrm, torch.full_like(nrm, 1e-12))
+    lim = torch.full_like(nrm, 1e-12) * (1.0 if pw is None else pw)
+    return 1.0 / torch.where(nrm > lim, nrm, lim)
+
+
+def row_pow2_scale(maxabs):
+    """nce::row_pow2_scale<float>: 1 for rows with max |x| in [2^-49, 2^48), zero and non-finite rows;
+    else 2^-e (max |x| = m 2^e), e clamped to [-126, 126]."""
+    _, e = torch.frexp(maxabs)
+    keep = (maxabs == 0) | ~torch.isfinite(maxabs) | ((e >= -48) & (e <= 48))
+    return torch.where(keep, torch.ones_like(maxabs), torch.ldexp(torch.ones_like(maxabs), -e.clamp(-126, 126)))
+
+
+def norms(x):
+    """norms_kernel + scale_problem: the scaled rows x' = pw x (as the host swaps them in), the sum of
+    squares of x', inv' and pw."""
+    pw = row_pow2_scale(x.abs().amax(1))
+    xs = x * pw[:, None]
+    ss = (xs * xs).sum(1)
+    return xs, ss, inv_norm(ss, pw), pw
 
 
 @dataclass
@@ -385,12 +404,13 @@ class Counter:
         self.n = torch.zeros(*shape, dtype=torch.int32)
 
 
-def emu_forward(p: Policy, rows, cols, geo: Geo, tau: float, pos_init, sms: int):
-    """fwd_fast_body over the grid (ceil(R / 64), splits), then lse_combine_kernel."""
+def emu_forward(p: Policy, rows, cols, geo: Geo, tau: float, pos_init, sms: int, inv_r=None, inv_c=None):
+    """fwd_fast_body over the grid (ceil(R / 64), splits), then lse_combine_kernel. rows / cols are the
+    scaled rows with their inverse norms (`norms`); unscaled ones with inv_r / inv_c None."""
     R, M, D = rows.shape[0], cols.shape[0], rows.shape[1]
     inv_tau = torch.tensor(1.0 / tau, dtype=torch.float32)
-    inv_r = inv_norm((rows * rows).sum(1))
-    inv_c = inv_norm((cols * cols).sum(1))
+    inv_r = inv_norm((rows * rows).sum(1)) if inv_r is None else inv_r
+    inv_c = inv_norm((cols * cols).sum(1)) if inv_c is None else inv_c
     nblk, ntiles = ceil_div(R, K_BM), ceil_div(M, K_BN)
     splits = fwd_splits(R, M, sms)
     part_m = torch.full((splits, R), math.nan)
@@ -525,17 +545,16 @@ def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: 
     return G
 
 
-def finalize(z, G, scale_c):
-    """finalize_kernel: dz = c (inv G - beta z), G summed over the splits in order."""
-    ss = (z * z).sum(1)
-    iv = inv_norm(ss)
+def finalize(z, G, scale_c, ss, iv, pw):
+    """finalize_kernel on the scaled rows z' (`norms`): dz = c (inv_true G - beta z'),
+    inv_true = pw inv', beta = pw inv'^3 (z' . G), G summed over the splits in order."""
     g = torch.zeros_like(G[0])
     for sp in range(G.shape[0]):
         g = g + G[sp]
     xg = (z * g).sum(1)
-    clamped = torch.sqrt(ss) < 1e-12
-    beta = torch.where(clamped, torch.zeros(()), ((xg * iv) * iv) * iv)
-    return scale_c * (iv[:, None] * g - beta[:, None] * z)
+    clamped = torch.sqrt(ss) < torch.full_like(ss, 1e-12) * pw
+    beta = torch.where(clamped, torch.zeros(()), pw * (((xg * iv) * iv) * iv))
+    return scale_c * ((pw * iv)[:, None] * g - beta[:, None] * z)
 
 
 def emulate(p: Policy, z0, z1, tau, *, bank=None, cols=None, col_offset=0, sms=132, dtype=torch.float32):
@@ -545,22 +564,22 @@ def emulate(p: Policy, z0, z1, tau, *, bank=None, cols=None, col_offset=0, sms=1
     z0f, z1f, bankf, colsf = f32
     n = z0f.shape[0]
     if bankf is not None:
-        rows, other, geo = z0f, bankf, Geo()
-        inv0, inv1 = inv_norm((z0f * z0f).sum(1)), inv_norm((z1f * z1f).sum(1))
-        dot = (z0f * z1f).sum(1)
+        (rows, ss_r, inv_r, pw_r), (other, ss_c, inv_c, pw_c) = norms(z0f), norms(bankf)
+        z1f, ss1, inv1, pw1 = norms(z1f)
+        inv0 = inv_r
+        dot = (rows * z1f).sum(1)
         pos_init = (dot * (inv0 * torch.tensor(1.0 / tau, dtype=torch.float32))) * inv1
+        geo = Geo()
     else:
-        rows = torch.cat([z0f, z1f])
-        other = rows if colsf is None else colsf
+        rows, ss_r, inv_r, pw_r = norms(torch.cat([z0f, z1f]))
+        other, ss_c, inv_c, pw_c = (rows, ss_r, inv_r, pw_r) if colsf is None else norms(colsf)
         geo = Geo(n=n, offset=col_offset if colsf is not None else 0, pair=True)
         pos_init = None
     R, M, D = rows.shape[0], other.shape[0], rows.shape[1]
-    lse, pos, _ = emu_forward(p, rows, other, geo, tau, pos_init, sms)
+    lse, pos, _ = emu_forward(p, rows, other, geo, tau, pos_init, sms, inv_r, inv_c)
     loss = ((lse.double() - pos.double()).sum() / R).to(dtype)
 
     c = torch.tensor(1.0 / (R * tau), dtype=torch.float32)  # grad 1 * scale
-    inv_r = inv_norm((rows * rows).sum(1))
-    inv_c = inv_norm((other * other).sum(1))
     single = bankf is None and colsf is None
     sr = bwd_splits(R, M, D, sms)
     if single:
@@ -571,17 +590,17 @@ def emulate(p: Policy, z0, z1, tau, *, bank=None, cols=None, col_offset=0, sms=1
     if bankf is not None:  # bank_pos_grad_kernel (accurate exp), into split 0
         w = torch.exp(pos_init - lse) - 1
         Gr[0] = Gr[0] + (w * inv1)[:, None] * z1f
-        G1 = ((w * inv0)[:, None] * z0f)[None]
-    dr = finalize(rows, Gr, c).to(dtype)
+        G1 = ((w * inv0)[:, None] * rows)[None]
+    dr = finalize(rows, Gr, c, ss_r, inv_r, pw_r).to(dtype)
     if bankf is not None:
-        dz0, dz1 = dr, finalize(z1f, G1, c).to(dtype)
+        dz0, dz1 = dr, finalize(z1f, G1, c, ss1, inv1, pw1).to(dtype)
     else:
         dz0, dz1 = dr[:n], dr[n:]
     d_other = None
     if not single and M > 0:
         sc = bwd_splits(M, R, D, sms)
         Gc = emu_grad_pass(p, COL, other, rows, inv_c, inv_r, None, lse, geo, tau, sc, dtype)
-        d_other = finalize(other, Gc, c).to(dtype)
+        d_other = finalize(other, Gc, c, ss_c, inv_c, pw_c).to(dtype)
     return loss, dz0, dz1, d_other
 
 
@@ -675,6 +694,32 @@ def test_emulated_tf32_path_is_close(case):
         torch.testing.assert_close(g.double(), w, rtol=0.02, atol=0.01 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("scale", ["1e19", "1e-19", "mixed"])
+@pytest.mark.parametrize("mode", ["single", "bank", "dist"])
+@pytest.mark.parametrize("p,dtype", [(FMA, torch.float32), (TC16, torch.bfloat16)], ids=["fma-fp32", "tc16-bf16"])
+def test_emulated_scale_safety(p, dtype, mode, scale):
+    """Embeddings of magnitude 1e19 overflow fp32 squares and dot products, 1e-19 underflow them: the
+    per-row power-of-two scaling (norms_kernel + scale_problem) gives the definition's loss and
+    gradients (float64 reference) in fp32 and bf16 (fp16 never needs it)."""
+    n, d = 33, 24
+    g = torch.Generator().manual_seed(11)
+    z0, z1 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    other = torch.randn(120, d, generator=g)
+    if scale == "mixed":
+        f = 10.0 ** torch.randint(-30, 31, (3, 120), generator=g).double()
+        z0, z1, other = z0 * f[0, :n, None], z1 * f[1, :n, None], other * f[2, :, None]
+    else:
+        z0, z1, other = (t * float(scale) for t in (z0, z1, other))
+    kw = {"bank": other} if mode == "bank" else {}
+    if mode == "dist":
+        other[n:3 * n] = torch.cat([z0, z1])
+        kw = {"cols": other, "col_offset": n}
+    got = emulate(p, z0, z1, 0.2, dtype=dtype, **kw)
+    want = reference(z0, z1, 0.2, dtype=dtype, **kw)
+    assert all(torch.isfinite(t).all() for t in got if t is not None)
+    check(got, want, dtype)
+
+
 def test_emulated_nan_propagates_through_splits_and_butterfly():
     """A NaN in one column tile of one split reaches every row's LSE through the lane butterfly and
     the split merge (fmax-style merges would drop it)."""
@@ -705,7 +750,7 @@ def _bank_grad_errors(M, w_scales, R=16, D=64, tau=0.1):
     zn, z1n, bn = (F.normalize(t.detach(), dim=1) for t in ins)
     lse = torch.logsumexp(torch.cat([(zn * z1n).sum(1, keepdim=True), zn @ bn.t()], 1) / tau, 1).float()
 
-    inv0, inv1, invb = (inv_norm((t * t).sum(1)) for t in (z0, z1, bank))
+    (z0, ss0, inv0, pw0), (z1, _, inv1, _), (bank, ssb, invb, pwb) = (norms(t) for t in (z0, z1, bank))
     c = torch.tensor(1.0 / (R * tau), dtype=torch.float32)
     pos = ((z0 * z1).sum(1) * (inv0 * torch.tensor(1.0 / tau, dtype=torch.float32))) * inv1
     w_pos = torch.exp(pos - lse) - 1  # bank_pos_grad_kernel (fp32, accurate exp)
@@ -720,7 +765,7 @@ def _bank_grad_errors(M, w_scales, R=16, D=64, tau=0.1):
         Gr[0] = Gr[0] + (w_pos * inv1)[:, None] * z1
         Gc = emu_grad_pass(TC16, COL, bank, z0, invb, inv0, None, lse, Geo(), tau, bwd_splits(M, R, D, 132),
                            torch.float16, w_scale=ws)
-        out[ws] = (err(finalize(z0, Gr, c), want0), err(finalize(bank, Gc, c), want_b))
+        out[ws] = (err(finalize(z0, Gr, c, ss0, inv0, pw0), want0), err(finalize(bank, Gc, c, ssb, invb, pwb), want_b))
     return out
 
 

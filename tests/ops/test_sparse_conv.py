@@ -73,6 +73,39 @@ def test_sparse_conv2d_gradcheck():
         assert torch.autograd.gradcheck(lambda x, w, b: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b))
 
 
+LAYERS = {  # name: (cell, layer(x, layout, w, b)); w / b unused by the pool
+    "halo": (4, lambda x, L, w, b: S.sparse_conv2d(x, L, w, b, 1, 1, method="halo")),
+    "halo-s2": (4, lambda x, L, w, b: S.sparse_conv2d(x, L, w, b, 2, 1, method="halo")),
+    "gemm": (2, lambda x, L, w, b: S.sparse_conv2d(x, L, w, b, 1, 1, method="gemm")),
+    "gemm-s2": (2, lambda x, L, w, b: S.sparse_conv2d(x, L, w, b, 2, 1, method="gemm")),
+    "maxpool": (4, lambda x, L, w, b: S.sparse_max_pool2d(x, L, 3, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers_double_backward(name):
+    """Double backward of every layer: gradgradcheck in float64, and in fp32 (where the GEMM path's
+    forward uses oneDNN's inner product, which has no autograd: it must not be used under
+    create_graph=True) the second derivatives equal float64's."""
+    c, layer = LAYERS[name]
+    L = S.cell_layout(make_mask(3, 2, 2, 0.4, seed=4))
+    gen = torch.Generator().manual_seed(7)
+    x, w, b = (torch.randn(*sh, generator=gen, dtype=torch.float64) for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,)))
+    ins = [t.clone().requires_grad_(True) for t in ((x,) if name == "maxpool" else (x, w, b))]
+    f = (lambda x: layer(x, L, None, None)) if name == "maxpool" else (lambda x, w, b: layer(x, L, w, b))
+    assert torch.autograd.gradgradcheck(f, ins)
+
+    def second(dtype):
+        xs = [t.detach().to(dtype).requires_grad_(True) for t in ins]
+        y = f(*xs)
+        (gx,) = torch.autograd.grad((y * y).sum(), xs[0], create_graph=True)
+        v = torch.randn(gx.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        return torch.autograd.grad((gx * v).sum(), xs)
+
+    for got, want in zip(second(torch.float32), second(torch.float64)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("c,k,s,p", [(16, 3, 2, 1), (8, 3, 1, 1), (4, 2, 2, 0), (2, 3, 2, 1)])
 @pytest.mark.parametrize("cl", [False, True])
 def test_sparse_max_pool2d_matches_dense_masked(device, c, k, s, p, cl):

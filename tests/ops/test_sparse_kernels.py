@@ -231,6 +231,8 @@ def test_gradcheck_float64(kernels):
     assert torch.autograd.gradgradcheck(lambda t: S.halo(t, L, 1), (p,))
     assert torch.autograd.gradgradcheck(lambda t: S.im2col(t, L, 3, 1, 1), (p,))
     assert torch.autograd.gradgradcheck(lambda t, f: S.unpack(t, L, f), (p, fill))
+    assert torch.autograd.gradgradcheck(lambda t: S.pack(t, L), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: S.halo(t, L, 2, 0.5, -0.25), (p,))
 
 
 def test_opcheck(device):
