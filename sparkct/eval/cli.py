@@ -59,7 +59,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     from sparkct.eval.finetune import FinetuneConfig, finetune, resolve_init
     from sparkct.train.config import TrainConfig, dataclass_from_args
 
-    cfg = dataclass_from_args(TrainConfig, ns)
+    cfg = dataclass_from_args(TrainConfig, ns, skip=_SKIP)
     fcfg = dataclass_from_args(FinetuneConfig, ns)
     cfg.validate()
     fcfg.validate()

@@ -73,7 +73,7 @@ class ExperimentConfig:
     resamples: int = _h("bootstrap resamples for CIs and paired tests", default=1000)
     device: str = _h("cpu, cuda, cuda:N or auto", default="auto")
     amp: str = _h("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
-    synth_patients: int = _h("built-in data: labelled patients", default=30)
+    synth_patients: int = _h("built-in data: labelled patients", default=60)
     pretrain_patients: int = _h("built-in data: unlabelled pretraining patients", default=16)
     synth_size: int = _h("built-in data: slice size", default=96)
     synth_slices: int = _h("built-in data: slices per series", default=12)

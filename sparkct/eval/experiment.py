@@ -258,12 +258,12 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     keep = {(m, fr, s) for m in methods for fr in fractions for s in seeds}
     runs = [r for r in runs if (r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)) in keep
             and os.path.basename(os.path.dirname(r["run_dir"])) in methods]
-    extra = {"data": data_desc,
+    extra = {"experiment data": data_desc,
              "pretraining": (f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
                              f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
                              + (f"; options {json.dumps(used)}" if (used := {k: v for k, v in overrides.items()
                                                                                if k in pre_methods}) else "")),
-             "fine-tuning": (f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
+             "fine-tuning schedule": (f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
                              f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
                              f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
                              f"split {cfg.split} of the labelled patients"),

@@ -174,8 +174,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | No
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def dataclass_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)})
+def dataclass_from_args(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()):
+    """`cls` from the parsed flags; fields in `skip` keep their defaults (flags of the same name that
+    belong to something else, e.g. a fine-tuning task's --labels)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if f.init and f.name not in skip and hasattr(args, f.name)})
 
 
 def config_to_dict(cfg) -> dict:
