@@ -101,11 +101,11 @@ class ImageSlices:
         return torch.from_numpy(arr).unsqueeze(1)
 
     def _convert(self, hu, generator=None):
-        from sparkct.data.datasets import _takes_generator
+        from sparkct.data.datasets import _call_transform
         from sparkct.data.windows import apply_windows
 
         if self.transform is not None:
-            return self.transform(hu, generator) if _takes_generator(self.transform) else self.transform(hu)
+            return _call_transform(self.transform, hu, generator)
         return apply_windows(hu, self.windows)
 
     def __getitem__(self, i):

@@ -61,7 +61,7 @@ def plot_curves(metrics_csv: str, path: str, keys=("loss",), title: str = "") ->
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     with sio.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -45,7 +45,7 @@ def eval_cache(tmp_path_factory) -> dict:
     clear/nodule), 'series_labels' (CSV: series_key, label)}: 12 NIfTI patients (a folder each,
     patient_from='dir'), 32x32 slices, half of them with a bright 'nodule' in every slice."""
     from sparkct.data._util import salted_hash
-    from sparkct.data.cache import SliceCache, prepare
+    from sparkct.data import SliceCache, prepare
 
     root = tmp_path_factory.mktemp("evalcache")
     src, dst = str(root / "nifti"), str(root / "cache")

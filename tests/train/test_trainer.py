@@ -149,13 +149,9 @@ def test_bad_config_is_refused_before_any_work(small_cache, tmp_path):
     assert not (tmp_path / "x" / "last.ckpt").exists()
 
 
-def test_labels_drive_the_online_probe_and_knn_monitors(small_cache, tmp_path):
-    import glob
-    synth_dir = os.path.join(os.path.dirname(small_cache), "..")
-    labels = sorted(glob.glob(os.path.join(os.path.dirname(small_cache.rstrip("/")), "synth*", "slice_labels.csv")))
-    assert labels, synth_dir
+def test_labels_drive_the_online_probe_and_knn_monitors(small_synth, small_cache, tmp_path):
     out = tmp_path / "run"
-    train(small_cache, out, epochs=2, labels=labels[0], knn_every=1)
+    train(small_cache, out, epochs=2, labels=os.path.join(small_synth, "slice_labels.csv"), knn_every=1)
     rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert any("probe_acc" in r for r in rows)
     knn = [r for r in rows if "epoch/knn_acc" in r]

@@ -15,6 +15,7 @@ from sparkct.train.method import Method, MethodConfig
 @dataclass
 class TinyConfig(MethodConfig):
     nan_at: int = field(default=-1, metadata={"help": "make the loss NaN at this step"})
+    double: bool = field(default=False, metadata={"help": "compute in float64 (exact comparisons)"})
 
 
 class Tiny(Method):
@@ -28,20 +29,24 @@ class Tiny(Method):
         super().__init__(backbone, config)
         from sparkct.models.backbone import feature_dim
         self.head = nn.Linear(feature_dim(backbone), backbone.conv1.in_channels)
+        if self.config.double:
+            self.double()
 
     def transform(self, crop, windows):
         from sparkct.data import CTResize
         return CTResize(crop, windows=windows)
 
     def training_step(self, batch, step):
-        target = batch.float().mean((2, 3))
+        if self.config.double:
+            batch = batch.double()
+        target = batch.mean((2, 3))
         # step-keyed randomness drawn for the global batch, this rank's rows taken (as the protocol asks)
         from sparkct.distributed import rank, world_size
         n = batch.shape[0]
         noise = torch.rand(n * world_size(), 1, generator=self.step_generator(step))[rank() * n:(rank() + 1) * n]
         noise = noise.to(batch)
         pred = self.head(self.backbone(batch * (0.9 + 0.1 * noise[:, :, None, None])))
-        loss = (pred.float() - target).square().mean()
+        loss = (pred - target).square().mean()
         if step == self.config.nan_at:
             loss = loss * float("nan")
         return loss, {"target_mean": target.mean().detach()}
