@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from sparkct.errors import UserError
+from sparkct.models import BUILTIN_DATA_OPTIONS as SMALL_DATA_OVERRIDES
 
 __all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES"]
 
@@ -39,13 +40,6 @@ class FinetuneConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.eval_batch < 1:
             raise UserError(f"--eval-batch must be >= 1, got {self.eval_batch}")
-
-
-#: method options used when the experiment runs on its built-in data (tiny pools: a 3,000-prototype SwAV or
-#: a 65,536-key MoCo queue would only hold random vectors; SparK's published lr is for 1,600 epochs, these
-#: runs have ~100 steps); shown in the report, replaced by --set
-SMALL_DATA_OVERRIDES = {"spark.decoder_width": 256, "spark.base_lr": 3e-2, "swav.prototypes": 100,
-                        "swav.freeze_prototypes": 20, "moco.queue_size": 1024}
 
 
 @dataclass

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["METHODS", "get_method"]
+__all__ = ["METHODS", "get_method", "BUILTIN_DATA_OPTIONS"]
+
+#: options ("method.field": value, method or trainer fields) for runs on the built-in synthetic CT (a few
+#: hundred slices, ~100 steps on a CPU): SparK's published lr and 768-wide decoder are for 1,600 epochs of
+#: ImageNet-size data and learn nothing visible here; a 3,000-prototype SwAV or a 65,536-key MoCo queue
+#: would hold mostly random vectors. `sparkct pretrain` and `sparkct experiment` apply them only when no
+#: --data is given, only to options not set on the command line, and say so.
+BUILTIN_DATA_OPTIONS = {"spark.decoder_width": 256, "spark.base_lr": 3e-2, "swav.prototypes": 100,
+                        "swav.freeze_prototypes": 20, "moco.queue_size": 1024}
 
 METHODS: dict[str, str] = {
     "spark": "sparkct.models.spark.model:SparK",

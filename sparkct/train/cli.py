@@ -62,6 +62,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(TrainConfig, ns)
     mcfg = dataclass_from_args(cls.config_class, ns)
+    if cfg.data is None:
+        _builtin_data_options(args.method, args.rest, cfg, mcfg, cls)
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
         import os
 
@@ -80,6 +82,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     method = build_method(args.method, cfg, mcfg)
     summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
     return 0 if summary is not None else 1
+
+
+def _builtin_data_options(method: str, argv: list[str], cfg, mcfg, cls) -> None:
+    """On the built-in synthetic CT, the options of sparkct.models.BUILTIN_DATA_OPTIONS for this method
+    (those not given on the command line), announced."""
+    import sys
+
+    from sparkct.models import BUILTIN_DATA_OPTIONS
+
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    applied = []
+    for key, value in BUILTIN_DATA_OPTIONS.items():
+        m, field = key.split(".", 1)
+        if m != method or "--" + field.replace("_", "-") in given:
+            continue
+        target = cfg if hasattr(cfg, field) else mcfg
+        setattr(target, field, value)
+        applied.append(f"--{field.replace('_', '-')} {value}")
+    if applied:
+        print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
+              "long runs on real data; give these flags to override)", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

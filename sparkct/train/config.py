@@ -37,7 +37,7 @@ class TrainConfig:
     windows: str = _h("HU windows as input channels (presets lung, mediastinum, abdomen, bone, brain or C/W)",
                       default="lung,mediastinum,bone")
     crop: int = _h("training crop size in pixels", default=128)
-    epochs: int = _h("passes over the data", default=8)
+    epochs: int = _h("passes over the data", default=20)
     max_steps: int | None = _h("stop after this many optimizer steps (overrides epochs)", default=None)
     batch: int = _h("global batch size (all ranks, all accumulation steps together)", default=32)
     accum: int = _h("gradient accumulation steps per optimizer step", default=1)
