@@ -45,7 +45,8 @@ def _typed(cls, values: dict):
     kw = {}
     for k, v in values.items():
         if k not in names:
-            raise UserError(f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))})")
+            raise UserError(f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))}; "
+                            "trainer options such as base_lr or epochs are accepted too)")
         tp, _ = _base_type(hints[k])
         kw[k] = _arg_type(tp)(v) if isinstance(v, str) else v
     return cls(**kw)

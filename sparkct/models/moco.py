@@ -93,6 +93,11 @@ class MoCo(SSLMethod):
         return views[:1]  # queries; the keys come from the key encoder without autograd
 
     @torch.no_grad()
+    def check_run(self, batch: int) -> None:
+        if batch > self.config.queue_size:
+            raise UserError(f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch "
+                            f"({batch}): raise --queue-size or lower --batch")
+
     def prepare(self, views, step):
         if len(views) != 2:
             raise ValueError(f"MoCo takes 2 views, got {len(views)}")

@@ -58,6 +58,11 @@ class SimCLR(SSLMethod):
         f = self.backbone(x).flatten(1)
         return self.projector(f), f
 
+    def check_run(self, batch: int) -> None:
+        if batch < 2:
+            raise UserError(f"SimCLR needs at least 2 images in a batch (the other images are the negatives), "
+                            f"got --batch {batch}")
+
     def objective(self, outs, state, step):
         if len(outs) != 2:
             raise ValueError(f"SimCLR takes 2 views, got {len(outs)}")

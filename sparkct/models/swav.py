@@ -110,6 +110,11 @@ class SwAV(SSLMethod):
         return out[:, self.config.prototypes:]
 
     @torch.no_grad()
+    def check_run(self, batch: int) -> None:
+        if self.queue is not None and batch > self.config.queue_size:
+            raise UserError(f"SwAV's queue ({self.config.queue_size}) is smaller than the global batch ({batch}): "
+                            "raise --queue-size or lower --batch")
+
     def prepare(self, views, step):
         c = self.config
         if len(views) != c.n_global + c.n_local:

@@ -62,8 +62,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(TrainConfig, ns)
     mcfg = dataclass_from_args(cls.config_class, ns)
-    if cfg.data is None:
-        _builtin_data_options(args.method, args.rest, cfg, mcfg, cls)
+    applied = _builtin_data_options(args.method, args.rest, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
         import os
 
@@ -79,16 +78,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     mcfg.validate()
     from sparkct.device import resolve_device
     resolve_device(cfg.device)  # before any data work: a missing GPU is reported at once
+    if applied:
+        print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
+              "long runs on real data; give these flags to override)", file=sys.stderr)
     method = build_method(args.method, cfg, mcfg)
     summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
     return 0 if summary is not None else 1
 
 
-def _builtin_data_options(method: str, argv: list[str], cfg, mcfg, cls) -> None:
-    """On the built-in synthetic CT, the options of sparkct.models.BUILTIN_DATA_OPTIONS for this method
-    (those not given on the command line), announced."""
-    import sys
-
+def _builtin_data_options(method: str, argv: list[str], cfg, mcfg) -> list[str]:
+    """On the built-in synthetic CT, set the options of sparkct.models.BUILTIN_DATA_OPTIONS for this method
+    (those not given on the command line); returns them as flags, for the note."""
     from sparkct.models import BUILTIN_DATA_OPTIONS
 
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
@@ -100,9 +100,7 @@ def _builtin_data_options(method: str, argv: list[str], cfg, mcfg, cls) -> None:
         target = cfg if hasattr(cfg, field) else mcfg
         setattr(target, field, value)
         applied.append(f"--{field.replace('_', '-')} {value}")
-    if applied:
-        print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
-              "long runs on real data; give these flags to override)", file=sys.stderr)
+    return applied
 
 
 def cmd_export(args: argparse.Namespace) -> int:

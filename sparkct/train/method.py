@@ -71,6 +71,10 @@ class Method(nn.Module):
         self.backbone = backbone
         self.config = config if config is not None else self.config_class()
 
+    def check_run(self, batch: int) -> None:
+        """Raise sparkct.errors.UserError before any work when this method cannot run with `batch` images
+        per step (the global micro-batch: all ranks, one accumulation step), e.g. SimCLR with one image."""
+
     # --- data ---------------------------------------------------------------------------------------
     def transform(self, crop: int, windows) -> Callable[..., Any]:
         """The batch transform for ``sparkct.data.SliceLoader``: ``(hu (B, 1, H, W) int16, generator) ->

@@ -204,6 +204,7 @@ class Trainer:
         if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
 
+        self.method.check_run(cfg.batch // cfg.accum)
         # the run folder: refuse to overwrite a run unless resuming it
         latest = None
         if self.resume:
@@ -333,123 +334,124 @@ class Trainer:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True,
                    file=sys.stderr)
-        model.train()
-        t_start = time.perf_counter()
-        t_int, n_int, images_per_s = time.perf_counter(), 0, float("nan")
-        first_loss = None
-        logs_out: dict = {}
-        last_saved = step if state is not None else -1
-        last_inp = None
-        start_epoch, start_in = divmod(step, steps_per_epoch)
-        for epoch in range(start_epoch, epochs):
-            if step >= total:
-                break
-            s0 = start_in if epoch == start_epoch else 0
-            loader.set_epoch(epoch, s0 * cfg.accum)
-            it = iter(loader)
-            for in_epoch in range(s0, steps_per_epoch):
+        try:
+            model.train()
+            t_start = time.perf_counter()
+            t_int, n_int, images_per_s = time.perf_counter(), 0, float("nan")
+            first_loss = None
+            logs_out: dict = {}
+            last_saved = step if state is not None else -1
+            last_inp = None
+            start_epoch, start_in = divmod(step, steps_per_epoch)
+            for epoch in range(start_epoch, epochs):
                 if step >= total:
                     break
-                lr, wd = lr_at(step, total, warmup, peak), wd_at(step, total, wd0, wd1)
-                apply_schedule(optimizer, lr, wd)
-                loss_sum, logs_sum = 0.0, {}
-                for m in range(cfg.accum):
-                    method.micro = m
-                    batch = _to(next(it), device, cfg.channels_last)
-                    targets = None
-                    if probe is not None:
-                        x_only, targets = batch
-                        inp = batch if method.accepts_targets else x_only
-                    else:
-                        inp = batch
-                    last_inp = inp
-                    sync = (model.no_sync() if world > 1 and not manual_ddp and m < cfg.accum - 1
-                            else contextlib.nullcontext())
-                    with sync:
-                        with autocast:
-                            if method.manual_backward:
-                                loss, logs = model(inp, step, backward=backward)
-                            else:
-                                loss, logs = model(inp, step)
-                        lv = float(loss.detach().float())
-                        bad = torch.tensor([0.0 if math.isfinite(lv) else 1.0])
-                        if world > 1:
-                            import torch.distributed as dist
-                            bad = bad.to(device)
-                            dist.all_reduce(bad)
-                        if float(bad) > 0:
-                            bar.close()
-                            kept = C.find_latest(self.run_dir)
-                            raise TrainingDiverged(
-                                f"loss is {lv} at step {step} (epoch {epoch + 1}); stopped without saving this "
-                                f"state. {'The last good checkpoint ' + kept + ' is kept' if kept else 'No checkpoint was written yet'}"
-                                "; lower --lr/--base-lr, set --clip-grad, or change --amp")
-                        if not method.manual_backward:
-                            backward(loss)
-                    loss_sum += lv / cfg.accum
-                    for k, v in logs.items():
-                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum
-                if manual_ddp:
-                    _average_gradients(method)
-                method.on_before_optimizer_step(step)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                gnorm = None
-                if cfg.clip_grad > 0:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad))
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_step(step, total)
-                if probe is not None:
-                    logs_sum.update(self._probe_step(probe, x_only, targets))
-                step += 1
-                n_int += cfg.batch
-                if first_loss is None:
-                    first_loss = loss_sum
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total:
-                    D_loss = _mean_over_ranks(loss_sum, device)
-                    now = time.perf_counter()
-                    images_per_s = n_int / max(now - t_int, 1e-9)
-                    t_int, n_int = now, 0
-                    logs_out = {"loss": D_loss, "lr": lr, "wd": wd, "images_per_s": images_per_s, **logs_sum}
-                    if gnorm is not None:
-                        logs_out["grad_norm"] = gnorm
+                s0 = start_in if epoch == start_epoch else 0
+                loader.set_epoch(epoch, s0 * cfg.accum)
+                it = iter(loader)
+                for in_epoch in range(s0, steps_per_epoch):
+                    if step >= total:
+                        break
+                    lr, wd = lr_at(step, total, warmup, peak), wd_at(step, total, wd0, wd1)
+                    apply_schedule(optimizer, lr, wd)
+                    loss_sum, logs_sum = 0.0, {}
+                    for m in range(cfg.accum):
+                        method.micro = m
+                        batch = _to(next(it), device, cfg.channels_last)
+                        targets = None
+                        if probe is not None:
+                            x_only, targets = batch
+                            inp = batch if method.accepts_targets else x_only
+                        else:
+                            inp = batch
+                        last_inp = inp
+                        sync = (model.no_sync() if world > 1 and not manual_ddp and m < cfg.accum - 1
+                                else contextlib.nullcontext())
+                        with sync:
+                            with autocast:
+                                if method.manual_backward:
+                                    loss, logs = model(inp, step, backward=backward)
+                                else:
+                                    loss, logs = model(inp, step)
+                            lv = float(loss.detach().float())
+                            bad = torch.tensor([0.0 if math.isfinite(lv) else 1.0])
+                            if world > 1:
+                                import torch.distributed as dist
+                                bad = bad.to(device)
+                                dist.all_reduce(bad)
+                            if float(bad) > 0:
+                                kept = C.find_latest(self.run_dir)
+                                raise TrainingDiverged(
+                                    f"loss is {lv} at step {step} (epoch {epoch + 1}); stopped without saving this "
+                                    f"state. {'The last good checkpoint ' + kept + ' is kept' if kept else 'No checkpoint was written yet'}"
+                                    "; lower --lr/--base-lr, set --clip-grad, or change --amp")
+                            if not method.manual_backward:
+                                backward(loss)
+                        loss_sum += lv / cfg.accum
+                        for k, v in logs.items():
+                            logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum
+                    if manual_ddp:
+                        _average_gradients(method)
+                    method.on_before_optimizer_step(step)
                     if scaler is not None:
-                        logs_out["loss_scale"] = float(scaler.get_scale())
-                    metrics.write(step, epoch + 1, logs_out)
-                    bar.set_postfix(loss=f"{D_loss:.4g}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-                if main and cfg.preview_every and step % cfg.preview_every == 0:
-                    self._preview(last_inp, step)
-                if step % cfg.ckpt_every == 0:
-                    nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
-                    save(step, nxt_epoch, nxt_in, logs_out)
-                    last_saved = step
-                    if main:
-                        metrics.flush()
-                        from sparkct.train.visual import plot_curves
-                        plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
-            if in_epoch + 1 == steps_per_epoch or step >= total:
-                ep_logs = dict(method.on_epoch_end(epoch) or {})
-                if probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
-                    ep_logs.update(self._knn(ds, device))
-                if ep_logs:
-                    metrics.write(step, epoch + 1, {f"epoch/{k}": float(v) for k, v in ep_logs.items()})
-                    self.log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in ep_logs.items()))
-                    mon = ep_logs.get("monitor")
-                    if mon is not None and (best is None or float(mon) > best):
-                        best = float(mon)
+                        scaler.unscale_(optimizer)
+                    gnorm = None
+                    if cfg.clip_grad > 0:
+                        gnorm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad))
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    method.after_step(step, total)
+                    if probe is not None:
+                        logs_sum.update(self._probe_step(probe, x_only, targets))
+                    step += 1
+                    n_int += cfg.batch
+                    if first_loss is None:
+                        first_loss = loss_sum
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == total:
+                        D_loss = _mean_over_ranks(loss_sum, device)
+                        now = time.perf_counter()
+                        images_per_s = n_int / max(now - t_int, 1e-9)
+                        t_int, n_int = now, 0
+                        logs_out = {"loss": D_loss, "lr": lr, "wd": wd, "images_per_s": images_per_s, **logs_sum}
+                        if gnorm is not None:
+                            logs_out["grad_norm"] = gnorm
+                        if scaler is not None:
+                            logs_out["loss_scale"] = float(scaler.get_scale())
+                        metrics.write(step, epoch + 1, logs_out)
+                        bar.set_postfix(loss=f"{D_loss:.4g}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+                    if main and cfg.preview_every and step % cfg.preview_every == 0:
+                        self._preview(last_inp, step)
+                    if step % cfg.ckpt_every == 0:
                         nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
-                        path = save(step, nxt_epoch, nxt_in, logs_out)
+                        save(step, nxt_epoch, nxt_in, logs_out)
                         last_saved = step
-                        if path:
-                            C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
-                            # keep-last-k must not delete the file best.ckpt names: it is a hard link
-        bar.close()
+                        if main:
+                            metrics.flush()
+                            from sparkct.train.visual import plot_curves
+                            plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+                if in_epoch + 1 == steps_per_epoch or step >= total:
+                    ep_logs = dict(method.on_epoch_end(epoch) or {})
+                    if probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
+                        ep_logs.update(self._knn(ds, device))
+                    if ep_logs:
+                        metrics.write(step, epoch + 1, {f"epoch/{k}": float(v) for k, v in ep_logs.items()})
+                        self.log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in ep_logs.items()))
+                        mon = ep_logs.get("monitor")
+                        if mon is not None and (best is None or float(mon) > best):
+                            best = float(mon)
+                            nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
+                            path = save(step, nxt_epoch, nxt_in, logs_out)
+                            last_saved = step
+                            if path:
+                                C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
+                                # keep-last-k must not delete the file best.ckpt names: it is a hard link
+        finally:
+            bar.close()  # also on errors: the message must not land inside the bar
         if last_saved != step:
             nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
             save(step, nxt_epoch, nxt_in, logs_out)
