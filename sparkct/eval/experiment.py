@@ -92,12 +92,18 @@ def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log)
     return dst
 
 
-def _prepare_once(src: str, dst: str, log) -> str:
+#: salt of the built-in synthetic caches: their patients are fictitious, and a fixed salt fixes the patient
+#: pseudonyms, hence the patient splits (ordered by pseudonym), so built-in runs are reproducible. Real data
+#: gets a random salt (sparkct data prepare's default).
+SYNTHETIC_SALT = "5e1f" * 8
+
+
+def _prepare_once(src: str, dst: str, log, salt: str | None = None) -> str:
     from sparkct.data import prepare
 
     if os.path.isfile(os.path.join(src, "cache.json")):
         return src
-    rep = prepare(src, dst, progress=False)
+    rep = prepare(src, dst, progress=False, salt=salt)
     if rep.slices == 0:
         raise UserError(f"{src}: no usable CT slices")
     log(f"cache {dst}: {rep.slices} slices of {rep.series} series")
@@ -134,7 +140,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     if cfg.data is None:
         task_src = _synth_once(os.path.join(data_dir, "synth-task"), cfg.synth_patients, 2, cfg.synth_size,
                                cfg.synth_slices, log)
-        task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log)
+        task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log, SYNTHETIC_SALT)
         labels = os.path.join(task_src, "slice_labels.csv")
         data_desc = (f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
                      f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
@@ -147,7 +153,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     elif cfg.data is None:
         pre_src = _synth_once(os.path.join(data_dir, "synth-pretrain"), cfg.pretrain_patients, 1, cfg.synth_size,
                               cfg.synth_slices, log)
-        pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log)
+        pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log, SYNTHETIC_SALT)
     elif os.path.isfile(os.path.join(cfg.data, "cache.json")):
         pre_cache = cfg.data
     else:
