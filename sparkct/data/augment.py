@@ -21,10 +21,18 @@ of SwAV / DINO; :class:`CTResize` is the deterministic evaluation counterpart.
 Noise on CPU comes from a fixed bank of Gaussian fields (seeded by ``noise_seed``), each noisy
 sample adding a random window of one under a random flip/transpose: every pixel is still
 N(0, sigma^2) and independent of its neighbours, at a fraction of the cost of a fresh ``randn`` per
-pixel (which would be the CPU loader's bottleneck). On CUDA the noise is drawn fresh per call.
+pixel (which would be the CPU loader's bottleneck). On CUDA each noisy sample's field is drawn fresh
+from its own drawn seed.
+
+Rows of a larger batch. Every random parameter is one draw per sample, in a fixed order, so the
+parameters of rows ``lo .. lo + B`` of a batch of ``total`` are those rows of the whole batch's draw:
+``transform(hu, generator, rows=(lo, total))`` (what :class:`sparkct.data.SliceLoader` passes each
+rank for its share of a global batch) augments a sample exactly as one process reading the whole
+batch would, whatever the number of ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -69,8 +77,18 @@ class AugmentParams:
     gamma: torch.Tensor  # (B,), 1 where not applied
     noise_sigma: torch.Tensor  # (B,), 0 where not applied
     blur_sigma: torch.Tensor  # (B,), 0 where not applied
-    noise_seed: int
     in_hw: tuple
+    # where each sample's noise comes from: CPU bank tile, window offsets as fractions, flip/transpose
+    # code; CUDA: a generator seed
+    noise_tile: torch.Tensor | None = None  # (B,) int64
+    noise_offset: torch.Tensor | None = None  # (B, 2) float64 in [0, 1)
+    noise_op: torch.Tensor | None = None  # (B,) int64 in [0, 8)
+    noise_seed: torch.Tensor | None = None  # (B,) int64
+
+    def take(self, lo: int, hi: int) -> "AugmentParams":
+        """The parameters of rows lo .. hi."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def theta(self) -> torch.Tensor:
         """(B, 2, 3) affine_grid matrices (align_corners=False) of the crops, flips and rotations."""
@@ -114,20 +132,28 @@ def affine_grid(theta: torch.Tensor, out_hw, dtype=torch.float32) -> torch.Tenso
 
 
 def gaussian_kernels(sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
-    """(n, 2r+1) normalized 1-D Gaussian kernels, one per sigma (sigma -> 0 gives the identity)."""
+    """(n, 2r+1) normalized 1-D Gaussian kernels, one per sigma (sigma -> 0 gives the identity). Each
+    kernel is cut at its own 3 sigma (zeros beyond), so a sample's blur does not depend on the widest
+    sigma of its batch; `radius` only sets the common width (default: what the widest needs)."""
     sigma = sigma.to(torch.float32)
+    own = torch.ceil(3.0 * sigma).clamp_min(1)
     if radius is None:
-        radius = max(1, int(math.ceil(3.0 * float(sigma.max()))) if len(sigma) else 1)
+        radius = int(own.max()) if len(sigma) else 1
     x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device)
     s = sigma.clamp_min(1e-3)[:, None]
-    k = torch.exp(-0.5 * (x[None] / s) ** 2)
+    k = torch.exp(-0.5 * (x[None] / s) ** 2) * (x[None].abs() <= own[:, None])
     return k / k.sum(1, keepdim=True)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable Gaussian blur of (B, C, H, W), sigma (B,) in pixels, reflect padding."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Per-sample separable Gaussian blur of (B, C, H, W), sigma (B,) in pixels, reflect padding. A fixed
+    `radius` (at least 3 x the largest sigma) makes a sample's result independent of its batch to the bit."""
     B, C, H, W = x.shape
-    k = gaussian_kernels(sigma.to(x.device)).to(x.dtype)
+    if B * C == 1:
+        # a single-channel conv takes another kernel path than the grouped one, which rounds differently;
+        # blurring a copy beside it keeps one sample's result the same whatever else is in its batch
+        return gaussian_blur(x.expand(2, C, H, W), sigma.expand(2), radius)[:1]
+    k = gaussian_kernels(sigma.to(x.device), radius).to(x.dtype)
     r0 = (k.shape[1] - 1) // 2
     r = min(r0, H - 1, W - 1)
     if r < 1:
@@ -158,16 +184,17 @@ class _NoiseBank:
             self.bank = torch.randn(self.tiles, S, S, generator=g, dtype=dtype)
         return self.bank
 
-    def add(self, y: torch.Tensor, idx: torch.Tensor, sigma: torch.Tensor, g: torch.Generator | None):
+    def add(self, y: torch.Tensor, idx: torch.Tensor, sigma: torch.Tensor, p: "AugmentParams"):
         B, C, H, W = y.shape
         S = max(H, W) * 2
         bank = self.field(S, y.dtype)
         S = bank.shape[-1]
         n = len(idx)
-        k = torch.randint(0, self.tiles, (n,), generator=g).tolist()
-        oy = torch.randint(0, S - H + 1, (n,), generator=g).tolist()
-        ox = torch.randint(0, S - W + 1, (n,), generator=g).tolist()
-        op = torch.randint(0, 8, (n,), generator=g).tolist()
+        k = (p.noise_tile[idx] % self.tiles).tolist()
+        off = p.noise_offset[idx]
+        oy = (off[:, 0] * (S - H + 1)).floor().long().clamp(max=S - H).tolist()
+        ox = (off[:, 1] * (S - W + 1)).floor().long().clamp(max=S - W).tolist()
+        op = p.noise_op[idx].tolist()
         for t in range(n):
             tile = bank[k[t]]
             if op[t] & 4 and H == W:
@@ -270,9 +297,11 @@ class CTAugment:
         gamma = torch.exp(maybe(self.p_gamma, lg[0], lg[1], 0.0))
         noise = maybe(self.p_noise, *self.noise, 0.0)
         blur = maybe(self.p_blur, *self.blur, 0.0)
-        seed = int(torch.randint(0, 2**62, (1,), generator=g))
         return AugmentParams(box, angle, fx, fy, hu_scale, hu_shift, contrast, brightness, gamma, noise, blur,
-                             seed, (H, W))
+                             (H, W), noise_tile=torch.randint(0, self._bank.tiles, (B,), generator=g),
+                             noise_offset=torch.rand(B, 2, generator=g, dtype=torch.float64),
+                             noise_op=torch.randint(0, 8, (B,), generator=g),
+                             noise_seed=torch.randint(0, 2**62, (B,), generator=g))
 
     # -- application ---------------------------------------------------------------------------------
     def _geometry(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
@@ -314,7 +343,8 @@ class CTAugment:
         return y
 
     def apply(self, hu: torch.Tensor, p: AugmentParams, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment a batch with drawn parameters `p`; returns (B, C, h, w) float32 in [0, 1]."""
+        """Augment a batch with drawn parameters `p` (everything random is in `p`; `generator` is not
+        used and kept for callers that pass it); returns (B, C, h, w) float32 in [0, 1]."""
         x = _as_batch(hu)
         dev = x.device
         B = x.shape[0]
@@ -325,16 +355,22 @@ class CTAugment:
         idx = torch.nonzero(p.noise_sigma > 0).flatten()
         if len(idx):
             if dev.type == "cpu":
-                self._bank.add(y, idx, p.noise_sigma[idx], generator)
+                self._bank.add(y, idx, p.noise_sigma[idx], p)
             else:
+                # one field per sample from its own seed: a sample's noise does not depend on which
+                # other samples share its batch (or rank)
                 gd = torch.Generator(device=dev)
-                gd.manual_seed(p.noise_seed)
-                n = torch.randn((len(idx), *y.shape[1:]), generator=gd, device=dev, dtype=y.dtype)
+                fields = []
+                for seed in p.noise_seed[idx].tolist():
+                    gd.manual_seed(seed)
+                    fields.append(torch.randn(tuple(y.shape[1:]), generator=gd, device=dev, dtype=y.dtype))
+                n = torch.stack(fields)
                 y.index_add_(0, idx.to(dev), n * p.noise_sigma[idx].to(dev, y.dtype).view(-1, 1, 1, 1))
         idx = torch.nonzero(p.blur_sigma > 0).flatten()
         if len(idx):
             d = idx.to(dev)
-            y[d] = gaussian_blur(y[d], p.blur_sigma[idx])
+            # the kernel width from the configured range, not from this batch's sigmas (see gaussian_blur)
+            y[d] = gaussian_blur(y[d], p.blur_sigma[idx], max(1, math.ceil(3.0 * self.blur[1])))
         # windows, HU scale/shift and contrast/brightness: one affine map per (sample, channel)
         win = torch.tensor(self.windows, dtype=torch.float64)  # (C, 2)
         lo = win[:, 0] - win[:, 1] / 2
@@ -357,10 +393,26 @@ class CTAugment:
                 out[d] = out[d].pow(p.gamma[idx].to(dev, torch.float32).view(-1, 1, 1, 1))
         return out
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Augment `hu`; rows=(lo, total): `hu` is rows lo .. lo + B of a batch of `total` (see the
+        module docstring)."""
         x = _as_batch(hu)
-        params = self.sample(x.shape[0], tuple(x.shape[-2:]), generator)
-        return self.apply(x, params, generator)
+        B = x.shape[0]
+        lo, total = _rows(rows, B)
+        params = self.sample(total, tuple(x.shape[-2:]), generator)
+        if total != B:
+            params = params.take(lo, lo + B)
+        return self.apply(x, params)
+
+
+def _rows(rows: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    if rows is None:
+        return 0, n
+    lo, total = (int(v) for v in rows)
+    if not (0 <= lo and lo + n <= total):
+        raise ValueError(f"rows {rows}: {n} rows from row {lo} do not fit in a batch of {total}")
+    return lo, total
 
 
 def _as_batch(hu: torch.Tensor) -> torch.Tensor:
@@ -388,9 +440,10 @@ class MultiCrop:
         self.local_aug = CTAugment(local_size, scale=local_scale, **kwargs) if n_local else None
         self.n_global, self.n_local = n_global, n_local
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        views = [self.global_aug(hu, generator) for _ in range(self.n_global)]
-        views += [self.local_aug(hu, generator) for _ in range(self.n_local)]
+    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        views = [self.global_aug(hu, generator, rows) for _ in range(self.n_global)]
+        views += [self.local_aug(hu, generator, rows) for _ in range(self.n_local)]
         return views
 
 
@@ -424,8 +477,9 @@ class CTResize:
         one = torch.ones(batch, dtype=torch.float64)
         zero = torch.zeros(batch, dtype=torch.float64)
         no = torch.zeros(batch, dtype=torch.bool)
-        return AugmentParams(box, zero, no, no, one, zero, one, zero, one, zero, zero, 0, (H, W))
+        return AugmentParams(box, zero, no, no, one, zero, one, zero, one, zero, zero, (H, W))
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
         x = _as_batch(hu)
         return self.aug.apply(x, self.params(x.shape[0], tuple(x.shape[-2:])))

@@ -93,9 +93,9 @@ class CTSliceDataset(torch.utils.data.Dataset):
         arr = self.cache.read(self.indices[np.asarray(items, dtype=np.int64).reshape(-1)])
         return torch.from_numpy(arr).unsqueeze(1)
 
-    def _convert(self, hu: torch.Tensor, generator=None) -> torch.Tensor:
+    def _convert(self, hu: torch.Tensor, generator=None, rows=None) -> torch.Tensor:
         if self.transform is not None:
-            return _call_transform(self.transform, hu, generator)
+            return _call_transform(self.transform, hu, generator, rows)
         if self.windows is not None:
             return apply_windows(hu, self.windows)
         return hu.float()
@@ -131,7 +131,24 @@ def takes_generator(transform) -> bool:
     return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
-def _call_transform(transform, hu: torch.Tensor, generator):
+def takes_rows(transform) -> bool:
+    """Whether a batch transform can augment rows of a larger batch as that batch would (a ``rows``
+    parameter, or ``takes_rows = True``): it is then called ``transform(hu, generator=g, rows=(lo,
+    total))`` with the generator of the whole batch, `hu` being its rows lo .. lo + len(hu) (see
+    :mod:`sparkct.data.augment`). CTAugment, MultiCrop, CTResize do."""
+    flag = getattr(transform, "takes_rows", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        p = inspect.signature(transform).parameters.get("rows")
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _call_transform(transform, hu: torch.Tensor, generator, rows=None):
+    if rows is not None:
+        return transform(hu, generator=generator, rows=rows)
     return transform(hu, generator=generator) if takes_generator(transform) else transform(hu)
 
 
@@ -423,6 +440,11 @@ class SliceLoader:
     ``transform(hu, generator=g)`` with a CPU torch.Generator seeded from (seed, epoch, batch), which
     is what makes batches reproducible; any other callable is called ``transform(hu)``.
 
+    shard=(rank, world): each rank reads its contiguous share of every global batch. A transform that
+    takes ``rows`` (:func:`takes_rows`: CTAugment, MultiCrop, CTResize) gets the generator of the
+    global batch and its rows in it, so every sample is augmented as in one process reading the whole
+    batch, whatever the number of ranks; any other transform gets a generator per (batch, rank).
+
     run_length > 1 samples runs of that many consecutive cache slices (neighbouring slices of a
     series) to turn random reads into sequential ones when the cache is not in the page cache.
     tune_malloc: see :func:`tune_malloc`; default on when transforming on the CPU.
@@ -480,16 +502,16 @@ class SliceLoader:
     def _generator(self, epoch: int, b: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, b, 0xA6]).integers(2**62)))
 
-    def _transform(self, hu: torch.Tensor, g: torch.Generator):
+    def _transform(self, hu: torch.Tensor, g: torch.Generator, rows):
         if self.transform is self.dataset.transform:
-            return self.dataset._convert(hu, g)
-        return _call_transform(self.transform, hu, g)
+            return self.dataset._convert(hu, g, rows)
+        return _call_transform(self.transform, hu, g, rows)
 
-    def _load(self, epoch: int, b: int, items: np.ndarray):
+    def _load(self, epoch: int, b, items: np.ndarray):
         hu = self.dataset.hu(items)
         y = torch.from_numpy(self.dataset.targets[items]) if self.labelled else None
         if self.device.type == "cpu":
-            x = self._transform(hu, self._generator(epoch, b))
+            x = self._transform(hu, self._generator(epoch, b[0]), b[1])
             return x, y
         if torch.cuda.is_available():
             hu = hu.pin_memory()
@@ -498,7 +520,7 @@ class SliceLoader:
     def _finish(self, epoch: int, b: int, loaded):
         x, y = loaded
         if self.device.type != "cpu":
-            x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b))
+            x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b[0]), b[1])
             if y is not None:
                 y = y.to(self.device, non_blocking=True)
         return (x, y) if self.labelled else x
@@ -512,8 +534,14 @@ class SliceLoader:
         # read what one process reads, in the same order
         lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
         batches = [order[b * bs:(b + 1) * bs][lo:hi] for b in range(nb)]
-        # the transform's randomness is drawn per (epoch, batch) and, with several ranks, per rank
-        ids = [b if self.world == 1 else b * self.world + self.rank for b in range(nb)]
+        # the transform's randomness is drawn per (epoch, batch): for the global batch, this rank's rows
+        # taken, where the transform can (see takes_rows); per rank otherwise. ids: (generator id, rows)
+        if self.world == 1:
+            ids = [(b, None) for b in range(nb)]
+        elif self.transform is not None and takes_rows(self.transform):
+            ids = [(b, (min(lo, n), n)) for b in range(nb) for n in [len(order[b * bs:(b + 1) * bs])]]
+        else:
+            ids = [(b * self.world + self.rank, None) for b in range(nb)]
         batches, ids = batches[start:], ids[start:]
         nb = len(batches)
         if self.workers == 0:

@@ -83,7 +83,8 @@ def augment_kwargs(spec: str) -> dict[str, Any]:
 
 class Views(MultiCrop):
     """A list of views of the same batch, one per CTAugment (each its own crop size and settings).
-    A MultiCrop, so :class:`sparkct.data.SliceLoader` hands it the batch's generator."""
+    Like MultiCrop, it takes the batch's generator and ``rows`` (:class:`sparkct.data.SliceLoader`
+    then augments a sample alike on any number of ranks)."""
 
     def __init__(self, augments: Sequence[CTAugment]):
         if not augments:
@@ -91,8 +92,9 @@ class Views(MultiCrop):
         self.augments = list(augments)
         self.n_global, self.n_local = len(self.augments), 0
 
-    def __call__(self, hu: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-        return [aug(hu, generator) for aug in self.augments]
+    def __call__(self, hu: Tensor, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> list[Tensor]:
+        return [aug(hu, generator, rows) for aug in self.augments]
 
     def __repr__(self) -> str:
         return "Views(" + ", ".join(repr(a) for a in self.augments) + ")"

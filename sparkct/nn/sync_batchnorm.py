@@ -21,11 +21,11 @@ from sparkct.distributed import is_distributed
 # it deprecated in favour of functional collectives whose autograd support is still partial.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
 
-__all__ = ["GlobalBatchNorm2d", "convert_sync_batchnorm"]
+__all__ = ["GlobalBatchNorm1d", "GlobalBatchNorm2d", "convert_sync_batchnorm"]
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training statistics span all ranks of `process_group` (default: the world)."""
+class _GlobalBatchNorm:
+    """The forward of the global BatchNorms (mixed into nn.BatchNorm1d / nn.BatchNorm2d)."""
 
     process_group = None
 
@@ -34,18 +34,19 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        if x.dim() != 4:
-            raise ValueError(f"GlobalBatchNorm2d expects (N, C, H, W), got {tuple(x.shape)}")
+        self._check_input_dim(x)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.to(acc)
         C = x.shape[1]
+        dims = (0,) + tuple(range(2, x.dim()))
+        shape = (1, C) + (1,) * (x.dim() - 2)
         n_local = torch.tensor([x.numel() // max(C, 1)], dtype=acc, device=x.device)
-        s = torch.cat([xf.sum((0, 2, 3)), n_local])
+        s = torch.cat([xf.sum(dims), n_local])
         s = all_reduce(s, group=self.process_group)
         n = s[C]
         mean = s[:C] / n
-        d = xf - mean.view(1, C, 1, 1)
-        var = all_reduce(d.square().sum((0, 2, 3)), group=self.process_group) / n
+        d = xf - mean.view(shape)
+        var = all_reduce(d.square().sum(dims), group=self.process_group) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -53,16 +54,25 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 unbiased = var.detach() * (n / (n - 1).clamp_min(1))
                 self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        y = d * torch.rsqrt(var + self.eps).view(1, C, 1, 1)
+        y = d * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            y = y * self.weight.to(acc).view(1, C, 1, 1) + self.bias.to(acc).view(1, C, 1, 1)
-        return y.to(x.dtype).contiguous(memory_format=torch.channels_last if x.is_contiguous(
-            memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
+            y = y * self.weight.to(acc).view(shape) + self.bias.to(acc).view(shape)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y.to(x.dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics span all ranks of `process_group` (default: the world)."""
+
+
+class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    """nn.BatchNorm1d (the projection heads' (N, C) or (N, C, L)) with statistics over all ranks."""
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None, *, cuda_native: bool | None = None) -> nn.Module:
-    """Replace every BatchNorm2d in `module` by a synchronized one, sharing parameters and buffers: torch's
-    nn.SyncBatchNorm on CUDA (its fused kernels), GlobalBatchNorm2d elsewhere."""
+    """Replace every BatchNorm1d / BatchNorm2d in `module` (the backbone's and the projection heads') by a
+    synchronized one, sharing parameters and buffers: torch's nn.SyncBatchNorm on CUDA (its fused kernels),
+    GlobalBatchNorm1d / GlobalBatchNorm2d elsewhere."""
     if cuda_native is None:
         p = next(module.parameters(), None)
         cuda_native = p is not None and p.is_cuda
@@ -72,8 +82,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None, *, cuda_native
 
 
 def _convert(m: nn.Module, group) -> nn.Module:
-    if type(m) is nn.BatchNorm2d:
-        new = GlobalBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+    cls = {nn.BatchNorm2d: GlobalBatchNorm2d, nn.BatchNorm1d: GlobalBatchNorm1d}.get(type(m))
+    if cls is not None:
+        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                                 device=m.running_mean.device if m.running_mean is not None else None)
         new.process_group = group
         if m.affine:

@@ -284,3 +284,23 @@ def test_transforms_declare_whether_they_take_the_generator(cache_dir):
     # the dataset's own transform follows the same protocol
     ds2 = CTSliceDataset(cache_dir, transform=_ViewsWithGenerator(8))
     assert [tuple(v.shape) for v in next(iter(SliceLoader(ds2, 2)))] == [(2, 1, 8, 8)] * 2
+
+
+def test_sharded_loader_augments_each_sample_as_one_process_does(cache_dir):
+    """shard=(rank, world): a transform that takes rows gets the global batch's draw, so the ranks'
+    shares concatenated are the 1-process batch (noise, blur, rotation, gamma all on); a transform that
+    does not take rows falls back to a generator per (batch, rank)."""
+    from sparkct.data.datasets import takes_rows
+    ds = CTSliceDataset(cache_dir)
+    aug = MultiCrop(24, 16, n_global=1, n_local=1, p_noise=0.5, p_blur=0.5, p_rotate=0.5, p_gamma=0.5)
+    assert takes_rows(aug) and takes_rows(CTAugment(8)) and takes_rows(CTResize(8))
+    assert not takes_rows(_ViewsWithGenerator(8))
+    one = list(SliceLoader(ds, 8, transform=aug, seed=4))
+    for world in (2, 4):
+        shares = [list(SliceLoader(ds, 8, transform=aug, seed=4, shard=(r, world))) for r in range(world)]
+        for b, batch in enumerate(one):
+            for v, view in enumerate(batch):
+                torch.testing.assert_close(torch.cat([s[b][v] for s in shares]), view, atol=0, rtol=0)
+    a = next(iter(SliceLoader(ds, 8, transform=_ViewsWithGenerator(8), seed=4, shard=(0, 2))))
+    b = next(iter(SliceLoader(ds, 8, transform=_ViewsWithGenerator(8), seed=4, shard=(1, 2))))
+    assert a[0].shape == (4, 1, 8, 8) and not torch.equal(a[0], b[0])

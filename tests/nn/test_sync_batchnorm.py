@@ -1,5 +1,6 @@
-"""GlobalBatchNorm2d over 2 gloo processes equals BatchNorm2d on the concatenated batch (float64: output,
-input and parameter gradients, running statistics), also inside the SparseEncoder on packed visible cells."""
+"""GlobalBatchNorm2d / GlobalBatchNorm1d over 2 gloo processes equal BatchNorm2d / BatchNorm1d on the
+concatenated batch (float64: output, input and parameter gradients, running statistics), also inside the
+SparseEncoder on packed visible cells and in a projection head converted by convert_sync_batchnorm."""
 from __future__ import annotations
 
 import os
@@ -62,6 +63,20 @@ def _worker(rank, port, out):
         f_all = enc1(xs, mask)
         res["enc"] = max(float((a - b[2 * rank:2 * rank + 2]).abs().max()) for a, b in zip(f_local, f_all))
         res["enc_running"] = float((model.layer4[1].bn2.running_var - single.layer4[1].bn2.running_var).abs().max())
+
+        # a projection head's BatchNorm1d on (N, C) rows, converted
+        torch.manual_seed(2)
+        head = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU()).double()
+        head1 = copy.deepcopy(head)
+        convert_sync_batchnorm(head)
+        assert type(head[1]).__name__ == "GlobalBatchNorm1d"
+        z = torch.randn(8, 6, dtype=torch.float64)
+        wz = torch.randn(8, 5, dtype=torch.float64)
+        (head(z[lo:hi]) * wz[lo:hi]).sum().backward()
+        (head1(z) * wz).sum().backward()
+        dist.all_reduce(head[0].weight.grad)
+        res["head_grad"] = float((head[0].weight.grad - head1[0].weight.grad).abs().max())
+        res["head_running"] = float((head[1].running_var - head1[1].running_var).abs().max())
         out[rank] = res
     finally:
         dist.destroy_process_group()
