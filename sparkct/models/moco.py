@@ -2,12 +2,16 @@
 encoder, its EMA (momentum 0.999, or a cosine schedule to 1.0 with ``--momentum-end 1``), a queue of
 65,536 keys (the memory bank of the fused :class:`sparkct.nn.InfoNCELoss`), temperature 0.2.
 
-Under DDP the key encoder uses **shuffled BN** (MoCo's own choice): the key images of the global
+Under DDP the key encoder must not normalize a query's key with statistics of the query's own
+device batch (a query could then cheat by matching its key's BN statistics). The trainer synchronizes
+every BatchNorm over the ranks (SyncBN; MoCo's alternative), so the keys are those of one process on
+the global batch, and :func:`shuffled_forward` skips the shuffle. A key encoder with per-device BN
+(MoCo used outside the trainer) gets **shuffled BN** (MoCo's own choice): the key images of the global
 batch are gathered, permuted by a permutation every rank draws alike (``step_generator``), each rank
-embeds its share, and the keys go back to their rows. Per-device BN statistics then come from a
-random subset of the global batch, so a query cannot cheat by matching its key's BN statistics. The
-queue takes every rank's keys (``gather_distributed``), so it is the same on every rank. The key
-encoder's EMA runs on every rank from the same (DDP-synchronized) parameters, so it stays identical.
+embeds its share, and the keys go back to their rows, so per-device statistics come from a random
+subset of the global batch. The queue takes every rank's keys (``gather_distributed``), so it is the
+same on every rank, and it is checkpointed. The key encoder's EMA runs on every rank from the same
+(DDP-synchronized) parameters, so it stays identical.
 """
 from __future__ import annotations
 
@@ -49,10 +53,18 @@ class MoCoConfig(SSLConfig):
             raise UserError(f"projector widths must be positive, got {self.proj_hidden_dim} and {self.proj_dim}")
 
 
+def _per_device_bn(module: nn.Module) -> bool:
+    from sparkct.nn.sync_batchnorm import _GlobalBatchNorm
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, _GlobalBatchNorm))
+               for m in module.modules())
+
+
 @torch.no_grad()
 def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
-    """encoder(x) with shuffled BN across ranks (see the module docstring); encoder(x) in one process."""
-    if not is_distributed():
+    """encoder(x) with shuffled BN across ranks (see the module docstring); encoder(x) in one process or
+    when the encoder's BatchNorms are synchronized (a shuffle would change nothing but cost two
+    all-gathers)."""
+    if not is_distributed() or not _per_device_bn(encoder):
         return encoder(x)
     counts = row_counts(x.shape[0], x.device)
     everything = all_gather_rows(x, counts)
@@ -79,7 +91,7 @@ class MoCo(SSLMethod):
         self.projector = MoCoProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
         self.key_encoder = MomentumEncoder(nn.Sequential(self.backbone, self.projector), c.momentum, c.momentum_end)
         self.criterion = InfoNCELoss(c.temperature, memory_bank_size=(c.queue_size, c.proj_dim),
-                                     gather_distributed=True)
+                                     gather_distributed=True, persistent_bank=True)  # checkpointed queue
 
     def views_transform(self, crop: int, windows) -> Views:
         aug = self.augment(crop, windows, self.config.augment)

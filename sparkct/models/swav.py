@@ -9,8 +9,11 @@ batch under DDP, swapped prediction at temperature 0.1.
   for its first epoch: 313 iterations at batch 4,096).
 - Optional feature queue (``--queue-size``, SwAV: 3,840 at batch 256) from epoch ``--queue-start-epoch``:
   the normalized features of the global crops of past batches join the Sinkhorn equipartition
-  (scored with the current prototypes), which small batches need (B << K). The queue is per rank,
-  as in SwAV, and is used once full.
+  (scored with the current prototypes), which small batches need (B << K). It is used once full.
+  Under DDP every rank holds the same queue of the global batches' features (SwAV keeps a per-rank
+  share of queue_length / world) and scores only its own share of it for the Sinkhorn, whose sums run
+  over the ranks: the codes are those of one process with the global batch and the whole queue, for
+  any world size, and a checkpoint's queue does not depend on the world size.
 - BatchNorm: the crops of one resolution go through the backbone together (SwAV's code does the same).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparkct.distributed import world_size
+from sparkct.distributed import rank, world_size
 from sparkct.errors import UserError
 from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
 from sparkct.nn import FeatureQueue, SwAVLoss, SwAVProjectionHead, SwAVPrototypes
@@ -90,7 +93,8 @@ class SwAV(SSLMethod):
         self.projector = SwAVProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
         self.prototypes = SwAVPrototypes(c.proj_dim, c.prototypes)
         self.criterion = SwAVLoss(c.temperature, c.sinkhorn_iterations, c.epsilon, sinkhorn_gather_distributed=True)
-        self.queue = nn.ModuleList([FeatureQueue(c.queue_size, c.proj_dim) for _ in range(c.n_global)]) \
+        self.queue = nn.ModuleList([FeatureQueue(c.queue_size, c.proj_dim, gather_distributed=True)
+                                    for _ in range(c.n_global)]) \
             if c.queue_size else None
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # epochs done, for the queue start
 
@@ -133,7 +137,8 @@ class SwAV(SSLMethod):
         use_queue = self.queue is not None and int(self.epoch) >= c.queue_start_epoch
         if use_queue and all(q.full for q in self.queue):
             w = self.prototypes.weight.detach()
-            queue = [q.features().to(w.dtype) @ w.t() for q in self.queue]
+            # this rank's share of the queue rows: the Sinkhorn sums over ranks count every row once
+            queue = [torch.tensor_split(q.features(), world_size())[rank()].to(w.dtype) @ w.t() for q in self.queue]
         loss = self.criterion(scores[:c.n_global], scores[c.n_global:], queue)
         if use_queue:
             for q, z in zip(self.queue, feats):

@@ -34,15 +34,18 @@ class InfoNCELoss(nn.Module):
             keys of every rank are enqueued. Gradient convention: see :mod:`sparkct.ops.info_nce`
             (DDP's gradient averaging gives the gradients of the single-process loss on the global
             batch).
+        persistent_bank: keep the bank and its pointer in ``state_dict`` (a checkpoint then resumes
+            with the same negatives; MoCo's queue); False as in lightly.
 
     Bank mode follows lightly: the loss uses the bank as it was before this call; afterwards, if
     ``out0.requires_grad``, the normalized ``out1`` is enqueued (detached) at ``bank_ptr``; a batch
     that reaches the end of the bank fills it up to the end, its remaining rows are dropped, and
-    the pointer wraps to 0. ``bank`` and ``bank_ptr`` are non-persistent buffers, as in lightly.
+    the pointer wraps to 0. ``bank`` and ``bank_ptr`` are non-persistent buffers, as in lightly, unless
+    ``persistent_bank``.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: int | Sequence[int] = 0,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, persistent_bank: bool = False):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             hint = (" (the fused loss keeps a fixed temperature; pass float(t))"
@@ -70,9 +73,11 @@ class InfoNCELoss(nn.Module):
         if any(s < 0 for s in size) or (len(size) == 2 and size[1] == 0 and size[0] > 0):
             raise bad
         self.memory_bank_size = size
+        if persistent_bank and len(size) != 2 and size[0] > 0:
+            raise UserError("InfoNCELoss: persistent_bank needs memory_bank_size=(K, D) (the shape it is saved with)")
         self.register_buffer("bank", torch.empty(size if len(size) == 2 else (0,), dtype=torch.float),
-                             persistent=False)
-        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+                             persistent=persistent_bank)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=persistent_bank)
         if len(size) == 2 and size[0] > 0:
             self._init_bank(size)
 

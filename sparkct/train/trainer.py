@@ -331,6 +331,16 @@ class Trainer:
                 gl = [(scaler.scale(g * f) if scaler is not None else g * f) for g in gl]
                 torch.autograd.backward(tl, gl)
 
+        def save_periodic():
+            nonlocal last_saved
+            nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
+            save(step, nxt_epoch, nxt_in, logs_out)
+            last_saved = step
+            if main:
+                metrics.flush()
+                from sparkct.train.visual import plot_curves
+                plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True,
                    file=sys.stderr)
@@ -426,14 +436,10 @@ class Trainer:
                         bar.set_postfix(loss=f"{D_loss:.4g}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
                     if main and cfg.preview_every and step % cfg.preview_every == 0:
                         self._preview(last_inp, step)
-                    if step % cfg.ckpt_every == 0:
-                        nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
-                        save(step, nxt_epoch, nxt_in, logs_out)
-                        last_saved = step
-                        if main:
-                            metrics.flush()
-                            from sparkct.train.visual import plot_curves
-                            plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+                    # an epoch's last step is saved after on_epoch_end: what that changes (SwAV's epoch
+                    # count, say) belongs to the checkpoint the next epoch resumes from
+                    if step % cfg.ckpt_every == 0 and not (in_epoch + 1 == steps_per_epoch or step >= total):
+                        save_periodic()
                 if in_epoch + 1 == steps_per_epoch or step >= total:
                     ep_logs = dict(method.on_epoch_end(epoch) or {})
                     if probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
@@ -450,6 +456,8 @@ class Trainer:
                             if path:
                                 C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
                                 # keep-last-k must not delete the file best.ckpt names: it is a hard link
+                    if step % cfg.ckpt_every == 0 and last_saved != step:
+                        save_periodic()
         finally:
             bar.close()  # also on errors: the message must not land inside the bar
         if last_saved != step:

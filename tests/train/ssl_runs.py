@@ -1,0 +1,53 @@
+"""Trainer runs of the contrastive / clustering methods at test size (a torchvision ResNet with one
+BasicBlock per stage, i.e. resnet18 at half depth, on 32x32 crops; narrow heads, short queues), shared
+by the DDP and resume tests; `double` computes in float64 (exact comparisons between runs that sum in
+different orders)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparkct.models import get_method
+from sparkct.train.trainer import Trainer
+
+#: per method: config fields that make a few steps exercise the method's state (queues filling and
+#: in use, prototypes frozen then free, momentum schedules)
+METHOD_KW = {
+    "simclr": dict(proj_hidden_dim=32, proj_dim=16, temperature=0.2),
+    "moco": dict(proj_hidden_dim=32, proj_dim=16, queue_size=16, momentum=0.9, momentum_end=0.99),
+    "swav": dict(proj_hidden_dim=32, proj_dim=16, prototypes=10, n_local=2, local_crop=16, queue_size=16,
+                 queue_start_epoch=0, freeze_prototypes=2),
+    "byol": dict(proj_hidden_dim=32, proj_dim=16, momentum=0.9),
+}
+
+
+def _as_double(method) -> None:
+    """float64 weights and views (the loader's views are float32)."""
+    method.double()
+    step = method.training_step
+
+    def training_step(batch, s, **kw):
+        views, targets = method.split_batch(batch)
+        views = [v.double() for v in views]
+        return step(views if targets is None else (views, targets), s, **kw)
+
+    method.training_step = training_step
+
+
+def run(name: str, cache: str, out: str, *, double: bool = False, method_kw: dict | None = None,
+        resume: bool | str = False, **train_kw):
+    from test_trainer import cfg_for
+
+    kw = dict(max_steps=3, epochs=1, lr=0.05, batch=8, crop=32, ckpt_every=100, preview_every=0)
+    kw.update(train_kw)
+    cfg = cfg_for(cache, out, **kw)
+    mcfg = get_method(name).config_class(**{**METHOD_KW[name], **(method_kw or {})})
+    from torchvision.models.resnet import BasicBlock, ResNet
+    torch.manual_seed(cfg.seed)
+    backbone = ResNet(BasicBlock, [1, 1, 1, 1])
+    backbone.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # one HU window
+    backbone.fc = nn.Identity()
+    method = get_method(name)(backbone, mcfg)
+    if double:
+        _as_double(method)
+    return Trainer(method, cfg, method_name=name, resume=resume).fit()
