@@ -179,6 +179,8 @@ class SSLMethod(Method):
     accepts_targets = True  # the trainer passes (views, targets) when a labels file is given
     #: how many leading views are "global" (full-size crops): the supervised term and the probe use them
     n_global = 2
+    #: consecutive views of one shape go through the backbone in one call (BatchNorm over them together)
+    joint_views = True
 
     def __init__(self, backbone: nn.Module, config: SSLConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config)
@@ -248,7 +250,7 @@ class SSLMethod(Method):
         them together, as SimCLR and SwAV do)."""
         groups: list[list[Tensor]] = []
         for v in views:
-            if groups and groups[-1][0].shape == v.shape:
+            if groups and self.joint_views and groups[-1][0].shape == v.shape:
                 groups[-1].append(v)
             else:
                 groups.append([v])

@@ -2,6 +2,11 @@
 encoder, its EMA (momentum 0.999, or a cosine schedule to 1.0 with ``--momentum-end 1``), a queue of
 65,536 keys (the memory bank of the fused :class:`sparkct.nn.InfoNCELoss`), temperature 0.2.
 
+``--symmetric`` (as MoCo v3 and common MoCo v2 reimplementations): both views serve as queries, each
+predicting the key of the other view against the queue as it was before the step, and the two losses
+are averaged; each view goes through the query encoder on its own (BatchNorm per view, as the keys'),
+and the queue still takes one key per image per step (the second view's).
+
 Under DDP the key encoder must not normalize a query's key with statistics of the query's own
 device batch (a query could then cheat by matching its key's BN statistics). The trainer synchronizes
 every BatchNorm over the ranks (SyncBN; MoCo's alternative), so the keys are those of one process on
@@ -42,11 +47,15 @@ class MoCoConfig(SSLConfig):
     proj_dim: int = field(default=128, metadata={"help": "projector output width (the key dimension)"})
     augment: str = field(default="moco", metadata={
         "help": "CTAugment presets for both views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
+    symmetric: bool = field(default=False, metadata={
+        "help": "symmetric loss (as MoCo v3): both views are queries for the other view's key, losses averaged"})
 
     def validate(self) -> None:
         super().validate()
         self.validate_temperature(self.temperature)
         self.validate_momentum(self.momentum, self.momentum_end)
+        if not isinstance(self.symmetric, bool):
+            raise UserError(f"symmetric must be true or false, got {self.symmetric!r}")
         if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
             raise UserError(f"queue size must be a positive integer, got {self.queue_size!r}")
         if self.proj_dim < 1 or self.proj_hidden_dim < 0:
@@ -92,6 +101,7 @@ class MoCo(SSLMethod):
         self.key_encoder = MomentumEncoder(nn.Sequential(self.backbone, self.projector), c.momentum, c.momentum_end)
         self.criterion = InfoNCELoss(c.temperature, memory_bank_size=(c.queue_size, c.proj_dim),
                                      gather_distributed=True, persistent_bank=True)  # checkpointed queue
+        self.joint_views = not c.symmetric
 
     def views_transform(self, crop: int, windows) -> Views:
         aug = self.augment(crop, windows, self.config.augment)
@@ -102,7 +112,8 @@ class MoCo(SSLMethod):
         return self.projector(f), f
 
     def grad_views(self, views):
-        return views[:1]  # queries; the keys come from the key encoder without autograd
+        # queries; the keys come from the key encoder without autograd
+        return views if self.config.symmetric else views[:1]
 
     @torch.no_grad()
     def check_run(self, batch: int) -> None:
@@ -117,13 +128,25 @@ class MoCo(SSLMethod):
         if n > self.config.queue_size:
             raise UserError(f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch ({n}): "
                             "raise --queue-size or lower the batch size")
-        g = self.step_generator(step, stream=1)
         enc = self.key_encoder
-        return chunked(lambda x: shuffled_forward(enc, x, g), views[1], self.config.chunk)
+
+        def keys(view, stream):
+            g = self.step_generator(step, stream=stream)
+            return chunked(lambda x: shuffled_forward(enc, x, g), view, self.config.chunk)
+
+        return (keys(views[0], 2), keys(views[1], 1)) if self.config.symmetric else keys(views[1], 1)
 
     def objective(self, outs, keys, step):
-        q = outs[0]
-        return self.criterion(q, keys.to(q.dtype)), {}
+        if not self.config.symmetric:
+            q = outs[0]
+            return self.criterion(q, keys.to(q.dtype)), {}
+        (q0, q1), (k0, k1) = outs, keys
+        # both against the queue before this step; then the second view's keys join it
+        loss = (self.criterion(q0, k1.to(q0.dtype), enqueue=False)
+                + self.criterion(q1, k0.to(q1.dtype), enqueue=False)) / 2
+        if q0.requires_grad:
+            self.criterion.enqueue(k1)
+        return loss, {}
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.key_encoder.update(step, total_steps)

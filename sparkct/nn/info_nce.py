@@ -105,7 +105,16 @@ class InfoNCELoss(nn.Module):
             self.bank[ptr:ptr + b] = keys
             self.bank_ptr[0] = ptr + b
 
-    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Put `keys` (N, D) into the bank (normalized; every rank's with gather_distributed)."""
+        if self.bank.dim() != 2:
+            raise ValueError("InfoNCELoss.enqueue: no bank yet (construct with memory_bank_size=(K, D))")
+        self._enqueue(F.normalize(keys.detach(), dim=1).to(self.bank.dtype))
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor, enqueue: bool | None = None) -> torch.Tensor:
+        """The loss; with a bank, `enqueue` (default: whether out0 requires grad, as lightly) puts the
+        normalized out1 into the bank after computing it."""
         if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dtype != out1.dtype \
                 and out0.is_floating_point() and out1.is_floating_point():
             # e.g. one projection computed under autocast and one not: compute in the wider type
@@ -120,7 +129,7 @@ class InfoNCELoss(nn.Module):
         # The bank as it is now (a copy: the update below must not touch what the backward reads).
         negatives = self.bank.detach().to(device=out0.device, dtype=out0.dtype, copy=True)
         loss = info_nce(out0, out1, self.temperature, bank=negatives)
-        if out0.requires_grad:
+        if out0.requires_grad if enqueue is None else enqueue:
             self._enqueue(F.normalize(out1.detach(), dim=1))
         return loss
 

@@ -168,7 +168,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | No
         kw = dict(dest=f.name, default=default, help=f.metadata.get("help", ""))
         kw["type"] = _arg_type(tp)
         if tp is bool:
-            kw["metavar"] = "{true,false}"
+            kw.update(metavar="{true,false}", nargs="?", const=True)  # a bare --flag means true
         elif typing.get_origin(tp) is tuple:
             kw["metavar"] = "A,B"
         group.add_argument("--" + f.name.replace("_", "-"), **kw)

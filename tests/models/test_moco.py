@@ -64,6 +64,49 @@ def test_step_queue_and_ema():
         torch.testing.assert_close(new, 0.9 * e + 0.1 * o)
 
 
+def test_symmetric_loss_against_plain_reference():
+    """--symmetric: (InfoNCE(q0, k1) + InfoNCE(q1, k0)) / 2, both against the queue before the step,
+    each view through the query encoder on its own; then the second view's keys join the queue."""
+    m = make(norm="batch", symmetric=True).double()
+    views = [v.double() for v in m.transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))]
+    ref = copy.deepcopy(m)
+    bank = m.criterion.bank.clone()
+    loss, _ = m.training_step(views, 0)
+    loss.backward()
+    with torch.no_grad():
+        k0, k1 = ref.key_encoder(views[0]), ref.key_encoder(views[1])
+    q0, q1 = (ref.projector(ref.backbone(v)) for v in views)
+
+    def nce(q, k):
+        qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ bank.t()], 1) / 0.2
+        return F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+
+    want = (nce(q0, k1) + nce(q1, k0)) / 2
+    want.backward()
+    # the fused op keeps its per-row log-sum-exp in float32, also for float64 input
+    torch.testing.assert_close(loss, want, rtol=1e-7, atol=1e-9)
+    grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
+    assert len(grads) > 4
+    for k, p in m.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(m.criterion.bank[:8], F.normalize(k1, dim=1))
+    torch.testing.assert_close(m.criterion.bank[8:], bank[8:])
+    assert int(m.criterion.bank_ptr) == 8
+    # and it differs from the one-sided loss
+    one = make(norm="batch").double()
+    assert abs(float(one.training_step(views, 0)[0].detach()) - float(loss.detach())) > 1e-3
+
+
+def test_symmetric_chunked_equals_unchunked():
+    views = make().transform(32, "lung")(synthetic_hu(10), torch.Generator().manual_seed(2))
+    l0, l1, g0, g1 = grads_chunked_vs_unchunked(lambda chunk: make(chunk, symmetric=True), views, chunk=4)
+    assert l0 == pytest.approx(l1, rel=1e-12) and set(g0) == set(g1)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-9, atol=1e-12)
+
+
 def test_chunked_equals_unchunked():
     views = make().transform(32, "lung")(synthetic_hu(10), torch.Generator().manual_seed(2))
     l0, l1, g0, g1 = grads_chunked_vs_unchunked(make, views, chunk=4)
@@ -133,3 +176,11 @@ def test_shuffled_bn_two_processes(tmp_path):
     with torch.no_grad():
         plain = torch.cat([enc(x[:6]), enc(x[6:])])
     assert not torch.allclose(keys, plain)
+
+
+def test_symmetric_flag():
+    from sparkct.train.cli import _method_parser
+    p, _ = _method_parser("moco")
+    assert p.parse_args(["--symmetric"]).symmetric is True
+    assert p.parse_args([]).symmetric is False
+    assert p.parse_args(["--symmetric", "false", "--channels-last", "false"]).channels_last is False
