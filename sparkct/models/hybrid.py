@@ -308,6 +308,36 @@ class SSLMethod(Method):
         self.last_targets = targets
         return loss, logs
 
+    # --- what a person looks at ---------------------------------------------------------------------
+    @torch.no_grad()
+    def preview(self, batch: Any, shown: int = 8, search: int = 32) -> dict[str, Tensor] | None:
+        """Rows for the preview PNG (the trainer calls this in eval mode): the global views of the first
+        `shown` slices side by side (and the first local crop, enlarged), then what the backbone's pooled
+        features (the exported representation, cosine similarity) match among the first `search` slices
+        of the batch: for each slice, the view 2 nearest to its view 1 (its own view 2 when the features
+        are invariant to the augmentations; the row's name counts how often that holds) and its nearest
+        other slice (which slices the representation groups together). One no-grad forward of `search` x
+        2 images."""
+        views, _ = self.split_batch(batch)
+        n_global = min(self.n_global, len(views))
+        k = min(shown, views[0].shape[0])
+        rows = {f"view {i + 1}": v[:k] for i, v in enumerate(views[:n_global])}
+        size = tuple(views[0].shape[-2:])
+        if len(views) > n_global and tuple(views[n_global].shape[-2:]) != size:
+            local = views[n_global]
+            rows[f"local crop ({local.shape[-1]} px)"] = F.interpolate(local[:k], size=size, mode="nearest")
+        n = min(search, views[0].shape[0])
+        if n_global < 2 or n < 2:
+            return rows
+        a, b = (F.normalize(self.backbone(v[:n]).flatten(1).float(), dim=1) for v in views[:2])
+        nearest = (a @ b.t()).argmax(1)
+        own = int((nearest == torch.arange(n, device=nearest.device)).sum())
+        rows[f"nearest view 2 ({own}/{n} own)"] = views[1][nearest[:k]]
+        other = a @ a.t()
+        other.fill_diagonal_(-float("inf"))
+        rows["nearest other slice"] = views[0][other.argmax(1)[:k]]
+        return rows
+
     def _embedding_modules(self) -> list[nn.Module]:
         """Modules whose buffers :meth:`embed` updates (restored after the no-grad pass of gradient
         caching): all but the loss modules (whose queues are updated once, by the loss)."""

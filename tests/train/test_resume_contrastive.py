@@ -53,6 +53,7 @@ def test_resume_is_bit_identical(name, small_cache, tmp_path):
         for k in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
     assert _losses(straight, 3) == _losses(tmp_path / "resumed", 3)
+    assert (straight / "previews" / "latest.png").is_file()  # the method's preview() at the end of the run
     m = a["model"]
     if name == "moco":  # the queue is in the checkpoint and wrapped around
         assert int(m["criterion.bank_ptr"]) == (6 * 8) % 16
