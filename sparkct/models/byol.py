@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from sparkct.errors import UserError
 from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
 from sparkct.nn import BYOLLoss, BYOLPredictionHead, BYOLProjectionHead, MomentumEncoder
 from sparkct.nn.gradcache import chunked
@@ -28,17 +27,11 @@ __all__ = ["BYOL", "BYOLConfig"]
 class BYOLConfig(SSLConfig):
     momentum: float = field(default=0.99, metadata={"help": "target EMA momentum at the start (BYOL: 0.99)"})
     momentum_end: float = field(default=1.0, metadata={"help": "target EMA momentum at the end (cosine; BYOL: 1)"})
-    proj_hidden_dim: int = field(default=0, metadata={
-        "help": "projector and predictor hidden width (0: 4096 scaled by the backbone's feature dim / 2048)"})
     proj_dim: int = field(default=256, metadata={"help": "projection / prediction width"})
-    augment: str = field(default="strong", metadata={
-        "help": "CTAugment presets of both views, joined with '+' (view 1 always blurred, view 2 rarely)"})
 
     def validate(self) -> None:
         super().validate()
         self.validate_momentum(self.momentum, self.momentum_end)
-        if self.proj_dim < 1 or self.proj_hidden_dim < 0:
-            raise UserError(f"projector widths must be positive, got {self.proj_hidden_dim} and {self.proj_dim}")
 
 
 class BYOL(SSLMethod):

@@ -149,9 +149,18 @@ class SSLConfig(MethodConfig):
                 "(needs --labels; 0: self-supervised only)"})
     num_classes: int = field(default=0, metadata={
         "help": "classes of the supervised head (set from the labels file; 0: none)"})
+    proj_hidden_dim: int = field(default=0, metadata={
+        "help": "projector (and BYOL's predictor) hidden width (0: the published width for ResNet-50 - 2048, "
+                "BYOL 4096 - scaled by the backbone's feature dim / 2048)"})
+    proj_dim: int = field(default=128, metadata={"help": "projector output width (the embedding the loss sees)"})
+    augment: str = field(default="strong", metadata={
+        "help": "CTAugment presets of the views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
 
     def validate(self) -> None:
         _integer(self.chunk, "chunk")
+        _integer(self.proj_hidden_dim, "projector hidden width")
+        _integer(self.proj_dim, "projector output width", 1)
+        augment_kwargs(self.augment)
         w = _number(self.hybrid_weight, "hybrid weight")
         _check(w >= 0, f"hybrid weight must be >= 0, got {w}")
         _integer(self.num_classes, "num_classes")
@@ -168,12 +177,13 @@ class SSLConfig(MethodConfig):
 
 
 class SSLMethod(Method):
-    """Base of the contrastive / clustering methods. Subclasses implement :meth:`embed` (a view's
-    rows -> ``(embedding, backbone features)``, every parameter that gets a gradient inside),
-    :meth:`objective` (the self-supervised loss from the embeddings of the grad-carrying views),
-    :meth:`views_transform`, and optionally :meth:`prepare` (no-grad work before the step: key /
-    target encoders, prototype normalization). The base adds the hybrid term, gradient caching and
-    the logs (``ssl``, ``supervised``, ``collapse``)."""
+    """Base of the contrastive / clustering methods. Subclasses implement :meth:`objective` (the
+    self-supervised loss from the embeddings of the grad-carrying views) and, where the defaults do not
+    fit, :meth:`embed` (a view's rows -> ``(embedding, backbone features)``, every parameter that gets a
+    gradient inside; default: ``self.projector`` on the backbone's features), :meth:`views_transform`
+    (default: two views of ``config.augment``) and :meth:`prepare` (no-grad work before the step: key /
+    target encoders, prototype normalization). The base adds the hybrid term, gradient caching and the
+    logs (``ssl``, ``supervised``, ``collapse``)."""
 
     config_class = SSLConfig
     accepts_targets = True  # the trainer passes (views, targets) when a labels file is given
@@ -200,7 +210,9 @@ class SSLMethod(Method):
 
     # --- subclass interface -------------------------------------------------------------------------
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Default: (the projector's output, the backbone's pooled features)."""
+        f = self.backbone(x).flatten(1)
+        return self.projector(f), f
 
     def objective(self, outs: list[Tensor], state: Any, step: int) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
@@ -218,7 +230,9 @@ class SSLMethod(Method):
         return None
 
     def views_transform(self, crop: int, windows) -> Views:
-        raise NotImplementedError
+        """Default: two views from the config's augment presets."""
+        aug = self.augment(crop, windows, self.config.augment)
+        return Views([aug, aug])
 
     # --- data ---------------------------------------------------------------------------------------
     def transform(self, crop: int, windows) -> Callable[..., Any]:

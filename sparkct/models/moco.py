@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sparkct.distributed import all_gather_rows, is_distributed, rank, row_counts, world_size
 from sparkct.errors import UserError
-from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
+from sparkct.models.hybrid import SSLConfig, SSLMethod
 from sparkct.nn import InfoNCELoss, MoCoProjectionHead, MomentumEncoder
 from sparkct.nn.gradcache import chunked
 
@@ -42,11 +42,8 @@ class MoCoConfig(SSLConfig):
     momentum: float = field(default=0.999, metadata={"help": "key encoder EMA momentum at the start"})
     momentum_end: float = field(default=0.999, metadata={
         "help": "momentum at the end, reached along a cosine (equal to --momentum: constant; 1.0: cosine to 1)"})
-    proj_hidden_dim: int = field(default=0, metadata={
-        "help": "projector hidden width (0: 2048 scaled by the backbone's feature dim / 2048)"})
-    proj_dim: int = field(default=128, metadata={"help": "projector output width (the key dimension)"})
     augment: str = field(default="moco", metadata={
-        "help": "CTAugment presets for both views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
+        "help": "CTAugment presets of both views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
     symmetric: bool = field(default=False, metadata={
         "help": "symmetric loss (as MoCo v3): both views are queries for the other view's key, losses averaged"})
 
@@ -58,8 +55,6 @@ class MoCoConfig(SSLConfig):
             raise UserError(f"symmetric must be true or false, got {self.symmetric!r}")
         if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
             raise UserError(f"queue size must be a positive integer, got {self.queue_size!r}")
-        if self.proj_dim < 1 or self.proj_hidden_dim < 0:
-            raise UserError(f"projector widths must be positive, got {self.proj_hidden_dim} and {self.proj_dim}")
 
 
 def _per_device_bn(module: nn.Module) -> bool:
@@ -102,14 +97,6 @@ class MoCo(SSLMethod):
         self.criterion = InfoNCELoss(c.temperature, memory_bank_size=(c.queue_size, c.proj_dim),
                                      gather_distributed=True, persistent_bank=True)  # checkpointed queue
         self.joint_views = not c.symmetric
-
-    def views_transform(self, crop: int, windows) -> Views:
-        aug = self.augment(crop, windows, self.config.augment)
-        return Views([aug, aug])
-
-    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.backbone(x).flatten(1)
-        return self.projector(f), f
 
     def grad_views(self, views):
         # queries; the keys come from the key encoder without autograd

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from sparkct.distributed import world_size
 from sparkct.errors import UserError
-from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
+from sparkct.models.hybrid import SSLConfig, SSLMethod
 from sparkct.nn import InfoNCELoss, SimCLRProjectionHead
 
 __all__ = ["SimCLR", "SimCLRConfig"]
@@ -24,17 +23,10 @@ __all__ = ["SimCLR", "SimCLRConfig"]
 class SimCLRConfig(SSLConfig):
     temperature: float = field(default=0.1, metadata={
         "help": "NT-Xent temperature (0.1 for large batches as in SimCLR; 0.2-0.5 suit small ones)"})
-    proj_hidden_dim: int = field(default=0, metadata={
-        "help": "projector hidden width (0: 2048 scaled by the backbone's feature dim / 2048)"})
-    proj_dim: int = field(default=128, metadata={"help": "projector output width"})
-    augment: str = field(default="strong", metadata={
-        "help": "CTAugment presets for both views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
 
     def validate(self) -> None:
         super().validate()
         self.validate_temperature(self.temperature)
-        if self.proj_dim < 1 or self.proj_hidden_dim < 0:
-            raise UserError(f"projector widths must be positive, got {self.proj_hidden_dim} and {self.proj_dim}")
 
 
 class SimCLR(SSLMethod):
@@ -49,14 +41,6 @@ class SimCLR(SSLMethod):
         c = self.config
         self.projector = SimCLRProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
         self.criterion = InfoNCELoss(c.temperature, gather_distributed=True)
-
-    def views_transform(self, crop: int, windows) -> Views:
-        aug = self.augment(crop, windows, self.config.augment)
-        return Views([aug, aug])
-
-    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.backbone(x).flatten(1)
-        return self.projector(f), f
 
     def check_run(self, batch: int) -> None:
         if batch < 2:

@@ -52,22 +52,16 @@ class SwAVConfig(SSLConfig):
     queue_size: int = field(default=0, metadata={
         "help": "feature queue length per global crop (0: no queue; SwAV: 3840 at batch 256)"})
     queue_start_epoch: int = field(default=15, metadata={"help": "epoch from which the queue is used"})
-    proj_hidden_dim: int = field(default=0, metadata={
-        "help": "projector hidden width (0: 2048 scaled by the backbone's feature dim / 2048)"})
-    proj_dim: int = field(default=128, metadata={"help": "projector output width"})
-    augment: str = field(default="strong", metadata={
-        "help": "CTAugment presets of every crop, joined with '+' (crop scales come from the scale flags)"})
 
     def validate(self) -> None:
         super().validate()
         self.validate_temperature(self.temperature)
         self.validate_temperature(self.epsilon, "epsilon")
-        for name in ("prototypes", "sinkhorn_iterations", "n_global", "proj_dim"):
+        for name in ("prototypes", "sinkhorn_iterations", "n_global"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
-        for name in ("n_local", "local_crop", "freeze_prototypes", "queue_size", "queue_start_epoch",
-                     "proj_hidden_dim"):
+        for name in ("n_local", "local_crop", "freeze_prototypes", "queue_size", "queue_start_epoch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"{name.replace('_', ' ')} must be an integer >= 0, got {v!r}")
