@@ -343,7 +343,8 @@ class SSLMethod(Method):
         n = min(search, views[0].shape[0])
         if n_global < 2 or n < 2:
             return rows
-        a, b = (F.normalize(self.backbone(v[:n]).flatten(1).float(), dim=1) for v in views[:2])
+        dtype = next(self.backbone.parameters()).dtype
+        a, b = (F.normalize(self.backbone(v[:n].to(dtype)).flatten(1).float(), dim=1) for v in views[:2])
         nearest = (a @ b.t()).argmax(1)
         own = int((nearest == torch.arange(n, device=nearest.device)).sum())
         rows[f"nearest view 2 ({own}/{n} own)"] = views[1][nearest[:k]]
