@@ -1,0 +1,1 @@
+"""Performance reporting: device peaks, rooflines, and the README's generated benchmark sections."""
