@@ -26,7 +26,7 @@ import sys
 
 from sparkct.errors import UserError
 
-__all__ = ["resolve_peaks", "case_dtype", "points", "markdown", "plot", "write", "main"]
+__all__ = ["resolve_peaks", "case_dtype", "points", "markdown", "plot", "write", "register", "main"]
 
 
 def _gpu_name(result: dict) -> str | None:
@@ -188,8 +188,10 @@ def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> 
         if not r["intensity"]:
             continue
         ax.scatter([r["intensity"]], [r["achieved_gflop_s"]], s=22, color="black", zorder=3)
+        right = math.log(r["intensity"]) > (math.log(lo) + math.log(hi)) / 2  # label inwards
         ax.annotate(f"{i} {r['label']}", (r["intensity"], r["achieved_gflop_s"]), fontsize=6,
-                    xytext=(4, 2 + 7 * (i % 3) - 7), textcoords="offset points")
+                    xytext=(-4 if right else 4, 2 + 7 * (i % 3) - 7), textcoords="offset points",
+                    ha="right" if right else "left")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -238,6 +240,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--calibrate", action="store_true",
                    help="measure the peaks on this machine when the result stores none")
     return p
+
+
+def register(subparsers) -> None:
+    """`sparkct bench-report RESULT.json [--out DIR] [--calibrate]` (add "sparkct.perf.roofline" to
+    sparkct.cli._COMMAND_MODULES)."""
+    s = subparsers.add_parser("bench-report", help="roofline PNG + table of a `sparkct bench` JSON",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build_parser(s)
+    s.set_defaults(func=run)
 
 
 def run(args) -> int:
