@@ -169,7 +169,7 @@ def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> 
 
     bw = peaks.get("bandwidth_gb_s")
     drawn = [r for r in rows if r["intensity"]]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=120)
     ais = [r["intensity"] for r in drawn] or [1.0]
     dtypes = sorted({r["dtype"].split(" ")[0] for r in rows} or {"fp32"})
     roofs = {d: compute_peak(peaks, d)[0] for d in dtypes}
@@ -188,10 +188,11 @@ def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> 
         if not r["intensity"]:
             continue
         ax.scatter([r["intensity"]], [r["achieved_gflop_s"]], s=22, color="black", zorder=3)
-        right = math.log(r["intensity"]) > (math.log(lo) + math.log(hi)) / 2  # label inwards
-        ax.annotate(f"{i} {r['label']}", (r["intensity"], r["achieved_gflop_s"]), fontsize=6,
-                    xytext=(-4 if right else 4, 2 + 7 * (i % 3) - 7), textcoords="offset points",
-                    ha="right" if right else "left")
+        # numbers at the points (clustered cases stay readable), names in the key beside the axes
+        ax.annotate(str(i), (r["intensity"], r["achieved_gflop_s"]), fontsize=7,
+                    xytext=(4, 2 + 6 * (i % 3) - 6), textcoords="offset points")
+    key = [f"{i}  {r['label']}" for i, r in enumerate(rows, 1) if r["intensity"]]
+    fig.text(0.74, 0.9, "\n".join(key), fontsize=6, va="top", ha="left", family="monospace")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -202,7 +203,7 @@ def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> 
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title or f"roofline: {peaks_line(peaks)}", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.73, 1))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
