@@ -76,25 +76,33 @@ def _rel(path: str, base: str = ROOT) -> str:
         return path
 
 
+def _first(env: dict, *keys):
+    return next((env[k] for k in keys if env.get(k) not in (None, "")), None)
+
+
 def provenance(result: dict, path: str, base: str = ROOT) -> str:
+    """One line: which file, which run, on what (the environment keys of sparkct.perf.environment)."""
     env = result.get("environment") or {}
-    where = [result.get("runner", "?")]
+    where = [str(result.get("runner", "?"))]
     if result.get("device") == "cuda":
-        for k in ("gpu_name", "driver", "cuda"):
-            if env.get(k):
-                where.append(f"{'CUDA ' if k == 'cuda' else 'driver ' if k == 'driver' else ''}{env[k]}")
-    cpu = env.get("cpu_model") or env.get("cpu")
+        for key, pre in ((("gpu_name",), ""), (("gpu_driver", "driver"), "driver "),
+                         (("cuda_version", "cuda"), "CUDA ")):
+            v = _first(env, *key)
+            if v:
+                where.append(f"{pre}{v}")
+    cpu = _first(env, "cpu_model", "cpu")
     if cpu:
-        cores = env.get("cores") or env.get("cpu_count")
+        cores = _first(env, "cpu_usable_cores", "cores", "cpu_logical_cores")
         where.append(f"{cpu}{f' ({cores} cores)' if cores else ''}")
-    if env.get("threads"):
-        where.append(f"{env['threads']} threads")
-    for k, name in (("torch", "torch"), ("sparkct", "sparkct")):
+    threads = _first(env, "torch_threads", "threads")
+    if threads:
+        where.append(f"{threads} threads")
+    for k in ("torch", "sparkct"):
         if env.get(k):
-            where.append(f"{name} {env[k]}")
-    commit = env.get("git_commit") or env.get("commit")
+            where.append(f"{k} {env[k]}")
+    commit = _first(env, "git_commit", "commit")
     if commit:
-        where.append(f"commit {str(commit)[:10]}")
+        where.append(f"commit {str(commit)[:10]}{' (dirty)' if env.get('git_dirty') else ''}")
     created = str(result.get("created", "?"))[:10]
     run = "quick" if result.get("quick") else "full"
     return (f"_Generated from `{_rel(path, base)}` ({run} run of {created}: {', '.join(where)}) by "
