@@ -145,3 +145,16 @@ def test_kernel_driver_runs_every_op_with_its_ranges(capsys):
     assert len(capsys.readouterr().out.splitlines()) == len(mod.OPS)
     with pytest.raises(SystemExit):
         mod.main(["--ops", "nope"])
+
+
+def test_profiling_doc_names_every_cuda_kernel():
+    # docs/profiling.md's Nsight Compute table is what `ncu -k NAME` needs: it must follow csrc/cuda
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    src = "\n".join(p.read_text() for p in sorted((root / "csrc" / "cuda").glob("*.cu")))
+    kernels = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", src))
+    assert len(kernels) >= 20, kernels
+    doc = (root / "docs" / "profiling.md").read_text()
+    missing = sorted(k for k in kernels if f"`{k}`" not in doc)
+    assert not missing, missing
