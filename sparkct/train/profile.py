@@ -36,7 +36,8 @@ def _add_profile_args(method: str):
         g = p.add_argument_group("profiling")
         g.add_argument("--steps", type=int, default=20, help="optimizer steps to run (warm-up steps included)")
         g.add_argument("--warmup-steps", type=int, default=2,
-                       help="first steps run but not recorded (one-off costs: allocation, autotuning, model setup)")
+                       help="first steps run but not recorded (one-off costs: allocation, autotuning, the "
+                            "trainer's set-up, which 0 records in the first step)")
         g.add_argument("--top", type=int, default=25, help="rows of the top-ops table")
         g.add_argument("--record-shapes", action="store_true", help="record input shapes (group ops by shape)")
         g.add_argument("--memory", action="store_true", help="record allocations (profile_memory)")
@@ -55,6 +56,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if not args.method:
         raise UserError("name a method to profile (" + ", ".join(METHODS) + ")")
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("sparkct profile runs one process; under torchrun, profile with torch.profiler in your "
+                        "own code or use Nsight Systems (docs/profiling.md)")
     given = {a.split("=", 1)[0] for a in args.rest if a.startswith("--")}
     for flag, why in (("--max-steps", "use --steps"), ("--resume", "a profile starts a fresh run"),
                       ("--force", "a profile starts a fresh run")):

@@ -61,14 +61,22 @@ def test_a_profile_replaces_its_own_run_but_not_a_foreign_folder(small_cache, tm
     (["profile", "pretrain"], "name a method to profile"),
     (["profile", "pretrain", "spark", "--max-steps", "5"], "--max-steps does not apply to sparkct profile"),
     (["profile", "pretrain", "spark", "--crop", "100"], "multiple of 32"),
+    (["profile", "pretrain", "spark", "--resume"], "--resume does not apply"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, msg, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("sparkct profile pretrain")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_distributed_launch_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["profile", "pretrain", "spark"]) == 2
+    assert "runs one process" in capsys.readouterr().err
 
 
 def test_profile_help_imports_no_torch():
