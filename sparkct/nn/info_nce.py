@@ -13,6 +13,7 @@ from torch import nn
 from sparkct.distributed import all_gather_rows
 from sparkct.errors import UserError
 from sparkct.ops.info_nce import _distributed, info_nce
+from sparkct.profiling import ranged
 
 __all__ = ["InfoNCELoss"]
 
@@ -100,6 +101,7 @@ class InfoNCELoss(nn.Module):
             self.bank[ptr:ptr + b] = keys
             self.bank_ptr[0] = ptr + b
 
+    @ranged("loss/InfoNCELoss")
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dtype != out1.dtype \
                 and out0.is_floating_point() and out1.is_floating_point():
