@@ -50,8 +50,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`,
-# `sparkct finetune/report`, `sparkct data ...`
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli", "sparkct.perf.bench_cli"]
+# `sparkct pretrain/export`, `sparkct finetune/report`, `sparkct data ...`, `sparkct bench`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
