@@ -121,19 +121,15 @@ def _run_pytest(root: str, files: list[str], device: str, tier: str, rounds: int
             return proc.wait(), True
 
 
-def _failed_cases(progress_path: str, suites_of: dict) -> list[str]:
+def _failed_cases(progress_path: str) -> list[str]:
+    """Ids of the cases that failed (a correctness check, an error), from conftest's progress file."""
     from sparkct.io import read_json
+    from sparkct.perf.report import case_id
     try:
         prog = read_json(progress_path)
     except (OSError, ValueError):
         return []
-    out = []
-    for c in prog.get("cases", []):
-        if c.get("outcome") == "failed":
-            path, _, name = c["nodeid"].partition("::")
-            fam = os.path.splitext(os.path.basename(path))[0]
-            out.append(f"{suites_of.get(fam, 'other')}/{fam}/{name}")
-    return out
+    return [case_id(c["nodeid"])[0] for c in prog.get("cases", []) if c.get("outcome") == "failed"]
 
 
 def cmd_bench(args) -> int:
@@ -183,7 +179,7 @@ def cmd_bench(args) -> int:
                 raise RuntimeError(f"pytest exited with status {rc} and wrote no benchmark results")
             from sparkct.io import read_json
             raw = read_json(raw_path)
-            failed = _failed_cases(prog_path, report._FAMILY_SUITE)
+            failed = _failed_cases(prog_path)
         doc = report.convert(raw, device=device, runner=runner, tier=tier, suites=suites, environment=env,
                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              rounds=args.rounds, complete=rc in (0, 1) and not interrupted, failed=failed)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from sparkct.errors import UserError
 
-__all__ = ["SCHEMA", "SUITES", "PAIRS", "Pair", "noise_band", "convert", "validate", "load", "compare",
+__all__ = ["SCHEMA", "SUITES", "PAIRS", "Pair", "case_id", "noise_band", "convert", "validate", "load", "compare",
            "parse_percent", "format_cases", "format_comparison", "Comparison"]
 
 SCHEMA = "sparkct-bench/1"
@@ -95,6 +95,14 @@ _NOT_FIGURES = {"median_s", "peak_bytes", "peak_mib", "flops", "bytes_moved", "p
                 "target_per_worker", "torch_threads", "meets_target"}
 _OWN_RATIOS = ("speedup_vs_", "mem_vs_", "peak_ratio_vs_", "time_vs_", "sparse_speedup_vs_", "frac_of_gemm")
 _RENAME = {"gflops_per_s": "gflop_per_s"}
+
+
+def case_id(nodeid: str) -> tuple[str, str, str]:
+    """(case id, suite, family) of a pytest node id such as 'benchmarks/bench_data.py::test_x[a]'."""
+    path, _, name = nodeid.partition("::")
+    family = os.path.splitext(os.path.basename(path))[0]
+    suite = _FAMILY_SUITE.get(family, "other")
+    return f"{suite}/{family}/{name}", suite, family
 
 
 def noise_band(stats: dict) -> float | None:
@@ -161,9 +169,8 @@ def convert(raw: dict, *, device: str, runner: str, tier: str, suites: list[str]
     """A sparkct-bench/1 document from pytest-benchmark's --benchmark-json output."""
     cases, axes = [], {}
     for b in raw.get("benchmarks", []):
-        path, _, name = b["fullname"].partition("::")
-        family = os.path.splitext(os.path.basename(path))[0]
-        suite = _FAMILY_SUITE.get(family, "other")
+        cid, suite, family = case_id(b["fullname"])
+        name = cid.split("/", 2)[2]
         st, extra = b["stats"], dict(b.get("extra_info") or {})
         params = extra.get("params")
         if params is None:  # a benchmark that records its case outside benchkit.run
@@ -176,7 +183,7 @@ def convert(raw: dict, *, device: str, runner: str, tier: str, suites: list[str]
                 continue
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 figures[_RENAME.get(k, k)] = v
-        case = {"id": f"{suite}/{family}/{name}", "suite": suite, "family": family, "group": b.get("group"),
+        case = {"id": cid, "suite": suite, "family": family, "group": b.get("group"),
                 "params": params, "time_s": time_s, "peak_bytes": extra.get("peak_bytes"),
                 "figures": figures, "ratios": {}, "ratio_noise": {}}
         if "flops" in extra:
@@ -449,7 +456,8 @@ def format_cases(doc: dict) -> str:
 def format_comparison(cmp: Comparison, old: dict, new: dict) -> str:
     """The ratio figures (all of them), the absolute figures that moved beyond noise, the missing and new
     cases, and the gate's verdict."""
-    shown = [r for r in cmp.rows if r.figure not in ("time", "peak_bytes") or r.verdict not in ("within noise",)]
+    shown = [r for r in cmp.rows if r.figure != "-"  # whole missing / new cases: listed below the table
+             and (r.figure not in ("time", "peak_bytes") or r.verdict != "within noise")]
     rows = [[_short(r.case), r.figure, _value(r.figure, r.old), _value(r.figure, r.new),
              "-" if r.change is None else ("+inf" if math.isinf(r.change) else f"{r.change * 100:+.1f}%"),
              "-" if r.change is None else f"±{_pct(r.band)}",
@@ -457,7 +465,7 @@ def format_comparison(cmp: Comparison, old: dict, new: dict) -> str:
              + (" (not gated)" if r.figure in ("time", "peak_bytes") and not r.gated else "")]
             for r in shown]
     ratio_rows = [r for r in cmp.rows if r.gated and r.figure not in ("time", "peak_bytes")]
-    hidden = len([r for r in cmp.rows if r not in shown])
+    hidden = len([r for r in cmp.rows if r.figure in ("time", "peak_bytes") and r not in shown])
     out = [f"compared with {old['runner']} baseline of {old['created']} "
            f"(commit {(old['environment'].get('git_commit') or '?')[:10]}): "
            f"fail above {cmp.threshold * 100:g}% on ratio figures, beyond noise",
@@ -468,9 +476,14 @@ def format_comparison(cmp: Comparison, old: dict, new: dict) -> str:
     counts = {v: sum(r.verdict == v for r in ratio_rows) for v in ("improved", "regressed", "within noise")}
     out.append(f"ratio figures: {counts['improved']} improved, {counts['regressed']} regressed, "
                f"{counts['within noise']} within noise")
-    if cmp.missing_cases:
-        out.append(f"missing from this run ({len(cmp.missing_cases)}, not a failure): "
-                   + ", ".join(_short(c) for c in cmp.missing_cases))
+    suites = set(new["suites"])
+    other = [c for c in cmp.missing_cases if c.split("/")[0] not in suites]
+    missing = [c for c in cmp.missing_cases if c.split("/")[0] in suites]
+    if other:
+        out.append(f"not compared: {len(other)} baseline cases of suites this run did not include "
+                   f"({', '.join(sorted({c.split('/')[0] for c in other}))})")
+    if missing:
+        out.append(f"missing from this run ({len(missing)}, not a failure): " + ", ".join(_short(c) for c in missing))
     if cmp.new_cases:
         out.append(f"new in this run ({len(cmp.new_cases)}): " + ", ".join(_short(c) for c in cmp.new_cases))
     fails = cmp.failures

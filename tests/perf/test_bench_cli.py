@@ -6,6 +6,7 @@ import copy
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,14 +98,16 @@ def test_changes_inside_noise_or_threshold_pass(tmp_path, new_ratio, noise, verd
 
 def test_missing_and_new_cases_are_listed_not_failed(tmp_path, capsys):
     c = "train/bench_contrastive/test_method_step[cpu-simclr-fused-chunk0]"
-    old = doc([case(A, ratios={"speedup_vs_naive": 2.0, "speedup_vs_lightly": 5.0}), case(B)])
+    d = "data/bench_data/test_loader_throughput[read-only]"  # a suite this run did not include
+    old = doc([case(A, ratios={"speedup_vs_naive": 2.0, "speedup_vs_lightly": 5.0}), case(B), case(d)])
     new = doc([case(A, ratios={"speedup_vs_naive": 2.0}), case(c)])  # lightly not installed here
     cmp = report.compare(old, new)
-    assert cmp.missing_cases == [B] and cmp.new_cases == [c] and not cmp.failures
+    assert cmp.missing_cases == [B, d] and cmp.new_cases == [c] and not cmp.failures
     assert _row(cmp, A, "speedup_vs_lightly").verdict == "missing"
     assert _cli(tmp_path, old, new) == 0
     out = capsys.readouterr().out
     assert "missing from this run (1, not a failure): bench_sparse_encoder::test_encoder[sparse]" in out
+    assert "not compared: 1 baseline cases of suites this run did not include (data)" in out
     assert "new in this run (1): bench_contrastive::test_method_step[cpu-simclr-fused-chunk0]" in out
 
 
@@ -202,6 +205,17 @@ def test_cases_pair_with_their_baselines_in_the_same_group():
     assert by["test_method_step[fused-16]"]["ratio_noise"]["speedup_vs_unchunked"] is None
     assert by["test_prepare_throughput[j1]"]["ratios"] == {"speedup_vs_pydicom-decode": 0.5}
     assert by["test_prepare_throughput[j1]"]["suite"] == "data"
+
+
+def test_failed_cases_are_read_from_the_progress_file(tmp_path):
+    from sparkct.perf.bench_cli import _failed_cases
+    prog = tmp_path / "progress.json"
+    prog.write_text(json.dumps({"cases": [
+        {"nodeid": "benchmarks/bench_spark.py::test_step[sparse-cpu]", "outcome": "failed"},
+        {"nodeid": "benchmarks/bench_data.py::test_loader_throughput[read-only]", "outcome": "passed"},
+        {"nodeid": "benchmarks/bench_info_nce.py::test_info_nce[x-lightly]", "outcome": "skipped"}]}))
+    assert _failed_cases(str(prog)) == ["train/bench_spark/test_step[sparse-cpu]"]
+    assert _failed_cases(str(tmp_path / "none.json")) == []
 
 
 def test_pairs_name_real_benchmark_cases():
@@ -312,6 +326,9 @@ def test_quick_kernel_run_end_to_end(tmp_path, capfd):
     rc = main(["bench", "--quick", "--suite", "kernels", "--device", "cpu", "--rounds", "3", "--json", str(out)])
     text = capfd.readouterr().out
     assert rc == 0, text
+    # --device cpu drops the CUDA cases of the smoke subset (deselected, not skipped for want of a GPU)
+    summary = next(ln for ln in text.splitlines() if re.match(r"\d+ passed", ln))
+    assert summary.startswith("7 passed, ") and "deselected" in summary and "skipped" not in summary, summary
     d = report.load(str(out), "results")
     assert d["device"] == "cpu" and d["runner"].startswith("cpu-") and d["quick"] and d["complete"]
     assert d["suites"] == ["kernels"] and d["rounds"] == 3 and not d["failed"]
@@ -335,3 +352,4 @@ def test_quick_kernel_run_end_to_end(tmp_path, capfd):
     rc = main(["bench", "--results", str(out), "--compare", BASELINE])
     text = capfd.readouterr().out
     assert rc in (0, 1) and "missing from this run" in text and "gate:" in text
+    assert "baseline cases of suites this run did not include (data, train)" in text
