@@ -2,7 +2,6 @@
 into ratios, bad input, and one real quick run of the kernel suite."""
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import os
