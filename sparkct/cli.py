@@ -50,8 +50,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli", "sparkct.train.profile"]
-# `sparkct pretrain/export`, `sparkct finetune/report`, `sparkct data ...`, `sparkct profile pretrain`
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli", "sparkct.train.profile",
+                    "sparkct.perf.bench_cli"]
+# `sparkct pretrain/export`, `sparkct finetune/report`, `sparkct data ...`, `sparkct profile pretrain`,
+# `sparkct bench`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

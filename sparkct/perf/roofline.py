@@ -26,7 +26,7 @@ import sys
 
 from sparkct.errors import UserError
 
-__all__ = ["resolve_peaks", "case_dtype", "points", "markdown", "plot", "write", "register", "main"]
+__all__ = ["resolve_peaks", "case_dtype", "points", "markdown", "plot", "write", "main"]
 
 
 def _gpu_name(result: dict) -> str | None:
@@ -241,15 +241,6 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--calibrate", action="store_true",
                    help="measure the peaks on this machine when the result stores none")
     return p
-
-
-def register(subparsers) -> None:
-    """`sparkct bench-report RESULT.json [--out DIR] [--calibrate]` (add "sparkct.perf.roofline" to
-    sparkct.cli._COMMAND_MODULES)."""
-    s = subparsers.add_parser("bench-report", help="roofline PNG + table of a `sparkct bench` JSON",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    build_parser(s)
-    s.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -87,16 +87,15 @@ def test_nothing_to_draw_and_cli_errors(result, tmp_path, capsys):
     assert (tmp_path / "roofline-cpu-fixture.png").is_file()
 
 
-def test_bench_report_subcommand(tmp_path, capsys):
-    import argparse
+def test_roofline_of_a_stored_result_through_sparkct_bench(tmp_path, capsys):
     import subprocess
     import sys
 
-    p = argparse.ArgumentParser()
-    roofline.register(p.add_subparsers(dest="command"))
-    args = p.parse_args(["bench-report", FIXTURE, "--out", str(tmp_path)])
-    assert args.func(args) == 0
+    from sparkct.cli import main as sparkct_main
+
+    assert sparkct_main(["bench", "--results", FIXTURE, "--roofline", str(tmp_path)]) == 0
     assert "roofline-cpu-fixture.md" in capsys.readouterr().out
+    assert (tmp_path / "roofline-cpu-fixture.png").is_file()
     # the sparkct CLI builds its parsers without importing torch
     code = "import sys, sparkct.perf.roofline, sparkct.perf.readme; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
