@@ -51,7 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 _COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`,
-# `sparkct finetune/report`, `sparkct data ...`
+# `sparkct finetune/report/experiment/eval probe`, `sparkct data ...`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None),
-                                getattr(args, "method", None)) if x)
+                                getattr(args, "eval_command", None), getattr(args, "method", None)) if x)
     from sparkct.errors import TrainingDiverged
     try:
         return args.func(args)
