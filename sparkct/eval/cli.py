@@ -128,7 +128,7 @@ probe.md / probe.json in --out: per target AUC, balanced accuracy and accuracy w
 
 
 def _register_eval(subparsers) -> None:
-    from sparkct.eval.probe import TARGETS
+    from sparkct.eval.config import PROBE_TARGETS as TARGETS
 
     ev = subparsers.add_parser("eval", help="evaluations of a pretrained backbone (probe: bias probes on DICOM "
                                "metadata)", description="Evaluations of a frozen pretrained backbone. Fine-tuning "

@@ -34,11 +34,11 @@ import time
 import numpy as np
 
 from sparkct.errors import UserError
+from sparkct.eval.config import PROBE_TARGETS as TARGETS  # one list for the module and the CLI parser
 
 __all__ = ["TARGETS", "AGE_BANDS", "parse_targets", "metadata_values", "probe_target", "embed", "run_probe",
            "render_markdown"]
 
-TARGETS = ("sex", "age_band", "manufacturer", "kernel", "kvp")
 #: (lower bound inclusive, upper bound exclusive, name)
 AGE_BANDS = ((0.0, 40.0, "<40"), (40.0, 60.0, "40-59"), (60.0, 80.0, "60-79"), (80.0, math.inf, ">=80"))
 _FIELD = {"sex": "patient_sex", "age_band": "age_years", "manufacturer": "manufacturer", "kernel": "kernel",
