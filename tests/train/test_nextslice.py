@@ -74,7 +74,7 @@ def test_loss_falls_on_synthetic_ct(long_series):
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     loader = SliceLoader(ds, 16, transform=tf, seed=0, pairs=m.pairs(ds))
     step = 0
-    while step < 24:
+    while step < 16:
         loader.set_epoch(step)
         for batch in loader:
             loss, logs = m.training_step(batch, step)
@@ -82,7 +82,7 @@ def test_loss_falls_on_synthetic_ct(long_series):
             loss.backward()
             opt.step()
             step += 1
-            if step == 24:
+            if step == 16:
                 break
     after = held_loss()
     assert after < 0.6 * before, (before, after)
