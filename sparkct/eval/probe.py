@@ -79,6 +79,18 @@ def metadata_values(cache, target: str, slices=None) -> np.ndarray:
     return per_series[ser]
 
 
+def _ordered(classes) -> list[str]:
+    """Classes in a reader's order: numbers by value (kVp), age bands youngest first, else by name."""
+    bands = [name for _, _, name in AGE_BANDS]
+    classes = list(classes)
+    if all(c in bands for c in classes):
+        return sorted(classes, key=bands.index)
+    try:
+        return sorted(classes, key=float)
+    except ValueError:
+        return sorted(classes)
+
+
 def _skip(reason: str, **extra) -> dict:
     return {"status": "skipped", "reason": reason, **extra}
 
@@ -105,19 +117,33 @@ def probe_target(features, values, patients, train, test, *, n_resamples: int = 
     present = v != ""
     if not present.any():
         return _skip("no values in the cache's series records")
-    uniq = sorted(set(v[present].tolist()))
+    uniq = _ordered(set(v[present].tolist()))
     if len(uniq) < 2:
         return _skip(f"a single value ({uniq[0]!r}) in every series that has one")
     train, test = train[present[train]], test[present[test]]
-    dropped = {}
-    keep = []
-    for c in uniq:
-        n_tr = len(np.unique(pat[train][v[train] == c]))
-        n_te = len(np.unique(pat[test][v[test] == c]))
-        if n_tr >= 1 and n_te >= min_test_patients:
-            keep.append(c)
-        else:
-            dropped[c] = {"train_patients": n_tr, "test_patients": n_te}
+    dropped: dict = {}
+    keep = list(uniq)
+    while True:
+        # the bootstrap resamples test patients within strata (a patient's stratum is its largest class,
+        # e.g. two series at 100 and 120 kVp count as 120): a class needs a training patient and
+        # `min_test_patients` test patients of its stratum; leaving one out can empty another, so repeat
+        tr, te = train[np.isin(v[train], keep)], test[np.isin(v[test], keep)]
+        rank = {c: i for i, c in enumerate(keep)}
+        top: dict = {}
+        for p_, c in zip(pat[te].tolist(), v[te].tolist()):
+            top[p_] = max(top.get(p_, -1), rank[c])
+        short = {}
+        for i, c in enumerate(keep):
+            n_tr = len(np.unique(pat[tr][v[tr] == c]))
+            n_te = sum(1 for r in top.values() if r == i)
+            if n_tr < 1 or n_te < min_test_patients:
+                short[c] = {"train_patients": n_tr, "test_patients": n_te}
+        if not short:
+            break
+        dropped.update(short)
+        keep = [c for c in keep if c not in short]
+        if len(keep) < 2:
+            break
     if len(keep) < 2:
         counts = "; ".join(f"{c}: {d['train_patients']} train / {d['test_patients']} test patients"
                            for c, d in dropped.items())

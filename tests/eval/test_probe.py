@@ -143,3 +143,18 @@ def test_data_that_is_not_a_cache_is_refused(tmp_path, capsys):
     assert main(["eval", "probe", "--init", "random", "--data", str(tmp_path / "folder"), "--out",
                  str(tmp_path / "p")]) == 2
     assert "not a prepared cache" in capsys.readouterr().err
+
+
+def test_a_class_only_seen_beside_a_larger_one_is_left_out_not_fatal():
+    # the bootstrap's stratum of a patient is its largest class: two test patients whose first slice is
+    # at 80 kVp and the rest at 120 kVp leave 80 kVp without a stratum of its own
+    rng, _, pat, train, test = _patients(n_patients=40, seed=3)
+    v = np.array(["100", "120"])[pat % 2]
+    for p in (pat[test[0]], pat[test[-1]], pat[train[0]]):
+        v[np.nonzero(pat == p)[0][0]] = "80"
+        v[np.nonzero(pat == p)[0][1:]] = "120"
+    feats = rng.normal(size=(len(pat), 4))
+    feats[:, 0] += (v == "120") * 2.0
+    r = probe_target(feats, v, pat, train, test, n_resamples=100)
+    assert r["status"] == "done" and r["classes"] == ["100", "120"]
+    assert r["dropped_classes"]["80"]["test_patients"] == 0
