@@ -52,8 +52,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 _COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli", "sparkct.train.profile",
                     "sparkct.perf.bench_cli"]
-# `sparkct pretrain/export`, `sparkct finetune/report`, `sparkct data ...`, `sparkct profile pretrain`,
-# `sparkct bench`
+# `sparkct pretrain/export`, `sparkct finetune/report/experiment/eval probe`, `sparkct data ...`,
+# `sparkct profile pretrain`, `sparkct bench`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     name = " ".join(x for x in ("sparkct", args.command, getattr(args, "profile_target", None),
-                                getattr(args, "data_command", None),
+                                getattr(args, "data_command", None), getattr(args, "eval_command", None),
                                 getattr(args, "method", None)) if x)
     from sparkct.errors import TrainingDiverged
     try:

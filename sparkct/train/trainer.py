@@ -241,7 +241,7 @@ class Trainer:
         method = self.method
         method.seed = cfg.seed
         loader = SliceLoader(ds, micro, transform=method.transform(cfg.crop, cfg.windows), seed=cfg.seed,
-                             device=device, workers=cfg.workers, shard=(rank, world))
+                             device=device, workers=cfg.workers, shard=(rank, world), pairs=method.pairs(ds))
         steps_per_epoch = len(loader) // cfg.accum
         if steps_per_epoch < 1:
             raise UserError(f"one epoch holds {len(loader)} micro-batches, fewer than --accum {cfg.accum}")
