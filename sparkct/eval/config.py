@@ -71,9 +71,6 @@ class ExperimentConfig:
     pretrain_patients: int = _h("built-in data: unlabelled pretraining patients", default=16)
     synth_size: int = _h("built-in data: slice size", default=96)
     synth_slices: int = _h("built-in data: slices per series", default=12)
-    synth_min_nodule_mm: float = _h("built-in data: a slice counts as 'nodule' when it shows a nodule at least this "
-                                    "wide (mm); slices showing only smaller ones are left out of the task (0: "
-                                    "every nodule slice counts)", default=0.0)
     set: list = _h("METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
                    "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
                    default_factory=list)
@@ -108,8 +105,6 @@ class ExperimentConfig:
                   "synth_patients", "pretrain_patients", "synth_size", "synth_slices"):
             if getattr(self, k) < 1:
                 raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
-        if not (self.synth_min_nodule_mm >= 0 and math.isfinite(self.synth_min_nodule_mm)):
-            raise UserError(f"--synth-min-nodule-mm must be finite and >= 0, got {self.synth_min_nodule_mm}")
         if self.data is not None and not os.path.exists(self.data):
             raise UserError(f"--data {self.data}: no such file or folder")
         if self.pretrain_data is not None and not os.path.exists(self.pretrain_data):

@@ -112,27 +112,6 @@ def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log)
     return dst
 
 
-def _visible_labels(src: str, dst: str, min_mm: float, log) -> str:
-    """The built-in task's slice labels with slices whose nodules are all narrower than `min_mm` left out:
-    at the built-in slice size (a ~350 mm field of view on 96 pixels) half of the nodule slices show the
-    nodule less than 2 pixels wide after the resize to the crop, a label no image can support."""
-    import csv
-    import io
-
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = [r for r in rows if int(r["label"]) == 0 or float(r["max_diameter_mm"]) >= min_mm]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(keep)
-    sio.write_text_atomic(dst, buf.getvalue())
-    npos = sum(int(r["label"]) for r in keep)
-    log(f"task labels: {npos} slices with a nodule >= {min_mm:g} mm, {len(keep) - npos} without; "
-        f"{len(rows) - len(keep)} slices showing only smaller nodules left out ({dst})")
-    return dst
-
-
 #: salt of the built-in synthetic caches: their patients are fictitious, and a fixed salt fixes the patient
 #: pseudonyms, hence the patient splits (ordered by pseudonym), so built-in runs are reproducible. Real data
 #: gets a random salt (sparkct data prepare's default).
@@ -183,14 +162,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                                cfg.synth_slices, log)
         task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log, SYNTHETIC_SALT)
         labels = os.path.join(task_src, "slice_labels.csv")
-        criterion = "nodule present/absent per slice"
-        if cfg.synth_min_nodule_mm > 0:
-            dst = os.path.join(data_dir, f"task-labels-min{cfg.synth_min_nodule_mm:g}mm.csv")
-            labels = _visible_labels(labels, dst, cfg.synth_min_nodule_mm, log)
-            criterion = (f"a nodule >= {cfg.synth_min_nodule_mm:g} mm in the slice or none; slices showing only "
-                         "smaller nodules left out")
-        data_desc = (f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients ({criterion}), "
-                     f"{cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
+        data_desc = (f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
+                     f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
                      f"{cfg.synth_size}, {cfg.synth_slices} slices per series")
     else:
         task_data, labels = cfg.data, cfg.labels

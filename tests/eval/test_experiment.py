@@ -210,20 +210,3 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_
     la = [r["loss"] for r in csv.DictReader(open(os.path.join(ref, "metrics.csv")))]
     lb = [r["loss"] for r in csv.DictReader(open(os.path.join(run, "metrics.csv")))]
     assert la == lb and len(la) == 9
-
-
-def test_built_in_task_can_leave_out_slices_with_only_tiny_nodules(tmp_path):
-    from sparkct.errors import UserError
-    from sparkct.eval.experiment import _visible_labels
-
-    src = tmp_path / "slice_labels.csv"
-    src.write_text("series_uid,instance_number,z_mm,label,n_nodules,max_diameter_mm\n"
-                   "s1,1,0.0,0,0,0.00\ns1,2,5.0,1,1,4.50\ns1,3,10.0,1,2,12.00\ns2,1,0.0,1,1,10.00\n")
-    lines = []
-    out = _visible_labels(str(src), str(tmp_path / "vis.csv"), 10.0, lines.append)
-    rows = list(csv.DictReader(open(out)))
-    assert [(r["series_uid"], r["instance_number"], r["label"]) for r in rows] == [
-        ("s1", "1", "0"), ("s1", "3", "1"), ("s2", "1", "1")]
-    assert "2 slices with a nodule >= 10 mm, 1 without; 1 slices showing only smaller nodules left out" in lines[0]
-    with pytest.raises(UserError, match="synth-min-nodule-mm"):
-        ExperimentConfig(synth_min_nodule_mm=-1).validate()
