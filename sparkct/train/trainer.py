@@ -460,6 +460,8 @@ class Trainer:
                             nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
                             path = save(step, nxt_epoch, nxt_in, logs_out)
                             last_saved = step
+                            if main:  # the log up to a checkpoint goes with it, or a resume would lose those rows
+                                metrics.flush()
                             if path:
                                 C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
                                 # keep-last-k must not delete the file best.ckpt names: it is a hard link
@@ -618,15 +620,17 @@ class _MetricsLog:
                 self.tb.add_scalar(k, float(v), step)
 
     def flush(self) -> None:
-        if not self.enabled or self.fields is None:
+        if not self.enabled:
             return
-        import io
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.fields)
-        w.writeheader()
-        w.writerows(self.rows)
-        sio.write_text_atomic(self.csv_path, buf.getvalue())
-        sio.write_text_atomic(self.jsonl_path, "\n".join(self._jsonl) + "\n")
+        if self.fields is not None:  # no step row yet (before the first --log-every); epoch rows may exist
+            import io
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(self.rows)
+            sio.write_text_atomic(self.csv_path, buf.getvalue())
+        if self._jsonl:
+            sio.write_text_atomic(self.jsonl_path, "\n".join(self._jsonl) + "\n")
         if self.tb is not None:
             self.tb.flush()
 
