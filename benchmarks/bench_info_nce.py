@@ -10,7 +10,8 @@ Per (device, dtype, 2N, D, pass) group, in this order:
   lightly  lightly.loss.NTXentLoss (skipped where lightly is not installed);
   fused    sparkct.ops.info_nce.
 Derived (in extra_info and the end-of-run table): gflops_per_s (GEMM FLOPs: 2 (2N)^2 D per GEMM,
-the same count for every implementation), speedup_vs_naive, mem_vs_naive (fraction of naive's
+the same count for every implementation), gb_per_s (of the loss's compulsory traffic,
+`compulsory_bytes`: flops / bytes_moved is the arithmetic intensity a roofline places it at), speedup_vs_naive, mem_vs_naive (fraction of naive's
 extra peak memory), frac_of_gemm (gemm time / this time: 1.0 = as fast as the bare GEMMs) and, on
 known GPUs, frac_of_tc_peak (achieved / the tensor-core dense peak of the dtype).
 
@@ -70,6 +71,16 @@ def _rounds(device, n2):
     return {2048: 5, 8192: 3}.get(n2, 2)
 
 
+def compulsory_bytes(n2: int, d: int, elt: int, backward: bool) -> int:
+    """The loss's unavoidable memory traffic, the same for every implementation: the forward reads
+    the 2N x D embeddings once and writes one fp32 log-sum-exp per row; the backward reads the
+    embeddings and the log-sum-exps again and writes the 2N x D gradient. (What an implementation
+    materializes beyond that, the naive form's (2N)^2 logits, is its own cost: it shows as a lower
+    point under the same roof.)"""
+    fwd = n2 * d * elt + n2 * 4
+    return fwd + (n2 * d * elt * 2 + n2 * 4 if backward else 0)
+
+
 def _gemm_ideal(z, passes):
     """The loss's GEMM work alone: `passes` times (2N x D) @ (D x 2N), 2048 columns at a time."""
     out = torch.empty(z.shape[0], 2048, device=z.device, dtype=z.dtype)
@@ -120,7 +131,8 @@ def test_info_nce(benchmark, device, dtype, n2, d, mode, impl):
     try:
         extra = benchkit.run(benchmark, fn, device, rounds=_rounds(device, n2), warmup=1,
                              impl=impl, n2=n2, D=d, mode=mode, dtype=str(dtype)[6:],
-                             flops=(3 if backward else 1) * 2 * n2 * n2 * d)
+                             flops=(3 if backward else 1) * 2 * n2 * n2 * d,
+                             bytes_moved=compulsory_bytes(n2, d, z0.element_size(), backward))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip(f"{impl} runs out of memory at 2N={n2}, D={d}")

@@ -16,6 +16,11 @@ Groups (one per configuration, implementations side by side):
                                      spark, to see which layers eat the time. Also printable with
                                      `python benchmarks/bench_sparse_encoder.py --layers`.
 
+Every encoder and conv3x3 case records `flops` (the algorithm's: dense and spark the whole map,
+sparse the visible cells; `encoder_flops`, `conv3x3_work`), conv3x3 also `bytes_moved` (compulsory
+traffic), so a roofline can place them (sparkct.perf.roofline); the encoder has no byte count (a
+whole network's traffic depends on what stays in cache), only a fraction of the compute peak.
+
 Targets (checked by reading the figures, not asserted): CPU resnet18 batch 16 224x224 fp32 mask 0.6:
 sparse >= 1.8x faster than spark, peak memory <= 0.6x. CUDA resnet50 batch 128 224x224 bf16
 channels-last mask 0.6: >= 1.8x faster than spark (ideal 2.5x), peak memory <= 0.6x, >= 3x faster
@@ -91,6 +96,34 @@ def step(impl: str, model, x, mask, enc=None):
     return fn
 
 
+_DENSE_FLOPS: dict[tuple, int] = {}
+
+
+def dense_encoder_flops(arch: str, batch: int, size: int) -> int:
+    """FLOPs of one forward+backward of the dense encoder (convolutions, as torch's FlopCounterMode
+    counts them: 2 per multiply-add; BatchNorm, ReLU and adds are not counted), on meta tensors."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = (arch, batch, size)
+    if key not in _DENSE_FLOPS:
+        with torch.device("meta"):
+            model = getattr(torchvision.models, arch)().train()
+            x = torch.empty(batch, 3, size, size)
+        with FlopCounterMode(display=False) as fc:
+            sum(f.float().sum() for f in dense_features(model, x)).backward()
+        _DENSE_FLOPS[key] = int(fc.get_total_flops())
+    return _DENSE_FLOPS[key]
+
+
+def encoder_flops(impl: str, arch: str, batch: int, size: int, visible: float) -> int:
+    """The FLOPs each implementation's algorithm performs: dense and SparK's dense-masked way run every
+    convolution on the whole map; the sparse encoder runs each on the visible cells only (every conv
+    output of a visible cell, none of a masked one), so visible fraction x the dense count exactly."""
+    dense = dense_encoder_flops(arch, batch, size)
+    return int(round(dense * visible)) if impl == "sparse" else dense
+
+
 def _derive(group: str, impl: str, extra: dict, visible: float) -> None:
     runs = _MEDIANS.setdefault(group, {})
     runs[impl] = extra
@@ -127,7 +160,8 @@ def test_encoder(benchmark, device, ratio, impl):
     benchmark.group = group
     extra = benchkit.run(benchmark, fn, device, rounds=ROUNDS[device], impl=impl, arch=cfg["arch"],
                          batch=cfg["batch"], size=cfg["size"], dtype=str(cfg["dtype"]).replace("torch.", ""),
-                         channels_last=cfg["channels_last"], mask_ratio=ratio, visible_fraction=round(visible, 4))
+                         channels_last=cfg["channels_last"], mask_ratio=ratio, visible_fraction=round(visible, 4),
+                         flops=encoder_flops(impl, cfg["arch"], cfg["batch"], cfg["size"], visible))
     _derive(group, impl, extra, visible)
     benchmark.extra_info.update(extra)
     benchkit.DERIVED[-1].update(extra)  # the end-of-run table row was copied before the ratios existed
@@ -137,6 +171,18 @@ def test_encoder(benchmark, device, ratio, impl):
 
 CONV_SHAPES = {"cpu": [(64, 8), (128, 4), (256, 2), (512, 1)],   # resnet18 3x3 convs: channels, cell
                "cuda": [(64, 8), (128, 4), (256, 2), (512, 1)]}  # resnet50 3x3 convs (bottleneck width)
+
+
+def conv3x3_work(pixels: int, ch: int, elt: int, backward: bool) -> dict:
+    """flops and bytes_moved of a C -> C 3x3 conv computing `pixels` output pixels (dense: all of
+    them; sparse and spconv: the visible ones, every tap counted, masked neighbours read as zeros).
+    FLOPs: 2 * 9 C^2 per output pixel, x3 with the backward (input and weight gradients). Bytes, the
+    compulsory traffic: forward reads x and w and writes y; backward reads dy, x, w, writes dx, dw."""
+    act, w = pixels * ch * elt, 9 * ch * ch * elt
+    flops = 2 * 9 * ch * ch * pixels
+    if backward:
+        return {"flops": 3 * flops, "bytes_moved": 5 * act + 3 * w}
+    return {"flops": flops, "bytes_moved": 2 * act + w}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -153,9 +199,11 @@ def test_conv3x3(benchmark, device, mode, ch, cell, impl):
     x = torch.randn(B, ch, H, H, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(ch, ch, 3, 3, device=device, dtype=dtype) * (2.0 / (9 * ch)) ** 0.5
     pix = mask.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-    info = dict(impl=impl, mode=mode, channels=ch, cell=cell, batch=B, mask_ratio=ratio,
-                dtype=str(dtype).replace("torch.", ""))
     bwd = mode == "fwdbwd"
+    pixels = B * H * H if impl == "dense" else int(pix.sum().item())
+    info = dict(impl=impl, mode=mode, channels=ch, cell=cell, batch=B, mask_ratio=ratio,
+                dtype=str(dtype).replace("torch.", ""),
+                **conv3x3_work(pixels, ch, x.element_size(), bwd))
 
     def finish(y):
         if bwd:

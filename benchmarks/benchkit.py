@@ -10,11 +10,19 @@ import torch
 from sparkct.bench import peak_memory, sync  # noqa: F401  (the package's timers; re-exported here)
 
 DERIVED: list[dict] = []  # rows for the end-of-run table (benchmarks/conftest.py prints them)
+ROUNDS: int | None = None  # --bench-rounds: every case's timed rounds, instead of each file's own count
 
 
 def run(benchmark, fn, device, *, rounds: int | None = None, warmup: int = 1, **info):
     """Time fn (synchronizing CUDA), measure its peak memory once, record `info` and derived
-    figures in benchmark.extra_info. Returns the extra_info dict (with median seconds)."""
+    figures in benchmark.extra_info. Returns the extra_info dict (with median seconds).
+
+    `info` describes the case (its sizes and implementation; ``flops`` and ``bytes_moved`` give its
+    work); the keys other than those two are also kept under extra_info["params"], apart from the
+    figures the benchmark derives later, for `sparkct bench` to tell a case's sizes from its results."""
+    if ROUNDS is not None:
+        rounds = ROUNDS
+
     def call():
         out = fn()
         sync(device)
@@ -35,6 +43,7 @@ def run(benchmark, fn, device, *, rounds: int | None = None, warmup: int = 1, **
     else:
         median = benchmark.stats.stats.median
     extra = dict(info)
+    extra["params"] = {k: v for k, v in info.items() if k not in ("flops", "bytes_moved")}
     extra["peak_bytes"] = int(mem)
     extra["peak_mib"] = round(mem / 2**20, 3)
     extra["median_s"] = median

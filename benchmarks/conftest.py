@@ -3,8 +3,11 @@ rewritten after every case, and an end-of-run table of derived figures.
 
 `pytest benchmarks` runs a representative subset of the CPU grid (one size per benchmark family,
 every implementation side by side: a few minutes on 2 cores) and every CUDA case where a GPU is
-present. The full grid: `SPARKCT_BENCH_FULL=1` or `--bench-full`; naming cases (`file::test[id]`),
-`-k` or `-m` selects exactly those instead. After each case a line says how far the run is, and
+present. The full grid: `SPARKCT_BENCH_FULL=1` or `--bench-full`; a smoke subset (a few cheap cases
+per family, well under a minute per file on 2 cores; what `sparkct bench --quick` runs):
+`--bench-quick`; naming cases (`file::test[id]`), `-k` or `-m` selects exactly those instead.
+`--bench-device cpu|cuda` keeps only that device's cases (default: CUDA cases where a GPU is present,
+else CPU ones); `--bench-rounds N` times every case N rounds instead of its file's own count. After each case a line says how far the run is, and
 the figures measured so far are written atomically to `--bench-progress` (default
 `.benchmarks/sparkct-progress.json`), so an interrupted run (Ctrl-C, SIGTERM, or killed) keeps them;
 SIGTERM ends the run as Ctrl-C does (table printed, pytest-benchmark's JSON written).
@@ -48,17 +51,47 @@ QUICK_CPU = [
     ("bench_contrastive.py", "test_method_step", "cpu-simclr-*"),              # naive, fused, chunked
 ]
 
+# The smoke subset (--bench-quick): only the cases listed here run, so that every suite of `sparkct bench
+# --quick` ends well under a minute on 2 cores (SparK's CPU step, resnet50 at 224, does not fit: none of
+# bench_spark.py's CPU cases is listed) while each listed family keeps a pair to form its ratios from.
+QUICK_SMOKE = [
+    ("bench_info_nce.py", "test_info_nce", "cpu-fp32-2N2048-D128-fwd-*"),       # gemm, naive, lightly, fused
+    ("bench_sparse_encoder.py", "test_conv3x3", "*-64-8-fwd-cpu"),              # dense, sparse, spconv
+    ("bench_contrastive.py", "test_method_step", "cpu-simclr-*-chunk0"),        # naive vs fused loss
+    ("bench_data.py", "test_pydicom_decode_baseline", ""),
+    ("bench_data.py", "test_prepare_throughput", "j1"),
+    ("bench_data.py", "test_loader_throughput", "read-only"),
+    ("bench_data.py", "test_loader_throughput", "eval-resize"),
+    ("bench_info_nce.py", "test_info_nce", "cuda-bf16-2N8192-D128-*"),
+    ("bench_sparse_encoder.py", "test_encoder", "*-0.6-cuda"),
+    ("bench_sparse_encoder.py", "test_conv3x3", "*-64-8-fw*-cuda"),
+    ("bench_spark.py", "test_step", "*-cuda"),
+    ("bench_contrastive.py", "test_moco_queue_cuda", ""),
+]
+
 
 def pytest_addoption(parser):
     g = parser.getgroup("sparkct benchmarks")
     g.addoption("--bench-full", action="store_true", default=False,
                 help="run the full benchmark grid (also SPARKCT_BENCH_FULL=1); default: a quick CPU subset")
+    g.addoption("--bench-quick", action="store_true", default=False,
+                help="run only the smoke subset (QUICK_SMOKE in benchmarks/conftest.py)")
+    g.addoption("--bench-device", choices=["auto", "cpu", "cuda"], default="auto",
+                help="keep only this device's cases (auto: CUDA ones where a GPU is present, else CPU ones)")
+    g.addoption("--bench-rounds", type=int, default=None,
+                help="timed rounds of every case (default: each benchmark file's own count)")
     g.addoption("--bench-progress", default=os.path.join(".benchmarks", "sparkct-progress.json"),
                 help="results so far, rewritten after every case (default: %(default)s)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+    rounds = config.getoption("bench_rounds")
+    if rounds is not None and rounds < 1:
+        raise pytest.UsageError(f"--bench-rounds {rounds}: needs at least 1 round")
+    benchkit.ROUNDS = rounds
+    if config.getoption("bench_device") == "cuda" and not CUDA_READY:
+        raise pytest.UsageError("--bench-device cuda: no CUDA GPU with sparkct's CUDA kernels is visible")
     global _PROGRESS
     _PROGRESS = _Progress(config)
     # SIGTERM (timeouts, job schedulers) ends the run as Ctrl-C does: summaries and JSON still written
@@ -70,15 +103,24 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _quick(item) -> bool:
-    """In the default run: a CUDA case, a QUICK_CPU case, or any case of a file QUICK_CPU does not
-    list (a new benchmark file runs whole until it gets its entries)."""
-    if "cuda" in item.keywords or item.path.name not in {f for f, _, _ in QUICK_CPU}:
-        return True
+def _is_cuda(item) -> bool:
+    # the mark, not `"cuda" in item.keywords`: keywords also hold the parent folders' names
+    return item.get_closest_marker("cuda") is not None
+
+
+def _listed(item, table) -> bool:
     spec = getattr(item, "callspec", None)
     pid = spec.id if spec is not None else ""
     return any(item.path.name == f and getattr(item, "originalname", item.name) == fn and fnmatch.fnmatchcase(pid, p)
-               for f, fn, p in QUICK_CPU)
+               for f, fn, p in table)
+
+
+def _quick(item) -> bool:
+    """In the default run: a CUDA case, a QUICK_CPU case, or any case of a file QUICK_CPU does not
+    list (a new benchmark file runs whole until it gets its entries)."""
+    if _is_cuda(item) or item.path.name not in {f for f, _, _ in QUICK_CPU}:
+        return True
+    return _listed(item, QUICK_CPU)
 
 
 def _explicit_selection(config) -> bool:
@@ -90,20 +132,27 @@ def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU with sparkct's CUDA kernels")
     skip_cpu = pytest.mark.skip(reason="CPU-size case skipped on a GPU run (SPARKCT_BENCH_CPU=1 to keep)")
     keep_cpu = os.environ.get("SPARKCT_BENCH_CPU", "") == "1"
-    full = (config.getoption("bench_full") or os.environ.get("SPARKCT_BENCH_FULL", "") == "1"
-            or _explicit_selection(config))
-    if not full:
-        keep = [it for it in items if _quick(it)]
-        dropped = [it for it in items if not _quick(it)]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = keep
+    device = config.getoption("bench_device")
+    explicit = _explicit_selection(config)
+    quick = config.getoption("bench_quick") and not explicit
+    full = not quick and (config.getoption("bench_full") or os.environ.get("SPARKCT_BENCH_FULL", "") == "1"
+                          or explicit)
+    if quick:
+        selected = [_listed(it, QUICK_SMOKE) for it in items]
+    else:
+        selected = [full or _quick(it) for it in items]
+    if device != "auto":
+        selected = [s and _is_cuda(it) == (device == "cuda") for it, s in zip(items, selected)]
+    dropped = [it for it, s in zip(items, selected) if not s]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [it for it, s in zip(items, selected) if s]
     for item in items:
-        if "cuda" in item.keywords and not CUDA_READY:
+        if _is_cuda(item) and not CUDA_READY:
             item.add_marker(skip_cuda)
-        elif CUDA_READY and "cuda" not in item.keywords and not keep_cpu:
+        elif device == "auto" and CUDA_READY and not _is_cuda(item) and not keep_cpu:
             item.add_marker(skip_cpu)
-    _PROGRESS.start(items, full)
+    _PROGRESS.start(items, "quick" if quick else "full" if full else "default")
 
 
 def _skipped(item) -> bool:
@@ -121,22 +170,23 @@ class _Progress:
         self.to_run: set[str] = set()
         self.done = 0
         self.total = 0
-        self.full = False
+        self.tier = "default"
         self.t0 = time.perf_counter()
 
-    def start(self, items, full: bool) -> None:
+    def start(self, items, tier: str) -> None:
         self.to_run = {it.nodeid for it in items if not _skipped(it)}
         self.total = len(self.to_run)
-        self.full = full
+        self.tier = tier
         self.t0 = time.perf_counter()
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
-            what = "full grid" if full else "quick subset (SPARKCT_BENCH_FULL=1 or --bench-full: the full grid)"
+            what = {"full": "full grid", "quick": "smoke subset (--bench-quick)",
+                    "default": "quick subset (SPARKCT_BENCH_FULL=1 or --bench-full: the full grid)"}[tier]
             tr.write_line(f"sparkct benchmarks: {self.total} cases to run, {what}; "
                           f"results so far in {self.path}")
             listed = {f for f, _, _ in QUICK_CPU}
             whole = sorted({it.path.name for it in items if it.path.name not in listed})
-            if whole and not full:
+            if whole and tier == "default":
                 tr.write_line(f"  run whole (no quick cases listed in benchmarks/conftest.py): {', '.join(whole)}")
 
     def record(self, report, row: dict | None) -> None:
@@ -165,7 +215,7 @@ class _Progress:
         if d:
             os.makedirs(d, exist_ok=True)
         write_json_atomic(self.path, {
-            "complete": complete, "exitstatus": exitstatus, "full_grid": self.full,
+            "complete": complete, "exitstatus": exitstatus, "full_grid": self.tier == "full", "tier": self.tier,
             "selected": self.total, "elapsed_s": round(time.perf_counter() - self.t0, 1),
             "cases": self.cases, "derived": benchkit.DERIVED})
 
@@ -185,15 +235,15 @@ def pytest_sessionfinish(session, exitstatus):
         _PROGRESS.write(complete=int(exitstatus) in (0, 1) and not session.shouldstop, exitstatus=int(exitstatus))
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not benchkit.DERIVED:
+def pytest_terminal_summary(terminalreporter, config):
+    if not benchkit.DERIVED or config.getoption("benchmark_quiet", False):  # sparkct bench prints its own
         return
     tr = terminalreporter
     tr.section("sparkct derived figures")
     keys = ["median_s", "peak_mib", "gflops_per_s", "gb_per_s"]
     for row in benchkit.DERIVED:
         extras = {k: v for k, v in row.items()
-                  if k not in ("name", "group", "device", "peak_bytes", *keys)}
+                  if k not in ("name", "group", "device", "peak_bytes", "params", *keys)}
         base = "  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                          for k in keys if k in row)
         more = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extras.items())

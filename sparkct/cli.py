@@ -50,8 +50,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli"]  # `sparkct pretrain/export`,
-# `sparkct finetune/report`, `sparkct data ...`
+_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli", "sparkct.train.profile",
+                    "sparkct.perf.bench_cli"]
+# `sparkct pretrain/export`, `sparkct finetune/report/experiment/eval probe`, `sparkct data ...`,
+# `sparkct profile pretrain`, `sparkct bench`
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparkct.errors import UserError
 
     args = build_parser().parse_args(argv)
-    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "data_command", None),
+    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "profile_target", None),
+                                getattr(args, "data_command", None), getattr(args, "eval_command", None),
                                 getattr(args, "method", None)) if x)
     from sparkct.errors import TrainingDiverged
     try:

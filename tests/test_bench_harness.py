@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Named and parametrized like bench_info_nce.py, so that conftest's QUICK_CPU list picks two of four.
+# Named and parametrized like bench_info_nce.py, so that conftest's QUICK_CPU list picks three of five and
+# QUICK_SMOKE one.
 _BENCH = '''
 import os, signal
 import pytest
@@ -20,7 +21,7 @@ import torch
 import benchkit
 
 IDS = ["cpu-fp32-2N8192-D128-fwd+bwd-naive", "cpu-fp32-2N8192-D128-fwd+bwd-fused",
-       "cpu-fp32-2N16384-D512-fwd-naive", "cpu-fp32-2N16384-D512-fwd-fused"]
+       "cpu-fp32-2N16384-D512-fwd-naive", "cpu-fp32-2N16384-D512-fwd-fused", "cpu-fp32-2N2048-D128-fwd-fused"]
 
 @pytest.mark.parametrize("case", IDS, ids=IDS)
 def test_info_nce(benchmark, case):
@@ -59,20 +60,34 @@ def _run(bench_dir, *args, **env):
 def test_default_run_is_the_quick_subset_with_progress(bench_dir):
     r, prog = _run(bench_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 passed, 2 deselected" in r.stdout and "run whole" in r.stdout and "bench_new.py" in r.stdout
-    assert "[  1/4 " in r.stdout and "[  4/4 " in r.stdout
-    assert prog["complete"] is True and not prog["full_grid"]
+    assert "5 passed, 2 deselected" in r.stdout and "run whole" in r.stdout and "bench_new.py" in r.stdout
+    assert "[  1/5 " in r.stdout and "[  5/5 " in r.stdout
+    assert prog["complete"] is True and not prog["full_grid"] and prog["tier"] == "default"
     timed = [c for c in prog["cases"] if "test_info_nce" in c["nodeid"]]
     assert [c["nodeid"].split("[")[1] for c in timed] == [
-        "cpu-fp32-2N8192-D128-fwd+bwd-naive]", "cpu-fp32-2N8192-D128-fwd+bwd-fused]"]
+        "cpu-fp32-2N8192-D128-fwd+bwd-naive]", "cpu-fp32-2N8192-D128-fwd+bwd-fused]",
+        "cpu-fp32-2N2048-D128-fwd-fused]"]
     assert all(c["figures"]["median_s"] > 0 for c in timed)
 
 
 def test_interrupted_full_run_keeps_what_it_measured(bench_dir):
     r, prog = _run(bench_dir, SPARKCT_BENCH_FULL="1", STOP_AT="cpu-fp32-2N16384-D512-fwd-naive")
     assert r.returncode == 2, r.stdout + r.stderr  # pytest's "interrupted"
-    assert "[  2/6 " in r.stdout and prog["full_grid"]
+    assert "[  2/7 " in r.stdout and prog["full_grid"]
     assert prog["complete"] is False and prog["exitstatus"] == 2
     assert [c["outcome"] for c in prog["cases"]] == ["passed", "passed"]
     assert "sparkct derived figures" in r.stdout  # the table of what was measured
     assert len(json.loads((bench_dir / "bench.json").read_text())["benchmarks"]) == 2
+
+
+def test_smoke_subset_and_rounds(bench_dir):
+    """--bench-quick runs only QUICK_SMOKE's cases (a file it does not list runs nothing), --bench-rounds
+    sets every case's rounds, and --benchmark-quiet drops the derived-figures table (sparkct bench prints
+    its own). (--bench-device: tests/perf/test_bench_cli.py's real run.)"""
+    r, prog = _run(bench_dir, "--bench-quick", "--bench-rounds", "2", "--benchmark-quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 passed, 6 deselected" in r.stdout and prog["tier"] == "quick"
+    assert "sparkct derived figures" not in r.stdout
+    (bench,) = json.loads((bench_dir / "bench.json").read_text())["benchmarks"]
+    assert bench["param"] == "cpu-fp32-2N2048-D128-fwd-fused" and bench["stats"]["rounds"] == 2
+    assert bench["extra_info"]["params"] == {"case": "cpu-fp32-2N2048-D128-fwd-fused"}

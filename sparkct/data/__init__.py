@@ -26,7 +26,7 @@ _EXPORTS = {
     "CTSliceDataset": "datasets", "CTLabelledDataset": "datasets", "patient_split": "datasets",
     "patient_subset": "datasets", "SliceLoader": "datasets", "collate_batch": "datasets",
     "tune_malloc": "datasets", "RunBatchSampler": "datasets", "takes_generator": "datasets",
-    "takes_rows": "datasets",
+    "takes_rows": "datasets", "SlicePairs": "datasets",
     # images
     "ImageFolderSlices": "images",
     # synthetic data

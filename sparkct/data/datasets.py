@@ -359,6 +359,110 @@ def patient_subset(dataset, items, fraction: float, *, seed: int = 0, min_patien
     return items[keep]
 
 
+# ------------------------------------------------------------------------------------------ slice pairs
+
+class SlicePairs:
+    """Pairs of slices for next-slice prediction, from the cache's series index.
+
+    For an item (slice k of series s) :meth:`draw` returns a pair (A, B) of cache slices and a label:
+    1 (with probability `p_next`) when B is the next slice after A in the same series, i.e. (k, k+1)
+    (or (k-1, k) when k is the last slice of its series); 0 otherwise, with B a slice of the same series
+    at least `gap` slices away from A (either direction), or, with probability `p_other` (and whenever
+    the series has no slice that far), a slice of another series. "Next" follows the cache's order
+    within a series (``slice_index``: sorted along the slice normal). Only slices of `dataset` are
+    drawn (a patient split stays a patient split); an item without a neighbour gets a negative.
+
+    Raises :class:`sparkct.errors.UserError` when the data has no series with two neighbouring
+    slices, or when some slice can have no negative (one series, too short for `gap`)."""
+
+    def __init__(self, dataset, *, gap: int = 3, p_next: float = 0.5, p_other: float = 0.25):
+        cache = getattr(dataset, "cache", None)
+        if cache is None:
+            raise UserError("slice pairs need CT series from a prepared cache (image folders and .npz files "
+                            "have no series)")
+        if int(gap) < 2:
+            raise UserError(f"the gap of non-neighbour pairs must be >= 2 slices, got {gap}")
+        if not (0 < p_next < 1 and 0 <= p_other <= 1):
+            raise UserError(f"need 0 < p_next < 1 and 0 <= p_other <= 1, got {p_next}, {p_other}")
+        self.cache, self.gap, self.p_next, self.p_other = cache, int(gap), float(p_next), float(p_other)
+        members = np.unique(np.asarray(dataset.indices, dtype=np.int64))
+        ser = cache.slice_series[members].astype(np.int64)
+        k = cache.slice_index[members].astype(np.int64)
+        order = np.lexsort((k, ser))
+        self.pos = members[order]  # cache slices of the dataset, by (series, position in the series)
+        self.ser, self.k = ser[order], k[order]
+        M = len(self.pos)
+        self.rank = np.full(len(cache), -1, dtype=np.int64)  # cache slice -> row of self.pos
+        self.rank[self.pos] = np.arange(M)
+        same = self.ser[1:] == self.ser[:-1]
+        adj = same & (self.k[1:] == self.k[:-1] + 1)
+        self.next_row = np.full(M, -1, dtype=np.int64)
+        self.next_row[:-1][adj] = np.arange(1, M)[adj]
+        self.prev_row = np.full(M, -1, dtype=np.int64)
+        self.prev_row[1:][adj] = np.arange(M - 1)[adj]
+        starts = np.concatenate([[0], np.nonzero(~same)[0] + 1]) if M else np.zeros(0, np.int64)
+        ends = np.concatenate([starts[1:], [M]]) if M else np.zeros(0, np.int64)
+        seg = np.repeat(np.arange(len(starts)), ends - starts)
+        self.seg_start, self.seg_end = starts[seg], ends[seg]
+        # one sortable key per slice: a far partner of row j lies in [start, lo_end) or [hi_start, end)
+        self._key = self.ser * (1 << 32) + self.k
+        self.n_series = len(starts)
+        if not adj.any():
+            longest = int((ends - starts).max()) if M else 0
+            raise UserError(f"next-slice pairs need a series with at least 2 neighbouring slices; the data has "
+                            f"{self.n_series} series of at most {longest} slice{'s' if longest != 1 else ''} "
+                            f"(prepare whole series, not single images)")
+        if self.n_series == 1:
+            lo, hi = self._far_bounds(np.arange(M))
+            if ((lo - self.seg_start) + (self.seg_end - hi) == 0).any():
+                raise UserError(f"next-slice pairs: one series of {M} slices, too short for non-neighbours at "
+                                f">= {self.gap} slices from every slice and no other series for them; lower the "
+                                f"gap or add series")
+
+    def _far_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = self._key[rows]
+        lo = np.searchsorted(self._key, key - self.gap, side="right")
+        hi = np.searchsorted(self._key, key + self.gap, side="left")
+        return np.maximum(lo, self.seg_start[rows]), np.minimum(hi, self.seg_end[rows])
+
+    def draw(self, slices, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A, B, label) for cache slices `slices` (members of the dataset): A and B cache slice indices,
+        label 1 where B is the next slice after A. Randomness only from `rng`."""
+        rows = self.rank[np.asarray(slices, dtype=np.int64)]
+        if (rows < 0).any():
+            raise ValueError("slices outside the dataset the pairs were built for")
+        n = len(rows)
+        want = rng.random(n) < self.p_next
+        other = rng.random(n) < self.p_other
+        u = rng.random(n)
+        nxt, prv = self.next_row[rows], self.prev_row[rows]
+        pos_ok = want & ((nxt >= 0) | (prv >= 0))
+        a = rows.copy()
+        b = np.where(nxt >= 0, nxt, rows)
+        a = np.where(pos_ok & (nxt < 0), prv, a)
+        neg = ~pos_ok
+        lo, hi = self._far_bounds(rows)
+        st, en = self.seg_start[rows], self.seg_end[rows]
+        n_far = (lo - st) + (en - hi)
+        M = len(self.pos)
+        n_elsewhere = M - (en - st)
+        use_other = neg & (n_elsewhere > 0) & (other | (n_far == 0))
+        use_far = neg & ~use_other
+        j = np.minimum((u * n_far).astype(np.int64), np.maximum(n_far - 1, 0))
+        far = np.where(j < lo - st, st + j, hi + (j - (lo - st)))
+        j2 = np.minimum((u * n_elsewhere).astype(np.int64), np.maximum(n_elsewhere - 1, 0))
+        elsewhere = np.where(j2 < st, j2, j2 + (en - st))
+        b = np.where(use_far, far, np.where(use_other, elsewhere, b))
+        return self.pos[a], self.pos[b], pos_ok.astype(np.int64)
+
+    def is_next(self, a, b) -> np.ndarray:
+        """Whether cache slice b is the next slice after cache slice a in the same series (from the cache
+        index alone)."""
+        c = self.cache
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        return (c.slice_series[a] == c.slice_series[b]) & (c.slice_index[b] == c.slice_index[a] + 1)
+
+
 # ------------------------------------------------------------------------------------------ loader
 
 _MALLOC_TUNED = False
@@ -448,12 +552,19 @@ class SliceLoader:
     run_length > 1 samples runs of that many consecutive cache slices (neighbouring slices of a
     series) to turn random reads into sequential ones when the cache is not in the page cache.
     tune_malloc: see :func:`tune_malloc`; default on when transforming on the CPU.
+
+    pairs (a :class:`SlicePairs`, e.g. from ``Method.pairs``): every item becomes a pair of cache slices
+    (A, B) drawn from (seed, epoch, batch, rank) alone, so resume and sharding are as for single slices;
+    the transform gets HU (B, 2, H, W) (channel 0: A, 1: B) and returns the two batches (xa, xb), and
+    the loader yields ``[xa, xb, label]`` (label 1 where B is the next slice after A); with a labelled
+    dataset, ``([xa, xb, label], targets of A)``.
     """
 
     def __init__(self, dataset: CTSliceDataset, batch_size: int = 64, *, shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, transform: Callable | None = None,
                  device: str | torch.device = "cpu", workers: int | None = None, prefetch: int = 4,
-                 run_length: int = 1, tune_malloc: bool | None = None, shard: tuple[int, int] = (0, 1)):
+                 run_length: int = 1, tune_malloc: bool | None = None, shard: tuple[int, int] = (0, 1),
+                 pairs: SlicePairs | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         rank, world = (int(v) for v in shard)
@@ -481,6 +592,11 @@ class SliceLoader:
         if tune_malloc:
             _tune_malloc()
         self.labelled = hasattr(dataset, "targets")
+        self.pairs = pairs
+        if pairs is not None and self.labelled:
+            # targets by cache slice: A of a pair may be the item's previous slice
+            self._target_of = np.full(len(dataset.cache), -1, dtype=np.int64)
+            self._target_of[dataset.indices] = dataset.targets
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next pass is epoch `epoch`, starting at its batch `start_batch` (a resumed run continues
@@ -508,6 +624,8 @@ class SliceLoader:
         return _call_transform(self.transform, hu, g, rows)
 
     def _load(self, epoch: int, b, items: np.ndarray):
+        if self.pairs is not None:
+            return self._load_pairs(epoch, b[0], items)
         hu = self.dataset.hu(items)
         y = torch.from_numpy(self.dataset.targets[items]) if self.labelled else None
         if self.device.type == "cpu":
@@ -517,10 +635,32 @@ class SliceLoader:
             hu = hu.pin_memory()
         return hu, y
 
+    def _load_pairs(self, epoch: int, b: int, items: np.ndarray):
+        """items: the whole global batch (see __iter__); b: this rank's batch id."""
+        rng = np.random.default_rng([self.seed, epoch, b // self.world, 0x9A125])
+        a, bb, nxt = self.pairs.draw(self.dataset.indices[np.asarray(items, dtype=np.int64)], rng)
+        bs = self.batch_size
+        lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
+        a, bb, nxt = a[lo:hi], bb[lo:hi], nxt[lo:hi]
+        cache = self.dataset.cache
+        hu = torch.from_numpy(np.stack([cache.read(a), cache.read(bb)], 1))
+        y = torch.from_numpy(self._target_of[a]) if self.labelled else None
+        nxt = torch.from_numpy(nxt)
+        if self.device.type == "cpu":
+            return [*self._transform(hu, self._generator(epoch, b), None), nxt], y
+        if torch.cuda.is_available():
+            hu = hu.pin_memory()
+        return (hu, nxt), y
+
     def _finish(self, epoch: int, b: int, loaded):
         x, y = loaded
         if self.device.type != "cpu":
-            x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b[0]), b[1])
+            if self.pairs is not None:
+                hu, nxt = x
+                x = [*self._transform(hu.to(self.device, non_blocking=True), self._generator(epoch, b[0]), None),
+                     nxt.to(self.device, non_blocking=True)]
+            else:
+                x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b[0]), b[1])
             if y is not None:
                 y = y.to(self.device, non_blocking=True)
         return (x, y) if self.labelled else x
@@ -534,11 +674,16 @@ class SliceLoader:
         # read what one process reads, in the same order
         lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
         batches = [order[b * bs:(b + 1) * bs][lo:hi] for b in range(nb)]
+        if self.pairs is not None:
+            # pairs are drawn for the whole global batch and each rank takes its rows, so the ranks
+            # together get the pairs (and labels) one process gets
+            batches = [order[b * bs:(b + 1) * bs] for b in range(nb)]
         # the transform's randomness is drawn per (epoch, batch): for the global batch, this rank's rows
-        # taken, where the transform can (see takes_rows); per rank otherwise. ids: (generator id, rows)
+        # taken, where the transform can (see takes_rows; not for pairs); per rank otherwise.
+        # ids: (generator id, rows)
         if self.world == 1:
             ids = [(b, None) for b in range(nb)]
-        elif self.transform is not None and takes_rows(self.transform):
+        elif self.pairs is None and self.transform is not None and takes_rows(self.transform):
             ids = [(b, (min(lo, n), n)) for b in range(nb) for n in [len(order[b * bs:(b + 1) * bs])]]
         else:
             ids = [(b * self.world + self.rank, None) for b in range(nb)]

@@ -1,5 +1,7 @@
 """``sparkct finetune``: fine-tune (or linearly probe) a backbone on labelled data and test it with CIs;
-``sparkct report``: results.md, auc_vs_fraction.png, results.json and runs.csv from fine-tuning runs."""
+``sparkct report``: results.md, auc_vs_fraction.png, results.json and runs.csv from fine-tuning runs;
+``sparkct experiment``: the whole small-data experiment; ``sparkct eval probe``: bias probes of a frozen
+backbone's embeddings on DICOM metadata."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +104,63 @@ _EXPERIMENT_EPILOG = r"""examples:
 Re-running the same command skips finished runs and resumes interrupted ones."""
 
 
+def cmd_probe(ns: argparse.Namespace) -> int:
+    from sparkct.errors import UserError
+    from sparkct.eval.probe import parse_targets, run_probe
+
+    targets = parse_targets(ns.targets)  # a typo is reported before any work
+    try:
+        split = tuple(float(v) for v in ns.split.split(","))
+    except ValueError:
+        raise UserError(f"--split: expected two comma-separated fractions (train,test), got {ns.split!r}") from None
+    run_probe(ns.init, ns.data, targets=targets, out=ns.out, arch=ns.arch, windows=ns.windows, crop=ns.crop,
+              split=split, split_seed=ns.split_seed, max_slices=ns.max_slices, n_resamples=ns.resamples,
+              seed=ns.seed, batch=ns.batch, device=ns.device)
+    return 0
+
+
+_PROBE_EPILOG = """examples:
+  sparkct eval probe --init runs/spark --data data/cache
+  sparkct eval probe --init random --data data/cache --arch resnet50 --out runs/probe-random   # the baseline
+  sparkct eval probe --init backbone.pt --data data/cache --targets sex,age_band --crop 224
+probe.md / probe.json in --out: per target AUC, balanced accuracy and accuracy with 95 % CIs beside chance
+(0.5, 1/K, the majority class); targets absent from the cache or with a single value are listed as skipped."""
+
+
+def _register_eval(subparsers) -> None:
+    from sparkct.eval.config import PROBE_TARGETS as TARGETS
+
+    ev = subparsers.add_parser("eval", help="evaluations of a pretrained backbone (probe: bias probes on DICOM "
+                               "metadata)", description="Evaluations of a frozen pretrained backbone. Fine-tuning "
+                               "and the whole experiment are `sparkct finetune` and `sparkct experiment`.")
+    sub = ev.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "probe", help="linear probes on frozen embeddings predicting DICOM metadata (sex, age band, manufacturer, "
+        "kernel, kVp), with CIs beside chance", epilog=_PROBE_EPILOG,
+        description="The bias check of the chest-CT study: embed the cache's slices with a frozen backbone, fit "
+                    "linear probes (logistic regression on standardized features) predicting metadata from the "
+                    "cache's series records on some patients, test them on the others with patient-bootstrap "
+                    "95 %% CIs, and report them beside chance level.")
+    p.add_argument("--init", required=True, help="random, a state_dict FILE (a backbone export or torchvision "
+                   "weights), or a pretraining RUN folder (its backbone.pt)")
+    p.add_argument("--data", required=True, help="a prepared cache (its series records hold the metadata)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ", ".join(TARGETS))
+    p.add_argument("--out", default="runs/probe", help="folder for probe.md and probe.json")
+    p.add_argument("--arch", default="resnet18", help="backbone architecture (a RUN's own arch wins)")
+    p.add_argument("--windows", default=None, help="HU windows as input channels (default: the RUN's, else "
+                   "lung,mediastinum,bone)")
+    p.add_argument("--crop", type=int, default=None, help="slice size fed to the backbone (default: the RUN's "
+                   "crop, else 224)")
+    p.add_argument("--split", default="0.7,0.3", help="train,test fractions of the patients")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split")
+    p.add_argument("--max-slices", type=int, default=20000, help="embed at most this many slices (drawn evenly)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and of a random init)")
+    p.add_argument("--batch", type=int, default=128, help="embedding batch size")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(func=cmd_probe)
+
+
 def register(subparsers) -> None:
     from sparkct.eval.config import FinetuneConfig
     from sparkct.train.config import TrainConfig, add_dataclass_args
@@ -145,3 +204,5 @@ def register(subparsers) -> None:
     r.add_argument("--baseline", default="random", help="the method the paired tests compare against")
     r.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the paired tests")
     r.set_defaults(func=cmd_report)
+
+    _register_eval(subparsers)

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from sparkct.errors import UserError
 from sparkct.models import BUILTIN_DATA_OPTIONS as SMALL_DATA_OVERRIDES
 
-__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES"]
+__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES", "PROBE_TARGETS"]
+
+#: what ``sparkct eval probe`` can predict (sparkct.eval.probe; here so the CLI parser needs no numpy)
+PROBE_TARGETS = ("sex", "age_band", "manufacturer", "kernel", "kvp")
 
 
 def _h(text: str, **kw):

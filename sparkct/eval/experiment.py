@@ -53,29 +53,49 @@ def _typed(cls, values: dict):
 
 
 class _Progress:
+    """Which run of how many is going and the time left: a tqdm bar over the runs (on a terminal) and one log
+    line per run (readable where stderr is a file, e.g. CI). tqdm keeps the count, the elapsed time and the
+    rate (plain average, ``smoothing=0``: runs differ in length, an average over all of them is the best
+    guess); skipped runs leave the total instead of counting as instant runs, so they do not shrink the
+    estimate. Off a terminal the bar writes to os.devnull: it still counts, only the log lines show."""
+
     def __init__(self, total: int, log):
-        self.total, self.done, self.t0, self.log = total, 0, time.perf_counter(), log
-        self.spent = 0.0
+        from tqdm import tqdm
+
+        self.log, self._sink = log, None
+        tty = sys.stderr.isatty()
+        if not tty:
+            self._sink = open(os.devnull, "w")  # noqa: SIM115 - closed in close()
+        self.bar = tqdm(total=total, unit="run", desc="experiment", smoothing=0, dynamic_ncols=True,
+                        file=sys.stderr if tty else self._sink, mininterval=1.0)
 
     def start(self, what: str) -> None:
-        el = time.perf_counter() - self.t0
-        eta = ""
-        if self.done and self.spent > 0:
-            eta = f", about {self.spent / self.done * (self.total - self.done) / 60:.1f} min left"
-        self.log(f"[{self.done + 1}/{self.total}] {what} ({el / 60:.1f} min elapsed{eta})")
-        self._t = time.perf_counter()
+        from tqdm import tqdm
+
+        b = self.bar
+        d = b.format_dict
+        rate = d["rate"] or (d["n"] / d["elapsed"] if d["n"] and d["elapsed"] else None)
+        eta = f", about {tqdm.format_interval((b.total - b.n) / rate)} left" if rate else ""
+        b.set_postfix_str(what.split(" -> ")[0], refresh=False)
+        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(d['elapsed'])} elapsed{eta})")
 
     def finish(self, ran: bool) -> None:
-        self.done += 1
-        if ran:  # skipped runs cost nothing: they do not enter the time-left estimate
-            self.spent += time.perf_counter() - self._t
+        if ran:
+            self.bar.update(1)
         else:
-            self.total -= 1
-            self.done -= 1
+            self.bar.total -= 1
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self._sink is not None:
+            self._sink.close()
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
 
 
 def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log) -> str:
@@ -173,90 +193,93 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     pre_methods = [m for m in methods if m != "random"]
     n_runs = len(pre_methods) + len(methods) * len(fractions) * len(seeds)
     prog = _Progress(n_runs, log)
-    inits: dict[str, str | None] = {"random": "random"}
-    failed_pre: dict[str, str] = {}
+    try:
+        inits: dict[str, str | None] = {"random": "random"}
+        failed_pre: dict[str, str] = {}
 
-    # ---- pretraining -------------------------------------------------------------------------------
-    from sparkct.models import get_method
-    from sparkct.train.config import TrainConfig, config_to_dict
-    from sparkct.train.trainer import Trainer, build_method
+        # ---- pretraining -------------------------------------------------------------------------------
+        from sparkct.models import get_method
+        from sparkct.train.config import TrainConfig, config_to_dict
+        from sparkct.train.trainer import Trainer, build_method
 
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for m in pre_methods:
-        cls = get_method(m)
-        opts = overrides.get(m, {})
-        mcfg = _typed(cls.config_class, {k: v for k, v in opts.items() if k not in train_fields})
-        tcfg = TrainConfig(data=pre_cache, arch=cfg.arch, windows=cfg.windows, crop=cfg.crop,
-                           epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, device=cfg.device, amp=cfg.amp,
-                           seed=0, progress=False, tensorboard=False, log_every=5, ckpt_every=25, keep=1,
-                           preview_every=0)
-        for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}).__dict__.items():
-            if k in opts:
-                setattr(tcfg, k, v)
-        key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
-        run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
-        tcfg.out = run_dir
-        prog.start(f"pretrain {m} -> {run_dir}")
-        if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            log("  finished earlier: skipped")
-            inits[m] = run_dir
-            prog.finish(False)
-            continue
-        try:
-            mcfg.validate()
-            method = build_method(m, tcfg, mcfg)
-            resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
-            Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
-            inits[m] = run_dir
-        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a failed method is reported, not fatal
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            failed_pre[m] = f"pretraining failed: {type(e).__name__}: {e}"
-            log(f"  FAILED: {failed_pre[m]}")
-            sio.write_json_atomic(os.path.join(run_dir, "pretrain_failed.json"),
-                                  {"method": m, "error": failed_pre[m], "traceback": traceback.format_exc()})
-        prog.finish(True)
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for m in pre_methods:
+            cls = get_method(m)
+            opts = overrides.get(m, {})
+            mcfg = _typed(cls.config_class, {k: v for k, v in opts.items() if k not in train_fields})
+            tcfg = TrainConfig(data=pre_cache, arch=cfg.arch, windows=cfg.windows, crop=cfg.crop,
+                               epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, device=cfg.device, amp=cfg.amp,
+                               seed=0, progress=False, tensorboard=False, log_every=5, ckpt_every=25, keep=1,
+                               preview_every=0)
+            for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}).__dict__.items():
+                if k in opts:
+                    setattr(tcfg, k, v)
+            key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
+            run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
+            tcfg.out = run_dir
+            prog.start(f"pretrain {m} -> {run_dir}")
+            if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                log("  finished earlier: skipped")
+                inits[m] = run_dir
+                prog.finish(False)
+                continue
+            try:
+                mcfg.validate()
+                method = build_method(m, tcfg, mcfg)
+                resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
+                Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
+                inits[m] = run_dir
+            except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a failed method is reported, not fatal
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failed_pre[m] = f"pretraining failed: {type(e).__name__}: {e}"
+                log(f"  FAILED: {failed_pre[m]}")
+                sio.write_json_atomic(os.path.join(run_dir, "pretrain_failed.json"),
+                                      {"method": m, "error": failed_pre[m], "traceback": traceback.format_exc()})
+            prog.finish(True)
 
-    # ---- fine-tuning -------------------------------------------------------------------------------
-    from sparkct.eval.config import FinetuneConfig
-    from sparkct.eval.finetune import finetune
+        # ---- fine-tuning -------------------------------------------------------------------------------
+        from sparkct.eval.config import FinetuneConfig
+        from sparkct.eval.finetune import finetune
 
-    fcfg = FinetuneConfig(freeze_epochs=cfg.freeze_epochs, ramp_epochs=cfg.ramp_epochs)
-    for m in methods:
-        for seed in seeds:
-            for fr in fractions:
-                tcfg = TrainConfig(arch=cfg.arch, windows=cfg.windows, crop=cfg.crop, epochs=cfg.finetune_epochs,
-                                   batch=cfg.finetune_batch, device=cfg.device, amp=cfg.amp, seed=seed,
-                                   progress=False, tensorboard=False, log_every=5, ckpt_every=50, keep=1,
-                                   preview_every=0)
-                key = _key({"init": inits.get(m, m), "train": config_to_dict(tcfg),
-                            "finetune": config_to_dict(fcfg), "fraction": fr, "split": cfg.split,
-                            "data": task_data, "labels": labels})
-                run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
-                tcfg.out = run_dir
-                prog.start(f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
-                if os.path.isfile(os.path.join(run_dir, "result.json")):
-                    log("  finished earlier: skipped")
-                    prog.finish(False)
-                    continue
-                failed = os.path.join(run_dir, "failed.json")
-                if os.path.isfile(failed):
-                    os.unlink(failed)  # try again: the cause may have been fixed
-                try:
-                    if m in failed_pre:
-                        raise RuntimeError(failed_pre[m])
-                    task = load_task(task_data, labels, split=split, fraction=fr, seed=seed, windows=cfg.windows)
-                    resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
-                    finetune(task, init=inits[m], train_cfg=tcfg, config=fcfg, n_resamples=cfg.resamples,
-                             resume=resume, name=m, log=lambda s: log("  " + s))
-                except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    msg = str(e) if m in failed_pre else f"{type(e).__name__}: {e}"
-                    log(f"  FAILED: {msg}")
-                    sio.write_json_atomic(failed, {"method": m, "fraction": fr, "seed": seed, "error": msg,
-                                                   "traceback": traceback.format_exc()})
-                prog.finish(True)
+        fcfg = FinetuneConfig(freeze_epochs=cfg.freeze_epochs, ramp_epochs=cfg.ramp_epochs)
+        for m in methods:
+            for seed in seeds:
+                for fr in fractions:
+                    tcfg = TrainConfig(arch=cfg.arch, windows=cfg.windows, crop=cfg.crop, epochs=cfg.finetune_epochs,
+                                       batch=cfg.finetune_batch, device=cfg.device, amp=cfg.amp, seed=seed,
+                                       progress=False, tensorboard=False, log_every=5, ckpt_every=50, keep=1,
+                                       preview_every=0)
+                    key = _key({"init": inits.get(m, m), "train": config_to_dict(tcfg),
+                                "finetune": config_to_dict(fcfg), "fraction": fr, "split": cfg.split,
+                                "data": task_data, "labels": labels})
+                    run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
+                    tcfg.out = run_dir
+                    prog.start(f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
+                    if os.path.isfile(os.path.join(run_dir, "result.json")):
+                        log("  finished earlier: skipped")
+                        prog.finish(False)
+                        continue
+                    failed = os.path.join(run_dir, "failed.json")
+                    if os.path.isfile(failed):
+                        os.unlink(failed)  # try again: the cause may have been fixed
+                    try:
+                        if m in failed_pre:
+                            raise RuntimeError(failed_pre[m])
+                        task = load_task(task_data, labels, split=split, fraction=fr, seed=seed, windows=cfg.windows)
+                        resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
+                        finetune(task, init=inits[m], train_cfg=tcfg, config=fcfg, n_resamples=cfg.resamples,
+                                 resume=resume, name=m, log=lambda s: log("  " + s))
+                    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+                        if isinstance(e, KeyboardInterrupt):
+                            raise
+                        msg = str(e) if m in failed_pre else f"{type(e).__name__}: {e}"
+                        log(f"  FAILED: {msg}")
+                        sio.write_json_atomic(failed, {"method": m, "fraction": fr, "seed": seed, "error": msg,
+                                                       "traceback": traceback.format_exc()})
+                    prog.finish(True)
+    finally:
+        prog.close()
 
     # ---- report ------------------------------------------------------------------------------------
     from sparkct.eval.report import collect_runs, write_report

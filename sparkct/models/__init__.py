@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "flip": "sparkct.models.pretext:Flip",
     "denoise": "sparkct.models.pretext:Denoise",
     "inpaint": "sparkct.models.pretext:Inpaint",
+    "nextslice": "sparkct.models.pretext:NextSlice",
 }
 
 

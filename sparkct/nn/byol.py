@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparkct.profiling import ranged
+
 __all__ = ["NegativeCosineSimilarity", "BYOLLoss"]
 
 
@@ -36,5 +38,6 @@ class BYOLLoss(nn.Module):
         super().__init__()
         self.ncs = NegativeCosineSimilarity(eps=eps)
 
+    @ranged("loss/BYOLLoss")
     def forward(self, p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.ncs(p0, z1.detach()) + self.ncs(p1, z0.detach()))

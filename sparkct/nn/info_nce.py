@@ -13,6 +13,7 @@ from torch import nn
 from sparkct.distributed import all_gather_rows
 from sparkct.errors import UserError
 from sparkct.ops.info_nce import _distributed, info_nce
+from sparkct.profiling import ranged
 
 __all__ = ["InfoNCELoss"]
 
@@ -112,6 +113,7 @@ class InfoNCELoss(nn.Module):
             raise ValueError("InfoNCELoss.enqueue: no bank yet (construct with memory_bank_size=(K, D))")
         self._enqueue(F.normalize(keys.detach(), dim=1).to(self.bank.dtype))
 
+    @ranged("loss/InfoNCELoss")
     def forward(self, out0: torch.Tensor, out1: torch.Tensor, enqueue: bool | None = None) -> torch.Tensor:
         """The loss; with a bank, `enqueue` (default: whether out0 requires grad, as lightly) puts the
         normalized out1 into the bank after computing it."""

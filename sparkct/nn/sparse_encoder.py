@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from sparkct.ops.sparse import CellLayout, cell_layout, pack, sparse_conv2d, sparse_max_pool2d, unpack
+from sparkct.profiling import ranged
 
 __all__ = ["SparseEncoder", "sparsify"]
 
@@ -208,6 +209,7 @@ class SparseEncoder(nn.Module):
                              "visible cell per batch)")
         return layout
 
+    @ranged("sparkct.SparseEncoder")
     def forward(self, x: Tensor, mask: Tensor | CellLayout, *, packed: bool = False,
                 stem: bool = False) -> list[Tensor]:
         """Features of layer1..layer4 (strides 4, 8, 16, 32), preceded by the stride-2 stem output

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkct.distributed import is_distributed
+from sparkct.profiling import ranged
 
 __all__ = ["sinkhorn", "SwAVLoss"]
 
@@ -91,6 +92,7 @@ class SwAVLoss(nn.Module):
         """Cross-entropy of codes q against softmax(scores / T), mean over rows."""
         return -(q * F.log_softmax(scores.float() / self.temperature, dim=1)).sum(1).mean()
 
+    @ranged("loss/SwAVLoss")
     def forward(self, high_resolution: list[torch.Tensor], low_resolution: list[torch.Tensor] | None = None,
                 queue: list[torch.Tensor] | None = None) -> torch.Tensor:
         low_resolution = list(low_resolution or [])

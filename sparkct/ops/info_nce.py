@@ -49,6 +49,7 @@ import torch
 from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
 from sparkct.errors import UserError
+from sparkct.profiling import ranged
 
 __all__ = ["info_nce", "IMPLS"]
 
@@ -112,6 +113,7 @@ def _distributed(gather_distributed: bool, group=None) -> bool:
     return bool(gather_distributed) and is_distributed(group)
 
 
+@ranged("sparkct.info_nce")
 def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank: torch.Tensor | None = None, *,
              gather_distributed: bool = False, group=None, impl: str = "auto") -> torch.Tensor:
     """Fused InfoNCE loss, a scalar in z0's dtype (see the module docstring for the semantics).
@@ -163,6 +165,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@ranged("sparkct.info_nce.backward")
 def _backward(ctx, grad_loss, grad_lse):
     z0, z1, cols, bank, lse = ctx.saved_tensors
     temperature, col_offset, allow_tf32, impl = ctx.args
@@ -202,6 +205,7 @@ def _bw_setup_context(ctx, inputs, output):
     ctx.args = (temperature, col_offset, bool(other_grad))
 
 
+@ranged("sparkct.info_nce.double_backward")
 def _bw_backward(ctx, gg0, gg1, gg_other):
     if ctx.needs_input_grad[5]:
         raise UserError("info_nce_backward: lse requires grad, but the op is not differentiable with respect to "

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparkct._ext import check_device
+from sparkct.profiling import ranged
 
 MASKED = -1
 OUTSIDE = -2
@@ -95,6 +96,7 @@ def _check_mask(mask) -> None:
         raise ValueError(f"mask must have shape (B, H/32, W/32) (one entry per cell), got {tuple(mask.shape)}")
 
 
+@ranged("sparkct.cell_layout")
 def cell_layout(mask: Tensor) -> CellLayout:
     """Tables of a boolean cell mask (B, GH, GW), True = visible (SparK's convention)."""
     _check_mask(mask)
@@ -220,6 +222,7 @@ def _pack_setup(ctx, inputs, output):
     ctx.x_cl = _is_channels_last(x)
 
 
+@ranged("sparkct.pack.backward")
 def _pack_backward(ctx, grad):
     cells, cell_map = ctx.saved_tensors
     return _ops.sparse_unpack(grad, cells, cell_map, None, ctx.x_cl), None, None, None
@@ -236,6 +239,7 @@ def _unpack_setup(ctx, inputs, output):
     ctx.packed_cl = _is_channels_last(packed)
 
 
+@ranged("sparkct.unpack.backward")
 def _unpack_backward(ctx, grad):
     cells, cell_map = ctx.saved_tensors
     need_fill = ctx.has_fill and ctx.needs_input_grad[3]
@@ -253,6 +257,7 @@ def _unpack_bw_setup(ctx, inputs, output):
     ctx.grad_cl = _is_channels_last(grad)
 
 
+@ranged("sparkct.unpack.double_backward")
 def _unpack_bw_backward(ctx, g_packed, g_fill):
     cells, cell_map = ctx.saved_tensors
     fill = g_fill if (ctx.fill_grad and g_fill is not None) else None
@@ -271,6 +276,7 @@ def _halo_setup(ctx, inputs, output):
     ctx.pad = pad
 
 
+@ranged("sparkct.halo.backward")
 def _halo_backward(ctx, grad):
     (nbr,) = ctx.saved_tensors
     return _ops.sparse_halo_backward(grad, nbr, ctx.pad), None, None, None, None
@@ -285,6 +291,7 @@ def _halo_bw_setup(ctx, inputs, output):
     ctx.pad = pad
 
 
+@ranged("sparkct.halo.double_backward")
 def _halo_bw_backward(ctx, grad):
     (nbr,) = ctx.saved_tensors
     return _ops.sparse_halo(grad, nbr, ctx.pad, 0.0, 0.0), None, None
@@ -299,6 +306,7 @@ def _im2col_setup(ctx, inputs, output):
     ctx.conf = (x.shape[1], x.shape[2], kernel, stride, pad, _is_channels_last(x))
 
 
+@ranged("sparkct.im2col.backward")
 def _im2col_backward(ctx, grad):
     (nbr,) = ctx.saved_tensors
     return _ops.sparse_im2col_backward(grad, nbr, *ctx.conf), None, None, None, None
@@ -313,6 +321,7 @@ def _im2col_bw_setup(ctx, inputs, output):
     ctx.conf = (kernel, stride, pad)
 
 
+@ranged("sparkct.im2col.double_backward")
 def _im2col_bw_backward(ctx, grad):
     (nbr,) = ctx.saved_tensors
     return (_ops.sparse_im2col(grad, nbr, *ctx.conf),) + (None,) * 7
@@ -324,6 +333,7 @@ torch.library.register_autograd("sparkct::sparse_im2col_backward", _im2col_bw_ba
 
 # ---- functions --------------------------------------------------------------------------------
 
+@ranged("sparkct.pack")
 def pack(x: Tensor, layout: CellLayout, channels_last: bool | None = None) -> Tensor:
     """Dense map (B, C, H, W) -> packed visible tiles (A, C, c, c), c = H / GH. ``channels_last``
     picks the tiles' memory layout (None: the same as x's)."""
@@ -332,6 +342,7 @@ def pack(x: Tensor, layout: CellLayout, channels_last: bool | None = None) -> Te
     return _ops.sparse_pack(x, layout.cells, layout.cell_map, channels_last)
 
 
+@ranged("sparkct.unpack")
 def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None,
            channels_last: bool | None = None) -> Tensor:
     """Packed tiles (A, C, c, c) -> dense (B, C, GH*c, GW*c); masked cells hold ``fill`` (C,) (e.g. a
@@ -348,6 +359,7 @@ def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None,
     return _ops.sparse_unpack(packed, layout.cells, layout.cell_map, fill, channels_last)
 
 
+@ranged("sparkct.halo")
 def halo(packed: Tensor, layout: CellLayout, pad: int, masked_fill: float = 0.0,
          border_fill: float = 0.0) -> Tensor:
     """(A, C, c, c) -> (A, C, c+2*pad, c+2*pad): each tile with a ring of width ``pad`` (<= c) read from
@@ -374,6 +386,7 @@ def _check_geometry(c: int, kernel: int, stride: int, pad: int, what: str) -> No
                          f"{c // stride}x{c // stride} outputs (the dense layer would not keep cells aligned)")
 
 
+@ranged("sparkct.im2col")
 def im2col(packed: Tensor, layout: CellLayout, kernel: int, stride: int = 1, pad: int = 0) -> Tensor:
     """Columns (A*co*co, C*k*k) of a k x k conv (stride, zero padding ``pad``) over the visible positions,
     co = c / stride; entries from masked cells or beyond the border are 0. Column order (C, ky, kx)
@@ -412,6 +425,7 @@ class _HaloConv(torch.autograd.Function):
     Under autocast the conv runs in the autocast dtype and gradients return in the inputs' dtypes."""
 
     @staticmethod
+    @ranged("sparkct.sparse_conv2d[halo]")
     def forward(ctx, x, weight, bias, nbr, stride, pad, groups):
         dt = _compute_dtype(x)
         h = _ops.sparse_halo(x.to(dt), nbr, pad, 0.0, 0.0)
@@ -422,6 +436,7 @@ class _HaloConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @ranged("sparkct.sparse_conv2d[halo].backward")
     def backward(ctx, gy):
         x, weight, nbr = ctx.saved_tensors
         stride, pad, groups, bias_shape, dt, bias_dtype = ctx.conf
@@ -461,6 +476,7 @@ class _GemmConv(torch.autograd.Function):
     rather than saved (they are k*k times the input)."""
 
     @staticmethod
+    @ranged("sparkct.sparse_conv2d[gemm]")
     def forward(ctx, x, weight, bias, nbr, stride, pad):
         A, C, ci, _ = x.shape
         cout, k = weight.shape[0], weight.shape[-1]
@@ -477,6 +493,7 @@ class _GemmConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @ranged("sparkct.sparse_conv2d[gemm].backward")
     def backward(ctx, gy):
         x, weight, nbr = ctx.saved_tensors
         stride, pad, cl, bias_dtype, dt = ctx.conf
@@ -502,6 +519,7 @@ class _HaloMaxPool(torch.autograd.Function):
     backward, only the argmax indices are kept."""
 
     @staticmethod
+    @ranged("sparkct.sparse_max_pool2d[halo]")
     def forward(ctx, x, nbr, kernel, stride, pad):
         h = _ops.sparse_halo(x, nbr, pad, 0.0, -math.inf)
         y, idx = torch.ops.aten.max_pool2d_with_indices(h, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False)
@@ -510,6 +528,7 @@ class _HaloMaxPool(torch.autograd.Function):
         return y
 
     @staticmethod
+    @ranged("sparkct.sparse_max_pool2d[halo].backward")
     def backward(ctx, gy):
         x, nbr, idx = ctx.saved_tensors
         kernel, stride, pad = ctx.conf
@@ -526,6 +545,7 @@ def conv_method(out_cell: int, groups: int = 1, gemm_max_cell: int = 2) -> str:
     return "gemm" if (out_cell <= gemm_max_cell and groups == 1) else "halo"
 
 
+@ranged("sparkct.sparse_conv2d")
 def sparse_conv2d(x: Tensor, layout: CellLayout, weight: Tensor, bias: Tensor | None = None, stride=1,
                   padding=0, groups: int = 1,
                   method: Literal["auto", "halo", "gemm"] = "auto", gemm_max_cell: int = 2) -> Tensor:
@@ -553,6 +573,7 @@ def sparse_conv2d(x: Tensor, layout: CellLayout, weight: Tensor, bias: Tensor | 
     return _HaloConv.apply(x, weight, bias, layout.nbr, stride, padding, groups)
 
 
+@ranged("sparkct.sparse_max_pool2d")
 def sparse_max_pool2d(x: Tensor, layout: CellLayout, kernel_size, stride=None, padding=0) -> Tensor:
     """Max-pool on packed tiles, equal to SparK's dense max-pool (masked cells read as 0, the border as
     -inf) followed by zeroing masked cells."""

@@ -52,17 +52,36 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(" " * 11 + ", ".join([f"{k}={getattr(cfg, k)}" for k in fields] +
                                        [f"{k}={v}" for k, v in d.items()]))
         return 0
-    if args.method not in METHODS:
-        from sparkct.errors import UserError
-        raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
-    p, cls = _method_parser(args.method)
-    ns = p.parse_args(args.rest)
-    from sparkct.train.config import TrainConfig, dataclass_from_args
+    ns, cfg, mcfg = pretrain_configs(args.method, args.rest)
     from sparkct.train.trainer import Trainer, build_method
+
+    method = build_method(args.method, cfg, mcfg)
+    summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
+    return 0 if summary is not None else 1
+
+
+def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: str | None = None):
+    """(parsed flags, TrainConfig, method config) of ``sparkct pretrain NAME ARGV``, validated, with the
+    built-in data's options applied and a missing device reported. A command built on pretraining (sparkct
+    profile pretrain) adds its flags with ``extend(parser)`` and checks them with ``check(flags)`` first."""
+    from sparkct.models import METHODS
+
+    if name not in METHODS:
+        from sparkct.errors import UserError
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    p, cls = _method_parser(name)
+    if prog:
+        p.prog = prog
+    if extend is not None:
+        extend(p)
+    ns = p.parse_args(argv)
+    if check is not None:
+        check(ns)
+    from sparkct.train.config import TrainConfig, dataclass_from_args
 
     cfg = dataclass_from_args(TrainConfig, ns)
     mcfg = dataclass_from_args(cls.config_class, ns)
-    applied = _builtin_data_options(args.method, args.rest, cfg, mcfg) if cfg.data is None else []
+    applied = _builtin_data_options(name, argv, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
         import os
 
@@ -81,9 +100,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if applied:
         print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
               "long runs on real data; give these flags to override)", file=sys.stderr)
-    method = build_method(args.method, cfg, mcfg)
-    summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
-    return 0 if summary is not None else 1
+    return ns, cfg, mcfg
 
 
 def _builtin_data_options(method: str, argv: list[str], cfg, mcfg) -> list[str]:

@@ -82,6 +82,13 @@ class Method(nn.Module):
         come from the trainer config (windows = the input channels)."""
         raise NotImplementedError
 
+    def pairs(self, dataset):
+        """None (the loader yields single slices), or a :class:`sparkct.data.SlicePairs` over `dataset`:
+        the loader then yields pairs of slices of a series (next-slice prediction; see
+        ``sparkct.data.SliceLoader``), and ``transform`` gets HU (B, 2, H, W) and returns (xa, xb).
+        Raise :class:`sparkct.errors.UserError` here when the data cannot give the pairs."""
+        return None
+
     def forward(self, batch: Any, step: int, **kwargs):
         # DDP calls forward(); routing it to training_step lets DDP's gradient hooks see the whole step
         return self.training_step(batch, step, **kwargs)

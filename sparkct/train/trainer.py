@@ -27,6 +27,7 @@ import torch
 
 from sparkct import distributed as D
 from sparkct import io as sio
+from sparkct import profiling
 from sparkct.errors import TrainingDiverged, UserError
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
@@ -135,10 +136,12 @@ class Trainer:
     """Train `method` with `config`. `dataset` (optional) replaces the data resolved from config.data (e.g.
     a labelled training split for fine-tuning). resume: False (refuse a run folder that already holds a
     checkpoint), True (continue its latest checkpoint) or a checkpoint path; force: resume even if the
-    config differs."""
+    config differs. on_step(step), if given, is called after each optimizer step with the number of steps
+    done (sparkct profile advances its torch.profiler schedule there). The phases of a step are named
+    ranges for profilers (sparkct.profiling.PHASES)."""
 
     def __init__(self, method: Method, config: TrainConfig, *, method_name: str | None = None, dataset=None,
-                 resume: bool | str = False, force: bool = False, log=_log):
+                 resume: bool | str = False, force: bool = False, log=_log, on_step=None):
         config.validate()
         self.method = method
         self.cfg = config
@@ -146,6 +149,7 @@ class Trainer:
         self.dataset = dataset
         self.resume, self.force = resume, force
         self.log = log
+        self.on_step = on_step
         self.run_dir = config.out
 
     # ---- settings derived from config + method defaults ----
@@ -237,7 +241,7 @@ class Trainer:
         method = self.method
         method.seed = cfg.seed
         loader = SliceLoader(ds, micro, transform=method.transform(cfg.crop, cfg.windows), seed=cfg.seed,
-                             device=device, workers=cfg.workers, shard=(rank, world))
+                             device=device, workers=cfg.workers, shard=(rank, world), pairs=method.pairs(ds))
         steps_per_epoch = len(loader) // cfg.accum
         if steps_per_epoch < 1:
             raise UserError(f"one epoch holds {len(loader)} micro-batches, fewer than --accum {cfg.accum}")
@@ -367,7 +371,8 @@ class Trainer:
                     loss_sum, logs_sum = 0.0, {}
                     for m in range(cfg.accum):
                         method.micro = m
-                        batch = _to(next(it), device, cfg.channels_last)
+                        with profiling.range("step/data"):
+                            batch = _to(next(it), device, cfg.channels_last)
                         targets = None
                         if probe is not None:
                             x_only, targets = batch
@@ -378,12 +383,14 @@ class Trainer:
                         sync = (model.no_sync() if world > 1 and not manual_ddp and m < cfg.accum - 1
                                 else contextlib.nullcontext())
                         with sync:
-                            with autocast:
-                                if method.manual_backward:
+                            if method.manual_backward:
+                                with profiling.range("step/forward+loss+backward"), autocast:
                                     loss, logs = model(inp, step, backward=backward)
-                                else:
+                            else:
+                                with profiling.range("step/forward+loss"), autocast:
                                     loss, logs = model(inp, step)
-                            lv = float(loss.detach().float())
+                            with profiling.range("step/sync-loss"):  # reading the loss waits for the device
+                                lv = float(loss.detach().float())
                             bad = torch.tensor([0.0 if math.isfinite(lv) else 1.0])
                             if world > 1:
                                 import torch.distributed as dist
@@ -396,27 +403,31 @@ class Trainer:
                                     f"state. {'The last good checkpoint ' + kept + ' is kept' if kept else 'No checkpoint was written yet'}"
                                     "; lower --lr/--base-lr, set --clip-grad, or change --amp")
                             if not method.manual_backward:
-                                backward(loss)
+                                with profiling.range("step/backward"):
+                                    backward(loss)
                         loss_sum += lv / cfg.accum
                         for k, v in logs.items():
                             logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum
-                    if manual_ddp:
-                        _average_gradients(method)
-                    method.on_before_optimizer_step(step)
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    gnorm = None
-                    if cfg.clip_grad > 0:
-                        gnorm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad))
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    method.after_step(step, total)
+                    with profiling.range("step/optimizer"):
+                        if manual_ddp:
+                            _average_gradients(method)
+                        method.on_before_optimizer_step(step)
+                        if scaler is not None:
+                            scaler.unscale_(optimizer)
+                        gnorm = None
+                        if cfg.clip_grad > 0:
+                            gnorm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad))
+                        if scaler is not None:
+                            scaler.step(optimizer)
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    with profiling.range("step/after_step"):
+                        method.after_step(step, total)
                     if probe is not None:
-                        logs_sum.update(self._probe_step(probe, x_only, targets))
+                        with profiling.range("step/probe"):
+                            logs_sum.update(self._probe_step(probe, x_only, targets))
                     step += 1
                     n_int += cfg.batch
                     if first_loss is None:
@@ -440,6 +451,8 @@ class Trainer:
                     # count, say) belongs to the checkpoint the next epoch resumes from
                     if step % cfg.ckpt_every == 0 and not (in_epoch + 1 == steps_per_epoch or step >= total):
                         save_periodic()
+                    if self.on_step is not None:
+                        self.on_step(step)
                 if in_epoch + 1 == steps_per_epoch or step >= total:
                     ep_logs = dict(method.on_epoch_end(epoch) or {})
                     if probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
@@ -453,6 +466,8 @@ class Trainer:
                             nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
                             path = save(step, nxt_epoch, nxt_in, logs_out)
                             last_saved = step
+                            if main:  # the log up to a checkpoint goes with it, or a resume would lose those rows
+                                metrics.flush()
                             if path:
                                 C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
                                 # keep-last-k must not delete the file best.ckpt names: it is a hard link
@@ -613,15 +628,17 @@ class _MetricsLog:
                 self.tb.add_scalar(k, float(v), step)
 
     def flush(self) -> None:
-        if not self.enabled or self.fields is None:
+        if not self.enabled:
             return
-        import io
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.fields)
-        w.writeheader()
-        w.writerows(self.rows)
-        sio.write_text_atomic(self.csv_path, buf.getvalue())
-        sio.write_text_atomic(self.jsonl_path, "\n".join(self._jsonl) + "\n")
+        if self.fields is not None:  # no step row yet (before the first --log-every); epoch rows may exist
+            import io
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(self.rows)
+            sio.write_text_atomic(self.csv_path, buf.getvalue())
+        if self._jsonl:
+            sio.write_text_atomic(self.jsonl_path, "\n".join(self._jsonl) + "\n")
         if self.tb is not None:
             self.tb.flush()
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from sparkct import distributed as dist_utils
 from sparkct.errors import UserError
 from sparkct.models.masking import CELL, cell_mask, check_mask_ratio
+from sparkct.profiling import ranged
 from sparkct.train.method import Method, MethodConfig
 
 from .decoder import LightDecoder
@@ -116,6 +117,7 @@ def cell_normalize(target: Tensor, cell: int = CELL, eps: float = 1e-6) -> tuple
     return (t - mean) / std, mean, std
 
 
+@ranged("loss/spark_masked_mse")
 def masked_cell_loss(rec: Tensor, target: Tensor, mask: Tensor, cell: int = CELL, eps: float = 1e-6) -> Tensor:
     """Mean over masked cells (``mask`` False) of the mean squared error between `rec` and the per-cell,
     per-channel normalized `target`; in float32 (or float64) whatever `rec`'s dtype. Visible cells do not count."""

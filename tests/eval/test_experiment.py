@@ -1,0 +1,214 @@
+"""`sparkct experiment` end to end on a tiny labelled cache: the report files and where their numbers come
+from, resume (finished runs skipped, an interrupted run continued to the same result), a failing method
+reported as failed, bad labels refused through the experiment; and `sparkct finetune` resumed after an
+interruption giving the uninterrupted run's result."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sparkct.cli import main
+from sparkct.eval.config import ExperimentConfig
+from sparkct.eval.experiment import run_experiment
+from sparkct.eval.finetune import Classifier
+
+TINY = dict(methods="random,rotation", fractions="1,0.5", seeds="0", crop=32, windows="lung", pretrain_epochs=1,
+            pretrain_batch=8, finetune_epochs=2, finetune_batch=8, freeze_epochs=0.5, ramp_epochs=0.5,
+            split="0.34,0.33,0.33", resamples=50, device="cpu", amp="none")
+
+
+def _experiment(cache, out, log=None, **kw):
+    cfg = ExperimentConfig(out=str(out), data=cache["cache"], labels=cache["patient_labels"], **{**TINY, **kw})
+    lines = []
+    run_experiment(cfg, log=log or lines.append)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def experiment(eval_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "run"
+    return {"out": str(out), "log": _experiment(eval_cache, out)}
+
+
+def _results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def _finetune_dirs(out):
+    return sorted(os.path.join(dp) for dp, _, files in os.walk(os.path.join(out, "finetune")) if "config.json" in files)
+
+
+def test_report_files_and_their_numbers(experiment, eval_cache):
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    out = experiment["out"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| method | 100 % | 50 % |" in md
+    table = md.split("## Test AUC")[1].split("##")[0]
+    rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| r")}
+    assert set(rows) == {"random", "rotation"}
+    res = _results(out)
+    # the header states the data, sizes and epochs used, from the config
+    assert res["header"]["pretraining"].startswith("rotation: resnet18, crop 32, 1 epochs, batch 8")
+    assert "2 epochs, batch 8" in res["header"]["fine-tuning schedule"] and eval_cache["cache"] in res["header"]["data"]
+    assert res["config"]["methods"] == TINY["methods"] and res["config"]["finetune_epochs"] == 2
+    assert res["versions"]["numpy"] == np.__version__
+    # one row per fine-tuning run, each traceable to its run folder's result.json and predictions.npz
+    csv_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
+    assert sorted((r["method"], float(r["fraction"]), r["status"]) for r in csv_rows) == [
+        ("random", 0.5, "done"), ("random", 1.0, "done"), ("rotation", 0.5, "done"), ("rotation", 1.0, "done")]
+    assert len(_finetune_dirs(out)) == 4
+    for r in csv_rows:
+        result = json.load(open(os.path.join(r["run_dir"], "result.json")))
+        z = np.load(os.path.join(r["run_dir"], "predictions.npz"))
+        auc = roc_auc_score(z["labels"], z["probabilities"][:, 1])
+        assert float(r["auc"]) == pytest.approx(result["test"]["metrics"]["auc"]["value"]) == pytest.approx(auc)
+        assert result["method"] == r["method"] and result["train"]["epochs"] == 2 and result["train"]["crop"] == 32
+        cell = next(c for c in res["cells"] if c["method"] == r["method"] and c["fraction"] == float(r["fraction"]))
+        assert cell["auc"]["value"] == pytest.approx(auc) and cell["auc_per_seed"] == [pytest.approx(auc)]
+        lo, hi = cell["auc"]["low"], cell["auc"]["high"]
+        assert 0 <= lo <= cell["auc"]["value"] <= hi <= 1
+        assert f"{cell['auc']['value']:.3f} [{lo:.3f}, {hi:.3f}]" in rows[r["method"]]  # the table shows them
+    # the pretrained method's fine-tuning started from its pretraining run's export
+    rot = json.load(open(os.path.join(next(r["run_dir"] for r in csv_rows if r["method"] == "rotation"),
+                                      "result.json")))
+    assert rot["init"]["kind"] == "run" and os.path.isfile(os.path.join(rot["init"]["source"], "summary.json"))
+    comp = {(c["method"], c["fraction"]) for c in res["comparisons"]}
+    assert comp == {("rotation", 1.0), ("rotation", 0.5)}
+    with Image.open(os.path.join(out, "auc_vs_fraction.png")) as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    # progress: which run of how many, and (once one run has finished) the time left
+    prog = [ln for ln in experiment["log"] if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in prog] == [f"[{i}/5" for i in range(1, 6)]
+    assert "left" in prog[-1]
+
+
+def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache):
+    out = experiment["out"]
+    before = _results(out)
+    marks = {p: os.path.getmtime(p) for d in _finetune_dirs(out) for p in (os.path.join(d, "result.json"),
+                                                                         os.path.join(d, "last.ckpt"))}
+    log = _experiment(eval_cache, out)
+    assert sum("finished earlier: skipped" in ln for ln in log) == 5  # 1 pretraining + 4 fine-tuning runs
+    assert not any("resumed" in ln or "test AUC" in ln for ln in log)
+    assert {p: os.path.getmtime(p) for p in marks} == marks
+    after = _results(out)
+    assert after["cells"] == before["cells"] and after["comparisons"] == before["comparisons"]
+
+
+def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_cache, tmp_path, monkeypatch):
+    # Stop the first fine-tuning run at the first step of its second epoch, after its first checkpoint (as a
+    # kill would: nothing is saved on the way out), then run the same command again.
+    after_step = Classifier.after_step
+
+    def dying(self, step, total):
+        after_step(self, step, total)
+        if step == self.steps_per_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Classifier, "after_step", dying)
+    out = tmp_path / "exp"
+    with pytest.raises(KeyboardInterrupt):
+        _experiment(eval_cache, out, methods="random")  # random only: no pretraining to repeat here
+    monkeypatch.setattr(Classifier, "after_step", after_step)
+    dirs = _finetune_dirs(str(out))
+    assert len(dirs) == 1 and not os.path.isfile(os.path.join(dirs[0], "result.json"))
+    log = _experiment(eval_cache, out, methods="random")
+    resumed = [ln for ln in log if "resumed" in ln]
+    assert len(resumed) == 1 and dirs[0] in resumed[0]
+    assert sum("test AUC" in ln for ln in log) == 2  # the resumed run and the second one
+    a = [c for c in _results(experiment["out"])["cells"] if c["method"] == "random"]
+    b = _results(str(out))["cells"]
+    assert [(c["fraction"], c["auc"]) for c in a] == [(c["fraction"], c["auc"]) for c in b]
+    for d in _finetune_dirs(str(out)):  # the same predictions as the uninterrupted experiment's runs
+        twin = os.path.join(experiment["out"], "finetune", "random", os.path.basename(d))
+        pa, pb = (np.load(os.path.join(x, "predictions.npz"))["probabilities"] for x in (twin, d))
+        assert np.array_equal(pa, pb)
+        ra, rb = (json.load(open(os.path.join(x, "result.json"))) for x in (twin, d))
+        assert ra["val_history"] == rb["val_history"]  # the log up to the checkpoint survived the interruption
+
+
+def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path):
+    out = tmp_path / "exp"
+    log = _experiment(eval_cache, out, fractions="1", set=["rotation.noise=50"])  # an invalid option
+    assert any("FAILED" in ln and "noise" in ln for ln in log)
+    md = open(out / "results.md").read()
+    assert "| rotation | failed |" in md and "## Failed runs" in md and "--noise must be in (0, 10)" in md
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert sorted((r["method"], r["status"]) for r in rows) == [("random", "done"), ("rotation", "failed")]
+    res = _results(str(out))
+    assert "rotation" in res["header"]["failed pretraining"]
+    assert next(c for c in res["cells"] if c["method"] == "rotation")["auc"] is None
+
+
+def _slice_labels(cache_dir, path, label_of, extra_row=None):
+    from sparkct.data import SliceCache
+
+    c = SliceCache(cache_dir)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["series_key", "slice_index", "label"])
+        for s in range(c.n_series):
+            for k in range(int(c.series["shape"][s][0])):  # (slices, rows, cols)
+                w.writerow([c.series["key"][s], k, label_of(s, k)])
+        if extra_row:
+            w.writerow(extra_row(c))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("missing column", "no label column 'label'"),
+    ("unknown slice", "name slices that are not in the cache"),
+    ("single class", "a classifier needs at least two classes"),
+])
+def test_bad_labels_are_one_line_errors(case, msg, eval_cache, tmp_path, capsys):
+    path = tmp_path / "labels.csv"
+    if case == "missing column":
+        path.write_text(open(eval_cache["patient_labels"]).read().replace("patient,label", "patient,diagnosis"))
+    elif case == "unknown slice":
+        _slice_labels(eval_cache["cache"], path, lambda s, k: s % 2,
+                      extra_row=lambda c: [c.series["key"][0], 999, 1])
+    else:
+        _slice_labels(eval_cache["cache"], path, lambda s, k: 1)
+    code = main(["experiment", "--data", eval_cache["cache"], "--labels", str(path), "--out",
+                 str(tmp_path / "exp"), "--methods", "random", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and msg in err[-1] and err[-1].startswith("sparkct experiment: error:"), err
+    assert not os.path.isdir(tmp_path / "exp" / "finetune")  # refused before any training
+
+
+FT = ["--crop", "32", "--batch", "8", "--epochs", "3", "--device", "cpu", "--progress", "false", "--tensorboard",
+      "false", "--preview-every", "0", "--amp", "none", "--resamples", "50", "--freeze-epochs", "1",
+      "--ramp-epochs", "1", "--ckpt-every", "1000", "--log-every", "1"]
+
+
+def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, write_npz, monkeypatch):
+    data = write_npz(tmp_path / "d.npz", n=(24, 12, 12), k=3, size=20)  # 3 steps per epoch, 9 in all
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert main(["finetune", "--data", data, "--out", ref, *FT]) == 0
+    after_step = Classifier.after_step
+
+    def dying(self, step, total):
+        after_step(self, step, total)
+        if step == 6:  # first step of epoch 3; checkpoints are written at epoch ends where val AUC improved
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Classifier, "after_step", dying)
+    assert main(["finetune", "--data", data, "--out", run, *FT]) == 130  # interrupted
+    monkeypatch.setattr(Classifier, "after_step", after_step)
+    assert not os.path.isfile(os.path.join(run, "result.json"))
+    assert main(["finetune", "--data", data, "--out", run, "--resume", *FT]) == 0
+    a, b = (json.load(open(os.path.join(d, "result.json"))) for d in (ref, run))
+    assert a["test"]["metrics"] == b["test"]["metrics"] and a["val_history"] == b["val_history"]
+    assert a["tested_checkpoint"]["step"] == b["tested_checkpoint"]["step"]
+    za, zb = (np.load(os.path.join(d, "predictions.npz")) for d in (ref, run))
+    assert np.array_equal(za["probabilities"], zb["probabilities"])
+    la = [r["loss"] for r in csv.DictReader(open(os.path.join(ref, "metrics.csv")))]
+    lb = [r["loss"] for r in csv.DictReader(open(os.path.join(run, "metrics.csv")))]
+    assert la == lb and len(la) == 9
