@@ -98,17 +98,20 @@ def _log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
 
 
-def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log) -> str:
+def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log, thickness: float | None = None,
+                min_nodule_mm: float = 4.0) -> str:
     from sparkct.data import synth
 
-    want = {"seed": seed, "patients": patients, "size": size, "slices": slices}
+    want = {"seed": seed, "patients": patients, "size": size, "slices": slices, "thickness": thickness,
+            "min_nodule_mm": min_nodule_mm}
     marker = os.path.join(dst, "synth.json")
     have = sio.read_json(marker) if os.path.isfile(marker) else None
     if have is None or any(have.get(k) != v for k, v in want.items()):
         import shutil
         log(f"synthesizing {patients} patients ({size}x{size}, {slices} slices per series) into {dst}")
         shutil.rmtree(dst, ignore_errors=True)
-        synth(dst, patients=patients, seed=seed, size=size, slices=slices, localizer=False)
+        synth(dst, patients=patients, seed=seed, size=size, slices=slices, localizer=False, thickness=thickness,
+              min_nodule_mm=min_nodule_mm)
     return dst
 
 
@@ -158,13 +161,15 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
 
     # ---- data ------------------------------------------------------------------------------------
     if cfg.data is None:
+        synth_kw = {"thickness": cfg.synth_thickness, "min_nodule_mm": cfg.synth_min_nodule}
         task_src = _synth_once(os.path.join(data_dir, "synth-task"), cfg.synth_patients, 2, cfg.synth_size,
-                               cfg.synth_slices, log)
+                               cfg.synth_slices, log, **synth_kw)
         task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log, SYNTHETIC_SALT)
         labels = os.path.join(task_src, "slice_labels.csv")
         data_desc = (f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
                      f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
-                     f"{cfg.synth_size}, {cfg.synth_slices} slices per series")
+                     f"{cfg.synth_size}, {cfg.synth_slices} slices per series of {cfg.synth_thickness:g} mm, "
+                     f"nodules {cfg.synth_min_nodule:g}-30 mm")
     else:
         task_data, labels = cfg.data, cfg.labels
         data_desc = f"{cfg.data}" + (f" with labels {cfg.labels}" if cfg.labels else "")
@@ -172,7 +177,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         pre_cache = _prepare_once(cfg.pretrain_data, os.path.join(data_dir, "cache-pretrain"), log)
     elif cfg.data is None:
         pre_src = _synth_once(os.path.join(data_dir, "synth-pretrain"), cfg.pretrain_patients, 1, cfg.synth_size,
-                              cfg.synth_slices, log)
+                              cfg.synth_slices, log, **synth_kw)
         pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log, SYNTHETIC_SALT)
     elif os.path.isfile(os.path.join(cfg.data, "cache.json")):
         pre_cache = cfg.data
@@ -183,12 +188,27 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
 
     from sparkct.eval.data import load_task
 
-    split = tuple(float(v) for v in cfg.split.split(","))
+    split = cfg.split_fractions()
+    split_text = ",".join(f"{v:g}" for v in split)
     task0 = load_task(task_data, labels, split=split, seed=seeds[0], windows=cfg.windows)  # checks labels early
     desc = task0.describe()
     log(f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, "
         f"test {desc['test']}")
     _check_test_set(task0)
+
+    # the fine-tuning options (built-in defaults, --set finetune.FIELD=VALUE): a typo is refused before training
+    from sparkct.eval.config import FinetuneConfig
+    from sparkct.train.config import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    ft_opts = overrides.get("finetune", {})
+    fcfg = _typed(FinetuneConfig, {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs,
+                                   **{k: v for k, v in ft_opts.items() if k not in train_fields}})
+    fcfg.validate()
+    ft_train = _typed(TrainConfig, {k: v for k, v in ft_opts.items() if k in train_fields}).__dict__
+    if ft_opts:
+        log(f"fine-tuning options: {', '.join(f'{k}={v}' for k, v in ft_opts.items())}"
+            + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else ""))
 
     pre_methods = [m for m in methods if m != "random"]
     n_runs = len(pre_methods) + len(methods) * len(fractions) * len(seeds)
@@ -199,10 +219,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
 
         # ---- pretraining -------------------------------------------------------------------------------
         from sparkct.models import get_method
-        from sparkct.train.config import TrainConfig, config_to_dict
+        from sparkct.train.config import config_to_dict
         from sparkct.train.trainer import Trainer, build_method
 
-        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         for m in pre_methods:
             cls = get_method(m)
             opts = overrides.get(m, {})
@@ -239,10 +258,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             prog.finish(True)
 
         # ---- fine-tuning -------------------------------------------------------------------------------
-        from sparkct.eval.config import FinetuneConfig
         from sparkct.eval.finetune import finetune
 
-        fcfg = FinetuneConfig(freeze_epochs=cfg.freeze_epochs, ramp_epochs=cfg.ramp_epochs)
         for m in methods:
             for seed in seeds:
                 for fr in fractions:
@@ -250,8 +267,11 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                                        batch=cfg.finetune_batch, device=cfg.device, amp=cfg.amp, seed=seed,
                                        progress=False, tensorboard=False, log_every=5, ckpt_every=50, keep=1,
                                        preview_every=0)
+                    for k in ft_opts:
+                        if k in train_fields:
+                            setattr(tcfg, k, ft_train[k])
                     key = _key({"init": inits.get(m, m), "train": config_to_dict(tcfg),
-                                "finetune": config_to_dict(fcfg), "fraction": fr, "split": cfg.split,
+                                "finetune": config_to_dict(fcfg), "fraction": fr, "split": split_text,
                                 "data": task_data, "labels": labels})
                     run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
                     tcfg.out = run_dir
@@ -296,7 +316,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
              "fine-tuning schedule": (f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
                              f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
                              f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
-                             f"split {cfg.split} of the labelled patients"),
+                             f"split {split_text} of the labelled patients"
+                             + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")),
              "experiment time": f"{(time.perf_counter() - t_start) / 60:.1f} min (this invocation)"}
     if failed_pre:
         extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())

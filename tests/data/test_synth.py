@@ -107,6 +107,19 @@ def test_patients_differ(synth_dir):
     assert make_patient(0, 0).pid == a.pid  # a function of the seed
 
 
+def test_min_nodule_size():
+    """min_nodule_mm (the experiment's built-in task) raises the smallest nodule diameter and leaves the
+    patients' anatomy as it was; out-of-range values are refused."""
+    from sparkct.errors import UserError
+
+    pats = [(make_patient(4, i), make_patient(4, i, min_nodule_mm=12.0)) for i in range(12)]
+    small, big = ([n.diameter for p in ps for n in p.nodules] for ps in zip(*pats))
+    assert len(big) >= 5 and min(big) >= 12.0 and min(small) < 12.0
+    assert all(pa.pid == pb.pid and pa.height == pb.height for pa, pb in pats)
+    with pytest.raises(UserError, match="min_nodule_mm"):
+        synth("/nonexistent/never-written", patients=1, min_nodule_mm=0.5)
+
+
 def test_seeded_and_deterministic(tmp_path, dicom_files):
     kw = dict(patients=2, size=32, slices=4, thickness=3.0, localizer=False)
     r1 = synth(str(tmp_path / "a"), seed=5, **kw)

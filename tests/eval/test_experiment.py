@@ -136,8 +136,12 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
 
 def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path):
     out = tmp_path / "exp"
-    log = _experiment(eval_cache, out, fractions="1", set=["rotation.noise=50"])  # an invalid option
+    # an invalid option; a fine-tuning option for every fine-tuning run
+    log = _experiment(eval_cache, out, fractions="1", set=["rotation.noise=50", "finetune.base_lr=1e-3"])
     assert any("FAILED" in ln and "noise" in ln for ln in log)
+    assert "fine-tuning options: base_lr=1e-3" in log
+    res = json.load(open(next(os.path.join(d, "result.json") for d in _finetune_dirs(str(out)) if "random" in d)))
+    assert res["train"]["base_lr"] == 1e-3
     md = open(out / "results.md").read()
     assert "| rotation | failed |" in md and "## Failed runs" in md and "--noise must be in (0, 10)" in md
     rows = list(csv.DictReader(open(out / "runs.csv")))
@@ -145,6 +149,25 @@ def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path):
     res = _results(str(out))
     assert "rotation" in res["header"]["failed pretraining"]
     assert next(c for c in res["cells"] if c["method"] == "rotation")["auc"] is None
+
+
+def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
+    """Without --data the fine-tuning lr, the split and the synthetic series follow the built-in task's
+    defaults; with --data the published ones; a bad fine-tuning option is refused before any training."""
+    from sparkct.errors import UserError
+
+    builtin = ExperimentConfig()
+    assert builtin.overrides()["finetune"] == {"base_lr": 4e-3} and builtin.split_fractions() == (0.4, 0.3, 0.3)
+    data = ExperimentConfig(data=eval_cache["cache"])
+    assert "finetune" not in data.overrides() and data.split_fractions() == (0.5, 0.2, 0.3)
+    assert ExperimentConfig(set=["finetune.lr=1e-3"]).overrides()["finetune"] == {"base_lr": 4e-3, "lr": "1e-3"}
+    for kw, msg in ((dict(synth_thickness=0.1), "--synth-thickness"), (dict(synth_min_nodule=40), "--synth-min-nodule"),
+                    (dict(split="0.5,x,0.3"), "--split")):
+        with pytest.raises(UserError, match=msg):
+            ExperimentConfig(**kw).validate()
+    with pytest.raises(UserError, match="no option 'nope'"):
+        _experiment(eval_cache, tmp_path / "bad", set=["finetune.nope=1"])
+    assert not os.path.isdir(tmp_path / "bad" / "finetune")
 
 
 def _slice_labels(cache_dir, path, label_of, extra_row=None):
