@@ -54,33 +54,47 @@ def _typed(cls, values: dict):
 
 class _Progress:
     """Which run of how many is going and the time left: a tqdm bar over the runs (on a terminal) and one log
-    line per run (readable where stderr is a file, e.g. CI). tqdm keeps the count, the elapsed time and the
-    rate (plain average, ``smoothing=0``: runs differ in length, an average over all of them is the best
-    guess); skipped runs leave the total instead of counting as instant runs, so they do not shrink the
-    estimate. Off a terminal the bar writes to os.devnull: it still counts, only the log lines show."""
+    line per run (readable where stderr is a file, e.g. CI). Pretraining and fine-tuning runs differ in length
+    by an order of magnitude, so the time left is estimated per kind (the mean of the runs of that kind done
+    in this session times those left); a kind not timed yet is named instead of guessed. Skipped runs leave
+    the total instead of counting as instant runs. Off a terminal the bar writes to os.devnull: it still
+    counts, only the log lines show."""
 
-    def __init__(self, total: int, log):
+    def __init__(self, totals: dict[str, int], log):
         from tqdm import tqdm
 
         self.log, self._sink = log, None
+        self.left = dict(totals)
+        self.times: dict[str, list[float]] = {k: [] for k in totals}
+        self._kind, self._t0 = None, 0.0
         tty = sys.stderr.isatty()
         if not tty:
             self._sink = open(os.devnull, "w")  # noqa: SIM115 - closed in close()
-        self.bar = tqdm(total=total, unit="run", desc="experiment", smoothing=0, dynamic_ncols=True,
-                        file=sys.stderr if tty else self._sink, mininterval=1.0)
+        self.bar = tqdm(total=sum(totals.values()), unit="run", desc="experiment", smoothing=0,
+                        dynamic_ncols=True, file=sys.stderr if tty else self._sink, mininterval=1.0)
 
-    def start(self, what: str) -> None:
+    def eta(self) -> str:
+        from tqdm import tqdm
+
+        known = sum(n * sum(self.times[k]) / len(self.times[k]) for k, n in self.left.items() if n and self.times[k])
+        unknown = [f"{n} {k} run{'s' if n > 1 else ''} not timed yet" for k, n in self.left.items()
+                   if n and not self.times[k]]
+        parts = ([f"about {tqdm.format_interval(known)} left"] if known else []) + unknown
+        return ", " + "; ".join(parts) if parts else ""
+
+    def start(self, kind: str, what: str) -> None:
         from tqdm import tqdm
 
         b = self.bar
-        d = b.format_dict
-        rate = d["rate"] or (d["n"] / d["elapsed"] if d["n"] and d["elapsed"] else None)
-        eta = f", about {tqdm.format_interval((b.total - b.n) / rate)} left" if rate else ""
+        self._kind, self._t0 = kind, time.perf_counter()
         b.set_postfix_str(what.split(" -> ")[0], refresh=False)
-        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(d['elapsed'])} elapsed{eta})")
+        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(b.format_dict['elapsed'])} elapsed"
+                 f"{self.eta()})")
 
     def finish(self, ran: bool) -> None:
+        self.left[self._kind] -= 1
         if ran:
+            self.times[self._kind].append(time.perf_counter() - self._t0)
             self.bar.update(1)
         else:
             self.bar.total -= 1
@@ -211,8 +225,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else ""))
 
     pre_methods = [m for m in methods if m != "random"]
-    n_runs = len(pre_methods) + len(methods) * len(fractions) * len(seeds)
-    prog = _Progress(n_runs, log)
+    prog = _Progress({"pretraining": len(pre_methods),
+                      "fine-tuning": len(methods) * len(fractions) * len(seeds)}, log)
     try:
         inits: dict[str, str | None] = {"random": "random"}
         failed_pre: dict[str, str] = {}
@@ -236,7 +250,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
-            prog.start(f"pretrain {m} -> {run_dir}")
+            prog.start("pretraining", f"pretrain {m} -> {run_dir}")
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 log("  finished earlier: skipped")
                 inits[m] = run_dir
@@ -275,7 +289,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                                 "data": task_data, "labels": labels})
                     run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
                     tcfg.out = run_dir
-                    prog.start(f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
+                    prog.start("fine-tuning", f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
                     if os.path.isfile(os.path.join(run_dir, "result.json")):
                         log("  finished earlier: skipped")
                         prog.finish(False)

@@ -86,7 +86,10 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     # progress: which run of how many, and (once one run has finished) the time left
     prog = [ln for ln in experiment["log"] if ln.startswith("[")]
     assert [ln.split("]")[0] for ln in prog] == [f"[{i}/5" for i in range(1, 6)]
-    assert "left" in prog[-1]
+    # the time left is estimated per kind of run: before any fine-tuning run is timed it says so
+    assert prog[0].endswith(" elapsed, 1 pretraining run not timed yet; 4 fine-tuning runs not timed yet)")
+    assert "4 fine-tuning runs not timed yet" in prog[1] and "about" not in prog[1]  # pretraining done
+    assert "about" in prog[2] and "not timed" not in prog[2]
 
 
 def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache):
