@@ -32,6 +32,16 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which races with other threads' file creation.
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.
@@ -42,6 +52,9 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp", dir=d)
     os.close(fd)
+    # mkstemp creates 0600; a plain open() would give 0666 & ~umask, which is what users expect of results
+    # files others read (reports, checkpoints shared with a team).
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
