@@ -44,3 +44,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors and tiny models run fastest on one thread: on a loaded 2-core machine intra-op threads
+    spin-wait for each other (one CUDA-emulation case went from 0.5 s to 2 min). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

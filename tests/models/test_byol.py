@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES, one_thread  # noqa: F401
+from contrastive_helpers import FEATURES
 from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 from sparkct.errors import UserError
 from sparkct.models import get_method

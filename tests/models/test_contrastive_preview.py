@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES, one_thread  # noqa: F401
+from contrastive_helpers import FEATURES
 from contrastive_helpers import synthetic_hu, tiny_backbone
 from sparkct.models import get_method
 

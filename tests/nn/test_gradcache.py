@@ -11,13 +11,7 @@ from sparkct.nn import InfoNCELoss, chunked, grad_cache
 from sparkct.nn.gradcache import chunks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is fastest and leaves the shared cores alone."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encoder(dropout=0.0, norm="group"):

@@ -38,14 +38,7 @@ from sparkct.ops import reference as ref
 CU = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "info_nce.cu"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of 64 x 64 tile ops: intra-op threads only add overhead, and on a loaded 2-core
-    machine their spin-waits made one case 240x slower (0.5 s -> 2 min)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- the kernel's constants and policies (mirrored; checked against the source below) ------------
 

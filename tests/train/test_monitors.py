@@ -12,13 +12,7 @@ from torch import nn
 from sparkct.train.monitors import OnlineLinearProbe, collapse_indicator, extract_features, knn_accuracy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is fastest and leaves the shared cores alone."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_collapse_indicator():
