@@ -39,15 +39,6 @@ except ImportError:  # pragma: no cover - lightly is a dev extra
 TAU = 0.2
 _RESULTS: dict[tuple, dict] = {}  # (device, dtype, n2, d, mode, impl) -> extra_info
 
-# Dense tensor-core peaks (TFLOP/s) by device-name substring; fp32 means TF32 when allowed, else
-# the CUDA-core fp32 peak. From NVIDIA's H100/H200 data sheets (SXM / PCIe).
-_TC_PEAK = {
-    "H100 PCIe": {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.0},
-    "H100": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0},
-    "H200": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0},
-}
-
-
 def _cases():
     out = []
     for n2 in (2048, 8192, 16384):
@@ -148,10 +139,10 @@ def test_info_nce(benchmark, device, dtype, n2, d, mode, impl):
     if gemm and impl != "gemm":
         derived["frac_of_gemm"] = round(gemm["median_s"] / extra["median_s"], 3)
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key_name, peaks in _TC_PEAK.items():
-            if key_name in name:
-                derived["frac_of_tc_peak"] = round(extra.get("gflops_per_s", 0) / 1e3 / peaks[dtype], 4)
-                break
+        from sparkct.perf.peaks import compute_peak, gpu_table_peaks
+        peaks = gpu_table_peaks(torch.cuda.get_device_name())  # the datasheet table, one for all of sparkct
+        peak = compute_peak(peaks, dtype)[0] if peaks else None
+        if peak:
+            derived["frac_of_tc_peak"] = round(extra.get("gflops_per_s", 0) / peak, 4)
     benchmark.extra_info.update(derived)
     benchkit.DERIVED[-1].update(derived)
