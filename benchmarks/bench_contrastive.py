@@ -28,6 +28,23 @@ from sparkct.models.backbone import build_backbone
 from sparkct.nn import InfoNCELoss
 from sparkct.ops import reference as ref
 
+# sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
+BENCH = {
+    "suite": "train",
+    "pairs": [  # fused vs naive loss, chunked (gradient caching) vs unchunked
+        {"case": {"test": "test_method_step", "loss": "fused"}, "base": {"loss": "naive"}, "label": "naive",
+         "memory": True},
+        {"case": {"test": "test_method_step", "loss": "fused"}, "base": {"chunk": 0}, "label": "unchunked",
+         "memory": True},
+        {"case": {"test": "test_simclr_chunked_cpu"}, "base": {"chunk": 0}, "label": "unchunked", "memory": True},
+    ],
+    "default": [("test_method_step", "cpu-simclr-*")],  # naive, fused, chunked
+    "quick": [
+        ("test_method_step", "cpu-simclr-*-chunk0"),  # naive vs fused loss
+        ("test_moco_queue_cuda", ""),
+    ],
+}
+
 _RESULTS: dict[tuple, dict] = {}
 
 

@@ -23,6 +23,29 @@ import torch
 
 import benchkit
 
+# sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
+BENCH = {
+    "suite": "data",
+    "pairs": [  # prepare vs pydicom's decode alone (the ideal), each loader transform vs the bare shard reads
+        {"case": {"test": "test_prepare_throughput"}, "base": {"test": "test_pydicom_decode_baseline"},
+         "label": "pydicom-decode"},
+        {"case": {"test": "test_loader_throughput"}, "base": {"test": "test_loader_throughput", "mode": "read-only"},
+         "label": "read-only"},
+    ],
+    "default": [
+        ("test_pydicom_decode_baseline", ""),
+        ("test_prepare_throughput", "j1"),
+        ("test_loader_throughput", "read-only"),
+        ("test_loader_throughput", "default-augment"),
+    ],
+    "quick": [
+        ("test_pydicom_decode_baseline", ""),
+        ("test_prepare_throughput", "j1"),
+        ("test_loader_throughput", "read-only"),
+        ("test_loader_throughput", "eval-resize"),
+    ],
+}
+
 pytest.importorskip("pydicom")
 
 PREPARE_SLICES = 120  # 2 series x 60 slices of 512x512

@@ -31,6 +31,25 @@ import benchkit
 from sparkct.ops import info_nce
 from sparkct.ops import reference as ref
 
+# sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
+BENCH = {
+    "suite": "kernels",
+    "pairs": [  # fused vs the naive form (full logits), lightly's NTXentLoss, and the bare GEMMs (the ideal)
+        {"case": {"test": "test_info_nce", "impl": "fused"}, "base": {"impl": "naive"}, "label": "naive",
+         "memory": True},
+        {"case": {"test": "test_info_nce", "impl": "fused"}, "base": {"impl": "lightly"}, "label": "lightly"},
+        {"case": {"test": "test_info_nce", "impl": "fused"}, "base": {"impl": "gemm"}, "label": "gemm"},
+    ],
+    "default": [
+        ("test_info_nce", "cpu-fp32-2N8192-D128-fwd+bwd-*"),  # README's headline size
+        ("test_info_nce", "cpu-fp32-2N2048-D128-fwd-*"),
+    ],
+    "quick": [
+        ("test_info_nce", "cpu-fp32-2N2048-D128-fwd-*"),  # gemm, naive, lightly, fused
+        ("test_info_nce", "cuda-bf16-2N8192-D128-*"),
+    ],
+}
+
 try:
     from lightly.loss import NTXentLoss
 except ImportError:  # pragma: no cover - lightly is a dev extra

@@ -34,6 +34,21 @@ from sparkct.models.spark.model import SparK, SparKConfig, masked_cell_loss
 from sparkct.models.spark.reference import spark_published_loss
 from sparkct.train.optim import build_optimizer
 
+# sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file). No default
+# entries: the default run keeps every case; none of the CPU cases is quick (resnet50 at 224 on CPU).
+BENCH = {
+    "suite": "train",
+    "pairs": [  # sparkct's sparse model vs its dense-masked model and SparK's published way
+        {"case": {"test": "test_step", "name": "sparse"}, "base": {"name": "dense-masked"}, "label": "dense-masked",
+         "memory": True},
+        {"case": {"test": "test_step", "name": "sparse"}, "base": {"name": "published"}, "label": "published",
+         "memory": True},
+        {"case": {"test": "test_split", "encoder": "sparse"}, "base": {"encoder": "dense-masked"},
+         "label": "dense-masked", "memory": True},
+    ],
+    "quick": [("test_step", "*-cuda")],
+}
+
 CONFIGS = {
     "cpu": dict(arch="resnet50", batch=8, size=224, ratio=0.6, amp=None, rounds=2, warmup=0),
     "cuda": dict(arch="resnet50", batch=128, size=224, ratio=0.6, amp=torch.bfloat16, rounds=10, warmup=2),

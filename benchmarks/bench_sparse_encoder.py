@@ -43,6 +43,32 @@ from sparkct.models.spark import reference as SR
 from sparkct.ops import sparse as S
 from sparkct.models.masking import cell_mask
 
+# sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
+BENCH = {
+    "suite": "kernels",
+    "pairs": [
+        # packed-tile sparse encoder vs SparK's dense-masked encoder and the plain dense one
+        {"case": {"test": "test_encoder", "impl": "sparse"}, "base": {"impl": "spark"}, "label": "spark",
+         "memory": True},
+        {"case": {"test": "test_encoder", "impl": "sparse"}, "base": {"impl": "dense"}, "label": "dense",
+         "memory": True},
+        # one sparse 3x3 conv vs dense-then-mask and spconv's submanifold conv
+        {"case": {"test": "test_conv3x3", "impl": "sparse"}, "base": {"impl": "dense"}, "label": "dense",
+         "memory": True},
+        {"case": {"test": "test_conv3x3", "impl": "sparse"}, "base": {"impl": "spconv"}, "label": "spconv"},
+    ],
+    "default": [
+        ("test_encoder", "*-0.6-cpu"),  # dense, spark, sparse
+        ("test_conv3x3", "*-64-8-fwd-cpu"),  # halo tiles, with spconv
+        ("test_conv3x3", "*-512-1-fwdbwd-cpu"),  # gather-GEMM cells
+    ],
+    "quick": [
+        ("test_conv3x3", "*-64-8-fwd-cpu"),  # dense, sparse, spconv
+        ("test_encoder", "*-0.6-cuda"),
+        ("test_conv3x3", "*-64-8-fw*-cuda"),
+    ],
+}
+
 CONFIGS = {
     "cpu": dict(arch="resnet18", batch=16, size=224, dtype=torch.float32, channels_last=False),
     "cuda": dict(arch="resnet50", batch=128, size=224, dtype=torch.bfloat16, channels_last=True),

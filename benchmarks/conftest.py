@@ -5,7 +5,10 @@ rewritten after every case, and an end-of-run table of derived figures.
 every implementation side by side: a few minutes on 2 cores) and every CUDA case where a GPU is
 present. The full grid: `SPARKCT_BENCH_FULL=1` or `--bench-full`; a smoke subset (a few cheap cases
 per family, well under a minute per file on 2 cores; what `sparkct bench --quick` runs):
-`--bench-quick`; naming cases (`file::test[id]`), `-k` or `-m` selects exactly those instead.
+`--bench-quick`; naming cases (`file::test[id]`), `-k` or `-m` selects exactly those instead. Each
+bench_*.py lists its own subsets, the "default" (CPU) and "quick" cases of its BENCH table (read without
+importing it, by sparkct.perf.registry, which documents the table; a file without "default" entries
+runs whole by default).
 `--bench-device cpu|cuda` keeps only that device's cases (default: CUDA cases where a GPU is present,
 else CPU ones); `--bench-rounds N` times every case N rounds instead of its file's own count. After each case a line says how far the run is, and
 the figures measured so far are written atomically to `--bench-progress` (default
@@ -23,6 +26,8 @@ import pytest
 import torch
 
 import benchkit
+from sparkct.errors import UserError
+from sparkct.perf.registry import Bench, discover
 
 
 def cuda_ready() -> bool:
@@ -36,38 +41,9 @@ CUDA_READY = cuda_ready()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 _PROGRESS: "_Progress | None" = None
 
-# The default CPU subset: (file, test function, parameter-id pattern). Chosen so that each family keeps
-# its comparison (kernel, reference, peers) at the size the README quotes.
-QUICK_CPU = [
-    ("bench_info_nce.py", "test_info_nce", "cpu-fp32-2N8192-D128-fwd+bwd-*"),   # README's headline size
-    ("bench_info_nce.py", "test_info_nce", "cpu-fp32-2N2048-D128-fwd-*"),
-    ("bench_sparse_encoder.py", "test_encoder", "*-0.6-cpu"),                   # dense, spark, sparse
-    ("bench_sparse_encoder.py", "test_conv3x3", "*-64-8-fwd-cpu"),              # halo tiles, with spconv
-    ("bench_sparse_encoder.py", "test_conv3x3", "*-512-1-fwdbwd-cpu"),          # gather-GEMM cells
-    ("bench_data.py", "test_pydicom_decode_baseline", ""),
-    ("bench_data.py", "test_prepare_throughput", "j1"),
-    ("bench_data.py", "test_loader_throughput", "read-only"),
-    ("bench_data.py", "test_loader_throughput", "default-augment"),
-    ("bench_contrastive.py", "test_method_step", "cpu-simclr-*"),              # naive, fused, chunked
-]
-
-# The smoke subset (--bench-quick): only the cases listed here run, so that every suite of `sparkct bench
-# --quick` ends well under a minute on 2 cores (SparK's CPU step, resnet50 at 224, does not fit: none of
-# bench_spark.py's CPU cases is listed) while each listed family keeps a pair to form its ratios from.
-QUICK_SMOKE = [
-    ("bench_info_nce.py", "test_info_nce", "cpu-fp32-2N2048-D128-fwd-*"),       # gemm, naive, lightly, fused
-    ("bench_sparse_encoder.py", "test_conv3x3", "*-64-8-fwd-cpu"),              # dense, sparse, spconv
-    ("bench_contrastive.py", "test_method_step", "cpu-simclr-*-chunk0"),        # naive vs fused loss
-    ("bench_data.py", "test_pydicom_decode_baseline", ""),
-    ("bench_data.py", "test_prepare_throughput", "j1"),
-    ("bench_data.py", "test_loader_throughput", "read-only"),
-    ("bench_data.py", "test_loader_throughput", "eval-resize"),
-    ("bench_info_nce.py", "test_info_nce", "cuda-bf16-2N8192-D128-*"),
-    ("bench_sparse_encoder.py", "test_encoder", "*-0.6-cuda"),
-    ("bench_sparse_encoder.py", "test_conv3x3", "*-64-8-fw*-cuda"),
-    ("bench_spark.py", "test_step", "*-cuda"),
-    ("bench_contrastive.py", "test_moco_queue_cuda", ""),
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+# family -> its BENCH declaration (suite, ratio pairs, "default" and "quick" cases): set in pytest_configure
+_BENCHES: dict[str, Bench] = {}
 
 
 def pytest_addoption(parser):
@@ -75,7 +51,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-full", action="store_true", default=False,
                 help="run the full benchmark grid (also SPARKCT_BENCH_FULL=1); default: a quick CPU subset")
     g.addoption("--bench-quick", action="store_true", default=False,
-                help="run only the smoke subset (QUICK_SMOKE in benchmarks/conftest.py)")
+                help="run only the smoke subset (the \"quick\" cases of each file's BENCH table)")
     g.addoption("--bench-device", choices=["auto", "cpu", "cuda"], default="auto",
                 help="keep only this device's cases (auto: CUDA ones where a GPU is present, else CPU ones)")
     g.addoption("--bench-rounds", type=int, default=None,
@@ -92,7 +68,11 @@ def pytest_configure(config):
     benchkit.ROUNDS = rounds
     if config.getoption("bench_device") == "cuda" and not CUDA_READY:
         raise pytest.UsageError("--bench-device cuda: no CUDA GPU with sparkct's CUDA kernels is visible")
-    global _PROGRESS
+    global _BENCHES, _PROGRESS
+    try:
+        _BENCHES = discover(HERE)
+    except UserError as e:  # a bench_*.py without a BENCH table, or a malformed one
+        raise pytest.UsageError(str(e)) from None
     _PROGRESS = _Progress(config)
     # SIGTERM (timeouts, job schedulers) ends the run as Ctrl-C does: summaries and JSON still written
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -108,19 +88,24 @@ def _is_cuda(item) -> bool:
     return item.get_closest_marker("cuda") is not None
 
 
-def _listed(item, table) -> bool:
+def _cases(item, subset: str) -> tuple[tuple[str, str], ...]:
+    """The (test function, parameter-id pattern) entries of `subset` ("default" or "quick") in the BENCH
+    table of the item's file."""
+    bench = _BENCHES.get(item.path.stem)
+    return getattr(bench, subset) if bench is not None else ()
+
+
+def _listed(item, subset: str) -> bool:
     spec = getattr(item, "callspec", None)
     pid = spec.id if spec is not None else ""
-    return any(item.path.name == f and getattr(item, "originalname", item.name) == fn and fnmatch.fnmatchcase(pid, p)
-               for f, fn, p in table)
+    fn_name = getattr(item, "originalname", item.name)
+    return any(fn_name == fn and fnmatch.fnmatchcase(pid, p) for fn, p in _cases(item, subset))
 
 
-def _quick(item) -> bool:
-    """In the default run: a CUDA case, a QUICK_CPU case, or any case of a file QUICK_CPU does not
-    list (a new benchmark file runs whole until it gets its entries)."""
-    if _is_cuda(item) or item.path.name not in {f for f, _, _ in QUICK_CPU}:
-        return True
-    return _listed(item, QUICK_CPU)
+def _default(item) -> bool:
+    """In the default run: a CUDA case, a case its file's "default" entries list, or any case of a file
+    without "default" entries (it runs whole)."""
+    return _is_cuda(item) or not _cases(item, "default") or _listed(item, "default")
 
 
 def _explicit_selection(config) -> bool:
@@ -138,9 +123,9 @@ def pytest_collection_modifyitems(config, items):
     full = not quick and (config.getoption("bench_full") or os.environ.get("SPARKCT_BENCH_FULL", "") == "1"
                           or explicit)
     if quick:
-        selected = [_listed(it, QUICK_SMOKE) for it in items]
+        selected = [_listed(it, "quick") for it in items]
     else:
-        selected = [full or _quick(it) for it in items]
+        selected = [full or _default(it) for it in items]
     if device != "auto":
         selected = [s and _is_cuda(it) == (device == "cuda") for it, s in zip(items, selected)]
     dropped = [it for it, s in zip(items, selected) if not s]
@@ -184,10 +169,9 @@ class _Progress:
                     "default": "quick subset (SPARKCT_BENCH_FULL=1 or --bench-full: the full grid)"}[tier]
             tr.write_line(f"sparkct benchmarks: {self.total} cases to run, {what}; "
                           f"results so far in {self.path}")
-            listed = {f for f, _, _ in QUICK_CPU}
-            whole = sorted({it.path.name for it in items if it.path.name not in listed})
+            whole = sorted({it.path.name for it in items if not _cases(it, "default")})
             if whole and tier == "default":
-                tr.write_line(f"  run whole (no quick cases listed in benchmarks/conftest.py): {', '.join(whole)}")
+                tr.write_line(f"  run whole (no \"default\" cases in their BENCH table): {', '.join(whole)}")
 
     def record(self, report, row: dict | None) -> None:
         self.cases.append({"nodeid": report.nodeid, "outcome": report.outcome,

@@ -12,13 +12,19 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Named and parametrized like bench_info_nce.py, so that conftest's QUICK_CPU list picks three of five and
-# QUICK_SMOKE one.
+# Named and parametrized like bench_info_nce.py; its BENCH table's "default" entries pick three of five
+# cases and its "quick" entry one.
 _BENCH = '''
 import os, signal
 import pytest
 import torch
 import benchkit
+
+BENCH = {
+    "suite": "kernels",
+    "default": [("test_info_nce", "cpu-fp32-2N8192-D128-fwd+bwd-*"), ("test_info_nce", "cpu-fp32-2N2048-D128-fwd-*")],
+    "quick": [("test_info_nce", "cpu-fp32-2N2048-D128-fwd-*")],
+}
 
 IDS = ["cpu-fp32-2N8192-D128-fwd+bwd-naive", "cpu-fp32-2N8192-D128-fwd+bwd-fused",
        "cpu-fp32-2N16384-D512-fwd-naive", "cpu-fp32-2N16384-D512-fwd-fused", "cpu-fp32-2N2048-D128-fwd-fused"]
@@ -39,9 +45,9 @@ def bench_dir(tmp_path):
     for f in ("conftest.py", "benchkit.py"):
         shutil.copy(os.path.join(ROOT, "benchmarks", f), d / f)
     (d / "bench_info_nce.py").write_text(_BENCH)
-    # a benchmark file conftest's quick list does not know yet: runs whole by default
-    (d / "bench_new.py").write_text("import pytest\n\n@pytest.mark.parametrize('i', [0, 1])\n"
-                                    "def test_new(i):\n    pass\n")
+    # a benchmark file that declares no "default" or "quick" cases: runs whole by default, not with --quick
+    (d / "bench_new.py").write_text("import pytest\n\nBENCH = {'suite': 'new'}\n\n"
+                                    "@pytest.mark.parametrize('i', [0, 1])\ndef test_new(i):\n    pass\n")
     return d
 
 
@@ -81,7 +87,7 @@ def test_interrupted_full_run_keeps_what_it_measured(bench_dir):
 
 
 def test_smoke_subset_and_rounds(bench_dir):
-    """--bench-quick runs only QUICK_SMOKE's cases (a file it does not list runs nothing), --bench-rounds
+    """--bench-quick runs only the "quick" cases of the BENCH tables (a file with none runs nothing), --bench-rounds
     sets every case's rounds, and --benchmark-quiet drops the derived-figures table (sparkct bench prints
     its own). (--bench-device: tests/perf/test_bench_cli.py's real run.)"""
     r, prog = _run(bench_dir, "--bench-quick", "--bench-rounds", "2", "--benchmark-quiet")

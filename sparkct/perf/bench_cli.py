@@ -12,18 +12,17 @@ import sys
 import tempfile
 
 from sparkct.errors import UserError
+from sparkct.perf import registry
 
 _EPILOG = """\
-suites (files under benchmarks/):
-  kernels  bench_info_nce.py (fused InfoNCE vs naive, lightly, bare GEMMs) + bench_sparse_encoder.py
-           (sparse encoder vs SparK's dense-masked and dense; one 3x3 conv vs dense and spconv)
-  train    bench_spark.py (the SparK step and its split) + bench_contrastive.py (SimCLR, MoCo, SwAV, BYOL steps)
-  data     bench_data.py (prepare vs pydicom's decode; the slice loader's transforms vs bare reads)
+suites: each benchmarks/bench_*.py names its suite, the ratios the gate reads and its subsets of
+cases in a BENCH table (sparkct/perf/registry.py); what it measures is in its docstring. Adding a
+benchmark is adding one such file.
 
 sizes: each file sizes its cases per device (small on CPU, large on GPU). --device cpu runs the default
-CPU subset (QUICK_CPU in benchmarks/conftest.py: a few minutes per suite on 2 cores), --full the whole
-grid, --quick a smoke subset (QUICK_SMOKE: well under a minute per suite; SparK's CPU step is not in it).
---device cuda runs every CUDA case (--quick: a few of them).
+CPU subset (each file's "default" cases: a few minutes per suite on 2 cores; a file without them runs
+whole), --full the whole grid, --quick the smoke subset (each file's "quick" cases: well under a minute
+per suite; SparK's CPU step is not in it). --device cuda runs every CUDA case (--quick: a few of them).
 
 the gate (--compare): ratios (speedup_vs_<baseline implementation>, mem_vs_<...>) are measured within
 one run, so they hold across shared or different machines; the exit status is 1 when one of them
@@ -42,7 +41,8 @@ def register(subparsers) -> None:
                     "write one sparkct-bench/1 JSON (environment; per case the median and spread, peak "
                     "memory, derived figures and speed-ups over each baseline implementation), print a "
                     "table, and optionally compare with a baseline file.", epilog=_EPILOG)
-    s.add_argument("--suite", choices=["kernels", "train", "data", "all"], default="all", help="what to run")
+    s.add_argument("--suite", choices=_SuiteChoices(), default="all", metavar="SUITE",
+                   help="what to run: all, or one of the suites the benchmark files declare (%(choices)s)")
     s.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
                    help="device of the cases (auto: cuda when a GPU with sparkct's CUDA kernels is visible)")
     size = s.add_mutually_exclusive_group()
@@ -66,6 +66,34 @@ def register(subparsers) -> None:
                    help="with --compare: gate median times and peak memory too (only against a baseline of "
                         "the same runner class)")
     s.set_defaults(func=cmd_bench)
+
+
+class _SuiteChoices:
+    """--suite's choices: "all" and the suites of the checkout's benchmark files, read when argparse first
+    asks (lazy: building `sparkct`'s parser, which every command does, reads no benchmark file). Outside a
+    checkout, or with a malformed declaration, any name passes here and the run says what is wrong."""
+
+    def __init__(self):
+        self._names: list[str] | None = None
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            try:
+                self._names = [*registry.suites(_benches(source_root())), "all"]
+            except UserError:
+                self._names = []
+        return self._names
+
+    def __contains__(self, value) -> bool:
+        return not self.names() or value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+
+def _benches(root: str) -> dict[str, registry.Bench]:
+    """The declarations of the checkout's benchmark files (a UserError for a malformed one)."""
+    return registry.discover(os.path.join(root, "benchmarks"))
 
 
 def source_root(package_dir: str | None = None) -> str:
@@ -124,7 +152,7 @@ def _run_pytest(root: str, files: list[str], device: str, tier: str, rounds: int
             return proc.wait(), True
 
 
-def _failed_cases(progress_path: str) -> list[str]:
+def _failed_cases(progress_path: str, benches: dict[str, registry.Bench]) -> list[str]:
     """Ids of the cases that failed (a correctness check, an error), from conftest's progress file."""
     from sparkct.io import read_json
     from sparkct.perf.report import case_id
@@ -132,7 +160,7 @@ def _failed_cases(progress_path: str) -> list[str]:
         prog = read_json(progress_path)
     except (OSError, ValueError):
         return []
-    return [case_id(c["nodeid"])[0] for c in prog.get("cases", []) if c.get("outcome") == "failed"]
+    return [case_id(c["nodeid"], benches)[0] for c in prog.get("cases", []) if c.get("outcome") == "failed"]
 
 
 def cmd_bench(args) -> int:
@@ -166,8 +194,9 @@ def cmd_bench(args) -> int:
         out = args.json or os.path.join(".benchmarks", f"sparkct-bench-{runner}.json")
         if os.path.isdir(out):
             raise UserError(f"--json {out!r} is a folder")
-        suites = list(report.SUITES) if args.suite == "all" else [args.suite]
-        files = [os.path.join("benchmarks", f) for s in suites for f in report.SUITES[s]]
+        benches = _benches(root)
+        suites = registry.suites(benches) if args.suite == "all" else [args.suite]
+        files = [os.path.join("benchmarks", f) for f in registry.files(benches, suites)]
         tier = "quick" if args.quick else "full" if args.full else "default"
         print(f"sparkct bench: suites {', '.join(suites)} on {runner} ({tier} sizes), results -> {out}", flush=True)
         with tempfile.TemporaryDirectory(prefix="sparkct-bench-") as tmp:
@@ -182,9 +211,9 @@ def cmd_bench(args) -> int:
                 raise RuntimeError(f"pytest exited with status {rc} and wrote no benchmark results")
             from sparkct.io import read_json
             raw = read_json(raw_path)
-            failed = _failed_cases(prog_path)
-        doc = report.convert(raw, device=device, runner=runner, tier=tier, suites=suites, environment=env,
-                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            failed = _failed_cases(prog_path, benches)
+        doc = report.convert(raw, benches=benches, device=device, runner=runner, tier=tier, suites=suites,
+                             environment=env, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              rounds=args.rounds, complete=rc in (0, 1) and not interrupted, failed=failed)
         # The roofline needs the peaks of the machine that ran the cases: measured here (a few seconds
         # of calibration on a CPU; a table lookup on a known GPU) and stored with the results.

@@ -21,7 +21,8 @@ call), then its timed rounds; ``time_s.noise`` is the relative spread of those r
 4 rounds up, (max - min) / median with 2 or 3 (too few for quartiles), null with one.
 
 Ratios (the figures the gate reads): each case is paired with its baseline implementation measured
-in the same run and the same pytest-benchmark group (PAIRS below, one table): ``speedup_vs_<base>`` =
+in the same run and the same pytest-benchmark group (the "pairs" each benchmark file declares in its
+BENCH table, sparkct.perf.registry): ``speedup_vs_<base>`` =
 median time of the baseline / median time of the case (above 1: faster; against an ideal such as the
 bare GEMMs or the shard reads it is the fraction of the ideal reached), ``mem_vs_<base>`` = peak extra
 memory of the case / the baseline's (below 1: less). A speed-up's noise band is the two cases' noise
@@ -37,71 +38,26 @@ import os
 from dataclasses import dataclass, field
 
 from sparkct.errors import UserError
+from sparkct.perf.registry import Bench
 
-__all__ = ["SCHEMA", "SUITES", "PAIRS", "Pair", "case_id", "noise_band", "convert", "validate", "load", "compare",
+__all__ = ["SCHEMA", "case_id", "noise_band", "convert", "validate", "load", "compare",
            "parse_percent", "format_cases", "format_comparison", "Comparison"]
 
 SCHEMA = "sparkct-bench/1"
-SUITES = {
-    "kernels": ("bench_info_nce.py", "bench_sparse_encoder.py"),
-    "train": ("bench_spark.py", "bench_contrastive.py"),
-    "data": ("bench_data.py",),
-}
-_FAMILY_SUITE = {f[:-3]: s for s, files in SUITES.items() for f in files}
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A case of `family` matching `case` (and not `base`) is compared with the one case of its group that
-    matches `base` and agrees with it on every other pytest parameter the two share. Selectors match
-    pytest parameters and "test" (the test function's name)."""
-    family: str
-    case: dict
-    base: dict
-    label: str           # -> speedup_vs_<label>, mem_vs_<label>
-    memory: bool = False  # also mem_vs_<label>
-
-
-PAIRS = (
-    # fused InfoNCE vs the naive form (full logits), lightly's NTXentLoss, and the bare GEMMs (the ideal)
-    Pair("bench_info_nce", {"test": "test_info_nce", "impl": "fused"}, {"impl": "naive"}, "naive", memory=True),
-    Pair("bench_info_nce", {"test": "test_info_nce", "impl": "fused"}, {"impl": "lightly"}, "lightly"),
-    Pair("bench_info_nce", {"test": "test_info_nce", "impl": "fused"}, {"impl": "gemm"}, "gemm"),
-    # packed-tile sparse encoder vs SparK's dense-masked encoder and the plain dense one
-    Pair("bench_sparse_encoder", {"test": "test_encoder", "impl": "sparse"}, {"impl": "spark"}, "spark", memory=True),
-    Pair("bench_sparse_encoder", {"test": "test_encoder", "impl": "sparse"}, {"impl": "dense"}, "dense", memory=True),
-    # one sparse 3x3 conv vs dense-then-mask and spconv's submanifold conv
-    Pair("bench_sparse_encoder", {"test": "test_conv3x3", "impl": "sparse"}, {"impl": "dense"}, "dense", memory=True),
-    Pair("bench_sparse_encoder", {"test": "test_conv3x3", "impl": "sparse"}, {"impl": "spconv"}, "spconv"),
-    # the SparK step: sparkct's sparse model vs its dense-masked model and SparK's published way
-    Pair("bench_spark", {"test": "test_step", "name": "sparse"}, {"name": "dense-masked"}, "dense-masked", memory=True),
-    Pair("bench_spark", {"test": "test_step", "name": "sparse"}, {"name": "published"}, "published", memory=True),
-    Pair("bench_spark", {"test": "test_split", "encoder": "sparse"}, {"encoder": "dense-masked"}, "dense-masked",
-         memory=True),
-    # contrastive steps: fused vs naive loss, chunked (gradient caching) vs unchunked
-    Pair("bench_contrastive", {"test": "test_method_step", "loss": "fused"}, {"loss": "naive"}, "naive", memory=True),
-    Pair("bench_contrastive", {"test": "test_method_step", "loss": "fused"}, {"chunk": 0}, "unchunked", memory=True),
-    Pair("bench_contrastive", {"test": "test_simclr_chunked_cpu"}, {"chunk": 0}, "unchunked", memory=True),
-    # data: prepare vs pydicom's decode alone (the ideal), each loader transform vs the bare shard reads
-    Pair("bench_data", {"test": "test_prepare_throughput"}, {"test": "test_pydicom_decode_baseline"},
-         "pydicom-decode"),
-    Pair("bench_data", {"test": "test_loader_throughput"}, {"test": "test_loader_throughput", "mode": "read-only"},
-         "read-only"),
-)
-
 # extra_info keys that are not figures: the timing and memory fields (kept elsewhere), labels, targets,
-# and the benchmark files' own pairwise ratios, which PAIRS recomputes under one naming
+# and the benchmark files' own pairwise ratios, which their declared pairs recompute under one naming
 _NOT_FIGURES = {"median_s", "peak_bytes", "peak_mib", "flops", "bytes_moved", "params", "device", "target",
                 "target_per_worker", "torch_threads", "meets_target"}
 _OWN_RATIOS = ("speedup_vs_", "mem_vs_", "peak_ratio_vs_", "time_vs_", "sparse_speedup_vs_", "frac_of_gemm")
 _RENAME = {"gflops_per_s": "gflop_per_s"}
 
 
-def case_id(nodeid: str) -> tuple[str, str, str]:
-    """(case id, suite, family) of a pytest node id such as 'benchmarks/bench_data.py::test_x[a]'."""
+def case_id(nodeid: str, benches: dict[str, Bench]) -> tuple[str, str, str]:
+    """(case id, suite, family) of a pytest node id such as 'benchmarks/bench_data.py::test_x[a]';
+    `benches`: the declarations (sparkct.perf.registry.discover), a family they lack is suite "other"."""
     path, _, name = nodeid.partition("::")
     family = os.path.splitext(os.path.basename(path))[0]
-    suite = _FAMILY_SUITE.get(family, "other")
+    suite = benches[family].suite if family in benches else "other"
     return f"{suite}/{family}/{name}", suite, family
 
 
@@ -131,15 +87,17 @@ def _combine(*bands) -> float | None:
     return math.sqrt(sum(b * b for b in bands))
 
 
-def _add_ratios(cases: list[dict], axes: dict[str, dict]) -> None:
-    """Fill case["ratios"] and case["ratio_noise"] from PAIRS. `axes`: case id -> pytest parameters + "test"."""
+def _add_ratios(cases: list[dict], axes: dict[str, dict], benches: dict[str, Bench]) -> None:
+    """Fill case["ratios"] and case["ratio_noise"] from the declared pairs. `axes`: case id -> pytest
+    parameters + "test"."""
     by_group: dict[tuple, list[dict]] = {}
     for c in cases:
         by_group.setdefault((c["family"], c["group"]), []).append(c)
     for c in cases:
         a = axes[c["id"]]
-        for p in PAIRS:
-            if p.family != c["family"] or not _matches(a, p.case) or _matches(a, p.base):
+        pairs = benches[c["family"]].pairs if c["family"] in benches else ()
+        for p in pairs:
+            if not _matches(a, p.case) or _matches(a, p.base):
                 continue
             found = []
             for b in by_group[(c["family"], c["group"])]:
@@ -152,11 +110,12 @@ def _add_ratios(cases: list[dict], axes: dict[str, dict]) -> None:
             if not found:
                 continue
             if len(found) > 1:
-                raise RuntimeError(f"PAIRS is ambiguous: {c['id']} has baselines {[b['id'] for b in found]}")
+                raise RuntimeError(f"{c['family']}.py's pairs are ambiguous: {c['id']} has baselines "
+                                   f"{[b['id'] for b in found]}")
             b = found[0]
             name = f"speedup_vs_{p.label}"
             if name in c["ratios"]:
-                raise RuntimeError(f"PAIRS gives {c['id']} two {name}")
+                raise RuntimeError(f"{c['family']}.py's pairs give {c['id']} two {name}")
             c["ratios"][name] = b["time_s"]["median"] / c["time_s"]["median"]
             c["ratio_noise"][name] = _combine(c["time_s"]["noise"], b["time_s"]["noise"])
             if p.memory and b.get("peak_bytes") and c.get("peak_bytes") is not None:
@@ -164,12 +123,14 @@ def _add_ratios(cases: list[dict], axes: dict[str, dict]) -> None:
                 c["ratio_noise"][f"mem_vs_{p.label}"] = 0.0
 
 
-def convert(raw: dict, *, device: str, runner: str, tier: str, suites: list[str], environment: dict,
-            created: str, rounds: int | None = None, complete: bool = True, failed: list[str] = ()) -> dict:
-    """A sparkct-bench/1 document from pytest-benchmark's --benchmark-json output."""
+def convert(raw: dict, *, benches: dict[str, Bench], device: str, runner: str, tier: str, suites: list[str],
+            environment: dict, created: str, rounds: int | None = None, complete: bool = True,
+            failed: list[str] = ()) -> dict:
+    """A sparkct-bench/1 document from pytest-benchmark's --benchmark-json output; `benches`: the benchmark
+    files' declarations (sparkct.perf.registry.discover), which give each case its suite and ratios."""
     cases, axes = [], {}
     for b in raw.get("benchmarks", []):
-        cid, suite, family = case_id(b["fullname"])
+        cid, suite, family = case_id(b["fullname"], benches)
         name = cid.split("/", 2)[2]
         st, extra = b["stats"], dict(b.get("extra_info") or {})
         params = extra.get("params")
@@ -193,7 +154,7 @@ def convert(raw: dict, *, device: str, runner: str, tier: str, suites: list[str]
         cases.append(case)
         axes[case["id"]] = {"test": name.split("[")[0],
                             **{k: _clean(v) for k, v in (b.get("params") or {}).items()}}
-    _add_ratios(cases, axes)
+    _add_ratios(cases, axes, benches)
     return {"schema": SCHEMA, "created": created, "device": device, "runner": runner, "quick": tier == "quick",
             "tier": tier, "rounds": rounds, "suites": list(suites), "complete": bool(complete),
             "failed": list(failed), "environment": environment, "cases": cases}

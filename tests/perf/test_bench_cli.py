@@ -2,6 +2,7 @@
 into ratios, bad input, and one real quick run of the kernel suite."""
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 import os
@@ -13,11 +14,12 @@ import pytest
 
 from sparkct.cli import main
 from sparkct.errors import UserError
-from sparkct.perf import report
-from sparkct.perf.bench_cli import source_root
+from sparkct.perf import registry, report
+from sparkct.perf.bench_cli import _failed_cases, source_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE = os.path.join(ROOT, "benchmarks", "baselines", "cpu-2core.json")
+BENCHES = registry.discover(os.path.join(ROOT, "benchmarks"))  # the checkout's benchmark declarations
 
 
 def case(cid, median=1.0, noise=0.02, ratios=None, ratio_noise=None, peak=1000, params=None):
@@ -184,7 +186,7 @@ def test_cases_pair_with_their_baselines_in_the_same_group():
         _raw("data::test_pydicom_decode_baseline", "data-prepare-512", 1.0, {}),
         _raw("data::test_prepare_throughput[j1]", "data-prepare-512", 2.0, {"workers": 1, "resample": False}),
     ]}
-    d = report.convert(raw, device="cpu", runner="cpu-2core", tier="default", suites=["kernels", "train", "data"],
+    d = report.convert(raw, benches=BENCHES, device="cpu", runner="cpu-2core", tier="default", suites=["kernels", "train", "data"],
                        environment={}, created="2026-01-01T00:00:00+00:00")
     report.validate(d)
     by = {c["id"].split("/", 2)[-1]: c for c in d["cases"]}
@@ -207,26 +209,30 @@ def test_cases_pair_with_their_baselines_in_the_same_group():
 
 
 def test_failed_cases_are_read_from_the_progress_file(tmp_path):
-    from sparkct.perf.bench_cli import _failed_cases
     prog = tmp_path / "progress.json"
     prog.write_text(json.dumps({"cases": [
         {"nodeid": "benchmarks/bench_spark.py::test_step[sparse-cpu]", "outcome": "failed"},
         {"nodeid": "benchmarks/bench_data.py::test_loader_throughput[read-only]", "outcome": "passed"},
         {"nodeid": "benchmarks/bench_info_nce.py::test_info_nce[x-lightly]", "outcome": "skipped"}]}))
-    assert _failed_cases(str(prog)) == ["train/bench_spark/test_step[sparse-cpu]"]
-    assert _failed_cases(str(tmp_path / "none.json")) == []
+    assert _failed_cases(str(prog), BENCHES) == ["train/bench_spark/test_step[sparse-cpu]"]
+    assert _failed_cases(str(tmp_path / "none.json"), BENCHES) == []
 
 
 def test_pairs_name_real_benchmark_cases():
-    """Every selector value in PAIRS is a value the benchmark files use (a renamed implementation would
-    silently drop its ratio)."""
-    src = {f[:-3]: open(os.path.join(ROOT, "benchmarks", f)).read() for fs in report.SUITES.values() for f in fs}
-    for p in report.PAIRS:
-        for sel in (p.case, p.base):
-            for k, v in sel.items():
-                token = f"def {v}(" if k == "test" else (f'"{v}"' if isinstance(v, str) else None)
-                if token is not None:
-                    assert token in src[p.family], (p, k, v)
+    """Every selector value of a file's declared pairs is a value the file uses (a renamed implementation
+    would silently drop its ratio)."""
+    for b in BENCHES.values():
+        with open(os.path.join(ROOT, "benchmarks", b.file)) as f:
+            lines = f.read().splitlines()
+        table = next(n for n in ast.parse("\n".join(lines)).body
+                     if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "BENCH" for t in n.targets))
+        src = "\n".join(lines[:table.lineno - 1] + lines[table.end_lineno:])  # the file without its BENCH table
+        for p in b.pairs:
+            for sel in (p.case, p.base):
+                for k, v in sel.items():
+                    token = f"def {v}(" if k == "test" else (f'"{v}"' if isinstance(v, str) else None)
+                    if token is not None:
+                        assert token in src, (b.file, p, k, v)
 
 
 def test_stored_baseline_is_valid():
@@ -278,33 +284,24 @@ def test_outside_a_source_checkout(tmp_path):
 
 # ---- the quick subsets and one real run --------------------------------------------------------------
 
-def _bench_conftest():
-    import importlib.util
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # for its `import benchkit`
-    try:
-        spec = importlib.util.spec_from_file_location("_bench_conftest", os.path.join(ROOT, "benchmarks", "conftest.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.pop(0)
-    return mod
+def _subset_entries(subset: str) -> list[tuple[str, str, str]]:
+    """(file, test function, parameter-id pattern) of every file's "default" or "quick" entries."""
+    return [(b.file, fn, pat) for b in BENCHES.values() for fn, pat in getattr(b, subset)]
 
 
 def test_quick_lists_name_benchmark_functions():
-    """Every entry of conftest's QUICK_CPU and QUICK_SMOKE names a file and a test function that exist
+    """Every "default" and "quick" entry of the files' BENCH tables names a test function that exists
     (test_quick_lists_select_collected_cases checks the parameter patterns too, by collecting)."""
-    conf = _bench_conftest()
-    for f, fn, _ in conf.QUICK_CPU + conf.QUICK_SMOKE:
+    for f, fn, _ in _subset_entries("default") + _subset_entries("quick"):
         assert f"def {fn}(" in open(os.path.join(ROOT, "benchmarks", f)).read(), (f, fn)
-    files = {f for fs in report.SUITES.values() for f in fs}
-    assert {f for f, _, _ in conf.QUICK_SMOKE} == files  # --quick runs something of every suite on some device
+    files = {b.file for b in BENCHES.values()}
+    assert {f for f, _, _ in _subset_entries("quick")} == files  # --quick runs something of every suite on some device
     assert files == {f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.startswith("bench_")}
 
 
 @pytest.mark.slow
 def test_quick_lists_select_collected_cases():
-    """Every entry of conftest's QUICK_CPU and QUICK_SMOKE selects at least one benchmark case."""
-    bench_conftest = _bench_conftest()
+    """Every "default" and "quick" entry of the files' BENCH tables selects at least one benchmark case."""
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                         "benchmarks", "--bench-full"], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "PYTHONPATH": ROOT})
@@ -315,7 +312,7 @@ def test_quick_lists_select_collected_cases():
             path, _, name = ln.partition("::")
             fn, _, pid = name.partition("[")
             cases.append((os.path.basename(path), fn, pid[:-1]))
-    for f, fn, pat in bench_conftest.QUICK_CPU + bench_conftest.QUICK_SMOKE:
+    for f, fn, pat in _subset_entries("default") + _subset_entries("quick"):
         assert any(c[:2] == (f, fn) and fnmatch.fnmatchcase(c[2], pat) for c in cases), (f, fn, pat)
 
 
