@@ -23,8 +23,11 @@ share; selectors match pytest parameters and "test" (the test function's name). 
 default and quick: ``(test function, parameter-id pattern)`` (fnmatch; "" for an unparametrized test).
 The default run (``pytest benchmarks``, ``sparkct bench``) keeps every CUDA case and the CPU cases
 ``default`` lists; a file with no ``default`` entries runs whole. ``--quick`` (``--bench-quick``) runs
-only the cases ``quick`` lists (a file with none runs nothing). ``benchmarks/conftest.py`` reads the same
-tables, through `discover`.
+only the cases ``quick`` lists (a file with none runs nothing). Choose ``default`` so that the family
+keeps its comparison (kernel, reference, peers) at the size the README quotes, in a few minutes on 2
+cores; ``quick`` so that its suite's ``sparkct bench --quick`` ends well under a minute on 2 cores while
+every ratio keeps both sides of its pair. ``benchmarks/conftest.py`` reads the same tables, through
+`discover`.
 """
 from __future__ import annotations
 
