@@ -1,8 +1,11 @@
-"""README is a front door: short, and every relative link in it leads somewhere."""
+"""README is a front door: short, and every relative link in it (and in the other top-level pages)
+leads somewhere."""
 from __future__ import annotations
 
 import pathlib
 import re
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -26,11 +29,14 @@ def test_readme_is_at_most_200_lines():
     assert n <= MAX_LINES, f"README.md has {n} lines (at most {MAX_LINES}): move the detail into docs/"
 
 
-def test_every_relative_link_in_readme_exists():
-    links = relative_links(README.read_text(encoding="utf-8"))
-    assert links, "README links nothing: where does a reader go next?"
-    missing = [t for t in links if not (README.parent / t).exists()]
-    assert not missing, f"README.md links to missing files: {missing}"
+@pytest.mark.parametrize("name", ["README.md", "CONTRIBUTING.md", "CHANGELOG.md"])
+def test_every_relative_link_exists(name):
+    page = ROOT / name
+    links = relative_links(page.read_text(encoding="utf-8"))
+    if name == "README.md":
+        assert links, "README links nothing: where does a reader go next?"
+    missing = [t for t in links if not (page.parent / t).exists()]
+    assert not missing, f"{name} links to missing files: {missing}"
 
 
 def test_link_parser():
