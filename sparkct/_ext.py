@@ -15,7 +15,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     raise ImportError(
         "sparkct's compiled extension sparkct._C could not be loaded "
         f"({e}). Build it with `pip install --no-build-isolation -e .` against the torch you run "
-        f"(torch {torch.__version__} is installed); see README.md, 'Building'."
+        f"(torch {torch.__version__} is installed); see docs/building.md."
     ) from e
 
 
@@ -50,7 +50,7 @@ def _check_cuda_runtime() -> None:
         raise RuntimeError(
             "a CUDA tensor reached sparkct, but this sparkct build has no CUDA kernels "
             f"(built CPU-only against torch {info['torch_version']}). Rebuild on a machine with nvcc and "
-            "a CUDA build of torch (`pip install --no-build-isolation -e .`, see README 'Building'), "
+            "a CUDA build of torch (`pip install --no-build-isolation -e .`, see docs/building.md), "
             "or move the tensors to the CPU.")
     built = cuda_version()
     torch_cuda = torch.version.cuda

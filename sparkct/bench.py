@@ -1,5 +1,6 @@
-"""Timing and memory measurement, the one implementation (benchmarks, the trainer's throughput
-figures and the CLI's reports all use it): CUDA-synchronizing timers, medians, peak memory.
+"""Timing and memory measurement, the one implementation: CUDA-synchronizing timers, medians, peak
+memory. The benchmark suites (through benchmarks/benchkit.py) and the CPU peak calibration
+(`sparkct.perf.peaks`) use it.
 """
 from __future__ import annotations
 

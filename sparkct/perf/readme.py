@@ -1,7 +1,8 @@
-"""The README's benchmark figures, generated from the stored baselines (benchmarks/baselines/*.json,
-written by `sparkct bench`), never typed by hand.
+"""The documentation's benchmark figures (docs/benchmarks.md), generated from the stored baselines
+(benchmarks/baselines/*.json, written by `sparkct bench`), never typed by hand. (The module keeps its
+name from when the tables lived in README.md.)
 
-README.md marks each generated block:
+The page marks each generated block:
 
     <!-- bench:begin RUNNER [SELECT] -->
     ... generated ...
@@ -9,14 +10,15 @@ README.md marks each generated block:
 
 RUNNER names the baseline (benchmarks/baselines/RUNNER.json). SELECT is a glob on case ids (default
 `*`; ids are `<suite>/<file stem>/<test>[<param>]`, so `kernels/bench_info_nce/*` or `data/*`), or
-`roofline` for the roofline table of the runner's kernel cases (the PNG is written next to the
-baseline, benchmarks/baselines/roofline-RUNNER.png, and linked). A block whose baseline does not
-exist yet says so.
+`roofline` for the roofline table of the runner's kernel cases (the PNG is written into the page's
+own folder, img/roofline-RUNNER.png, so the docs site holds it, and linked). A block whose baseline
+does not exist yet says so.
 
-    python -m sparkct.perf.readme            # rewrite the blocks (and the roofline PNGs)
-    python -m sparkct.perf.readme --check    # exit 1, with a diff, where README differs from them
+    python -m sparkct.perf.readme            # rewrite the blocks of docs/benchmarks.md (and the PNGs)
+    python -m sparkct.perf.readme --check    # exit 1, with a diff, where the page differs from them
+    python -m sparkct.perf.readme --doc OTHER.md     # another page with such blocks
 
-tests/perf/test_perf_readme.py runs the check, so README cannot drift from the baselines.
+tests/perf/test_perf_readme.py runs the check, so the page cannot drift from the baselines.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from sparkct.perf.roofline import fmt
 __all__ = ["BLOCK", "find_blocks", "render_block", "render", "check", "main"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")  # the page whose blocks `main` rewrites by default
+DOCS = os.path.dirname(DOC)
 BLOCK = re.compile(r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)",
                    re.DOTALL)
 _BEGIN = re.compile(r"<!-- bench:begin\b")
@@ -56,7 +60,7 @@ def find_blocks(text: str) -> list[re.Match]:
     """The marked blocks of `text`; a UserError for an unclosed or nested marker."""
     blocks = list(BLOCK.finditer(text))
     if len(_BEGIN.findall(text)) != len(blocks) or len(_END.findall(text)) != len(blocks):
-        raise UserError("README's bench markers do not pair up: every '<!-- bench:begin RUNNER [SELECT] -->' "
+        raise UserError("the page's bench markers do not pair up: every '<!-- bench:begin RUNNER [SELECT] -->' "
                         "needs its own '<!-- bench:end -->' on a line after it")
     return blocks
 
@@ -68,19 +72,26 @@ def load_baseline(baselines: str, runner: str) -> dict | None:
     return read_json(path) if os.path.isfile(path) else None
 
 
-def _rel(path: str, base: str = ROOT) -> str:
-    """`path` as README links it: relative to README's folder."""
+def _rel(path: str, base: str = DOCS) -> str:
+    """`path` as the page links it: relative to the page's folder `base`."""
     try:
         return os.path.relpath(path, base)
     except ValueError:
         return path
 
 
+def _repo_rel(baseline: str) -> str:
+    """A baseline's path as written in the text: from the checkout holding it (the folder above
+    benchmarks/baselines/), whichever folder the page is in."""
+    path = os.path.abspath(baseline)
+    return _rel(path, os.path.dirname(os.path.dirname(os.path.dirname(path))))
+
+
 def _first(env: dict, *keys):
     return next((env[k] for k in keys if env.get(k) not in (None, "")), None)
 
 
-def provenance(result: dict, path: str, base: str = ROOT) -> str:
+def provenance(result: dict, path: str, base: str = DOCS) -> str:
     """One line: which file, which run, on what (the environment keys of sparkct.perf.environment)."""
     env = result.get("environment") or {}
     where = [str(result.get("runner", "?"))]
@@ -105,7 +116,7 @@ def provenance(result: dict, path: str, base: str = ROOT) -> str:
         where.append(f"commit {str(commit)[:10]}{' (dirty)' if env.get('git_dirty') else ''}")
     created = str(result.get("created", "?"))[:10]
     run = "quick" if result.get("quick") else "full"
-    return (f"_Generated from `{_rel(path, base)}` ({run} run of {created}: {', '.join(where)}) by "
+    return (f"_Generated from `{_repo_rel(path)}` ({run} run of {created}: {', '.join(where)}) by "
             f"`python -m sparkct.perf.readme`; do not edit by hand._")
 
 
@@ -168,14 +179,14 @@ def _peaks_or_none(result: dict) -> dict | None:
 
 
 def render_block(runner: str, select: str | None, baselines: str, *, write_png: bool = True,
-                 base: str = ROOT) -> str:
+                 base: str = DOCS) -> str:
     """The generated body of one block (ending in a newline)."""
     from sparkct.perf import roofline
 
     path = os.path.join(baselines, f"{runner}.json")
     result = load_baseline(baselines, runner)
     if result is None:
-        return f"_(Generated from `{_rel(path, base)}` once a {runner} baseline is stored there.)_\n"
+        return f"_(Generated from `{_repo_rel(path)}` once a {runner} baseline is stored there.)_\n"
     out = [provenance(result, path, base), ""]
     peaks = _peaks_or_none(result)
     if select == "roofline":
@@ -184,7 +195,7 @@ def render_block(runner: str, select: str | None, baselines: str, *, write_png: 
         rows = roofline.points(result, peaks)
         if not rows:
             return "\n".join(out + ["_No case of the baseline records its FLOPs: no roofline._"]) + "\n"
-        png = os.path.join(baselines, f"roofline-{runner}.png")
+        png = os.path.join(base, "img", f"roofline-{runner}.png")
         if write_png:
             roofline.plot(rows, peaks, png, title=f"{runner}: {roofline.peaks_line(peaks)}")
         out += [f"![roofline of {runner}]({_rel(png, base)})", "", roofline.markdown(rows, peaks).rstrip("\n")]
@@ -204,8 +215,8 @@ def render_block(runner: str, select: str | None, baselines: str, *, write_png: 
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def render(text: str, baselines: str, *, write_png: bool = True, base: str = ROOT) -> str:
-    """`text` (a README in folder `base`) with every block regenerated from `baselines`."""
+def render(text: str, baselines: str, *, write_png: bool = True, base: str = DOCS) -> str:
+    """`text` (a page in folder `base`) with every block regenerated from `baselines`."""
     find_blocks(text)
     cache: dict[tuple, str] = {}
 
@@ -219,8 +230,8 @@ def render(text: str, baselines: str, *, write_png: bool = True, base: str = ROO
 
 
 def check(readme: str, baselines: str) -> str:
-    """A unified diff of README against what the baselines generate ('' where they agree), plus a
-    line per roofline PNG a block links but that is missing."""
+    """A unified diff of the page `readme` against what the baselines generate ('' where they agree),
+    plus a line per roofline PNG a block links but that is missing."""
     with open(readme, encoding="utf-8") as f:
         text = f.read()
     base = os.path.dirname(os.path.abspath(readme))
@@ -229,12 +240,12 @@ def check(readme: str, baselines: str) -> str:
                                         fromfile=f"{readme} (as is)", tofile=f"{readme} (generated)"))
     for m in re.finditer(r"!\[roofline of [^\]]*\]\(([^)]+)\)", want):
         if not os.path.isfile(os.path.join(base, m.group(1))):
-            diff += f"missing {m.group(1)} (linked from README)\n"
+            diff += f"missing {m.group(1)} (linked from {os.path.basename(readme)})\n"
     return diff
 
 
 def unshown(text: str, baselines: str) -> list[str]:
-    """Baselines that no README block shows."""
+    """Baselines that no block of the page shows."""
     shown = {m.group("runner") for m in find_blocks(text)}
     have = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(baselines, "*.json")))
     return [r for r in have if r not in shown]
@@ -243,22 +254,23 @@ def unshown(text: str, baselines: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparkct.perf.readme", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="change nothing; exit 1 where README differs")
-    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 where the page differs")
+    p.add_argument("--doc", "--readme", dest="readme", default=DOC,
+                   help="the page holding the blocks (default: docs/benchmarks.md)")
     p.add_argument("--baselines", default=os.path.join(ROOT, "benchmarks", "baselines"))
     args = p.parse_args(argv)
     try:
         with open(args.readme, encoding="utf-8") as f:
             text = f.read()
         for r in unshown(text, args.baselines):
-            print(f"note: benchmarks/baselines/{r}.json is shown by no README block "
+            print(f"note: benchmarks/baselines/{r}.json is shown by no block of {args.readme} "
                   f"(add <!-- bench:begin {r} [SELECT] --> ... <!-- bench:end -->)", file=sys.stderr)
         if args.check:
             diff = check(args.readme, args.baselines)
             if diff:
                 sys.stdout.write(diff)
-                print("README's benchmark blocks differ from the baselines: run python -m sparkct.perf.readme",
-                      file=sys.stderr)
+                print(f"{args.readme}'s benchmark blocks differ from the baselines: "
+                      "run python -m sparkct.perf.readme", file=sys.stderr)
                 return 1
             print(f"{args.readme}: {len(find_blocks(text))} benchmark blocks match the baselines")
             return 0

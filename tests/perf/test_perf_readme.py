@@ -1,4 +1,4 @@
-"""sparkct.perf.readme: README's benchmark blocks are what the stored baselines generate."""
+"""sparkct.perf.readme: the benchmark blocks of docs/benchmarks.md are what the stored baselines generate."""
 from __future__ import annotations
 
 import os
@@ -30,11 +30,16 @@ prose in between stays
 """
 
 
-def test_readme_matches_the_stored_baselines():
-    """README.md's blocks equal what benchmarks/baselines/*.json generate (placeholders where a
-    runner's baseline is not stored yet). Fix: python -m sparkct.perf.readme"""
-    diff = R.check(os.path.join(ROOT, "README.md"), os.path.join(ROOT, "benchmarks", "baselines"))
-    assert diff == "", "README's benchmark blocks drifted; run python -m sparkct.perf.readme\n" + diff
+def test_docs_match_the_stored_baselines():
+    """docs/benchmarks.md's blocks equal what benchmarks/baselines/*.json generate (placeholders where a
+    runner's baseline is not stored yet), and every stored baseline is shown by a block.
+    Fix: python -m sparkct.perf.readme"""
+    doc, baselines = os.path.join(ROOT, "docs", "benchmarks.md"), os.path.join(ROOT, "benchmarks", "baselines")
+    assert R.DOC == doc
+    diff = R.check(doc, baselines)
+    assert diff == "", "docs/benchmarks.md's benchmark blocks drifted; run python -m sparkct.perf.readme\n" + diff
+    with open(doc, encoding="utf-8") as f:
+        assert R.unshown(f.read(), baselines) == []
 
 
 @pytest.fixture
@@ -59,8 +64,8 @@ def test_render_fills_blocks_and_check_catches_drift(repo):
     assert "| case | median s | ±½IQR | peak MiB | GFLOP/s | GB/s | × naive | mem vs naive | FLOP/byte | of roof | of peak |" in text
     assert "| default-augment | 0.0160 | ±3% | — | 4,000 |" in text
     assert text.count("sparse-0.6") == 1  # only in the roofline table
-    assert "![roofline of cpu-fixture](benchmarks/baselines/roofline-cpu-fixture.png)" in text
-    assert (repo / "benchmarks" / "baselines" / "roofline-cpu-fixture.png").is_file()
+    assert "![roofline of cpu-fixture](img/roofline-cpu-fixture.png)" in text  # in the page's folder
+    assert (repo / "img" / "roofline-cpu-fixture.png").is_file()
     assert "`benchmarks/baselines/cuda-later.json` once a cuda-later baseline is stored there" in text
     assert R.check(readme, bl) == ""
     assert R.main(["--readme", readme, "--baselines", bl, "--check"]) == 0
@@ -69,8 +74,8 @@ def test_render_fills_blocks_and_check_catches_drift(repo):
     assert "-| fp32-2N8192-D128-fwd+bwd-fused" in R.check(readme, bl)
     assert R.main(["--readme", readme, "--baselines", bl, "--check"]) == 1
     (repo / "README.md").write_text(text)
-    os.remove(repo / "benchmarks" / "baselines" / "roofline-cpu-fixture.png")
-    assert "missing benchmarks/baselines/roofline-cpu-fixture.png" in R.check(readme, bl)
+    os.remove(repo / "img" / "roofline-cpu-fixture.png")
+    assert "missing img/roofline-cpu-fixture.png" in R.check(readme, bl)
 
 
 def test_unpaired_markers_are_refused(repo):
