@@ -161,6 +161,10 @@ class Trainer:
         self.on_step = on_step
         self.run_dir = config.out
         self.run = RunState()
+        # set by the phases: setup (rank, world, main, device, amp), build_data (dataset, classes, loader,
+        # steps_per_epoch, total, epochs), build_optimization (opt_name, peak, wd0, wd1, warmup, optimizer,
+        # scaler, probe, model: the method or its DDP wrap, manual_ddp, autocast), open_run (record,
+        # metrics, bar)
 
     # ---- settings derived from config + method defaults ----
     def _setting(self, key: str):
