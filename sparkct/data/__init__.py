@@ -1,5 +1,5 @@
 """CT data: DICOM/NIfTI -> Hounsfield units, the prepared slice cache, datasets, CT augmentations,
-and a synthetic chest-CT generator.
+a synthetic chest-CT generator, and the choice among them for a run (resolve_data).
 
 Names load on first use: ``import sparkct.data`` imports neither torch nor pydicom, so the prepare
 workers start fast, and nothing here needs sparkct's compiled extension.
@@ -31,6 +31,8 @@ _EXPORTS = {
     "ImageFolderSlices": "images",
     # synthetic data
     "synth": "synthetic",
+    # a run's data: a prepared cache, a folder prepared on first use, or the synthetic CT
+    "resolve_data": "source",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -95,7 +95,8 @@ def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2
     from sparkct import io as sio
     from sparkct.device import resolve_device
     from sparkct.errors import UserError
-    from sparkct.train.trainer import Trainer, build_method, resolve_data
+    from sparkct.data import resolve_data
+    from sparkct.train.trainer import Trainer, _log, build_method
 
     out = cfg.out
     os.makedirs(out, exist_ok=True)
@@ -107,7 +108,8 @@ def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2
             raise UserError(f"{run_dir} exists and was not made by sparkct profile; choose another --out")
         shutil.rmtree(run_dir)
     # the data where `sparkct pretrain --out OUT` would keep it
-    data = resolve_data(cfg)
+    data = resolve_data(cfg.data, cfg.out, synth_patients=cfg.synth_patients, synth_size=cfg.synth_size,
+                        synth_slices=cfg.synth_slices, log=_log)
     os.makedirs(run_dir)
     sio.write_text_atomic(marker, "a sparkct profile run: the next profile into this folder replaces it\n")
     cfg = dataclasses.replace(cfg, data=data, out=run_dir, max_steps=steps, ckpt_every=steps + 1,

@@ -4,11 +4,21 @@
     summary = trainer.fit()
 
 The trainer owns: data (a prepared cache, a DICOM folder prepared on first use, or the built-in synthetic
-CT), the loader sharded by rank, AMP (bf16; fp16 with a grad scaler), channels-last, gradient
-accumulation and clipping, optimizer + LR/WD schedules, DDP (torchrun; BatchNorm synchronized over ranks,
-also on CPUs), checkpoints (atomic, keep-last-k, resume to the exact next batch), a NaN/Inf stop that keeps
-the last good checkpoint, progress (tqdm), metrics (CSV, TensorBoard), previews (PNG) and the backbone
-export. The method (sparkct.train.method.Method) owns only its step.
+CT: sparkct.data.resolve_data), the loader sharded by rank, AMP (bf16; fp16 with a grad scaler),
+channels-last, gradient accumulation and clipping, optimizer + LR/WD schedules, DDP (torchrun; BatchNorm
+synchronized over ranks, also on CPUs), checkpoints (atomic, keep-last-k, resume to the exact next batch),
+a NaN/Inf stop that keeps the last good checkpoint, progress (tqdm), metrics (CSV, TensorBoard:
+sparkct.train.metrics_log), previews (PNG) and the backbone export. The method
+(sparkct.train.method.Method) owns only its step.
+
+`Trainer.fit` reads as its phases, each a method that can also be called on its own (the tests do):
+``setup`` (device, process group, AMP, checks, the run folder: refuse it or load its checkpoint),
+``build_data`` (dataset, labels, loader, step counts), ``build_optimization`` (device placement,
+optimizer, scaler, probe, DDP), ``restore`` (a checkpoint's state, or the fresh run's seed),
+``open_run`` (config.json, metrics, progress bar), ``run_epoch`` (its ``optimizer_step`` calls, metrics
+rows, previews, periodic checkpoints, ``end_epoch``) and ``finish`` (final checkpoint, plots, backbone
+export, summary). What the loop changes as it goes (step, best monitor, last saved step, timers, the
+latest metrics row) lives in ``Trainer.run``, a :class:`RunState`.
 
 Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``previews/``, ``tb/``,
 ``checkpoints/``, ``last.ckpt``, ``best.ckpt`` (when the method reports a monitor), ``backbone.pt``,
@@ -17,24 +27,42 @@ Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``p
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from sparkct import distributed as D
 from sparkct import io as sio
 from sparkct import profiling
+from sparkct.data import CTResize, CTSliceDataset, SliceLoader, patient_split, resolve_data
+from sparkct.data.windows import resolve_windows
+from sparkct.device import resolve_device
 from sparkct.errors import TrainingDiverged, UserError
+from sparkct.models import get_method
+from sparkct.models.backbone import build_backbone, feature_dim
+from sparkct.models.hybrid import label_slices
+from sparkct.nn.sync_batchnorm import convert_sync_batchnorm
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.method import Method
+from sparkct.train.metrics_log import MetricsLog
+from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
+from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL load lazily in there
 
-__all__ = ["Trainer", "TrainingDiverged", "resolve_data", "build_method", "VOLATILE_KEYS"]
+__all__ = ["VOLATILE_KEYS", "RunState", "StepResult", "Trainer", "TrainingDiverged", "build_method"]
 
 #: TrainConfig fields that may change on resume without changing what is computed
 VOLATILE_KEYS = ("out", "device", "workers", "progress", "tensorboard", "log_every", "preview_every", "ckpt_every",
@@ -43,51 +71,7 @@ VOLATILE_KEYS = ("out", "device", "workers", "progress", "tensorboard", "log_eve
 
 def _log(msg: str) -> None:
     if D.is_main():
-        from tqdm import tqdm
         tqdm.write(msg, file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-def resolve_data(cfg: TrainConfig, log=_log) -> str:
-    """The prepared cache this run reads: cfg.data if it is one; a DICOM/NIfTI folder prepared (resumable)
-    beside the run folder; or the built-in synthetic chest CT, synthesized and prepared once."""
-    from sparkct.data import prepare
-
-    root = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "data")
-    if cfg.data is None:
-        from sparkct.data import synth
-
-        src = os.path.join(root, "synth")
-        want = {"seed": 0, "patients": cfg.synth_patients, "size": cfg.synth_size, "slices": cfg.synth_slices}
-        marker = os.path.join(src, "synth.json")
-        have = sio.read_json(marker) if os.path.isfile(marker) else None
-        if have is None or any(have.get(k) != v for k, v in want.items()):
-            if D.is_main():
-                log(f"synthesizing {cfg.synth_patients} patients of chest CT ({cfg.synth_size}x{cfg.synth_size}, "
-                    f"{cfg.synth_slices} slices per series) into {src}")
-                import shutil
-                shutil.rmtree(src, ignore_errors=True)
-                synth(src, patients=cfg.synth_patients, seed=0, size=cfg.synth_size, slices=cfg.synth_slices)
-            D.barrier()
-        cache = os.path.join(root, f"cache-synth-{cfg.synth_patients}-{cfg.synth_size}-{cfg.synth_slices}")
-    else:
-        if not os.path.exists(cfg.data):
-            raise UserError(f"--data {cfg.data}: no such file or folder")
-        if os.path.isfile(os.path.join(cfg.data, "cache.json")):
-            return cfg.data
-        if not os.path.isdir(cfg.data):
-            raise UserError(f"--data {cfg.data}: expected a prepared cache or a DICOM/NIfTI folder")
-        src = cfg.data
-        cache = os.path.join(root, "cache-" + (os.path.basename(os.path.normpath(cfg.data)) or "data"))
-    if D.is_main():
-        if not os.path.isfile(os.path.join(cache, "report.json")) or cfg.data is not None:
-            log(f"preparing the slice cache {cache} from {src} (resumable)")
-        rep = prepare(src, cache, progress=False)
-        if rep.slices == 0:
-            raise UserError(f"{src}: no usable CT slices found ({rep.summary().splitlines()[0]})")
-    D.barrier()
-    return cache
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -95,10 +79,6 @@ def resolve_data(cfg: TrainConfig, log=_log) -> str:
 def build_method(name: str, cfg: TrainConfig, method_cfg=None) -> Method:
     """The method `name` of sparkct.models.METHODS on a fresh backbone (cfg.arch, one input channel per
     HU window, cfg.weights if given)."""
-    from sparkct.data.windows import resolve_windows
-    from sparkct.models import get_method
-    from sparkct.models.backbone import build_backbone
-
     cls = get_method(name)
     method_cfg = method_cfg if method_cfg is not None else cls.config_class()
     method_cfg.validate()
@@ -122,14 +102,43 @@ def _to(batch, device, channels_last: bool):
 
 def _init_distributed(device_spec: str) -> None:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the process group (NCCL on GPUs, gloo otherwise)."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+
+
+@dataclass
+class RunState:
+    """What the loop changes as it goes (the model, optimizer and RNG hold the rest)."""
+
+    step: int = 0  #: optimizer steps done
+    best: float | None = None  #: the best epoch monitor so far (best.ckpt holds its state)
+    last_saved: int = -1  #: the step of the latest checkpoint (-1: none this run)
+    first_loss: float | None = None  #: the first step's loss (this process's run)
+    logs: dict = field(default_factory=dict)  #: the latest metrics row (checkpoints and the summary carry it)
+    last_inp: Any = None  #: the latest micro-batch's input (previews)
+    images_per_s: float = math.nan  #: over the latest logging interval
+    t_start: float = 0.0  #: when the loop started
+    t_int: float = 0.0  #: when the current logging interval started
+    n_int: int = 0  #: images in the current logging interval
+
+    def start_clock(self) -> None:
+        self.t_start = self.t_int = time.perf_counter()
+        self.n_int = 0
+
+
+class StepResult(NamedTuple):
+    """One optimizer step: its loss and method logs (averaged over the micro-steps, this rank), the LR
+    and WD it ran with, and the gradient norm before clipping (None without --clip-grad)."""
+
+    loss: float
+    logs: dict
+    lr: float
+    wd: float
+    grad_norm: float | None
 
 
 class Trainer:
@@ -151,6 +160,11 @@ class Trainer:
         self.log = log
         self.on_step = on_step
         self.run_dir = config.out
+        self.run = RunState()
+        # set by the phases: setup (rank, world, main, device, amp), build_data (dataset, classes, loader,
+        # steps_per_epoch, total, epochs), build_optimization (opt_name, peak, wd0, wd1, warmup, optimizer,
+        # scaler, probe, model: the method or its DDP wrap, manual_ddp, autocast), open_run (record,
+        # metrics, bar)
 
     # ---- settings derived from config + method defaults ----
     def _setting(self, key: str):
@@ -192,23 +206,46 @@ class Trainer:
 
     # ---- the loop ----
     def fit(self) -> dict:
-        from sparkct.device import resolve_device
+        """Train to the end (or resume and train to the end); return the summary (rank 0; {} elsewhere)."""
+        state = self.setup()
+        self.build_data()
+        self.build_optimization()
+        self.restore(state)
+        self.open_run()
+        try:
+            self.model.train()
+            self.run.start_clock()
+            for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
+                if self.run.step >= self.total:
+                    break
+                self.run_epoch(epoch)
+        finally:
+            self.bar.close()  # also on errors: the message must not land inside the bar
+        return self.finish()
 
+    # ---- phases, in the order fit calls them ----
+    def setup(self) -> dict | None:
+        """Join the process group, choose the device and AMP, check the batch against accumulation x ranks
+        and the method; then the run folder: refuse one that holds a run unless resuming, and return the
+        checkpoint to resume (its config checked against this one) or None."""
         cfg = self.cfg
         _init_distributed(cfg.device)
-        rank, world = D.rank(), D.world_size()
+        self.rank, self.world = D.rank(), D.world_size()
+        self.main = D.is_main()
         device = resolve_device(cfg.device)
-        if world > 1 and device.type == "cuda":
+        if self.world > 1 and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        if cfg.batch % (cfg.accum * world):
-            raise UserError(f"--batch {cfg.batch} must be divisible by --accum x ranks = {cfg.accum * world}")
+        self.device = device
+        if cfg.batch % (cfg.accum * self.world):
+            raise UserError(f"--batch {cfg.batch} must be divisible by --accum x ranks = {cfg.accum * self.world}")
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
         if amp == "fp16" and device.type == "cpu":
             raise UserError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or none")
         if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
-
+        self.amp = amp
         self.method.check_run(cfg.batch // cfg.accum)
+
         # the run folder: refuse to overwrite a run unless resuming it
         latest = None
         if self.resume:
@@ -220,286 +257,329 @@ class Trainer:
         state = C.load_checkpoint(latest) if latest else None
         if state is not None:
             self._check_resume_config(state["config"])
+        return state
 
-        # data
-        from sparkct.data import CTSliceDataset, SliceLoader
-
+    def build_data(self) -> None:
+        """The dataset (the given one, or config.data resolved and prepared), labels for the monitors, the
+        loader (sharded by rank) and the step counts: steps_per_epoch, total, epochs."""
+        cfg, method = self.cfg, self.method
         if self.dataset is None:
-            cache = resolve_data(cfg, self.log)
+            cache = resolve_data(cfg.data, cfg.out, synth_patients=cfg.synth_patients, synth_size=cfg.synth_size,
+                                 synth_slices=cfg.synth_slices, log=self.log)
             self.dataset = CTSliceDataset(cache)
         ds = self.dataset
-        classes = None
+        self.classes = None
         if cfg.labels is not None:
-            from sparkct.models.hybrid import label_slices
-            ds, classes = label_slices(ds, cfg.labels)
-            if len(classes) < 2:
-                raise UserError(f"--labels {cfg.labels}: a single class ({classes}); monitors need at least two")
+            ds, self.classes = label_slices(ds, cfg.labels)
+            if len(self.classes) < 2:
+                raise UserError(f"--labels {cfg.labels}: a single class ({self.classes}); monitors need at least two")
             self.dataset = ds
         micro = cfg.batch // cfg.accum  # images per micro-step, all ranks together
         if len(ds) < micro:
             raise UserError(f"the data has {len(ds)} slices, fewer than one batch of {micro}; lower --batch")
-        method = self.method
         method.seed = cfg.seed
-        loader = SliceLoader(ds, micro, transform=method.transform(cfg.crop, cfg.windows), seed=cfg.seed,
-                             device=device, workers=cfg.workers, shard=(rank, world), pairs=method.pairs(ds))
-        steps_per_epoch = len(loader) // cfg.accum
-        if steps_per_epoch < 1:
-            raise UserError(f"one epoch holds {len(loader)} micro-batches, fewer than --accum {cfg.accum}")
-        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        epochs = math.ceil(total / steps_per_epoch)
+        self.loader = SliceLoader(ds, micro, transform=method.transform(cfg.crop, cfg.windows), seed=cfg.seed,
+                                  device=self.device, workers=cfg.workers, shard=(self.rank, self.world),
+                                  pairs=method.pairs(ds))
+        self.steps_per_epoch = len(self.loader) // cfg.accum
+        if self.steps_per_epoch < 1:
+            raise UserError(f"one epoch holds {len(self.loader)} micro-batches, fewer than --accum {cfg.accum}")
+        self.total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total / self.steps_per_epoch)
 
-        # model, optimizer, scaler
+    def build_optimization(self) -> None:
+        """The method on the device (channels-last, synchronized BatchNorm over ranks), the schedule's
+        settings, the optimizer, the fp16 grad scaler, the online probe (with labels), the DDP wrap (or,
+        for methods that run their own backward, one broadcast of the weights) and autocast."""
+        cfg, method, device = self.cfg, self.method, self.device
         method.to(device)
         if cfg.channels_last:
             method.to(memory_format=torch.channels_last)
-        if world > 1:
-            from sparkct.nn.sync_batchnorm import convert_sync_batchnorm
+        if self.world > 1:
             convert_sync_batchnorm(method)
-        opt_name = self._setting("optimizer")
-        peak = cfg.lr if cfg.lr is not None else scaled_lr(self._setting("base_lr"), cfg.batch)
-        wd0 = self._setting("weight_decay")
+        self.opt_name = self._setting("optimizer")
+        self.peak = cfg.lr if cfg.lr is not None else scaled_lr(self._setting("base_lr"), cfg.batch)
+        self.wd0 = self._setting("weight_decay")
         wd1 = self._setting("weight_decay_end")
-        wd1 = wd0 if wd1 is None else wd1
-        warmup = round(self._setting("warmup_epochs") * steps_per_epoch)
-        groups = method.param_groups(wd0) if hasattr(method, "param_groups") else None
-        optimizer = build_optimizer(method, opt_name, peak, wd0, betas=self._setting("betas"),
-                                    no_decay=method.no_weight_decay(), groups=groups)
-        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-        probe = None
-        if classes is not None:
-            from sparkct.models.backbone import feature_dim
-            from sparkct.train.monitors import OnlineLinearProbe
-            probe = OnlineLinearProbe(feature_dim(method.backbone), len(classes)).to(device)
-        model = method
-        manual_ddp = world > 1 and method.manual_backward
-        if manual_ddp:
+        self.wd1 = self.wd0 if wd1 is None else wd1
+        self.warmup = round(self._setting("warmup_epochs") * self.steps_per_epoch)
+        groups = method.param_groups(self.wd0) if hasattr(method, "param_groups") else None
+        self.optimizer = build_optimizer(method, self.opt_name, self.peak, self.wd0, betas=self._setting("betas"),
+                                         no_decay=method.no_weight_decay(), groups=groups)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
+        self.probe = None
+        if self.classes is not None:
+            self.probe = OnlineLinearProbe(feature_dim(method.backbone), len(self.classes)).to(device)
+        self.model = method
+        self.manual_ddp = self.world > 1 and method.manual_backward
+        if self.manual_ddp:
             # one forward, several backward passes (gradient caching): DDP's reducer cannot follow that,
             # so the gradients are averaged once after the last backward instead
-            import torch.distributed as dist
             for t in method.state_dict().values():
                 dist.broadcast(t, 0)
-        elif world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
-                        broadcast_buffers=False)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                    if amp != "none" else contextlib.nullcontext())
+        elif self.world > 1:
+            self.model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
+                             broadcast_buffers=False)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+                         if self.amp != "none" else contextlib.nullcontext())
 
-        step, best = 0, None
-        if state is not None:
-            method.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            C.set_rng_state(state["rng"])
-            if probe is not None and state.get("probe"):
-                probe.restore(state["probe"])
-            step, best = int(state["step"]), state.get("best")
-            self.log(f"resumed {state['path']} at step {step} of {total}")
-            if step >= total:
-                self.log("that run had already finished")
-        else:
-            torch.manual_seed(cfg.seed + 1000 * rank)
+    def restore(self, state: dict | None) -> None:
+        """Continue from `state` (a loaded checkpoint: weights, optimizer, scaler, RNG, probe, step, best
+        monitor), or, with None, seed a fresh run (the seed differs by rank)."""
+        run = self.run
+        if state is None:
+            torch.manual_seed(self.cfg.seed + 1000 * self.rank)
+            return
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        C.set_rng_state(state["rng"])
+        if self.probe is not None and state.get("probe"):
+            self.probe.restore(state["probe"])
+        run.step, run.best = int(state["step"]), state.get("best")
+        run.last_saved = run.step
+        self.log(f"resumed {state['path']} at step {run.step} of {self.total}")
+        if run.step >= self.total:
+            self.log("that run had already finished")
 
-        main = D.is_main()
+    def open_run(self) -> None:
+        """The run folder's config.json (the config and what it resolved to), the metrics log (rows past a
+        resumed step dropped), the run's one-line description and the progress bar."""
+        cfg, run = self.cfg, self.run
         os.makedirs(self.run_dir, exist_ok=True)
         record = self.config_record()
-        record["resolved"] = {"optimizer": opt_name, "peak_lr": peak, "weight_decay": [wd0, wd1], "warmup_steps": warmup,
-                              "total_steps": total, "steps_per_epoch": steps_per_epoch, "amp": amp,
-                              "device": str(device), "slices": len(ds), "world_size": world}
-        if main:
+        record["resolved"] = {"optimizer": self.opt_name, "peak_lr": self.peak, "weight_decay": [self.wd0, self.wd1],
+                              "warmup_steps": self.warmup, "total_steps": self.total,
+                              "steps_per_epoch": self.steps_per_epoch, "amp": self.amp, "device": str(self.device),
+                              "slices": len(self.dataset), "world_size": self.world}
+        self.record = record
+        if self.main:
             sio.write_json_atomic(os.path.join(self.run_dir, "config.json"), record)
-        metrics = _MetricsLog(self.run_dir, step, enabled=main, tensorboard=cfg.tensorboard)
-        self.log(f"{self.method_name}: {cfg.arch} on {device} ({world} rank{'s' if world > 1 else ''}), "
-                 f"{len(ds)} slices, batch {cfg.batch}{f' ({cfg.accum} accumulation steps)' if cfg.accum > 1 else ''}, "
-                 f"{total} steps ({steps_per_epoch} per epoch), {opt_name} peak lr {peak:.3g}, amp {amp}")
+        self.metrics = MetricsLog(self.run_dir, run.step, enabled=self.main, tensorboard=cfg.tensorboard)
+        self.log(f"{self.method_name}: {cfg.arch} on {self.device} ({self.world} rank{'s' if self.world > 1 else ''}), "
+                 f"{len(self.dataset)} slices, batch {cfg.batch}"
+                 f"{f' ({cfg.accum} accumulation steps)' if cfg.accum > 1 else ''}, {self.total} steps "
+                 f"({self.steps_per_epoch} per epoch), {self.opt_name} peak lr {self.peak:.3g}, amp {self.amp}")
+        self.bar = tqdm(total=self.total, initial=run.step, disable=not (cfg.progress and self.main), unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
 
-        def save(cur_step: int, epoch: int, in_epoch: int, logs: dict) -> str | None:
-            if not main:
-                return None
-            st = {"config": json.dumps(record), "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scaler": scaler.state_dict() if scaler is not None else {}, "step": cur_step, "epoch": epoch,
-                  "batch_in_epoch": in_epoch, "rng": C.rng_state(), "best": best,
-                  "metrics": {k: float(v) for k, v in logs.items()},
-                  "probe": probe.checkpoint() if probe is not None else {}}
-            return C.save_checkpoint(self.run_dir, st, cur_step, cfg.keep)
+    def run_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` from the run's current step (which lies in it) to its end or the run's: each
+        step's metrics row (every --log-every), preview, periodic checkpoint and on_step; then end_epoch
+        and, if the last step is a checkpoint step not yet saved, its checkpoint."""
+        cfg, run = self.cfg, self.run
+        first = run.step - epoch * self.steps_per_epoch
+        self.loader.set_epoch(epoch, first * cfg.accum)
+        batches = iter(self.loader)
+        for in_epoch in range(first, self.steps_per_epoch):
+            if run.step >= self.total:
+                break
+            result = self.optimizer_step(batches, epoch)
+            run.n_int += cfg.batch
+            if run.first_loss is None:
+                run.first_loss = result.loss
+            self.bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == self.total:
+                self.log_step(epoch, result)
+            if self.main and cfg.preview_every and run.step % cfg.preview_every == 0:
+                self._preview(run.last_inp, run.step)
+            # an epoch's last step is saved after on_epoch_end: what that changes (SwAV's epoch
+            # count, say) belongs to the checkpoint the next epoch resumes from
+            epoch_done = in_epoch + 1 == self.steps_per_epoch or run.step >= self.total
+            if run.step % cfg.ckpt_every == 0 and not epoch_done:
+                self.save_periodic()
+            if self.on_step is not None:
+                self.on_step(run.step)
+        # the loop above ends with the epoch's last step or the run's: the epoch is over
+        self.end_epoch(epoch)
+        if run.step % cfg.ckpt_every == 0 and run.last_saved != run.step:
+            self.save_periodic()
 
-        def backward(tensors, grad_tensors=None):
-            f = 1.0 / cfg.accum
-            if grad_tensors is None:
-                t = tensors * f
-                (scaler.scale(t) if scaler is not None else t).backward()
+    def optimizer_step(self, batches: Iterator, epoch: int) -> StepResult:
+        """One optimizer step from `batches` (the loader's iterator): the step's LR/WD, --accum micro-steps
+        (forward, loss, the NaN/Inf check over all ranks, backward; DDP synchronizes only the last), then
+        gradient averaging (gradient caching over ranks), unscaling, clipping, the optimizer, the method's
+        after_step and the online probe. Advances run.step."""
+        cfg, method, run = self.cfg, self.method, self.run
+        step = run.step
+        lr, wd = lr_at(step, self.total, self.warmup, self.peak), wd_at(step, self.total, self.wd0, self.wd1)
+        apply_schedule(self.optimizer, lr, wd)
+        loss_sum, logs_sum = 0.0, {}
+        for m in range(cfg.accum):
+            method.micro = m
+            with profiling.range("step/data"):
+                batch = _to(next(batches), self.device, cfg.channels_last)
+            if self.probe is not None:
+                x_only, targets = batch
+                inp = batch if method.accepts_targets else x_only
             else:
-                tl = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
-                gl = list(grad_tensors) if isinstance(grad_tensors, (list, tuple)) else [grad_tensors]
-                gl = [(scaler.scale(g * f) if scaler is not None else g * f) for g in gl]
-                torch.autograd.backward(tl, gl)
+                inp = batch
+            run.last_inp = inp
+            sync = (self.model.no_sync() if self.world > 1 and not self.manual_ddp and m < cfg.accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                if method.manual_backward:
+                    with profiling.range("step/forward+loss+backward"), self.autocast:
+                        loss, logs = self.model(inp, step, backward=self.backward)
+                else:
+                    with profiling.range("step/forward+loss"), self.autocast:
+                        loss, logs = self.model(inp, step)
+                with profiling.range("step/sync-loss"):  # reading the loss waits for the device
+                    lv = float(loss.detach().float())
+                self._check_finite(lv, epoch)
+                if not method.manual_backward:
+                    with profiling.range("step/backward"):
+                        self.backward(loss)
+            loss_sum += lv / cfg.accum
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum
+        with profiling.range("step/optimizer"):
+            grad_norm = self._apply_gradients()
+        with profiling.range("step/after_step"):
+            method.after_step(step, self.total)
+        if self.probe is not None:
+            with profiling.range("step/probe"):
+                logs_sum.update(self._probe_step(self.probe, x_only, targets))
+        run.step += 1
+        return StepResult(loss_sum, logs_sum, lr, wd, grad_norm)
 
-        def save_periodic():
-            nonlocal last_saved
-            nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
-            save(step, nxt_epoch, nxt_in, logs_out)
-            last_saved = step
-            if main:
-                metrics.flush()
-                from sparkct.train.visual import plot_curves
-                plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+    def backward(self, tensors, grad_tensors=None) -> None:
+        """Backward of `tensors` (a loss, or tensors with `grad_tensors`) scaled by 1/--accum and by the
+        fp16 grad scaler; methods that run their own backward (gradient caching) call this."""
+        f = 1.0 / self.cfg.accum
+        scaler = self.scaler
+        if grad_tensors is None:
+            t = tensors * f
+            (scaler.scale(t) if scaler is not None else t).backward()
+        else:
+            tl = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+            gl = list(grad_tensors) if isinstance(grad_tensors, (list, tuple)) else [grad_tensors]
+            gl = [(scaler.scale(g * f) if scaler is not None else g * f) for g in gl]
+            torch.autograd.backward(tl, gl)
 
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
-        try:
-            model.train()
-            t_start = time.perf_counter()
-            t_int, n_int, images_per_s = time.perf_counter(), 0, float("nan")
-            first_loss = None
-            logs_out: dict = {}
-            last_saved = step if state is not None else -1
-            last_inp = None
-            start_epoch, start_in = divmod(step, steps_per_epoch)
-            for epoch in range(start_epoch, epochs):
-                if step >= total:
-                    break
-                s0 = start_in if epoch == start_epoch else 0
-                loader.set_epoch(epoch, s0 * cfg.accum)
-                it = iter(loader)
-                for in_epoch in range(s0, steps_per_epoch):
-                    if step >= total:
-                        break
-                    lr, wd = lr_at(step, total, warmup, peak), wd_at(step, total, wd0, wd1)
-                    apply_schedule(optimizer, lr, wd)
-                    loss_sum, logs_sum = 0.0, {}
-                    for m in range(cfg.accum):
-                        method.micro = m
-                        with profiling.range("step/data"):
-                            batch = _to(next(it), device, cfg.channels_last)
-                        targets = None
-                        if probe is not None:
-                            x_only, targets = batch
-                            inp = batch if method.accepts_targets else x_only
-                        else:
-                            inp = batch
-                        last_inp = inp
-                        sync = (model.no_sync() if world > 1 and not manual_ddp and m < cfg.accum - 1
-                                else contextlib.nullcontext())
-                        with sync:
-                            if method.manual_backward:
-                                with profiling.range("step/forward+loss+backward"), autocast:
-                                    loss, logs = model(inp, step, backward=backward)
-                            else:
-                                with profiling.range("step/forward+loss"), autocast:
-                                    loss, logs = model(inp, step)
-                            with profiling.range("step/sync-loss"):  # reading the loss waits for the device
-                                lv = float(loss.detach().float())
-                            bad = torch.tensor([0.0 if math.isfinite(lv) else 1.0])
-                            if world > 1:
-                                import torch.distributed as dist
-                                bad = bad.to(device)
-                                dist.all_reduce(bad)
-                            if float(bad) > 0:
-                                kept = C.find_latest(self.run_dir)
-                                raise TrainingDiverged(
-                                    f"loss is {lv} at step {step} (epoch {epoch + 1}); stopped without saving this "
-                                    f"state. {'The last good checkpoint ' + kept + ' is kept' if kept else 'No checkpoint was written yet'}"
-                                    "; lower --lr/--base-lr, set --clip-grad, or change --amp")
-                            if not method.manual_backward:
-                                with profiling.range("step/backward"):
-                                    backward(loss)
-                        loss_sum += lv / cfg.accum
-                        for k, v in logs.items():
-                            logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum
-                    with profiling.range("step/optimizer"):
-                        if manual_ddp:
-                            _average_gradients(method)
-                        method.on_before_optimizer_step(step)
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)
-                        gnorm = None
-                        if cfg.clip_grad > 0:
-                            gnorm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad))
-                        if scaler is not None:
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    with profiling.range("step/after_step"):
-                        method.after_step(step, total)
-                    if probe is not None:
-                        with profiling.range("step/probe"):
-                            logs_sum.update(self._probe_step(probe, x_only, targets))
-                    step += 1
-                    n_int += cfg.batch
-                    if first_loss is None:
-                        first_loss = loss_sum
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == total:
-                        D_loss = _mean_over_ranks(loss_sum, device)
-                        now = time.perf_counter()
-                        images_per_s = n_int / max(now - t_int, 1e-9)
-                        t_int, n_int = now, 0
-                        logs_out = {"loss": D_loss, "lr": lr, "wd": wd, "images_per_s": images_per_s, **logs_sum}
-                        if gnorm is not None:
-                            logs_out["grad_norm"] = gnorm
-                        if scaler is not None:
-                            logs_out["loss_scale"] = float(scaler.get_scale())
-                        metrics.write(step, epoch + 1, logs_out)
-                        bar.set_postfix(loss=f"{D_loss:.4g}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-                    if main and cfg.preview_every and step % cfg.preview_every == 0:
-                        self._preview(last_inp, step)
-                    # an epoch's last step is saved after on_epoch_end: what that changes (SwAV's epoch
-                    # count, say) belongs to the checkpoint the next epoch resumes from
-                    if step % cfg.ckpt_every == 0 and not (in_epoch + 1 == steps_per_epoch or step >= total):
-                        save_periodic()
-                    if self.on_step is not None:
-                        self.on_step(step)
-                if in_epoch + 1 == steps_per_epoch or step >= total:
-                    ep_logs = dict(method.on_epoch_end(epoch) or {})
-                    if probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
-                        ep_logs.update(self._knn(ds, device))
-                    if ep_logs:
-                        metrics.write(step, epoch + 1, {f"epoch/{k}": float(v) for k, v in ep_logs.items()})
-                        self.log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in ep_logs.items()))
-                        mon = ep_logs.get("monitor")
-                        if mon is not None and (best is None or float(mon) > best):
-                            best = float(mon)
-                            nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
-                            path = save(step, nxt_epoch, nxt_in, logs_out)
-                            last_saved = step
-                            if main:  # the log up to a checkpoint goes with it, or a resume would lose those rows
-                                metrics.flush()
-                            if path:
-                                C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
-                                # keep-last-k must not delete the file best.ckpt names: it is a hard link
-                    if step % cfg.ckpt_every == 0 and last_saved != step:
-                        save_periodic()
-        finally:
-            bar.close()  # also on errors: the message must not land inside the bar
-        if last_saved != step:
-            nxt_epoch, nxt_in = divmod(step, steps_per_epoch)
-            save(step, nxt_epoch, nxt_in, logs_out)
-        seconds = time.perf_counter() - t_start
-        summary = {}
-        if main:
-            metrics.flush()
-            from sparkct.train.visual import plot_curves
-            plot_curves(metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
-            if last_inp is not None:
-                self._preview(last_inp, step)
-            C.export_backbone(method.backbone, os.path.join(self.run_dir, "backbone.pt"))
-            summary = {"method": self.method_name, "steps": step, "total_steps": total, "seconds": round(seconds, 2),
-                       "first_loss": first_loss, "final": logs_out, "best_monitor": best,
-                       "images_per_s": images_per_s, "run_dir": self.run_dir,
+    def _check_finite(self, lv: float, epoch: int) -> None:
+        """Stop (on every rank, if any rank's loss is NaN/Inf) without saving the bad state."""
+        bad = torch.tensor([0.0 if math.isfinite(lv) else 1.0])
+        if self.world > 1:
+            bad = bad.to(self.device)
+            dist.all_reduce(bad)
+        if float(bad) > 0:
+            kept = C.find_latest(self.run_dir)
+            raise TrainingDiverged(
+                f"loss is {lv} at step {self.run.step} (epoch {epoch + 1}); stopped without saving this "
+                f"state. {'The last good checkpoint ' + kept + ' is kept' if kept else 'No checkpoint was written yet'}"
+                "; lower --lr/--base-lr, set --clip-grad, or change --amp")
+
+    def _apply_gradients(self) -> float | None:
+        """Average (gradient caching over ranks), unscale, clip, step and zero; the norm before clipping."""
+        method, optimizer, scaler = self.method, self.optimizer, self.scaler
+        if self.manual_ddp:
+            _average_gradients(method)
+        method.on_before_optimizer_step(self.run.step)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = None
+        if self.cfg.clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.clip_grad))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def log_step(self, epoch: int, result: StepResult) -> None:
+        """The metrics row of the step just done: the loss averaged over ranks, LR, WD, images/s over the
+        interval since the last row, the method's logs, gradient norm and loss scale; the bar's postfix."""
+        run = self.run
+        loss = _mean_over_ranks(result.loss, self.device)
+        now = time.perf_counter()
+        run.images_per_s = run.n_int / max(now - run.t_int, 1e-9)
+        run.t_int, run.n_int = now, 0
+        logs = {"loss": loss, "lr": result.lr, "wd": result.wd, "images_per_s": run.images_per_s, **result.logs}
+        if result.grad_norm is not None:
+            logs["grad_norm"] = result.grad_norm
+        if self.scaler is not None:
+            logs["loss_scale"] = float(self.scaler.get_scale())
+        run.logs = logs
+        self.metrics.write(run.step, epoch + 1, logs)
+        self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{result.lr:.2e}", img_s=f"{run.images_per_s:.1f}")
+
+    def end_epoch(self, epoch: int) -> None:
+        """The method's on_epoch_end and the kNN monitor (with labels, every --knn-every epochs): their
+        row and log line; a new best monitor is checkpointed and linked as best.ckpt."""
+        cfg, run = self.cfg, self.run
+        ep_logs = dict(self.method.on_epoch_end(epoch) or {})
+        if self.probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and self.main:
+            ep_logs.update(self._knn(self.dataset, self.device))
+        if not ep_logs:
+            return
+        self.metrics.write(run.step, epoch + 1, {f"epoch/{k}": float(v) for k, v in ep_logs.items()})
+        self.log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in ep_logs.items()))
+        mon = ep_logs.get("monitor")
+        if mon is not None and (run.best is None or float(mon) > run.best):
+            run.best = float(mon)
+            path = self.save()
+            if self.main:  # the log up to a checkpoint goes with it, or a resume would lose those rows
+                self.metrics.flush()
+            if path:
+                C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
+                # keep-last-k must not delete the file best.ckpt names: it is a hard link
+
+    def save(self) -> str | None:
+        """Checkpoint the run at its current step (rank 0 writes; keep-last-k; last.ckpt): weights,
+        optimizer, scaler, RNG, the data position (the next step's epoch and batch), best monitor, the
+        latest metrics row, the probe and the config. Returns the checkpoint's path (None on other ranks)."""
+        run = self.run
+        run.last_saved = run.step
+        if not self.main:
+            return None
+        epoch, in_epoch = divmod(run.step, self.steps_per_epoch)
+        st = {"config": json.dumps(self.record), "model": self.method.state_dict(),
+              "optimizer": self.optimizer.state_dict(),
+              "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "step": run.step, "epoch": epoch,
+              "batch_in_epoch": in_epoch, "rng": C.rng_state(), "best": run.best,
+              "metrics": {k: float(v) for k, v in run.logs.items()},
+              "probe": self.probe.checkpoint() if self.probe is not None else {}}
+        return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
+
+    def save_periodic(self) -> None:
+        """A --ckpt-every checkpoint, with the metrics files and loss.png brought up to it."""
+        self.save()
+        if self.main:
+            self.metrics.flush()
+            plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+
+    def finish(self) -> dict:
+        """The final checkpoint (unless the last step was just saved), metrics files, loss.png, the last
+        preview, backbone.pt and summary.json; the closing log line. Returns the summary (rank 0)."""
+        run = self.run
+        if run.last_saved != run.step:
+            self.save()
+        seconds = time.perf_counter() - run.t_start
+        summary: dict = {}
+        if self.main:
+            self.metrics.flush()
+            plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+            if run.last_inp is not None:
+                self._preview(run.last_inp, run.step)
+            C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
+            summary = {"method": self.method_name, "steps": run.step, "total_steps": self.total,
+                       "seconds": round(seconds, 2), "first_loss": run.first_loss, "final": run.logs,
+                       "best_monitor": run.best, "images_per_s": run.images_per_s, "run_dir": self.run_dir,
                        "checkpoint": os.path.join(self.run_dir, "last.ckpt"),
                        "backbone": os.path.join(self.run_dir, "backbone.pt")}
             sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
-            fl = logs_out.get("loss")
-            self.log(f"done: {step} steps in {seconds:.0f} s; loss {first_loss if first_loss is None else f'{first_loss:.4g}'}"
-                     f" -> {fl if fl is None else f'{fl:.4g}'}; run folder {self.run_dir} (loss.png, previews/, "
-                     f"backbone.pt)")
-        metrics.close()
+            first, final = run.first_loss, run.logs.get("loss")
+            self.log(f"done: {run.step} steps in {seconds:.0f} s; loss {first if first is None else f'{first:.4g}'}"
+                     f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} (loss.png, "
+                     f"previews/, backbone.pt)")
+        self.metrics.close()
         return summary
 
+    # ---- helpers ----
     @torch.no_grad()
     def _probe_step(self, probe, x, targets) -> dict:
         """Train the online linear probe on this step's detached backbone features (the method's own, or
@@ -519,11 +599,6 @@ class Trainer:
     def _knn(self, ds, device) -> dict:
         """kNN accuracy of the backbone's features: labelled slices of 80 % of the labelled patients are
         the bank, those of the other 20 % the queries."""
-        import numpy as np
-
-        from sparkct.data import CTResize, SliceLoader, patient_split
-        from sparkct.train.monitors import extract_features, knn_accuracy
-
         lab = ds.subset(np.nonzero(ds.targets >= 0)[0])
         try:
             split = patient_split(lab, (0.8, 0.2), seed=self.cfg.seed, names=("bank", "query"))
@@ -555,7 +630,6 @@ class Trainer:
             method.train(was)
             torch.set_rng_state(rng)
         if rows:
-            from sparkct.train.visual import save_preview
             d = os.path.join(self.run_dir, "previews")
             os.makedirs(d, exist_ok=True)
             path = os.path.join(d, f"step-{step:07d}.png")
@@ -566,9 +640,6 @@ class Trainer:
 def _average_gradients(module: torch.nn.Module) -> None:
     """All-reduce and average the gradients over the ranks, in one flat buffer (what DDP does, for the
     steps DDP cannot wrap)."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return
@@ -582,74 +653,6 @@ def _average_gradients(module: torch.nn.Module) -> None:
 def _mean_over_ranks(v: float, device) -> float:
     if not D.is_distributed():
         return v
-    import torch.distributed as dist
     t = torch.tensor([v], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / D.world_size()
-
-
-class _MetricsLog:
-    """metrics.csv (fixed columns from the first row: loss, lr, wd, images/s and the method's logs; later
-    keys go to metrics.jsonl only) and TensorBoard. On resume, rows past the resumed step are dropped."""
-
-    def __init__(self, run_dir: str, start_step: int, *, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.csv_path = os.path.join(run_dir, "metrics.csv")
-        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-        self.fields: list[str] | None = None
-        self.rows: list[dict] = []
-        self.tb = None
-        if not enabled:
-            return
-        if os.path.isfile(self.csv_path):
-            with open(self.csv_path, newline="") as f:
-                r = csv.DictReader(f)
-                self.fields = r.fieldnames
-                self.rows = [row for row in r if int(row["step"]) <= start_step]
-        self._jsonl = [ln for ln in _read_lines(self.jsonl_path) if json.loads(ln).get("step", 0) <= start_step]
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
-            except ImportError:
-                self.tb = None
-
-    def write(self, step: int, epoch: int, logs: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in logs.items()}}
-        self._jsonl.append(json.dumps(row))
-        if not any(k.startswith("epoch/") for k in logs):
-            if self.fields is None:
-                self.fields = list(row)
-            self.rows.append({k: row.get(k, "") for k in self.fields})
-        if self.tb is not None:
-            for k, v in logs.items():
-                self.tb.add_scalar(k, float(v), step)
-
-    def flush(self) -> None:
-        if not self.enabled:
-            return
-        if self.fields is not None:  # no step row yet (before the first --log-every); epoch rows may exist
-            import io
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=self.fields)
-            w.writeheader()
-            w.writerows(self.rows)
-            sio.write_text_atomic(self.csv_path, buf.getvalue())
-        if self._jsonl:
-            sio.write_text_atomic(self.jsonl_path, "\n".join(self._jsonl) + "\n")
-        if self.tb is not None:
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _read_lines(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [ln.strip() for ln in f if ln.strip()]
-
