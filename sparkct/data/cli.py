@@ -5,11 +5,17 @@ Each command checks its arguments before it reads or writes anything; a mistake 
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import logging
 import os
 import sys
+from collections import Counter
 
+from sparkct.cliargs import add_dataclass_args, dataclass_from_args, output_file
 from sparkct.errors import UserError
+
+from .options import PrepareOptions
 
 
 class _TqdmHandler(logging.Handler):
@@ -17,7 +23,7 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: only when logging, not for `sparkct -h`
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
             self.handleError(record)
@@ -33,23 +39,13 @@ def _setup_logging(quiet: bool, debug: bool = False) -> None:
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if debug else logging.INFO)
 
 
-def _output_file(path: str, what: str) -> str:
-    """Check that `path` can be written as a new file: its folder exists and it is not a folder."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise UserError(f"{what} {path!r}: folder {d!r} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path!r} is a folder")
-    return path
-
-
 def _cache(path: str):
-    from .cache import SliceCache
+    from .cache import SliceCache  # lazy: imports numpy; `sparkct -h` must not
     return SliceCache(path)
 
 
 def cmd_synth(args) -> int:
-    from .synthetic import _check_synth_args, synth
+    from .synthetic import _check_synth_args, synth  # lazy: imports numpy; `sparkct -h` must not
 
     _check_synth_args(args.dst, args.patients, args.size, args.thickness, (args.min_series, args.max_series),
                       args.p_finding, args.slices)
@@ -62,16 +58,14 @@ def cmd_synth(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .dicom import PixelLimits
-    from .preparing import prepare
+    from .dicom import PixelLimits  # lazy: numpy and pydicom load when a command runs, not for `sparkct -h`
+    from .preparing import prepare  # lazy: as above
 
-    limits = PixelLimits(args.max_slice_pixels, args.max_file_pixels)
+    kw = dataclasses.asdict(dataclass_from_args(PrepareOptions, args))
+    limits = PixelLimits(kw.pop("max_slice_pixels"), kw.pop("max_file_pixels"))
     _setup_logging(args.quiet, args.debug)
     try:
-        rep = prepare(args.src, args.dst, spacing=args.spacing, size=args.size, clip_min=args.clip_min,
-                      clip_max=args.clip_max, order=args.order, antialias=not args.no_antialias,
-                      workers=args.jobs, device=args.device, progress=not args.quiet, reset=args.reset,
-                      show_paths=args.show_paths, patient_from=args.patient_from, limits=limits)
+        rep = prepare(args.src, args.dst, progress=not args.quiet, limits=limits, **kw)
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
         return 130
@@ -80,10 +74,10 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import numpy as np
+    import numpy as np  # lazy: `sparkct -h` must not import numpy (so in each command below)
 
     if args.csv:
-        _output_file(args.csv, "--csv")
+        output_file(args.csv, "--csv")
     c = _cache(args.cache)
     s = c.series
     print(f"cache      {args.cache}")
@@ -105,8 +99,6 @@ def cmd_info(args) -> int:
         if len(kvp):
             print(f"kVp        {sorted({int(v) for v in kvp})}")
     if args.csv:
-        import csv
-
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["slice", "series_uid", "patient", "slice_index", "z_mm", "instance_number"])
@@ -119,7 +111,7 @@ def cmd_info(args) -> int:
 
 
 def _window_names(spec: str) -> list[tuple[str, float, float]]:
-    from .windows import resolve_windows
+    from .windows import resolve_windows  # lazy: imports numpy
 
     names = [w.strip() for w in spec.split(",") if w.strip()]
     try:
@@ -132,10 +124,10 @@ def _window_names(spec: str) -> list[tuple[str, float, float]]:
 def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile: int = 256):
     """A PIL image: one row per slice of `indices`, one greyscale tile per window (name, center,
     width), each captioned with its series, slice and window."""
-    import numpy as np
+    import numpy as np  # lazy: numpy and PIL load when a command runs
     from PIL import Image, ImageDraw, ImageFont
 
-    from .windows import apply_windows
+    from .windows import apply_windows  # lazy: imports numpy
 
     font_px = max(9, min(16, tile // 18))
     try:
@@ -167,13 +159,13 @@ def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile:
 
 
 def cmd_show(args) -> int:
-    import numpy as np
+    import numpy as np  # lazy: numpy and PIL load when a command runs
     from PIL import Image
 
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in Image.registered_extensions():
         raise UserError(f"--out {args.out!r}: not an image file name (.png, .jpg, ...)")
-    _output_file(args.out, "--out")
+    output_file(args.out, "--out")
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if not 16 <= args.tile <= 2048:
@@ -190,7 +182,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_read(args) -> int:
-    import numpy as np
+    import numpy as np  # lazy: numpy, nibabel and pydicom load when a command runs
 
     from .nifti import is_nifti, read_nifti
 
@@ -199,7 +191,7 @@ def cmd_read(args) -> int:
     if is_nifti(args.path):
         vols = [read_nifti(args.path)]
     else:
-        from .dicom import iter_series
+        from .dicom import iter_series  # lazy: as above
         vols = list(iter_series(args.path))
     if not vols:
         print("no CT series found", file=sys.stderr)
@@ -210,7 +202,6 @@ def cmd_read(args) -> int:
               f"spacing {tuple(round(float(x), 4) for x in v.spacing)} mm, sorted by {m.get('sorted_by')}, "
               f"kVp {m.get('kvp')}, HU {np.min(v.hu):.0f}..{np.max(v.hu):.0f} (mean {np.mean(v.hu):.0f})")
         if v.skipped:
-            from collections import Counter
             print("  skipped: " + ", ".join(f"{r} {n}" for r, n in Counter(r for _, r in v.skipped).items()))
     return 0
 
@@ -247,26 +238,7 @@ def register(subparsers) -> None:
                                    "counted by reason (DST/report.json, DST/skipped.csv).")
     s.add_argument("src", help="folder of DICOM files and/or NIfTI volumes (searched recursively)")
     s.add_argument("dst", help="cache folder (created; may sit inside SRC)")
-    s.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
-    s.add_argument("--spacing", type=float, default=None,
-                   help="resample to this in-plane spacing in mm (unset: keep the source grid)")
-    s.add_argument("--size", type=int, default=None,
-                   help="output rows = cols: with --spacing a centre crop/pad, alone a resize")
-    s.add_argument("--clip-min", type=int, default=-1024, help="HU floor (padding and outside the FOV become this)")
-    s.add_argument("--clip-max", type=int, default=32767, help="HU ceiling")
-    s.add_argument("--order", type=int, default=1, help="spline order when resampling (0-5; 1 = linear)")
-    s.add_argument("--no-antialias", action="store_true", help="no low-pass before shrinking")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                   help="where resampling runs (cuda needs cupy)")
-    s.add_argument("--max-slice-pixels", type=int, default=4096 * 4096,
-                   help="skip images whose Rows x Columns is larger (checked before decoding)")
-    s.add_argument("--max-file-pixels", type=int, default=2 ** 29,
-                   help="skip files whose Rows x Columns x frames is larger (a file is decoded at once)")
-    s.add_argument("--reset", action="store_true", help="delete DST's cache and start over")
-    s.add_argument("--show-paths", action="store_true",
-                   help="name skipped files by their path in skipped.csv and the log, not by a salted token")
-    s.add_argument("--patient-from", choices=["file", "dir"], default="file",
-                   help="NIfTI: one patient per file, or per parent folder")
+    add_dataclass_args(s, PrepareOptions)
     s.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
     s.add_argument("-v", "--verbose", dest="debug", action="store_true",
                    help="debug log with tracebacks of failed series (these may quote header values)")
