@@ -9,9 +9,9 @@ A field becomes a flag through its metadata, written with :func:`option`::
 
     @dataclass
     class Settings:
-        size: int | None = option(None, "output rows = cols")
-        workers: int = option(1, "worker processes", flags=("-j", "--jobs"), metavar="JOBS")
-        antialias: bool = option(True, "no low-pass before shrinking", negate=True)   # --no-antialias
+        size: int | None = option("output rows = cols", default=None)
+        workers: int = option("worker processes", default=1, flags=("-j", "--jobs"), metavar="JOBS")
+        antialias: bool = option("no low-pass before shrinking", default=True, negate=True)  # --no-antialias
 """
 from __future__ import annotations
 
@@ -41,11 +41,12 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
-           negate: bool = False, default_factory: Any = dataclasses.MISSING, **argparse_kwargs) -> Any:
-    """A dataclass field with its command-line form: `help`; `flags` (default: ``--field-name``);
-    `negate` (a bool field that is on by default, given as ``--no-field-name``); any other keyword
-    (``choices``, ``metavar``, ``action="store_true"``) goes to ``add_argument`` as it is."""
+def option(help: str = "", *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
+           flags: tuple[str, ...] = (), negate: bool = False, **argparse_kwargs) -> Any:
+    """A dataclass field with its command-line form: `help`; its `default` (or `default_factory`);
+    `flags` (default: ``--field-name``); `negate` (a bool field that is on by default, given as
+    ``--no-field-name``); any other keyword (``choices``, ``metavar``, ``action="store_true"``) goes to
+    ``add_argument`` as it is."""
     meta: dict[str, Any] = {"help": help}
     if flags:
         meta["flags"] = tuple(flags)

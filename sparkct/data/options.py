@@ -28,23 +28,24 @@ class PrepareOptions:
     slices: they are the cache's settings (:class:`sparkct.data.preparing.PrepareSettings`, stored in its
     manifest), and a cache prepared with other settings is refused (``reset`` starts it over)."""
 
-    workers: int = option(1, "worker processes", flags=("-j", "--jobs"), metavar="JOBS")
-    spacing: float | None = option(None, "resample to this in-plane spacing in mm (unset: keep the source grid)")
-    size: int | None = option(None, "output rows = cols: with --spacing a centre crop/pad, alone a resize")
-    clip_min: int = option(-1024, "HU floor (padding and outside the FOV become this)")
-    clip_max: int = option(32767, "HU ceiling")
-    order: int = option(1, "spline order when resampling (0-5; 1 = linear)")
-    antialias: bool = option(True, "no low-pass before shrinking", negate=True)  # --no-antialias
-    device: str = option("cpu", "where resampling runs (cuda needs cupy)", choices=list(DEVICES))
-    max_slice_pixels: int = option(MAX_SLICE_PIXELS,
-                                   "skip images whose Rows x Columns is larger (checked before decoding)")
-    max_file_pixels: int = option(MAX_FILE_PIXELS,
-                                  "skip files whose Rows x Columns x frames is larger (a file is decoded at once)")
-    reset: bool = option(False, "delete DST's cache and start over", action="store_true")
-    show_paths: bool = option(False, "name skipped files by their path in skipped.csv and the log, not by a "
-                                     "salted token", action="store_true")
-    patient_from: str = option("file", "NIfTI: one patient per file, or per parent folder", choices=list(PATIENT_FROM))
-
+    workers: int = option("worker processes", default=1, flags=("-j", "--jobs"), metavar="JOBS")
+    spacing: float | None = option("resample to this in-plane spacing in mm (unset: keep the source grid)",
+                                   default=None)
+    size: int | None = option("output rows = cols: with --spacing a centre crop/pad, alone a resize", default=None)
+    clip_min: int = option("HU floor (padding and outside the FOV become this)", default=-1024)
+    clip_max: int = option("HU ceiling", default=32767)
+    order: int = option("spline order when resampling (0-5; 1 = linear)", default=1)
+    antialias: bool = option("no low-pass before shrinking", default=True, negate=True)  # --no-antialias
+    device: str = option("where resampling runs (cuda needs cupy)", default="cpu", choices=list(DEVICES))
+    max_slice_pixels: int = option("skip images whose Rows x Columns is larger (checked before decoding)",
+                                   default=MAX_SLICE_PIXELS)
+    max_file_pixels: int = option("skip files whose Rows x Columns x frames is larger (a file is decoded at once)",
+                                  default=MAX_FILE_PIXELS)
+    reset: bool = option("delete DST's cache and start over", default=False, action="store_true")
+    show_paths: bool = option("name skipped files by their path in skipped.csv and the log, not by a salted token",
+                              default=False, action="store_true")
+    patient_from: str = option("NIfTI: one patient per file, or per parent folder", default="file",
+                               choices=list(PATIENT_FROM))
 
 #: the defaults, as an instance (``prepare(spacing=PREPARE_DEFAULTS.spacing, ...)``)
 PREPARE_DEFAULTS = PrepareOptions()

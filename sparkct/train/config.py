@@ -22,45 +22,45 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 class TrainConfig:
     """What every pretraining run shares. ``None`` = the method's default (``Method.defaults``)."""
 
-    data: str | None = option(help="a prepared slice cache, or a DICOM/NIfTI folder (prepared into OUT/../cache on first "
-                          "use); default: the built-in synthetic chest CT", default=None)
-    out: str = option(help="run folder: checkpoints, metrics, previews, backbone export", default="runs/pretrain")
-    arch: str = option(help="torchvision backbone (resnet18/34/50/101/152, resnext..., wide_resnet...)", default="resnet18")
-    weights: str | None = option(help="initialize the backbone from this state_dict file (e.g. ImageNet weights)",
-                             default=None)
-    windows: str = option(help="HU windows as input channels (presets lung, mediastinum, abdomen, bone, brain or C/W)",
-                      default="lung,mediastinum,bone")
-    crop: int = option(help="training crop size in pixels", default=128)
-    epochs: int = option(help="passes over the data", default=20)
-    max_steps: int | None = option(help="stop after this many optimizer steps (overrides epochs)", default=None)
-    batch: int = option(help="global batch size (all ranks, all accumulation steps together)", default=32)
-    accum: int = option(help="gradient accumulation steps per optimizer step", default=1)
-    optimizer: str | None = option(help="lamb, lars, adamw, adam or sgd", default=None)
-    base_lr: float | None = option(help="learning rate per 256 images (lr = base_lr x batch / 256)", default=None)
-    lr: float | None = option(help="absolute peak learning rate (overrides base_lr)", default=None)
-    weight_decay: float | None = option(help="weight decay at the start (cosine schedule)", default=None)
-    weight_decay_end: float | None = option(help="weight decay at the end", default=None)
-    warmup_epochs: float | None = option(help="linear learning-rate warm-up, in epochs", default=None)
-    clip_grad: float = option(help="clip the global gradient norm at this value (0: off)", default=0.0)
-    amp: str = option(help="mixed precision: auto (bf16 on CUDA, off on CPU), none, bf16, fp16 (with loss scaling)",
-                  default="auto")
-    channels_last: bool = option(help="channels-last memory format for the model and inputs", default=True)
-    device: str = option(help="cpu, cuda, cuda:N or auto", default="auto")
-    seed: int = option(help="seed of weights, data order, augmentations and masks", default=0)
-    workers: int | None = option(help="loader threads (default: 0 on CPU, 2 on CUDA)", default=None)
-    ckpt_every: int = option(help="write last.ckpt every N optimizer steps (and at the end)", default=50)
-    keep: int = option(help="keep the last K step checkpoints", default=2)
-    log_every: int = option(help="log metrics every N optimizer steps", default=5)
-    preview_every: int = option(help="write a preview PNG every N optimizer steps (0: only at the end)", default=50)
-    labels: str | None = option(help="a labels CSV over the data (slice or series level, column 'label'): enables the "
-                             "online linear probe, kNN accuracy and the hybrid objective", default=None)
-    knn_every: int = option(help="with --labels: kNN accuracy on held-out labelled patients every N epochs (0: off)",
-                        default=1)
-    tensorboard: bool = option(help="also log to TensorBoard (OUT/tb)", default=True)
-    progress: bool = option(help="show a progress bar", default=True)
-    synth_patients: int = option(help="built-in data: synthetic patients", default=8)
-    synth_size: int = option(help="built-in data: synthetic slice size", default=160)
-    synth_slices: int = option(help="built-in data: slices per synthetic series", default=24)
+    data: str | None = option("a prepared slice cache, or a DICOM/NIfTI folder (prepared into OUT/../cache on first "
+                              "use); default: the built-in synthetic chest CT", default=None)
+    out: str = option("run folder: checkpoints, metrics, previews, backbone export", default="runs/pretrain")
+    arch: str = option("torchvision backbone (resnet18/34/50/101/152, resnext..., wide_resnet...)", default="resnet18")
+    weights: str | None = option("initialize the backbone from this state_dict file (e.g. ImageNet weights)",
+                                 default=None)
+    windows: str = option("HU windows as input channels (presets lung, mediastinum, abdomen, bone, brain or C/W)",
+                          default="lung,mediastinum,bone")
+    crop: int = option("training crop size in pixels", default=128)
+    epochs: int = option("passes over the data", default=20)
+    max_steps: int | None = option("stop after this many optimizer steps (overrides epochs)", default=None)
+    batch: int = option("global batch size (all ranks, all accumulation steps together)", default=32)
+    accum: int = option("gradient accumulation steps per optimizer step", default=1)
+    optimizer: str | None = option("lamb, lars, adamw, adam or sgd", default=None)
+    base_lr: float | None = option("learning rate per 256 images (lr = base_lr x batch / 256)", default=None)
+    lr: float | None = option("absolute peak learning rate (overrides base_lr)", default=None)
+    weight_decay: float | None = option("weight decay at the start (cosine schedule)", default=None)
+    weight_decay_end: float | None = option("weight decay at the end", default=None)
+    warmup_epochs: float | None = option("linear learning-rate warm-up, in epochs", default=None)
+    clip_grad: float = option("clip the global gradient norm at this value (0: off)", default=0.0)
+    amp: str = option("mixed precision: auto (bf16 on CUDA, off on CPU), none, bf16, fp16 (with loss scaling)",
+                      default="auto")
+    channels_last: bool = option("channels-last memory format for the model and inputs", default=True)
+    device: str = option("cpu, cuda, cuda:N or auto", default="auto")
+    seed: int = option("seed of weights, data order, augmentations and masks", default=0)
+    workers: int | None = option("loader threads (default: 0 on CPU, 2 on CUDA)", default=None)
+    ckpt_every: int = option("write last.ckpt every N optimizer steps (and at the end)", default=50)
+    keep: int = option("keep the last K step checkpoints", default=2)
+    log_every: int = option("log metrics every N optimizer steps", default=5)
+    preview_every: int = option("write a preview PNG every N optimizer steps (0: only at the end)", default=50)
+    labels: str | None = option("a labels CSV over the data (slice or series level, column 'label'): enables the "
+                                 "online linear probe, kNN accuracy and the hybrid objective", default=None)
+    knn_every: int = option("with --labels: kNN accuracy on held-out labelled patients every N epochs (0: off)",
+                            default=1)
+    tensorboard: bool = option("also log to TensorBoard (OUT/tb)", default=True)
+    progress: bool = option("show a progress bar", default=True)
+    synth_patients: int = option("built-in data: synthetic patients", default=8)
+    synth_size: int = option("built-in data: synthetic slice size", default=160)
+    synth_slices: int = option("built-in data: slices per synthetic series", default=24)
 
     def validate(self) -> None:
         from sparkct.models.backbone import check_arch  # lazy: imports torchvision; the parser must not
