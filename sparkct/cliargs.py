@@ -25,8 +25,8 @@ from typing import Any
 
 from sparkct.errors import TrainingDiverged, UserError
 
-__all__ = ["HelpFormatter", "Parser", "option", "flag", "parse_bool", "tuple_of", "base_type", "arg_type",
-           "parse_field", "add_dataclass_args", "dataclass_from_args", "output_file", "run_command"]
+__all__ = ["HelpFormatter", "Parser", "add_dataclass_args", "arg_type", "base_type", "dataclass_from_args", "flag",
+           "option", "output_file", "parse_bool", "parse_field", "run_command", "tuple_of"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -143,7 +143,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | No
                                default=not default, help=help)
             continue
         tp, _ = base_type(hints[f.name])
-        kw: dict[str, Any] = dict(dest=f.name, default=default, help=help)
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help}
         extra = f.metadata.get("argparse", {})
         if "action" not in extra:
             kw["type"] = arg_type(tp)

@@ -23,7 +23,8 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            from tqdm import tqdm  # lazy: only when logging, not for `sparkct -h`
+            # lazy: only when logging, not for `sparkct -h`
+            from tqdm import tqdm
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
             self.handleError(record)
@@ -40,12 +41,14 @@ def _setup_logging(quiet: bool, debug: bool = False) -> None:
 
 
 def _cache(path: str):
-    from .cache import SliceCache  # lazy: imports numpy; `sparkct -h` must not
+    # lazy: imports numpy; `sparkct -h` must not
+    from .cache import SliceCache
     return SliceCache(path)
 
 
 def cmd_synth(args) -> int:
-    from .synthetic import _check_synth_args, synth  # lazy: imports numpy; `sparkct -h` must not
+    # lazy: imports numpy; `sparkct -h` must not
+    from .synthetic import _check_synth_args, synth
 
     _check_synth_args(args.dst, args.patients, args.size, args.thickness, (args.min_series, args.max_series),
                       args.p_finding, args.slices)
@@ -58,8 +61,9 @@ def cmd_synth(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .dicom import PixelLimits  # lazy: numpy and pydicom load when a command runs, not for `sparkct -h`
-    from .preparing import prepare  # lazy: as above
+    # lazy: numpy and pydicom load when a command runs, not for `sparkct -h`
+    from .dicom import PixelLimits
+    from .preparing import prepare
 
     kw = dataclasses.asdict(dataclass_from_args(PrepareOptions, args))
     limits = PixelLimits(kw.pop("max_slice_pixels"), kw.pop("max_file_pixels"))
@@ -74,7 +78,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import numpy as np  # lazy: `sparkct -h` must not import numpy (so in each command below)
+    # lazy: `sparkct -h` must not import numpy (so in each command below)
+    import numpy as np
 
     if args.csv:
         output_file(args.csv, "--csv")
@@ -111,7 +116,8 @@ def cmd_info(args) -> int:
 
 
 def _window_names(spec: str) -> list[tuple[str, float, float]]:
-    from .windows import resolve_windows  # lazy: imports numpy
+    # lazy: imports numpy
+    from .windows import resolve_windows
 
     names = [w.strip() for w in spec.split(",") if w.strip()]
     try:
@@ -124,10 +130,11 @@ def _window_names(spec: str) -> list[tuple[str, float, float]]:
 def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile: int = 256):
     """A PIL image: one row per slice of `indices`, one greyscale tile per window (name, center,
     width), each captioned with its series, slice and window."""
-    import numpy as np  # lazy: numpy and PIL load when a command runs
+    # lazy: numpy and PIL load when a command runs, not for `sparkct -h`
+    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
-    from .windows import apply_windows  # lazy: imports numpy
+    from .windows import apply_windows
 
     font_px = max(9, min(16, tile // 18))
     try:
@@ -159,7 +166,8 @@ def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile:
 
 
 def cmd_show(args) -> int:
-    import numpy as np  # lazy: numpy and PIL load when a command runs
+    # lazy: numpy and PIL load when a command runs
+    import numpy as np
     from PIL import Image
 
     ext = os.path.splitext(args.out)[1].lower()
@@ -182,7 +190,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_read(args) -> int:
-    import numpy as np  # lazy: numpy, nibabel and pydicom load when a command runs
+    # lazy: numpy, nibabel and pydicom load when a command runs
+    import numpy as np
 
     from .nifti import is_nifti, read_nifti
 
@@ -191,7 +200,8 @@ def cmd_read(args) -> int:
     if is_nifti(args.path):
         vols = [read_nifti(args.path)]
     else:
-        from .dicom import iter_series  # lazy: as above
+        # lazy: as above
+        from .dicom import iter_series
         vols = list(iter_series(args.path))
     if not vols:
         print("no CT series found", file=sys.stderr)

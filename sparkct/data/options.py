@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from sparkct.cliargs import option
 
-__all__ = ["PrepareOptions", "PREPARE_DEFAULTS", "MAX_SLICE_PIXELS", "MAX_FILE_PIXELS",
-           "DEVICES", "PATIENT_FROM"]
+__all__ = ["DEVICES", "MAX_FILE_PIXELS", "MAX_SLICE_PIXELS", "PATIENT_FROM", "PREPARE_DEFAULTS", "PrepareOptions"]
 
 #: default pixel limits (:class:`sparkct.data.dicom.PixelLimits`): Rows x Columns of one frame, and
 #: Rows x Columns x frames of one file (decoded at once: 2**29 is 1 GiB of 16-bit pixels)

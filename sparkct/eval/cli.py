@@ -54,7 +54,8 @@ def add_task_args(p) -> None:
 
 
 def _load_task(ns):
-    from sparkct.eval.data import load_task  # lazy: imports numpy; the parser must not
+    # lazy: imports numpy; the parser must not
+    from sparkct.eval.data import load_task
 
     return load_task(ns.data, ns.labels, label_column=ns.label_column, level=ns.level, split=ns.split,
                      split_seed=ns.split_seed, fraction=ns.fraction, seed=ns.seed,
@@ -62,7 +63,8 @@ def _load_task(ns):
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
-    from sparkct.eval.finetune import finetune, resolve_init  # lazy: imports torch; the parser must not
+    # lazy: imports torch; the parser must not
+    from sparkct.eval.finetune import finetune, resolve_init
 
     cfg = dataclass_from_args(TrainConfig, ns, skip=_SKIP)
     fcfg = dataclass_from_args(FinetuneConfig, ns)
@@ -79,7 +81,8 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from sparkct.eval.report import collect_runs, write_report  # lazy: imports numpy; the parser must not
+    # lazy: imports numpy; the parser must not
+    from sparkct.eval.report import collect_runs, write_report
 
     runs = collect_runs(ns.runs)
     paths = write_report(runs, ns.out, baseline=ns.baseline, n_resamples=ns.resamples)
@@ -88,7 +91,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_experiment(ns: argparse.Namespace) -> int:
-    from sparkct.eval.experiment import run_experiment  # lazy: imports numpy; the parser must not
+    # lazy: imports numpy; the parser must not
+    from sparkct.eval.experiment import run_experiment
 
     cfg = dataclass_from_args(ExperimentConfig, ns)
     cfg.set = list(ns.set or [])
@@ -106,7 +110,8 @@ Re-running the same command skips finished runs and resumes interrupted ones."""
 
 
 def cmd_probe(ns: argparse.Namespace) -> int:
-    from sparkct.eval.probe import parse_targets, run_probe  # lazy: imports numpy; the parser must not
+    # lazy: imports numpy; the parser must not
+    from sparkct.eval.probe import parse_targets, run_probe
 
     targets = parse_targets(ns.targets)  # a typo is reported before any work
     try:

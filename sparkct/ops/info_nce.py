@@ -50,7 +50,7 @@ from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
 from sparkct.profiling import ranged
 
-__all__ = ["info_nce", "check_temperature", "IMPLS"]
+__all__ = ["IMPLS", "check_temperature", "info_nce"]
 
 #: kernel choice: "auto"/"fast" = the tiled kernels, "simple" = the plain per-element kernels
 #: (the GPU test oracle; slow, for checking).

@@ -21,7 +21,8 @@ run `sparkct pretrain METHOD -h` for every option of a method."""
 
 
 def _method_parser(name: str):
-    from sparkct.train.method import Method  # lazy: imports torch; `sparkct pretrain -h` must not
+    # lazy: imports torch; `sparkct pretrain -h` must not
+    from sparkct.train.method import Method
 
     cls = get_method(name)
     p = Parser(prog=f"sparkct pretrain {name}", description=(cls.__doc__ or "").strip().split("\n\n")[0])
@@ -41,7 +42,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if not args.method and not args.list:
             print("sparkct pretrain: error: name a method (" + ", ".join(METHODS) + ") or --list", file=sys.stderr)
             return 2
-        from sparkct.train.method import Method  # lazy: imports torch; the parser must not
+        # lazy: imports torch; the parser must not
+        from sparkct.train.method import Method
         for name in METHODS:
             cls = get_method(name)
             d = dict(Method.defaults)
@@ -54,7 +56,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                                        [f"{k}={v}" for k, v in d.items()]))
         return 0
     ns, cfg, mcfg = pretrain_configs(args.method, args.rest)
-    from sparkct.train.trainer import Trainer, build_method  # lazy: imports torch; the parser must not
+    # lazy: imports torch; the parser must not
+    from sparkct.train.trainer import Trainer, build_method
 
     method = build_method(args.method, cfg, mcfg)
     summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
@@ -79,7 +82,8 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
     mcfg = dataclass_from_args(cls.config_class, ns)
     applied = _builtin_data_options(name, argv, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
-        from sparkct.data.datasets import read_labels_csv  # lazy: imports torch and numpy
+        # lazy: imports torch and numpy
+        from sparkct.data.datasets import read_labels_csv
         if not os.path.isfile(cfg.labels):
             raise UserError(f"--labels {cfg.labels}: no such file")
         rows = read_labels_csv(cfg.labels)
@@ -111,7 +115,8 @@ def _builtin_data_options(method: str, argv: list[str], cfg, mcfg) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparkct.train.checkpoint import export_backbone, load_checkpoint  # lazy: imports torch
+    # lazy: imports torch
+    from sparkct.train.checkpoint import export_backbone, load_checkpoint
 
     src = args.run
     if os.path.isdir(src) and args.best:

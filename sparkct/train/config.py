@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sparkct.cliargs import flag, option
 from sparkct.errors import UserError
 
-__all__ = ["TrainConfig", "config_to_dict", "AMP_CHOICES"]
+__all__ = ["AMP_CHOICES", "TrainConfig", "config_to_dict"]
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
@@ -63,7 +63,8 @@ class TrainConfig:
     synth_slices: int = option("built-in data: slices per synthetic series", default=24)
 
     def validate(self) -> None:
-        from sparkct.models.backbone import check_arch  # lazy: imports torchvision; the parser must not
+        # lazy: imports torchvision; the parser must not
+        from sparkct.models.backbone import check_arch
 
         check_arch(self.arch)
         if self.crop < 32 or self.crop % 32:
@@ -96,7 +97,8 @@ class TrainConfig:
             raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
-        from sparkct.data.windows import resolve_windows  # lazy: imports numpy; the parser must not
+        # lazy: imports numpy; the parser must not
+        from sparkct.data.windows import resolve_windows
         try:
             resolve_windows(self.windows)
         except (ValueError, KeyError) as e:

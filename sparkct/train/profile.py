@@ -88,10 +88,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2, top: int = 25,
                      record_shapes: bool = False, memory: bool = False, with_stack: bool = False) -> int:
-    import torch  # lazy: torch, numpy and the trainer load when a profile runs, not for `sparkct -h`
+    # lazy: torch, numpy and the trainer load when a profile runs, not for `sparkct -h`
+    import torch
 
-    from sparkct import io as sio  # lazy: as above
-    from sparkct.train.trainer import Trainer, build_method, resolve_data  # lazy: as above
+    from sparkct import io as sio
+    from sparkct.train.trainer import Trainer, build_method, resolve_data
 
     out = cfg.out
     os.makedirs(out, exist_ok=True)
@@ -178,7 +179,8 @@ def summarize(events, *, cuda: bool, top: int) -> dict:
 
 
 def _phase_names() -> tuple[str, ...]:
-    from sparkct.profiling import PHASES  # lazy: imports torch; the parser must not
+    # lazy: imports torch; the parser must not
+    from sparkct.profiling import PHASES
     return PHASES
 
 
