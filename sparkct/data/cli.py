@@ -15,7 +15,7 @@ from collections import Counter
 from sparkct.cliargs import add_dataclass_args, dataclass_from_args, output_file
 from sparkct.errors import UserError
 
-from .options import PrepareOptions
+from .options import PrepareOptions, SynthOptions
 
 
 class _TqdmHandler(logging.Handler):
@@ -50,12 +50,13 @@ def cmd_synth(args) -> int:
     # lazy: imports numpy; `sparkct -h` must not
     from .synthetic import _check_synth_args, synth
 
-    _check_synth_args(args.dst, args.patients, args.size, args.thickness, (args.min_series, args.max_series),
-                      args.p_finding, args.slices)
+    o = dataclass_from_args(SynthOptions, args)
+    series = (o.min_series, o.max_series)
+    _check_synth_args(args.dst, o.patients, o.size, o.thickness, series, o.p_finding, o.slices)
     _setup_logging(args.quiet)
-    rep = synth(args.dst, patients=args.patients, seed=args.seed, size=args.size, thickness=args.thickness,
-                series_per_patient=(args.min_series, args.max_series), p_finding=args.p_finding,
-                localizer=not args.no_localizer, progress=not args.quiet, slices=args.slices)
+    rep = synth(args.dst, patients=o.patients, seed=o.seed, size=o.size, thickness=o.thickness,
+                series_per_patient=series, p_finding=o.p_finding, localizer=o.localizer, progress=not args.quiet,
+                slices=o.slices)
     print(rep.summary())
     return 0
 
@@ -228,16 +229,7 @@ def register(subparsers) -> None:
                        description="Write procedurally generated chest CT as real DICOM (one file per "
                                    "slice), with per-series and per-slice nodule labels (CSV).")
     s.add_argument("dst", help="output folder (dicom/, labels.csv, slice_labels.csv, nodules.csv)")
-    s.add_argument("--patients", type=int, default=8, help="number of patients")
-    s.add_argument("--seed", type=int, default=0, help="everything is a function of the seed")
-    s.add_argument("--size", type=int, default=256, help="rows = columns of each slice (32-2048)")
-    s.add_argument("--thickness", type=float, default=None,
-                   help="slice thickness = spacing in mm (unset: random per series, 2.5-5 mm)")
-    s.add_argument("--slices", type=int, default=None, help="slices per series (unset: the whole chest)")
-    s.add_argument("--min-series", type=int, default=1, help="fewest series per patient")
-    s.add_argument("--max-series", type=int, default=2, help="most series per patient")
-    s.add_argument("--p-finding", type=float, default=0.5, help="fraction of patients with nodules")
-    s.add_argument("--no-localizer", action="store_true", help="leave out the scout image of each study")
+    add_dataclass_args(s, SynthOptions)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 

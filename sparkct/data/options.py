@@ -1,6 +1,7 @@
-"""The options of :func:`sparkct.data.prepare` (``sparkct data prepare``): each with its default and help,
-written once. :func:`~sparkct.data.prepare` takes its defaults from :data:`PREPARE_DEFAULTS`, and the
-command's flags are generated from :class:`PrepareOptions` (:func:`sparkct.cliargs.add_dataclass_args`).
+"""The options of :func:`sparkct.data.prepare` (``sparkct data prepare``) and :func:`sparkct.data.synth`
+(``sparkct data synth``): each with its default and help, written once. The functions take their defaults
+from :data:`PREPARE_DEFAULTS` / :data:`SYNTH_DEFAULTS`, and the commands' flags are generated from
+:class:`PrepareOptions` / :class:`SynthOptions` (:func:`sparkct.cliargs.add_dataclass_args`).
 
 No numpy or pydicom here: the ``sparkct`` parser reads this module.
 """
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 from sparkct.cliargs import option
 
-__all__ = ["DEVICES", "MAX_FILE_PIXELS", "MAX_SLICE_PIXELS", "PATIENT_FROM", "PREPARE_DEFAULTS", "PrepareOptions"]
+__all__ = ["DEVICES", "MAX_FILE_PIXELS", "MAX_SLICE_PIXELS", "PATIENT_FROM", "PREPARE_DEFAULTS", "SYNTH_DEFAULTS",
+           "PrepareOptions", "SynthOptions"]
 
 #: default pixel limits (:class:`sparkct.data.dicom.PixelLimits`): Rows x Columns of one frame, and
 #: Rows x Columns x frames of one file (decoded at once: 2**29 is 1 GiB of 16-bit pixels)
@@ -48,3 +50,24 @@ class PrepareOptions:
 
 #: the defaults, as an instance (``prepare(spacing=PREPARE_DEFAULTS.spacing, ...)``)
 PREPARE_DEFAULTS = PrepareOptions()
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """How ``sparkct data synth`` writes synthetic chest CT (:func:`sparkct.data.synth`; its
+    ``series_per_patient`` is ``(min_series, max_series)``)."""
+
+    patients: int = option("number of patients", default=8)
+    seed: int = option("everything is a function of the seed", default=0)
+    size: int = option("rows = columns of each slice (32-2048)", default=256)
+    thickness: float | None = option("slice thickness = spacing in mm (unset: random per series, 2.5-5 mm)",
+                                     default=None)
+    slices: int | None = option("slices per series (unset: the whole chest)", default=None)
+    min_series: int = option("fewest series per patient", default=1)
+    max_series: int = option("most series per patient", default=2)
+    p_finding: float = option("fraction of patients with nodules", default=0.5)
+    localizer: bool = option("leave out the scout image of each study", default=True, negate=True)  # --no-localizer
+
+
+#: the defaults, as an instance
+SYNTH_DEFAULTS = SynthOptions()
