@@ -6,9 +6,12 @@ add -v for the traceback."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import platform
 import sys
 
+from sparkct.cliargs import Parser, run_command
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -56,18 +59,6 @@ _COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli",
 # `sparkct profile pretrain`, `sparkct bench`
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, defaults shown."""
-
-
-class Parser(argparse.ArgumentParser):
-    """Every sparkct (sub)parser: defaults in the help. Subparsers inherit the class."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     # Building the parser imports no torch: `sparkct -h` must be instant. Commands import what they
     # need when they run.
@@ -77,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, build (CUDA version/archs) and visible devices")
     s.set_defaults(func=cmd_info)
     # Command groups defined next to the code they drive; each module has register(subparsers).
-    import importlib
-    import importlib.util
     for mod in _COMMAND_MODULES:
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod).register(sub)
@@ -86,28 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparkct.errors import UserError
-
     args = build_parser().parse_args(argv)
     name = " ".join(x for x in ("sparkct", args.command, getattr(args, "profile_target", None),
                                 getattr(args, "data_command", None), getattr(args, "eval_command", None),
                                 getattr(args, "method", None)) if x)
-    from sparkct.errors import TrainingDiverged
-    try:
-        return args.func(args)
-    except TrainingDiverged as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 1
-    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
-        if args.verbose:
-            raise
-        msg = str(e) if isinstance(e, UserError) or not getattr(e, "filename", None) else \
-            f"{e.strerror or e}: {e.filename}"
-        print(f"{name}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, name, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,17 @@ Each command checks its arguments before it reads or writes anything; a mistake 
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import logging
 import os
 import sys
+from collections import Counter
 
+from sparkct.cliargs import add_dataclass_args, dataclass_from_args, output_file
 from sparkct.errors import UserError
+
+from .options import PrepareOptions, SynthOptions
 
 
 class _TqdmHandler(logging.Handler):
@@ -17,6 +23,7 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record):
         try:
+            # lazy: only when logging, not for `sparkct -h`
             from tqdm import tqdm
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
@@ -33,45 +40,37 @@ def _setup_logging(quiet: bool, debug: bool = False) -> None:
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if debug else logging.INFO)
 
 
-def _output_file(path: str, what: str) -> str:
-    """Check that `path` can be written as a new file: its folder exists and it is not a folder."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise UserError(f"{what} {path!r}: folder {d!r} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path!r} is a folder")
-    return path
-
-
 def _cache(path: str):
+    # lazy: imports numpy; `sparkct -h` must not
     from .cache import SliceCache
     return SliceCache(path)
 
 
 def cmd_synth(args) -> int:
+    # lazy: imports numpy; `sparkct -h` must not
     from .synthetic import _check_synth_args, synth
 
-    _check_synth_args(args.dst, args.patients, args.size, args.thickness, (args.min_series, args.max_series),
-                      args.p_finding, args.slices)
+    o = dataclass_from_args(SynthOptions, args)
+    series = (o.min_series, o.max_series)
+    _check_synth_args(args.dst, o.patients, o.size, o.thickness, series, o.p_finding, o.slices)
     _setup_logging(args.quiet)
-    rep = synth(args.dst, patients=args.patients, seed=args.seed, size=args.size, thickness=args.thickness,
-                series_per_patient=(args.min_series, args.max_series), p_finding=args.p_finding,
-                localizer=not args.no_localizer, progress=not args.quiet, slices=args.slices)
+    rep = synth(args.dst, patients=o.patients, seed=o.seed, size=o.size, thickness=o.thickness,
+                series_per_patient=series, p_finding=o.p_finding, localizer=o.localizer, progress=not args.quiet,
+                slices=o.slices)
     print(rep.summary())
     return 0
 
 
 def cmd_prepare(args) -> int:
+    # lazy: numpy and pydicom load when a command runs, not for `sparkct -h`
     from .dicom import PixelLimits
     from .preparing import prepare
 
-    limits = PixelLimits(args.max_slice_pixels, args.max_file_pixels)
+    kw = dataclasses.asdict(dataclass_from_args(PrepareOptions, args))
+    limits = PixelLimits(kw.pop("max_slice_pixels"), kw.pop("max_file_pixels"))
     _setup_logging(args.quiet, args.debug)
     try:
-        rep = prepare(args.src, args.dst, spacing=args.spacing, size=args.size, clip_min=args.clip_min,
-                      clip_max=args.clip_max, order=args.order, antialias=not args.no_antialias,
-                      workers=args.jobs, device=args.device, progress=not args.quiet, reset=args.reset,
-                      show_paths=args.show_paths, patient_from=args.patient_from, limits=limits)
+        rep = prepare(args.src, args.dst, progress=not args.quiet, limits=limits, **kw)
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
         return 130
@@ -80,10 +79,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_info(args) -> int:
+    # lazy: `sparkct -h` must not import numpy (so in each command below)
     import numpy as np
 
     if args.csv:
-        _output_file(args.csv, "--csv")
+        output_file(args.csv, "--csv")
     c = _cache(args.cache)
     s = c.series
     print(f"cache      {args.cache}")
@@ -105,8 +105,6 @@ def cmd_info(args) -> int:
         if len(kvp):
             print(f"kVp        {sorted({int(v) for v in kvp})}")
     if args.csv:
-        import csv
-
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["slice", "series_uid", "patient", "slice_index", "z_mm", "instance_number"])
@@ -119,6 +117,7 @@ def cmd_info(args) -> int:
 
 
 def _window_names(spec: str) -> list[tuple[str, float, float]]:
+    # lazy: imports numpy
     from .windows import resolve_windows
 
     names = [w.strip() for w in spec.split(",") if w.strip()]
@@ -132,6 +131,7 @@ def _window_names(spec: str) -> list[tuple[str, float, float]]:
 def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile: int = 256):
     """A PIL image: one row per slice of `indices`, one greyscale tile per window (name, center,
     width), each captioned with its series, slice and window."""
+    # lazy: numpy and PIL load when a command runs, not for `sparkct -h`
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -167,13 +167,14 @@ def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile:
 
 
 def cmd_show(args) -> int:
+    # lazy: numpy and PIL load when a command runs
     import numpy as np
     from PIL import Image
 
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in Image.registered_extensions():
         raise UserError(f"--out {args.out!r}: not an image file name (.png, .jpg, ...)")
-    _output_file(args.out, "--out")
+    output_file(args.out, "--out")
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if not 16 <= args.tile <= 2048:
@@ -190,6 +191,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_read(args) -> int:
+    # lazy: numpy, nibabel and pydicom load when a command runs
     import numpy as np
 
     from .nifti import is_nifti, read_nifti
@@ -199,6 +201,7 @@ def cmd_read(args) -> int:
     if is_nifti(args.path):
         vols = [read_nifti(args.path)]
     else:
+        # lazy: as above
         from .dicom import iter_series
         vols = list(iter_series(args.path))
     if not vols:
@@ -210,7 +213,6 @@ def cmd_read(args) -> int:
               f"spacing {tuple(round(float(x), 4) for x in v.spacing)} mm, sorted by {m.get('sorted_by')}, "
               f"kVp {m.get('kvp')}, HU {np.min(v.hu):.0f}..{np.max(v.hu):.0f} (mean {np.mean(v.hu):.0f})")
         if v.skipped:
-            from collections import Counter
             print("  skipped: " + ", ".join(f"{r} {n}" for r, n in Counter(r for _, r in v.skipped).items()))
     return 0
 
@@ -227,16 +229,7 @@ def register(subparsers) -> None:
                        description="Write procedurally generated chest CT as real DICOM (one file per "
                                    "slice), with per-series and per-slice nodule labels (CSV).")
     s.add_argument("dst", help="output folder (dicom/, labels.csv, slice_labels.csv, nodules.csv)")
-    s.add_argument("--patients", type=int, default=8, help="number of patients")
-    s.add_argument("--seed", type=int, default=0, help="everything is a function of the seed")
-    s.add_argument("--size", type=int, default=256, help="rows = columns of each slice (32-2048)")
-    s.add_argument("--thickness", type=float, default=None,
-                   help="slice thickness = spacing in mm (unset: random per series, 2.5-5 mm)")
-    s.add_argument("--slices", type=int, default=None, help="slices per series (unset: the whole chest)")
-    s.add_argument("--min-series", type=int, default=1, help="fewest series per patient")
-    s.add_argument("--max-series", type=int, default=2, help="most series per patient")
-    s.add_argument("--p-finding", type=float, default=0.5, help="fraction of patients with nodules")
-    s.add_argument("--no-localizer", action="store_true", help="leave out the scout image of each study")
+    add_dataclass_args(s, SynthOptions)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 
@@ -247,26 +240,7 @@ def register(subparsers) -> None:
                                    "counted by reason (DST/report.json, DST/skipped.csv).")
     s.add_argument("src", help="folder of DICOM files and/or NIfTI volumes (searched recursively)")
     s.add_argument("dst", help="cache folder (created; may sit inside SRC)")
-    s.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
-    s.add_argument("--spacing", type=float, default=None,
-                   help="resample to this in-plane spacing in mm (unset: keep the source grid)")
-    s.add_argument("--size", type=int, default=None,
-                   help="output rows = cols: with --spacing a centre crop/pad, alone a resize")
-    s.add_argument("--clip-min", type=int, default=-1024, help="HU floor (padding and outside the FOV become this)")
-    s.add_argument("--clip-max", type=int, default=32767, help="HU ceiling")
-    s.add_argument("--order", type=int, default=1, help="spline order when resampling (0-5; 1 = linear)")
-    s.add_argument("--no-antialias", action="store_true", help="no low-pass before shrinking")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                   help="where resampling runs (cuda needs cupy)")
-    s.add_argument("--max-slice-pixels", type=int, default=4096 * 4096,
-                   help="skip images whose Rows x Columns is larger (checked before decoding)")
-    s.add_argument("--max-file-pixels", type=int, default=2 ** 29,
-                   help="skip files whose Rows x Columns x frames is larger (a file is decoded at once)")
-    s.add_argument("--reset", action="store_true", help="delete DST's cache and start over")
-    s.add_argument("--show-paths", action="store_true",
-                   help="name skipped files by their path in skipped.csv and the log, not by a salted token")
-    s.add_argument("--patient-from", choices=["file", "dir"], default="file",
-                   help="NIfTI: one patient per file, or per parent folder")
+    add_dataclass_args(s, PrepareOptions)
     s.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
     s.add_argument("-v", "--verbose", dest="debug", action="store_true",
                    help="debug log with tracebacks of failed series (these may quote header values)")

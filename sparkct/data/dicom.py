@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ._util import salted_hash
+from .options import MAX_FILE_PIXELS, MAX_SLICE_PIXELS
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -65,8 +66,8 @@ class PixelLimits:
     allocated for them). ``max_slice_pixels`` bounds Rows x Columns of one frame (default 4096 x
     4096); ``max_file_pixels`` bounds Rows x Columns x NumberOfFrames of one file, which is decoded
     at once (default 2**29, 1 GiB of 16-bit pixels)."""
-    max_slice_pixels: int = 4096 * 4096
-    max_file_pixels: int = 2 ** 29
+    max_slice_pixels: int = MAX_SLICE_PIXELS
+    max_file_pixels: int = MAX_FILE_PIXELS
 
     def __post_init__(self):
         for k in ("max_slice_pixels", "max_file_pixels"):

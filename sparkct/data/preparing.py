@@ -43,6 +43,7 @@ from . import _util
 from ._util import log, salted_hash, stable_hash
 from .cache import FORMAT, SERIES_NUM_FIELDS, SERIES_STR_FIELDS, VERSION, record_rel, shard_rel
 from .dicom import DEFAULT_LIMITS, PixelLimits
+from .options import PATIENT_FROM, PREPARE_DEFAULTS
 
 CHUNK = 16  # slices resampled together
 
@@ -62,12 +63,14 @@ class CacheSettingsError(UserError):
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    spacing: float | None = None  # target in-plane spacing (mm); None keeps the source spacing
-    size: int | None = None  # output rows = cols; with spacing: centre crop/pad, alone: resize
-    clip_min: int = -1024  # HU below (padding, outside the field of view) are set to this
-    clip_max: int = 32767
-    order: int = 1  # interpolation order when resampling
-    antialias: bool = True
+    """The settings a cache is prepared with (stored in its manifest); their meaning and defaults:
+    :class:`sparkct.data.options.PrepareOptions`."""
+    spacing: float | None  # target in-plane spacing (mm); None keeps the source spacing
+    size: int | None  # output rows = cols; with spacing: centre crop/pad, alone: resize
+    clip_min: int  # HU below (padding, outside the field of view) are set to this
+    clip_max: int
+    order: int  # interpolation order when resampling
+    antialias: bool
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -236,8 +239,8 @@ class _Job:
     salt: str
     device: str
     fingerprint: str
-    limits: PixelLimits = DEFAULT_LIMITS
-    patient_from: str = "file"
+    limits: PixelLimits
+    patient_from: str
     n_frames: int = 0  # frames found by the scan (for the progress bar)
 
 
@@ -561,12 +564,17 @@ def _settings(spacing, size, clip_min, clip_max, order, antialias) -> PrepareSet
                            order=int(order), antialias=bool(antialias))
 
 
-def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | None = None,
-            clip_min: int = -1024, clip_max: int = 32767, order: int = 1, antialias: bool = True,
-            workers: int = 1, device: str = "cpu", progress: bool = True, reset: bool = False,
-            salt: str | None = None, show_paths: bool = False, patient_from: str = "file",
-            max_warnings: int = 20, limits: PixelLimits = DEFAULT_LIMITS) -> PrepareReport:
+_D = PREPARE_DEFAULTS
+
+
+def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int | None = _D.size,
+            clip_min: int = _D.clip_min, clip_max: int = _D.clip_max, order: int = _D.order,
+            antialias: bool = _D.antialias, workers: int = _D.workers, device: str = _D.device,
+            progress: bool = True, reset: bool = _D.reset, salt: str | None = None,
+            show_paths: bool = _D.show_paths, patient_from: str = _D.patient_from, max_warnings: int = 20,
+            limits: PixelLimits = DEFAULT_LIMITS) -> PrepareReport:
     """Prepare the slice cache of every CT series under `src` into `dst` (see the module docstring).
+    The options' meaning and defaults: :class:`sparkct.data.options.PrepareOptions`.
 
     workers: parallel processes (header scan and series). device: where resampling runs ('cpu',
     'cuda' with cupy, 'auto'). patient_from: for NIfTI files, whether a 'file' or its parent 'dir'
@@ -585,8 +593,8 @@ def prepare(src: str, dst: str, *, spacing: float | None = None, size: int | Non
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UserError(f"DST {dst!r} exists and is not a folder")
     workers = _positive_int("workers (-j)", workers)
-    if patient_from not in ("file", "dir"):
-        raise UserError(f"patient_from must be 'file' or 'dir', got {patient_from!r}")
+    if patient_from not in PATIENT_FROM:
+        raise UserError(f"patient_from must be {' or '.join(map(repr, PATIENT_FROM))}, got {patient_from!r}")
     if not isinstance(limits, PixelLimits):
         raise UserError("limits must be a sparkct.data.dicom.PixelLimits")
     settings = _settings(spacing, size, clip_min, clip_max, order, antialias)

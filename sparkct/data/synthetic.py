@@ -44,6 +44,7 @@ from scipy import ndimage
 from sparkct import io as sio
 
 from . import _util
+from .options import SYNTH_DEFAULTS
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
 NODULE_TYPES = ("solid", "part-solid", "ground-glass", "calcified")
@@ -717,10 +718,15 @@ def _check_synth_args(dst, patients, size, thickness, series_per_patient, p_find
         raise UserError(f"DST {dst!r} exists and is not a folder")
 
 
-def synth(dst: str, *, patients: int = 8, seed: int = 0, size: int = 256, thickness: float | None = None,
-          series_per_patient: tuple[int, int] = (1, 2), p_finding: float = 0.5, localizer: bool = True,
-          progress: bool = False, slices: int | None = None, min_nodule_mm: float = 4.0) -> SynthReport:
-    """Write `patients` synthetic chest CT patients (1-2 series each) under dst (see the module doc).
+_D = SYNTH_DEFAULTS
+
+
+def synth(dst: str, *, patients: int = _D.patients, seed: int = _D.seed, size: int = _D.size,
+          thickness: float | None = _D.thickness, series_per_patient: tuple[int, int] = (_D.min_series, _D.max_series),
+          p_finding: float = _D.p_finding, localizer: bool = _D.localizer, progress: bool = False,
+          slices: int | None = _D.slices, min_nodule_mm: float = 4.0) -> SynthReport:
+    """Write `patients` synthetic chest CT patients (1-2 series each) under dst (see the module doc;
+    the options' defaults: :class:`sparkct.data.options.SynthOptions`).
 
     size: rows = columns; thickness: slice thickness = spacing in mm (random per series when None);
     slices: a fixed number of slices per series (centred on the chest) instead of the full chest;

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import argparse
 
+from sparkct.cliargs import add_dataclass_args, dataclass_from_args
+from sparkct.device import resolve_device
+from sparkct.errors import UserError
+from sparkct.eval.config import PROBE_TARGETS, ExperimentConfig, FinetuneConfig
+from sparkct.train.config import TrainConfig
+
 _FINETUNE_EPILOG = """examples:
   sparkct finetune --init runs/spark --data data/cache --labels labels.csv --fraction 0.1 --seed 0
   sparkct finetune --init random --data organsmnist.npz --crop 32 --epochs 20
@@ -48,6 +54,7 @@ def add_task_args(p) -> None:
 
 
 def _load_task(ns):
+    # lazy: imports numpy; the parser must not
     from sparkct.eval.data import load_task
 
     return load_task(ns.data, ns.labels, label_column=ns.label_column, level=ns.level, split=ns.split,
@@ -56,10 +63,8 @@ def _load_task(ns):
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
-    from sparkct.device import resolve_device
-    from sparkct.errors import UserError
-    from sparkct.eval.finetune import FinetuneConfig, finetune, resolve_init
-    from sparkct.train.config import TrainConfig, dataclass_from_args
+    # lazy: imports torch; the parser must not
+    from sparkct.eval.finetune import finetune, resolve_init
 
     cfg = dataclass_from_args(TrainConfig, ns, skip=_SKIP)
     fcfg = dataclass_from_args(FinetuneConfig, ns)
@@ -76,6 +81,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
+    # lazy: imports numpy; the parser must not
     from sparkct.eval.report import collect_runs, write_report
 
     runs = collect_runs(ns.runs)
@@ -85,9 +91,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_experiment(ns: argparse.Namespace) -> int:
-    from sparkct.eval.config import ExperimentConfig
+    # lazy: imports numpy; the parser must not
     from sparkct.eval.experiment import run_experiment
-    from sparkct.train.config import dataclass_from_args
 
     cfg = dataclass_from_args(ExperimentConfig, ns)
     cfg.set = list(ns.set or [])
@@ -105,7 +110,7 @@ Re-running the same command skips finished runs and resumes interrupted ones."""
 
 
 def cmd_probe(ns: argparse.Namespace) -> int:
-    from sparkct.errors import UserError
+    # lazy: imports numpy; the parser must not
     from sparkct.eval.probe import parse_targets, run_probe
 
     targets = parse_targets(ns.targets)  # a typo is reported before any work
@@ -128,8 +133,6 @@ probe.md / probe.json in --out: per target AUC, balanced accuracy and accuracy w
 
 
 def _register_eval(subparsers) -> None:
-    from sparkct.eval.config import PROBE_TARGETS as TARGETS
-
     ev = subparsers.add_parser("eval", help="evaluations of a pretrained backbone (probe: bias probes on DICOM "
                                "metadata)", description="Evaluations of a frozen pretrained backbone. Fine-tuning "
                                "and the whole experiment are `sparkct finetune` and `sparkct experiment`.")
@@ -144,7 +147,8 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--init", required=True, help="random, a state_dict FILE (a backbone export or torchvision "
                    "weights), or a pretraining RUN folder (its backbone.pt)")
     p.add_argument("--data", required=True, help="a prepared cache (its series records hold the metadata)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ", ".join(TARGETS))
+    p.add_argument("--targets", default=",".join(PROBE_TARGETS),
+                   help="comma-separated, from " + ", ".join(PROBE_TARGETS))
     p.add_argument("--out", default="runs/probe", help="folder for probe.md and probe.json")
     p.add_argument("--arch", default="resnet18", help="backbone architecture (a RUN's own arch wins)")
     p.add_argument("--windows", default=None, help="HU windows as input channels (default: the RUN's, else "
@@ -162,9 +166,6 @@ def _register_eval(subparsers) -> None:
 
 
 def register(subparsers) -> None:
-    from sparkct.eval.config import FinetuneConfig
-    from sparkct.train.config import TrainConfig, add_dataclass_args
-
     s = subparsers.add_parser(
         "finetune", help="fine-tune a backbone (random, a weights file, or a pretraining run) on labelled data",
         description="Fine-tune (or linearly probe) a backbone on labelled CT slices, image folders or a "
@@ -189,7 +190,6 @@ def register(subparsers) -> None:
                     "labelled fractions over several seeds, test on the same held-out patients with bootstrap "
                     "CIs and paired tests, and write results.md, auc_vs_fraction.png, results.json and runs.csv "
                     "into --out. Resumable.")
-    from sparkct.eval.config import ExperimentConfig
     add_dataclass_args(e, ExperimentConfig, skip=("set",))
     e.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                    help="a method option (repeatable), e.g. --set spark.mask_ratio=0.75")

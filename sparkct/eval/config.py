@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from sparkct.cliargs import flag, option
 from sparkct.errors import UserError
 from sparkct.models import BUILTIN_DATA_OPTIONS
 
@@ -25,29 +26,25 @@ __all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES", "PROBE_
 PROBE_TARGETS = ("sex", "age_band", "manufacturer", "kernel", "kvp")
 
 
-def _h(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
 @dataclass
 class FinetuneConfig:
     """The fine-tuning method's options (each a ``sparkct finetune`` flag); the trainer's own options
     (epochs, batch, lr, ...) are in :class:`sparkct.train.config.TrainConfig`."""
 
-    linear_probe: bool = _h("keep the backbone frozen throughout (linear probing)", default=False)
-    freeze_epochs: float = _h("epochs with the backbone frozen (only the head learns) before it is unfrozen",
-                              default=10.0)
-    ramp_epochs: float = _h("epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr",
-                            default=10.0)
-    backbone_lr_start: float = _h("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
-    label_smoothing: float = _h("cross-entropy label smoothing", default=0.0)
-    eval_batch: int = _h("batch size for validation and testing", default=128)
+    linear_probe: bool = option("keep the backbone frozen throughout (linear probing)", default=False)
+    freeze_epochs: float = option("epochs with the backbone frozen (only the head learns) before it is unfrozen",
+                                  default=10.0)
+    ramp_epochs: float = option("epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr",
+                                default=10.0)
+    backbone_lr_start: float = option("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
+    label_smoothing: float = option("cross-entropy label smoothing", default=0.0)
+    eval_batch: int = option("batch size for validation and testing", default=128)
 
     def validate(self) -> None:
         for name in ("freeze_epochs", "ramp_epochs"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
-                raise UserError(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
+                raise UserError(f"{flag(name)} must be finite and >= 0, got {v}")
         if not 0 < self.backbone_lr_start <= 1:
             raise UserError(f"--backbone-lr-start must be in (0, 1], got {self.backbone_lr_start}")
         if not 0 <= self.label_smoothing < 1:
@@ -58,43 +55,43 @@ class FinetuneConfig:
 
 @dataclass
 class ExperimentConfig:
-    out: str = _h("experiment folder: data, pretraining and fine-tuning runs, report", default="runs/experiment")
-    data: str | None = _h("labelled task data: a prepared cache (with --labels), an image folder or a .npz; "
-                          "default: built-in synthetic chest CT", default=None)
-    labels: str | None = _h("labels CSV for a cache (slice, series or patient rows)", default=None)
-    pretrain_data: str | None = _h("unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
-                                   "synthetic pool (or --data's cache when --data is given)", default=None)
-    methods: str = _h("comma-separated: random and pretraining methods (sparkct pretrain --list)",
-                      default="random,spark,simclr,moco,swav,byol")
-    fractions: str = _h("labelled training fractions", default="1,0.5,0.25,0.1")
-    seeds: str = _h("fine-tuning seeds (each seed draws its own nested fractions)", default="0,1")
-    arch: str = _h("backbone", default="resnet18")
-    windows: str = _h("HU windows as input channels", default="lung,mediastinum,bone")
-    crop: int = _h("crop size for pretraining and fine-tuning (multiple of 32)", default=64)
-    pretrain_epochs: int = _h("pretraining epochs per method", default=10)
-    pretrain_batch: int = _h("pretraining batch", default=32)
-    finetune_epochs: int = _h("fine-tuning epochs", default=6)
-    finetune_batch: int = _h("fine-tuning batch", default=32)
-    freeze_epochs: float = _h("fine-tuning: epochs with the backbone frozen", default=1.0)
-    ramp_epochs: float = _h("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
-    split: str | None = _h(f"train,val,test fractions of the labelled patients (default {BUILTIN_SPLIT} on the "
-                           f"built-in data, {DATA_SPLIT} with --data)", default=None)
-    resamples: int = _h("bootstrap resamples for CIs and paired tests", default=1000)
-    device: str = _h("cpu, cuda, cuda:N or auto", default="auto")
-    amp: str = _h("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
-    synth_patients: int = _h("built-in data: labelled patients", default=60)
-    pretrain_patients: int = _h("built-in data: unlabelled pretraining patients", default=16)
-    synth_size: int = _h("built-in data: slice size", default=96)
-    synth_slices: int = _h("built-in data: slices per series", default=12)
-    synth_thickness: float = _h("built-in data: slice thickness of every series in mm (one protocol: with "
-                                "random thicknesses a thicker series covers more chest, so the scan settings "
-                                "alone would predict the nodule label)", default=5.0)
-    synth_min_nodule: float = _h("built-in data: smallest nodule diameter in mm (a 96-px slice of a ~370 mm "
-                                 "field of view resized to the 64-px crop shows a 10 mm nodule as under 2 px)",
-                                 default=20.0)
-    set: list = _h("METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
-                   "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
-                   default_factory=list)
+    out: str = option("experiment folder: data, pretraining and fine-tuning runs, report", default="runs/experiment")
+    data: str | None = option("labelled task data: a prepared cache (with --labels), an image folder or a .npz; "
+                              "default: built-in synthetic chest CT", default=None)
+    labels: str | None = option("labels CSV for a cache (slice, series or patient rows)", default=None)
+    pretrain_data: str | None = option("unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
+                                       "synthetic pool (or --data's cache when --data is given)", default=None)
+    methods: str = option("comma-separated: random and pretraining methods (sparkct pretrain --list)",
+                          default="random,spark,simclr,moco,swav,byol")
+    fractions: str = option("labelled training fractions", default="1,0.5,0.25,0.1")
+    seeds: str = option("fine-tuning seeds (each seed draws its own nested fractions)", default="0,1")
+    arch: str = option("backbone", default="resnet18")
+    windows: str = option("HU windows as input channels", default="lung,mediastinum,bone")
+    crop: int = option("crop size for pretraining and fine-tuning (multiple of 32)", default=64)
+    pretrain_epochs: int = option("pretraining epochs per method", default=10)
+    pretrain_batch: int = option("pretraining batch", default=32)
+    finetune_epochs: int = option("fine-tuning epochs", default=6)
+    finetune_batch: int = option("fine-tuning batch", default=32)
+    freeze_epochs: float = option("fine-tuning: epochs with the backbone frozen", default=1.0)
+    ramp_epochs: float = option("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
+    split: str | None = option(f"train,val,test fractions of the labelled patients (default {BUILTIN_SPLIT} on the "
+                               f"built-in data, {DATA_SPLIT} with --data)", default=None)
+    resamples: int = option("bootstrap resamples for CIs and paired tests", default=1000)
+    device: str = option("cpu, cuda, cuda:N or auto", default="auto")
+    amp: str = option("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
+    synth_patients: int = option("built-in data: labelled patients", default=60)
+    pretrain_patients: int = option("built-in data: unlabelled pretraining patients", default=16)
+    synth_size: int = option("built-in data: slice size", default=96)
+    synth_slices: int = option("built-in data: slices per series", default=12)
+    synth_thickness: float = option("built-in data: slice thickness of every series in mm (one protocol: with "
+                                    "random thicknesses a thicker series covers more chest, so the scan settings "
+                                    "alone would predict the nodule label)", default=5.0)
+    synth_min_nodule: float = option("built-in data: smallest nodule diameter in mm (a 96-px slice of a ~370 mm "
+                                     "field of view resized to the 64-px crop shows a 10 mm nodule as under 2 px)",
+                                     default=20.0)
+    set: list = option("METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
+                       "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
+                       default_factory=list)
 
     def lists(self) -> tuple[list[str], list[float], list[int]]:
         from sparkct.models import METHODS
@@ -133,7 +130,7 @@ class ExperimentConfig:
         for k in ("pretrain_epochs", "pretrain_batch", "finetune_epochs", "finetune_batch", "resamples",
                   "synth_patients", "pretrain_patients", "synth_size", "synth_slices"):
             if getattr(self, k) < 1:
-                raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"{flag(k)} must be >= 1, got {getattr(self, k)}")
         if not 0.5 <= self.synth_thickness <= 20:
             raise UserError(f"--synth-thickness must be in [0.5, 20] mm, got {self.synth_thickness}")
         if not 1 <= self.synth_min_nodule <= 30:

@@ -16,17 +16,31 @@ checkpoint, a failed one is recorded (``failed.json``) and reported as failed, n
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
 
+import numpy as np
+from tqdm import tqdm
+
 from sparkct import io as sio
+from sparkct.cliargs import parse_field
+from sparkct.data import prepare, synth
+from sparkct.device import resolve_device
 from sparkct.errors import UserError
-from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig
+from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
+from sparkct.eval.data import load_task
+from sparkct.eval.finetune import finetune
+from sparkct.eval.report import collect_runs, write_report
+from sparkct.models import get_method
+from sparkct.train.config import TrainConfig, config_to_dict
+from sparkct.train.trainer import Trainer, build_method
 
 __all__ = ["ExperimentConfig", "run_experiment", "SMALL_DATA_OVERRIDES"]
 
@@ -36,19 +50,16 @@ def _key(obj) -> str:
 
 def _typed(cls, values: dict):
     """An instance of dataclass `cls` with string values converted by the field types (--set)."""
-    import typing
-
-    from sparkct.train.config import _arg_type, _base_type
-
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {}
     for k, v in values.items():
         if k not in names:
             raise UserError(f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))}; "
                             "trainer options such as base_lr or epochs are accepted too)")
-        tp, _ = _base_type(hints[k])
-        kw[k] = _arg_type(tp)(v) if isinstance(v, str) else v
+        try:
+            kw[k] = parse_field(cls, k, v) if isinstance(v, str) else v
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--set: {k}={v!r}: {e}") from None
     return cls(**kw)
 
 
@@ -61,8 +72,6 @@ class _Progress:
     counts, only the log lines show."""
 
     def __init__(self, totals: dict[str, int], log):
-        from tqdm import tqdm
-
         self.log, self._sink = log, None
         self.left = dict(totals)
         self.times: dict[str, list[float]] = {k: [] for k in totals}
@@ -74,8 +83,6 @@ class _Progress:
                         dynamic_ncols=True, file=sys.stderr if tty else self._sink, mininterval=1.0)
 
     def eta(self) -> str:
-        from tqdm import tqdm
-
         known = sum(n * sum(self.times[k]) / len(self.times[k]) for k, n in self.left.items() if n and self.times[k])
         unknown = [f"{n} {k} run{'s' if n > 1 else ''} not timed yet" for k, n in self.left.items()
                    if n and not self.times[k]]
@@ -83,8 +90,6 @@ class _Progress:
         return ", " + "; ".join(parts) if parts else ""
 
     def start(self, kind: str, what: str) -> None:
-        from tqdm import tqdm
-
         b = self.bar
         self._kind, self._t0 = kind, time.perf_counter()
         b.set_postfix_str(what.split(" -> ")[0], refresh=False)
@@ -107,21 +112,16 @@ class _Progress:
 
 
 def _log(msg: str) -> None:
-    from tqdm import tqdm
-
     tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
 
 
 def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log, thickness: float | None = None,
                 min_nodule_mm: float = 4.0) -> str:
-    from sparkct.data import synth
-
     want = {"seed": seed, "patients": patients, "size": size, "slices": slices, "thickness": thickness,
             "min_nodule_mm": min_nodule_mm}
     marker = os.path.join(dst, "synth.json")
     have = sio.read_json(marker) if os.path.isfile(marker) else None
     if have is None or any(have.get(k) != v for k, v in want.items()):
-        import shutil
         log(f"synthesizing {patients} patients ({size}x{size}, {slices} slices per series) into {dst}")
         shutil.rmtree(dst, ignore_errors=True)
         synth(dst, patients=patients, seed=seed, size=size, slices=slices, localizer=False, thickness=thickness,
@@ -136,8 +136,6 @@ SYNTHETIC_SALT = "5e1f" * 8
 
 
 def _prepare_once(src: str, dst: str, log, salt: str | None = None) -> str:
-    from sparkct.data import prepare
-
     if os.path.isfile(os.path.join(src, "cache.json")):
         return src
     rep = prepare(src, dst, progress=False, salt=salt)
@@ -150,8 +148,6 @@ def _prepare_once(src: str, dst: str, log, salt: str | None = None) -> str:
 def _check_test_set(task) -> None:
     """The test set's CIs resample patients within each class: each class needs two of them, else every
     fine-tuning run would fail at its evaluation. Said once, before any training."""
-    import numpy as np
-
     t = task.test
     per_class = [len(np.unique(np.asarray(t.patients)[np.asarray(t.targets) == c])) for c in range(task.n_classes)]
     if min(per_class) < 2:
@@ -162,8 +158,6 @@ def _check_test_set(task) -> None:
 
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     """Run (or resume) the experiment; returns the report's paths."""
-    from sparkct.device import resolve_device
-
     cfg.validate()
     methods, fractions, seeds = cfg.lists()
     resolve_device(cfg.device)
@@ -200,8 +194,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         if any(m != "random" for m in methods):
             raise UserError("--pretrain-data is needed: --data is not a CT cache, and pretraining reads CT")
 
-    from sparkct.eval.data import load_task
-
     split = cfg.split_fractions()
     split_text = ",".join(f"{v:g}" for v in split)
     task0 = load_task(task_data, labels, split=split, seed=seeds[0], windows=cfg.windows)  # checks labels early
@@ -211,9 +203,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     _check_test_set(task0)
 
     # the fine-tuning options (built-in defaults, --set finetune.FIELD=VALUE): a typo is refused before training
-    from sparkct.eval.config import FinetuneConfig
-    from sparkct.train.config import TrainConfig
-
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     ft_opts = overrides.get("finetune", {})
     fcfg = _typed(FinetuneConfig, {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs,
@@ -232,10 +221,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         failed_pre: dict[str, str] = {}
 
         # ---- pretraining -------------------------------------------------------------------------------
-        from sparkct.models import get_method
-        from sparkct.train.config import config_to_dict
-        from sparkct.train.trainer import Trainer, build_method
-
         for m in pre_methods:
             cls = get_method(m)
             opts = overrides.get(m, {})
@@ -272,8 +257,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             prog.finish(True)
 
         # ---- fine-tuning -------------------------------------------------------------------------------
-        from sparkct.eval.finetune import finetune
-
         for m in methods:
             for seed in seeds:
                 for fr in fractions:
@@ -316,8 +299,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         prog.close()
 
     # ---- report ------------------------------------------------------------------------------------
-    from sparkct.eval.report import collect_runs, write_report
-
     runs = collect_runs(os.path.join(out, "finetune"))
     keep = {(m, fr, s) for m in methods for fr in fractions for s in seeds}
     runs = [r for r in runs if (r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)) in keep

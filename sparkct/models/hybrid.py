@@ -167,8 +167,12 @@ class SSLConfig(MethodConfig):
         _check(w == 0 or self.num_classes >= 2,
                "--hybrid-weight > 0 needs labels with at least 2 classes (--labels labels.csv)")
 
-    def validate_temperature(self, t, name: str = "temperature") -> None:
-        _check(_number(t, name) > 0, f"{name} must be > 0, got {t!r}")
+    def validate_temperature(self, t, name: str = "temperature", minimum: float | None = None) -> None:
+        """The user's `t` (``--NAME``): > 0, and >= `minimum` (the loss's bound) where one is given."""
+        v = _number(t, name)
+        _check(v > 0, f"{name} must be > 0, got {t!r}")
+        if minimum is not None:
+            _check(v >= minimum, f"{name} must be >= {minimum:g}, got {t!r}")
 
     def validate_momentum(self, *values) -> None:
         for v in values:

@@ -49,7 +49,7 @@ class MoCoConfig(SSLConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.validate_temperature(self.temperature)
+        self.validate_temperature(self.temperature, minimum=InfoNCELoss.MIN_TEMPERATURE)
         self.validate_momentum(self.momentum, self.momentum_end)
         if not isinstance(self.symmetric, bool):
             raise UserError(f"symmetric must be true or false, got {self.symmetric!r}")

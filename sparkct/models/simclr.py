@@ -26,7 +26,7 @@ class SimCLRConfig(SSLConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.validate_temperature(self.temperature)
+        self.validate_temperature(self.temperature, minimum=InfoNCELoss.MIN_TEMPERATURE)
 
 
 class SimCLR(SSLMethod):

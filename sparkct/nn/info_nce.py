@@ -1,7 +1,6 @@
 """``InfoNCELoss``: a drop-in for lightly's ``NTXentLoss`` on the fused InfoNCE kernels."""
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -11,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkct.distributed import all_gather_rows
-from sparkct.errors import UserError
-from sparkct.ops.info_nce import _distributed, info_nce
+from sparkct.ops.info_nce import _distributed, check_temperature, info_nce
 from sparkct.profiling import ranged
 
 __all__ = ["InfoNCELoss"]
@@ -23,7 +21,8 @@ class InfoNCELoss(nn.Module):
     as lightly's ``NTXentLoss``, with the same values and gradients.
 
     Args:
-        temperature: logits are cosine similarities / temperature (> 0).
+        temperature: logits are cosine similarities / temperature (>= ``MIN_TEMPERATURE``, 1e-8 as
+            lightly's ``NTXentLoss``).
         memory_bank_size: 0 (no bank: SimCLR, the other 2N - 2 embeddings of the batch are the
             negatives), or ``(K, D)`` (MoCo: a FIFO bank of K normalized keys of dimension D is the
             set of negatives; initialized at construction with ``normalize(randn(K, D))``, drawing
@@ -45,22 +44,20 @@ class InfoNCELoss(nn.Module):
     ``persistent_bank``.
     """
 
+    #: the smallest temperature accepted (lightly's bound)
+    MIN_TEMPERATURE = 1e-8
+
     def __init__(self, temperature: float = 0.5, memory_bank_size: int | Sequence[int] = 0,
                  gather_distributed: bool = False, persistent_bank: bool = False):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            hint = (" (the fused loss keeps a fixed temperature; pass float(t))"
-                    if isinstance(temperature, torch.Tensor) else "")
-            raise UserError(f"InfoNCELoss: temperature must be a number, got {temperature!r}{hint}")
-        if not math.isfinite(temperature) or temperature <= 0 or abs(temperature) < 1e-8:
-            raise UserError(f"InfoNCELoss: illegal temperature {temperature}: must be finite and >= 1e-8")
+        # the op's check of its argument, run here at construction, with lightly's bound
+        self.temperature = check_temperature(temperature, "InfoNCELoss", minimum=self.MIN_TEMPERATURE)
         if gather_distributed and not dist.is_available():
-            raise UserError("InfoNCELoss: gather_distributed is True but torch.distributed is not available")
-        self.temperature = float(temperature)
+            raise ValueError("InfoNCELoss: gather_distributed is True but torch.distributed is not available")
         self.gather_distributed = bool(gather_distributed)
-        bad = UserError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r} (a "
-                        f"{type(memory_bank_size).__name__}): expected an int 0 (no bank), K, or a pair (K, D) "
-                        "of ints with K, D >= 0")
+        bad = ValueError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r} (a "
+                         f"{type(memory_bank_size).__name__}): expected an int 0 (no bank), K, or a pair (K, D) "
+                         "of ints with K, D >= 0")
         if isinstance(memory_bank_size, numbers.Integral) and not isinstance(memory_bank_size, bool):
             size = (int(memory_bank_size),)
         elif isinstance(memory_bank_size, Sequence) and not isinstance(memory_bank_size, str):
@@ -75,7 +72,7 @@ class InfoNCELoss(nn.Module):
             raise bad
         self.memory_bank_size = size
         if persistent_bank and len(size) != 2 and size[0] > 0:
-            raise UserError("InfoNCELoss: persistent_bank needs memory_bank_size=(K, D) (the shape it is saved with)")
+            raise ValueError("InfoNCELoss: persistent_bank needs memory_bank_size=(K, D) (the shape it is saved with)")
         self.register_buffer("bank", torch.empty(size if len(size) == 2 else (0,), dtype=torch.float),
                              persistent=persistent_bank)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=persistent_bank)

@@ -48,15 +48,37 @@ import numbers
 import torch
 from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
-from sparkct.errors import UserError
 from sparkct.profiling import ranged
 
-__all__ = ["info_nce", "IMPLS"]
+__all__ = ["IMPLS", "check_temperature", "info_nce"]
 
 #: kernel choice: "auto"/"fast" = the tiled kernels, "simple" = the plain per-element kernels
 #: (the GPU test oracle; slow, for checking).
 IMPLS = {"auto": 0, "fast": 0, "simple": 1}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_temperature(temperature, who: str = "info_nce", minimum: float | None = None) -> float:
+    """`temperature` as a float, or a ValueError that names it (prefixed by `who`): a real number, or a
+    one-element tensor that needs no gradient (the kernels keep the temperature fixed); finite; > 0, or
+    >= `minimum` where one is given."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"{who}: temperature must be a number, got a tensor of shape {tuple(temperature.shape)}")
+        if temperature.requires_grad and torch.is_grad_enabled():
+            # The kernels take temperature as a float: a gradient for it would silently be lost.
+            raise ValueError(f"{who}: temperature is a tensor that requires grad, but the fused loss keeps a fixed "
+                             "temperature (it does not differentiate with respect to it); pass a float (or "
+                             "temperature.detach()), or use sparkct.ops.reference.info_nce for a learnable temperature")
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"{who}: temperature must be a real number, got {temperature!r}")
+    temperature = float(temperature)
+    if minimum is None and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{who}: temperature must be finite and > 0, got {temperature}")
+    if minimum is not None and not (math.isfinite(temperature) and temperature >= minimum):
+        raise ValueError(f"{who}: temperature must be finite and >= {minimum:g}, got {temperature}")
+    return temperature
 
 
 def _check(z0, z1, temperature, bank) -> float:
@@ -77,21 +99,7 @@ def _check(z0, z1, temperature, bank) -> float:
         raise ValueError("info_nce: empty batch (N = 0)")
     if z0.shape[1] == 0:
         raise ValueError("info_nce: empty embedding dimension (D = 0)")
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise UserError(f"info_nce: temperature must be a number, got a tensor of shape "
-                            f"{tuple(temperature.shape)}")
-        if temperature.requires_grad and torch.is_grad_enabled():
-            # The kernels take temperature as a float: a gradient for it would silently be lost.
-            raise UserError("info_nce: temperature is a tensor that requires grad, but the fused loss does not "
-                            "differentiate with respect to temperature; pass a float (or temperature.detach()), "
-                            "or use sparkct.ops.reference.info_nce for a learnable temperature")
-        temperature = float(temperature)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"info_nce: temperature must be a real number, got {temperature!r}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"info_nce: temperature must be finite and > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     if bank is not None:
         if not isinstance(bank, torch.Tensor):
             raise ValueError(f"info_nce: bank must be a torch.Tensor, got {type(bank).__name__}")
@@ -208,8 +216,8 @@ def _bw_setup_context(ctx, inputs, output):
 @ranged("sparkct.info_nce.double_backward")
 def _bw_backward(ctx, gg0, gg1, gg_other):
     if ctx.needs_input_grad[5]:
-        raise UserError("info_nce_backward: lse requires grad, but the op is not differentiable with respect to "
-                        "lse (it is the forward's saved log-sum-exp); differentiate info_nce itself twice instead")
+        raise ValueError("info_nce_backward: lse requires grad, but the op is not differentiable with respect to "
+                         "lse (it is the forward's saved log-sum-exp); differentiate info_nce itself twice instead")
     grad, z0, z1, cols, bank = ctx.saved_tensors
     temperature, col_offset, other_grad = ctx.args
     other = bank if bank is not None else cols

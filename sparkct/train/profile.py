@@ -16,7 +16,15 @@ profile into OUT; the built-in synthetic data is prepared beside --out (OUT/../d
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import shutil
 import sys
+
+from sparkct.device import resolve_device
+from sparkct.errors import UserError
+from sparkct.models import METHODS
+from sparkct.train.cli import pretrain_configs
 
 _EPILOG = """examples:
   sparkct profile pretrain spark --steps 20                        # built-in synthetic CT, CPU
@@ -51,12 +59,8 @@ def _add_profile_args(method: str):
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from sparkct.errors import UserError
-    from sparkct.models import METHODS
-
     if not args.method:
         raise UserError("name a method to profile (" + ", ".join(METHODS) + ")")
-    import os
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("sparkct profile runs one process; under torchrun, profile with torch.profiler in your "
                         "own code or use Nsight Systems (docs/profiling.md)")
@@ -65,8 +69,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
                       ("--force", "a profile starts a fresh run")):
         if flag in given:
             raise UserError(f"{flag} does not apply to sparkct profile ({why})")
-    from sparkct.train.cli import pretrain_configs
-
     def check(ns):
         if ns.steps < 1:
             raise UserError(f"--steps must be >= 1, got {ns.steps}")
@@ -86,15 +88,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2, top: int = 25,
                      record_shapes: bool = False, memory: bool = False, with_stack: bool = False) -> int:
-    import dataclasses
-    import os
-    import shutil
-
+    # lazy: torch, numpy and the trainer load when a profile runs, not for `sparkct -h`
     import torch
 
     from sparkct import io as sio
-    from sparkct.device import resolve_device
-    from sparkct.errors import UserError
     from sparkct.data import resolve_data
     from sparkct.train.trainer import Trainer, _log, build_method
 
@@ -184,6 +181,7 @@ def summarize(events, *, cuda: bool, top: int) -> dict:
 
 
 def _phase_names() -> tuple[str, ...]:
+    # lazy: imports torch; the parser must not
     from sparkct.profiling import PHASES
     return PHASES
 

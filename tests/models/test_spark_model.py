@@ -361,7 +361,7 @@ def test_registry():
 def test_config_from_command_line_flags():
     import argparse
 
-    from sparkct.train.config import add_dataclass_args, dataclass_from_args
+    from sparkct.cliargs import add_dataclass_args, dataclass_from_args
 
     p = argparse.ArgumentParser()
     add_dataclass_args(p, SparKConfig)
