@@ -8,7 +8,7 @@ CT), the loader sharded by rank, AMP (bf16; fp16 with a grad scaler), channels-l
 accumulation and clipping, optimizer + LR/WD schedules, DDP (torchrun; BatchNorm synchronized over ranks,
 also on CPUs), checkpoints (atomic, keep-last-k, resume to the exact next batch), a NaN/Inf stop that keeps
 the last good checkpoint, progress (tqdm), metrics (CSV, TensorBoard), previews (PNG) and the backbone
-export. The method (sparkct.train.method.Method) owns only its step.
+export. The method (sparkct.models.base.Method) owns only its step.
 
 Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``previews/``, ``tb/``,
 ``checkpoints/``, ``last.ckpt``, ``best.ckpt`` (when the method reports a monitor), ``backbone.pt``,
@@ -29,9 +29,9 @@ from sparkct import distributed as D
 from sparkct import io as sio
 from sparkct import profiling
 from sparkct.errors import TrainingDiverged, UserError
+from sparkct.models.base import Method
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
-from sparkct.train.method import Method
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
 
 __all__ = ["Trainer", "TrainingDiverged", "resolve_data", "build_method", "VOLATILE_KEYS"]
@@ -230,7 +230,7 @@ class Trainer:
         ds = self.dataset
         classes = None
         if cfg.labels is not None:
-            from sparkct.models.hybrid import label_slices
+            from sparkct.data import label_slices
             ds, classes = label_slices(ds, cfg.labels)
             if len(classes) < 2:
                 raise UserError(f"--labels {cfg.labels}: a single class ({classes}); monitors need at least two")
