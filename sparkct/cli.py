@@ -6,20 +6,25 @@ add -v for the traceback."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import platform
 import sys
 
+import sparkct
+from sparkct.cli_parser import Parser
+from sparkct.errors import TrainingDiverged, UserError
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    # lazy: `sparkct -h` imports no torch
     import torch
-
-    import sparkct
 
     print(f"sparkct        {sparkct.__version__}")
     print(f"python         {platform.python_version()} ({sys.executable})")
     print(f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
+        # lazy: a missing extension is reported, not raised
         from sparkct import _ext
     except ImportError as e:
         print(f"extension      NOT LOADED: {e}")
@@ -56,18 +61,6 @@ _COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli",
 # `sparkct profile pretrain`, `sparkct bench`
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, defaults shown."""
-
-
-class Parser(argparse.ArgumentParser):
-    """Every sparkct (sub)parser: defaults in the help. Subparsers inherit the class."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     # Building the parser imports no torch: `sparkct -h` must be instant. Commands import what they
     # need when they run.
@@ -77,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, build (CUDA version/archs) and visible devices")
     s.set_defaults(func=cmd_info)
     # Command groups defined next to the code they drive; each module has register(subparsers).
-    import importlib
-    import importlib.util
     for mod in _COMMAND_MODULES:
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod).register(sub)
@@ -86,13 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparkct.errors import UserError
-
     args = build_parser().parse_args(argv)
     name = " ".join(x for x in ("sparkct", args.command, getattr(args, "profile_target", None),
                                 getattr(args, "data_command", None), getattr(args, "eval_command", None),
                                 getattr(args, "method", None)) if x)
-    from sparkct.errors import TrainingDiverged
     try:
         return args.func(args)
     except TrainingDiverged as e:

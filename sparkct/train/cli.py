@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from sparkct.cli_parser import Parser
+from sparkct.device import resolve_device
+from sparkct.errors import UserError
+from sparkct.models import BUILTIN_DATA_OPTIONS, METHODS, get_method
+from sparkct.train.config import TrainConfig, add_dataclass_args, dataclass_from_args
 
 _PRETRAIN_EPILOG = """examples:
   sparkct pretrain spark                                   # built-in synthetic CT, CPU, a few minutes
@@ -14,10 +21,8 @@ run `sparkct pretrain METHOD -h` for every option of a method."""
 
 
 def _method_parser(name: str):
-    from sparkct.cli import Parser
-    from sparkct.models import get_method
-    from sparkct.train.config import TrainConfig, add_dataclass_args
-    from sparkct.train.method import Method
+    # lazy: imports torch; `sparkct -h` must not
+    from sparkct.models.base import Method
 
     cls = get_method(name)
     p = Parser(prog=f"sparkct pretrain {name}", description=(cls.__doc__ or "").strip().split("\n\n")[0])
@@ -33,14 +38,12 @@ def _method_parser(name: str):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from sparkct.models import METHODS
-
     if args.list or not args.method:
         if not args.method and not args.list:
             print("sparkct pretrain: error: name a method (" + ", ".join(METHODS) + ") or --list", file=sys.stderr)
             return 2
-        from sparkct.models import get_method
-        from sparkct.train.method import Method
+        # lazy: imports torch; `sparkct -h` must not
+        from sparkct.models.base import Method
         for name in METHODS:
             cls = get_method(name)
             d = dict(Method.defaults)
@@ -53,6 +56,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                                        [f"{k}={v}" for k, v in d.items()]))
         return 0
     ns, cfg, mcfg = pretrain_configs(args.method, args.rest)
+    # lazy: imports torch; `sparkct -h` must not
     from sparkct.train.trainer import Trainer, build_method
 
     method = build_method(args.method, cfg, mcfg)
@@ -64,10 +68,7 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
     """(parsed flags, TrainConfig, method config) of ``sparkct pretrain NAME ARGV``, validated, with the
     built-in data's options applied and a missing device reported. A command built on pretraining (sparkct
     profile pretrain) adds its flags with ``extend(parser)`` and checks them with ``check(flags)`` first."""
-    from sparkct.models import METHODS
-
     if name not in METHODS:
-        from sparkct.errors import UserError
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     p, cls = _method_parser(name)
     if prog:
@@ -77,16 +78,12 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
     ns = p.parse_args(argv)
     if check is not None:
         check(ns)
-    from sparkct.train.config import TrainConfig, dataclass_from_args
-
     cfg = dataclass_from_args(TrainConfig, ns)
     mcfg = dataclass_from_args(cls.config_class, ns)
     applied = _builtin_data_options(name, argv, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
-        import os
-
+        # lazy: imports torch; `sparkct -h` must not
         from sparkct.data.datasets import read_labels_csv
-        from sparkct.errors import UserError
         if not os.path.isfile(cfg.labels):
             raise UserError(f"--labels {cfg.labels}: no such file")
         rows = read_labels_csv(cfg.labels)
@@ -95,7 +92,6 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
         mcfg.num_classes = len({r["label"] for r in rows})  # the hybrid classifier's width
     cfg.validate()
     mcfg.validate()
-    from sparkct.device import resolve_device
     resolve_device(cfg.device)  # before any data work: a missing GPU is reported at once
     if applied:
         print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
@@ -106,8 +102,6 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
 def _builtin_data_options(method: str, argv: list[str], cfg, mcfg) -> list[str]:
     """On the built-in synthetic CT, set the options of sparkct.models.BUILTIN_DATA_OPTIONS for this method
     (those not given on the command line); returns them as flags, for the note."""
-    from sparkct.models import BUILTIN_DATA_OPTIONS
-
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     applied = []
     for key, value in BUILTIN_DATA_OPTIONS.items():
@@ -121,8 +115,7 @@ def _builtin_data_options(method: str, argv: list[str], cfg, mcfg) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import os
-
+    # lazy: imports torch; `sparkct -h` must not
     from sparkct.train.checkpoint import export_backbone, load_checkpoint
 
     src = args.run
