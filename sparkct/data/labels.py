@@ -3,7 +3,7 @@ the slice cache, for the hybrid objective and the trainer's online probe (data w
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
