@@ -11,18 +11,19 @@ import importlib.util
 import platform
 import sys
 
+import sparkct
 from sparkct.cliargs import Parser, run_command
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    # lazy: `sparkct -h` imports no torch
     import torch
-
-    import sparkct
 
     print(f"sparkct        {sparkct.__version__}")
     print(f"python         {platform.python_version()} ({sys.executable})")
     print(f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
+        # lazy: a missing extension is reported, not raised
         from sparkct import _ext
     except ImportError as e:
         print(f"extension      NOT LOADED: {e}")

@@ -27,6 +27,8 @@ _EXPORTS = {
     "patient_subset": "datasets", "SliceLoader": "datasets", "collate_batch": "datasets",
     "tune_malloc": "datasets", "RunBatchSampler": "datasets", "takes_generator": "datasets",
     "takes_rows": "datasets", "SlicePairs": "datasets",
+    # labels on the training slices (the hybrid objective, the online probe)
+    "label_slices": "labels",
     # images
     "ImageFolderSlices": "images",
     # synthetic data

@@ -32,7 +32,7 @@ METHODS: dict[str, str] = {
 
 
 def get_method(name: str):
-    """The :class:`sparkct.train.method.Method` subclass registered as `name`."""
+    """The :class:`sparkct.models.base.Method` subclass registered as `name`."""
     from sparkct.errors import UserError
 
     target = METHODS.get(name)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
+from sparkct.models.ssl import SSLConfig, SSLMethod, Views
 from sparkct.nn import BYOLLoss, BYOLPredictionHead, BYOLProjectionHead, MomentumEncoder
 from sparkct.nn.gradcache import chunked
 

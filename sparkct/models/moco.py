@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from sparkct.distributed import all_gather_rows, is_distributed, rank, row_counts, world_size
 from sparkct.errors import UserError
-from sparkct.models.hybrid import SSLConfig, SSLMethod
+from sparkct.models.ssl import SSLConfig, SSLMethod
 from sparkct.nn import InfoNCELoss, MoCoProjectionHead, MomentumEncoder
 from sparkct.nn.gradcache import chunked
+from sparkct.nn.sync_batchnorm import _GlobalBatchNorm
 
 __all__ = ["MoCo", "MoCoConfig", "shuffled_forward"]
 
@@ -43,7 +44,7 @@ class MoCoConfig(SSLConfig):
     momentum_end: float = field(default=0.999, metadata={
         "help": "momentum at the end, reached along a cosine (equal to --momentum: constant; 1.0: cosine to 1)"})
     augment: str = field(default="moco", metadata={
-        "help": "CTAugment presets of both views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
+        "help": "CTAugment presets of both views, joined with '+' (see sparkct.models.ssl.AUGMENTS)"})
     symmetric: bool = field(default=False, metadata={
         "help": "symmetric loss (as MoCo v3): both views are queries for the other view's key, losses averaged"})
 
@@ -58,7 +59,6 @@ class MoCoConfig(SSLConfig):
 
 
 def _per_device_bn(module: nn.Module) -> bool:
-    from sparkct.nn.sync_batchnorm import _GlobalBatchNorm
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, _GlobalBatchNorm))
                for m in module.modules())
 

@@ -37,8 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparkct.data.augment import CTAugment
+from sparkct.data.datasets import SlicePairs
+from sparkct.distributed import rank, world_size
 from sparkct.errors import UserError
-from sparkct.train.method import Method, MethodConfig
+from sparkct.models.backbone import feature_dim
+from sparkct.models.base import Method, MethodConfig
+from sparkct.models.spark.decoder import LightDecoder
 
 __all__ = ["PretextConfig", "NextSliceConfig", "Rotation", "Flip", "Denoise", "Inpaint", "NextSlice"]
 
@@ -74,14 +79,12 @@ class _Pretext(Method):
     hflip: float = 0.5
 
     def transform(self, crop: int, windows):
-        from sparkct.data import CTAugment
         c = self.config
         return CTAugment(crop, windows=windows, scale=tuple(c.crop_scale), hflip=self.hflip, rotate=0.0,
                          p_rotate=0.0, p_noise=0.0, p_blur=0.0)
 
     def _draw(self, step: int, n: int, fn) -> Tensor:
         """fn(generator, global_n) -> tensor with the global batch first; this rank's rows."""
-        from sparkct.distributed import rank, world_size
         g = self.step_generator(step)
         full = fn(g, n * world_size())
         return full[rank() * n:(rank() + 1) * n]
@@ -92,7 +95,6 @@ class _Classification(_Pretext):
 
     def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
         super().__init__(backbone, config)
-        from sparkct.models.backbone import feature_dim
         self.head = nn.Linear(feature_dim(backbone), self.n_classes)
 
     def corrupt(self, x: Tensor, labels: Tensor) -> Tensor:
@@ -147,7 +149,6 @@ class Flip(_Classification):
 class _Reconstruction(_Pretext):
     def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
         super().__init__(backbone, config)
-        from sparkct.models.spark.decoder import LightDecoder
         chans = backbone.conv1.in_channels
         self.decoder = LightDecoder(out_chans=chans, width=self.config.decoder_width)
         stage_ch = [_out_channels(getattr(backbone, n)) for n in ("layer4", "layer3", "layer2", "layer1")]
@@ -262,17 +263,14 @@ class NextSlice(_Pretext):
 
     def __init__(self, backbone: nn.Module, config: NextSliceConfig | None = None):
         super().__init__(backbone, config)
-        from sparkct.models.backbone import feature_dim
         d = feature_dim(backbone)
         self.head = nn.Sequential(nn.Linear(3 * d, self.config.hidden), nn.ReLU(inplace=True),
                                   nn.Linear(self.config.hidden, 2))
 
     def pairs(self, dataset):
-        from sparkct.data.datasets import SlicePairs
         return SlicePairs(dataset, gap=self.config.gap, p_other=self.config.p_other)
 
     def transform(self, crop: int, windows):
-        from sparkct.data import CTAugment
         return PairAugment(CTAugment(crop, windows=windows, scale=tuple(self.config.crop_scale), hflip=0.5,
                                      rotate=0.0, p_rotate=0.0, p_noise=0.0, p_blur=0.0))
 

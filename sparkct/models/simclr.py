@@ -13,7 +13,7 @@ from torch import nn
 
 from sparkct.distributed import world_size
 from sparkct.errors import UserError
-from sparkct.models.hybrid import SSLConfig, SSLMethod
+from sparkct.models.ssl import SSLConfig, SSLMethod
 from sparkct.nn import InfoNCELoss, SimCLRProjectionHead
 
 __all__ = ["SimCLR", "SimCLRConfig"]

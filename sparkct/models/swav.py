@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sparkct.distributed import rank, world_size
 from sparkct.errors import UserError
-from sparkct.models.hybrid import SSLConfig, SSLMethod, Views
+from sparkct.models.ssl import SSLConfig, SSLMethod, Views
 from sparkct.nn import FeatureQueue, SwAVLoss, SwAVProjectionHead, SwAVPrototypes
 
 __all__ = ["SwAV", "SwAVConfig"]

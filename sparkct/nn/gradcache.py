@@ -10,7 +10,7 @@ not all be alive at once:
    `encode`);
 3. re-run each chunk with autograd and back-propagate the cached embedding gradients into the
    parameters through the trainer's ``backward(tensors, grad_tensors)`` (see
-   :mod:`sparkct.train.method`), which applies loss scaling and accumulation.
+   :mod:`sparkct.models.base`), which applies loss scaling and accumulation.
 
 The parameter gradients equal those of the unchunked step whenever the encoder treats rows
 independently (no batch statistics): checked in float64 in tests/nn/test_gradcache.py. Peak

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Method": "method", "MethodConfig": "method", "Trainer": "trainer", "TrainConfig": "config",
-            "build_method": "trainer"}
+_EXPORTS = {"Trainer": "trainer", "TrainConfig": "config", "build_method": "trainer"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -22,7 +22,7 @@ run `sparkct pretrain METHOD -h` for every option of a method."""
 
 def _method_parser(name: str):
     # lazy: imports torch; `sparkct pretrain -h` must not
-    from sparkct.train.method import Method
+    from sparkct.models.base import Method
 
     cls = get_method(name)
     p = Parser(prog=f"sparkct pretrain {name}", description=(cls.__doc__ or "").strip().split("\n\n")[0])
@@ -43,7 +43,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print("sparkct pretrain: error: name a method (" + ", ".join(METHODS) + ") or --list", file=sys.stderr)
             return 2
         # lazy: imports torch; the parser must not
-        from sparkct.train.method import Method
+        from sparkct.models.base import Method
         for name in METHODS:
             cls = get_method(name)
             d = dict(Method.defaults)

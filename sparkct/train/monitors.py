@@ -1,9 +1,7 @@
 """Monitors the trainer logs for every method: standalone units, none of them touches the backbone's
-gradients.
+gradients. (The collapse indicator, which the methods log themselves, is
+:func:`sparkct.models.base.collapse_indicator`.)
 
-- :func:`collapse_indicator`: ``std(normalize(z), over the batch).mean() * sqrt(dim)``. About 1 for
-  embeddings spread over the sphere (each coordinate of a uniform unit vector has std 1/sqrt(dim)),
-  0 when every sample maps to the same point (collapse). SimSiam's diagnostic.
 - :func:`knn_accuracy`: cosine k-nearest-neighbour classification (weighted votes exp(cos / T),
   as in InstDisc / DINO) of held-out features by labelled bank features; :func:`extract_features`
   runs a backbone over a loader in eval mode without autograd.
@@ -13,23 +11,13 @@ gradients.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["collapse_indicator", "knn_accuracy", "extract_features", "OnlineLinearProbe"]
-
-
-@torch.no_grad()
-def collapse_indicator(z: torch.Tensor) -> float:
-    """Mean per-dimension std of the L2-normalized rows of z (N, D), times sqrt(D) (needs N >= 2)."""
-    if z.dim() != 2 or z.shape[0] < 2:
-        raise ValueError(f"collapse_indicator: expected embeddings (N >= 2, D), got {tuple(z.shape)}")
-    zn = F.normalize(z.detach().float(), dim=1)
-    return float(zn.std(dim=0).mean() * math.sqrt(z.shape[1]))
+__all__ = ["knn_accuracy", "extract_features", "OnlineLinearProbe"]
 
 
 @torch.no_grad()

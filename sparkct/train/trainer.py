@@ -9,7 +9,7 @@ channels-last, gradient accumulation and clipping, optimizer + LR/WD schedules, 
 synchronized over ranks, also on CPUs), checkpoints (atomic, keep-last-k, resume to the exact next batch),
 a NaN/Inf stop that keeps the last good checkpoint, progress (tqdm), metrics (CSV, TensorBoard:
 sparkct.train.metrics_log), previews (PNG) and the backbone export. The method
-(sparkct.train.method.Method) owns only its step.
+(sparkct.models.base.Method) owns only its step.
 
 `Trainer.fit` reads as its phases, each a method that can also be called on its own (the tests do):
 ``setup`` (device, process group, AMP, checks, the run folder: refuse it or load its checkpoint),
@@ -46,17 +46,16 @@ from tqdm import tqdm
 from sparkct import distributed as D
 from sparkct import io as sio
 from sparkct import profiling
-from sparkct.data import CTResize, CTSliceDataset, SliceLoader, patient_split, resolve_data
+from sparkct.data import CTResize, CTSliceDataset, SliceLoader, label_slices, patient_split, resolve_data
 from sparkct.data.windows import resolve_windows
 from sparkct.device import resolve_device
 from sparkct.errors import TrainingDiverged, UserError
 from sparkct.models import get_method
 from sparkct.models.backbone import build_backbone, feature_dim
-from sparkct.models.hybrid import label_slices
+from sparkct.models.base import Method
 from sparkct.nn.sync_batchnorm import convert_sync_batchnorm
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
-from sparkct.train.method import Method
 from sparkct.train.metrics_log import MetricsLog
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at

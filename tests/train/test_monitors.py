@@ -1,6 +1,6 @@
-"""Monitors: the collapse indicator (about 1 when spread, 0 when collapsed), cosine kNN accuracy on
-separable and on shuffled labels (vs scikit-learn's neighbours for k = 1), and the online linear
-probe (learns a separable problem, touches no other gradient, ignores unlabelled rows)."""
+"""Monitors: cosine kNN accuracy on separable and on shuffled labels (vs scikit-learn's neighbours
+for k = 1), and the online linear probe (learns a separable problem, touches no other gradient,
+ignores unlabelled rows)."""
 from __future__ import annotations
 
 import copy
@@ -9,22 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparkct.train.monitors import OnlineLinearProbe, collapse_indicator, extract_features, knn_accuracy
+from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def test_collapse_indicator():
-    g = torch.Generator().manual_seed(0)
-    spread = torch.randn(4096, 64, generator=g)
-    assert collapse_indicator(spread) == pytest.approx(1.0, abs=0.03)
-    one_point = torch.randn(1, 64, generator=g).repeat(512, 1) * torch.rand(512, 1, generator=g)  # same direction
-    assert collapse_indicator(one_point) < 1e-3
-    partial = torch.randn(512, 64, generator=g) * 0.01 + 1.0  # nearly one direction
-    assert 0 < collapse_indicator(partial) < 0.2
-    with pytest.raises(ValueError):
-        collapse_indicator(torch.randn(1, 8))
 
 
 def clusters(n_per, centres, noise, seed):

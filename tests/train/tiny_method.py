@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparkct.train.method import Method, MethodConfig
+from sparkct.models.base import Method, MethodConfig
 
 
 @dataclass

@@ -30,12 +30,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from sparkct import distributed as dist_utils
+from sparkct.data.augment import CTAugment
+from sparkct.data.windows import resolve_windows
 from sparkct.errors import UserError
+from sparkct.models.base import Method, MethodConfig
 from sparkct.models.masking import CELL, cell_mask, check_mask_ratio
 from sparkct.profiling import ranged
-from sparkct.train.method import Method, MethodConfig
 
 from .decoder import LightDecoder
+from .reference import SparKMasker, spark_bn, spark_dense_masked_features
 
 __all__ = ["SparKConfig", "SparK", "cell_normalize", "masked_cell_loss", "ENCODERS"]
 
@@ -150,6 +153,7 @@ class SparK(Method):
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
         super().__init__(backbone, config)
         self.config.validate()
+        # lazy: sparkct.nn loads the compiled extension; `sparkct pretrain spark -h` must work without it
         from sparkct.nn import SparseEncoder
 
         enc = SparseEncoder(backbone)  # validates the backbone (a torchvision ResNet) and gives the widths
@@ -175,9 +179,6 @@ class SparK(Method):
         """SparK's augmentation on HU slices: random resized crop (area ``crop_scale``, aspect 3/4..4/3)
         and horizontal flips, windows as channels in [0, 1]; no intensity augmentation (the windowed HU
         are the targets)."""
-        from sparkct.data.augment import CTAugment
-        from sparkct.data.windows import resolve_windows
-
         if isinstance(crop, bool) or not isinstance(crop, int) or crop < CELL or crop % CELL:
             raise UserError(f"crop size must be a positive multiple of {CELL} (one mask cell = {CELL}x{CELL} "
                             f"pixels), got {crop!r}")
@@ -204,6 +205,7 @@ class SparK(Method):
     # --- the model ----------------------------------------------------------------------------------
     def sparse_encoder(self):
         """The packed-tile encoder over the backbone's current modules (cheap to build: no state)."""
+        # lazy: as in __init__
         from sparkct.nn import SparseEncoder
         return SparseEncoder(self.backbone)
 
@@ -212,12 +214,11 @@ class SparK(Method):
         (A, C, c, c), channels-last, and the ``CellLayout``; dense-masked: dense maps with zeros at masked
         cells and SparK's masker."""
         if self.config.encoder == "sparse":
+            # lazy: as in __init__
             from sparkct.ops.sparse import cell_layout
 
             layout = cell_layout(mask)
             return self.sparse_encoder()(x, layout, packed=True), layout
-        from .reference import SparKMasker, spark_dense_masked_features
-
         return spark_dense_masked_features(self.backbone, x, mask), SparKMasker(mask)
 
     def densify(self, feats: list[Tensor], tables) -> list[Tensor]:
@@ -225,6 +226,7 @@ class SparK(Method):
         cells, the projection to the decoder's width."""
         out = []
         if self.config.encoder == "sparse":
+            # lazy: as in __init__
             from sparkct.ops.sparse import unpack
 
             for i, f in enumerate(reversed(feats)):
@@ -232,8 +234,6 @@ class SparK(Method):
                 tok = self.mask_tokens[i].to(f.dtype)  # autocast: tiles may be bf16, the token is fp32
                 out.append(self.densify_projs[i](unpack(f, tables, fill=tok)))
             return out
-        from .reference import spark_bn
-
         for i, f in enumerate(reversed(feats)):
             f = spark_bn(self.densify_norms[i], f, tables)
             active = tables.active_ex(f.shape[2], f.shape[3])

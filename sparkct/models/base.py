@@ -1,4 +1,8 @@
-"""What a pretraining (or fine-tuning) method is to the trainer.
+"""The method contract: what a pretraining (or fine-tuning) method is to the trainer, and the
+monitor every method may log (:func:`collapse_indicator`).
+
+It lives with the models (not with the trainer) so that layers run one way: a method knows no
+trainer; ``sparkct.train`` drives any :class:`Method` through this contract alone.
 
 A method is a small ``nn.Module`` (one file in ``sparkct/models/``, reusable parts in ``sparkct/nn/``)
 with a config dataclass; the trainer (``sparkct.train.Trainer``) owns everything else: the loop, AMP,
@@ -23,16 +27,22 @@ the gradients of the loss with respect to them), and the returned loss is only l
 Randomness inside a step (SparK's masks, say) must be a function of (seed, step, sample) so that a
 resumed run and a DDP run draw what one uninterrupted process draws: use ``self.step_generator(step)``
 for the global batch and ``sparkct.distributed`` rank/world to take this rank's rows.
+
+:func:`collapse_indicator`: ``std(normalize(z), over the batch).mean() * sqrt(dim)``. About 1 for
+embeddings spread over the sphere (each coordinate of a uniform unit vector has std 1/sqrt(dim)), 0 when
+every sample maps to the same point (collapse). SimSiam's diagnostic; the contrastive methods log it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Method", "MethodConfig"]
+__all__ = ["Method", "MethodConfig", "collapse_indicator"]
 
 
 @dataclass
@@ -127,3 +137,12 @@ class Method(nn.Module):
         """Rows of images for the preview PNG, name -> (B, C, H, W) in [0, 1] (e.g. SparK: input, masked
         input, reconstruction). None: no preview."""
         return None
+
+
+@torch.no_grad()
+def collapse_indicator(z: torch.Tensor) -> float:
+    """Mean per-dimension std of the L2-normalized rows of z (N, D), times sqrt(D) (needs N >= 2)."""
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"collapse_indicator: expected embeddings (N >= 2, D), got {tuple(z.shape)}")
+    zn = F.normalize(z.detach().float(), dim=1)
+    return float(zn.std(dim=0).mean() * math.sqrt(z.shape[1]))

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from contrastive_helpers import FEATURES
 from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone
+from sparkct.data import label_slices
 from sparkct.errors import UserError
 from sparkct.models import get_method
-from sparkct.models.hybrid import augment_kwargs, label_slices
 from sparkct.models.simclr import SimCLR, SimCLRConfig
+from sparkct.models.ssl import augment_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,5 +1,6 @@
-"""What the contrastive and clustering methods (SimCLR, MoCo v2, SwAV, BYOL) share: the hybrid
-objective, gradient caching, the view transforms, and the step's bookkeeping.
+"""The shared base of the contrastive and clustering (SSL) methods (SimCLR, MoCo v2, SwAV, BYOL):
+:class:`SSLConfig` and :class:`SSLMethod`, with the hybrid objective, gradient caching, the view
+transforms, and the step's bookkeeping.
 
 Hybrid objective. ``loss = ssl + hybrid_weight * supervised``: a linear classifier on the backbone's
 pooled features of the global views is trained with cross-entropy on the labelled slices of the
@@ -7,18 +8,18 @@ batch. How labels reach the batch:
 
 1. a labels CSV over some slices (the format of :class:`sparkct.data.CTLabelledDataset`: a
    ``series_uid`` column, optionally ``instance_number`` / ``slice_index`` / ``z_mm`` for per-slice
-   labels, and a label column) is mapped onto the training dataset by :func:`label_slices`, which
-   returns a copy of the dataset with a ``targets`` array: the class index of each labelled slice,
-   -1 for every other slice (none is dropped);
+   labels, and a label column) is mapped onto the training dataset by
+   :func:`sparkct.data.label_slices`, which returns a copy of the dataset with a ``targets`` array:
+   the class index of each labelled slice, -1 for every other slice (none is dropped);
 2. :class:`sparkct.data.SliceLoader` yields ``(views, targets)`` for a dataset with ``targets``;
 3. the method's step takes ``(views, targets)`` (or bare views: no supervised term), and the
    cross-entropy averages over the rows with a target >= 0 (0 when the batch has none); under DDP
    each rank averages its own labelled rows.
 
-``num_classes`` (a config field) is the number of classes (``len(classes)`` from :func:`label_slices`;
-the trainer sets it from ``--labels``); ``hybrid_weight`` > 0 needs it. The detached backbone
-features and targets of every step are left in ``method.last_features`` / ``method.last_targets``
-for the trainer's online linear probe (:mod:`sparkct.train.monitors`).
+``num_classes`` (a config field) is the number of classes (``len(classes)`` from
+:func:`sparkct.data.label_slices`; the trainer sets it from ``--labels``); ``hybrid_weight`` > 0
+needs it. The detached backbone features and targets of every step are left in
+``method.last_features`` / ``method.last_targets`` for the trainer's online linear probe.
 
 Gradient caching. ``chunk`` > 0 embeds the views in chunks of that many rows
 (:func:`sparkct.nn.grad_cache`): the method then sets ``manual_backward`` and back-propagates itself
@@ -35,18 +36,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparkct.data.augment import CTAugment, MultiCrop
 from sparkct.errors import UserError
+from sparkct.models.backbone import feature_dim as backbone_feature_dim
+from sparkct.models.base import Method, MethodConfig, collapse_indicator
 from sparkct.nn.gradcache import grad_cache
-from sparkct.train.method import Method, MethodConfig
-from sparkct.train.monitors import collapse_indicator
 
-__all__ = ["AUGMENTS", "augment_kwargs", "Views", "label_slices", "SSLConfig", "SSLMethod"]
+__all__ = ["AUGMENTS", "augment_kwargs", "Views", "SSLConfig", "SSLMethod"]
 
 #: CTAugment keyword presets for the views, composable with "+"
 AUGMENTS: dict[str, dict[str, Any]] = {
@@ -100,27 +100,6 @@ class Views(MultiCrop):
         return "Views(" + ", ".join(repr(a) for a in self.augments) + ")"
 
 
-def label_slices(dataset, labels, *, label_column: str = "label", classes: Sequence | None = None):
-    """(a copy of `dataset` with ``targets``: class index of each labelled slice, -1 elsewhere; the
-    class names). `labels`: a CSV path or rows, as :class:`sparkct.data.CTLabelledDataset` reads them."""
-    from sparkct.data.datasets import CTLabelledDataset
-
-    try:
-        lab = CTLabelledDataset(dataset.cache, labels, label_column=label_column, classes=classes,
-                                missing="drop", indices=dataset.indices, windows=None)
-    except (ValueError, OSError) as e:
-        raise UserError(f"labels {labels if isinstance(labels, str) else ''}: {e}") from None
-    if len(lab.indices) == 0:
-        raise UserError("the labels file matches no slice of the training data")
-    out = dataset.subset(np.arange(len(dataset)))
-    targets = np.full(len(dataset), -1, dtype=np.int64)
-    pos = {int(c): i for i, c in enumerate(dataset.indices.tolist())}
-    for c, t in zip(lab.indices.tolist(), lab.targets.tolist()):
-        targets[pos[int(c)]] = t
-    out.targets = targets
-    return out, list(lab.classes)
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
@@ -154,7 +133,7 @@ class SSLConfig(MethodConfig):
                 "BYOL 4096 - scaled by the backbone's feature dim / 2048)"})
     proj_dim: int = field(default=128, metadata={"help": "projector output width (the embedding the loss sees)"})
     augment: str = field(default="strong", metadata={
-        "help": "CTAugment presets of the views, joined with '+' (see sparkct.models.hybrid.AUGMENTS)"})
+        "help": "CTAugment presets of the views, joined with '+' (see sparkct.models.ssl.AUGMENTS)"})
 
     def validate(self) -> None:
         _integer(self.chunk, "chunk")
@@ -200,9 +179,8 @@ class SSLMethod(Method):
         super().__init__(backbone, config)
         self.config.validate()
         if feature_dim is None:
-            from sparkct.models.backbone import feature_dim as _fd
             try:
-                feature_dim = _fd(backbone)
+                feature_dim = backbone_feature_dim(backbone)
             except AttributeError:
                 raise ValueError("pass feature_dim= for a backbone that is not a torchvision ResNet") from None
         self.feature_dim = int(feature_dim)
