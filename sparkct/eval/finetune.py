@@ -32,9 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparkct import distributed as D
+from sparkct import io as sio
+from sparkct.data.augment import CTAugment, CTResize
+from sparkct.data.datasets import SliceLoader
+from sparkct.data.windows import resolve_windows
 from sparkct.errors import UserError
 from sparkct.eval.config import FinetuneConfig
+from sparkct.eval.metrics import bootstrap_ci, compute_metrics
+from sparkct.models.backbone import build_backbone, feature_dim
+from sparkct.train import checkpoint as C
+from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.method import Method
+from sparkct.train.trainer import Trainer, _log
 
 __all__ = ["FinetuneConfig", "Classifier", "predict", "evaluate", "resolve_init", "finetune", "AGGREGATE"]
 
@@ -42,13 +52,11 @@ AGGREGATE = ("auto", "none", "series", "patient")
 
 
 def eval_transform(crop: int, windows):
-    from sparkct.data.augment import CTResize
     return CTResize(crop, windows=windows)
 
 
 def train_transform(crop: int, windows):
     """Milder than pretraining: most of each slice is kept (a finding must stay in the crop)."""
-    from sparkct.data.augment import CTAugment
     return CTAugment(crop, windows=windows, scale=(0.6, 1.0), hflip=0.5, rotate=10.0, p_rotate=0.3, p_hu=0.3,
                      p_intensity=0.3, p_gamma=0.0, p_noise=0.1, noise=(0.0, 15.0), p_blur=0.0)
 
@@ -64,9 +72,6 @@ class Classifier(Method):
     def __init__(self, backbone: nn.Module, n_classes: int, config: FinetuneConfig | None = None, *,
                  windows, steps_per_epoch: int, val_data=None, crop: int = 224):
         super().__init__(backbone, config)
-        from sparkct.data.windows import resolve_windows
-        from sparkct.models.backbone import feature_dim
-
         if n_classes < 2:
             raise UserError(f"a classifier needs at least 2 classes, got {n_classes}")
         self.n_classes = int(n_classes)
@@ -103,8 +108,6 @@ class Classifier(Method):
         return self.head(self.backbone(x))
 
     def training_step(self, batch, step: int):
-        from sparkct import distributed as D
-
         x, y = batch
         frozen = self.frozen(step)
         self.backbone.train(not frozen)
@@ -138,8 +141,6 @@ class Classifier(Method):
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         if self.val_data is None:
             return {}
-        from sparkct.eval.metrics import compute_metrics
-
         prob, y = predict(self, self.val_data, batch=self.config.eval_batch)
         logp = np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None))
         m = compute_metrics(y, prob, metrics=("auc", "accuracy", "balanced_accuracy"))
@@ -153,8 +154,6 @@ class Classifier(Method):
 def predict(model: Classifier, dataset, *, batch: int = 128, crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities (N, K), labels (N,)) of every item of `dataset`, in order, with the
     evaluation transform (the whole slice resized to the crop size, windowed), in eval mode."""
-    from sparkct.data.datasets import SliceLoader
-
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -199,8 +198,6 @@ def evaluate(model: Classifier, dataset, *, aggregate: str = "auto", level: str 
     patients (stratified by class), so slices of one scan never count as independent evidence.
     Returns {"metrics": {name: {value, low, high, se}}, "unit", "n_units", "n_patients", "per_class",
     "probabilities", "labels", "patients"} (the last three as arrays, for paired comparisons)."""
-    from sparkct.eval.metrics import bootstrap_ci
-
     prob, y = predict(model, dataset, batch=batch)
     pats = np.asarray(dataset.patients)
     unit, ids = _units(dataset, aggregate, level)
@@ -271,13 +268,6 @@ def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConf
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
     A batch larger than the training fraction is lowered to fit (recorded as ``effective_batch``)."""
-    from sparkct import distributed as D
-    from sparkct import io as sio
-    from sparkct.models.backbone import build_backbone
-    from sparkct.train import checkpoint as C
-    from sparkct.train.config import TrainConfig, config_to_dict
-    from sparkct.train.trainer import Trainer, _log
-
     log = log or _log
     cfg = train_cfg if train_cfg is not None else TrainConfig(out="runs/finetune", epochs=70, batch=64, crop=224)
     config = config if config is not None else FinetuneConfig()
