@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 
 def _spconv():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import spconv.pytorch as spconv
+        import spconv.pytorch as spconv  # noqa: PLC0415 (lazy: optional dependency)
     return spconv
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 from torch.autograd import profiler as _torch_profiler
@@ -125,8 +126,6 @@ def overhead(calls: int = 100_000, repeats: int = 5) -> dict:
     """What the handles cost while nothing listens, in ns per call (min over `repeats` runs of `calls`):
     a bare Python call, the same function under @ranged, and ``with range(...)`` around a bare call.
     ``python -m sparkct.profiling`` prints it."""
-    import time
-
     if active():
         raise RuntimeError("overhead() measures the disabled path: stop the profiler and unset SPARKCT_NVTX")
 

@@ -36,11 +36,14 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from sparkct.errors import UserError
 
 from ._util import salted_hash
 from .options import MAX_FILE_PIXELS, MAX_SLICE_PIXELS
@@ -73,7 +76,6 @@ class PixelLimits:
         for k in ("max_slice_pixels", "max_file_pixels"):
             v = getattr(self, k)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                from sparkct.errors import UserError
                 raise UserError(f"{k} must be a positive integer, got {v!r}")
 
     def check(self, rows: int, cols: int, frames: int) -> None:
@@ -88,8 +90,8 @@ DEFAULT_LIMITS = PixelLimits()
 
 
 def _pydicom():
-    import pydicom
-    from pydicom import config
+    import pydicom  # noqa: PLC0415 (lazy: optional dependency)
+    from pydicom import config  # noqa: PLC0415 (lazy: optional dependency)
 
     # Header values that violate their VR are read as they are, without a warning that would print
     # the value (a warning could otherwise carry a name or an ID into the logs).
@@ -297,8 +299,6 @@ def _is_deflated(path: str) -> bool:
 def _inflate(f, step: int = 1 << 22):
     """The raw-deflate stream from f's position, as chunks of at most `step` bytes (a small input
     never becomes a huge output in one step)."""
-    import zlib
-
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     while not d.eof:
         data = f.read(1 << 20)
@@ -317,8 +317,8 @@ def _inflate(f, step: int = 1 << 22):
 def _parse_to_pixels(head: bytes):
     """(dataset of the elements before PixelData, offset of the PixelData element) from an
     explicit VR little endian data set, or (dataset or None, None) when PixelData is not in `head`."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset
+    from pydicom.filebase import DicomBytesIO  # noqa: PLC0415 (lazy: optional dependency)
+    from pydicom.filereader import read_dataset  # noqa: PLC0415 (lazy: optional dependency)
 
     buf = DicomBytesIO(head)
     found = []
@@ -343,7 +343,7 @@ def _check_deflated(path: str, limits: PixelLimits) -> None:
     a small file can claim, and inflate to, gigabytes. Inflate it here as a stream first, keeping
     only the elements before the pixel data: skip the file as soon as its image is over the limits,
     or once it inflates to more than its header declares."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: PLC0415 (lazy: optional dependency)
 
     head = bytearray()
     total = 0
@@ -391,7 +391,7 @@ def _open_checked(path: str, limits: PixelLimits = DEFAULT_LIMITS):
     """Parse a header (pixels deferred) and check it can hold CT slices within `limits`; raises
     SkipFile. Returns (dataset, n_frames, series_uid, native pixel locator or None)."""
     pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415 (lazy: optional dependency)
 
     deflated = _is_deflated(path)
     try:
@@ -775,7 +775,7 @@ class PixelReader:
         return arr
 
     def _lut(self, arr: np.ndarray) -> np.ndarray:
-        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels import apply_modality_lut  # noqa: PLC0415 (lazy: optional dependency)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -69,8 +70,6 @@ class ImageFolderSlices(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         path, _ = self.samples[i]
         with Image.open(path) as im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):

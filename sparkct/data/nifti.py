@@ -21,7 +21,7 @@ def is_nifti(path: str) -> bool:
 
 def _nibabel():
     try:
-        import nibabel
+        import nibabel  # noqa: PLC0415 (lazy: optional dependency)
     except ImportError as e:
         raise ImportError("reading NIfTI needs nibabel: pip install 'sparkct[dicom]'") from e
     return nibabel

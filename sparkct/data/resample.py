@@ -9,13 +9,14 @@ import functools
 import math
 
 import numpy as np
+import scipy.ndimage
 
 
 @functools.lru_cache(maxsize=None)
 def gpu_available() -> bool:
     """cupy importable and a CUDA device usable."""
     try:
-        import cupy
+        import cupy  # noqa: PLC0415 (lazy: optional dependency)
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
@@ -28,11 +29,10 @@ def backend(device: str = "auto"):
     if device == "cuda" or (device == "auto" and gpu_available()):
         if not gpu_available():
             raise RuntimeError("device='cuda' needs cupy (pip install sparkct[cupy]) and a CUDA GPU")
-        import cupy
-        import cupyx.scipy.ndimage as ndi
+        import cupy  # noqa: PLC0415 (lazy: optional dependency)
+        import cupyx.scipy.ndimage as ndi  # noqa: PLC0415 (lazy: optional dependency)
         return cupy, ndi, "cuda"
-    import scipy.ndimage as ndi
-    return np, ndi, "cpu"
+    return np, scipy.ndimage, "cpu"
 
 
 def output_geometry(in_shape: tuple[int, int], in_spacing: tuple[float, float] | None,

@@ -40,10 +40,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from sparkct import io as sio
+from sparkct.errors import UserError
 
 from . import _util
+from .dicom import CT_IMAGE_STORAGE
 from .options import SYNTH_DEFAULTS
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
@@ -608,7 +611,7 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
 # ------------------------------------------------------------------------------------------- DICOM
 
 def _uid(*parts) -> str:
-    from pydicom.uid import generate_uid
+    from pydicom.uid import generate_uid  # noqa: PLC0415 (lazy: optional dependency)
     return str(generate_uid(prefix=UID_PREFIX, entropy_srcs=["sparkct-synth", *map(str, parts)]))
 
 
@@ -624,10 +627,8 @@ def _encode(hu: np.ndarray, enc: str):
 
 
 def _base_dataset(p: Patient, acq: Acquisition, study_uid: str, series_uid: str, series_no: int, seed: int):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    from .dicom import CT_IMAGE_STORAGE
+    from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415 (lazy: optional dependency)
+    from pydicom.uid import ExplicitVRLittleEndian  # noqa: PLC0415 (lazy: optional dependency)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
@@ -696,8 +697,6 @@ class SynthReport:
 
 
 def _check_synth_args(dst, patients, size, thickness, series_per_patient, p_finding, slices) -> None:
-    from sparkct.errors import UserError
-
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -732,8 +731,6 @@ def synth(dst: str, *, patients: int = _D.patients, seed: int = _D.seed, size: i
     slices: a fixed number of slices per series (centred on the chest) instead of the full chest;
     min_nodule_mm: the smallest nodule diameter (diameters are log-uniform from it to 30 mm)."""
     _check_synth_args(dst, patients, size, thickness, series_per_patient, p_finding, slices)
-    from sparkct.errors import UserError
-
     if not (isinstance(min_nodule_mm, (int, float)) and 1.0 <= min_nodule_mm <= 30.0):
         raise UserError(f"min_nodule_mm must be in [1, 30] mm, got {min_nodule_mm!r}")
     t0 = time.perf_counter()
@@ -741,7 +738,6 @@ def synth(dst: str, *, patients: int = _D.patients, seed: int = _D.seed, size: i
     series_rows, slice_rows, nodule_rows = [], [], []
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=patients, desc="synth", unit="patient")
     for i in range(patients):
         p = make_patient(seed, i, p_finding, min_nodule_mm)

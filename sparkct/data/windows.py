@@ -76,7 +76,7 @@ def apply_windows(hu, windows: WindowSpec = DEFAULT_WINDOWS, out=None):
         s = scale.astype(np.float32).reshape(-1, 1, 1)
         o = offset.astype(np.float32).reshape(-1, 1, 1)
         return np.clip(x * s + o, 0.0, 1.0)
-    import torch
+    import torch  # noqa: PLC0415 (lazy: numpy callers such as sparkct data show import no torch)
 
     x = hu if hu.is_floating_point() else hu.float()
     x = x[None] if x.dim() == 2 else x[:, None] if x.dim() == 3 else x

@@ -10,9 +10,12 @@ worker exits, and then the fork server and the resource tracker see their pipes 
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
+import multiprocessing as mp
 import os
 import threading
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable
 
 from ._util import log
@@ -26,7 +29,6 @@ def mp_context():
     """Workers come from a fork server that has imported the prepare modules once: safe with threads
     and CUDA in the parent (unlike fork), and later runs in the same process start workers quickly
     (unlike spawn, which re-imports numpy/scipy/pydicom in every worker)."""
-    import multiprocessing as mp
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
@@ -66,7 +68,6 @@ class WorkerPool:
         self._pool = self._new(workers)
 
     def _new(self, workers: int):
-        import concurrent.futures as cf
         return cf.ProcessPoolExecutor(max_workers=workers, mp_context=self._ctx, initializer=_worker_init,
                                       initargs=(self._alive_reader, self._alive_writer))
 
@@ -82,9 +83,6 @@ class WorkerPool:
         while it runs the job: each job that was running is retried alone in a one-worker pool (a job
         that kills its worker there is finished with on_death(job); an innocent one just completes),
         and the jobs that had not started go to a fresh pool."""
-        import concurrent.futures as cf
-        from concurrent.futures.process import BrokenProcessPool
-
         todo = list(jobs)
         while todo:
             futs = {self._pool.submit(fn, j): j for j in todo}

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
+from sparkct.data._util import salted_hash
+from sparkct.data.cache import SliceCache
+from sparkct.data.datasets import (_SLICE_KEYS, CTLabelledDataset, _call_transform, patient_split,
+                                   patient_subset_stratified)
+from sparkct.data.images import ImageFolderSlices
+from sparkct.data.windows import DEFAULT_WINDOWS, apply_windows, resolve_windows
 from sparkct.errors import UserError
 
 __all__ = ["IMAGE_WINDOW", "TaskData", "ImageSlices", "load_task", "read_labels", "split_task"]
@@ -93,17 +100,12 @@ class ImageSlices:
         return a.astype(np.float32) / 255.0 if img.dtype == np.uint8 else a.astype(np.float32)
 
     def hu(self, items):
-        import torch
-
         items = np.asarray(items, dtype=np.int64).reshape(-1)
         arr = np.stack([to_pseudo_hu(self._grey(i)) for i in self.indices[items]]) if len(items) else \
             np.zeros((0, 1, 1), np.int16)
         return torch.from_numpy(arr).unsqueeze(1)
 
     def _convert(self, hu, generator=None):
-        from sparkct.data.datasets import _call_transform
-        from sparkct.data.windows import apply_windows
-
         if self.transform is not None:
             return _call_transform(self.transform, hu, generator)
         return apply_windows(hu, self.windows)
@@ -113,8 +115,6 @@ class ImageSlices:
         return self._convert(self.hu([i]))[0], int(self.targets[i])
 
     def __getitems__(self, items):
-        import torch
-
         items = np.asarray(items, dtype=np.int64)
         return self._convert(self.hu(items)), torch.from_numpy(self.targets[items])
 
@@ -171,8 +171,6 @@ def read_labels(path: str) -> list[dict]:
 
 def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
     """Patient-level rows -> one row per series of the patient (series_key level)."""
-    from sparkct.data._util import salted_hash
-
     col = "patient" if "patient" in rows[0] else "patient_id"
     salt = cache.manifest.get("salt", "")
     names = {str(p): i for i, p in enumerate(cache.patients)}
@@ -197,9 +195,6 @@ def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
 
 
 def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
-    from sparkct.data.cache import SliceCache
-    from sparkct.data.datasets import _SLICE_KEYS, CTLabelledDataset
-
     try:
         cache = SliceCache(cache_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -300,8 +295,6 @@ class TaskData:
 def split_task(dataset, *, split=(0.7, 0.15, 0.15), split_seed: int = 0) -> dict[str, np.ndarray]:
     """Item positions of train/val/test: whole patients, stratified by class (a patient's class is
     its largest label), every class present in every split (else a UserError)."""
-    from sparkct.data.datasets import patient_split
-
     fr = tuple(float(f) for f in split)
     if len(fr) != 3 or min(fr) <= 0:
         raise UserError(f"split must be three positive fractions (train, val, test), got {list(split)}")
@@ -331,9 +324,6 @@ def load_task(data: str, labels: str | None = None, *, label_column: str = "labe
     windows: HU windows of a cache's input channels (default lung, mediastinum, bone). image_size:
     resize folder images (default: keep; all images must then share a size). group: for image
     folders, the regular expression naming a file's patient (see ImageFolderSlices)."""
-    from sparkct.data.datasets import patient_subset_stratified
-    from sparkct.data.windows import DEFAULT_WINDOWS, resolve_windows
-
     if not 0 < float(fraction) <= 1:
         raise UserError(f"fraction must be in (0, 1], got {fraction}")
     if not os.path.exists(data):
@@ -366,8 +356,6 @@ def load_task(data: str, labels: str | None = None, *, label_column: str = "labe
         base.windows = win  # what ds[i] shows; training and evaluation transforms bring their own
         sp = split_task(base, split=split, split_seed=split_seed)
     elif os.path.isdir(data):
-        from sparkct.data.images import ImageFolderSlices
-
         if labels is not None:
             raise UserError("an image folder is labelled by its class subfolders: drop --labels")
         try:

@@ -72,7 +72,6 @@ class Classifier(Method):
     def __init__(self, backbone: nn.Module, n_classes: int, config: FinetuneConfig | None = None, *,
                  windows, steps_per_epoch: int, val_data=None, crop: int = 224):
         super().__init__(backbone, config)
-
         if n_classes < 2:
             raise UserError(f"a classifier needs at least 2 classes, got {n_classes}")
         self.n_classes = int(n_classes)
@@ -109,7 +108,6 @@ class Classifier(Method):
         return self.head(self.backbone(x))
 
     def training_step(self, batch, step: int):
-
         x, y = batch
         frozen = self.frozen(step)
         self.backbone.train(not frozen)
@@ -143,7 +141,6 @@ class Classifier(Method):
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         if self.val_data is None:
             return {}
-
         prob, y = predict(self, self.val_data, batch=self.config.eval_batch)
         logp = np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None))
         m = compute_metrics(y, prob, metrics=("auc", "accuracy", "balanced_accuracy"))
@@ -157,7 +154,6 @@ class Classifier(Method):
 def predict(model: Classifier, dataset, *, batch: int = 128, crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities (N, K), labels (N,)) of every item of `dataset`, in order, with the
     evaluation transform (the whole slice resized to the crop size, windowed), in eval mode."""
-
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -202,7 +198,6 @@ def evaluate(model: Classifier, dataset, *, aggregate: str = "auto", level: str 
     patients (stratified by class), so slices of one scan never count as independent evidence.
     Returns {"metrics": {name: {value, low, high, se}}, "unit", "n_units", "n_patients", "per_class",
     "probabilities", "labels", "patients"} (the last three as arrays, for paired comparisons)."""
-
     prob, y = predict(model, dataset, batch=batch)
     pats = np.asarray(dataset.patients)
     unit, ids = _units(dataset, aggregate, level)
@@ -273,7 +268,6 @@ def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConf
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
     A batch larger than the training fraction is lowered to fit (recorded as ``effective_batch``)."""
-
     log = log or _log
     cfg = train_cfg if train_cfg is not None else TrainConfig(out="runs/finetune", epochs=70, batch=64, crop=224)
     config = config if config is not None else FinetuneConfig()

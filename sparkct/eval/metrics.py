@@ -21,6 +21,9 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
+from scipy.stats import norm, rankdata
+from sklearn import metrics as skm
 
 from sparkct.errors import UserError
 
@@ -79,8 +82,6 @@ def compute_metrics(y_true, y_score, *, n_classes: int | None = None,
                     metrics: Sequence[str] = METRICS) -> dict[str, float]:
     """The metrics in `metrics` (default all of :data:`METRICS`) from scikit-learn. y_true: class
     indices (n,); y_score: (n,) scores of class 1 or (n, K) class probabilities or logits."""
-    from sklearn import metrics as skm
-
     metrics = _check_names(metrics)
     y, p = _check(y_true, y_score, n_classes)
     k = p.shape[1]
@@ -197,8 +198,6 @@ def _units(y: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray, list[np.ndarr
 
 def _run_bootstrap(statistic_of_counts, unit: np.ndarray, strata, *, n_resamples: int,
                    confidence: float, method: str, seed, batch: int | None):
-    from scipy import stats
-
     n_units = int(unit.max()) + 1 if len(unit) else 0
     if any(len(s) < 2 for s in strata):
         small = [len(s) for s in strata]
@@ -317,8 +316,6 @@ def _placements(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
     one-vs-rest macro average. An item's influence for class c's AUC is its placement value (DeLong's
     V10 for a positive: the share of negatives it outranks, ties half; V01 for a negative: the share
     of positives that outrank it) divided by the size of its side, via midranks (Sun & Xu 2014)."""
-    from scipy.stats import rankdata
-
     k = p.shape[1]
     classes = [1] if k == 2 else list(range(k))
     psi = np.zeros(len(y))
@@ -372,8 +369,6 @@ def delong_test(y_true, score_a, score_b, *, confidence: float = 0.95) -> dict[s
     difference). Identical predictions give z = 0, p = 1. Multi-class: macro one-vs-rest AUCs (see
     :func:`delong_variance`). Either side may be :class:`Models`: the AUC averaged over its seeds,
     whose influence values are the average of theirs. Items must be independent (one per patient)."""
-    from scipy.stats import norm
-
     y, pa = _models(y_true, score_a)
     _, pb = _models(y, score_b, pa[0].shape[1])
     auc_a, psi_a = _mean_placements(y, pa)
@@ -396,8 +391,6 @@ def delong_test(y_true, score_a, score_b, *, confidence: float = 0.95) -> dict[s
 
 def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
     """Mean of per-seed values with a t interval over seeds (n >= 2), for reports."""
-    from scipy import stats
-
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if len(v) == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}

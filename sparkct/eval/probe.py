@@ -32,9 +32,20 @@ import os
 import time
 
 import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from sparkct import io as sio
+from sparkct.data import CTResize, CTSliceDataset, SliceLoader, patient_split
+from sparkct.data.windows import resolve_windows
+from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import PROBE_TARGETS as TARGETS  # one list for the module and the CLI parser
+from sparkct.eval.finetune import init_name, resolve_init
+from sparkct.eval.metrics import bootstrap_ci
+from sparkct.models.backbone import build_backbone
 
 __all__ = ["TARGETS", "AGE_BANDS", "parse_targets", "metadata_values", "probe_target", "embed", "run_probe",
            "render_markdown"]
@@ -102,12 +113,6 @@ def probe_target(features, values, patients, train, test, *, n_resamples: int = 
     features (N, D); values (N,) class names ('' = missing); patients (N,) patient ids (bootstrap
     groups). Returns {"status": "done", "classes", "metrics": {name: {value, low, high, se}}, "chance",
     "above_chance", counts, "dropped_classes"} or {"status": "skipped", "reason"}."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from sparkct.eval.metrics import bootstrap_ci
-
     X = np.asarray(features, dtype=np.float64)
     v = np.asarray(values, dtype=object)
     pat = np.asarray(patients)
@@ -177,10 +182,6 @@ def probe_target(features, values, patients, train, test, *, n_resamples: int = 
 def embed(backbone, dataset, *, crop: int, windows, batch: int = 128, device="cpu") -> np.ndarray:
     """(N, D) float32 embeddings of every item of `dataset`, in order: the whole slice resized to `crop`
     and windowed (the fine-tuning evaluation transform), the backbone in eval mode without gradients."""
-    import torch
-
-    from sparkct.data import CTResize, SliceLoader
-
     dev = torch.device(device)
     backbone.to(dev).eval()
     loader = SliceLoader(dataset, batch, shuffle=False, drop_last=False, transform=CTResize(crop, windows=windows),
@@ -208,15 +209,6 @@ def run_probe(init: str, data: str, *, targets=TARGETS, out: str = "runs/probe",
     """Embed the slices of the cache `data` with the frozen backbone `init` (random, a state_dict file or a
     pretraining run folder), probe each target, write probe.json and probe.md into `out`; return the
     result. windows / crop default to the run's (or lung,mediastinum,bone / 224)."""
-    import torch
-
-    from sparkct import io as sio
-    from sparkct.data import CTSliceDataset, patient_split
-    from sparkct.data.windows import resolve_windows
-    from sparkct.device import resolve_device
-    from sparkct.eval.finetune import init_name, resolve_init
-    from sparkct.models.backbone import build_backbone
-
     targets = parse_targets(targets)
     t0 = time.perf_counter()
     if max_slices < 2 or n_resamples < 1 or batch < 1:

@@ -19,6 +19,7 @@ the seeds' standard deviation is reported beside it.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 
 from sparkct import io as sio
 from sparkct.errors import UserError
+from sparkct.eval.metrics import Models, bootstrap_ci, delong_test, paired_bootstrap
 
 __all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
 
@@ -98,8 +100,6 @@ def aggregate(runs: list[dict], *, baseline: str = "random", n_resamples: int = 
     """Cells (method, fraction) -> mean AUC over seeds with its bootstrap CI, and paired comparisons
     of every method with `baseline` at each fraction (paired bootstrap; DeLong where the test units
     are one per patient)."""
-    from sparkct.eval.metrics import Models, bootstrap_ci, delong_test, paired_bootstrap
-
     cells: dict = defaultdict(list)
     for r in runs:
         cells[(r.get("method", "?"), float(r.get("fraction", float("nan"))))].append(r)
@@ -220,9 +220,9 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
 
 
 def _plot(agg: dict, path: str, title: str) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
     cells = [c for c in agg["cells"] if c["auc"] is not None]
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
@@ -255,8 +255,6 @@ def _plot(agg: dict, path: str, title: str) -> None:
 
 
 def _versions() -> dict:
-    import importlib
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for mod in ("sparkct", "torch", "torchvision", "numpy", "scipy", "sklearn", "matplotlib"):
         try:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from sparkct.ops.sparse import CellLayout, cell_layout, pack, sparse_conv2d, sparse_max_pool2d, unpack
 from sparkct.profiling import ranged
@@ -34,7 +35,6 @@ _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def _block_types():
-    from torchvision.models.resnet import BasicBlock, Bottleneck
     return BasicBlock, Bottleneck
 
 

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from torch.distributed.nn.functional import all_reduce
 
 from sparkct.distributed import is_distributed
 
@@ -32,8 +33,6 @@ class _GlobalBatchNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed(self.process_group)):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(x)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.to(acc)

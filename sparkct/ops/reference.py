@@ -2,6 +2,9 @@
 fallback users can call anywhere PyTorch runs."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 
 # ---- fused InfoNCE ----------------------------------------------------------------------------
 
@@ -14,9 +17,6 @@ def info_nce(z0, z1, temperature: float = 0.5, bank=None, *, cols=None, col_offs
     rows [col_offset, col_offset + 2N) (the distributed case; cols=None means cols = [z0; z1]).
     Bank (K, D): anchors z0, positive z1 row-wise, negatives the (normalized) bank rows.
     """
-    import torch
-    import torch.nn.functional as F
-
     if bank is not None:
         q = F.normalize(z0, dim=1)
         pos = (q * F.normalize(z1, dim=1)).sum(1, keepdim=True)
@@ -41,9 +41,6 @@ def info_nce(z0, z1, temperature: float = 0.5, bank=None, *, cols=None, col_offs
 def sparse_cell_tables(mask):
     """(cells (A, 3), nbr (A, 8), cell_map (B, GH, GW)), int32; nbr slots row-major around the cell
     (NW, N, NE, W, E, SW, S, SE), -1 = masked neighbour, -2 = beyond the border."""
-    import torch
-    import torch.nn.functional as F
-
     B, gh, gw = mask.shape
     flat = mask.reshape(-1)
     cell_map = torch.where(flat, torch.cumsum(flat.long(), 0) - 1, torch.full_like(flat, -1, dtype=torch.long))
@@ -71,8 +68,6 @@ def sparse_pack(x, mask):
 
 def sparse_unpack(packed, mask, fill=None):
     """Tiles (A, C, c, c) -> dense (B, C, GH*c, GW*c); masked cells hold fill (C,) or 0."""
-    import torch
-
     A, C, c, _ = packed.shape
     B, gh, gw = mask.shape
     base = packed.new_zeros(B, gh, gw, C, c, c)
@@ -87,9 +82,6 @@ def sparse_unpack(packed, mask, fill=None):
 def sparse_halo(packed, mask, pad, masked_fill=0.0, border_fill=0.0):
     """Each tile with a ring of width pad read from the dense canvas: masked cells hold masked_fill,
     the outside of the image border_fill."""
-    import torch
-    import torch.nn.functional as F
-
     A, C, c, _ = packed.shape
     fill = torch.full((C,), float(masked_fill), dtype=packed.dtype, device=packed.device)
     dense = sparse_unpack(packed, mask, fill)
@@ -105,9 +97,6 @@ def sparse_halo(packed, mask, pad, masked_fill=0.0, border_fill=0.0):
 def sparse_im2col(packed, mask, kernel, stride=1, pad=0):
     """Columns (A*co*co, C*k*k) of the dense zero-padded conv over the masked canvas, at the output
     positions of visible cells (row order tile, oy, ox; column order C, ky, kx)."""
-    import torch
-    import torch.nn.functional as F
-
     A, C, c, _ = packed.shape
     B, gh, gw = mask.shape
     co = c // stride
@@ -120,14 +109,10 @@ def sparse_im2col(packed, mask, kernel, stride=1, pad=0):
 
 def sparse_conv2d(packed, mask, weight, bias=None, stride=1, padding=0, groups=1):
     """SparK's semantics on packed tiles: dense conv of the masked canvas, then the visible cells."""
-    import torch.nn.functional as F
-
     y = F.conv2d(sparse_unpack(packed, mask), weight, bias, stride, padding, 1, groups)
     return sparse_pack(y, mask)
 
 
 def sparse_max_pool2d(packed, mask, kernel_size, stride=None, padding=0):
-    import torch.nn.functional as F
-
     y = F.max_pool2d(sparse_unpack(packed, mask), kernel_size, stride, padding)
     return sparse_pack(y, mask)

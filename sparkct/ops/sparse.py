@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from sparkct._ext import check_device
 from sparkct.profiling import ranged
@@ -135,7 +136,6 @@ def _check_packed(x: Tensor, layout: CellLayout, name: str) -> None:
 
 def _is_channels_last(x: Tensor) -> bool:
     """Mirror of is_channels_last in csrc/sparse_host.h: the layout the kernels write."""
-    from torch._prims_common import suggest_memory_format
     return x.dim() == 4 and suggest_memory_format(x) == torch.channels_last
 
 

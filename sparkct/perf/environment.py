@@ -7,6 +7,9 @@ import platform
 import re
 import socket
 import subprocess
+from importlib import metadata
+
+import sparkct
 
 __all__ = ["collect", "runner_slug"]
 
@@ -74,7 +77,6 @@ def _nvidia_smi() -> dict | None:
 
 
 def _version(dist: str) -> str | None:
-    from importlib import metadata
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -83,9 +85,7 @@ def _version(dist: str) -> str | None:
 
 def collect(device: str, root: str | None = None) -> dict:
     """The environment record of a sparkct-bench/1 file (flat keys; None where unknown)."""
-    import torch
-
-    import sparkct
+    import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch at import time)
 
     model, physical = _cpuinfo()
     try:
@@ -104,7 +104,7 @@ def collect(device: str, root: str | None = None) -> dict:
         **_git(root),
     }
     try:
-        from sparkct import _ext
+        from sparkct import _ext  # noqa: PLC0415 (lazy: imports torch, and the extension may be unbuilt)
         env["sparkct_cuda_kernels"] = bool(_ext.with_cuda())
         env["sparkct_cuda_version"] = _ext.cuda_version()
     except (ImportError, OSError):  # the extension is not built: the data suite still runs

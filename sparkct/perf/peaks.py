@@ -27,6 +27,7 @@ dtype.
 """
 from __future__ import annotations
 
+import platform
 import re
 import statistics
 import time
@@ -100,7 +101,7 @@ def gpu_table_peaks(name: str) -> dict | None:
 
 def _seconds(fn, device, repeats: int, warmup: int = 1) -> tuple[float, float]:
     """(median, best) seconds of `repeats` timed calls."""
-    from sparkct.bench import time_fn
+    from sparkct.bench import time_fn  # noqa: PLC0415 (lazy: imports torch; sparkct.perf must not at import)
     ts = time_fn(fn, device, repeats=repeats, warmup=warmup)
     return statistics.median(ts), min(ts)
 
@@ -110,7 +111,7 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
     """Attained peaks of `device` by a short measurement: GFLOP/s of an n x n x n torch.mm per dtype
     (2 n^3 FLOPs), and GB/s of a copy (read + write) and an add (two reads + a write) of tensors of
     `stream_mib` MiB, medians of `repeats`. The bandwidth roof is the better of copy and add."""
-    import torch
+    import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch at import time)
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -159,7 +160,6 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
 
 
 def _cpu_model() -> str:
-    import platform
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -180,7 +180,7 @@ def cpu_peaks(**kw) -> dict:
 def gpu_peaks(device="cuda", *, measure_unknown: bool = True, **kw) -> dict:
     """The datasheet peaks of the GPU `device`; for a GPU the table does not know, a note saying so
     and (with measure_unknown, the default) its attained peaks from a short calibration."""
-    import torch
+    import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch at import time)
 
     name = torch.cuda.get_device_name(torch.device(device))
     table = gpu_table_peaks(name)
@@ -197,9 +197,8 @@ def gpu_peaks(device="cuda", *, measure_unknown: bool = True, **kw) -> dict:
 
 def device_peaks(device="cpu", **kw) -> dict:
     """Peaks of `device` ('cpu' or a CUDA device): measured on a CPU, from the table on a known GPU."""
-    import torch
-
-    from sparkct.device import resolve_device
+    import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch at import time)
+    from sparkct.device import resolve_device  # noqa: PLC0415 (lazy: imports torch; sparkct.perf must not at import)
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     return gpu_peaks(dev, **kw) if dev.type == "cuda" else cpu_peaks(**kw)

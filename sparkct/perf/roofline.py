@@ -25,6 +25,9 @@ import os
 import sys
 
 from sparkct.errors import UserError
+from sparkct.io import atomic_path, read_json, write_text_atomic
+from sparkct.perf import peaks as P
+from sparkct.perf.peaks import compute_peak
 
 __all__ = ["resolve_peaks", "case_dtype", "points", "markdown", "plot", "write", "main"]
 
@@ -41,8 +44,6 @@ def _gpu_name(result: dict) -> str | None:
 def resolve_peaks(result: dict, peaks: dict | None = None, *, calibrate: bool = False) -> dict:
     """The peaks to draw `result` against: `peaks` if given, the result's stored "peaks", the GPU
     table by the result's GPU name, or (calibrate=True) measured now on this machine."""
-    from sparkct.perf import peaks as P
-
     if peaks is not None:
         return peaks
     if result.get("peaks"):
@@ -77,8 +78,6 @@ def _median(case: dict) -> float | None:
 
 def points(result: dict, peaks: dict) -> list[dict]:
     """One row per case with flops and a median time (see the module doc for the columns)."""
-    from sparkct.perf.peaks import compute_peak
-
     bw = peaks.get("bandwidth_gb_s")
     tf32 = bool((result.get("environment") or {}).get("allow_tf32"))
     rows = []
@@ -166,12 +165,9 @@ def _pct(x) -> str:
 def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> str:
     """A log-log roofline PNG: the bandwidth slope and the compute roof of each dtype the cases use,
     one numbered, labelled point per case with an intensity."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from sparkct.io import atomic_path
-    from sparkct.perf.peaks import compute_peak
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
     bw = peaks.get("bandwidth_gb_s")
     drawn = [r for r in rows if r["intensity"]]
@@ -223,8 +219,6 @@ def _runner(result: dict) -> str:
 def write(result: dict, out_dir: str, peaks: dict | None = None, *, calibrate: bool = False) -> tuple[str, str]:
     """Write roofline-<runner>.png and roofline-<runner>.md for a bench result into out_dir;
     returns their paths. Raises UserError when no case has FLOPs or no peaks are known."""
-    from sparkct.io import write_text_atomic
-
     pk = resolve_peaks(result, peaks, calibrate=calibrate)
     rows = points(result, pk)
     if not rows:
@@ -250,8 +244,6 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def run(args) -> int:
-    from sparkct.io import read_json
-
     if not os.path.isfile(args.result):
         raise UserError(f"no such file: {args.result}")
     png, md = write(read_json(args.result), args.out, calibrate=args.calibrate)

@@ -16,12 +16,14 @@ import json
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
 
 from sparkct import io as sio
 from sparkct.errors import UserError
+from sparkct.models.backbone import backbone_state
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "find_latest", "rng_state", "set_rng_state",
            "link_atomic", "prune", "export_backbone"]
@@ -59,7 +61,6 @@ def link_atomic(src: str, dst: str) -> None:
         os.link(src, tmp)
         os.replace(tmp, dst)
     except OSError:
-        import shutil
         with sio.atomic_path(dst) as t:
             shutil.copyfile(src, t)
     sio.fsync_dir(os.path.dirname(os.path.abspath(dst)))
@@ -121,8 +122,6 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 def export_backbone(state_or_model, out: str) -> dict:
     """Write the backbone export (torchvision state_dict minus fc) atomically; returns it."""
-    from sparkct.models.backbone import backbone_state
-
     if isinstance(state_or_model, dict):
         sd = {k[len("backbone."):]: v.detach().cpu().contiguous() for k, v in state_or_model["model"].items()
               if k.startswith("backbone.") and not k.startswith("backbone.fc.")}

@@ -55,11 +55,11 @@ def build_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float
         raise UserError("the model has no trainable parameters")
     betas = tuple(float(b) for b in betas)
     if name == "lamb":
-        from timm.optim import Lamb
+        from timm.optim import Lamb  # noqa: PLC0415 (lazy: optional here, only lamb/lars need timm)
         # max_grad_norm=None: the trainer clips (or not) itself; timm would clip at 1.0 silently
         return Lamb(groups, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=None)
     if name == "lars":
-        from timm.optim import Lars
+        from timm.optim import Lars  # noqa: PLC0415 (lazy: optional here, only lamb/lars need timm)
         return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)

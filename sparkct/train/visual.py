@@ -5,6 +5,7 @@ import csv
 import os
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from sparkct import io as sio
 
@@ -14,8 +15,6 @@ __all__ = ["save_preview", "plot_curves"]
 def save_preview(rows: dict, path: str, title: str = "", n: int = 8, channel: int = 0) -> None:
     """rows: name -> (B, C, H, W) tensor in [0, 1]. One labelled row per entry, up to n samples, the given
     channel (the first HU window by default) in greyscale."""
-    from PIL import Image, ImageDraw
-
     arrays = {}
     for name, t in rows.items():
         a = t.detach().float().cpu().clamp(0, 1).numpy()
@@ -47,9 +46,9 @@ def plot_curves(metrics_csv: str, path: str, keys=("loss",), title: str = "") ->
         rows = list(csv.DictReader(f))
     if not rows:
         return False
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
     keys = [k for k in keys if k in rows[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
