@@ -8,6 +8,7 @@ nothing is the backbone export format: it loads with ``strict=True`` into
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -28,8 +29,8 @@ def check_arch(arch: str) -> str:
 
 def feature_dim(model: nn.Module) -> int:
     """Channels of layer4's output (the pooled feature size)."""
-    last = model.layer4[-1]
-    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+    last = cast(nn.Sequential, model.layer4)[-1]
+    return cast(nn.BatchNorm2d, last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
@@ -38,10 +39,12 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     pretrained RGB weights stay meaningful."""
     if not isinstance(in_chans, int) or in_chans < 1:
         raise UserError(f"in_chans must be a positive integer, got {in_chans!r}")
-    old = model.conv1
+    old = cast(nn.Conv2d, model.conv1)
     if old.in_channels == in_chans:
         return model
-    new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+    k, s, p = old.kernel_size, old.stride, old.padding
+    new = nn.Conv2d(in_chans, old.out_channels, k, s, p,  # type: ignore[arg-type]  # 2-tuples, typed tuple[int, ...]
+                    bias=old.bias is not None)
     with torch.no_grad():
         w = old.weight
         if in_chans == 1:

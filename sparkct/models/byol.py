@@ -37,6 +37,7 @@ class BYOLConfig(SSLConfig):
 class BYOL(SSLMethod):
     name = "byol"
     config_class = BYOLConfig
+    config: BYOLConfig
     # BYOL: LARS, lr 0.2 x batch / 256, weight decay 1.5e-6 (warm-up shortened from 10 epochs for short runs)
     defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6,
                 "warmup_epochs": 1.0}

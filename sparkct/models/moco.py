@@ -85,6 +85,7 @@ def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) 
 class MoCo(SSLMethod):
     name = "moco"
     config_class = MoCoConfig
+    config: MoCoConfig
     # MoCo v2: SGD (momentum 0.9), lr 0.03 x batch / 256, weight decay 1e-4, cosine schedule
     defaults = {**SSLMethod.defaults, "optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4,
                 "warmup_epochs": 0.0}

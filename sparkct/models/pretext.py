@@ -32,6 +32,7 @@ and DDP draw what one uninterrupted process draws.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,9 @@ class PretextConfig(MethodConfig):
 
 
 class _Pretext(Method):
-    config_class = PretextConfig
+    # NextSlice's config is not a PretextConfig (other fields): both have crop_scale, all transform() reads
+    config_class: type[PretextConfig] | type[NextSliceConfig] = PretextConfig
+    config: PretextConfig | NextSliceConfig
     defaults = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
                 "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
     #: geometric augmentation that would give the task's answer away is switched off
@@ -91,6 +94,7 @@ class _Pretext(Method):
 
 
 class _Classification(_Pretext):
+    config: PretextConfig
     n_classes = 2
 
     def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
@@ -147,15 +151,17 @@ class Flip(_Classification):
 
 
 class _Reconstruction(_Pretext):
+    config: PretextConfig
+
     def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
         super().__init__(backbone, config)
-        chans = backbone.conv1.in_channels
+        chans = cast(nn.Conv2d, backbone.conv1).in_channels
         self.decoder = LightDecoder(out_chans=chans, width=self.config.decoder_width)
         stage_ch = [_out_channels(getattr(backbone, n)) for n in ("layer4", "layer3", "layer2", "layer1")]
         self.proj = nn.ModuleList([nn.Conv2d(c, w, 1) for c, w in zip(stage_ch, self.decoder.in_widths)])
 
     def stages(self, x: Tensor) -> list[Tensor]:
-        b = self.backbone
+        b: Any = self.backbone  # a torchvision ResNet (untyped): its modules by name
         h = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         feats = []
         for n in ("layer1", "layer2", "layer3", "layer4"):
@@ -186,7 +192,7 @@ class _Reconstruction(_Pretext):
 
 def _out_channels(stage: nn.Sequential) -> int:
     last = stage[-1]
-    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+    return cast(nn.BatchNorm2d, last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 class Denoise(_Reconstruction):
@@ -260,6 +266,7 @@ class NextSlice(_Pretext):
 
     name = "nextslice"
     config_class = NextSliceConfig
+    config: NextSliceConfig
 
     def __init__(self, backbone: nn.Module, config: NextSliceConfig | None = None):
         super().__init__(backbone, config)

@@ -32,6 +32,7 @@ class SimCLRConfig(SSLConfig):
 class SimCLR(SSLMethod):
     name = "simclr"
     config_class = SimCLRConfig
+    config: SimCLRConfig
     # SimCLR: LARS, lr 0.3 x batch / 256, weight decay 1e-6 (warm-up shortened from 10 epochs for short runs)
     defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6,
                 "warmup_epochs": 1.0}

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,9 @@ class SSLMethod(Method):
     logs (``ssl``, ``supervised``, ``collapse``)."""
 
     config_class = SSLConfig
+    config: SSLConfig
+    #: set by each subclass (the default :meth:`embed` runs it on the backbone's features)
+    projector: nn.Module
     accepts_targets = True  # the trainer passes (views, targets) when a labels file is given
     #: how many leading views are "global" (full-size crops): the supervised term and the probe use them
     n_global = 2
@@ -275,7 +278,8 @@ class SSLMethod(Method):
         sizes = [g.shape[0] // n for g, n in groups]
         n_global = min(self.n_global, len(inputs))
 
-        def loss_fn(group_outs):
+        def loss_fn(group_outs: Sequence[Tensor | tuple[Tensor, ...]]
+                    ) -> tuple[Tensor, tuple[list[tuple[Tensor, ...]], dict[str, Any]]]:
             per_view: list[tuple[Tensor, ...]] = []
             for (g, n), outs, size in zip(groups, group_outs, sizes):
                 outs = outs if isinstance(outs, tuple) else (outs,)
@@ -286,7 +290,8 @@ class SSLMethod(Method):
             logs = dict(logs)
             logs["ssl"] = ssl.detach()
             if self.classifier is not None and targets is not None:
-                sup = sum(self.supervised_loss(o[2], targets) for o in per_view[:n_global]) / n_global
+                # n_global >= 1 terms: a tensor (sum's start 0 makes mypy see Tensor | int)
+                sup = cast(Tensor, sum(self.supervised_loss(o[2], targets) for o in per_view[:n_global])) / n_global
                 loss = ssl + self.config.hybrid_weight * sup
                 logs["supervised"] = sup.detach()
             return loss, (per_view, logs)

@@ -76,6 +76,8 @@ class SwAVConfig(SSLConfig):
 class SwAV(SSLMethod):
     name = "swav"
     config_class = SwAVConfig
+    config: SwAVConfig
+    epoch: Tensor  # buffer: epochs done
     # SwAV: LARS, lr 4.8 at batch 4096 (0.3 x batch / 256), weight decay 1e-6
     defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6,
                 "warmup_epochs": 1.0}

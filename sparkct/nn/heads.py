@@ -128,7 +128,7 @@ class SwAVPrototypes(nn.Module):
         self.normalize()
 
     @property
-    def weight(self) -> nn.Parameter:
+    def weight(self) -> torch.Tensor:
         return self.layer.weight
 
     @torch.no_grad()

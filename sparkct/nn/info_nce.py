@@ -46,6 +46,8 @@ class InfoNCELoss(nn.Module):
 
     #: the smallest temperature accepted (lightly's bound)
     MIN_TEMPERATURE = 1e-8
+    bank: torch.Tensor  # buffers (registered in __init__)
+    bank_ptr: torch.Tensor
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: int | Sequence[int] = 0,
                  gather_distributed: bool = False, persistent_bank: bool = False):
@@ -59,7 +61,7 @@ class InfoNCELoss(nn.Module):
                          f"{type(memory_bank_size).__name__}): expected an int 0 (no bank), K, or a pair (K, D) "
                          "of ints with K, D >= 0")
         if isinstance(memory_bank_size, numbers.Integral) and not isinstance(memory_bank_size, bool):
-            size = (int(memory_bank_size),)
+            size: tuple[int, ...] = (int(memory_bank_size),)
         elif isinstance(memory_bank_size, Sequence) and not isinstance(memory_bank_size, str):
             size = tuple(memory_bank_size)
         else:

@@ -28,6 +28,10 @@ class FeatureQueue(nn.Module):
             False (SwAV's choice) keeps a per-rank queue of the rank's own rows.
     """
 
+    queue: torch.Tensor  # buffers (registered in __init__)
+    ptr: torch.Tensor
+    count: torch.Tensor
+
     def __init__(self, size: int, dim: int, gather_distributed: bool = False):
         super().__init__()
         if size < 1 or dim < 1:

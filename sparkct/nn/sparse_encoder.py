@@ -19,7 +19,7 @@ and pool dense, then masked cells zeroed; BatchNorm over visible positions), but
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,12 @@ class SparseEncoder(nn.Module):
 
     feature_strides = (4, 8, 16, 32)
     downsample_ratio = 32
+    # the model's stem (shared modules; conv1 is a ResNet's stem conv, its in_channels the input's)
+    conv1: nn.Conv2d
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    _dense_model: nn.Module
 
     def __init__(self, model: nn.Module, *, gemm_max_cell: int = 2,
                  conv_method: Literal["auto", "halo", "gemm"] = "auto",
@@ -114,7 +120,8 @@ class SparseEncoder(nn.Module):
         if memory_format not in ("channels_last", "contiguous", "preserve"):
             raise ValueError("memory_format must be 'channels_last', 'contiguous' or 'preserve', got "
                              f"{memory_format!r}")
-        self.conv1, self.bn1, self.relu, self.maxpool = model.conv1, model.bn1, model.relu, model.maxpool
+        self.conv1 = cast(nn.Conv2d, model.conv1)
+        self.bn1, self.relu, self.maxpool = (getattr(model, n) for n in ("bn1", "relu", "maxpool"))
         self.layer1, self.layer2, self.layer3, self.layer4 = (getattr(model, n) for n in _STAGES)
         self.gemm_max_cell = int(gemm_max_cell)
         self.conv_method = conv_method

@@ -107,7 +107,7 @@ class SwAVLoss(nn.Module):
         loss = high_resolution[0].new_zeros((), dtype=torch.float32)
         for i in range(n_high):
             q = self.codes(high_resolution[i], queue[i] if queue is not None else None)
-            sub = sum(self.subloss(high_resolution[v], q) for v in range(n_high) if v != i)
+            sub: torch.Tensor | int = sum(self.subloss(high_resolution[v], q) for v in range(n_high) if v != i)
             sub = sub + sum(self.subloss(z, q) for z in low_resolution)
             loss = loss + sub / (n_crops - 1)
         return loss / n_high

@@ -11,6 +11,7 @@ global batch, as SparK's SyncBN gives.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,13 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 __all__ = ["GlobalBatchNorm1d", "GlobalBatchNorm2d", "convert_sync_batchnorm"]
 
 
-class _GlobalBatchNorm:
+if TYPE_CHECKING:  # what the mixin sees of the nn.BatchNorm class after it in the MRO
+    _MixinBase = nn.modules.batchnorm._BatchNorm
+else:
+    _MixinBase = object
+
+
+class _GlobalBatchNorm(_MixinBase):
     """The forward of the global BatchNorms (mixed into nn.BatchNorm1d / nn.BatchNorm2d)."""
 
     process_group = None
@@ -47,12 +54,14 @@ class _GlobalBatchNorm:
         d = xf - mean.view(shape)
         var = all_reduce(d.square().sum(dims), group=self.process_group) / n
         if self.track_running_stats:
+            count, run_mean, run_var = self.num_batches_tracked, self.running_mean, self.running_var
+            assert count is not None and run_mean is not None and run_var is not None  # track_running_stats
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                count.add_(1)  # in place: the buffer
+                m = self.momentum if self.momentum is not None else 1.0 / float(count)
                 unbiased = var.detach() * (n / (n - 1).clamp_min(1))
-                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+                run_mean.mul_(1 - m).add_(mean.detach().to(run_mean.dtype), alpha=m)
+                run_var.mul_(1 - m).add_(unbiased.to(run_var.dtype), alpha=m)
         y = d * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.to(acc).view(shape) + self.bias.to(acc).view(shape)
@@ -81,8 +90,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None, *, cuda_native
 
 
 def _convert(m: nn.Module, group) -> nn.Module:
-    cls = {nn.BatchNorm2d: GlobalBatchNorm2d, nn.BatchNorm1d: GlobalBatchNorm1d}.get(type(m))
-    if cls is not None:
+    classes: dict[type[nn.Module], type[_GlobalBatchNorm]] = {nn.BatchNorm2d: GlobalBatchNorm2d,
+                                                              nn.BatchNorm1d: GlobalBatchNorm1d}
+    cls = classes.get(type(m))
+    if cls is not None and isinstance(m, nn.modules.batchnorm._BatchNorm):  # (true when cls is; types m)
         new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                                 device=m.running_mean.device if m.running_mean is not None else None)
         new.process_group = group
@@ -94,7 +105,7 @@ def _convert(m: nn.Module, group) -> nn.Module:
         new.train(m.training)
         return new
     for name, child in m.named_children():
-        new = _convert(child, group)
-        if new is not child:
-            setattr(m, name, new)
+        converted = _convert(child, group)
+        if converted is not child:
+            setattr(m, name, converted)
     return m

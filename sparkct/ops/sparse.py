@@ -538,7 +538,7 @@ class _HaloMaxPool(torch.autograd.Function):
         return _ops.sparse_halo_backward(gh, nbr, pad), None, None, None, None
 
 
-def conv_method(out_cell: int, groups: int = 1, gemm_max_cell: int = 2) -> str:
+def conv_method(out_cell: int, groups: int = 1, gemm_max_cell: int = 2) -> Literal["halo", "gemm"]:
     """The execution chosen for a k x k conv whose output cells are out_cell wide: a GEMM over
     visible positions where tiles are tiny (a halo would multiply the data up to 9x), else halo tiles.
     The crossover (gemm_max_cell = 2) was measured on CPU (benchmarks/bench_sparse_encoder.py)."""

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from typing import cast
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
 
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    # legacy=True (the default) gives the MT19937 tuple; numpy's stub types the no-argument call as a dict
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
           "python_pos": random.getstate()[2],
           "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),

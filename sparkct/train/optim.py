@@ -25,7 +25,8 @@ OPTIMIZERS = ("lamb", "lars", "adamw", "adam", "sgd")
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str] | frozenset = frozenset()) -> list[dict]:
-    decay, skip = [], []
+    decay: list[nn.Parameter] = []
+    skip: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue

@@ -9,7 +9,7 @@ blocks 0..3 (``forward(to_dec)`` with the deepest first, each already projected 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch.nn as nn
 from torch import Tensor
@@ -65,7 +65,7 @@ class LightDecoder(nn.Module):
     @property
     def in_widths(self) -> list[int]:
         """Input channels of each block (what the densify projections must produce)."""
-        return [blk.up_sample.in_channels for blk in self.dec]
+        return [cast(UNetBlock, blk).up_sample.in_channels for blk in self.dec]
 
     def initialize(self) -> None:
         """SparK's init: convs trunc-normal std 0.02 (bias 0), transposed convs Kaiming fan-out (bias 0),
@@ -92,9 +92,10 @@ class LightDecoder(nn.Module):
         with the width of the block it enters. Returns (B, out_chans, 32 * h, 32 * w)."""
         x = None
         for i, blk in enumerate(self.dec):
-            if i < len(to_dec) and to_dec[i] is not None:
+            t = to_dec[i] if i < len(to_dec) else None
+            if t is not None:
                 # x is a fresh BN output nobody saved for backward: add in place (SparK: x = x + t)
-                x = to_dec[i] if x is None else x.add_(to_dec[i])
+                x = t if x is None else x.add_(t)
             if x is None:
                 raise ValueError("the decoder needs the deepest feature map (to_dec[0])")
             x = blk(x)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn as nn
@@ -146,6 +146,7 @@ class SparK(Method):
 
     name = "spark"
     config_class = SparKConfig
+    config: SparKConfig
     # SparK's published recipe: LAMB, base lr 2e-4 per 256 images, weight decay 0.04 -> 0.2 (cosine)
     defaults = {"optimizer": "lamb", "base_lr": 2e-4, "weight_decay": 0.04, "weight_decay_end": 0.2,
                 "warmup_epochs": 1.0, "betas": (0.9, 0.95)}
@@ -157,7 +158,7 @@ class SparK(Method):
         from sparkct.nn import SparseEncoder
 
         enc = SparseEncoder(backbone)  # validates the backbone (a torchvision ResNet) and gives the widths
-        self.in_chans = backbone.conv1.in_channels
+        self.in_chans = cast(nn.Conv2d, backbone.conv1).in_channels
         widths = list(reversed(enc.feature_channels))  # deepest first
         self.decoder = LightDecoder(self.in_chans, self.config.decoder_width, up_sample_ratio=CELL)
         self.densify_norms = nn.ModuleList()
