@@ -31,7 +31,7 @@ class MetricsLog:
         if os.path.isfile(self.csv_path):
             with open(self.csv_path, newline="") as f:
                 r = csv.DictReader(f)
-                self.fields = r.fieldnames
+                self.fields = list(r.fieldnames) if r.fieldnames is not None else None
                 self.rows = [row for row in r if int(row["step"]) <= start_step]
         self._jsonl = [ln for ln in _read_lines(self.jsonl_path) if json.loads(ln).get("step", 0) <= start_step]
         if tensorboard:

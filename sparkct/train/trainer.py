@@ -34,11 +34,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -302,14 +303,16 @@ class Trainer:
         wd1 = self._setting("weight_decay_end")
         self.wd1 = self.wd0 if wd1 is None else wd1
         self.warmup = round(self._setting("warmup_epochs") * self.steps_per_epoch)
-        groups = method.param_groups(self.wd0) if hasattr(method, "param_groups") else None
+        # an optional hook (a method with its own parameter groups), not part of the Method contract
+        param_groups = getattr(method, "param_groups", None)
+        groups = param_groups(self.wd0) if param_groups is not None else None
         self.optimizer = build_optimizer(method, self.opt_name, self.peak, self.wd0, betas=self._setting("betas"),
                                          no_decay=method.no_weight_decay(), groups=groups)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
         self.probe = None
         if self.classes is not None:
             self.probe = OnlineLinearProbe(feature_dim(method.backbone), len(self.classes)).to(device)
-        self.model = method
+        self.model: nn.Module = method  # the method, or DDP around it
         self.manual_ddp = self.world > 1 and method.manual_backward
         if self.manual_ddp:
             # one forward, several backward passes (gradient caching): DDP's reducer cannot follow that,
@@ -404,7 +407,8 @@ class Trainer:
         step = run.step
         lr, wd = lr_at(step, self.total, self.warmup, self.peak), wd_at(step, self.total, self.wd0, self.wd1)
         apply_schedule(self.optimizer, lr, wd)
-        loss_sum, logs_sum = 0.0, {}
+        loss_sum = 0.0
+        logs_sum: dict[str, float] = {}
         for m in range(cfg.accum):
             method.micro = m
             with profiling.range("step/data"):
@@ -415,7 +419,7 @@ class Trainer:
             else:
                 inp = batch
             run.last_inp = inp
-            sync = (self.model.no_sync() if self.world > 1 and not self.manual_ddp and m < cfg.accum - 1
+            sync = (cast(DDP, self.model).no_sync() if self.world > 1 and not self.manual_ddp and m < cfg.accum - 1
                     else contextlib.nullcontext())
             with sync:
                 if method.manual_backward:
