@@ -1,8 +1,6 @@
 """Device names a user types (``cpu``, ``cuda``, ``cuda:1``, ``auto``) -> torch.device, checked."""
 from __future__ import annotations
 
-import torch
-
 from sparkct.errors import UserError
 
 __all__ = ["resolve_device", "DEVICE_CHOICES_HELP"]
@@ -13,6 +11,8 @@ DEVICE_CHOICES_HELP = "cpu, cuda, cuda:N or auto (cuda when a GPU is visible, el
 def resolve_device(spec: str):
     """torch.device for `spec`; a UserError naming the problem for an unknown name or a CUDA device
     that is not there (checked before any work starts)."""
+    import torch  # noqa: PLC0415 (lazy: command parsers import this module; `sparkct -h` imports no torch)
+
     s = str(spec).strip().lower()
     if s == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
