@@ -197,8 +197,7 @@ def test_loader_threads(benchmark, cache256):
 @pytest.mark.benchmark(group="data-loader-224-cuda")
 def test_loader_gpu_augment(benchmark, cache256):
     from sparkct.data.augment import CTAugment
-    from sparkct.data.datasets import CTSliceDataset
-    from sparkct.data.datasets import SliceLoader
+    from sparkct.data.datasets import CTSliceDataset, SliceLoader
     batch = 256
     ds = CTSliceDataset(cache256)
     ld = SliceLoader(ds, batch, transform=CTAugment(224), device="cuda", workers=2)

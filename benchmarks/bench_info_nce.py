@@ -27,9 +27,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import benchkit
 from sparkct.ops import info_nce
 from sparkct.ops import reference as ref
+
+import benchkit
 
 # sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
 BENCH = {

@@ -36,12 +36,12 @@ import warnings
 import pytest
 import torch
 
-import benchkit
-from sparkct.nn import SparseEncoder
-from sparkct.ops import reference as R
-from sparkct.models.spark import reference as SR
-from sparkct.ops import sparse as S
 from sparkct.models.masking import cell_mask
+from sparkct.models.spark import reference as SR
+from sparkct.nn import SparseEncoder
+from sparkct.ops import sparse as S
+
+import benchkit
 
 # sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
 BENCH = {

@@ -25,9 +25,10 @@ import time
 import pytest
 import torch
 
-import benchkit
 from sparkct.errors import UserError
 from sparkct.perf.registry import Bench, discover
+
+import benchkit
 
 
 def cuda_ready() -> bool:
@@ -39,7 +40,7 @@ def cuda_ready() -> bool:
 
 CUDA_READY = cuda_ready()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-_PROGRESS: "_Progress | None" = None
+_PROGRESS: _Progress | None = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # family -> its BENCH declaration (suite, ratio pairs, "default" and "quick" cases): set in pytest_configure

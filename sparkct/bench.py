@@ -73,7 +73,7 @@ class Timer:
         self.device = device
         self.seconds = 0.0
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         sync(self.device)
         self._t0 = time.perf_counter()
         return self

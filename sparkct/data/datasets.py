@@ -20,8 +20,8 @@ import inspect
 import math
 import os
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ class CTSliceDataset(torch.utils.data.Dataset):
         """Series index (into the cache's series table) of every item."""
         return self.cache.slice_series[self.indices]
 
-    def subset(self, items) -> "CTSliceDataset":
+    def subset(self, items) -> CTSliceDataset:
         """The same dataset restricted to item positions `items` (e.g. a split)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)

@@ -5,7 +5,8 @@ Several windows stack as channels, so a 3-channel network sees lung, soft tissue
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Union
 
 import numpy as np
 

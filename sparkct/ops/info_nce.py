@@ -46,6 +46,7 @@ import math
 import numbers
 
 import torch
+
 from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
 from sparkct.profiling import ranged

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # ---- fused InfoNCE ----------------------------------------------------------------------------
 
 def info_nce(z0, z1, temperature: float = 0.5, bank=None, *, cols=None, col_offset: int = 0):

@@ -198,6 +198,7 @@ def gpu_peaks(device="cuda", *, measure_unknown: bool = True, **kw) -> dict:
 def device_peaks(device="cpu", **kw) -> dict:
     """Peaks of `device` ('cpu' or a CUDA device): measured on a CPU, from the table on a known GPU."""
     import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch at import time)
+
     from sparkct.device import resolve_device  # noqa: PLC0415 (lazy: imports torch; sparkct.perf must not at import)
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)

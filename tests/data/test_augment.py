@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparkct.data.augment import (CTAugment, CTResize, MultiCrop, TwoViews, affine_grid, gaussian_blur,
-                                  gaussian_kernels)
+from sparkct.data.augment import CTAugment, CTResize, MultiCrop, TwoViews, affine_grid, gaussian_blur, gaussian_kernels
 from sparkct.data.windows import apply_windows
 
 OFF = dict(p_rotate=0, p_hu=0, p_intensity=0, p_gamma=0, p_noise=0, p_blur=0, hflip=0)

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES
-from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone
 from sparkct.data import label_slices
 from sparkct.errors import UserError
 from sparkct.models import get_method
 from sparkct.models.simclr import SimCLR, SimCLRConfig
 from sparkct.models.ssl import augment_kwargs
+
+from contrastive_helpers import FEATURES, grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

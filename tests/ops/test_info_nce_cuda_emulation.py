@@ -109,7 +109,7 @@ def test_mirror_matches_source():
     def const(name):
         m = re.search(rf"constexpr int {name} = ([^;]+);", src)
         assert m, name
-        return eval(m.group(1), {}, {"kBN": K_BN, "kBM": K_BM, "kDC": K_DC})  # noqa: S307
+        return eval(m.group(1), {}, {"kBN": K_BN, "kBM": K_BM, "kDC": K_DC})
 
     assert (const("kThreads"), const("kBM"), const("kBN"), const("kDC"), const("kLDS")) == (
         K_THREADS, K_BM, K_BN, K_DC, K_LDS)
@@ -120,7 +120,7 @@ def test_mirror_matches_source():
         env = {"kBN": K_BN, "kDC": K_DC, "kLDS": K_LDS}
         for part in line.split(","):
             k, v = (s.strip() for s in part.split("="))
-            env[k] = eval(v, {}, env)  # noqa: S307
+            env[k] = eval(v, {}, env)
         sep = re.search(r"kSeparateW = (true|false)", block).group(1) == "true"
         return env["BK"], env["LDK"], env["LDW"], env["LDX"], sep
 

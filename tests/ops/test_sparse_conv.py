@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparkct.models.masking import cell_mask
 from sparkct.ops import reference as R
 from sparkct.ops import sparse as S
-from sparkct.models.masking import cell_mask
 
 
 def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):

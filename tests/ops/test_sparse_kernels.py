@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from sparkct.models.masking import cell_mask
 from sparkct.ops import reference as R
 from sparkct.ops import sparse as S
-from sparkct.models.masking import cell_mask
 
 ops = torch.ops.sparkct
 

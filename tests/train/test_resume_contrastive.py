@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sparkct.train import checkpoint as C
+
 from ssl_runs import run
 
 RESUME_KW = {

@@ -22,8 +22,8 @@ skip features in place, and the loss is computed in float32 from strided views (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
