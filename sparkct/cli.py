@@ -46,7 +46,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"device {i}       {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
               f"{p.multi_processor_count} SMs")
     if info["with_cuda"] and n:
-        cap = "%d.%d" % torch.cuda.get_device_capability(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        cap = f"{major}.{minor}"
         if info["cuda_archs"] and cap not in info["cuda_archs"]:
             print(f"WARNING: device 0 is sm {cap}, kernels were built for {info['cuda_archs']}; "
                   f"rebuild with TORCH_CUDA_ARCH_LIST={cap}")

@@ -278,7 +278,7 @@ class SSLMethod(Method):
 
         def loss_fn(group_outs):
             per_view: list[tuple[Tensor, ...]] = []
-            for (g, n), outs, size in zip(groups, group_outs, sizes):
+            for (_g, n), outs, size in zip(groups, group_outs, sizes):
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 split = [o.split(size, 0) for o in outs]
                 per_view += [tuple(s[i] for s in split) for i in range(n)]

@@ -111,7 +111,7 @@ def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
     grad_of = {id(t): g for t, g in zip(flat, grads)}
     for x, outs, rng, tup in zip(inputs, parts, states, leaves):
         offset = 0
-        for c, out0, (cpu_state, cuda_state) in zip(chunks(x, chunk), outs, rng):
+        for c, _out0, (cpu_state, cuda_state) in zip(chunks(x, chunk), outs, rng):
             n = c.shape[0]
             devices = [c.device] if cuda_state is not None else []
             with torch.random.fork_rng(devices=devices):

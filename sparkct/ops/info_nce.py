@@ -229,8 +229,9 @@ def _bw_backward(ctx, gg0, gg1, gg_other):
            for c, p in zip(cot, primals[1:])]
 
     def first_order(g, a0, a1, *o):
-        loss = lambda b0, b1, *ob: _reference_loss(b0, b1, ob[0] if ob else None, bank is not None, temperature,
-                                                   col_offset)
+        def loss(b0, b1, *ob):
+            return _reference_loss(b0, b1, ob[0] if ob else None, bank is not None, temperature, col_offset)
+
         _, vjp = torch.func.vjp(loss, a0, a1, *o)
         return vjp(g.reshape(()))
 

@@ -101,7 +101,6 @@ def sparse_im2col(packed, mask, kernel, stride=1, pad=0):
     co = c // stride
     dense = sparse_unpack(packed, mask)
     cols = F.unfold(dense, kernel, padding=pad, stride=stride)  # B, C*k*k, Ho*Wo
-    Ho, Wo = gh * co, gw * co
     cols = cols.view(B, C * kernel * kernel, gh, co, gw, co).permute(0, 2, 4, 3, 5, 1)  # B gh gw co co CK
     return cols[mask].reshape(A * co * co, C * kernel * kernel)
 

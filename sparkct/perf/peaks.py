@@ -27,6 +27,7 @@ dtype.
 """
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import statistics
@@ -131,7 +132,7 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
             out = torch.empty(n, n, device=dev, dtype=torch_dt[k])
             if cuda:
                 torch.backends.cuda.matmul.allow_tf32 = k == "tf32"
-            s, best = _seconds(lambda: torch.mm(a, b, out=out), device, repeats)
+            s, best = _seconds(functools.partial(torch.mm, a, b, out=out), device, repeats)
             by_dtype[k] = round(2 * n ** 3 / s / 1e9, 1)
             best_gemm[k] = round(2 * n ** 3 / best / 1e9, 1)
             del a, b, out
@@ -142,8 +143,8 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
     y = torch.empty_like(x)
     z = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-    copy_gb_s = 2 * nbytes / _seconds(lambda: y.copy_(x), device, repeats)[0] / 1e9
-    add_gb_s = 3 * nbytes / _seconds(lambda: torch.add(x, y, out=z), device, repeats)[0] / 1e9
+    copy_gb_s = 2 * nbytes / _seconds(functools.partial(y.copy_, x), device, repeats)[0] / 1e9
+    add_gb_s = 3 * nbytes / _seconds(functools.partial(torch.add, x, y, out=z), device, repeats)[0] / 1e9
     del x, y, z
     out = {"device": dev.type, "source": "measured",
            "compute_gflop_s": by_dtype["fp32"], "compute_by_dtype_gflop_s": by_dtype,
