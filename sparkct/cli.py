@@ -16,15 +16,13 @@ from sparkct.cliargs import Parser, run_command
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    # lazy: `sparkct -h` imports no torch
-    import torch
+    import torch  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
 
     print(f"sparkct        {sparkct.__version__}")
     print(f"python         {platform.python_version()} ({sys.executable})")
     print(f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
-        # lazy: a missing extension is reported, not raised
-        from sparkct import _ext
+        from sparkct import _ext  # noqa: PLC0415 (lazy: a missing extension is reported, not raised)
     except ImportError as e:
         print(f"extension      NOT LOADED: {e}")
         return 1

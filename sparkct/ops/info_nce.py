@@ -49,6 +49,7 @@ import torch
 
 from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
+from sparkct.ops import reference
 from sparkct.profiling import ranged
 
 __all__ = ["IMPLS", "check_temperature", "info_nce"]
@@ -201,8 +202,6 @@ torch.library.register_autograd("sparkct::info_nce", _backward, setup_context=_s
 # direct call of info_nce_backward with an `lse` that requires grad is refused.
 
 def _reference_loss(z0, z1, other, bank_mode: bool, temperature: float, col_offset: int):
-    from sparkct.ops import reference
-
     if bank_mode:
         return reference.info_nce(z0, z1, temperature, bank=other)
     return reference.info_nce(z0, z1, temperature, cols=other, col_offset=col_offset)
