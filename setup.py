@@ -161,8 +161,9 @@ def make_build_ext(base, build_temp: str):
         def run(self) -> None:
             build_py = self.get_finalized_command("build_py")
             # the library the user ends up loading: in place (--inplace, editable installs) or build_lib
-            self._targets = {ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
-                             for ext in self.extensions}
+            self._targets = {
+                ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
+                for ext in self.extensions}
             self._stamps = []
             super().run()
             for stamp, sig, target in self._stamps:

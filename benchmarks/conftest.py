@@ -10,7 +10,8 @@ bench_*.py lists its own subsets, the "default" (CPU) and "quick" cases of its B
 importing it, by sparkct.perf.registry, which documents the table; a file without "default" entries
 runs whole by default).
 `--bench-device cpu|cuda` keeps only that device's cases (default: CUDA cases where a GPU is present,
-else CPU ones); `--bench-rounds N` times every case N rounds instead of its file's own count. After each case a line says how far the run is, and
+else CPU ones); `--bench-rounds N` times every case N rounds instead of its file's own count. After each
+case a line says how far the run is, and
 the figures measured so far are written atomically to `--bench-progress` (default
 `.benchmarks/sparkct-progress.json`), so an interrupted run (Ctrl-C, SIGTERM, or killed) keeps them;
 SIGTERM ends the run as Ctrl-C does (table printed, pytest-benchmark's JSON written).

@@ -45,7 +45,8 @@ class CTSliceDataset(torch.utils.data.Dataset):
     float). transform: a batch transform of int16 HU (B, 1, H, W) -> a batch (a tensor (B, C, h, w),
     a list of views, ...), e.g. CTResize or CTAugment; it replaces `windows`. A transform that takes
     a ``generator`` parameter (or sets ``takes_generator = True``) is called ``transform(hu,
-    generator=g)`` and must draw all its randomness from g; see :func:`takes_generator`. ``ds[i]`` returns (C, h, w); ``ds.__getitems__(items)`` (used
+    generator=g)`` and must draw all its randomness from g; see :func:`takes_generator`. ``ds[i]`` returns
+    (C, h, w); ``ds.__getitems__(items)`` (used
     by torch's DataLoader) returns the whole batch as one tensor: pass ``collate_fn=collate_batch``.
     """
 

@@ -194,8 +194,10 @@ def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
         for s in np.flatnonzero(ser_pat == p):
             out.append({"series_key": str(keys[s]), "label": r["__label__"]})
     if unknown:
+        hint = ("patient ids are DICOM PatientIDs" if col == "patient_id"
+                else "patient is the cache pseudonym in its series.csv")
         raise UserError(f"{path}: {len(unknown)} of {len(rows)} patients are not in the cache (e.g. "
-                        f"{unknown[:3]}); {'patient ids are DICOM PatientIDs' if col == 'patient_id' else 'patient is the cache pseudonym in its series.csv'}")
+                        f"{unknown[:3]}); {hint}")
     return out
 
 

@@ -4,7 +4,8 @@
 A contrastive loss couples every embedding of the global batch, but the encoder's activations need
 not all be alive at once:
 
-1. embed every input in chunks of at most `chunk` rows (near-equal parts) without autograd (only the embeddings are kept);
+1. embed every input in chunks of at most `chunk` rows (near-equal parts) without autograd (only the
+   embeddings are kept);
 2. compute the loss on the whole batch of embeddings (detached leaves) and its gradient with
    respect to them (``torch.autograd.grad``; parameter-free: everything with parameters belongs in
    `encode`);

@@ -40,8 +40,8 @@ __all__ = ["BLOCK", "find_blocks", "render_block", "render", "check", "main"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")  # the page whose blocks `main` rewrites by default
 DOCS = os.path.dirname(DOC)
-BLOCK = re.compile(r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)",
-                   re.DOTALL)
+BLOCK = re.compile(r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)"
+                   r"(?P<body>.*?)(<!-- bench:end -->)", re.DOTALL)
 _BEGIN = re.compile(r"<!-- bench:begin\b")
 _END = re.compile(r"<!-- bench:end -->")
 
