@@ -400,7 +400,7 @@ class Counter:
 def emu_forward(p: Policy, rows, cols, geo: Geo, tau: float, pos_init, sms: int, inv_r=None, inv_c=None):
     """fwd_fast_body over the grid (ceil(R / 64), splits), then lse_combine_kernel. rows / cols are the
     scaled rows with their inverse norms (`norms`); unscaled ones with inv_r / inv_c None."""
-    R, M, D = rows.shape[0], cols.shape[0], rows.shape[1]
+    R, M = rows.shape[0], cols.shape[0]
     inv_tau = torch.tensor(1.0 / tau, dtype=torch.float32)
     inv_r = inv_norm((rows * rows).sum(1)) if inv_r is None else inv_r
     inv_c = inv_norm((cols * cols).sum(1)) if inv_c is None else inv_c

@@ -70,7 +70,8 @@ def test_sparse_conv2d_gradcheck():
         x = torch.randn(L.num_tiles, 2, c, c, dtype=torch.float64, requires_grad=True)
         w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
         b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, w, b: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b))
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, s=s, method=method: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b))
 
 
 LAYERS = {  # name: (cell, layer(x, layout, w, b)); w / b unused by the pool
