@@ -134,7 +134,8 @@ def test_bad_config():
 
 
 @pytest.mark.parametrize("name,kw", [("simclr", {"chunk": 4}), ("moco", {"queue_size": 32, "chunk": 4}),
-                                     ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16, "queue_start_epoch": 0}),
+                                     ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16,
+                                               "queue_start_epoch": 0}),
                                      ("byol", {})])
 def test_through_the_trainer(cache, tmp_path, name, kw):
     """A few steps of each method (chunked where it applies) through the one trainer, resnet18 at 32 px."""

@@ -169,7 +169,8 @@ def test_gathered_columns(device, impl):
 
 def _scaled(kind, n, d, k, gen):
     """(z0, z1, bank) in float64 with rows of magnitude 1e19, 1e-19 or mixed 1e-30 .. 1e30 per row."""
-    z0, z1 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
     z1 = z1 + 2 * z0
     bank = torch.randn(k, d, generator=gen, dtype=torch.float64)
     if kind == "mixed":

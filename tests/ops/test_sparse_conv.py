@@ -57,7 +57,8 @@ def test_sparse_conv2d_groups_and_auto_method():
     L = S.cell_layout(mask)
     x = torch.randn(L.num_tiles, 6, 4, 4, dtype=torch.float64)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close(S.sparse_conv2d(x, L, w, None, 1, 1, groups=3), R.sparse_conv2d(x, mask, w, None, 1, 1, 3))
+    torch.testing.assert_close(S.sparse_conv2d(x, L, w, None, 1, 1, groups=3),
+                               R.sparse_conv2d(x, mask, w, None, 1, 1, 3))
     with pytest.raises(ValueError, match="groups"):
         S.sparse_conv2d(x, L, w, None, 1, 1, groups=3, method="gemm")
     assert S.conv_method(2) == "gemm" and S.conv_method(4) == "halo" and S.conv_method(1, groups=2) == "halo"
@@ -91,7 +92,8 @@ def test_layers_double_backward(name):
     c, layer = LAYERS[name]
     L = S.cell_layout(make_mask(3, 2, 2, 0.4, seed=4))
     gen = torch.Generator().manual_seed(7)
-    x, w, b = (torch.randn(*sh, generator=gen, dtype=torch.float64) for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,)))
+    x, w, b = (torch.randn(*sh, generator=gen, dtype=torch.float64)
+               for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,)))
     ins = [t.clone().requires_grad_(True) for t in ((x,) if name == "maxpool" else (x, w, b))]
     f = (lambda x: layer(x, L, None, None)) if name == "maxpool" else (lambda x, w, b: layer(x, L, w, b))
     assert torch.autograd.gradgradcheck(f, ins)
