@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -161,8 +162,9 @@ def make_build_ext(base, build_temp: str):
         def run(self) -> None:
             build_py = self.get_finalized_command("build_py")
             # the library the user ends up loading: in place (--inplace, editable installs) or build_lib
-            self._targets = {ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
-                             for ext in self.extensions}
+            self._targets = {
+                ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
+                for ext in self.extensions}
             self._stamps = []
             super().run()
             for stamp, sig, target in self._stamps:
@@ -227,15 +229,13 @@ def main() -> None:
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
 
-    import logging
-
-    import torch
+    import torch  # noqa: PLC0415 (lazy: CUDA_HOME is set first: cpp_extension reads it at import)
 
     # "No CUDA runtime is found" only means no GPU is visible, which does not matter for compiling;
     # the line below says what is built. Other warnings of cpp_extension (e.g. no ninja) still show.
     logging.getLogger("torch.utils.cpp_extension").addFilter(
         lambda rec: not rec.getMessage().startswith("No CUDA runtime is found"))
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: PLC0415 (lazy: as above)
 
     torch_cuda = torch.version.cuda
     reasons = []

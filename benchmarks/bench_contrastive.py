@@ -22,11 +22,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import benchkit
 from sparkct.models import get_method
 from sparkct.models.backbone import build_backbone
 from sparkct.nn import InfoNCELoss
 from sparkct.ops import reference as ref
+
+import benchkit
 
 # sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
 BENCH = {

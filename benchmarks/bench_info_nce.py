@@ -11,7 +11,8 @@ Per (device, dtype, 2N, D, pass) group, in this order:
   fused    sparkct.ops.info_nce.
 Derived (in extra_info and the end-of-run table): gflops_per_s (GEMM FLOPs: 2 (2N)^2 D per GEMM,
 the same count for every implementation), gb_per_s (of the loss's compulsory traffic,
-`compulsory_bytes`: flops / bytes_moved is the arithmetic intensity a roofline places it at), speedup_vs_naive, mem_vs_naive (fraction of naive's
+`compulsory_bytes`: flops / bytes_moved is the arithmetic intensity a roofline places it at),
+speedup_vs_naive, mem_vs_naive (fraction of naive's
 extra peak memory), frac_of_gemm (gemm time / this time: 1.0 = as fast as the bare GEMMs) and, on
 known GPUs, frac_of_tc_peak (achieved / the tensor-core dense peak of the dtype).
 
@@ -27,9 +28,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import benchkit
 from sparkct.ops import info_nce
 from sparkct.ops import reference as ref
+
+import benchkit
 
 # sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
 BENCH = {

@@ -27,12 +27,13 @@ import copy
 import pytest
 import torch
 
-import benchkit
 from sparkct.models.backbone import build_backbone
 from sparkct.models.masking import cell_mask
 from sparkct.models.spark.model import SparK, SparKConfig, masked_cell_loss
 from sparkct.models.spark.reference import spark_published_loss
 from sparkct.train.optim import build_optimizer
+
+import benchkit
 
 # sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file). No default
 # entries: the default run keeps every case; none of the CPU cases is quick (resnet50 at 224 on CPU).

@@ -10,7 +10,8 @@ Groups (one per configuration, implementations side by side):
                                      speed-up and peak-memory ratio vs spark and vs dense, the ideal
                                      speed-up 1/visible-fraction, and the fraction of it reached.
   conv3x3-<device>-C<ch>-c<cell>     one 3x3 conv (fwd+bwd) at each ResNet scale, mask ratio 0.6:
-                                     dense, sparkct sparse, spconv's submanifold conv on the visible pixels (sparkct/_peers.py).
+                                     dense, sparkct sparse, spconv's submanifold conv on the visible pixels
+                                     (sparkct/_peers.py).
   layers-<arch>-<device>             only with SPARKCT_BENCH_LAYERS=1: every stage of the encoder
                                      (stem, max-pool, each residual block) timed on its own, sparse vs
                                      spark, to see which layers eat the time. Also printable with
@@ -36,12 +37,12 @@ import warnings
 import pytest
 import torch
 
-import benchkit
-from sparkct.nn import SparseEncoder
-from sparkct.ops import reference as R
-from sparkct.models.spark import reference as SR
-from sparkct.ops import sparse as S
 from sparkct.models.masking import cell_mask
+from sparkct.models.spark import reference as SR
+from sparkct.nn import SparseEncoder
+from sparkct.ops import sparse as S
+
+import benchkit
 
 # sparkct bench's declaration (sparkct/perf/registry.py; read without importing this file)
 BENCH = {

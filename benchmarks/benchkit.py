@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sparkct.bench import peak_memory, sync  # noqa: F401  (the package's timers; re-exported here)
+from sparkct.bench import peak_memory, sync  # the package's timers, re-exported here
 
 DERIVED: list[dict] = []  # rows for the end-of-run table (benchmarks/conftest.py prints them)
 ROUNDS: int | None = None  # --bench-rounds: every case's timed rounds, instead of each file's own count

@@ -10,7 +10,8 @@ bench_*.py lists its own subsets, the "default" (CPU) and "quick" cases of its B
 importing it, by sparkct.perf.registry, which documents the table; a file without "default" entries
 runs whole by default).
 `--bench-device cpu|cuda` keeps only that device's cases (default: CUDA cases where a GPU is present,
-else CPU ones); `--bench-rounds N` times every case N rounds instead of its file's own count. After each case a line says how far the run is, and
+else CPU ones); `--bench-rounds N` times every case N rounds instead of its file's own count. After each
+case a line says how far the run is, and
 the figures measured so far are written atomically to `--bench-progress` (default
 `.benchmarks/sparkct-progress.json`), so an interrupted run (Ctrl-C, SIGTERM, or killed) keeps them;
 SIGTERM ends the run as Ctrl-C does (table printed, pytest-benchmark's JSON written).
@@ -25,9 +26,10 @@ import time
 import pytest
 import torch
 
-import benchkit
 from sparkct.errors import UserError
 from sparkct.perf.registry import Bench, discover
+
+import benchkit
 
 
 def cuda_ready() -> bool:
@@ -39,7 +41,7 @@ def cuda_ready() -> bool:
 
 CUDA_READY = cuda_ready()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-_PROGRESS: "_Progress | None" = None
+_PROGRESS: _Progress | None = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # family -> its BENCH declaration (suite, ratio pairs, "default" and "quick" cases): set in pytest_configure

@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.iters < 1:
         p.error("--iters must be >= 1")
 
-    import torch
+    import torch  # noqa: PLC0415 (lazy: argument errors come before torch loads)
 
-    from sparkct import profiling
-    from sparkct.device import resolve_device
-    from sparkct.ops import info_nce
-    from sparkct.ops import sparse as S
+    from sparkct import profiling  # noqa: PLC0415 (lazy: argument errors come before torch loads)
+    from sparkct.device import resolve_device  # noqa: PLC0415 (lazy: argument errors come before torch loads)
+    from sparkct.models.masking import cell_mask  # noqa: PLC0415 (lazy: argument errors come before torch loads)
+    from sparkct.ops import info_nce  # noqa: PLC0415 (lazy: argument errors come before torch loads)
+    from sparkct.ops import sparse as S  # noqa: PLC0415 (lazy: argument errors come before torch loads)
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -62,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
     n, d, k = sz["n"], sz["d"], sz["k"]
     b, ch, g, c = sz["batch"], sz["channels"], sz["grid"], sz["cell"]
-    from sparkct.models.masking import cell_mask
     mask = cell_mask(b, g, sz["ratio"], generator=gen, device=device)
     layout = S.cell_layout(mask)
     dense = torch.randn(b, ch, g * c, g * c, generator=gen).to(device=device, dtype=dtype)

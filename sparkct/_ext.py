@@ -19,7 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     ) from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_info() -> dict:
     """How the extension was built: torch version, CUDA version and archs (0 / "" when CPU-only),
     and the CUDA runtime/driver versions seen now."""
@@ -43,7 +43,7 @@ def with_cuda() -> bool:
     return build_info()["with_cuda"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check_cuda_runtime() -> None:
     info = build_info()
     if not info["with_cuda"]:

@@ -38,7 +38,7 @@ def _cpu_single_thread(device):
         torch.set_num_threads(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spconv_2d_is_correct(device: str) -> bool:
     """Does spconv's SubMConv2d agree with a dense conv kept at the active pixels on `device`?"""
     spconv = _spconv()

@@ -8,6 +8,8 @@ import statistics
 import time
 
 import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["sync", "Timer", "time_fn", "peak_memory", "median"]
 
@@ -21,9 +23,6 @@ def _cpu_alloc_peak(fn) -> int:
     """Peak bytes allocated through the ATen CPU allocator while fn runs, above what was live before.
     Read from the profiler's allocation events (each carries a signed size); scratch that kernels
     allocate outside ATen is not seen, so sparkct kernels allocate theirs with at::empty."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
@@ -73,7 +72,7 @@ class Timer:
         self.device = device
         self.seconds = 0.0
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         sync(self.device)
         self._t0 = time.perf_counter()
         return self

@@ -16,15 +16,13 @@ from sparkct.cliargs import Parser, run_command
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    # lazy: `sparkct -h` imports no torch
-    import torch
+    import torch  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
 
     print(f"sparkct        {sparkct.__version__}")
     print(f"python         {platform.python_version()} ({sys.executable})")
     print(f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
-        # lazy: a missing extension is reported, not raised
-        from sparkct import _ext
+        from sparkct import _ext  # noqa: PLC0415 (lazy: a missing extension is reported, not raised)
     except ImportError as e:
         print(f"extension      NOT LOADED: {e}")
         return 1
@@ -46,7 +44,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"device {i}       {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
               f"{p.multi_processor_count} SMs")
     if info["with_cuda"] and n:
-        cap = "%d.%d" % torch.cuda.get_device_capability(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        cap = f"{major}.{minor}"
         if info["cuda_archs"] and cap not in info["cuda_archs"]:
             print(f"WARNING: device 0 is sm {cap}, kernels were built for {info['cuda_archs']}; "
                   f"rebuild with TORCH_CUDA_ARCH_LIST={cap}")

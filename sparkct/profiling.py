@@ -101,7 +101,7 @@ class _Range:
         return False
 
 
-def range(name: str):  # noqa: A001  (the torch.cuda.nvtx.range convention)
+def range(name: str):  # shadows the builtin: the torch.cuda.nvtx.range convention
     """A context manager: the named range while profiling or NVTX is on, else a shared no-op."""
     if _nvtx or _torch_profiler._is_profiler_enabled:
         return _Range(name)

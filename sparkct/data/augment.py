@@ -85,7 +85,7 @@ class AugmentParams:
     noise_op: torch.Tensor | None = None  # (B,) int64 in [0, 8)
     noise_seed: torch.Tensor | None = None  # (B,) int64
 
-    def take(self, lo: int, hi: int) -> "AugmentParams":
+    def take(self, lo: int, hi: int) -> AugmentParams:
         """The parameters of rows lo .. hi."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -184,7 +184,7 @@ class _NoiseBank:
             self.bank = torch.randn(self.tiles, S, S, generator=g, dtype=dtype)
         return self.bank
 
-    def add(self, y: torch.Tensor, idx: torch.Tensor, sigma: torch.Tensor, p: "AugmentParams"):
+    def add(self, y: torch.Tensor, idx: torch.Tensor, sigma: torch.Tensor, p: AugmentParams):
         B, C, H, W = y.shape
         S = max(H, W) * 2
         bank = self.field(S, y.dtype)

@@ -23,8 +23,7 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            # lazy: only when logging, not for `sparkct -h`
-            from tqdm import tqdm
+            from tqdm import tqdm  # noqa: PLC0415 (lazy: only when logging, not for `sparkct -h`)
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
             self.handleError(record)
@@ -41,14 +40,12 @@ def _setup_logging(quiet: bool, debug: bool = False) -> None:
 
 
 def _cache(path: str):
-    # lazy: imports numpy; `sparkct -h` must not
-    from .cache import SliceCache
+    from .cache import SliceCache  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
     return SliceCache(path)
 
 
 def cmd_synth(args) -> int:
-    # lazy: imports numpy; `sparkct -h` must not
-    from .synthetic import _check_synth_args, synth
+    from .synthetic import _check_synth_args, synth  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     o = dataclass_from_args(SynthOptions, args)
     series = (o.min_series, o.max_series)
@@ -62,9 +59,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    # lazy: numpy and pydicom load when a command runs, not for `sparkct -h`
-    from .dicom import PixelLimits
-    from .preparing import prepare
+    from .dicom import PixelLimits  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+    from .preparing import prepare  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     kw = dataclasses.asdict(dataclass_from_args(PrepareOptions, args))
     limits = PixelLimits(kw.pop("max_slice_pixels"), kw.pop("max_file_pixels"))
@@ -79,8 +75,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_info(args) -> int:
-    # lazy: `sparkct -h` must not import numpy (so in each command below)
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     if args.csv:
         output_file(args.csv, "--csv")
@@ -117,8 +112,7 @@ def cmd_info(args) -> int:
 
 
 def _window_names(spec: str) -> list[tuple[str, float, float]]:
-    # lazy: imports numpy
-    from .windows import resolve_windows
+    from .windows import resolve_windows  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     names = [w.strip() for w in spec.split(",") if w.strip()]
     try:
@@ -131,11 +125,10 @@ def _window_names(spec: str) -> list[tuple[str, float, float]]:
 def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile: int = 256):
     """A PIL image: one row per slice of `indices`, one greyscale tile per window (name, center,
     width), each captioned with its series, slice and window."""
-    # lazy: numpy and PIL load when a command runs, not for `sparkct -h`
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    import numpy as np  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+    from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415 (lazy: PIL loads when a command runs)
 
-    from .windows import apply_windows
+    from .windows import apply_windows  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     font_px = max(9, min(16, tile // 18))
     try:
@@ -167,9 +160,8 @@ def contact_sheet(cache, indices, windows: list[tuple[str, float, float]], tile:
 
 
 def cmd_show(args) -> int:
-    # lazy: numpy and PIL load when a command runs
-    import numpy as np
-    from PIL import Image
+    import numpy as np  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+    from PIL import Image  # noqa: PLC0415 (lazy: PIL loads when a command runs)
 
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in Image.registered_extensions():
@@ -191,18 +183,16 @@ def cmd_show(args) -> int:
 
 
 def cmd_read(args) -> int:
-    # lazy: numpy, nibabel and pydicom load when a command runs
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
-    from .nifti import is_nifti, read_nifti
+    from .nifti import is_nifti, read_nifti  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     if not os.path.exists(args.path):
         raise FileNotFoundError(f"no such file or folder: {args.path!r}")
     if is_nifti(args.path):
         vols = [read_nifti(args.path)]
     else:
-        # lazy: as above
-        from .dicom import iter_series
+        from .dicom import iter_series  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
         vols = list(iter_series(args.path))
     if not vols:
         print("no CT series found", file=sys.stderr)

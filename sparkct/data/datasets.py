@@ -20,8 +20,8 @@ import inspect
 import math
 import os
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ class CTSliceDataset(torch.utils.data.Dataset):
     float). transform: a batch transform of int16 HU (B, 1, H, W) -> a batch (a tensor (B, C, h, w),
     a list of views, ...), e.g. CTResize or CTAugment; it replaces `windows`. A transform that takes
     a ``generator`` parameter (or sets ``takes_generator = True``) is called ``transform(hu,
-    generator=g)`` and must draw all its randomness from g; see :func:`takes_generator`. ``ds[i]`` returns (C, h, w); ``ds.__getitems__(items)`` (used
+    generator=g)`` and must draw all its randomness from g; see :func:`takes_generator`. ``ds[i]`` returns
+    (C, h, w); ``ds.__getitems__(items)`` (used
     by torch's DataLoader) returns the whole batch as one tensor: pass ``collate_fn=collate_batch``.
     """
 
@@ -78,7 +79,7 @@ class CTSliceDataset(torch.utils.data.Dataset):
         """Series index (into the cache's series table) of every item."""
         return self.cache.slice_series[self.indices]
 
-    def subset(self, items) -> "CTSliceDataset":
+    def subset(self, items) -> CTSliceDataset:
         """The same dataset restricted to item positions `items` (e.g. a split)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)

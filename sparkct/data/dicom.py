@@ -38,8 +38,8 @@ import re
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -572,7 +572,8 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
             inst = _int(content.get("InStackPositionNumber")) if content is not None else None
             frames.append(FrameInfo(
                 path, i, sop_uid, rows, cols,
-                _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else (top_pos if n_frames == 1 else None),
+                (_floats(pos.get("ImagePositionPatient"), 3) if pos is not None
+                 else (top_pos if n_frames == 1 else None)),
                 _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else top_ori,
                 _floats(meas.get("PixelSpacing"), 2) if meas is not None else top_ps,
                 (_float(meas.get("SliceThickness")) if meas is not None else None) or top_th,

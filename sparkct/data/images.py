@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,8 @@ class ImageFolderSlices(torch.utils.data.Dataset):
         path, _ = self.samples[i]
         with Image.open(path) as im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode.startswith("I;16") else max(1.0, float(np.asarray(im).max())))
+                arr = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode.startswith("I;16")
+                                                          else max(1.0, float(np.asarray(im).max())))
             else:
                 arr = np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32) / 255.0
         t = torch.from_numpy(np.ascontiguousarray(arr))

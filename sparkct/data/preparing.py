@@ -31,19 +31,23 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from sparkct import __version__
 from sparkct import io as sio
 from sparkct.errors import UserError
 
 from . import _util
 from ._util import log, salted_hash, stable_hash
 from .cache import FORMAT, SERIES_NUM_FIELDS, SERIES_STR_FIELDS, VERSION, record_rel, shard_rel
-from .dicom import DEFAULT_LIMITS, PixelLimits
+from .dicom import DEFAULT_LIMITS, PixelLimits, PixelReader, SkipFile, plan_series, read_header, scan_file
+from .nifti import nifti_stem, read_nifti
 from .options import PATIENT_FROM, PREPARE_DEFAULTS
+from .workers import WorkerPool
 
 CHUNK = 16  # slices resampled together
 
@@ -206,8 +210,6 @@ def _classify(rel: str) -> str:
 
 def _scan_chunk(src: str, rels: list[str], limits: PixelLimits) -> list[tuple]:
     """Worker: (rel, series_uid, n_frames, None) or (rel, None, 0, reason) per file."""
-    from .dicom import SkipFile, scan_file
-
     out = []
     for rel in rels:
         try:
@@ -263,8 +265,7 @@ def _write_shard(dst: str, key: str, n: int, shape: tuple[int, int], fill) -> in
 
 
 def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
-    from .dicom import PixelReader, SkipFile, plan_series, read_header
-    from .resample import output_geometry, resample_slices
+    from .resample import output_geometry, resample_slices  # noqa: PLC0415 (lazy: scipy loads only to resample)
 
     skipped: list[tuple[str, str]] = []
     headers, datasets, native = [], {}, {}
@@ -380,8 +381,7 @@ def _finish_empty(job: _Job, rec: dict, skipped, meta) -> dict:
 
 
 def _process_nifti(job: _Job, st: PrepareSettings) -> dict:
-    from .nifti import nifti_stem, read_nifti
-    from .resample import resample_slices
+    from .resample import resample_slices  # noqa: PLC0415 (lazy: scipy loads only to resample)
 
     f = job.files[0]
     rec = _base_record(job)
@@ -474,7 +474,6 @@ def _init_dst(dst: str, settings: PrepareSettings, salt: str | None, reset: bool
         if salt is not None and salt != man["salt"]:
             raise CacheSettingsError(f"{dst} was prepared with another salt; pass the same salt or --reset")
         return man
-    from sparkct import __version__
     man = {"format": FORMAT, "version": VERSION, "settings": settings.as_dict(),
            "salt": salt or _util.new_salt(), "created_by": f"sparkct {__version__}",
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -524,7 +523,6 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, desc: str, unit: str):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1,
                             file=sys.stderr)
 
@@ -600,7 +598,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
     settings = _settings(spacing, size, clip_min, clip_max, order, antialias)
     if settings.size is not None and settings.size ** 2 > limits.max_slice_pixels:
         raise UserError(f"size {settings.size} gives slices over the pixel limit ({limits.max_slice_pixels})")
-    from .resample import backend
+    from .resample import backend  # noqa: PLC0415 (lazy: scipy loads only to resample)
     try:
         dev_name = backend(device)[2]
     except (ValueError, RuntimeError) as e:
@@ -665,7 +663,6 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
         else:
             to_scan.append(f)
 
-    from .workers import WorkerPool
     pool = WorkerPool(workers) if workers > 1 else None
     try:
         if to_scan:

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.ndimage
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_available() -> bool:
     """cupy importable and a CUDA device usable."""
     try:

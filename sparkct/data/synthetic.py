@@ -392,7 +392,8 @@ def _make_nodule(rng, p: Patient, min_mm: float = 4.0) -> Nodule | None:
     lob = _harmonics(rng, 5, rng.uniform(0.0, 0.35) if kind != "calcified" else 0.05)
     spic = []
     if kind in ("solid", "part-solid") and rng.random() < 0.35:
-        spic = [(float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.3, 0.9) * d)) for _ in range(int(rng.integers(3, 8)))]
+        spic = [(float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.3, 0.9) * d))
+                for _ in range(int(rng.integers(3, 8)))]
     return Nodule(float(x), float(y), float(z), d, kind, float(hu), tuple(map(tuple, lob)), spic)
 
 
@@ -586,7 +587,8 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
         k = np.arange(1, len(amp) + 1, dtype=np.float32)
 
         def rfn(theta, r=r, amp=amp, k=k):
-            return r * (1 + np.sum(amp[:, 0, None, None] * np.cos(k[:, None, None] * theta[None] + amp[:, 1, None, None]), 0))
+            return r * (1 + np.sum(amp[:, 0, None, None]
+                                   * np.cos(k[:, None, None] * theta[None] + amp[:, 1, None, None]), 0))
 
         if nod.kind == "part-solid":
             cv.polar(nod.x, nod.y, rfn, r * 1.5, nod.hu, opacity=opac)

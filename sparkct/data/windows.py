@@ -5,7 +5,7 @@ Several windows stack as channels, so a 3-channel network sees lung, soft tissue
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ WINDOWS: dict[str, tuple[float, float]] = {
 }
 DEFAULT_WINDOWS = ("lung", "mediastinum", "bone")
 
-WindowSpec = Union[str, tuple, Sequence]
+WindowSpec = str | tuple | Sequence
 
 
 def resolve_windows(windows: WindowSpec | None) -> list[tuple[float, float]]:

@@ -15,8 +15,8 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterable
 
 from ._util import log
 

@@ -54,8 +54,7 @@ def add_task_args(p) -> None:
 
 
 def _load_task(ns):
-    # lazy: imports numpy; the parser must not
-    from sparkct.eval.data import load_task
+    from sparkct.eval.data import load_task  # noqa: PLC0415 (lazy: the parser imports no numpy)
 
     return load_task(ns.data, ns.labels, label_column=ns.label_column, level=ns.level, split=ns.split,
                      split_seed=ns.split_seed, fraction=ns.fraction, seed=ns.seed,
@@ -63,8 +62,7 @@ def _load_task(ns):
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
-    # lazy: imports torch; the parser must not
-    from sparkct.eval.finetune import finetune, resolve_init
+    from sparkct.eval.finetune import finetune, resolve_init  # noqa: PLC0415 (lazy: the parser imports no torch)
 
     cfg = dataclass_from_args(TrainConfig, ns, skip=_SKIP)
     fcfg = dataclass_from_args(FinetuneConfig, ns)
@@ -73,6 +71,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     if ns.resamples < 1:
         raise UserError(f"--resamples must be >= 1, got {ns.resamples}")
     resolve_init(ns.init, cfg.arch)  # a wrong --init is reported before any data work
+
     resolve_device(cfg.device)
     task = _load_task(ns)
     finetune(task, init=ns.init, train_cfg=cfg, config=fcfg, aggregate=ns.aggregate, n_resamples=ns.resamples,
@@ -81,8 +80,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    # lazy: imports numpy; the parser must not
-    from sparkct.eval.report import collect_runs, write_report
+    from sparkct.eval.report import collect_runs, write_report  # noqa: PLC0415 (lazy: the parser imports no numpy)
 
     runs = collect_runs(ns.runs)
     paths = write_report(runs, ns.out, baseline=ns.baseline, n_resamples=ns.resamples)
@@ -91,8 +89,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_experiment(ns: argparse.Namespace) -> int:
-    # lazy: imports numpy; the parser must not
-    from sparkct.eval.experiment import run_experiment
+    from sparkct.eval.experiment import run_experiment  # noqa: PLC0415 (lazy: the parser imports no numpy)
 
     cfg = dataclass_from_args(ExperimentConfig, ns)
     cfg.set = list(ns.set or [])
@@ -110,8 +107,7 @@ Re-running the same command skips finished runs and resumes interrupted ones."""
 
 
 def cmd_probe(ns: argparse.Namespace) -> int:
-    # lazy: imports numpy; the parser must not
-    from sparkct.eval.probe import parse_targets, run_probe
+    from sparkct.eval.probe import parse_targets, run_probe  # noqa: PLC0415 (lazy: the parser imports no numpy)
 
     targets = parse_targets(ns.targets)  # a typo is reported before any work
     try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sparkct.cliargs import flag, option
 from sparkct.errors import UserError
-from sparkct.models import BUILTIN_DATA_OPTIONS
+from sparkct.models import BUILTIN_DATA_OPTIONS, METHODS
 
 #: the experiment's "METHOD.FIELD": value defaults on the built-in synthetic CT (no --data): the pretraining
 #: methods' BUILTIN_DATA_OPTIONS, and "finetune.*" for the fine-tuning runs (trainer or FinetuneConfig
@@ -94,8 +94,6 @@ class ExperimentConfig:
                        default_factory=list)
 
     def lists(self) -> tuple[list[str], list[float], list[int]]:
-        from sparkct.models import METHODS
-
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         bad = [m for m in methods if m != "random" and m not in METHODS]
         if not methods or bad:
@@ -121,7 +119,7 @@ class ExperimentConfig:
                             f"got {text!r}") from None
 
     def validate(self) -> None:
-        from sparkct.models.backbone import check_arch
+        from sparkct.models.backbone import check_arch  # noqa: PLC0415 (lazy: the parser imports no torch)
 
         self.lists()
         check_arch(self.arch)

@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from sparkct.data._util import salted_hash
 from sparkct.data.cache import SliceCache
-from sparkct.data.datasets import (_SLICE_KEYS, CTLabelledDataset, _call_transform, patient_split,
-                                   patient_subset_stratified)
+from sparkct.data.datasets import (
+    _SLICE_KEYS,
+    CTLabelledDataset,
+    _call_transform,
+    patient_split,
+    patient_subset_stratified,
+)
 from sparkct.data.images import ImageFolderSlices
 from sparkct.data.windows import DEFAULT_WINDOWS, apply_windows, resolve_windows
 from sparkct.errors import UserError
@@ -82,7 +87,7 @@ class ImageSlices:
     def patients(self) -> np.ndarray:
         return self._patients[self.indices]
 
-    def subset(self, items) -> "ImageSlices":
+    def subset(self, items) -> ImageSlices:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         items = np.asarray(items, dtype=np.int64)
@@ -119,7 +124,7 @@ class ImageSlices:
         return self._convert(self.hu(items)), torch.from_numpy(self.targets[items])
 
 
-def _load_npz(path: str) -> tuple[dict[str, "ImageSlices"], list]:
+def _load_npz(path: str) -> tuple[dict[str, ImageSlices], list]:
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -189,8 +194,10 @@ def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
         for s in np.flatnonzero(ser_pat == p):
             out.append({"series_key": str(keys[s]), "label": r["__label__"]})
     if unknown:
+        hint = ("patient ids are DICOM PatientIDs" if col == "patient_id"
+                else "patient is the cache pseudonym in its series.csv")
         raise UserError(f"{path}: {len(unknown)} of {len(rows)} patients are not in the cache (e.g. "
-                        f"{unknown[:3]}); {'patient ids are DICOM PatientIDs' if col == 'patient_id' else 'patient is the cache pseudonym in its series.csv'}")
+                        f"{unknown[:3]}); {hint}")
     return out
 
 

@@ -78,7 +78,7 @@ class _Progress:
         self._kind, self._t0 = None, 0.0
         tty = sys.stderr.isatty()
         if not tty:
-            self._sink = open(os.devnull, "w")  # noqa: SIM115 - closed in close()
+            self._sink = open(os.devnull, "w")  # closed in close()
         self.bar = tqdm(total=sum(totals.values()), unit="run", desc="experiment", smoothing=0,
                         dynamic_ncols=True, file=sys.stderr if tty else self._sink, mininterval=1.0)
 
@@ -247,7 +247,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                 resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
                 Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
                 inits[m] = run_dir
-            except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a failed method is reported, not fatal
+            except (Exception, KeyboardInterrupt) as e:  # a failed method is reported, not fatal
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 failed_pre[m] = f"pretraining failed: {type(e).__name__}: {e}"
@@ -287,7 +287,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                         resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
                         finetune(task, init=inits[m], train_cfg=tcfg, config=fcfg, n_resamples=cfg.resamples,
                                  resume=resume, name=m, log=lambda s: log("  " + s))
-                    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+                    except (Exception, KeyboardInterrupt) as e:
                         if isinstance(e, KeyboardInterrupt):
                             raise
                         msg = str(e) if m in failed_pre else f"{type(e).__name__}: {e}"

@@ -18,7 +18,7 @@ cumulative sums; tests check that these batched forms equal scikit-learn's on re
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats

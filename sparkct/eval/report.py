@@ -205,8 +205,8 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
         for c in comps:
             pb = f"≤ {floor:.2g}" if c["p_bootstrap"] <= floor * (1 + 1e-9) else f"{c['p_bootstrap']:.3g}"
             pd = "n/a" if c.get("p_delong") is None else f"{c['p_delong']:.3g}"
-            lines.append(f"| {c['method']} | {_pct(c['fraction'])} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | "
-                         f"{pb} | {pd} |")
+            lines.append(f"| {c['method']} | {_pct(c['fraction'])} | "
+                         f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {pb} | {pd} |")
         lines.append("")
     elif agg["baseline"] not in methods:
         lines += [f"No paired comparison: the baseline {agg['baseline']!r} has no finished runs.", ""]
@@ -273,7 +273,8 @@ def _meta(runs: list[dict], extra: dict | None) -> dict:
                               f"{', ' + t['labels'] if t.get('labels') else ''})"))
         lines.append(("classes", ", ".join(t.get("classes", []))))
         lines.append(("split (patients)", f"train {t.get('full_train', {}).get('patients')}, val "
-                                          f"{t.get('val', {}).get('patients')}, test {t.get('test', {}).get('patients')} "
+                                          f"{t.get('val', {}).get('patients')}, "
+                                          f"test {t.get('test', {}).get('patients')} "
                                           f"(test items per class {t.get('test', {}).get('per_class')})"))
         tr = done[0].get("train", {})
         lines.append(("fine-tuning", f"{tr.get('arch')}, crop {tr.get('crop')}, {tr.get('epochs')} epochs, batch "

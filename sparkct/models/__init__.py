@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from sparkct.errors import UserError
+
 __all__ = ["METHODS", "get_method", "BUILTIN_DATA_OPTIONS"]
 
 #: options ("method.field": value, method or trainer fields) for runs on the built-in synthetic CT (a few
@@ -33,8 +35,6 @@ METHODS: dict[str, str] = {
 
 def get_method(name: str):
     """The :class:`sparkct.models.base.Method` subclass registered as `name`."""
-    from sparkct.errors import UserError
-
     target = METHODS.get(name)
     if target is None:
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")

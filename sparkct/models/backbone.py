@@ -60,7 +60,7 @@ def build_backbone(arch: str = "resnet50", *, in_chans: int = 3, weights: str | 
                    zero_init_residual: bool = False) -> tuple[nn.Module, int]:
     """(model, feature_dim): torchvision `arch` with random init (or the state_dict file `weights`,
     a backbone export or a full torchvision checkpoint), `in_chans` input channels, ``fc`` = Identity."""
-    import torchvision
+    import torchvision  # noqa: PLC0415 (lazy: `pretrain METHOD -h` imports no torchvision)
 
     check_arch(arch)
     model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)

@@ -35,8 +35,9 @@ every sample maps to the same point (collapse). SimSiam's diagnostic; the contra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -59,7 +59,8 @@ class MoCoConfig(SSLConfig):
 
 
 def _per_device_bn(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, _GlobalBatchNorm))
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and not isinstance(m, (nn.SyncBatchNorm, _GlobalBatchNorm))
                for m in module.modules())
 
 

@@ -12,7 +12,8 @@
 
 Next-slice negatives, the choice: the chest-CT study this follows (Tariq et al., J. Med. Imaging 2024,
 15 M slices; five pretext tasks) names the task (next slice prediction), but its abstract, the part
-read for this, does not say how negatives are drawn; this is our choice. Negatives from other series alone are solved by telling
+read for this, does not say how negatives are drawn; this is our choice. Negatives from other series
+alone are solved by telling
 patients and scanners apart (body size, noise, kernel): that teaches exactly the shortcuts the study's
 bias probes look for. Same-series negatives keep patient and acquisition fixed, so only anatomy along
 the body axis separates them; a gap of 3 slices (not 2) keeps them from being near-duplicates of the

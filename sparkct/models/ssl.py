@@ -33,8 +33,9 @@ asymmetric blur).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +282,7 @@ class SSLMethod(Method):
         def loss_fn(group_outs: Sequence[Tensor | tuple[Tensor, ...]]
                     ) -> tuple[Tensor, tuple[list[tuple[Tensor, ...]], dict[str, Any]]]:
             per_view: list[tuple[Tensor, ...]] = []
-            for (g, n), outs, size in zip(groups, group_outs, sizes):
+            for (_g, n), outs, size in zip(groups, group_outs, sizes):
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 split = [o.split(size, 0) for o in outs]
                 per_view += [tuple(s[i] for s in split) for i in range(n)]

@@ -1,17 +1,23 @@
-"""Modules users import."""
+"""Modules users import.
 
-# ---- fused InfoNCE ----
-from sparkct.nn.info_nce import InfoNCELoss  # noqa: E402,F401
+The fused InfoNCE loss (info_nce), the sparse masked convolution encoder (sparse_encoder), and the
+contrastive and clustering pretraining parts (byol, ema, gradcache, heads, queue, swav).
+"""
 
-# ---- sparse masked convolution ----
-from sparkct.nn.sparse_encoder import SparseEncoder, sparsify  # noqa: E402,F401
-
-# ---- contrastive and clustering pretraining parts ----
-from sparkct.nn.heads import (BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead,  # noqa: E402,F401
-                              ProjectionHead, SimCLRProjectionHead, SwAVProjectionHead, SwAVPrototypes,
-                              scaled_width)
-from sparkct.nn.ema import MomentumEncoder, cosine_schedule, momentum_copy, update_momentum  # noqa: E402,F401
-from sparkct.nn.queue import FeatureQueue  # noqa: E402,F401
-from sparkct.nn.swav import SwAVLoss, sinkhorn  # noqa: E402,F401
-from sparkct.nn.byol import BYOLLoss, NegativeCosineSimilarity  # noqa: E402,F401
-from sparkct.nn.gradcache import chunked, grad_cache  # noqa: E402,F401
+from sparkct.nn.byol import BYOLLoss, NegativeCosineSimilarity  # noqa: F401
+from sparkct.nn.ema import MomentumEncoder, cosine_schedule, momentum_copy, update_momentum  # noqa: F401
+from sparkct.nn.gradcache import chunked, grad_cache  # noqa: F401
+from sparkct.nn.heads import (  # noqa: F401
+    BYOLPredictionHead,
+    BYOLProjectionHead,
+    MoCoProjectionHead,
+    ProjectionHead,
+    SimCLRProjectionHead,
+    SwAVProjectionHead,
+    SwAVPrototypes,
+    scaled_width,
+)
+from sparkct.nn.info_nce import InfoNCELoss  # noqa: F401
+from sparkct.nn.queue import FeatureQueue  # noqa: F401
+from sparkct.nn.sparse_encoder import SparseEncoder, sparsify  # noqa: F401
+from sparkct.nn.swav import SwAVLoss, sinkhorn  # noqa: F401

@@ -4,7 +4,8 @@
 A contrastive loss couples every embedding of the global batch, but the encoder's activations need
 not all be alive at once:
 
-1. embed every input in chunks of at most `chunk` rows (near-equal parts) without autograd (only the embeddings are kept);
+1. embed every input in chunks of at most `chunk` rows (near-equal parts) without autograd (only the
+   embeddings are kept);
 2. compute the loss on the whole batch of embeddings (detached leaves) and its gradient with
    respect to them (``torch.autograd.grad``; parameter-free: everything with parameters belongs in
    `encode`);
@@ -111,7 +112,7 @@ def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
     grad_of = {id(t): g for t, g in zip(flat, grads)}
     for x, outs, rng, tup in zip(inputs, parts, states, leaves):
         offset = 0
-        for c, out0, (cpu_state, cuda_state) in zip(chunks(x, chunk), outs, rng):
+        for c, _out0, (cpu_state, cuda_state) in zip(chunks(x, chunk), outs, rng):
             n = c.shape[0]
             devices = [c.device] if cuda_state is not None else []
             with torch.random.fork_rng(devices=devices):

@@ -129,7 +129,7 @@ class SparseEncoder(nn.Module):
         object.__setattr__(self, "_dense_model", model)  # not a child: keys stay the model's, fc left out
 
     @classmethod
-    def from_dense(cls, model: nn.Module, **kwargs) -> "SparseEncoder":
+    def from_dense(cls, model: nn.Module, **kwargs) -> SparseEncoder:
         return cls(model, **kwargs)
 
     def to_dense(self) -> nn.Module:

@@ -4,7 +4,8 @@
 ``Q = exp(scores / epsilon)`` normalized so that, over the global batch of B rows, every prototype
 gets the same total mass B / K and every row (sample) sums to 1, alternating per-prototype and
 per-sample normalization (`iterations` rounds, ending on the per-sample one: each sample's code sums
-to 1 exactly, and the prototype totals approach B / K). Always computed in float32 (under autocast the scores may be fp16 / bf16, whose
+to 1 exactly, and the prototype totals approach B / K). Always computed in float32 (under autocast the
+scores may be fp16 / bf16, whose
 exponent range ``exp(1 / 0.05)`` would overflow); the global maximum is subtracted first (a constant
 factor that the first normalization removes). With ``gather_distributed`` and torch.distributed
 initialized, the prototype totals are all-reduced, so the codes are those of the global batch

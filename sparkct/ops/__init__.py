@@ -8,14 +8,21 @@ from sparkct._ext import build_info, cuda_version, with_cuda
 __all__ = ["build_info", "cuda_version", "with_cuda"]
 
 # ---- fused InfoNCE ----
-from sparkct.ops.info_nce import info_nce  # noqa: E402
+from sparkct.ops.info_nce import info_nce
 
 __all__ += ["info_nce"]
 
 # ---- sparse masked convolution ----
 from sparkct.ops import sparse  # noqa: E402
 from sparkct.ops.sparse import (  # noqa: E402
-    CellLayout, cell_layout, halo, im2col, pack, sparse_conv2d, sparse_max_pool2d, unpack,
+    CellLayout,
+    cell_layout,
+    halo,
+    im2col,
+    pack,
+    sparse_conv2d,
+    sparse_max_pool2d,
+    unpack,
 )
 
 __all__ += ["sparse", "CellLayout", "cell_layout", "pack", "unpack", "halo", "im2col", "sparse_conv2d",

@@ -46,8 +46,10 @@ import math
 import numbers
 
 import torch
+
 from sparkct._ext import check_device
 from sparkct.distributed import gather_with_grad, is_distributed
+from sparkct.ops import reference
 from sparkct.profiling import ranged
 
 __all__ = ["IMPLS", "check_temperature", "info_nce"]
@@ -200,8 +202,6 @@ torch.library.register_autograd("sparkct::info_nce", _backward, setup_context=_s
 # direct call of info_nce_backward with an `lse` that requires grad is refused.
 
 def _reference_loss(z0, z1, other, bank_mode: bool, temperature: float, col_offset: int):
-    from sparkct.ops import reference
-
     if bank_mode:
         return reference.info_nce(z0, z1, temperature, bank=other)
     return reference.info_nce(z0, z1, temperature, cols=other, col_offset=col_offset)
@@ -228,8 +228,9 @@ def _bw_backward(ctx, gg0, gg1, gg_other):
            for c, p in zip(cot, primals[1:])]
 
     def first_order(g, a0, a1, *o):
-        loss = lambda b0, b1, *ob: _reference_loss(b0, b1, ob[0] if ob else None, bank is not None, temperature,
-                                                   col_offset)
+        def loss(b0, b1, *ob):
+            return _reference_loss(b0, b1, ob[0] if ob else None, bank is not None, temperature, col_offset)
+
         _, vjp = torch.func.vjp(loss, a0, a1, *o)
         return vjp(g.reshape(()))
 

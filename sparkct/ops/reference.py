@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # ---- fused InfoNCE ----------------------------------------------------------------------------
 
 def info_nce(z0, z1, temperature: float = 0.5, bank=None, *, cols=None, col_offset: int = 0):
@@ -102,7 +101,6 @@ def sparse_im2col(packed, mask, kernel, stride=1, pad=0):
     co = c // stride
     dense = sparse_unpack(packed, mask)
     cols = F.unfold(dense, kernel, padding=pad, stride=stride)  # B, C*k*k, Ho*Wo
-    Ho, Wo = gh * co, gw * co
     cols = cols.view(B, C * kernel * kernel, gh, co, gw, co).permute(0, 2, 4, 3, 5, 1)  # B gh gw co co CK
     return cols[mask].reshape(A * co * co, C * kernel * kernel)
 

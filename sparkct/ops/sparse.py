@@ -83,7 +83,7 @@ class CellLayout:
         _check_dense(x, self, "x")
         return x.shape[-2] // self.grid[0]
 
-    def to(self, device) -> "CellLayout":
+    def to(self, device) -> CellLayout:
         return CellLayout(*(t.to(device) for t in (self.mask, self.cells, self.nbr, self.cell_map)))
 
 

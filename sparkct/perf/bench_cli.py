@@ -6,13 +6,18 @@ The parser imports nothing heavy; the command imports torch when it runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timezone
 
+import sparkct
+from sparkct.device import resolve_device
 from sparkct.errors import UserError
-from sparkct.perf import registry
+from sparkct.perf import environment, peaks, registry, report
+from sparkct.perf.report import case_id
 
 _EPILOG = """\
 suites: each benchmarks/bench_*.py names its suite, the ratios the gate reads and its subsets of
@@ -99,7 +104,6 @@ def _benches(root: str) -> dict[str, registry.Bench]:
 def source_root(package_dir: str | None = None) -> str:
     """The checkout holding benchmarks/ beside the sparkct package; a UserError for an installed copy."""
     if package_dir is None:
-        import sparkct
         package_dir = os.path.dirname(os.path.abspath(sparkct.__file__))
     root = os.path.dirname(package_dir)
     if not all(os.path.isfile(os.path.join(root, "benchmarks", f)) for f in ("conftest.py", "benchkit.py")):
@@ -110,15 +114,14 @@ def source_root(package_dir: str | None = None) -> str:
 
 
 def _device(spec: str) -> str:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch)
 
-    from sparkct.device import resolve_device
 
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = resolve_device(spec).type  # a UserError when no GPU is visible
     if dev == "cuda":
-        from sparkct import _ext
+        from sparkct import _ext  # noqa: PLC0415 (lazy: sparkct.perf imports no torch)
         if not _ext.with_cuda():
             if spec == "cuda":
                 raise UserError("--device cuda: this sparkct was built without CUDA kernels (rebuild with the "
@@ -154,8 +157,7 @@ def _run_pytest(root: str, files: list[str], device: str, tier: str, rounds: int
 
 def _failed_cases(progress_path: str, benches: dict[str, registry.Bench]) -> list[str]:
     """Ids of the cases that failed (a correctness check, an error), from conftest's progress file."""
-    from sparkct.io import read_json
-    from sparkct.perf.report import case_id
+    from sparkct.io import read_json  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
     try:
         prog = read_json(progress_path)
     except (OSError, ValueError):
@@ -164,10 +166,7 @@ def _failed_cases(progress_path: str, benches: dict[str, registry.Bench]) -> lis
 
 
 def cmd_bench(args) -> int:
-    from datetime import datetime, timezone
-
-    from sparkct.io import write_json_atomic
-    from sparkct.perf import report
+    from sparkct.io import write_json_atomic  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
 
     fail_above = getattr(args, "fail_above", None)
     threshold = report.parse_percent("10%" if fail_above is None else fail_above)
@@ -183,12 +182,10 @@ def cmd_bench(args) -> int:
         print(report.format_cases(doc))
         interrupted, status = False, 0
     else:
-        import importlib.util
         if importlib.util.find_spec("pytest_benchmark") is None:
             raise UserError("sparkct bench needs pytest and pytest-benchmark: pip install -e '.[dev]'")
         root = source_root()
         device = _device(args.device)
-        from sparkct.perf import environment
         env = environment.collect(device, root)
         runner = environment.runner_slug(device, env)
         out = args.json or os.path.join(".benchmarks", f"sparkct-bench-{runner}.json")
@@ -209,7 +206,7 @@ def cmd_bench(args) -> int:
                 if interrupted:
                     raise KeyboardInterrupt
                 raise RuntimeError(f"pytest exited with status {rc} and wrote no benchmark results")
-            from sparkct.io import read_json
+            from sparkct.io import read_json  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
             raw = read_json(raw_path)
             failed = _failed_cases(prog_path, benches)
         doc = report.convert(raw, benches=benches, device=device, runner=runner, tier=tier, suites=suites,
@@ -217,7 +214,6 @@ def cmd_bench(args) -> int:
                              rounds=args.rounds, complete=rc in (0, 1) and not interrupted, failed=failed)
         # The roofline needs the peaks of the machine that ran the cases: measured here (a few seconds
         # of calibration on a CPU; a table lookup on a known GPU) and stored with the results.
-        from sparkct.perf import peaks
         doc["peaks"] = peaks.device_peaks(device)
         report.validate(doc, "the results of this run")
         write_json_atomic(out, doc)
@@ -229,7 +225,7 @@ def cmd_bench(args) -> int:
             print(f"sparkct bench: {len(failed)} benchmark case(s) failed (see pytest's report above)",
                   file=sys.stderr)
     if args.roofline:
-        from sparkct.perf import roofline
+        from sparkct.perf import roofline  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
         png, md = roofline.write(doc, args.roofline)
         print(f"roofline: {png}, {md}")
     if baseline is not None:

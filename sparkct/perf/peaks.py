@@ -27,10 +27,13 @@ dtype.
 """
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import statistics
 import time
+
+from sparkct.device import resolve_device
 
 __all__ = ["GPU_PEAKS", "gpu_table_peaks", "calibrate", "cpu_peaks", "gpu_peaks", "device_peaks",
            "compute_peak", "dtype_key"]
@@ -131,7 +134,7 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
             out = torch.empty(n, n, device=dev, dtype=torch_dt[k])
             if cuda:
                 torch.backends.cuda.matmul.allow_tf32 = k == "tf32"
-            s, best = _seconds(lambda: torch.mm(a, b, out=out), device, repeats)
+            s, best = _seconds(functools.partial(torch.mm, a, b, out=out), device, repeats)
             by_dtype[k] = round(2 * n ** 3 / s / 1e9, 1)
             best_gemm[k] = round(2 * n ** 3 / best / 1e9, 1)
             del a, b, out
@@ -142,8 +145,8 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
     y = torch.empty_like(x)
     z = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-    copy_gb_s = 2 * nbytes / _seconds(lambda: y.copy_(x), device, repeats)[0] / 1e9
-    add_gb_s = 3 * nbytes / _seconds(lambda: torch.add(x, y, out=z), device, repeats)[0] / 1e9
+    copy_gb_s = 2 * nbytes / _seconds(functools.partial(y.copy_, x), device, repeats)[0] / 1e9
+    add_gb_s = 3 * nbytes / _seconds(functools.partial(torch.add, x, y, out=z), device, repeats)[0] / 1e9
     del x, y, z
     out = {"device": dev.type, "source": "measured",
            "compute_gflop_s": by_dtype["fp32"], "compute_by_dtype_gflop_s": by_dtype,
@@ -198,7 +201,6 @@ def gpu_peaks(device="cuda", *, measure_unknown: bool = True, **kw) -> dict:
 def device_peaks(device="cpu", **kw) -> dict:
     """Peaks of `device` ('cpu' or a CUDA device): measured on a CPU, from the table on a known GPU."""
     import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch at import time)
-    from sparkct.device import resolve_device  # noqa: PLC0415 (lazy: imports torch; sparkct.perf must not at import)
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     return gpu_peaks(dev, **kw) if dev.type == "cuda" else cpu_peaks(**kw)

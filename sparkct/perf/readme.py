@@ -31,15 +31,17 @@ import re
 import sys
 
 from sparkct.errors import UserError
-from sparkct.perf.roofline import fmt
+from sparkct.io import read_json, write_text_atomic
+from sparkct.perf import roofline
+from sparkct.perf.roofline import fmt, resolve_peaks
 
 __all__ = ["BLOCK", "find_blocks", "render_block", "render", "check", "main"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")  # the page whose blocks `main` rewrites by default
 DOCS = os.path.dirname(DOC)
-BLOCK = re.compile(r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)",
-                   re.DOTALL)
+BLOCK = re.compile(r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)"
+                   r"(?P<body>.*?)(<!-- bench:end -->)", re.DOTALL)
 _BEGIN = re.compile(r"<!-- bench:begin\b")
 _END = re.compile(r"<!-- bench:end -->")
 
@@ -66,8 +68,6 @@ def find_blocks(text: str) -> list[re.Match]:
 
 
 def load_baseline(baselines: str, runner: str) -> dict | None:
-    from sparkct.io import read_json
-
     path = os.path.join(baselines, f"{runner}.json")
     return read_json(path) if os.path.isfile(path) else None
 
@@ -171,7 +171,6 @@ def _pct(x) -> str:
 
 
 def _peaks_or_none(result: dict) -> dict | None:
-    from sparkct.perf.roofline import resolve_peaks
     try:
         return resolve_peaks(result)
     except UserError:
@@ -181,8 +180,6 @@ def _peaks_or_none(result: dict) -> dict | None:
 def render_block(runner: str, select: str | None, baselines: str, *, write_png: bool = True,
                  base: str = DOCS) -> str:
     """The generated body of one block (ending in a newline)."""
-    from sparkct.perf import roofline
-
     path = os.path.join(baselines, f"{runner}.json")
     result = load_baseline(baselines, runner)
     if result is None:
@@ -276,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         new = render(text, args.baselines, base=os.path.dirname(os.path.abspath(args.readme)))
         if new != text:
-            from sparkct.io import write_text_atomic
             write_text_atomic(args.readme, new)
             print(f"rewrote the benchmark blocks of {args.readme}")
         else:

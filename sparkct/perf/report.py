@@ -401,7 +401,8 @@ def format_cases(doc: dict) -> str:
     for c in doc["cases"]:
         t = c["time_s"]
         figs = [f"{c['figures'][k]:.4g} {unit}" for k, unit in _HEADLINE if k in c["figures"]]
-        rats = [f"{k} {v:.3g}" + (f" ±{_pct(c.get('ratio_noise', {}).get(k))}" if c.get("ratio_noise", {}).get(k) else "")
+        rats = [f"{k} {v:.3g}"
+                + (f" ±{_pct(c.get('ratio_noise', {}).get(k))}" if c.get("ratio_noise", {}).get(k) else "")
                 for k, v in c["ratios"].items()]
         peak = "-" if c.get("peak_bytes") is None else f"{c['peak_bytes'] / 2**20:.4g}"
         rows.append([_short(c["id"]), _secs(t["median"]), _secs(t["min"]), f"±{_pct(t.get('noise'))}",

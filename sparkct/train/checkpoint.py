@@ -116,7 +116,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a loadable sparkct checkpoint ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path}: not a sparkct checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {FORMAT!r})")
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path}: not a sparkct checkpoint (format {got!r}, expected {FORMAT!r})")
     state["config"] = json.loads(state["config"])
     state["path"] = path
     return state

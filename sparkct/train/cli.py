@@ -21,8 +21,7 @@ run `sparkct pretrain METHOD -h` for every option of a method."""
 
 
 def _method_parser(name: str):
-    # lazy: imports torch; `sparkct pretrain -h` must not
-    from sparkct.models.base import Method
+    from sparkct.models.base import Method  # noqa: PLC0415 (lazy: the parser imports no torch)
 
     cls = get_method(name)
     p = Parser(prog=f"sparkct pretrain {name}", description=(cls.__doc__ or "").strip().split("\n\n")[0])
@@ -42,8 +41,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if not args.method and not args.list:
             print("sparkct pretrain: error: name a method (" + ", ".join(METHODS) + ") or --list", file=sys.stderr)
             return 2
-        # lazy: imports torch; the parser must not
-        from sparkct.models.base import Method
+        from sparkct.models.base import Method  # noqa: PLC0415 (lazy: the parser imports no torch)
         for name in METHODS:
             cls = get_method(name)
             d = dict(Method.defaults)
@@ -56,8 +54,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                                        [f"{k}={v}" for k, v in d.items()]))
         return 0
     ns, cfg, mcfg = pretrain_configs(args.method, args.rest)
-    # lazy: imports torch; the parser must not
-    from sparkct.train.trainer import Trainer, build_method
+    from sparkct.train.trainer import Trainer, build_method  # noqa: PLC0415 (lazy: the parser imports no torch)
 
     method = build_method(args.method, cfg, mcfg)
     summary = Trainer(method, cfg, method_name=args.method, resume=ns.resume, force=ns.force).fit()
@@ -82,8 +79,7 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
     mcfg = dataclass_from_args(cls.config_class, ns)
     applied = _builtin_data_options(name, argv, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
-        # lazy: imports torch and numpy
-        from sparkct.data.datasets import read_labels_csv
+        from sparkct.data.datasets import read_labels_csv  # noqa: PLC0415 (lazy: the parser imports no torch)
         if not os.path.isfile(cfg.labels):
             raise UserError(f"--labels {cfg.labels}: no such file")
         rows = read_labels_csv(cfg.labels)
@@ -92,6 +88,7 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
         mcfg.num_classes = len({r["label"] for r in rows})  # the hybrid classifier's width
     cfg.validate()
     mcfg.validate()
+
     resolve_device(cfg.device)  # before any data work: a missing GPU is reported at once
     if applied:
         print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
@@ -115,8 +112,7 @@ def _builtin_data_options(method: str, argv: list[str], cfg, mcfg) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    # lazy: imports torch
-    from sparkct.train.checkpoint import export_backbone, load_checkpoint
+    from sparkct.train.checkpoint import export_backbone, load_checkpoint  # noqa: PLC0415 (lazy: imports torch)
 
     src = args.run
     if os.path.isdir(src) and args.best:

@@ -63,8 +63,7 @@ class TrainConfig:
     synth_slices: int = option("built-in data: slices per synthetic series", default=24)
 
     def validate(self) -> None:
-        # lazy: imports torchvision; the parser must not
-        from sparkct.models.backbone import check_arch
+        from sparkct.models.backbone import check_arch  # noqa: PLC0415 (lazy: the parser imports no torch)
 
         check_arch(self.arch)
         if self.crop < 32 or self.crop % 32:
@@ -97,8 +96,7 @@ class TrainConfig:
             raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
-        # lazy: imports numpy; the parser must not
-        from sparkct.data.windows import resolve_windows
+        from sparkct.data.windows import resolve_windows  # noqa: PLC0415 (lazy: the parser imports no numpy)
         try:
             resolve_windows(self.windows)
         except (ValueError, KeyError) as e:

@@ -36,8 +36,7 @@ class MetricsLog:
         self._jsonl = [ln for ln in _read_lines(self.jsonl_path) if json.loads(ln).get("step", 0) <= start_step]
         if tensorboard:
             try:
-                # lazy: tensorboard is optional
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (lazy: tensorboard is optional)
                 self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 self.tb = None

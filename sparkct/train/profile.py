@@ -88,12 +88,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2, top: int = 25,
                      record_shapes: bool = False, memory: bool = False, with_stack: bool = False) -> int:
-    # lazy: torch, numpy and the trainer load when a profile runs, not for `sparkct -h`
-    import torch
+    import torch  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
 
-    from sparkct import io as sio
-    from sparkct.data import resolve_data
-    from sparkct.train.trainer import Trainer, _log, build_method
+    from sparkct import io as sio  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
+    from sparkct.data import resolve_data  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
+    from sparkct.train.trainer import Trainer, _log, build_method  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
 
     out = cfg.out
     os.makedirs(out, exist_ok=True)
@@ -181,8 +180,7 @@ def summarize(events, *, cuda: bool, top: int) -> dict:
 
 
 def _phase_names() -> tuple[str, ...]:
-    # lazy: imports torch; the parser must not
-    from sparkct.profiling import PHASES
+    from sparkct.profiling import PHASES  # noqa: PLC0415 (lazy: the parser imports no torch)
     return PHASES
 
 

@@ -253,7 +253,8 @@ class Trainer:
             if latest is None:
                 raise UserError(f"--resume: no checkpoint in {self.run_dir} (last.ckpt or checkpoints/)")
         elif C.find_latest(self.run_dir) is not None:
-            raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it (or --out for a new one)")
+            raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                            "(or --out for a new one)")
         state = C.load_checkpoint(latest) if latest else None
         if state is not None:
             self._check_resume_config(state["config"])

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparkct.data.augment import (CTAugment, CTResize, MultiCrop, TwoViews, affine_grid, gaussian_blur,
-                                  gaussian_kernels)
+from sparkct.data.augment import CTAugment, CTResize, MultiCrop, TwoViews, affine_grid, gaussian_blur, gaussian_kernels
 from sparkct.data.windows import apply_windows
 
 OFF = dict(p_rotate=0, p_hu=0, p_intensity=0, p_gamma=0, p_noise=0, p_blur=0, hflip=0)
@@ -96,7 +95,8 @@ def test_hu_shift_scale_and_intensity_are_exact():
                             hu_scale=torch.tensor([1.0, 1.0, 1.1, 0.9], dtype=torch.float64))
     x = hu.float() * p.hu_scale.view(-1, 1, 1, 1).float() + p.hu_shift.view(-1, 1, 1, 1).float()
     torch.testing.assert_close(aug.apply(hu, p), apply_windows(x), atol=1e-4, rtol=0)
-    p2 = dataclasses.replace(p, hu_shift=torch.zeros(4, dtype=torch.float64), hu_scale=torch.ones(4, dtype=torch.float64),
+    p2 = dataclasses.replace(p, hu_shift=torch.zeros(4, dtype=torch.float64),
+                             hu_scale=torch.ones(4, dtype=torch.float64),
                              contrast=torch.tensor([1.0, 1.2, 0.8, 1.0], dtype=torch.float64),
                              brightness=torch.tensor([0.0, 0.05, -0.1, 0.2], dtype=torch.float64))
     w = torch.tensor([1500.0, 350.0, 1800.0]).view(1, 3, 1, 1)

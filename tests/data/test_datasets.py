@@ -10,8 +10,15 @@ import torch
 
 from sparkct.data.augment import CTAugment, CTResize, MultiCrop
 from sparkct.data.cache import SliceCache
-from sparkct.data.datasets import (CTLabelledDataset, CTSliceDataset, SliceLoader, collate_batch, patient_split,
-                                   patient_subset, run_order)
+from sparkct.data.datasets import (
+    CTLabelledDataset,
+    CTSliceDataset,
+    SliceLoader,
+    collate_batch,
+    patient_split,
+    patient_subset,
+    run_order,
+)
 from sparkct.data.windows import apply_windows
 
 

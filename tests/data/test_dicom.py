@@ -16,8 +16,16 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from sparkct.data.dicom import (ENHANCED_CT_IMAGE_STORAGE, CTVolume, SkipFile, iter_series, parse_age,
-                                plan_series, read_header, read_series)
+from sparkct.data.dicom import (
+    ENHANCED_CT_IMAGE_STORAGE,
+    CTVolume,
+    SkipFile,
+    iter_series,
+    parse_age,
+    plan_series,
+    read_header,
+    read_series,
+)
 
 REAL_CT = ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"]
 

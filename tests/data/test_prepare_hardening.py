@@ -75,7 +75,7 @@ def test_one_bad_slice_is_skipped_and_the_good_slices_of_its_series_kept(tmp_pat
             _bad_lut(ds)
 
     paths = ct_series(str(tmp_path / "src" / "s"), 5, edit)
-    with pytest.raises(Exception):
+    with pytest.raises(struct.error):
         apply_modality_lut(pydicom.dcmread(paths[3]).pixel_array, pydicom.dcmread(paths[3]))
     expect = Counter({"rescale maps every stored value outside the int16 HU range": 1,
                       "malformed Modality LUT Sequence (error)": 1})

@@ -108,7 +108,7 @@ def test_labelled_pairs_carry_the_targets_of_slice_a(cache_dir):
             for s, u in enumerate(c.series["series_uid"]) for k in range(int(c.series["n"][s]))]
     ds = CTLabelledDataset(cache_dir, rows)
     pairs = SlicePairs(ds)
-    for (xa, xb, nxt), t in SliceLoader(ds, 8, transform=_raw_pairs, seed=0, pairs=pairs):
+    for (xa, _xb, _nxt), t in SliceLoader(ds, 8, transform=_raw_pairs, seed=0, pairs=pairs):
         flat = c.read(np.arange(len(c))).reshape(len(c), -1)
         ia = [int(np.nonzero((flat == r).all(1))[0][0]) for r in xa.short().reshape(len(xa), -1).numpy()]
         assert np.array_equal(t.numpy(), c.slice_index[ia] % 2)

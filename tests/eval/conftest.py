@@ -44,8 +44,8 @@ def eval_cache(tmp_path_factory) -> dict:
     """{'cache', 'patients' (pseudonym -> 0/1), 'patient_labels' (CSV path: patient, label as
     clear/nodule), 'series_labels' (CSV: series_key, label)}: 12 NIfTI patients (a folder each,
     patient_from='dir'), 32x32 slices, half of them with a bright 'nodule' in every slice."""
-    from sparkct.data._util import salted_hash
     from sparkct.data import SliceCache, prepare
+    from sparkct.data._util import salted_hash
 
     root = tmp_path_factory.mktemp("evalcache")
     src, dst = str(root / "nifti"), str(root / "cache")

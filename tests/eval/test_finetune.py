@@ -11,7 +11,7 @@ import torch
 
 from sparkct.errors import UserError
 from sparkct.eval.data import load_task
-from sparkct.eval.finetune import Classifier, FinetuneConfig, evaluate, finetune, resolve_init
+from sparkct.eval.finetune import Classifier, FinetuneConfig, finetune, resolve_init
 from sparkct.models.backbone import backbone_state, build_backbone
 from sparkct.train.config import TrainConfig
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES
-from contrastive_helpers import synthetic_hu, tiny_backbone
 from sparkct.models import get_method
+
+from contrastive_helpers import FEATURES, synthetic_hu, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

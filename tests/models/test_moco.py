@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES
-from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 from sparkct.errors import UserError
 from sparkct.models import get_method
 from sparkct.models.moco import MoCo, MoCoConfig, shuffled_forward
 
+from contrastive_helpers import FEATURES, grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +115,8 @@ def test_chunked_equals_unchunked():
 
 
 def test_training_lowers_loss_without_collapse():
-    losses, collapse = train(make(norm="batch", queue_size=16, momentum=0.9, temperature=0.2, augment="light"), steps=30)
+    losses, collapse = train(make(norm="batch", queue_size=16, momentum=0.9, temperature=0.2, augment="light"),
+                             steps=30)
     # from step 1: at step 0 the negatives are the random initial queue (an easy, low loss)
     assert sum(losses[-5:]) / 5 < sum(losses[1:6]) / 5 - 0.1
     assert min(collapse) > 0.2

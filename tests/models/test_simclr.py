@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contrastive_helpers import FEATURES
-from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 from sparkct.errors import UserError
 from sparkct.models import get_method
 from sparkct.models.simclr import SimCLR, SimCLRConfig
 
+from contrastive_helpers import FEATURES, grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

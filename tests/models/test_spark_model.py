@@ -352,7 +352,7 @@ def test_config_defaults_and_help():
 def test_registry():
     assert METHODS["spark"] == "sparkct.models.spark.model:SparK"
     assert get_method("spark") is SparK and SparK.name == "spark"
-    for name, target in METHODS.items():
+    for _name, target in METHODS.items():
         assert ":" in target
     with pytest.raises(UserError, match="unknown method 'mae'.*spark"):
         get_method("mae")

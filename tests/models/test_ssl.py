@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES
-from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone
 from sparkct.data import label_slices
 from sparkct.errors import UserError
 from sparkct.models import get_method
 from sparkct.models.simclr import SimCLR, SimCLRConfig
 from sparkct.models.ssl import augment_kwargs
+
+from contrastive_helpers import FEATURES, grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +134,8 @@ def test_bad_config():
 
 
 @pytest.mark.parametrize("name,kw", [("simclr", {"chunk": 4}), ("moco", {"queue_size": 32, "chunk": 4}),
-                                     ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16, "queue_start_epoch": 0}),
+                                     ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16,
+                                               "queue_start_epoch": 0}),
                                      ("byol", {})])
 def test_through_the_trainer(cache, tmp_path, name, kw):
     """A few steps of each method (chunked where it applies) through the one trainer, resnet18 at 32 px."""

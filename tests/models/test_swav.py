@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_helpers import FEATURES
-from contrastive_helpers import grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 from sparkct.errors import UserError
 from sparkct.models import get_method
 from sparkct.models.swav import SwAV, SwAVConfig
+
+from contrastive_helpers import FEATURES, grads_chunked_vs_unchunked, synthetic_hu, tiny_backbone, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -54,7 +54,8 @@ def test_cosine_schedule_matches_lightly():
     sched = pytest.importorskip("lightly.utils.scheduler")
     for total in (1, 2, 7, 100):
         for step in range(total):
-            assert cosine_schedule(step, total, 0.99, 1.0) == pytest.approx(sched.cosine_schedule(step, total, 0.99, 1.0))
+            assert cosine_schedule(step, total, 0.99, 1.0) == pytest.approx(
+                sched.cosine_schedule(step, total, 0.99, 1.0))
 
 
 def test_momentum_encoder():

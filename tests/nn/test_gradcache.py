@@ -10,7 +10,6 @@ from torch import nn
 from sparkct.nn import InfoNCELoss, chunked, grad_cache
 from sparkct.nn.gradcache import chunks
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

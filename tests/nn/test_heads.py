@@ -8,7 +8,6 @@ from torch import nn
 
 from sparkct.nn import heads as H
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,7 +8,6 @@ import socket
 import pytest
 import torch
 
-
 from sparkct.nn import InfoNCELoss
 from sparkct.ops import reference as ref
 

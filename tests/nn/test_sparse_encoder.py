@@ -26,11 +26,10 @@ import pytest
 import torch
 import torchvision
 
-from sparkct.nn import SparseEncoder, sparsify
-from sparkct.ops import reference as R
-from sparkct.models.spark import reference as SR
-from sparkct.ops import sparse as S
 from sparkct.models.masking import cell_mask
+from sparkct.models.spark import reference as SR
+from sparkct.nn import SparseEncoder, sparsify
+from sparkct.ops import sparse as S
 
 
 def make_mask(B, gh, gw, ratio, seed=0, special=True):

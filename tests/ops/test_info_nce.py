@@ -169,7 +169,8 @@ def test_gathered_columns(device, impl):
 
 def _scaled(kind, n, d, k, gen):
     """(z0, z1, bank) in float64 with rows of magnitude 1e19, 1e-19 or mixed 1e-30 .. 1e30 per row."""
-    z0, z1 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
     z1 = z1 + 2 * z0
     bank = torch.randn(k, d, generator=gen, dtype=torch.float64)
     if kind == "mixed":
@@ -247,14 +248,14 @@ def test_low_temperature_gradients(n, d, mode):
 
     for tau in TEMPERATURES:
         if mode == "pair":
-            fns = {i: (lambda a, b, i=i: OP(a, b, None, None, tau, 0, False, i)[0]) for i in (0, 1)}
-            fref = lambda a, b: ref.info_nce(a, b, tau)  # noqa: E731
+            fns = {i: (lambda a, b, i=i, tau=tau: OP(a, b, None, None, tau, 0, False, i)[0]) for i in (0, 1)}
+            fref = lambda a, b, tau=tau: ref.info_nce(a, b, tau)  # noqa: E731
         elif mode == "bank":
-            fns = {i: (lambda a, b, c, i=i: OP(a, b, None, c, tau, 0, False, i)[0]) for i in (0, 1)}
-            fref = lambda a, b, c: ref.info_nce(a, b, tau, c)  # noqa: E731
+            fns = {i: (lambda a, b, c, i=i, tau=tau: OP(a, b, None, c, tau, 0, False, i)[0]) for i in (0, 1)}
+            fref = lambda a, b, c, tau=tau: ref.info_nce(a, b, tau, c)  # noqa: E731
         else:
-            fns = {i: (lambda a, b, c, i=i: OP(a, b, c, None, tau, n, False, i)[0]) for i in (0, 1)}
-            fref = lambda a, b, c: ref.info_nce(a, b, tau, cols=c, col_offset=n)  # noqa: E731
+            fns = {i: (lambda a, b, c, i=i, tau=tau: OP(a, b, c, None, tau, n, False, i)[0]) for i in (0, 1)}
+            fref = lambda a, b, c, tau=tau: ref.info_nce(a, b, tau, cols=c, col_offset=n)  # noqa: E731
         want = run(fref, torch.float64)
         naive32 = ((run(fref, torch.float32) - want).norm() / want.norm()).item()
         for impl, fn in fns.items():

@@ -109,7 +109,7 @@ def test_mirror_matches_source():
     def const(name):
         m = re.search(rf"constexpr int {name} = ([^;]+);", src)
         assert m, name
-        return eval(m.group(1), {}, {"kBN": K_BN, "kBM": K_BM, "kDC": K_DC})  # noqa: S307
+        return eval(m.group(1), {}, {"kBN": K_BN, "kBM": K_BM, "kDC": K_DC})
 
     assert (const("kThreads"), const("kBM"), const("kBN"), const("kDC"), const("kLDS")) == (
         K_THREADS, K_BM, K_BN, K_DC, K_LDS)
@@ -120,7 +120,7 @@ def test_mirror_matches_source():
         env = {"kBN": K_BN, "kDC": K_DC, "kLDS": K_LDS}
         for part in line.split(","):
             k, v = (s.strip() for s in part.split("="))
-            env[k] = eval(v, {}, env)  # noqa: S307
+            env[k] = eval(v, {}, env)
         sep = re.search(r"kSeparateW = (true|false)", block).group(1) == "true"
         return env["BK"], env["LDK"], env["LDW"], env["LDX"], sep
 
@@ -400,7 +400,7 @@ class Counter:
 def emu_forward(p: Policy, rows, cols, geo: Geo, tau: float, pos_init, sms: int, inv_r=None, inv_c=None):
     """fwd_fast_body over the grid (ceil(R / 64), splits), then lse_combine_kernel. rows / cols are the
     scaled rows with their inverse norms (`norms`); unscaled ones with inv_r / inv_c None."""
-    R, M, D = rows.shape[0], cols.shape[0], rows.shape[1]
+    R, M = rows.shape[0], cols.shape[0]
     inv_tau = torch.tensor(1.0 / tau, dtype=torch.float32)
     inv_r = inv_norm((rows * rows).sum(1)) if inv_r is None else inv_r
     inv_c = inv_norm((cols * cols).sum(1)) if inv_c is None else inv_c

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparkct.models.masking import cell_mask
 from sparkct.ops import reference as R
 from sparkct.ops import sparse as S
-from sparkct.models.masking import cell_mask
 
 
 def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
@@ -57,7 +57,8 @@ def test_sparse_conv2d_groups_and_auto_method():
     L = S.cell_layout(mask)
     x = torch.randn(L.num_tiles, 6, 4, 4, dtype=torch.float64)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close(S.sparse_conv2d(x, L, w, None, 1, 1, groups=3), R.sparse_conv2d(x, mask, w, None, 1, 1, 3))
+    torch.testing.assert_close(S.sparse_conv2d(x, L, w, None, 1, 1, groups=3),
+                               R.sparse_conv2d(x, mask, w, None, 1, 1, 3))
     with pytest.raises(ValueError, match="groups"):
         S.sparse_conv2d(x, L, w, None, 1, 1, groups=3, method="gemm")
     assert S.conv_method(2) == "gemm" and S.conv_method(4) == "halo" and S.conv_method(1, groups=2) == "halo"
@@ -70,7 +71,8 @@ def test_sparse_conv2d_gradcheck():
         x = torch.randn(L.num_tiles, 2, c, c, dtype=torch.float64, requires_grad=True)
         w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
         b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, w, b: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b))
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, s=s, method=method: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b))
 
 
 LAYERS = {  # name: (cell, layer(x, layout, w, b)); w / b unused by the pool
@@ -90,7 +92,8 @@ def test_layers_double_backward(name):
     c, layer = LAYERS[name]
     L = S.cell_layout(make_mask(3, 2, 2, 0.4, seed=4))
     gen = torch.Generator().manual_seed(7)
-    x, w, b = (torch.randn(*sh, generator=gen, dtype=torch.float64) for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,)))
+    x, w, b = (torch.randn(*sh, generator=gen, dtype=torch.float64)
+               for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,)))
     ins = [t.clone().requires_grad_(True) for t in ((x,) if name == "maxpool" else (x, w, b))]
     f = (lambda x: layer(x, L, None, None)) if name == "maxpool" else (lambda x, w, b: layer(x, L, w, b))
     assert torch.autograd.gradgradcheck(f, ins)

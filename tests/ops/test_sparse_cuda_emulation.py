@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparkct.ops import reference as R
 from sparkct.models.masking import cell_mask
+from sparkct.ops import reference as R
 
 CU = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "sparse.cu"
 HOST = Path(__file__).resolve().parents[2] / "csrc" / "sparse_host.h"

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from sparkct.models.masking import cell_mask
 from sparkct.ops import reference as R
 from sparkct.ops import sparse as S
-from sparkct.models.masking import cell_mask
 
 ops = torch.ops.sparkct
 
@@ -288,8 +288,8 @@ def test_torch_compile_tables_inside_graph():
 
     def f(mask, x):
         cells, nbr, cell_map = ops.sparse_cell_tables(mask)
-        return ops.sparse_unpack(ops.sparse_halo(ops.sparse_pack(x, cells, cell_map), nbr, 1, 0.0, 0.0)[:, :, 1:-1, 1:-1],
-                                 cells, cell_map, None)
+        halo = ops.sparse_halo(ops.sparse_pack(x, cells, cell_map), nbr, 1, 0.0, 0.0)
+        return ops.sparse_unpack(halo[:, :, 1:-1, 1:-1], cells, cell_map, None)
 
     mask = make_mask(3, 3, 4, 0.5, seed=8)
     x = torch.randn(3, 2, 12, 16)

@@ -186,7 +186,8 @@ def test_cases_pair_with_their_baselines_in_the_same_group():
         _raw("data::test_pydicom_decode_baseline", "data-prepare-512", 1.0, {}),
         _raw("data::test_prepare_throughput[j1]", "data-prepare-512", 2.0, {"workers": 1, "resample": False}),
     ]}
-    d = report.convert(raw, benches=BENCHES, device="cpu", runner="cpu-2core", tier="default", suites=["kernels", "train", "data"],
+    d = report.convert(raw, benches=BENCHES, device="cpu", runner="cpu-2core", tier="default",
+                       suites=["kernels", "train", "data"],
                        environment={}, created="2026-01-01T00:00:00+00:00")
     report.validate(d)
     by = {c["id"].split("/", 2)[-1]: c for c in d["cases"]}

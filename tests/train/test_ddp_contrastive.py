@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 import torch
+from test_ddp import _free_port
 
 from sparkct.train import checkpoint as C
-from test_ddp import _free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("simclr", "moco", "swav", "byol")

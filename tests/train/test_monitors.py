@@ -11,7 +11,6 @@ from torch import nn
 
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

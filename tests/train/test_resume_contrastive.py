@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sparkct.train import checkpoint as C
+
 from ssl_runs import run
 
 RESUME_KW = {
@@ -53,4 +54,5 @@ def test_resume_is_bit_identical(name, small_cache, tmp_path):
         assert int(m["criterion.bank_ptr"]) == (6 * 8) % 16
     if name == "swav":  # the queue started with epoch 1 and was in use at step 5
         assert int(m["epoch"]) == 2 and int(m["queue.0.count"]) == 16
-        assert float(next(r for r in csv.DictReader(open(straight / "metrics.csv")) if r["step"] == "6")["queue_used"]) == 1
+        row6 = next(r for r in csv.DictReader(open(straight / "metrics.csv")) if r["step"] == "6")
+        assert float(row6["queue_used"]) == 1

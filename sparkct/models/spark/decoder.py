@@ -9,7 +9,8 @@ blocks 0..3 (``forward(to_dec)`` with the deepest first, each already projected 
 from __future__ import annotations
 
 import math
-from typing import Sequence, cast
+from collections.abc import Sequence
+from typing import cast
 
 import torch.nn as nn
 from torch import Tensor

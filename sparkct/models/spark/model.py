@@ -22,8 +22,9 @@ skip features in place, and the loss is computed in float32 from strided views (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -154,8 +155,7 @@ class SparK(Method):
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
         super().__init__(backbone, config)
         self.config.validate()
-        # lazy: sparkct.nn loads the compiled extension; `sparkct pretrain spark -h` must work without it
-        from sparkct.nn import SparseEncoder
+        from sparkct.nn import SparseEncoder  # noqa: PLC0415 (lazy: `pretrain spark -h` loads no extension)
 
         enc = SparseEncoder(backbone)  # validates the backbone (a torchvision ResNet) and gives the widths
         self.in_chans = cast(nn.Conv2d, backbone.conv1).in_channels
@@ -206,8 +206,7 @@ class SparK(Method):
     # --- the model ----------------------------------------------------------------------------------
     def sparse_encoder(self):
         """The packed-tile encoder over the backbone's current modules (cheap to build: no state)."""
-        # lazy: as in __init__
-        from sparkct.nn import SparseEncoder
+        from sparkct.nn import SparseEncoder  # noqa: PLC0415 (lazy: `pretrain spark -h` loads no extension)
         return SparseEncoder(self.backbone)
 
     def encode(self, x: Tensor, mask: Tensor) -> tuple[list[Tensor], object]:
@@ -215,8 +214,7 @@ class SparK(Method):
         (A, C, c, c), channels-last, and the ``CellLayout``; dense-masked: dense maps with zeros at masked
         cells and SparK's masker."""
         if self.config.encoder == "sparse":
-            # lazy: as in __init__
-            from sparkct.ops.sparse import cell_layout
+            from sparkct.ops.sparse import cell_layout  # noqa: PLC0415 (lazy: `pretrain spark -h` loads no extension)
 
             layout = cell_layout(mask)
             return self.sparse_encoder()(x, layout, packed=True), layout
@@ -227,8 +225,7 @@ class SparK(Method):
         cells, the projection to the decoder's width."""
         out = []
         if self.config.encoder == "sparse":
-            # lazy: as in __init__
-            from sparkct.ops.sparse import unpack
+            from sparkct.ops.sparse import unpack  # noqa: PLC0415 (lazy: `pretrain spark -h` loads no extension)
 
             for i, f in enumerate(reversed(feats)):
                 f = self.densify_norms[i](f)  # BN over packed tiles = BN over the visible positions

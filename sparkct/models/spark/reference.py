@@ -6,6 +6,9 @@ visible positions only (SparK's encoder.py). ``sparkct.nn.SparseEncoder`` must e
 """
 from __future__ import annotations
 
+import torch
+import torch.nn as nn
+
 __all__ = ["SparKMasker", "spark_conv", "spark_bn", "spark_dense_masked_features", "spark_published_loss"]
 
 
@@ -35,8 +38,6 @@ def spark_bn(bn, x, masker):
     """SparK's SparseBatchNorm2d: normalize the visible positions only (statistics and running-stat
     update over them, as its BatchNorm1d on the (N_visible, C) rows), zeros elsewhere. Returns the
     (B, C, H, W) view of a channels-last buffer, as SparK's permute does."""
-    import torch
-
     ii = masker.active_ii(x.shape[2], x.shape[3])
     bhwc = x.permute(0, 2, 3, 1)
     nc = bhwc[ii]
@@ -47,8 +48,7 @@ def spark_bn(bn, x, masker):
 
 
 def _spark_module(m, x, masker):
-    import torch.nn as nn
-    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from torchvision.models.resnet import BasicBlock, Bottleneck  # noqa: PLC0415 (lazy: `-h` imports no torchvision)
 
     if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         return spark_conv(m, x, masker)
@@ -102,8 +102,6 @@ def spark_published_loss(model, x, mask, vis=False):
     cell's channels together. It is the oracle of the model tests and "SparK's published way" in the
     benchmarks. With ``vis`` returns SparK's visualization triple (input, masked input, reconstruction
     pasted into the masked cells) instead of the loss."""
-    import torch
-
     p = 32
     B, C, H, W = x.shape
     h, w = H // p, W // p
