@@ -525,8 +525,6 @@ class Trainer:
         if mon is not None and (run.best is None or float(mon) > run.best):
             run.best = float(mon)
             path = self.save()
-            if self.main:  # the log up to a checkpoint goes with it, or a resume would lose those rows
-                self.metrics.flush()
             if path:
                 C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
                 # keep-last-k must not delete the file best.ckpt names: it is a hard link
@@ -534,11 +532,15 @@ class Trainer:
     def save(self) -> str | None:
         """Checkpoint the run at its current step (rank 0 writes; keep-last-k; last.ckpt): weights,
         optimizer, scaler, RNG, the data position (the next step's epoch and batch), best monitor, the
-        latest metrics row, the probe and the config. Returns the checkpoint's path (None on other ranks)."""
+        latest metrics row, the probe and the config; the metrics files are written first. Returns the
+        checkpoint's path (None on other ranks)."""
         run = self.run
         run.last_saved = run.step
         if not self.main:
             return None
+        # the log up to a checkpoint is on disk before the checkpoint: a kill at any point after the
+        # checkpoint leaves every row up to its step (rows past a resumed step are dropped on resume)
+        self.metrics.flush()
         epoch, in_epoch = divmod(run.step, self.steps_per_epoch)
         st = {"config": json.dumps(self.record), "model": self.method.state_dict(),
               "optimizer": self.optimizer.state_dict(),
@@ -549,10 +551,9 @@ class Trainer:
         return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
 
     def save_periodic(self) -> None:
-        """A --ckpt-every checkpoint, with the metrics files and loss.png brought up to it."""
+        """A --ckpt-every checkpoint, with the metrics files (save writes them) and loss.png brought up to it."""
         self.save()
         if self.main:
-            self.metrics.flush()
             plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
 
     def finish(self) -> dict:

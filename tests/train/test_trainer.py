@@ -157,3 +157,39 @@ def test_labels_drive_the_online_probe_and_knn_monitors(small_synth, small_cache
     knn = [r for r in rows if "epoch/knn_acc" in r]
     assert len(knn) == 2 and all(0.0 <= r["epoch/knn_acc"] <= 1.0 for r in knn)
     assert C.load_checkpoint(str(out))["probe"]["model"]["linear.weight"].shape[0] == 2
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs (BaseException: no `except Exception` catches it)."""
+
+
+def _kill_after_save(monkeypatch, at_step):
+    """Make the checkpoint of `at_step` the last thing the run does, as a kill right after it would."""
+    save = C.save_checkpoint
+
+    def save_then_die(run_dir, state, step, keep):
+        path = save(run_dir, state, step, keep)
+        if step == at_step:
+            raise _Killed(path)
+        return path
+
+    monkeypatch.setattr(C, "save_checkpoint", save_then_die)
+
+
+def _rows(path):
+    # images_per_s is a wall-clock speed: everything else must match
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(open(path))]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_kill_right_after_a_checkpoint_keeps_the_metrics_up_to_it(small_cache, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    train(small_cache, ref)
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_after_save(m, 3)
+        with pytest.raises(_Killed):
+            train(small_cache, run)
+    assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [1, 2, 3]
+    train(small_cache, run, resume=True)
+    assert _rows(run / "metrics.csv") == _rows(ref / "metrics.csv")
