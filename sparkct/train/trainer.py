@@ -117,7 +117,7 @@ class RunState:
     step: int = 0  #: optimizer steps done
     best: float | None = None  #: the best epoch monitor so far (best.ckpt holds its state)
     last_saved: int = -1  #: the step of the latest checkpoint (-1: none this run)
-    first_loss: float | None = None  #: the first step's loss (this process's run)
+    first_loss: float | None = None  #: the run's first loss (checkpoints carry it over resumes)
     logs: dict = field(default_factory=dict)  #: the latest metrics row (checkpoints and the summary carry it)
     last_inp: Any = None  #: the latest micro-batch's input (previews)
     images_per_s: float = math.nan  #: over the latest logging interval
@@ -327,7 +327,7 @@ class Trainer:
 
     def restore(self, state: dict | None) -> None:
         """Continue from `state` (a loaded checkpoint: weights, optimizer, scaler, RNG, probe, step, best
-        monitor), or, with None, seed a fresh run (the seed differs by rank)."""
+        monitor, first loss and latest metrics row), or, with None, seed a fresh run (the seed differs by rank)."""
         run = self.run
         if state is None:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank)
@@ -341,6 +341,10 @@ class Trainer:
             self.probe.restore(state["probe"])
         run.step, run.best = int(state["step"]), state.get("best")
         run.last_saved = run.step
+        # the summary describes the whole run, also when this process has nothing left to do
+        run.first_loss = state.get("first_loss")
+        run.logs = dict(state.get("metrics") or {})
+        run.images_per_s = float(run.logs.get("images_per_s", math.nan))
         self.log(f"resumed {state['path']} at step {run.step} of {self.total}")
         if run.step >= self.total:
             self.log("that run had already finished")
@@ -546,7 +550,7 @@ class Trainer:
               "optimizer": self.optimizer.state_dict(),
               "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "step": run.step, "epoch": epoch,
               "batch_in_epoch": in_epoch, "rng": C.rng_state(), "best": run.best,
-              "metrics": {k: float(v) for k, v in run.logs.items()},
+              "metrics": {k: float(v) for k, v in run.logs.items()}, "first_loss": run.first_loss,
               "probe": self.probe.checkpoint() if self.probe is not None else {}}
         return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
 
