@@ -226,8 +226,9 @@ class Trainer:
     # ---- phases, in the order fit calls them ----
     def setup(self) -> dict | None:
         """Join the process group, choose the device and AMP, check the batch against accumulation x ranks
-        and the method; then the run folder: refuse one that holds a run unless resuming, and return the
-        checkpoint to resume (its config checked against this one) or None."""
+        and the method; then the run folder: refuse one that holds a run unless resuming, remove the partial
+        files of an interrupted write, and return the checkpoint to resume (the newest that loads, its config
+        checked against this one) or None."""
         cfg = self.cfg
         _init_distributed(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -247,14 +248,21 @@ class Trainer:
         self.method.check_run(cfg.batch // cfg.accum)
 
         # the run folder: refuse to overwrite a run unless resuming it
-        latest = None
+        state = None
         if self.resume:
-            latest = self.resume if isinstance(self.resume, str) else C.find_latest(self.run_dir)
-            if latest is None:
+            if isinstance(self.resume, str):
+                state = C.load_checkpoint(self.resume)
+            elif C.find_latest(self.run_dir) is None:
                 raise UserError(f"--resume: no checkpoint in {self.run_dir} (last.ckpt or checkpoints/)")
+            else:  # the newest that loads: a corrupt last.ckpt is skipped, with a log line
+                state = C.load_latest(self.run_dir, log=self.log)
         elif C.find_latest(self.run_dir) is not None:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it (or --out for a new one)")
-        state = C.load_checkpoint(latest) if latest else None
+        if self.main:  # a kill during a write leaves its temporary (a checkpoint's: tens of MB); nothing reads them
+            n, size = C.remove_partial(self.run_dir)
+            if n:
+                self.log(f"removed {n} partial files ({size / 1e6:.1f} MB) that an interrupted run left in "
+                         f"{self.run_dir}")
         if state is not None:
             self._check_resume_config(state["config"])
         return state
