@@ -179,7 +179,8 @@ def _kill_after_save(monkeypatch, at_step):
 
 def _rows(path):
     # images_per_s is a wall-clock speed: everything else must match
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(open(path))]
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(f)]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -197,7 +198,8 @@ def test_a_kill_right_after_a_checkpoint_keeps_the_metrics_up_to_it(small_cache,
 
 
 def _summary_of_the_run(path):
-    s = json.load(open(path))
+    with open(path) as f:
+        s = json.load(f)
     final = {k: v for k, v in s["final"].items() if k != "images_per_s"}
     return s["steps"], s["first_loss"], final, math.isfinite(s["images_per_s"])
 
