@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from typing import cast
 
 import numpy as np
@@ -26,11 +27,16 @@ from sparkct import io as sio
 from sparkct.errors import UserError
 from sparkct.models.backbone import backbone_state
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "find_latest", "rng_state", "set_rng_state",
-           "link_atomic", "prune", "export_backbone"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_latest", "find_latest", "candidates",
+           "remove_partial", "rng_state", "set_rng_state", "link_atomic", "prune", "export_backbone"]
 
 FORMAT = "sparkct-checkpoint-1"
 _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
+# the temporaries of an interrupted write into a run folder: sio.atomic_path's ``.<name>.<random>.tmp``
+# and link_atomic's ``<name>.<pid>.lnk.tmp``; only the names a run writes, so nothing else there is touched
+_RUN_FILES = r"(last\.ckpt|best\.ckpt|backbone\.pt|metrics\.csv|metrics\.jsonl|config\.json|summary\.json)"
+_PARTIAL_RE = {"checkpoints": re.compile(r"^\.step-\d+\.ckpt\.[^.]+\.tmp$"),
+               ".": re.compile(rf"^(\.{_RUN_FILES}\.[^.]+\.tmp|{_RUN_FILES}\.\d+\.lnk\.tmp)$")}
 
 
 def rng_state() -> dict:
@@ -91,23 +97,75 @@ def prune(ckpt_dir: str, keep: int) -> None:
             pass
 
 
-def find_latest(run_dir: str) -> str | None:
-    """last.ckpt of a run folder, else its newest step checkpoint, else None."""
+def candidates(run_dir: str) -> list[str]:
+    """A run folder's checkpoints, the one to resume first: last.ckpt, then the step checkpoints newest first."""
     last = os.path.join(run_dir, "last.ckpt")
-    if os.path.isfile(last):
-        return last
     files = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step-*.ckpt"))
                    if (m := _STEP_RE.search(p)))
-    return files[-1][1] if files else None
+    return ([last] if os.path.isfile(last) else []) + [p for _, p in reversed(files)]
+
+
+def find_latest(run_dir: str) -> str | None:
+    """last.ckpt of a run folder, else its newest step checkpoint, else None."""
+    found = candidates(run_dir)
+    return found[0] if found else None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def load_latest(run_dir: str, map_location="cpu", log=_stderr) -> dict:
+    """The newest checkpoint of a run folder that loads (last.ckpt first): a zero-byte or corrupt file (a
+    kill during a copy, a full disk) is skipped with one log line; a UserError if none loads."""
+    found = candidates(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: no checkpoint in this run folder (last.ckpt or checkpoints/step-*.ckpt)")
+    first: UserError | None = None
+    tried: set[tuple[int, int]] = set()
+    for i, path in enumerate(found):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in tried:  # last.ckpt is a hard link to one of the step files
+            continue
+        tried.add((st.st_dev, st.st_ino))
+        try:
+            return load_checkpoint(path, map_location)
+        except UserError as e:
+            first = first or e
+            if i + 1 < len(found):
+                log(f"skipped {e}; trying an older checkpoint")
+    raise first if first is not None else UserError(f"{run_dir}: no checkpoint in this run folder")
+
+
+def remove_partial(run_dir: str) -> tuple[int, int]:
+    """Remove the temporaries that a kill during a write left in a run folder (checkpoints and the run's
+    own files, by the atomic writers' name patterns); returns (files, bytes)."""
+    n = size = 0
+    for sub, pattern in _PARTIAL_RE.items():
+        d = os.path.join(run_dir, sub)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            p = os.path.join(d, name)
+            if pattern.match(name) and os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    b = os.path.getsize(p)
+                    os.unlink(p)
+                except OSError:
+                    continue
+                n, size = n + 1, size + b
+    return n, size
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """A sparkct checkpoint, loaded without unpickling code; a UserError for anything else."""
     if os.path.isdir(path):
-        found = find_latest(path)
-        if found is None:
-            raise UserError(f"{path}: no checkpoint in this run folder (last.ckpt or checkpoints/step-*.ckpt)")
-        path = found
+        return load_latest(path, map_location)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:

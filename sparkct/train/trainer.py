@@ -117,7 +117,7 @@ class RunState:
     step: int = 0  #: optimizer steps done
     best: float | None = None  #: the best epoch monitor so far (best.ckpt holds its state)
     last_saved: int = -1  #: the step of the latest checkpoint (-1: none this run)
-    first_loss: float | None = None  #: the first step's loss (this process's run)
+    first_loss: float | None = None  #: the run's first loss (checkpoints carry it over resumes)
     logs: dict = field(default_factory=dict)  #: the latest metrics row (checkpoints and the summary carry it)
     last_inp: Any = None  #: the latest micro-batch's input (previews)
     images_per_s: float = math.nan  #: over the latest logging interval
@@ -226,8 +226,9 @@ class Trainer:
     # ---- phases, in the order fit calls them ----
     def setup(self) -> dict | None:
         """Join the process group, choose the device and AMP, check the batch against accumulation x ranks
-        and the method; then the run folder: refuse one that holds a run unless resuming, and return the
-        checkpoint to resume (its config checked against this one) or None."""
+        and the method; then the run folder: refuse one that holds a run unless resuming, remove the partial
+        files of an interrupted write, and return the checkpoint to resume (the newest that loads, its config
+        checked against this one) or None."""
         cfg = self.cfg
         _init_distributed(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -247,15 +248,22 @@ class Trainer:
         self.method.check_run(cfg.batch // cfg.accum)
 
         # the run folder: refuse to overwrite a run unless resuming it
-        latest = None
+        state = None
         if self.resume:
-            latest = self.resume if isinstance(self.resume, str) else C.find_latest(self.run_dir)
-            if latest is None:
+            if isinstance(self.resume, str):
+                state = C.load_checkpoint(self.resume)
+            elif C.find_latest(self.run_dir) is None:
                 raise UserError(f"--resume: no checkpoint in {self.run_dir} (last.ckpt or checkpoints/)")
+            else:  # the newest that loads: a corrupt last.ckpt is skipped, with a log line
+                state = C.load_latest(self.run_dir, log=self.log)
         elif C.find_latest(self.run_dir) is not None:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                             "(or --out for a new one)")
-        state = C.load_checkpoint(latest) if latest else None
+        if self.main:  # a kill during a write leaves its temporary (a checkpoint's: tens of MB); nothing reads them
+            n, size = C.remove_partial(self.run_dir)
+            if n:
+                self.log(f"removed {n} partial files ({size / 1e6:.1f} MB) that an interrupted run left in "
+                         f"{self.run_dir}")
         if state is not None:
             self._check_resume_config(state["config"])
         return state
@@ -328,7 +336,7 @@ class Trainer:
 
     def restore(self, state: dict | None) -> None:
         """Continue from `state` (a loaded checkpoint: weights, optimizer, scaler, RNG, probe, step, best
-        monitor), or, with None, seed a fresh run (the seed differs by rank)."""
+        monitor, first loss and latest metrics row), or, with None, seed a fresh run (the seed differs by rank)."""
         run = self.run
         if state is None:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank)
@@ -342,6 +350,10 @@ class Trainer:
             self.probe.restore(state["probe"])
         run.step, run.best = int(state["step"]), state.get("best")
         run.last_saved = run.step
+        # the summary describes the whole run, also when this process has nothing left to do
+        run.first_loss = state.get("first_loss")
+        run.logs = dict(state.get("metrics") or {})
+        run.images_per_s = float(run.logs.get("images_per_s", math.nan))
         self.log(f"resumed {state['path']} at step {run.step} of {self.total}")
         if run.step >= self.total:
             self.log("that run had already finished")
@@ -526,8 +538,6 @@ class Trainer:
         if mon is not None and (run.best is None or float(mon) > run.best):
             run.best = float(mon)
             path = self.save()
-            if self.main:  # the log up to a checkpoint goes with it, or a resume would lose those rows
-                self.metrics.flush()
             if path:
                 C.link_atomic(path, os.path.join(self.run_dir, "best.ckpt"))
                 # keep-last-k must not delete the file best.ckpt names: it is a hard link
@@ -535,25 +545,28 @@ class Trainer:
     def save(self) -> str | None:
         """Checkpoint the run at its current step (rank 0 writes; keep-last-k; last.ckpt): weights,
         optimizer, scaler, RNG, the data position (the next step's epoch and batch), best monitor, the
-        latest metrics row, the probe and the config. Returns the checkpoint's path (None on other ranks)."""
+        latest metrics row, the probe and the config; the metrics files are written first. Returns the
+        checkpoint's path (None on other ranks)."""
         run = self.run
         run.last_saved = run.step
         if not self.main:
             return None
+        # the log up to a checkpoint is on disk before the checkpoint: a kill at any point after the
+        # checkpoint leaves every row up to its step (rows past a resumed step are dropped on resume)
+        self.metrics.flush()
         epoch, in_epoch = divmod(run.step, self.steps_per_epoch)
         st = {"config": json.dumps(self.record), "model": self.method.state_dict(),
               "optimizer": self.optimizer.state_dict(),
               "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "step": run.step, "epoch": epoch,
               "batch_in_epoch": in_epoch, "rng": C.rng_state(), "best": run.best,
-              "metrics": {k: float(v) for k, v in run.logs.items()},
+              "metrics": {k: float(v) for k, v in run.logs.items()}, "first_loss": run.first_loss,
               "probe": self.probe.checkpoint() if self.probe is not None else {}}
         return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
 
     def save_periodic(self) -> None:
-        """A --ckpt-every checkpoint, with the metrics files and loss.png brought up to it."""
+        """A --ckpt-every checkpoint, with the metrics files (save writes them) and loss.png brought up to it."""
         self.save()
         if self.main:
-            self.metrics.flush()
             plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
 
     def finish(self) -> dict:

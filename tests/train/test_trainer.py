@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,3 +158,79 @@ def test_labels_drive_the_online_probe_and_knn_monitors(small_synth, small_cache
     knn = [r for r in rows if "epoch/knn_acc" in r]
     assert len(knn) == 2 and all(0.0 <= r["epoch/knn_acc"] <= 1.0 for r in knn)
     assert C.load_checkpoint(str(out))["probe"]["model"]["linear.weight"].shape[0] == 2
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs (BaseException: no `except Exception` catches it)."""
+
+
+def _kill_after_save(monkeypatch, at_step):
+    """Make the checkpoint of `at_step` the last thing the run does, as a kill right after it would."""
+    save = C.save_checkpoint
+
+    def save_then_die(run_dir, state, step, keep):
+        path = save(run_dir, state, step, keep)
+        if step == at_step:
+            raise _Killed(path)
+        return path
+
+    monkeypatch.setattr(C, "save_checkpoint", save_then_die)
+
+
+def _rows(path):
+    # images_per_s is a wall-clock speed: everything else must match
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(f)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_kill_right_after_a_checkpoint_keeps_the_metrics_up_to_it(small_cache, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    train(small_cache, ref)
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_after_save(m, 3)
+        with pytest.raises(_Killed):
+            train(small_cache, run)
+    assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [1, 2, 3]
+    train(small_cache, run, resume=True)
+    assert _rows(run / "metrics.csv") == _rows(ref / "metrics.csv")
+
+
+def _summary_of_the_run(path):
+    with open(path) as f:
+        s = json.load(f)
+    final = {k: v for k, v in s["final"].items() if k != "images_per_s"}
+    return s["steps"], s["first_loss"], final, math.isfinite(s["images_per_s"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resuming_a_finished_run_keeps_its_summary(small_cache, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    train(small_cache, ref, max_steps=3)
+    want = _summary_of_the_run(ref / "summary.json")
+    assert want[1] is not None and want[2] and want[3]
+    s = train(small_cache, ref, max_steps=3, resume=True)  # nothing left to do
+    assert _summary_of_the_run(ref / "summary.json") == want
+    assert s["first_loss"] == want[1]
+    run = tmp_path / "run"  # killed after its final checkpoint, before the summary
+    with monkeypatch.context() as m:
+        _kill_after_save(m, 3)
+        with pytest.raises(_Killed):
+            train(small_cache, run, max_steps=3)
+    assert not (run / "summary.json").exists()
+    train(small_cache, run, max_steps=3, resume=True)
+    assert _summary_of_the_run(run / "summary.json") == want
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_resumed_runs_summary_describes_the_whole_run(small_cache, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    train(small_cache, ref, max_steps=4)
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_after_save(m, 3)
+        with pytest.raises(_Killed):
+            train(small_cache, run, max_steps=4)
+    train(small_cache, run, max_steps=4, resume=True)
+    assert _summary_of_the_run(run / "summary.json") == _summary_of_the_run(ref / "summary.json")

@@ -15,7 +15,7 @@ from sparkct.train.trainer import StepResult, Trainer, build_method
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make(cache, out, method_kw=None, resume=False, **kw) -> Trainer:
+def make(cache, out, method_kw=None, resume=False, log=lambda msg: None, **kw) -> Trainer:
     from tiny_method import TinyConfig
 
     base = dict(data=cache, out=str(out), arch="resnet18", windows="lung", crop=32, batch=8, epochs=2,
@@ -23,7 +23,7 @@ def make(cache, out, method_kw=None, resume=False, **kw) -> Trainer:
     base.update(kw)
     cfg = TrainConfig(**base)
     return Trainer(build_method("tiny", cfg, TinyConfig(**(method_kw or {}))), cfg, method_name="tiny",
-                   resume=resume, log=lambda msg: None)
+                   resume=resume, log=log)
 
 
 def started(t: Trainer) -> Trainer:
@@ -140,3 +140,41 @@ def test_resolve_data_lives_in_the_data_layer(small_cache, tmp_path):
     assert resolve_data(small_cache, str(tmp_path / "run"), **kw) == small_cache  # a prepared cache as it is
     with pytest.raises(UserError, match="no such file"):
         resolve_data(str(tmp_path / "missing"), str(tmp_path / "run"), **kw)
+
+
+def test_setup_removes_the_partial_checkpoint_files_of_an_interrupted_run(small_cache, tmp_path):
+    out = tmp_path / "run"
+    started(make(small_cache, out)).save()
+    ours = [out / "checkpoints" / ".step-0000003.ckpt.k2j9x_a1.tmp", out / ".last.ckpt.q8w7e6r5.tmp",
+            out / "last.ckpt.4242.lnk.tmp", out / ".metrics.csv.abcd1234.tmp"]
+    theirs = [out / "checkpoints" / "notes.tmp", out / ".mine.tmp", out / "checkpoints" / ".step-3.ckpt.tmp.bak"]
+    for p in ours + theirs:
+        p.write_bytes(b"\0" * 100)
+    logs: list[str] = []
+    assert make(small_cache, out, resume=True, log=logs.append).setup()["step"] == 0
+    assert [p for p in ours if p.exists()] == [] and all(p.exists() for p in theirs)
+    assert any("removed 4 partial files" in m for m in logs), logs
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_one_that_loads(small_cache, tmp_path):
+    out = tmp_path / "run"
+    t = started(make(small_cache, out, keep=3))
+    batches = iter(t.loader)
+    for _ in range(2):
+        t.save()
+        t.optimizer_step(batches, epoch=0)
+    t.save()  # steps 0, 1 and 2
+    last = out / "last.ckpt"
+    last.unlink()
+    last.write_bytes(b"")  # a zero-byte last.ckpt
+    (out / "checkpoints" / "step-0000002.ckpt").write_bytes(b"\0junk")
+    logs: list[str] = []
+    state = make(small_cache, out, resume=True, log=logs.append).setup()
+    assert state["step"] == 1 and state["path"].endswith("step-0000001.ckpt")
+    skipped = [m for m in logs if m.startswith("skipped")]
+    assert len(skipped) == 2 and "last.ckpt" in skipped[0] and "step-0000002.ckpt" in skipped[1], logs
+    assert C.load_checkpoint(str(out))["step"] == 1  # a run folder given to export/fine-tune too
+    for p in (out / "checkpoints").glob("step-*.ckpt"):
+        p.write_bytes(b"")
+    with pytest.raises(UserError, match="last.ckpt: not a loadable"):
+        make(small_cache, out, resume=True).setup()
