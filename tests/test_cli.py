@@ -64,3 +64,12 @@ def test_help_still_shows_usage(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: sparkct pretrain spark") and "--batch" in out
+
+
+@pytest.mark.parametrize("windows", ["40/400", "lung,40/400", "-600/1500,bone"])
+def test_windows_center_width_on_the_command_line(windows, tmp_path, monkeypatch):
+    from sparkct.train.cli import pretrain_configs
+
+    monkeypatch.chdir(tmp_path)
+    _, cfg, _ = pretrain_configs("spark", [f"--windows={windows}", "--data", str(tmp_path)])
+    assert cfg.windows == windows
