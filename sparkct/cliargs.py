@@ -40,6 +40,11 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str):
+        # A user's mistake is one line with status 2, as run_command reports the others (`sparkct -h` promises
+        # it); argparse's default prints the whole usage block first. -h still prints the usage.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
 
 def option(help: str = "", *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
            flags: tuple[str, ...] = (), negate: bool = False, **argparse_kwargs) -> Any:

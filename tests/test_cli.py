@@ -41,3 +41,35 @@ def test_no_cuda_device_is_reported_before_any_work(capsys, tmp_path, monkeypatc
     assert main(["pretrain", "spark", "--device", "cuda"]) == 2
     assert "no CUDA device visible" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing synthesized or prepared
+
+
+@pytest.mark.parametrize("argv,prog,msg", [
+    (["pretrain", "spark", "--batch", "abc"], "sparkct pretrain spark", "argument --batch: invalid int value: 'abc'"),
+    (["finetune"], "sparkct finetune", "the following arguments are required: --data"),
+    (["nosuch"], "sparkct", "invalid choice: 'nosuch'"),
+    (["data", "prepare"], "sparkct data prepare", "the following arguments are required: src, dst"),
+])
+def test_argparse_errors_are_one_line_with_exit_2(argv, prog, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: error: ") and msg in err, err
+    assert err.endswith(f"(see {prog} -h)"), err
+
+
+def test_help_still_shows_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "spark", "-h"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sparkct pretrain spark") and "--batch" in out
+
+
+@pytest.mark.parametrize("windows", ["40/400", "lung,40/400", "-600/1500,bone"])
+def test_windows_center_width_on_the_command_line(windows, tmp_path, monkeypatch):
+    from sparkct.train.cli import pretrain_configs
+
+    monkeypatch.chdir(tmp_path)
+    _, cfg, _ = pretrain_configs("spark", [f"--windows={windows}", "--data", str(tmp_path)])
+    assert cfg.windows == windows

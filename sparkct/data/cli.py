@@ -250,7 +250,8 @@ def register(subparsers) -> None:
     s.add_argument("--n", type=int, default=8, help="number of slices (rows)")
     s.add_argument("--tile", type=int, default=256, help="tile size in pixels (16-2048)")
     s.add_argument("--windows", default="lung,mediastinum,bone",
-                   help="comma-separated HU window presets: lung, mediastinum, abdomen, bone, brain")
+                   help="comma-separated HU windows: presets lung, mediastinum, abdomen, bone, brain, or C/W "
+                        "(e.g. lung,40/400; a negative center as --windows=-600/1500)")
     s.add_argument("--seed", type=int, default=0, help="which slices are drawn")
     s.set_defaults(func=cmd_show)
 

@@ -25,8 +25,9 @@ WindowSpec = str | tuple | Sequence
 def resolve_windows(windows: WindowSpec | None) -> list[tuple[float, float]]:
     """Window names and/or (center, width) pairs -> list of (center, width).
 
-    Accepts a preset name ('lung'), a (center, width) pair, a list of either, or a comma-separated
-    string of names ('lung,mediastinum,bone')."""
+    Accepts a preset name ('lung'), a (center, width) pair or its string 'C/W' ('40/400', the form
+    :func:`window_names` writes), a list of these, or a comma-separated string of names and C/W
+    ('lung,mediastinum,bone', 'lung,40/400')."""
     if windows is None:
         return []
     if isinstance(windows, str):
@@ -36,9 +37,11 @@ def resolve_windows(windows: WindowSpec | None) -> list[tuple[float, float]]:
         windows = [tuple(windows)]
     out = []
     for w in windows:
+        if isinstance(w, str) and "/" in w:
+            w = _center_width(w)
         if isinstance(w, str):
             if w not in WINDOWS:
-                raise ValueError(f"unknown window {w!r}; presets: {', '.join(WINDOWS)}, or pass (center, width)")
+                raise ValueError(f"unknown window {w!r}; presets: {', '.join(WINDOWS)}, or C/W (e.g. 40/400)")
             out.append(WINDOWS[w])
         else:
             try:
@@ -51,6 +54,18 @@ def resolve_windows(windows: WindowSpec | None) -> list[tuple[float, float]]:
     if not out:
         raise ValueError("no window given")
     return out
+
+
+def _center_width(s: str) -> tuple[float, float]:
+    # 'C/W' -> (C, W): the command-line form of a (center, width) pair; the width is checked by the caller
+    parts = s.strip().split("/")
+    try:
+        c, wd = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"a window is a preset name or C/W in HU (e.g. 40/400), got {s!r}") from None
+    if not (np.isfinite(c) and np.isfinite(wd)):
+        raise ValueError(f"a window's C/W must be finite numbers, got {s!r}")
+    return c, wd
 
 
 def window_coefficients(windows: WindowSpec):

@@ -17,12 +17,13 @@ scaled by an exact power of two before their squares and dot products are formed
 1e-30 embeddings (which overflow or underflow fp32 squares) give the normalized definition's loss
 and gradients; ordinary rows compute exactly what they would without it (csrc/info_nce.h).
 
-Temperature: any tau > 0. The logits are ~1/tau and are formed in fp32 (fp64 for fp64 input), so
-like any fp32 implementation the loss carries an absolute error of ~2^-24 / tau per logit; the
-backward reuses the forward's own rounded logits against its LSE, which keeps the gradients as
-accurate as a naive fp32 cross-entropy down to tau = 1e-7 (tests/ops/test_info_nce.py). Where two
-logits of a row lie within ~2^-24 / tau of each other, fp32 cannot resolve them (naive fp32 cannot
-either); compute in float64 there.
+Temperature: any tau > 0 whose 1/tau the logits' dtype holds: tau >= 5.88e-39 (fp16/bf16/fp32 input),
+>= 1e-300 (fp64); a smaller one is refused (check_temperature). The logits are ~1/tau and are formed
+in fp32 (fp64 for fp64 input), so like any fp32 implementation the loss carries an absolute error of
+~2^-24 / tau per logit; the backward reuses the forward's own rounded logits against its LSE, which
+keeps the gradients as accurate as a naive fp32 cross-entropy down to tau = 1e-7
+(tests/ops/test_info_nce.py). Where two logits of a row lie within ~2^-24 / tau of each other, fp32
+cannot resolve them (naive fp32 cannot either); compute in float64 there.
 
 Double backward (Hessian-vector products, gradient penalties): supported. The backward op has
 autograd of its own that differentiates the plain-PyTorch definition twice, which forms the full
@@ -58,12 +59,19 @@ __all__ = ["IMPLS", "check_temperature", "info_nce"]
 #: (the GPU test oracle; slow, for checking).
 IMPLS = {"auto": 0, "fast": 0, "simple": 1}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The smallest temperature per dtype the logits are formed in (fp32; fp64 for fp64 input). The kernels take
+# 1/tau in that dtype and a row's loss reaches 2/tau: below 2 / finfo(float32).max = 5.8775e-39 (rounded up
+# here) fp32 overflows and the loss came back NaN (1e-39, 1e-40). fp64: 2 / finfo(float64).max = 1.1e-308
+# would overflow the mean's float64 sum of the row losses, so 1e-300 leaves room for 10^7 rows and more.
+_MIN_TEMPERATURE = {torch.float32: 5.88e-39, torch.float64: 1e-300}
 
 
-def check_temperature(temperature, who: str = "info_nce", minimum: float | None = None) -> float:
+def check_temperature(temperature, who: str = "info_nce", minimum: float | None = None,
+                      dtype: torch.dtype | None = None) -> float:
     """`temperature` as a float, or a ValueError that names it (prefixed by `who`): a real number, or a
     one-element tensor that needs no gradient (the kernels keep the temperature fixed); finite; > 0, or
-    >= `minimum` where one is given."""
+    >= `minimum` where one is given; and, for embeddings of `dtype`, not below the smallest temperature
+    the kernels' logits hold in that dtype (fp32 for fp16/bf16/fp32)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"{who}: temperature must be a number, got a tensor of shape {tuple(temperature.shape)}")
@@ -80,6 +88,12 @@ def check_temperature(temperature, who: str = "info_nce", minimum: float | None 
         raise ValueError(f"{who}: temperature must be finite and > 0, got {temperature}")
     if minimum is not None and not (math.isfinite(temperature) and temperature >= minimum):
         raise ValueError(f"{who}: temperature must be finite and >= {minimum:g}, got {temperature}")
+    if dtype is not None:
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        if temperature < _MIN_TEMPERATURE[compute]:
+            raise ValueError(f"{who}: temperature {temperature:g} is too small for {str(dtype)[6:]} embeddings: "
+                             f"the logits (±1/temperature) and the loss (up to 2/temperature) overflow "
+                             f"{str(compute)[6:]}; the smallest usable temperature is {_MIN_TEMPERATURE[compute]:g}")
     return temperature
 
 
@@ -101,7 +115,7 @@ def _check(z0, z1, temperature, bank) -> float:
         raise ValueError("info_nce: empty batch (N = 0)")
     if z0.shape[1] == 0:
         raise ValueError("info_nce: empty embedding dimension (D = 0)")
-    temperature = check_temperature(temperature)
+    temperature = check_temperature(temperature, dtype=z0.dtype)
     if bank is not None:
         if not isinstance(bank, torch.Tensor):
             raise ValueError(f"info_nce: bank must be a torch.Tensor, got {type(bank).__name__}")

@@ -166,6 +166,47 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# The environment fields the reports read (sparkct.perf.environment.collect writes them), each null or of
+# this type: a wrong type would surface later as a TypeError in the tables
+_ENV_TYPES: dict[str, type | tuple[type, ...]] = {
+    "git_commit": str, "git_dirty": bool, "hostname": str, "os": str, "python": str, "torch": str, "sparkct": str,
+    "cpu_model": str, "cuda_version": str, "gpu_name": str, "gpu_driver": str, "sparkct_cuda_version": str,
+    "cpu_physical_cores": int, "cpu_logical_cores": int, "cpu_usable_cores": int, "torch_threads": int,
+    "gpu_sm_count": int, "gpu_memory_gib": (int, float), "peers": dict}
+# the roofline's numeric peaks (sparkct.perf.peaks.device_peaks), each null or a number > 0
+_PEAK_FIGURES = ("compute_gflop_s", "bandwidth_gb_s")
+
+
+def _type_name(kind) -> str:
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _check_environment(env: dict, peaks, bad) -> None:
+    for key, kind in _ENV_TYPES.items():
+        v = env.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) and kind is not bool):
+            bad(f"'environment.{key}' must be a {_type_name(kind)} or null, got {v!r}")
+    if peaks is None:
+        return
+    if not isinstance(peaks, dict):
+        bad(f"'peaks' must be an object (sparkct.perf.peaks.device_peaks) or null, got {peaks!r}")
+    for key in _PEAK_FIGURES:
+        v = peaks.get(key)
+        if v is not None and not (_num(v) and v > 0):
+            bad(f"'peaks.{key}' must be a number > 0 or null, got {v!r}")
+    by = peaks.get("compute_by_dtype_gflop_s")
+    if by is not None and (not isinstance(by, dict) or not all(v is None or _num(v) and v > 0 for v in by.values())):
+        bad(f"'peaks.compute_by_dtype_gflop_s' must map dtypes to numbers > 0, got {by!r}")
+
+
+def _check_ratio(name: str, v, bad, where: str) -> None:
+    # A ratio is relative: the gate reads new/old - 1, which means nothing for a ratio <= 0. Only a memory
+    # ratio may be 0: convert writes it for a case with no extra peak memory, and _judge handles an old 0.
+    ok = math.isfinite(v) and (v > 0 or v == 0 and name.startswith("mem_vs_"))
+    if not ok:
+        bad(f"{where}: ratio {name!r} is {v!r}; ratios must be finite and > 0")
+
+
 def validate(doc, source: str = "results") -> dict:
     """`doc` if it is a sparkct-bench/1 document; else a UserError naming `source` and the first problem."""
     def bad(msg):
@@ -185,6 +226,7 @@ def validate(doc, source: str = "results") -> dict:
         bad(f"device {doc['device']!r} is neither 'cpu' nor 'cuda'")
     if not doc["runner"]:
         bad("empty 'runner'")
+    _check_environment(doc["environment"], doc.get("peaks"), bad)
     seen = set()
     for i, c in enumerate(doc["cases"]):
         where = f"case {i}"
@@ -210,8 +252,13 @@ def validate(doc, source: str = "results") -> dict:
             bad(f"{where}: 'params' missing or not an object")
         for key in ("figures", "ratios"):
             d = c.get(key)
-            if not isinstance(d, dict) or not all(isinstance(k, str) and _num(v) for k, v in d.items()):
+            if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
                 bad(f"{where}: {key!r} must map names to numbers")
+            for k, v in d.items():
+                if key == "ratios" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    _check_ratio(k, v, bad, where)
+                if not _num(v):
+                    bad(f"{where}: {key!r} must map names to numbers")
         rn = c.get("ratio_noise", {})
         if not isinstance(rn, dict) or not all(v is None or _num(v) for v in rn.values()):
             bad(f"{where}: 'ratio_noise' must map names to numbers or null")

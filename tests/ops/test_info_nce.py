@@ -122,6 +122,31 @@ def test_temperatures(tau):
         assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, 1 / tau))
 
 
+@pytest.mark.parametrize("tau", [1e-20, 1e-38, 5.88e-39])
+def test_tiny_temperatures_down_to_the_smallest_usable(tau):
+    """Down to the smallest temperature whose logits (±1/tau) and row losses (up to 2/tau) fp32 holds."""
+    z0, z1, bank = make(40, 16, 60)
+    for b in (None, bank):
+        got = loss_and_grads(fused(tau), z0, z1, b)
+        want = loss_and_grads(naive(tau), z0.double(), z1.double(), None if b is None else b.double())
+        assert all(torch.isfinite(t).all() for t in got)
+        assert_close(got, want, rtol=1e-5, atol=1e-6 / tau)
+
+
+@pytest.mark.parametrize("dtype,tau,smallest", [
+    (torch.float32, 1e-40, "5.88e-39"), (torch.float32, 1e-39, "5.88e-39"), (torch.float32, 5.8e-39, "5.88e-39"),
+    (torch.float32, 5e-324, "5.88e-39"), (torch.bfloat16, 1e-39, "5.88e-39"), (torch.float16, 1e-40, "5.88e-39"),
+    (torch.float64, 1e-305, "1e-300"), (torch.float64, 5e-324, "1e-300"),
+])
+def test_temperatures_too_small_for_the_dtype_are_refused(dtype, tau, smallest):
+    """1/tau (and the loss, up to 2/tau) would overflow the dtype the logits are formed in (fp32, fp64
+    for fp64): the loss came back NaN; now a ValueError naming the argument and the smallest usable value."""
+    z0, z1, _ = make(4, 8, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"info_nce: temperature {tau:g} .*smallest usable .* {smallest}\b"):
+        info_nce(z0, z1, tau)
+    info_nce(z0, z1, float(smallest))  # the value named is usable
+
+
 def test_noncontiguous_inputs(device):
     z0, z1, bank = make(50, 64, 70, device=device)
     # strided in D, transposed storage, and a row slice

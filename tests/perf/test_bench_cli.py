@@ -154,6 +154,59 @@ def test_bad_baseline_files_are_clear_errors(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ratio", [0.0, -1.25, float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["--compare", "--results"])
+def test_ratios_must_be_finite_and_positive(tmp_path, capsys, ratio, which):
+    good = doc([case(A, ratios={"speedup_vs_naive": 1.5})])
+    bad = doc([case(A, ratios={"speedup_vs_naive": ratio})])
+    old, new = (bad, good) if which == "--compare" else (good, bad)
+    assert _cli(tmp_path, old, new) == 2
+    err = capsys.readouterr().err.strip()
+    name = "old.json" if which == "--compare" else "new.json"
+    assert len(err.splitlines()) == 1 and "gate" not in err, err
+    assert f"{which} '" in err and name in err and A in err and "speedup_vs_naive" in err and "> 0" in err, err
+
+
+def test_a_zero_memory_ratio_is_allowed():
+    # convert writes mem_vs_X = 0 for a case with no extra peak memory; _judge handles an old 0
+    report.validate(doc([case(A, ratios={"speedup_vs_naive": 1.5, "mem_vs_naive": 0.0})]))
+    with pytest.raises(UserError, match="mem_vs_naive"):
+        report.validate(doc([case(A, ratios={"mem_vs_naive": -0.5})]))
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("git_commit", 12345, "'environment.git_commit'"),
+    ("git_dirty", "yes", "'environment.git_dirty'"),
+    ("cpu_model", ["x"], "'environment.cpu_model'"),
+    ("gpu_name", 3, "'environment.gpu_name'"),
+    ("cpu_usable_cores", "two", "'environment.cpu_usable_cores'"),
+    ("peaks", "fast", "'peaks'"),
+])
+@pytest.mark.parametrize("which", ["--compare", "--results"])
+def test_malformed_environment_and_peaks_are_one_line_errors(tmp_path, capsys, key, value, msg, which):
+    good = doc([case(A, ratios={"speedup_vs_naive": 1.5})])
+    bad = json.loads(json.dumps(good))
+    if key == "peaks":
+        bad["peaks"] = value
+    else:
+        bad["environment"][key] = value
+    old, new = (bad, good) if which == "--compare" else (good, bad)
+    assert _cli(tmp_path, old, new, "--roofline", str(tmp_path / "roof")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err and f"{which} '" in err, err
+
+
+def test_peaks_fields_are_checked():
+    good = doc([case(A)])
+    report.validate({**good, "peaks": None})
+    report.validate({**good, "peaks": {"device": "cpu", "compute_gflop_s": 50.0, "bandwidth_gb_s": 10.0,
+                                       "compute_by_dtype_gflop_s": {"fp32": 50.0}}})
+    for bad in ({"bandwidth_gb_s": "fast"}, {"compute_gflop_s": -1.0}, {"compute_by_dtype_gflop_s": [1]},
+                {"compute_by_dtype_gflop_s": {"fp32": "x"}}):
+        with pytest.raises(UserError, match="'peaks"):
+            report.validate({**good, "peaks": bad})
+
+
 def _raw(name, group, median, axes, info=None, derived=None, peak=0, rounds=5, spread=0.0):
     """One benchmark of pytest-benchmark's JSON as benchkit.run records it; name "<family>::<test>[id]"."""
     info = info or {}
