@@ -21,6 +21,7 @@ No GPU is needed to compile the CUDA sources: headers and libraries of pip's CUD
 (site-packages/nvidia/...) are added to the search paths, so a toolkit that has only nvcc and
 the runtime is enough.
 """
+
 from __future__ import annotations
 
 import glob
@@ -57,17 +58,23 @@ def reject_fast_math(env=os.environ) -> None:
     for name in ("SPARKCT_NVCC_FLAGS", "SPARKCT_CXX_FLAGS"):
         bad = [t for t in env.get(name, "").split() if any(FAST_MATH.search(p) for p in re.split(r"[=,]", t))]
         if bad:
-            raise SystemExit(f"{name}: {' '.join(bad)} is not supported: sparkct's kernels rely on NaN checks "
-                             "and exact exp / division / sqrt, which fast-math removes; drop the flag")
+            raise SystemExit(
+                f"{name}: {' '.join(bad)} is not supported: sparkct's kernels rely on NaN checks "
+                "and exact exp / division / sqrt, which fast-math removes; drop the flag"
+            )
 
 
 def find_cuda_home() -> str | None:
     """The toolkit root. `which nvcc` may be a wrapper script outside the toolkit (as on the
     development machines: /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc), so a candidate
     only counts if it holds bin/nvcc and include/cuda_runtime.h."""
+
     def ok(root: str | None) -> bool:
-        return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(root, "include", "cuda_runtime.h"))
+        return (
+            bool(root)
+            and os.path.isfile(os.path.join(root, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+        )
 
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env:
@@ -164,7 +171,8 @@ def make_build_ext(base, build_temp: str):
             # the library the user ends up loading: in place (--inplace, editable installs) or build_lib
             self._targets = {
                 ext.name: os.path.abspath(self._get_inplace_equivalent(build_py, ext)[0 if self.inplace else 1])
-                for ext in self.extensions}
+                for ext in self.extensions
+            }
             self._stamps = []
             super().run()
             for stamp, sig, target in self._stamps:
@@ -180,15 +188,28 @@ def make_build_ext(base, build_temp: str):
             link = self.compiler.link_shared_object
 
             def link_if_changed(objects, output, *args, **kwargs):
-                sig = hashlib.sha256(json.dumps({
-                    "objects": [(o, os.stat(o).st_size, os.stat(o).st_mtime_ns) for o in objects],
-                    "linker": self.compiler.linker_so, "args": args, "kwargs": kwargs,
-                    "output": os.path.basename(output)}, default=str, sort_keys=True).encode()).hexdigest()
+                sig = hashlib.sha256(
+                    json.dumps(
+                        {
+                            "objects": [(o, os.stat(o).st_size, os.stat(o).st_mtime_ns) for o in objects],
+                            "linker": self.compiler.linker_so,
+                            "args": args,
+                            "kwargs": kwargs,
+                            "output": os.path.basename(output),
+                        },
+                        default=str,
+                        sort_keys=True,
+                    ).encode()
+                ).hexdigest()
                 try:
                     with open(stamp) as f:
                         last = json.load(f)
-                    fresh = (last["signature"] == sig and last["target"] == target
-                             and os.path.isfile(target) and last["sha256"] == _sha256(target))
+                    fresh = (
+                        last["signature"] == sig
+                        and last["target"] == target
+                        and os.path.isfile(target)
+                        and last["sha256"] == _sha256(target)
+                    )
                 except (OSError, ValueError, KeyError):
                     fresh = False
                 if fresh:
@@ -213,7 +234,8 @@ def make_build_ext(base, build_temp: str):
             for ext in self.extensions:
                 inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
                 if _same_stat(inplace_file, regular_file) or (
-                        os.path.isfile(inplace_file) and _sha256(inplace_file) == _sha256(regular_file)):
+                    os.path.isfile(inplace_file) and _sha256(inplace_file) == _sha256(regular_file)
+                ):
                     continue
                 tmp = inplace_file + ".tmp"
                 shutil.copy2(regular_file, tmp)
@@ -234,7 +256,8 @@ def main() -> None:
     # "No CUDA runtime is found" only means no GPU is visible, which does not matter for compiling;
     # the line below says what is built. Other warnings of cpp_extension (e.g. no ninja) still show.
     logging.getLogger("torch.utils.cpp_extension").addFilter(
-        lambda rec: not rec.getMessage().startswith("No CUDA runtime is found"))
+        lambda rec: not rec.getMessage().startswith("No CUDA runtime is found")
+    )
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: PLC0415 (lazy: as above)
 
     torch_cuda = torch.version.cuda
@@ -252,11 +275,13 @@ def main() -> None:
 
     debug = truthy("SPARKCT_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp", "-DSPARKCT_TORCH_VERSION=\"" + torch.__version__ + "\""]
+    cxx += ["-fopenmp", '-DSPARKCT_TORCH_VERSION="' + torch.__version__ + '"']
     cxx += os.environ.get("SPARKCT_CXX_FLAGS", "").split()
-    sources = [os.path.relpath(p, ROOT) for p in
-               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
-               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    sources = [
+        os.path.relpath(p, ROOT)
+        for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+        + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    ]
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs: list[str] = []
     extra_link = ["-fopenmp"]
@@ -274,17 +299,29 @@ def main() -> None:
         extra_link += [f"-Wl,-rpath,{d}" for d in libs] if libs else []
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         nvcc = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["--expt-relaxed-constexpr", "-DSPARKCT_TORCH_VERSION=\"" + torch.__version__ + "\""]
+        nvcc += ["--expt-relaxed-constexpr", '-DSPARKCT_TORCH_VERSION="' + torch.__version__ + '"']
         nvcc += os.environ.get("SPARKCT_NVCC_FLAGS", "").split()
         ext = CUDAExtension(
-            "sparkct._C", sources, include_dirs=include_dirs, library_dirs=library_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=extra_link)
-        log(f"building CUDA + CPU kernels: torch {torch.__version__} (CUDA {torch_cuda}), "
+            "sparkct._C",
+            sources,
+            include_dirs=include_dirs,
+            library_dirs=library_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=extra_link,
+        )
+        log(
+            f"building CUDA + CPU kernels: torch {torch.__version__} (CUDA {torch_cuda}), "
             f"CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
-            f"{len(sources)} sources")
+            f"{len(sources)} sources"
+        )
     else:
-        ext = CppExtension("sparkct._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
+        ext = CppExtension(
+            "sparkct._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=extra_link,
+        )
         log(f"building CPU kernels only ({'; '.join(reasons)}): torch {torch.__version__}, {len(sources)} sources")
         if not force_cpu:
             log("WARNING: the CUDA kernels are NOT being compiled")
@@ -292,8 +329,11 @@ def main() -> None:
     setup(
         packages=find_packages(include=["sparkct", "sparkct.*"]),
         ext_modules=[ext],
-        cmdclass={"build_ext": make_build_ext(BuildExtension.with_options(use_ninja=True),
-                                              build_dir(variant, torch.__version__))},
+        cmdclass={
+            "build_ext": make_build_ext(
+                BuildExtension.with_options(use_ninja=True), build_dir(variant, torch.__version__)
+            )
+        },
     )
 
 

@@ -17,6 +17,7 @@ time_vs_unchunked, speedup_vs_naive.
 Images are synthetic windowed crops (uniform noise in [0, 1]: the step's cost does not depend on
 the content). Every case checks its loss is finite before timing.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -33,10 +34,18 @@ import benchkit
 BENCH = {
     "suite": "train",
     "pairs": [  # fused vs naive loss, chunked (gradient caching) vs unchunked
-        {"case": {"test": "test_method_step", "loss": "fused"}, "base": {"loss": "naive"}, "label": "naive",
-         "memory": True},
-        {"case": {"test": "test_method_step", "loss": "fused"}, "base": {"chunk": 0}, "label": "unchunked",
-         "memory": True},
+        {
+            "case": {"test": "test_method_step", "loss": "fused"},
+            "base": {"loss": "naive"},
+            "label": "naive",
+            "memory": True,
+        },
+        {
+            "case": {"test": "test_method_step", "loss": "fused"},
+            "base": {"chunk": 0},
+            "label": "unchunked",
+            "memory": True,
+        },
         {"case": {"test": "test_simclr_chunked_cpu"}, "base": {"chunk": 0}, "label": "unchunked", "memory": True},
     ],
     "default": [("test_method_step", "cpu-simclr-*")],  # naive, fused, chunked
@@ -95,6 +104,7 @@ def step_fn(m, views, device, amp=None):
         if not m.manual_backward:
             loss.backward()
         return loss.detach()
+
     return fn
 
 
@@ -124,8 +134,12 @@ def _run(benchmark, m, views, device, rounds, amp=None, **info):
 
 # ---- per method, CPU-sized ---------------------------------------------------------------------------
 
-_METHOD_KW = {"simclr": {}, "moco": {"queue_size": 4096}, "swav": {"prototypes": 500, "freeze_prototypes": 0},
-              "byol": {}}
+_METHOD_KW = {
+    "simclr": {},
+    "moco": {"queue_size": 4096},
+    "swav": {"prototypes": 500, "freeze_prototypes": 0},
+    "byol": {},
+}
 _CPU = dict(arch="resnet18", batch=64, crop=64, chunk=16)
 
 
@@ -144,8 +158,7 @@ def _method_cases():
 def test_method_step(benchmark, device, name, loss, chunk):
     a, b, crop = _CPU["arch"], _CPU["batch"], _CPU["crop"]
     benchmark.group = f"method-{device}-{name}-{a}-{crop}px-batch{b}"
-    m = build(name, a, device, chunk=chunk, loss=loss if name in ("simclr", "moco") else "fused",
-              **_METHOD_KW[name])
+    m = build(name, a, device, chunk=chunk, loss=loss if name in ("simclr", "moco") else "fused", **_METHOD_KW[name])
     views = views_for(m, b, crop, device)
     extra = _run(benchmark, m, views, device, rounds=3, method=name, loss=loss, chunk=chunk, arch=a, crop=crop)
     key = (device, name, loss, chunk)
@@ -153,6 +166,7 @@ def test_method_step(benchmark, device, name, loss, chunk):
 
 
 # ---- the CPU target: SimCLR resnet18 96x96, global batch 1024, chunks of 128 --------------------------
+
 
 @pytest.mark.parametrize("chunk", [0, 128], ids=["unchunked", "chunk128"])
 def test_simclr_chunked_cpu(benchmark, chunk):
@@ -165,6 +179,7 @@ def test_simclr_chunked_cpu(benchmark, chunk):
 
 # ---- CUDA --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["unchunked-largest", "chunked-16384"])
 def test_simclr_resnet50_cuda(benchmark, case):
@@ -172,16 +187,36 @@ def test_simclr_resnet50_cuda(benchmark, case):
     if case == "chunked-16384":
         m = build("simclr", "resnet50", "cuda", chunk=512).to(memory_format=torch.channels_last)
         views = views_for(m, 16384, 224, "cuda")
-        extra = _run(benchmark, m, views, "cuda", rounds=2, amp=torch.bfloat16, method="simclr", chunk=512,
-                     arch="resnet50", crop=224)
+        extra = _run(
+            benchmark,
+            m,
+            views,
+            "cuda",
+            rounds=2,
+            amp=torch.bfloat16,
+            method="simclr",
+            chunk=512,
+            arch="resnet50",
+            crop=224,
+        )
         _record(benchmark, ("cuda-r50", case), extra, base_key=("cuda-r50", "unchunked-largest"))
         return
     m = build("simclr", "resnet50", "cuda").to(memory_format=torch.channels_last)
     for batch in (2048, 1024, 512, 256):
         try:
             views = views_for(m, batch, 224, "cuda")
-            extra = _run(benchmark, m, views, "cuda", rounds=5, amp=torch.bfloat16, method="simclr", chunk=0,
-                         arch="resnet50", crop=224)
+            extra = _run(
+                benchmark,
+                m,
+                views,
+                "cuda",
+                rounds=5,
+                amp=torch.bfloat16,
+                method="simclr",
+                chunk=0,
+                arch="resnet50",
+                crop=224,
+            )
             _record(benchmark, ("cuda-r50", case), extra)
             return
         except torch.OutOfMemoryError:
@@ -195,6 +230,5 @@ def test_moco_queue_cuda(benchmark):
     benchmark.group = "moco-cuda-resnet50-224-bf16-queue65536-batch256"
     m = build("moco", "resnet50", "cuda", queue_size=65536).to(memory_format=torch.channels_last)
     views = views_for(m, 256, 224, "cuda")
-    extra = _run(benchmark, m, views, "cuda", rounds=10, amp=torch.bfloat16, method="moco", arch="resnet50",
-                 crop=224)
+    extra = _run(benchmark, m, views, "cuda", rounds=10, amp=torch.bfloat16, method="moco", arch="resnet50", crop=224)
     _record(benchmark, ("cuda-moco",), extra)

@@ -23,6 +23,7 @@ asserted): CPU fp32 2N=8192 D=128 fwd+bwd: fused no slower than naive with <= 1/
 peak memory; H100 bf16 2N=65536 D=128 fwd+bwd: >= 2x faster than naive, extra memory < 64 MiB.
 The largest 2N each implementation runs at: benchmarks/info_nce_max_rows.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,12 @@ import benchkit
 BENCH = {
     "suite": "kernels",
     "pairs": [  # fused vs the naive form (full logits), lightly's NTXentLoss, and the bare GEMMs (the ideal)
-        {"case": {"test": "test_info_nce", "impl": "fused"}, "base": {"impl": "naive"}, "label": "naive",
-         "memory": True},
+        {
+            "case": {"test": "test_info_nce", "impl": "fused"},
+            "base": {"impl": "naive"},
+            "label": "naive",
+            "memory": True,
+        },
         {"case": {"test": "test_info_nce", "impl": "fused"}, "base": {"impl": "lightly"}, "label": "lightly"},
         {"case": {"test": "test_info_nce", "impl": "fused"}, "base": {"impl": "gemm"}, "label": "gemm"},
     ],
@@ -60,20 +65,32 @@ except ImportError:  # pragma: no cover - lightly is a dev extra
 TAU = 0.2
 _RESULTS: dict[tuple, dict] = {}  # (device, dtype, n2, d, mode, impl) -> extra_info
 
+
 def _cases():
     out = []
     for n2 in (2048, 8192, 16384):
         for d in (128, 512):
             for mode in ("fwd", "fwd+bwd"):
                 for impl in ("gemm", "naive", "lightly", "fused"):
-                    out.append(pytest.param("cpu", torch.float32, n2, d, mode, impl,
-                                            id=f"cpu-fp32-2N{n2}-D{d}-{mode}-{impl}"))
+                    out.append(
+                        pytest.param("cpu", torch.float32, n2, d, mode, impl, id=f"cpu-fp32-2N{n2}-D{d}-{mode}-{impl}")
+                    )
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         for n2 in (8192, 65536):
             for mode in ("fwd", "fwd+bwd"):
                 for impl in ("gemm", "naive", "lightly", "fused"):
-                    out.append(pytest.param("cuda", dtype, n2, 128, mode, impl, marks=pytest.mark.cuda,
-                                            id=f"cuda-{tag}-2N{n2}-D128-{mode}-{impl}"))
+                    out.append(
+                        pytest.param(
+                            "cuda",
+                            dtype,
+                            n2,
+                            128,
+                            mode,
+                            impl,
+                            marks=pytest.mark.cuda,
+                            id=f"cuda-{tag}-2N{n2}-D128-{mode}-{impl}",
+                        )
+                    )
     return out
 
 
@@ -100,8 +117,8 @@ def _gemm_ideal(z, passes):
     def fn():
         for _ in range(passes):
             for c in range(0, z.shape[0], 2048):
-                blk = z[c:c + 2048]
-                torch.mm(z, blk.t(), out=out[:, :blk.shape[0]])
+                blk = z[c : c + 2048]
+                torch.mm(z, blk.t(), out=out[:, : blk.shape[0]])
         return out
 
     return fn
@@ -121,9 +138,11 @@ def test_info_nce(benchmark, device, dtype, n2, d, mode, impl):
     if impl == "gemm":
         fn = _gemm_ideal(torch.cat([z0, z1]).detach(), 3 if backward else 1)
     else:
-        loss_fn = {"naive": lambda a, b: ref.info_nce(a, b, TAU),
-                   "lightly": (NTXentLoss(TAU) if NTXentLoss else None),
-                   "fused": lambda a, b: info_nce(a, b, TAU)}[impl]
+        loss_fn = {
+            "naive": lambda a, b: ref.info_nce(a, b, TAU),
+            "lightly": (NTXentLoss(TAU) if NTXentLoss else None),
+            "fused": lambda a, b: info_nce(a, b, TAU),
+        }[impl]
 
         def fn():
             z0.grad = z1.grad = None
@@ -141,10 +160,20 @@ def test_info_nce(benchmark, device, dtype, n2, d, mode, impl):
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             assert abs(got.double().item() - want.item()) <= tol * max(1.0, abs(want.item())), (got, want)
     try:
-        extra = benchkit.run(benchmark, fn, device, rounds=_rounds(device, n2), warmup=1,
-                             impl=impl, n2=n2, D=d, mode=mode, dtype=str(dtype)[6:],
-                             flops=(3 if backward else 1) * 2 * n2 * n2 * d,
-                             bytes_moved=compulsory_bytes(n2, d, z0.element_size(), backward))
+        extra = benchkit.run(
+            benchmark,
+            fn,
+            device,
+            rounds=_rounds(device, n2),
+            warmup=1,
+            impl=impl,
+            n2=n2,
+            D=d,
+            mode=mode,
+            dtype=str(dtype)[6:],
+            flops=(3 if backward else 1) * 2 * n2 * n2 * d,
+            bytes_moved=compulsory_bytes(n2, d, z0.element_size(), backward),
+        )
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip(f"{impl} runs out of memory at 2N={n2}, D={d}")
@@ -161,6 +190,7 @@ def test_info_nce(benchmark, device, dtype, n2, d, mode, impl):
         derived["frac_of_gemm"] = round(gemm["median_s"] / extra["median_s"], 3)
     if device == "cuda":
         from sparkct.perf.peaks import compute_peak, gpu_table_peaks
+
         peaks = gpu_table_peaks(torch.cuda.get_device_name())  # the datasheet table, one for all of sparkct
         peak = compute_peak(peaks, dtype)[0] if peaks else None
         if peak:

@@ -20,6 +20,7 @@ Sizes: CPU resnet50, batch 8, 224x224, mask 0.6, fp32 (targets: step speed-up >=
 batch 128, bf16, channels-last (targets: >= 1.15x dense-masked, >= 2x published in fp32, >= 1500
 images/s). Figures are read, not asserted; correctness (the three losses agree) is checked before timing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,12 +41,24 @@ import benchkit
 BENCH = {
     "suite": "train",
     "pairs": [  # sparkct's sparse model vs its dense-masked model and SparK's published way
-        {"case": {"test": "test_step", "name": "sparse"}, "base": {"name": "dense-masked"}, "label": "dense-masked",
-         "memory": True},
-        {"case": {"test": "test_step", "name": "sparse"}, "base": {"name": "published"}, "label": "published",
-         "memory": True},
-        {"case": {"test": "test_split", "encoder": "sparse"}, "base": {"encoder": "dense-masked"},
-         "label": "dense-masked", "memory": True},
+        {
+            "case": {"test": "test_step", "name": "sparse"},
+            "base": {"name": "dense-masked"},
+            "label": "dense-masked",
+            "memory": True,
+        },
+        {
+            "case": {"test": "test_step", "name": "sparse"},
+            "base": {"name": "published"},
+            "label": "published",
+            "memory": True,
+        },
+        {
+            "case": {"test": "test_split", "encoder": "sparse"},
+            "base": {"encoder": "dense-masked"},
+            "label": "dense-masked",
+            "memory": True,
+        },
     ],
     "quick": [("test_step", "*-cuda")],
 }
@@ -100,6 +113,7 @@ def variant(device: str, name: str):
 
     def autocast():
         return torch.autocast(device, dtype=amp) if amp is not None else torch.autocast(device, enabled=False)
+
     return m, x, opt, autocast
 
 
@@ -125,8 +139,9 @@ def step_fn(device: str, name: str):
             got = loss_of().item()
         ref = _REF.get(device)
         if ref is None:
-            ref = _REF[device] = spark_published_loss(copy.deepcopy(setup(device)[0]).to(device),
-                                                      *setup(device)[1:]).item()
+            ref = _REF[device] = spark_published_loss(
+                copy.deepcopy(setup(device)[0]).to(device), *setup(device)[1:]
+            ).item()
     tol = 1e-4 if CONFIGS[device]["amp"] is None or name == "published" else 3e-2
     assert abs(got - ref) <= tol * abs(ref), (name, got, ref)
     return fn
@@ -171,8 +186,14 @@ def split_fns(device: str, encoder: str):
 
 def _info(device: str, **kw) -> dict:
     cfg = CONFIGS[device]
-    return dict(arch=cfg["arch"], batch=cfg["batch"], size=cfg["size"], mask_ratio=cfg["ratio"],
-                dtype="bf16" if cfg["amp"] is not None else "fp32", **kw)
+    return dict(
+        arch=cfg["arch"],
+        batch=cfg["batch"],
+        size=cfg["size"],
+        mask_ratio=cfg["ratio"],
+        dtype="bf16" if cfg["amp"] is not None else "fp32",
+        **kw,
+    )
 
 
 # the dense-masked model's loss and optimizer are the sparse model's work: its encoder and its densify (SparK's
@@ -189,8 +210,14 @@ def test_split(benchmark, device, encoder, part):
     if fns is None:
         fns = _PARTS[key] = split_fns(device, encoder)
     benchmark.group = f"spark-split-{device}"
-    extra = benchkit.run(benchmark, fns[part], device, rounds=cfg["rounds"], warmup=cfg["warmup"],
-                         **_info(device, encoder=encoder, part=part, channels_last=True))
+    extra = benchkit.run(
+        benchmark,
+        fns[part],
+        device,
+        rounds=cfg["rounds"],
+        warmup=cfg["warmup"],
+        **_info(device, encoder=encoder, part=part, channels_last=True),
+    )
     _SPLIT.setdefault(device, {})[f"{encoder}/{part}"] = extra
     if (encoder, part) == [sp for sp in SPLITS if sp[0] == encoder][-1]:
         del _PARTS[key]  # free this model before the next one is built
@@ -227,9 +254,19 @@ def test_step(benchmark, device, name):
     cfg = CONFIGS[device]
     fn = step_fn(device, name)
     benchmark.group = f"spark-step-{device}"
-    extra = benchkit.run(benchmark, fn, device, rounds=cfg["rounds"], warmup=cfg["warmup"],
-                         **_info(device, variant=name, channels_last=name != "published",
-                                 amp=str(cfg["amp"]).replace("torch.", "") if name != "published" else "none"))
+    extra = benchkit.run(
+        benchmark,
+        fn,
+        device,
+        rounds=cfg["rounds"],
+        warmup=cfg["warmup"],
+        **_info(
+            device,
+            variant=name,
+            channels_last=name != "published",
+            amp=str(cfg["amp"]).replace("torch.", "") if name != "published" else "none",
+        ),
+    )
     _STEP.setdefault(device, {})[name] = extra
     if name == "sparse":
         _derive(device, extra)

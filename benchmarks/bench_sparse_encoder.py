@@ -27,6 +27,7 @@ sparse >= 1.8x faster than spark, peak memory <= 0.6x. CUDA resnet50 batch 128 2
 channels-last mask 0.6: >= 1.8x faster than spark (ideal 2.5x), peak memory <= 0.6x, >= 3x faster
 than spconv.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,13 +50,25 @@ BENCH = {
     "suite": "kernels",
     "pairs": [
         # packed-tile sparse encoder vs SparK's dense-masked encoder and the plain dense one
-        {"case": {"test": "test_encoder", "impl": "sparse"}, "base": {"impl": "spark"}, "label": "spark",
-         "memory": True},
-        {"case": {"test": "test_encoder", "impl": "sparse"}, "base": {"impl": "dense"}, "label": "dense",
-         "memory": True},
+        {
+            "case": {"test": "test_encoder", "impl": "sparse"},
+            "base": {"impl": "spark"},
+            "label": "spark",
+            "memory": True,
+        },
+        {
+            "case": {"test": "test_encoder", "impl": "sparse"},
+            "base": {"impl": "dense"},
+            "label": "dense",
+            "memory": True,
+        },
         # one sparse 3x3 conv vs dense-then-mask and spconv's submanifold conv
-        {"case": {"test": "test_conv3x3", "impl": "sparse"}, "base": {"impl": "dense"}, "label": "dense",
-         "memory": True},
+        {
+            "case": {"test": "test_conv3x3", "impl": "sparse"},
+            "base": {"impl": "dense"},
+            "label": "dense",
+            "memory": True,
+        },
         {"case": {"test": "test_conv3x3", "impl": "sparse"}, "base": {"impl": "spconv"}, "label": "spconv"},
     ],
     "default": [
@@ -109,6 +122,7 @@ def dense_features(model, x):
 
 def step(impl: str, model, x, mask, enc=None):
     """One forward+backward of the encoder; the loss sums every stage's features."""
+
     def fn():
         model.zero_grad(set_to_none=True)
         if impl == "dense":
@@ -120,6 +134,7 @@ def step(impl: str, model, x, mask, enc=None):
         loss = sum(f.float().sum() for f in feats)
         loss.backward()
         return loss.detach()
+
     return fn
 
 
@@ -185,10 +200,21 @@ def test_encoder(benchmark, device, ratio, impl):
         assert abs(got.item() - ref.item()) <= tol * max(1.0, abs(ref.item())), (got.item(), ref.item())
     group = f"encoder-{cfg['arch']}-{device}-r{ratio}"
     benchmark.group = group
-    extra = benchkit.run(benchmark, fn, device, rounds=ROUNDS[device], impl=impl, arch=cfg["arch"],
-                         batch=cfg["batch"], size=cfg["size"], dtype=str(cfg["dtype"]).replace("torch.", ""),
-                         channels_last=cfg["channels_last"], mask_ratio=ratio, visible_fraction=round(visible, 4),
-                         flops=encoder_flops(impl, cfg["arch"], cfg["batch"], cfg["size"], visible))
+    extra = benchkit.run(
+        benchmark,
+        fn,
+        device,
+        rounds=ROUNDS[device],
+        impl=impl,
+        arch=cfg["arch"],
+        batch=cfg["batch"],
+        size=cfg["size"],
+        dtype=str(cfg["dtype"]).replace("torch.", ""),
+        channels_last=cfg["channels_last"],
+        mask_ratio=ratio,
+        visible_fraction=round(visible, 4),
+        flops=encoder_flops(impl, cfg["arch"], cfg["batch"], cfg["size"], visible),
+    )
     _derive(group, impl, extra, visible)
     benchmark.extra_info.update(extra)
     benchkit.DERIVED[-1].update(extra)  # the end-of-run table row was copied before the ratios existed
@@ -196,8 +222,10 @@ def test_encoder(benchmark, device, ratio, impl):
 
 # ---- one 3x3 conv: sparkct vs dense vs spconv ------------------------------------------------
 
-CONV_SHAPES = {"cpu": [(64, 8), (128, 4), (256, 2), (512, 1)],   # resnet18 3x3 convs: channels, cell
-               "cuda": [(64, 8), (128, 4), (256, 2), (512, 1)]}  # resnet50 3x3 convs (bottleneck width)
+CONV_SHAPES = {
+    "cpu": [(64, 8), (128, 4), (256, 2), (512, 1)],  # resnet18 3x3 convs: channels, cell
+    "cuda": [(64, 8), (128, 4), (256, 2), (512, 1)],
+}  # resnet50 3x3 convs (bottleneck width)
 
 
 def conv3x3_work(pixels: int, ch: int, elt: int, backward: bool) -> dict:
@@ -228,9 +256,16 @@ def test_conv3x3(benchmark, device, mode, ch, cell, impl):
     pix = mask.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
     bwd = mode == "fwdbwd"
     pixels = B * H * H if impl == "dense" else int(pix.sum().item())
-    info = dict(impl=impl, mode=mode, channels=ch, cell=cell, batch=B, mask_ratio=ratio,
-                dtype=str(dtype).replace("torch.", ""),
-                **conv3x3_work(pixels, ch, x.element_size(), bwd))
+    info = dict(
+        impl=impl,
+        mode=mode,
+        channels=ch,
+        cell=cell,
+        batch=B,
+        mask_ratio=ratio,
+        dtype=str(dtype).replace("torch.", ""),
+        **conv3x3_work(pixels, ch, x.element_size(), bwd),
+    )
 
     def finish(y):
         if bwd:
@@ -252,6 +287,7 @@ def test_conv3x3(benchmark, device, mode, ch, cell, impl):
     else:
         pytest.importorskip("spconv.pytorch")
         from sparkct._peers import SpconvSubMConv
+
         if device == "cpu" and bwd:
             pytest.skip("spconv 2.3.8's backward calls into CUDA even for CPU tensors")
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -272,6 +308,7 @@ def test_conv3x3(benchmark, device, mode, ch, cell, impl):
 
         def fn():
             return finish(peer(feats))
+
     group = f"conv3x3-{device}-{mode}-C{ch}-c{cell}"
     benchmark.group = group
     if not bwd:
@@ -291,6 +328,7 @@ def test_conv3x3(benchmark, device, mode, ch, cell, impl):
 
 
 # ---- per-layer breakdown ---------------------------------------------------------------------
+
 
 def _stages(model):
     """(name, module) of every stage the encoder runs: stem, max-pool, each residual block."""
@@ -341,6 +379,7 @@ def layer_breakdown(device: str = "cpu", ratio: float = 0.6, rounds: int = 5, cf
 
     rows = []
     for (name, mod), a, b in zip(stages, sp_in, dn_in):
+
         def sparse_fn(a=a, name=name, mod=mod):
             a = a.detach().requires_grad_(True)
             if name == "stem":

@@ -3,6 +3,7 @@
 Every benchmark records its derived figures in ``benchmark.extra_info`` (they land in
 ``--benchmark-json``) and they are printed in a table at the end of the run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,7 @@ def run(benchmark, fn, device, *, rounds: int | None = None, warmup: int = 1, **
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
     if getattr(benchmark, "disabled", False):  # --benchmark-disable: one timed call, a smoke run
         import time
+
         t0 = time.perf_counter()
         call()
         median = time.perf_counter() - t0
@@ -51,8 +53,11 @@ def run(benchmark, fn, device, *, rounds: int | None = None, warmup: int = 1, **
         extra["gflops_per_s"] = round(info["flops"] / median / 1e9, 2)
     if "bytes_moved" in info and median > 0:
         extra["gb_per_s"] = round(info["bytes_moved"] / median / 1e9, 2)
-    extra["device"] = (torch.cuda.get_device_name() if torch.device(device).type == "cuda"
-                       else f"cpu x{torch.get_num_threads()} threads")
+    extra["device"] = (
+        torch.cuda.get_device_name()
+        if torch.device(device).type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads"
+    )
     benchmark.extra_info.update(extra)
     DERIVED.append({"name": benchmark.name, "group": benchmark.group, **extra})
     return extra

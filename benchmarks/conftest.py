@@ -16,6 +16,7 @@ the figures measured so far are written atomically to `--bench-progress` (defaul
 `.benchmarks/sparkct-progress.json`), so an interrupted run (Ctrl-C, SIGTERM, or killed) keeps them;
 SIGTERM ends the run as Ctrl-C does (table printed, pytest-benchmark's JSON written).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -36,6 +37,7 @@ def cuda_ready() -> bool:
     if not torch.cuda.is_available():
         return False
     from sparkct import _ext
+
     return _ext.with_cuda()
 
 
@@ -50,16 +52,35 @@ _BENCHES: dict[str, Bench] = {}
 
 def pytest_addoption(parser):
     g = parser.getgroup("sparkct benchmarks")
-    g.addoption("--bench-full", action="store_true", default=False,
-                help="run the full benchmark grid (also SPARKCT_BENCH_FULL=1); default: a quick CPU subset")
-    g.addoption("--bench-quick", action="store_true", default=False,
-                help="run only the smoke subset (the \"quick\" cases of each file's BENCH table)")
-    g.addoption("--bench-device", choices=["auto", "cpu", "cuda"], default="auto",
-                help="keep only this device's cases (auto: CUDA ones where a GPU is present, else CPU ones)")
-    g.addoption("--bench-rounds", type=int, default=None,
-                help="timed rounds of every case (default: each benchmark file's own count)")
-    g.addoption("--bench-progress", default=os.path.join(".benchmarks", "sparkct-progress.json"),
-                help="results so far, rewritten after every case (default: %(default)s)")
+    g.addoption(
+        "--bench-full",
+        action="store_true",
+        default=False,
+        help="run the full benchmark grid (also SPARKCT_BENCH_FULL=1); default: a quick CPU subset",
+    )
+    g.addoption(
+        "--bench-quick",
+        action="store_true",
+        default=False,
+        help='run only the smoke subset (the "quick" cases of each file\'s BENCH table)',
+    )
+    g.addoption(
+        "--bench-device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="keep only this device's cases (auto: CUDA ones where a GPU is present, else CPU ones)",
+    )
+    g.addoption(
+        "--bench-rounds",
+        type=int,
+        default=None,
+        help="timed rounds of every case (default: each benchmark file's own count)",
+    )
+    g.addoption(
+        "--bench-progress",
+        default=os.path.join(".benchmarks", "sparkct-progress.json"),
+        help="results so far, rewritten after every case (default: %(default)s)",
+    )
 
 
 def pytest_configure(config):
@@ -111,8 +132,7 @@ def _default(item) -> bool:
 
 
 def _explicit_selection(config) -> bool:
-    return (any("::" in str(a) for a in config.args) or bool(config.option.keyword)
-            or bool(config.option.markexpr))
+    return any("::" in str(a) for a in config.args) or bool(config.option.keyword) or bool(config.option.markexpr)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -122,8 +142,7 @@ def pytest_collection_modifyitems(config, items):
     device = config.getoption("bench_device")
     explicit = _explicit_selection(config)
     quick = config.getoption("bench_quick") and not explicit
-    full = not quick and (config.getoption("bench_full") or os.environ.get("SPARKCT_BENCH_FULL", "") == "1"
-                          or explicit)
+    full = not quick and (config.getoption("bench_full") or os.environ.get("SPARKCT_BENCH_FULL", "") == "1" or explicit)
     if quick:
         selected = [_listed(it, "quick") for it in items]
     else:
@@ -143,8 +162,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _skipped(item) -> bool:
-    return any(m.name == "skip" or (m.name == "skipif" and m.args and m.args[0] is True)
-               for m in item.iter_markers())
+    return any(m.name == "skip" or (m.name == "skipif" and m.args and m.args[0] is True) for m in item.iter_markers())
 
 
 class _Progress:
@@ -167,17 +185,25 @@ class _Progress:
         self.t0 = time.perf_counter()
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
-            what = {"full": "full grid", "quick": "smoke subset (--bench-quick)",
-                    "default": "quick subset (SPARKCT_BENCH_FULL=1 or --bench-full: the full grid)"}[tier]
-            tr.write_line(f"sparkct benchmarks: {self.total} cases to run, {what}; "
-                          f"results so far in {self.path}")
+            what = {
+                "full": "full grid",
+                "quick": "smoke subset (--bench-quick)",
+                "default": "quick subset (SPARKCT_BENCH_FULL=1 or --bench-full: the full grid)",
+            }[tier]
+            tr.write_line(f"sparkct benchmarks: {self.total} cases to run, {what}; results so far in {self.path}")
             whole = sorted({it.path.name for it in items if not _cases(it, "default")})
             if whole and tier == "default":
-                tr.write_line(f"  run whole (no \"default\" cases in their BENCH table): {', '.join(whole)}")
+                tr.write_line(f'  run whole (no "default" cases in their BENCH table): {", ".join(whole)}')
 
     def record(self, report, row: dict | None) -> None:
-        self.cases.append({"nodeid": report.nodeid, "outcome": report.outcome,
-                           "seconds": round(report.duration, 3), **({"figures": row} if row else {})})
+        self.cases.append(
+            {
+                "nodeid": report.nodeid,
+                "outcome": report.outcome,
+                "seconds": round(report.duration, 3),
+                **({"figures": row} if row else {}),
+            }
+        )
         self.write(complete=False)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is None or report.nodeid not in self.to_run:  # skipped before it started: no line
@@ -192,18 +218,29 @@ class _Progress:
         name = report.nodeid.split("/")[-1]
         # after the reporter's own mark for the case ("." / "s" / "F", or "PASSED" with -v)
         tr.write(" " if tr._tw.width_of_current_line else "")
-        tr.write_line(f"[{self.done:>3}/{self.total} {int(el) // 60}m{int(el) % 60:02d}s] "
-                      f"{report.outcome:7s} {name}{fig}")
+        tr.write_line(
+            f"[{self.done:>3}/{self.total} {int(el) // 60}m{int(el) % 60:02d}s] {report.outcome:7s} {name}{fig}"
+        )
 
     def write(self, complete: bool, exitstatus: int | None = None) -> None:
         from sparkct.io import write_json_atomic
+
         d = os.path.dirname(self.path)
         if d:
             os.makedirs(d, exist_ok=True)
-        write_json_atomic(self.path, {
-            "complete": complete, "exitstatus": exitstatus, "full_grid": self.tier == "full", "tier": self.tier,
-            "selected": self.total, "elapsed_s": round(time.perf_counter() - self.t0, 1),
-            "cases": self.cases, "derived": benchkit.DERIVED})
+        write_json_atomic(
+            self.path,
+            {
+                "complete": complete,
+                "exitstatus": exitstatus,
+                "full_grid": self.tier == "full",
+                "tier": self.tier,
+                "selected": self.total,
+                "elapsed_s": round(time.perf_counter() - self.t0, 1),
+                "cases": self.cases,
+                "derived": benchkit.DERIVED,
+            },
+        )
 
 
 @pytest.hookimpl(trylast=True)  # after the terminal reporter's own mark for the case
@@ -228,9 +265,9 @@ def pytest_terminal_summary(terminalreporter, config):
     tr.section("sparkct derived figures")
     keys = ["median_s", "peak_mib", "gflops_per_s", "gb_per_s"]
     for row in benchkit.DERIVED:
-        extras = {k: v for k, v in row.items()
-                  if k not in ("name", "group", "device", "peak_bytes", "params", *keys)}
-        base = "  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                         for k in keys if k in row)
+        extras = {k: v for k, v in row.items() if k not in ("name", "group", "device", "peak_bytes", "params", *keys)}
+        base = "  ".join(
+            f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row
+        )
         more = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extras.items())
         tr.write_line(f"{row['name']}: {base}  {more}")

@@ -9,6 +9,7 @@ size that ran and the first that did not, down to --resolution (a fraction of 2N
 and writes JSON (atomically: a crash loses nothing already written). The fused op's memory is
 O(rows x D), so it is usually limited by time (its cost is O((2N)^2 D)), not memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def make_loss(impl: str, tau: float):
     if impl == "fused":
         from sparkct.ops import info_nce
+
         return lambda a, b: info_nce(a, b, tau)
     if impl == "naive":
         from sparkct.ops import reference
+
         return lambda a, b: reference.info_nce(a, b, tau)
     if impl == "lightly":
         from lightly.loss import NTXentLoss
+
         return NTXentLoss(tau)
     raise SystemExit(f"unknown implementation {impl!r} (fused, naive, lightly)")
 
@@ -127,8 +131,12 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     if args.start < 2 or args.start % 2:
         p.error("--start must be an even number >= 2")
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": args.dtype, "dim": args.dim, "results": []}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "dim": args.dim,
+        "results": [],
+    }
     for impl in args.impls:
         info["results"].append(search(impl, args, device, dtype))
         if args.out:

@@ -12,6 +12,7 @@ initializes); skip it with ``ncu --launch-skip`` or NVTX filters. Sizes: "large"
 step runs (SimCLR 2N = 8192 x 128, a MoCo bank of 65,536 keys, SparK ResNet-50 stage 1 at batch 64);
 "small" = seconds on a CPU or under compute-sanitizer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,20 @@ OPS = ("info_nce", "info_nce_bank", "cell_layout", "pack", "unpack", "halo", "im
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of: " + ", ".join(OPS))
     p.add_argument("--size", choices=sorted(SIZES), default="large")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--iters", type=int, default=3, help="iterations per op (the first is a warm-up)")
-    p.add_argument("--impl", choices=("fast", "simple"), default="fast",
-                   help="the fast kernels, or the simple ones (the GPU tests' oracle)")
+    p.add_argument(
+        "--impl",
+        choices=("fast", "simple"),
+        default="fast",
+        help="the fast kernels, or the simple ones (the GPU tests' oracle)",
+    )
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = sorted(set(ops) - set(OPS))
@@ -95,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                     run(op)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            print(f"{op:14s} {args.iters} x in {time.perf_counter() - t0:.3f} s ({args.size}, {args.dtype}, "
-                  f"{args.impl}, {device})")
+            print(
+                f"{op:14s} {args.iters} x in {time.perf_counter() - t0:.3f} s ({args.size}, {args.dtype}, "
+                f"{args.impl}, {device})"
+            )
     finally:
         S.simple_kernels(prev_simple)
     return 0

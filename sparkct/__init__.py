@@ -4,6 +4,7 @@ Kernels (``sparkct.ops``, ``torch.ops.sparkct``), modules (``sparkct.nn``), CT d
 Submodules load on first use, so ``import sparkct`` stays cheap and the data tools work without the
 compiled extension.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -2,6 +2,7 @@
 
 Importing this module loads ``sparkct._C``, which registers every op in ``torch.ops.sparkct``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,16 +52,20 @@ def _check_cuda_runtime() -> None:
             "a CUDA tensor reached sparkct, but this sparkct build has no CUDA kernels "
             f"(built CPU-only against torch {info['torch_version']}). Rebuild on a machine with nvcc and "
             "a CUDA build of torch (`pip install --no-build-isolation -e .`, see docs/building.md), "
-            "or move the tensors to the CPU.")
+            "or move the tensors to the CPU."
+        )
     built = cuda_version()
     torch_cuda = torch.version.cuda
     if torch_cuda is None:
-        raise RuntimeError(f"sparkct's kernels were built for CUDA {built}, but the running torch "
-                           f"{torch.__version__} has no CUDA support.")
+        raise RuntimeError(
+            f"sparkct's kernels were built for CUDA {built}, but the running torch "
+            f"{torch.__version__} has no CUDA support."
+        )
     if built.split(".")[0] != torch_cuda.split(".")[0]:
         raise RuntimeError(
             f"CUDA version mismatch: sparkct's kernels were built with CUDA {built}, the running torch "
-            f"{torch.__version__} uses CUDA {torch_cuda}. Rebuild sparkct against this torch.")
+            f"{torch.__version__} uses CUDA {torch_cuda}. Rebuild sparkct against this torch."
+        )
 
 
 def check_device(name: str, *tensors: torch.Tensor | None) -> torch.device:

@@ -8,6 +8,7 @@ spconv's submanifold convolution, on the same active pixels and weights. On the 
 builds its rule book wrongly when torch runs more than one intra-op thread (seen with 2 threads on
 the development machines: errors of the order of the outputs), so CPU calls run single-threaded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,13 +77,13 @@ class SpconvSubMConv:
         self.use_3d = not spconv_2d_is_correct(dev.type)
         if self.use_3d:
             conv = spconv.SubMConv3d(C, O, (1, k, k), padding=(0, k // 2, k // 2), bias=False)
-            w = weight.permute(0, 2, 3, 1).unsqueeze(1)            # (O, 1, k, k, C)
+            w = weight.permute(0, 2, 3, 1).unsqueeze(1)  # (O, 1, k, k, C)
             self.idx = torch.cat([idx[:, :1], torch.zeros_like(idx[:, :1]), idx[:, 1:]], 1).int().contiguous()
             self.shape = [1, int(shape[0]), int(shape[1])]
             self.kind = "SubMConv3d (depth 1)"
         else:
             conv = spconv.SubMConv2d(C, O, k, padding=k // 2, bias=False)
-            w = weight.permute(0, 2, 3, 1)                         # (O, k, k, C)
+            w = weight.permute(0, 2, 3, 1)  # (O, k, k, C)
             self.idx = idx.int().contiguous()
             self.shape = [int(shape[0]), int(shape[1])]
             self.kind = "SubMConv2d"

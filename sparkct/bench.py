@@ -2,6 +2,7 @@
 memory. The benchmark suites (through benchmarks/benchkit.py) and the CPU peak calibration
 (`sparkct.perf.peaks`) use it.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -64,8 +65,8 @@ def peak_memory(fn, device) -> int:
 class Timer:
     """Wall-clock seconds of a block, synchronizing `device` (CUDA work is asynchronous) at both ends.
 
-        with Timer(device) as t: step()
-        t.seconds
+    with Timer(device) as t: step()
+    t.seconds
     """
 
     def __init__(self, device="cpu"):

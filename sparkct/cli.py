@@ -3,6 +3,7 @@ CT DICOM data). Run `sparkct COMMAND -h` for a command's options.
 
 A user's mistake (a bad flag value, a missing path) is reported in one line with exit status 2;
 add -v for the traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         rt = info["cuda_runtime_version"]
         drv = info["cuda_driver_version"]
         print(f"CUDA kernels   yes: CUDA {_ext.cuda_version()}, archs {', '.join(info['cuda_archs']) or '?'}")
-        print(f"CUDA runtime   {_ext._cuda_version_str(rt) if rt else 'not loadable'}; "
-              f"driver {_ext._cuda_version_str(drv) if drv else 'none'}")
+        print(
+            f"CUDA runtime   {_ext._cuda_version_str(rt) if rt else 'not loadable'}; "
+            f"driver {_ext._cuda_version_str(drv) if drv else 'none'}"
+        )
     else:
         print("CUDA kernels   no (CPU-only build)")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -41,20 +44,29 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("devices        cpu (no CUDA device visible)")
     for i in range(n):
         p = torch.cuda.get_device_properties(i)
-        print(f"device {i}       {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
-              f"{p.multi_processor_count} SMs")
+        print(
+            f"device {i}       {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+            f"{p.multi_processor_count} SMs"
+        )
     if info["with_cuda"] and n:
         major, minor = torch.cuda.get_device_capability(0)
         cap = f"{major}.{minor}"
         if info["cuda_archs"] and cap not in info["cuda_archs"]:
-            print(f"WARNING: device 0 is sm {cap}, kernels were built for {info['cuda_archs']}; "
-                  f"rebuild with TORCH_CUDA_ARCH_LIST={cap}")
+            print(
+                f"WARNING: device 0 is sm {cap}, kernels were built for {info['cuda_archs']}; "
+                f"rebuild with TORCH_CUDA_ARCH_LIST={cap}"
+            )
     print(f"threads        {torch.get_num_threads()} (torch intra-op)")
     return 0
 
 
-_COMMAND_MODULES = ["sparkct.train.cli", "sparkct.eval.cli", "sparkct.data.cli", "sparkct.train.profile",
-                    "sparkct.perf.bench_cli"]
+_COMMAND_MODULES = [
+    "sparkct.train.cli",
+    "sparkct.eval.cli",
+    "sparkct.data.cli",
+    "sparkct.train.profile",
+    "sparkct.perf.bench_cli",
+]
 # `sparkct pretrain/export`, `sparkct finetune/report/experiment/eval probe`, `sparkct data ...`,
 # `sparkct profile pretrain`, `sparkct bench`
 
@@ -76,9 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    name = " ".join(x for x in ("sparkct", args.command, getattr(args, "profile_target", None),
-                                getattr(args, "data_command", None), getattr(args, "eval_command", None),
-                                getattr(args, "method", None)) if x)
+    name = " ".join(
+        x
+        for x in (
+            "sparkct",
+            args.command,
+            getattr(args, "profile_target", None),
+            getattr(args, "data_command", None),
+            getattr(args, "eval_command", None),
+            getattr(args, "method", None),
+        )
+        if x
+    )
     return run_command(args.func, args, name, verbose=args.verbose)
 
 

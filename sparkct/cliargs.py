@@ -13,6 +13,7 @@ A field becomes a flag through its metadata, written with :func:`option`::
         workers: int = option("worker processes", default=1, flags=("-j", "--jobs"), metavar="JOBS")
         antialias: bool = option("no low-pass before shrinking", default=True, negate=True)  # --no-antialias
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,21 @@ from typing import Any
 
 from sparkct.errors import TrainingDiverged, UserError
 
-__all__ = ["HelpFormatter", "Parser", "add_dataclass_args", "arg_type", "base_type", "dataclass_from_args", "flag",
-           "option", "output_file", "parse_bool", "parse_field", "run_command", "tuple_of"]
+__all__ = [
+    "HelpFormatter",
+    "Parser",
+    "add_dataclass_args",
+    "arg_type",
+    "base_type",
+    "dataclass_from_args",
+    "flag",
+    "option",
+    "output_file",
+    "parse_bool",
+    "parse_field",
+    "run_command",
+    "tuple_of",
+]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -46,8 +60,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def option(help: str = "", *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
-           flags: tuple[str, ...] = (), negate: bool = False, **argparse_kwargs) -> Any:
+def option(
+    help: str = "",
+    *,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+    flags: tuple[str, ...] = (),
+    negate: bool = False,
+    **argparse_kwargs,
+) -> Any:
     """A dataclass field with its command-line form: `help`; its `default` (or `default_factory`);
     `flags` (default: ``--field-name``); `negate` (a bool field that is on by default, given as
     ``--no-field-name``); any other keyword (``choices``, ``metavar``, ``action="store_true"``) goes to
@@ -87,6 +108,7 @@ def tuple_of(tp) -> Callable[[str], tuple]:
             return tuple(inner(x) for x in s.replace(" ", "").split(","))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {inner.__name__}s, got {s!r}") from None
+
     return parse
 
 
@@ -130,8 +152,14 @@ def _negated_dest(name: str) -> str:
     return "no_" + name
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | None = None, *,
-                       title: str | None = None, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls,
+    defaults: dict | None = None,
+    *,
+    title: str | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
     """One --flag per field of dataclass `cls` (underscores -> dashes), typed from the annotation, with the
     field's help (and the rest of its :func:`option` metadata); `defaults` override the dataclass defaults
     (e.g. a method's preferred optimizer)."""
@@ -144,8 +172,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | No
         default = defaults.get(f.name, _default(f))
         help = f.metadata.get("help", "")
         if f.metadata.get("negate"):
-            group.add_argument(flag(_negated_dest(f.name)), dest=_negated_dest(f.name), action="store_true",
-                               default=not default, help=help)
+            group.add_argument(
+                flag(_negated_dest(f.name)),
+                dest=_negated_dest(f.name),
+                action="store_true",
+                default=not default,
+                help=help,
+            )
             continue
         tp, _ = base_type(hints[f.name])
         kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help}
@@ -186,8 +219,9 @@ def output_file(path: str, what: str) -> str:
     return path
 
 
-def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, name: str, *,
-                verbose: bool = False) -> int:
+def run_command(
+    func: Callable[[argparse.Namespace], int], args: argparse.Namespace, name: str, *, verbose: bool = False
+) -> int:
     """``func(args)``'s exit status, with a user's mistake (:class:`~sparkct.errors.UserError`, a missing
     or unwritable path) printed as one line ``NAME: error: ...`` and status 2 (the traceback only with
     `verbose`), a diverged run as one line and status 1, and an interrupt as status 130."""
@@ -199,8 +233,11 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         if verbose:
             raise
-        msg = str(e) if isinstance(e, UserError) or not getattr(e, "filename", None) else \
-            f"{e.strerror or e}: {e.filename}"
+        msg = (
+            str(e)
+            if isinstance(e, UserError) or not getattr(e, "filename", None)
+            else f"{e.strerror or e}: {e.filename}"
+        )
         print(f"{name}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

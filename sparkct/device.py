@@ -1,4 +1,5 @@
 """Device names a user types (``cpu``, ``cuda``, ``cuda:1``, ``auto``) -> torch.device, checked."""
+
 from __future__ import annotations
 
 from sparkct.errors import UserError
@@ -25,8 +26,10 @@ def resolve_device(spec: str):
     if dev.type != "cuda":
         raise UserError(f"unsupported device {spec!r}: use {DEVICE_CHOICES_HELP}")
     if not torch.cuda.is_available():
-        raise UserError(f"--device {spec}: no CUDA device visible (torch {torch.__version__}, "
-                        f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        raise UserError(
+            f"--device {spec}: no CUDA device visible (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu"
+        )
     n = torch.cuda.device_count()
     if dev.index is not None and dev.index >= n:
         raise UserError(f"--device {spec}: only {n} CUDA device(s) visible (cuda:0 .. cuda:{n - 1})")

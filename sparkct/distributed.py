@@ -3,13 +3,22 @@
 Every helper here is a no-op (rank 0 of 1) when torch.distributed is not initialized, so single-process
 code calls them unconditionally.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main", "row_counts", "all_gather_rows", "gather_with_grad",
-           "barrier"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "row_counts",
+    "all_gather_rows",
+    "gather_with_grad",
+    "barrier",
+]
 
 
 def is_distributed(group=None) -> bool:
@@ -67,7 +76,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: list[int], group):
         r = dist.get_rank(group)
-        ctx.group, ctx.lo, ctx.hi = group, sum(counts[:r]), sum(counts[:r + 1])
+        ctx.group, ctx.lo, ctx.hi = group, sum(counts[:r]), sum(counts[: r + 1])
         return all_gather_rows(x, counts, group)
 
     @staticmethod
@@ -75,7 +84,7 @@ class _GatherWithGrad(torch.autograd.Function):
         # Every rank holds the same gathered shape, so one all-reduce sums every rank's gradient.
         grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.lo:ctx.hi], None, None
+        return grad[ctx.lo : ctx.hi], None, None
 
 
 def gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
@@ -84,4 +93,4 @@ def gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
     if not is_distributed(group):
         return x, 0
     counts = row_counts(x.shape[0], x.device, group)
-    return _GatherWithGrad.apply(x, counts, group), sum(counts[:dist.get_rank(group)])
+    return _GatherWithGrad.apply(x, counts, group), sum(counts[: dist.get_rank(group)])

@@ -3,6 +3,7 @@
 ``sparkct`` commands print it in one line and exit with status 2 (a traceback only with ``-v``);
 library callers get a ValueError they can catch. Real bugs stay ordinary exceptions.
 """
+
 from __future__ import annotations
 
 __all__ = ["UserError", "TrainingDiverged"]

@@ -3,6 +3,7 @@
 
 A crash at any point leaves either the old file or the new one, never a half-written one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fsync_dir", "atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
-           "read_json", "write_npz_atomic", "clean_stale_temps", "json_default"]
+__all__ = [
+    "fsync_dir",
+    "atomic_path",
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_json_atomic",
+    "read_json",
+    "write_npz_atomic",
+    "clean_stale_temps",
+    "json_default",
+]
 
 
 def fsync_dir(path: str) -> None:

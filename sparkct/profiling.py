@@ -21,6 +21,7 @@ Names: ``sparkct.<op>`` (the Python face of an op: checks + kernel), ``sparkct.<
 ``sparkct.<Module>`` (nn modules), ``loss/<name>`` (a method's loss), and the trainer's phases
 (:data:`PHASES`). torch.profiler also names each kernel call itself (``sparkct::sparse_halo``, ...).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,16 @@ __all__ = ["range", "ranged", "set_nvtx", "nvtx_enabled", "active", "PHASES"]
 #: gradient-caching DDP runs, unscale, clipping, optimizer.step, zero_grad; step/after_step: EMA, queues;
 #: step/probe: the online linear probe (--labels). Methods that run their own backward (gradient caching)
 #: show step/forward+loss+backward instead of step/forward+loss and step/backward.
-PHASES = ("step/data", "step/forward+loss", "step/forward+loss+backward", "step/sync-loss", "step/backward",
-          "step/optimizer", "step/after_step", "step/probe")
+PHASES = (
+    "step/data",
+    "step/forward+loss",
+    "step/forward+loss+backward",
+    "step/sync-loss",
+    "step/backward",
+    "step/optimizer",
+    "step/after_step",
+    "step/probe",
+)
 
 _nvtx = os.environ.get("SPARKCT_NVTX", "").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -118,7 +127,9 @@ def ranged(name: str):
                 return fn(*args, **kwargs)
             with _Range(name):
                 return fn(*args, **kwargs)
+
         return wrapper
+
     return deco
 
 
@@ -166,5 +177,7 @@ builtins_range = _builtins.range
 
 if __name__ == "__main__":
     r = overhead()
-    print(f"disabled path, per call: bare call {r['bare_ns']:.0f} ns; @ranged {r['ranged_ns']:.0f} ns "
-          f"(+{r['ranged_extra_ns']:.0f}); with range() {r['range_ns']:.0f} ns (+{r['range_extra_ns']:.0f})")
+    print(
+        f"disabled path, per call: bare call {r['bare_ns']:.0f} ns; @ranged {r['ranged_ns']:.0f} ns "
+        f"(+{r['ranged_extra_ns']:.0f}); with range() {r['range_ns']:.0f} ns (+{r['range_extra_ns']:.0f})"
+    )

@@ -1,4 +1,5 @@
 """Shared test set-up: the `device` fixture (cpu always, cuda where a GPU and CUDA kernels exist)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,7 @@ def device(request) -> str:
 def pytest_collection_modifyitems(config, items):
     if CUDA_READY:
         return
-    why = ("no CUDA device visible" if not torch.cuda.is_available()
-           else "sparkct was built without CUDA kernels")
+    why = "no CUDA device visible" if not torch.cuda.is_available() else "sparkct was built without CUDA kernels"
     skip = pytest.mark.skip(reason=f"needs CUDA: {why}")
     for item in items:
         # the mark, not `"cuda" in item.keywords`: keywords also hold the parent folders' names, so a

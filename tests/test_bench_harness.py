@@ -1,5 +1,6 @@
 """benchmarks/conftest.py: the quick default subset, progress lines, and results kept when a run is
 interrupted. Runs the real conftest and benchkit on a stand-in benchmark file of trivial cases."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Named and parametrized like bench_info_nce.py; its BENCH table's "default" entries pick three of five
 # cases and its "quick" entry one.
-_BENCH = '''
+_BENCH = """
 import os, signal
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_info_nce(benchmark, case):
         os.kill(os.getpid(), signal.SIGTERM)   # as a job scheduler's timeout would
     x = torch.ones(64)
     benchkit.run(benchmark, lambda: x * 2, "cpu", rounds=1, case=case)
-'''
+"""
 
 
 @pytest.fixture
@@ -46,16 +47,34 @@ def bench_dir(tmp_path):
         shutil.copy(os.path.join(ROOT, "benchmarks", f), d / f)
     (d / "bench_info_nce.py").write_text(_BENCH)
     # a benchmark file that declares no "default" or "quick" cases: runs whole by default, not with --quick
-    (d / "bench_new.py").write_text("import pytest\n\nBENCH = {'suite': 'new'}\n\n"
-                                    "@pytest.mark.parametrize('i', [0, 1])\ndef test_new(i):\n    pass\n")
+    (d / "bench_new.py").write_text(
+        "import pytest\n\nBENCH = {'suite': 'new'}\n\n"
+        "@pytest.mark.parametrize('i', [0, 1])\ndef test_new(i):\n    pass\n"
+    )
     return d
 
 
 def _run(bench_dir, *args, **env):
-    cmd = [sys.executable, "-m", "pytest", "-q", str(bench_dir), "-p", "no:cacheprovider", "-c", os.devnull,
-           "--rootdir", str(bench_dir),
-           "-o", "python_files=bench_*.py", "--benchmark-json", str(bench_dir / "bench.json"),
-           "--bench-progress", str(bench_dir / "progress.json"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        str(bench_dir),
+        "-p",
+        "no:cacheprovider",
+        "-c",
+        os.devnull,
+        "--rootdir",
+        str(bench_dir),
+        "-o",
+        "python_files=bench_*.py",
+        "--benchmark-json",
+        str(bench_dir / "bench.json"),
+        "--bench-progress",
+        str(bench_dir / "progress.json"),
+        *args,
+    ]
     e = {k: v for k, v in os.environ.items() if not k.startswith("SPARKCT_BENCH")}
     e.update(PYTHONPATH=ROOT, **env)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e, cwd=bench_dir)
@@ -71,8 +90,10 @@ def test_default_run_is_the_quick_subset_with_progress(bench_dir):
     assert prog["complete"] is True and not prog["full_grid"] and prog["tier"] == "default"
     timed = [c for c in prog["cases"] if "test_info_nce" in c["nodeid"]]
     assert [c["nodeid"].split("[")[1] for c in timed] == [
-        "cpu-fp32-2N8192-D128-fwd+bwd-naive]", "cpu-fp32-2N8192-D128-fwd+bwd-fused]",
-        "cpu-fp32-2N2048-D128-fwd-fused]"]
+        "cpu-fp32-2N8192-D128-fwd+bwd-naive]",
+        "cpu-fp32-2N8192-D128-fwd+bwd-fused]",
+        "cpu-fp32-2N2048-D128-fwd-fused]",
+    ]
     assert all(c["figures"]["median_s"] > 0 for c in timed)
 
 

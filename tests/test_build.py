@@ -1,4 +1,5 @@
 """The build reports itself, and bad device use gives clear errors."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ from sparkct import _ext
 def test_build_info_fields():
     info = _ext.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0], (
-        "extension built against another torch than the one running")
+        "extension built against another torch than the one running"
+    )
     assert isinstance(info["with_cuda"], bool)
     if info["with_cuda"]:
         assert _ext.cuda_version() is not None
@@ -112,8 +114,9 @@ def _calls(log):
     """(compiled sources, number of links) since the last call; clears the log."""
     lines = log.read_text().splitlines() if log.exists() else []
     log.write_text("")
-    compiled = sorted(os.path.basename(t) for ln in lines if " -c " in ln
-                      for t in ln.split() if t.endswith((".cpp", ".cu")))
+    compiled = sorted(
+        os.path.basename(t) for ln in lines if " -c " in ln for t in ln.split() if t.endswith((".cpp", ".cu"))
+    )
     links = sum(" -shared" in ln for ln in lines)
     return compiled, links
 
@@ -141,8 +144,14 @@ def test_setup_py_rebuilds_only_what_changed(tmp_path):
     env["PATH"] = os.pathsep.join([str(shims), env.get("PATH", "")])  # setup.py puts this environment's ninja first
 
     def build(*extra):
-        r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", *extra], cwd=proj,
-                           env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace", *extra],
+            cwd=proj,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "foreign-ninja" not in log.read_text()
         return _calls(log)
@@ -188,8 +197,13 @@ def test_setup_sh_skips_pip_when_nothing_changed(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SPARKCT_", "VIRTUAL_ENV"))}
 
     def setup(**env):
-        r = subprocess.run(["bash", str(repo / "scripts" / "setup.sh")], env={**base, "SPARKCT_VENV": str(venv), **env},
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            ["bash", str(repo / "scripts" / "setup.sh")],
+            env={**base, "SPARKCT_VENV": str(venv), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         calls = log.read_text().splitlines() if log.exists() else []
         log.write_text("")
         return r.returncode, [c for c in calls if c.startswith("-m pip")], calls

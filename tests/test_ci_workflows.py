@@ -1,4 +1,5 @@
 """The GitHub workflows parse, run what .ci/run and gpu-check run, and their shell steps are valid bash."""
+
 from __future__ import annotations
 
 import pathlib
@@ -68,8 +69,9 @@ def test_gpu_workflow_covers_what_the_issue_asks():
     assert "bash scripts/setup.sh" in text and "_ext.with_cuda()" in text
     assert "pytest -q -ra -m cuda tests" in text
     for tool in ("memcheck", "racecheck"):
-        assert re.search(rf"compute-sanitizer --tool {tool} --error-exitcode \d+ .*\n.*pytest -q -x -m cuda tests/ops",
-                         text), tool
+        assert re.search(
+            rf"compute-sanitizer --tool {tool} --error-exitcode \d+ .*\n.*pytest -q -x -m cuda tests/ops", text
+        ), tool
     assert re.search(r"sparkct bench --suite kernels --device cuda --compare \"\$BASELINE\" --fail-above 10%", text)
     assert "benchmarks/baselines/" in job["env"]["BASELINE"]
     assert "sparkct profile pretrain spark --device cuda" in text

@@ -1,4 +1,5 @@
 """The sparkct command: instant help (no torch import), one-line errors with exit status 2."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,22 +11,27 @@ from sparkct.cli import main
 
 
 def test_help_imports_no_torch():
-    code = ("import sys; from sparkct.cli import build_parser\n"
-            "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in ('torch', 'numpy', 'pydicom') if m in sys.modules]\n"
-            "assert not bad, bad")
+    code = (
+        "import sys; from sparkct.cli import build_parser\n"
+        "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in ('torch', 'numpy', 'pydicom') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "pretrain" in r.stdout and "export" in r.stdout and "data" in r.stdout
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["pretrain", "nosuch"], "unknown method 'nosuch'"),
-    (["pretrain", "spark", "--arch", "resnet999"], "unknown arch 'resnet999'"),
-    (["pretrain", "spark", "--device", "gpu"], "unknown device 'gpu'"),
-    (["pretrain", "spark", "--crop", "100"], "multiple of 32"),
-    (["export", "/nonexistent/run", "--out", "x.pt"], "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["pretrain", "nosuch"], "unknown method 'nosuch'"),
+        (["pretrain", "spark", "--arch", "resnet999"], "unknown arch 'resnet999'"),
+        (["pretrain", "spark", "--device", "gpu"], "unknown device 'gpu'"),
+        (["pretrain", "spark", "--crop", "100"], "multiple of 32"),
+        (["export", "/nonexistent/run", "--out", "x.pt"], "checkpoint not found"),
+    ],
+)
 def test_user_mistakes_are_one_line_with_exit_2(argv, msg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -35,6 +41,7 @@ def test_user_mistakes_are_one_line_with_exit_2(argv, msg, capsys, tmp_path, mon
 
 def test_no_cuda_device_is_reported_before_any_work(capsys, tmp_path, monkeypatch):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     monkeypatch.chdir(tmp_path)
@@ -43,12 +50,19 @@ def test_no_cuda_device_is_reported_before_any_work(capsys, tmp_path, monkeypatc
     assert not (tmp_path / "runs").exists()  # nothing synthesized or prepared
 
 
-@pytest.mark.parametrize("argv,prog,msg", [
-    (["pretrain", "spark", "--batch", "abc"], "sparkct pretrain spark", "argument --batch: invalid int value: 'abc'"),
-    (["finetune"], "sparkct finetune", "the following arguments are required: --data"),
-    (["nosuch"], "sparkct", "invalid choice: 'nosuch'"),
-    (["data", "prepare"], "sparkct data prepare", "the following arguments are required: src, dst"),
-])
+@pytest.mark.parametrize(
+    "argv,prog,msg",
+    [
+        (
+            ["pretrain", "spark", "--batch", "abc"],
+            "sparkct pretrain spark",
+            "argument --batch: invalid int value: 'abc'",
+        ),
+        (["finetune"], "sparkct finetune", "the following arguments are required: --data"),
+        (["nosuch"], "sparkct", "invalid choice: 'nosuch'"),
+        (["data", "prepare"], "sparkct data prepare", "the following arguments are required: src, dst"),
+    ],
+)
 def test_argparse_errors_are_one_line_with_exit_2(argv, prog, msg, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

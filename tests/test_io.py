@@ -1,4 +1,5 @@
 """sparkct.io: atomic writes land whole, leave no temporary behind, and get a normal file mode."""
+
 from __future__ import annotations
 
 import os

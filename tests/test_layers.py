@@ -1,6 +1,7 @@
 """The layer contracts (pyproject.toml [tool.importlinter], run by `lint-imports`): the package keeps
 them, and a copy of it with one import the wrong way breaks the contract that names that import, at
 module level or inside a function (grimp reads both: a lazy import is no way around a layer)."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,15 @@ def _copy_package(dst: Path) -> None:
 
 def _run(root: Path) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}
-    r = subprocess.run([_lint_imports(), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
-                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [_lint_imports(), "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return r.returncode, " ".join((r.stdout + r.stderr).split())  # contract names may wrap
 
 
@@ -56,19 +64,22 @@ def test_the_package_keeps_its_layers(tmp_path):
     assert "0 broken" in out
 
 
-@pytest.mark.parametrize("module,line,broken", [
-    # a method that imports the trainer: against the layers and against "models know no train"
-    ("models/ssl.py", "import sparkct.train.trainer", [LAYERS, MODELS]),
-    # the same inside a function
-    ("models/base.py", "def _late():\n    import sparkct.train.trainer", [LAYERS, MODELS]),
-    ("ops/sparse.py", "import sparkct.models", [LAYERS]),
-    ("nn/heads.py", "from sparkct.data import augment", [NO_DATA]),
-    ("data/labels.py", "def _late():\n    from sparkct.models import ssl", [LAYERS, DATA]),
-    ("train/optim.py", "import sparkct.eval.metrics", [LAYERS, TRAIN]),
-    ("perf/report.py", "import sparkct.train.trainer", [PERF]),
-    ("eval/metrics.py", "import sparkct.perf.report", [NO_PERF]),
-    ("io.py", "import sparkct.profiling", [LAYERS]),  # the leaves are independent of one another
-])
+@pytest.mark.parametrize(
+    "module,line,broken",
+    [
+        # a method that imports the trainer: against the layers and against "models know no train"
+        ("models/ssl.py", "import sparkct.train.trainer", [LAYERS, MODELS]),
+        # the same inside a function
+        ("models/base.py", "def _late():\n    import sparkct.train.trainer", [LAYERS, MODELS]),
+        ("ops/sparse.py", "import sparkct.models", [LAYERS]),
+        ("nn/heads.py", "from sparkct.data import augment", [NO_DATA]),
+        ("data/labels.py", "def _late():\n    from sparkct.models import ssl", [LAYERS, DATA]),
+        ("train/optim.py", "import sparkct.eval.metrics", [LAYERS, TRAIN]),
+        ("perf/report.py", "import sparkct.train.trainer", [PERF]),
+        ("eval/metrics.py", "import sparkct.perf.report", [NO_PERF]),
+        ("io.py", "import sparkct.profiling", [LAYERS]),  # the leaves are independent of one another
+    ],
+)
 def test_a_broken_layer_fails(tmp_path, module, line, broken):
     _lint_imports()
     _copy_package(tmp_path)

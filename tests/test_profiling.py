@@ -1,4 +1,5 @@
 """sparkct.profiling: ranges only while a profiler (or SPARKCT_NVTX) listens; the op ranges reach torch.profiler."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,10 +51,17 @@ def test_ranges_show_in_a_torch_profiler_trace_on_cpu(tmp_path):
         with profiling.range("step/backward"):
             loss.backward()
     names = _names(prof)
-    assert {"step/forward+loss", "step/backward", "sparkct.info_nce", "sparkct.info_nce.backward",
-            "sparkct::info_nce", "sparkct::info_nce_backward"} <= names, sorted(names)
+    assert {
+        "step/forward+loss",
+        "step/backward",
+        "sparkct.info_nce",
+        "sparkct.info_nce.backward",
+        "sparkct::info_nce",
+        "sparkct::info_nce_backward",
+    } <= names, sorted(names)
     # the Chrome trace holds them as user annotations, the op range nested in the phase
     import json
+
     path = tmp_path / "t.json"
     prof.export_chrome_trace(str(path))
     ev = {e["name"]: e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "user_annotation"}
@@ -71,16 +79,27 @@ def test_sparse_op_ranges_forward_and_backward():
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         p = S.pack(x, layout)
-        y = S.sparse_conv2d(p, layout, w, padding=1, method="halo") + S.sparse_conv2d(p, layout, w, padding=1,
-                                                                                     method="gemm")
+        y = S.sparse_conv2d(p, layout, w, padding=1, method="halo") + S.sparse_conv2d(
+            p, layout, w, padding=1, method="gemm"
+        )
         y = S.sparse_max_pool2d(y, layout, 3, 1, 1)
         S.unpack(y, layout).sum().backward()
     names = _names(prof)
-    want = {"sparkct.pack", "sparkct.unpack", "sparkct.sparse_conv2d", "sparkct.sparse_conv2d[halo]",
-            "sparkct.sparse_conv2d[gemm]", "sparkct.sparse_max_pool2d", "sparkct.unpack.backward",
-            "sparkct.sparse_conv2d[halo].backward", "sparkct.sparse_conv2d[gemm].backward",
-            "sparkct.sparse_max_pool2d[halo].backward", "sparkct.pack.backward", "sparkct::sparse_halo",
-            "sparkct::sparse_im2col"}
+    want = {
+        "sparkct.pack",
+        "sparkct.unpack",
+        "sparkct.sparse_conv2d",
+        "sparkct.sparse_conv2d[halo]",
+        "sparkct.sparse_conv2d[gemm]",
+        "sparkct.sparse_max_pool2d",
+        "sparkct.unpack.backward",
+        "sparkct.sparse_conv2d[halo].backward",
+        "sparkct.sparse_conv2d[gemm].backward",
+        "sparkct.sparse_max_pool2d[halo].backward",
+        "sparkct.pack.backward",
+        "sparkct::sparse_halo",
+        "sparkct::sparse_im2col",
+    }
     assert want <= names, sorted(want - names)
 
 
@@ -100,6 +119,7 @@ def test_nvtx_ranges_are_balanced_also_on_errors(nvtx_calls):
 
 def test_env_variable_turns_nvtx_on(nvtx_calls, monkeypatch):
     import importlib
+
     try:
         for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
             monkeypatch.setenv("SPARKCT_NVTX", value)
@@ -132,6 +152,7 @@ def test_kernel_driver_runs_every_op_with_its_ranges(capsys):
     # scripts/run_kernels.py is what docs/profiling.md puts under ncu / nsys / compute-sanitizer
     import importlib.util
     import pathlib
+
     path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "run_kernels.py"
     spec = importlib.util.spec_from_file_location("run_kernels", path)
     mod = importlib.util.module_from_spec(spec)
@@ -140,8 +161,12 @@ def test_kernel_driver_runs_every_op_with_its_ranges(capsys):
         assert mod.main(["--device", "cpu", "--size", "small", "--iters", "1"]) == 0
     names = _names(prof)
     assert {f"run/{op}#0" for op in mod.OPS} <= names
-    assert {"sparkct::info_nce_backward", "sparkct::sparse_halo_backward", "sparkct::sparse_im2col_backward",
-            "sparkct::sparse_cell_tables"} <= names
+    assert {
+        "sparkct::info_nce_backward",
+        "sparkct::sparse_halo_backward",
+        "sparkct::sparse_im2col_backward",
+        "sparkct::sparse_cell_tables",
+    } <= names
     assert len(capsys.readouterr().out.splitlines()) == len(mod.OPS)
     with pytest.raises(SystemExit):
         mod.main(["--ops", "nope"])
@@ -151,6 +176,7 @@ def test_profiling_doc_names_every_cuda_kernel():
     # docs/profiling.md's Nsight Compute table is what `ncu -k NAME` needs: it must follow csrc/cuda
     import pathlib
     import re
+
     root = pathlib.Path(__file__).resolve().parents[1]
     src = "\n".join(p.read_text() for p in sorted((root / "csrc" / "cuda").glob("*.cu")))
     kernels = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", src))

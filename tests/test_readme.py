@@ -1,5 +1,6 @@
 """README is a front door: short, and every relative link in it (and in the other top-level pages)
 leads somewhere."""
+
 from __future__ import annotations
 
 import pathlib
@@ -40,5 +41,5 @@ def test_every_relative_link_exists(name):
 
 
 def test_link_parser():
-    text = "[a](docs/a.md) ![p](img/x.png \"t\") [w](https://x.org/y) [s](#sec) [b](docs/b.md#part)"
+    text = '[a](docs/a.md) ![p](img/x.png "t") [w](https://x.org/y) [s](#sec) [b](docs/b.md#part)'
     assert relative_links(text) == ["docs/a.md", "img/x.png", "docs/b.md"]

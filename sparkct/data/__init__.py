@@ -4,29 +4,51 @@ a synthetic chest-CT generator, and the choice among them for a run (resolve_dat
 Names load on first use: ``import sparkct.data`` imports neither torch nor pydicom, so the prepare
 workers start fast, and nothing here needs sparkct's compiled extension.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
     # dicom / nifti reading
-    "CTVolume": "dicom", "read_series": "dicom", "iter_series": "dicom", "read_header": "dicom",
-    "plan_series": "dicom", "SkipFile": "dicom", "PixelLimits": "dicom", "read_nifti": "nifti",
+    "CTVolume": "dicom",
+    "read_series": "dicom",
+    "iter_series": "dicom",
+    "read_header": "dicom",
+    "plan_series": "dicom",
+    "SkipFile": "dicom",
+    "PixelLimits": "dicom",
+    "read_nifti": "nifti",
     # the cache: preparing it, reading it
-    "prepare": "preparing", "PrepareReport": "preparing", "CacheSettingsError": "preparing",
+    "prepare": "preparing",
+    "PrepareReport": "preparing",
+    "CacheSettingsError": "preparing",
     "SliceCache": "cache",
     # resampling
     "resample_slices": "resample",
     # windows
-    "WINDOWS": "windows", "DEFAULT_WINDOWS": "windows", "apply_windows": "windows", "Windows": "windows",
+    "WINDOWS": "windows",
+    "DEFAULT_WINDOWS": "windows",
+    "apply_windows": "windows",
+    "Windows": "windows",
     "resolve_windows": "windows",
     # augmentation
-    "CTAugment": "augment", "MultiCrop": "augment", "TwoViews": "augment", "CTResize": "augment",
+    "CTAugment": "augment",
+    "MultiCrop": "augment",
+    "TwoViews": "augment",
+    "CTResize": "augment",
     # datasets
-    "CTSliceDataset": "datasets", "CTLabelledDataset": "datasets", "patient_split": "datasets",
-    "patient_subset": "datasets", "SliceLoader": "datasets", "collate_batch": "datasets",
-    "tune_malloc": "datasets", "RunBatchSampler": "datasets", "takes_generator": "datasets",
-    "takes_rows": "datasets", "SlicePairs": "datasets",
+    "CTSliceDataset": "datasets",
+    "CTLabelledDataset": "datasets",
+    "patient_split": "datasets",
+    "patient_subset": "datasets",
+    "SliceLoader": "datasets",
+    "collate_batch": "datasets",
+    "tune_malloc": "datasets",
+    "RunBatchSampler": "datasets",
+    "takes_generator": "datasets",
+    "takes_rows": "datasets",
+    "SlicePairs": "datasets",
     # labels on the training slices (the hybrid objective, the online probe)
     "label_slices": "labels",
     # images

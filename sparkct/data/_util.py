@@ -2,6 +2,7 @@
 
 Nothing here imports torch, so the prepare workers start fast. Atomic writes live in sparkct.io.
 """
+
 from __future__ import annotations
 
 import hashlib

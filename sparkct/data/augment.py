@@ -30,6 +30,7 @@ parameters of rows ``lo .. lo + B`` of a batch of ``total`` are those rows of th
 rank for its share of a global batch) augments a sample exactly as one process reading the whole
 batch would, whatever the number of ranks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,6 +67,7 @@ def _prob(p, name):
 @dataclass
 class AugmentParams:
     """The random draw for one batch (CPU tensors); apply() moves what it needs to the device."""
+
     box: torch.Tensor  # (B, 4) int64 crop boxes (top, left, height, width) in input pixels
     angle: torch.Tensor  # (B,) float64 radians, 0 where not rotated
     flip_x: torch.Tensor  # (B,) bool
@@ -87,8 +89,14 @@ class AugmentParams:
 
     def take(self, lo: int, hi: int) -> AugmentParams:
         """The parameters of rows lo .. hi."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[lo:hi] for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name)[lo:hi]
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
     def theta(self) -> torch.Tensor:
         """(B, 2, 3) affine_grid matrices (align_corners=False) of the crops, flips and rotations."""
@@ -158,7 +166,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = Non
     r = min(r0, H - 1, W - 1)
     if r < 1:
         return x
-    k = k[:, r0 - r:r0 + r + 1]
+    k = k[:, r0 - r : r0 + r + 1]
     k = k / k.sum(1, keepdim=True)
     kk = k.repeat_interleave(C, 0)  # (B*C, 2r+1)
     y = x.reshape(1, B * C, H, W)
@@ -199,7 +207,7 @@ class _NoiseBank:
             tile = bank[k[t]]
             if op[t] & 4 and H == W:
                 tile = tile.t()
-            tile = tile[oy[t]:oy[t] + H, ox[t]:ox[t] + W]
+            tile = tile[oy[t] : oy[t] + H, ox[t] : ox[t] + W]
             dims = [d for d, bit in ((0, 1), (1, 2)) if op[t] & bit]
             if dims:
                 tile = tile.flip(dims)
@@ -216,16 +224,34 @@ class CTAugment:
     antialias: low-pass when a crop is shrunk (crop path only; slower).
     """
 
-    def __init__(self, size: int | tuple[int, int] = 224, *, windows: WindowSpec = DEFAULT_WINDOWS,
-                 scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, vflip: float = 0.0,
-                 rotate: float = 10.0, p_rotate: float = 0.2,
-                 hu_shift: float = 20.0, hu_scale=(0.97, 1.03), p_hu: float = 0.5,
-                 contrast=(0.8, 1.2), brightness=(-0.08, 0.08), p_intensity: float = 0.5,
-                 gamma=(0.7, 1.5), p_gamma: float = 0.2,
-                 noise=(0.0, 25.0), p_noise: float = 0.2,
-                 blur=(0.1, 1.5), p_blur: float = 0.1,
-                 pad_hu: float = -1024.0, geometry: str = "auto", antialias: bool = False,
-                 noise_seed: int = 0):
+    def __init__(
+        self,
+        size: int | tuple[int, int] = 224,
+        *,
+        windows: WindowSpec = DEFAULT_WINDOWS,
+        scale=(0.35, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        rotate: float = 10.0,
+        p_rotate: float = 0.2,
+        hu_shift: float = 20.0,
+        hu_scale=(0.97, 1.03),
+        p_hu: float = 0.5,
+        contrast=(0.8, 1.2),
+        brightness=(-0.08, 0.08),
+        p_intensity: float = 0.5,
+        gamma=(0.7, 1.5),
+        p_gamma: float = 0.2,
+        noise=(0.0, 25.0),
+        p_noise: float = 0.2,
+        blur=(0.1, 1.5),
+        p_blur: float = 0.1,
+        pad_hu: float = -1024.0,
+        geometry: str = "auto",
+        antialias: bool = False,
+        noise_seed: int = 0,
+    ):
         self.size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
         if len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -258,9 +284,29 @@ class CTAugment:
         self._bank = _NoiseBank(noise_seed)
 
     def __repr__(self) -> str:
-        keys = ("size", "windows", "scale", "ratio", "hflip", "vflip", "rotate", "p_rotate", "hu_shift",
-                "hu_scale", "p_hu", "contrast", "brightness", "p_intensity", "gamma", "p_gamma", "noise",
-                "p_noise", "blur", "p_blur", "geometry")
+        keys = (
+            "size",
+            "windows",
+            "scale",
+            "ratio",
+            "hflip",
+            "vflip",
+            "rotate",
+            "p_rotate",
+            "hu_shift",
+            "hu_scale",
+            "p_hu",
+            "contrast",
+            "brightness",
+            "p_intensity",
+            "gamma",
+            "p_gamma",
+            "noise",
+            "p_noise",
+            "blur",
+            "p_blur",
+            "geometry",
+        )
         return "CTAugment(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + ")"
 
     # -- random draw ---------------------------------------------------------------------------------
@@ -279,8 +325,9 @@ class CTAugment:
         fx = torch.rand(B, generator=g) < self.hflip
         fy = torch.rand(B, generator=g) < self.vflip
         rot = torch.rand(B, generator=g) < self.p_rotate
-        angle = torch.where(rot, _u(g, B, -self.rotate, self.rotate) * math.pi / 180,
-                            torch.zeros(B, dtype=torch.float64))
+        angle = torch.where(
+            rot, _u(g, B, -self.rotate, self.rotate) * math.pi / 180, torch.zeros(B, dtype=torch.float64)
+        )
 
         def maybe(p, lo, hi, off):
             on = torch.rand(B, generator=g) < p
@@ -297,11 +344,24 @@ class CTAugment:
         gamma = torch.exp(maybe(self.p_gamma, lg[0], lg[1], 0.0))
         noise = maybe(self.p_noise, *self.noise, 0.0)
         blur = maybe(self.p_blur, *self.blur, 0.0)
-        return AugmentParams(box, angle, fx, fy, hu_scale, hu_shift, contrast, brightness, gamma, noise, blur,
-                             (H, W), noise_tile=torch.randint(0, self._bank.tiles, (B,), generator=g),
-                             noise_offset=torch.rand(B, 2, generator=g, dtype=torch.float64),
-                             noise_op=torch.randint(0, 8, (B,), generator=g),
-                             noise_seed=torch.randint(0, 2**62, (B,), generator=g))
+        return AugmentParams(
+            box,
+            angle,
+            fx,
+            fy,
+            hu_scale,
+            hu_shift,
+            contrast,
+            brightness,
+            gamma,
+            noise,
+            blur,
+            (H, W),
+            noise_tile=torch.randint(0, self._bank.tiles, (B,), generator=g),
+            noise_offset=torch.rand(B, 2, generator=g, dtype=torch.float64),
+            noise_op=torch.randint(0, 8, (B,), generator=g),
+            noise_seed=torch.randint(0, 2**62, (B,), generator=g),
+        )
 
     # -- application ---------------------------------------------------------------------------------
     def _geometry(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
@@ -319,10 +379,15 @@ class CTAugment:
 
             def crop(b: int):
                 t, l, h, w = box[b]
-                src = x[b:b + 1, :, t:t + h, l:l + w].to(torch.float32) - self.pad_hu
+                src = x[b : b + 1, :, t : t + h, l : l + w].to(torch.float32) - self.pad_hu
                 if (h, w) != (oh, ow):
-                    src = F.interpolate(src, size=(oh, ow), mode="bilinear", align_corners=False,
-                                        antialias=self.antialias and (h > oh or w > ow))
+                    src = F.interpolate(
+                        src,
+                        size=(oh, ow),
+                        mode="bilinear",
+                        align_corners=False,
+                        antialias=self.antialias and (h > oh or w > ow),
+                    )
                 dims = [d for d, f in ((-1, fx[b]), (-2, fy[b])) if f]
                 if dims:
                     src = src.flip(dims)
@@ -375,8 +440,9 @@ class CTAugment:
         win = torch.tensor(self.windows, dtype=torch.float64)  # (C, 2)
         lo = win[:, 0] - win[:, 1] / 2
         a = p.hu_scale[:, None] * p.contrast[:, None] / win[None, :, 1]  # (B, C)
-        b = ((self.pad_hu * p.hu_scale + p.hu_shift)[:, None] - lo[None]) * p.contrast[:, None] / win[None, :, 1] \
-            + p.brightness[:, None]
+        b = ((self.pad_hu * p.hu_scale + p.hu_shift)[:, None] - lo[None]) * p.contrast[:, None] / win[
+            None, :, 1
+        ] + p.brightness[:, None]
         C = self.channels
         a = a.to(dev, torch.float32).view(B, C, 1, 1)
         b = b.to(dev, torch.float32).view(B, C, 1, 1)
@@ -393,8 +459,9 @@ class CTAugment:
                 out[d] = out[d].pow(p.gamma[idx].to(dev, torch.float32).view(-1, 1, 1, 1))
         return out
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None,
-                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def __call__(
+        self, hu: torch.Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Augment `hu`; rows=(lo, total): `hu` is rows lo .. lo + B of a batch of `total` (see the
         module docstring)."""
         x = _as_batch(hu)
@@ -432,16 +499,25 @@ class MultiCrop:
     n_global tensors (B, C, global_size, global_size) then n_local (B, C, local_size, local_size).
     Other keyword arguments go to every :class:`CTAugment`."""
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_global: int = 2, n_local: int = 6,
-                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), **kwargs):
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_global: int = 2,
+        n_local: int = 6,
+        global_scale=(0.14, 1.0),
+        local_scale=(0.05, 0.14),
+        **kwargs,
+    ):
         if n_global < 1 or n_local < 0:
             raise ValueError("need n_global >= 1 and n_local >= 0")
         self.global_aug = CTAugment(global_size, scale=global_scale, **kwargs)
         self.local_aug = CTAugment(local_size, scale=local_scale, **kwargs) if n_local else None
         self.n_global, self.n_local = n_global, n_local
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None,
-                 rows: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    def __call__(
+        self, hu: torch.Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
         views = [self.global_aug(hu, generator, rows) for _ in range(self.n_global)]
         views += [self.local_aug(hu, generator, rows) for _ in range(self.n_local)]
         return views
@@ -458,14 +534,37 @@ class CTResize:
     """Deterministic evaluation transform: the whole slice (or a centred square-ish crop holding
     `crop` of its area) resized to `size` and windowed; same conventions as :class:`CTAugment`."""
 
-    def __init__(self, size: int | tuple[int, int] = 224, *, windows: WindowSpec = DEFAULT_WINDOWS,
-                 crop: float = 1.0, pad_hu: float = -1024.0, geometry: str = "auto", antialias: bool = True):
+    def __init__(
+        self,
+        size: int | tuple[int, int] = 224,
+        *,
+        windows: WindowSpec = DEFAULT_WINDOWS,
+        crop: float = 1.0,
+        pad_hu: float = -1024.0,
+        geometry: str = "auto",
+        antialias: bool = True,
+    ):
         if not 0 < crop <= 1:
             raise ValueError(f"crop must be in (0, 1], got {crop}")
         self.crop = float(crop)
-        self.aug = CTAugment(size, windows=windows, scale=(crop, crop), ratio=(1.0, 1.0), hflip=0, vflip=0,
-                             rotate=0, p_rotate=0, p_hu=0, p_intensity=0, p_gamma=0, p_noise=0, p_blur=0,
-                             pad_hu=pad_hu, geometry=geometry, antialias=antialias)
+        self.aug = CTAugment(
+            size,
+            windows=windows,
+            scale=(crop, crop),
+            ratio=(1.0, 1.0),
+            hflip=0,
+            vflip=0,
+            rotate=0,
+            p_rotate=0,
+            p_hu=0,
+            p_intensity=0,
+            p_gamma=0,
+            p_noise=0,
+            p_blur=0,
+            pad_hu=pad_hu,
+            geometry=geometry,
+            antialias=antialias,
+        )
         self.channels = self.aug.channels
         self.size = self.aug.size
 
@@ -479,7 +578,8 @@ class CTResize:
         no = torch.zeros(batch, dtype=torch.bool)
         return AugmentParams(box, zero, no, no, one, zero, one, zero, one, zero, zero, (H, W))
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator | None = None,
-                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def __call__(
+        self, hu: torch.Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         x = _as_batch(hu)
         return self.aug.apply(x, self.params(x.shape[0], tuple(x.shape[-2:])))

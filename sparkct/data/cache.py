@@ -13,6 +13,7 @@ Layout of a cache folder::
 
 Nothing here imports torch or pydicom.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,22 @@ FORMAT = "sparkct-ct-slice-cache"
 VERSION = 1
 
 # Per-series fields of index.npz besides offset, n, shape, spacing and patient_index.
-SERIES_STR_FIELDS = ("key", "series_uid", "study_uid", "patient", "modality", "kind", "patient_sex",
-                     "patient_age", "manufacturer", "model", "kernel", "body_part", "transfer_syntax",
-                     "sorted_by")
+SERIES_STR_FIELDS = (
+    "key",
+    "series_uid",
+    "study_uid",
+    "patient",
+    "modality",
+    "kind",
+    "patient_sex",
+    "patient_age",
+    "manufacturer",
+    "model",
+    "kernel",
+    "body_part",
+    "transfer_syntax",
+    "sorted_by",
+)
 SERIES_NUM_FIELDS = ("kvp", "age_years", "thickness")
 
 
@@ -54,12 +68,15 @@ class SliceCache:
         self.root = root
         path = os.path.join(root, "index.npz")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"no cache at {root!r}: no such folder (make one with "
-                                    f"`sparkct data prepare SRC {root}`)")
+            raise FileNotFoundError(
+                f"no cache at {root!r}: no such folder (make one with `sparkct data prepare SRC {root}`)"
+            )
         if not os.path.exists(path):
             if os.path.exists(os.path.join(root, "cache.json")):
-                raise FileNotFoundError(f"{root!r} has no index.npz: its prepare did not finish (run the same "
-                                        f"`sparkct data prepare` again to resume)")
+                raise FileNotFoundError(
+                    f"{root!r} has no index.npz: its prepare did not finish (run the same "
+                    f"`sparkct data prepare` again to resume)"
+                )
             raise UserError(f"{root!r} is not a prepared cache (no cache.json, no index.npz)")
         with np.load(path, allow_pickle=False) as z:
             if str(z["format"]) != FORMAT or int(z["version"]) != VERSION:
@@ -73,7 +90,7 @@ class SliceCache:
         self.slice_instance = data["slice.instance"]
         self.slice_patient = data["slice.patient"]
         self.patients = data["patients"]
-        self.series = {k[len("series."):]: v for k, v in data.items() if k.startswith("series.")}
+        self.series = {k[len("series.") :]: v for k, v in data.items() if k.startswith("series.")}
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._max_open = max_open
         shapes = self.series["shape"]
@@ -134,7 +151,7 @@ class SliceCache:
             local = self.slice_index[idx[rows]]
             m = self.shard(int(s))
             if len(local) > 1 and (np.diff(local) == 1).all():
-                out[rows] = m[local[0]:local[-1] + 1]
+                out[rows] = m[local[0] : local[-1] + 1]
             else:
                 out[rows] = m[local]
             pos = end

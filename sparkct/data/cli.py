@@ -3,6 +3,7 @@
 Each command checks its arguments before it reads or writes anything; a mistake raises
 :class:`sparkct.errors.UserError`, which ``sparkct`` prints in one line (exit status 2).
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,6 +25,7 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record):
         try:
             from tqdm import tqdm  # noqa: PLC0415 (lazy: only when logging, not for `sparkct -h`)
+
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
             self.handleError(record)
@@ -41,6 +43,7 @@ def _setup_logging(quiet: bool, debug: bool = False) -> None:
 
 def _cache(path: str):
     from .cache import SliceCache  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+
     return SliceCache(path)
 
 
@@ -51,9 +54,18 @@ def cmd_synth(args) -> int:
     series = (o.min_series, o.max_series)
     _check_synth_args(args.dst, o.patients, o.size, o.thickness, series, o.p_finding, o.slices)
     _setup_logging(args.quiet)
-    rep = synth(args.dst, patients=o.patients, seed=o.seed, size=o.size, thickness=o.thickness,
-                series_per_patient=series, p_finding=o.p_finding, localizer=o.localizer, progress=not args.quiet,
-                slices=o.slices)
+    rep = synth(
+        args.dst,
+        patients=o.patients,
+        seed=o.seed,
+        size=o.size,
+        thickness=o.thickness,
+        series_per_patient=series,
+        p_finding=o.p_finding,
+        localizer=o.localizer,
+        progress=not args.quiet,
+        slices=o.slices,
+    )
     print(rep.summary())
     return 0
 
@@ -89,8 +101,10 @@ def cmd_info(args) -> int:
         print(f"shapes     {sorted(shapes)[:6]}{' ...' if len(shapes) > 6 else ''}")
         sp = s["spacing"]
         with np.errstate(all="ignore"):
-            print(f"spacing    slice {np.nanmin(sp[:, 0]):.3g}-{np.nanmax(sp[:, 0]):.3g} mm, "
-                  f"in-plane {np.nanmin(sp[:, 1]):.3g}-{np.nanmax(sp[:, 1]):.3g} mm")
+            print(
+                f"spacing    slice {np.nanmin(sp[:, 0]):.3g}-{np.nanmax(sp[:, 0]):.3g} mm, "
+                f"in-plane {np.nanmin(sp[:, 1]):.3g}-{np.nanmax(sp[:, 1]):.3g} mm"
+            )
         sexes = {str(k) or "?": int(v) for k, v in zip(*np.unique(s["patient_sex"], return_counts=True))}
         print(f"sex        {sexes}")
         ages = s["age_years"][np.isfinite(s["age_years"])]
@@ -105,8 +119,16 @@ def cmd_info(args) -> int:
             w.writerow(["slice", "series_uid", "patient", "slice_index", "z_mm", "instance_number"])
             for i in range(len(c)):
                 si = int(c.slice_series[i])
-                w.writerow([i, s["series_uid"][si], c.patients[c.slice_patient[i]], int(c.slice_index[i]),
-                            f"{c.slice_z[i]:.4f}", int(c.slice_instance[i])])
+                w.writerow(
+                    [
+                        i,
+                        s["series_uid"][si],
+                        c.patients[c.slice_patient[i]],
+                        int(c.slice_index[i]),
+                        f"{c.slice_z[i]:.4f}",
+                        int(c.slice_instance[i]),
+                    ]
+                )
         print(f"wrote {args.csv}")
     return 0
 
@@ -193,15 +215,18 @@ def cmd_read(args) -> int:
         vols = [read_nifti(args.path)]
     else:
         from .dicom import iter_series  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+
         vols = list(iter_series(args.path))
     if not vols:
         print("no CT series found", file=sys.stderr)
         return 1
     for v in vols:
         m = v.meta
-        print(f"series {m.get('series_uid') or '-'}: {v.shape[0]} slices of {v.shape[1]}x{v.shape[2]}, "
-              f"spacing {tuple(round(float(x), 4) for x in v.spacing)} mm, sorted by {m.get('sorted_by')}, "
-              f"kVp {m.get('kvp')}, HU {np.min(v.hu):.0f}..{np.max(v.hu):.0f} (mean {np.mean(v.hu):.0f})")
+        print(
+            f"series {m.get('series_uid') or '-'}: {v.shape[0]} slices of {v.shape[1]}x{v.shape[2]}, "
+            f"spacing {tuple(round(float(x), 4) for x in v.spacing)} mm, sorted by {m.get('sorted_by')}, "
+            f"kVp {m.get('kvp')}, HU {np.min(v.hu):.0f}..{np.max(v.hu):.0f} (mean {np.mean(v.hu):.0f})"
+        )
         if v.skipped:
             print("  skipped: " + ", ".join(f"{r} {n}" for r, n in Counter(r for _, r in v.skipped).items()))
     return 0
@@ -210,53 +235,78 @@ def cmd_read(args) -> int:
 def register(subparsers) -> None:
     # No torch, pydicom or numpy here: `sparkct -h` must stay instant.
     p = subparsers.add_parser(
-        "data", help="CT data: synthetic DICOM, the prepared slice cache, inspection",
+        "data",
+        help="CT data: synthetic DICOM, the prepared slice cache, inspection",
         description="CT data: write synthetic chest CT (synth), turn DICOM/NIfTI into a slice cache "
-                    "(prepare), and look at caches (info, show) and series (read).")
+        "(prepare), and look at caches (info, show) and series (read).",
+    )
     sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("synth", help="write synthetic chest CT DICOM series with labelled nodules",
-                       description="Write procedurally generated chest CT as real DICOM (one file per "
-                                   "slice), with per-series and per-slice nodule labels (CSV).")
+    s = sub.add_parser(
+        "synth",
+        help="write synthetic chest CT DICOM series with labelled nodules",
+        description="Write procedurally generated chest CT as real DICOM (one file per "
+        "slice), with per-series and per-slice nodule labels (CSV).",
+    )
     s.add_argument("dst", help="output folder (dicom/, labels.csv, slice_labels.csv, nodules.csv)")
     add_dataclass_args(s, SynthOptions)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("prepare", help="DICOM/NIfTI tree -> int16 HU slice cache (resumable)",
-                       description="Turn every CT series under SRC into the memory-mapped int16 HU slice "
-                                   "cache DST. Resumable: run it again after an interruption; an unchanged "
-                                   "source is not read again. Files that cannot be used are skipped and "
-                                   "counted by reason (DST/report.json, DST/skipped.csv).")
+    s = sub.add_parser(
+        "prepare",
+        help="DICOM/NIfTI tree -> int16 HU slice cache (resumable)",
+        description="Turn every CT series under SRC into the memory-mapped int16 HU slice "
+        "cache DST. Resumable: run it again after an interruption; an unchanged "
+        "source is not read again. Files that cannot be used are skipped and "
+        "counted by reason (DST/report.json, DST/skipped.csv).",
+    )
     s.add_argument("src", help="folder of DICOM files and/or NIfTI volumes (searched recursively)")
     s.add_argument("dst", help="cache folder (created; may sit inside SRC)")
     add_dataclass_args(s, PrepareOptions)
     s.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
-    s.add_argument("-v", "--verbose", dest="debug", action="store_true",
-                   help="debug log with tracebacks of failed series (these may quote header values)")
+    s.add_argument(
+        "-v",
+        "--verbose",
+        dest="debug",
+        action="store_true",
+        help="debug log with tracebacks of failed series (these may quote header values)",
+    )
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("info", help="summary of a prepared cache",
-                       description="Slices, series, patients, shapes, spacings, sex, age and kVp of a cache.")
+    s = sub.add_parser(
+        "info",
+        help="summary of a prepared cache",
+        description="Slices, series, patients, shapes, spacings, sex, age and kVp of a cache.",
+    )
     s.add_argument("cache", help="a folder written by `sparkct data prepare`")
     s.add_argument("--csv", default=None, help="also write one row per slice to this CSV")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("show", help="a contact sheet of random slices (PNG), one greyscale tile per window",
-                       description="Random slices of a cache, one row per slice and one greyscale tile per "
-                                   "HU window, each captioned with its series, slice and window.")
+    s = sub.add_parser(
+        "show",
+        help="a contact sheet of random slices (PNG), one greyscale tile per window",
+        description="Random slices of a cache, one row per slice and one greyscale tile per "
+        "HU window, each captioned with its series, slice and window.",
+    )
     s.add_argument("cache", help="a folder written by `sparkct data prepare`")
     s.add_argument("--out", default="slices.png", help="image file to write (its folder must exist)")
     s.add_argument("--n", type=int, default=8, help="number of slices (rows)")
     s.add_argument("--tile", type=int, default=256, help="tile size in pixels (16-2048)")
-    s.add_argument("--windows", default="lung,mediastinum,bone",
-                   help="comma-separated HU windows: presets lung, mediastinum, abdomen, bone, brain, or C/W "
-                        "(e.g. lung,40/400; a negative center as --windows=-600/1500)")
+    s.add_argument(
+        "--windows",
+        default="lung,mediastinum,bone",
+        help="comma-separated HU windows: presets lung, mediastinum, abdomen, bone, brain, or C/W "
+        "(e.g. lung,40/400; a negative center as --windows=-600/1500)",
+    )
     s.add_argument("--seed", type=int, default=0, help="which slices are drawn")
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("read", help="read DICOM series (a folder) or a NIfTI file and describe them",
-                       description="Read every CT series under PATH (or one NIfTI file) into HU and print "
-                                   "its size, spacing, order, kVp, HU range and skipped files.")
+    s = sub.add_parser(
+        "read",
+        help="read DICOM series (a folder) or a NIfTI file and describe them",
+        description="Read every CT series under PATH (or one NIfTI file) into HU and print "
+        "its size, spacing, order, kVp, HU range and skipped files.",
+    )
     s.add_argument("path", help="a DICOM file or folder, or a .nii/.nii.gz file")
     s.set_defaults(func=cmd_read)

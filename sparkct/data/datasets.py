@@ -11,6 +11,7 @@
 - :class:`SliceLoader`: batches straight from the memory-mapped shards, augmented as whole batches
   (:mod:`sparkct.data.augment`) on the CPU by worker threads or on the GPU after an int16 transfer.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,11 +51,15 @@ class CTSliceDataset(torch.utils.data.Dataset):
     by torch's DataLoader) returns the whole batch as one tensor: pass ``collate_fn=collate_batch``.
     """
 
-    def __init__(self, cache, indices=None, *, windows: WindowSpec | None = DEFAULT_WINDOWS,
-                 transform: Callable | None = None):
+    def __init__(
+        self, cache, indices=None, *, windows: WindowSpec | None = DEFAULT_WINDOWS, transform: Callable | None = None
+    ):
         self.cache = _open_cache(cache)
-        self.indices = (np.arange(len(self.cache), dtype=np.int64) if indices is None
-                        else np.asarray(indices, dtype=np.int64).reshape(-1))
+        self.indices = (
+            np.arange(len(self.cache), dtype=np.int64)
+            if indices is None
+            else np.asarray(indices, dtype=np.int64).reshape(-1)
+        )
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(self.cache)):
             raise IndexError(f"indices out of range for a cache of {len(self.cache)} slices")
         self.windows = resolve_windows(windows) if windows is not None else None
@@ -160,6 +165,7 @@ def collate_batch(batch):
 
 # ------------------------------------------------------------------------------------------ labels
 
+
 def read_labels_csv(path: str) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -179,9 +185,19 @@ class CTLabelledDataset(CTSliceDataset):
     (missing='drop') or raise (missing='error'). ``targets`` holds each item's class index.
     """
 
-    def __init__(self, cache, labels, *, label_column: str = "label", level: str = "auto",
-                 classes: Sequence | None = None, missing: str = "drop", indices=None,
-                 windows: WindowSpec | None = DEFAULT_WINDOWS, transform: Callable | None = None):
+    def __init__(
+        self,
+        cache,
+        labels,
+        *,
+        label_column: str = "label",
+        level: str = "auto",
+        classes: Sequence | None = None,
+        missing: str = "drop",
+        indices=None,
+        windows: WindowSpec | None = DEFAULT_WINDOWS,
+        transform: Callable | None = None,
+    ):
         super().__init__(cache, indices, windows=windows, transform=transform)
         rows = read_labels_csv(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
         if not rows:
@@ -229,7 +245,7 @@ class CTLabelledDataset(CTSliceDataset):
                 continue
             off, n = int(c.series["offset"][s]), int(c.series["n"][s])
             if level == "series":
-                target[off:off + n] = cidx[v]
+                target[off : off + n] = cidx[v]
                 continue
             key = str(r[slice_key]).strip()
             pos = None
@@ -239,11 +255,11 @@ class CTLabelledDataset(CTSliceDataset):
             elif slice_key == "instance_number":
                 m = by_instance.get(s)
                 if m is None:
-                    inst = c.slice_instance[off:off + n].tolist()
+                    inst = c.slice_instance[off : off + n].tolist()
                     m = by_instance[s] = {iv: off + k for k, iv in reversed(list(enumerate(inst)))}
                 pos = m.get(int(key))
             elif n:
-                z = c.slice_z[off:off + n]  # ascending within a series
+                z = c.slice_z[off : off + n]  # ascending within a series
                 k = int(np.clip(np.searchsorted(z, float(key)), 1, max(1, n - 1)))
                 k = k - 1 if n == 1 or abs(z[k - 1] - float(key)) <= abs(z[min(k, n - 1)] - float(key)) else k
                 pos = off + k if abs(float(z[k]) - float(key)) <= 0.05 else None
@@ -279,6 +295,7 @@ class CTLabelledDataset(CTSliceDataset):
 
 # ------------------------------------------------------------------------------------------ splits
 
+
 def _patient_labels(dataset) -> np.ndarray | None:
     t = getattr(dataset, "targets", None)
     if t is None:
@@ -289,8 +306,14 @@ def _patient_labels(dataset) -> np.ndarray | None:
     return lab
 
 
-def patient_split(dataset, fractions: Sequence[float] = (0.7, 0.15, 0.15), *, seed: int = 0,
-                  stratify: bool = False, names: Sequence[str] = ("train", "val", "test")) -> dict[str, np.ndarray]:
+def patient_split(
+    dataset,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    *,
+    seed: int = 0,
+    stratify: bool = False,
+    names: Sequence[str] = ("train", "val", "test"),
+) -> dict[str, np.ndarray]:
     """Item positions of each split, assigning whole patients to splits.
 
     `dataset` is a CTSliceDataset, an ImageFolderSlices (anything with ``patients`` and
@@ -335,7 +358,8 @@ def patient_split(dataset, fractions: Sequence[float] = (0.7, 0.15, 0.15), *, se
                 f"patient_split: {who} give {counts} patients for {'/'.join(names)} (fractions {fracs}); "
                 f"{', '.join(repr(n) for n in empty)} would be empty"
                 + (" (a stratified split needs every class in every split)" if stratify else "")
-                + ": use more patients, other fractions, or fraction 0 for a split you do not want")
+                + ": use more patients, other fractions, or fraction 0 for a split you do not want"
+            )
         start = 0
         for k, end in enumerate(cuts):
             assign[ps[start:end]] = k
@@ -362,6 +386,7 @@ def patient_subset(dataset, items, fraction: float, *, seed: int = 0, min_patien
 
 # ------------------------------------------------------------------------------------------ slice pairs
 
+
 class SlicePairs:
     """Pairs of slices for next-slice prediction, from the cache's series index.
 
@@ -379,8 +404,9 @@ class SlicePairs:
     def __init__(self, dataset, *, gap: int = 3, p_next: float = 0.5, p_other: float = 0.25):
         cache = getattr(dataset, "cache", None)
         if cache is None:
-            raise UserError("slice pairs need CT series from a prepared cache (image folders and .npz files "
-                            "have no series)")
+            raise UserError(
+                "slice pairs need CT series from a prepared cache (image folders and .npz files have no series)"
+            )
         if int(gap) < 2:
             raise UserError(f"the gap of non-neighbour pairs must be >= 2 slices, got {gap}")
         if not (0 < p_next < 1 and 0 <= p_other <= 1):
@@ -410,15 +436,19 @@ class SlicePairs:
         self.n_series = len(starts)
         if not adj.any():
             longest = int((ends - starts).max()) if M else 0
-            raise UserError(f"next-slice pairs need a series with at least 2 neighbouring slices; the data has "
-                            f"{self.n_series} series of at most {longest} slice{'s' if longest != 1 else ''} "
-                            f"(prepare whole series, not single images)")
+            raise UserError(
+                f"next-slice pairs need a series with at least 2 neighbouring slices; the data has "
+                f"{self.n_series} series of at most {longest} slice{'s' if longest != 1 else ''} "
+                f"(prepare whole series, not single images)"
+            )
         if self.n_series == 1:
             lo, hi = self._far_bounds(np.arange(M))
             if ((lo - self.seg_start) + (self.seg_end - hi) == 0).any():
-                raise UserError(f"next-slice pairs: one series of {M} slices, too short for non-neighbours at "
-                                f">= {self.gap} slices from every slice and no other series for them; lower the "
-                                f"gap or add series")
+                raise UserError(
+                    f"next-slice pairs: one series of {M} slices, too short for non-neighbours at "
+                    f">= {self.gap} slices from every slice and no other series for them; lower the "
+                    f"gap or add series"
+                )
 
     def _far_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = self._key[rows]
@@ -508,8 +538,16 @@ class RunBatchSampler(torch.utils.data.Sampler):
     With the datasets' ``__getitems__`` and ``collate_fn=collate_batch``, each batch is one grouped
     read of the shards."""
 
-    def __init__(self, n: int, batch_size: int, *, run_length: int = 1, seed: int = 0, drop_last: bool = True,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        run_length: int = 1,
+        seed: int = 0,
+        drop_last: bool = True,
+        shuffle: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.n, self.batch_size, self.run_length = int(n), int(batch_size), int(run_length)
@@ -523,10 +561,13 @@ class RunBatchSampler(torch.utils.data.Sampler):
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
-        order = (run_order(self.n, self.run_length, np.random.default_rng([self.seed, self.epoch]))
-                 if self.shuffle else np.arange(self.n))
+        order = (
+            run_order(self.n, self.run_length, np.random.default_rng([self.seed, self.epoch]))
+            if self.shuffle
+            else np.arange(self.n)
+        )
         for b in range(len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
 class SliceLoader:
@@ -561,17 +602,30 @@ class SliceLoader:
     dataset, ``([xa, xb, label], targets of A)``.
     """
 
-    def __init__(self, dataset: CTSliceDataset, batch_size: int = 64, *, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0, transform: Callable | None = None,
-                 device: str | torch.device = "cpu", workers: int | None = None, prefetch: int = 4,
-                 run_length: int = 1, tune_malloc: bool | None = None, shard: tuple[int, int] = (0, 1),
-                 pairs: SlicePairs | None = None):
+    def __init__(
+        self,
+        dataset: CTSliceDataset,
+        batch_size: int = 64,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        transform: Callable | None = None,
+        device: str | torch.device = "cpu",
+        workers: int | None = None,
+        prefetch: int = 4,
+        run_length: int = 1,
+        tune_malloc: bool | None = None,
+        shard: tuple[int, int] = (0, 1),
+        pairs: SlicePairs | None = None,
+    ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         rank, world = (int(v) for v in shard)
         if world < 1 or not 0 <= rank < world or batch_size % world:
-            raise ValueError(f"shard {shard}: need 0 <= rank < world and a batch size ({batch_size}) divisible "
-                             "by the world size")
+            raise ValueError(
+                f"shard {shard}: need 0 <= rank < world and a batch size ({batch_size}) divisible by the world size"
+            )
         self.rank, self.world = rank, world
         self.start_batch = 0
         self.device = torch.device(device)
@@ -658,8 +712,10 @@ class SliceLoader:
         if self.device.type != "cpu":
             if self.pairs is not None:
                 hu, nxt = x
-                x = [*self._transform(hu.to(self.device, non_blocking=True), self._generator(epoch, b[0]), None),
-                     nxt.to(self.device, non_blocking=True)]
+                x = [
+                    *self._transform(hu.to(self.device, non_blocking=True), self._generator(epoch, b[0]), None),
+                    nxt.to(self.device, non_blocking=True),
+                ]
             else:
                 x = self._transform(x.to(self.device, non_blocking=True), self._generator(epoch, b[0]), b[1])
             if y is not None:
@@ -674,18 +730,18 @@ class SliceLoader:
         # shard (rank, world): this rank's contiguous share of every global batch, so the ranks together
         # read what one process reads, in the same order
         lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
-        batches = [order[b * bs:(b + 1) * bs][lo:hi] for b in range(nb)]
+        batches = [order[b * bs : (b + 1) * bs][lo:hi] for b in range(nb)]
         if self.pairs is not None:
             # pairs are drawn for the whole global batch and each rank takes its rows, so the ranks
             # together get the pairs (and labels) one process gets
-            batches = [order[b * bs:(b + 1) * bs] for b in range(nb)]
+            batches = [order[b * bs : (b + 1) * bs] for b in range(nb)]
         # the transform's randomness is drawn per (epoch, batch): for the global batch, this rank's rows
         # taken, where the transform can (see takes_rows; not for pairs); per rank otherwise.
         # ids: (generator id, rows)
         if self.world == 1:
             ids = [(b, None) for b in range(nb)]
         elif self.pairs is None and self.transform is not None and takes_rows(self.transform):
-            ids = [(b, (min(lo, n), n)) for b in range(nb) for n in [len(order[b * bs:(b + 1) * bs])]]
+            ids = [(b, (min(lo, n), n)) for b in range(nb) for n in [len(order[b * bs : (b + 1) * bs])]]
         else:
             ids = [(b * self.world + self.rank, None) for b in range(nb)]
         batches, ids = batches[start:], ids[start:]
@@ -716,8 +772,8 @@ class SliceLoader:
 
 # ------------------------------------------------------------------------------------------ stratified subsets
 
-def patient_subset_stratified(dataset, items, fraction: float, *, seed: int = 0,
-                              min_per_class: int = 1) -> np.ndarray:
+
+def patient_subset_stratified(dataset, items, fraction: float, *, seed: int = 0, min_per_class: int = 1) -> np.ndarray:
     """Like :func:`patient_subset`, stratified by class: item positions of `items` holding `fraction`
     of the patients of each class (a patient's class is the largest label of its items in `items`;
     at least `min_per_class` patients of every class, so training sees every class). For one seed

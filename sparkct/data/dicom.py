@@ -31,6 +31,7 @@ top-level ones.
 positions, metadata). No patient name, ID or birth date is ever kept: patient identity is a salted
 hash (``meta["patient"]``) when a salt is given, else absent.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,6 +70,7 @@ class PixelLimits:
     allocated for them). ``max_slice_pixels`` bounds Rows x Columns of one frame (default 4096 x
     4096); ``max_file_pixels`` bounds Rows x Columns x NumberOfFrames of one file, which is decoded
     at once (default 2**29, 1 GiB of 16-bit pixels)."""
+
     max_slice_pixels: int = MAX_SLICE_PIXELS
     max_file_pixels: int = MAX_FILE_PIXELS
 
@@ -107,6 +109,7 @@ def _safe_code(v, n: int = 16) -> str:
 @dataclass
 class FrameInfo:
     """Geometry and rescale of one image frame."""
+
     path: str
     frame: int  # -1 for a single-frame file, else the frame's index in its multi-frame file
     sop_uid: str
@@ -143,6 +146,7 @@ class CTVolume:
     ImagePositionPatient of each slice (None where absent); ``z`` each slice's position along the
     normal in mm (or its InstanceNumber when positions are absent); ``meta`` series metadata
     (UIDs, salted patient hash, kVp, thickness, age, sex, ...)."""
+
     hu: np.ndarray
     spacing: tuple[float, float, float]
     orientation: tuple[float, ...] | None
@@ -172,6 +176,7 @@ class CTVolume:
 
 
 # ----------------------------------------------------------------------------------------- headers
+
 
 def _first(seq_owner, name):
     seq = getattr(seq_owner, name, None) if seq_owner is not None else None
@@ -252,8 +257,9 @@ def _series_meta(ds, shared, first_frame, salt: str | None) -> dict:
     if kernel is None:
         item = _fg_item(first_frame, shared, "CTReconstructionSequence")
         kernel = item.get("ConvolutionKernel") if item is not None else None
-    if isinstance(kernel, (list, tuple)) or (kernel is not None and not isinstance(kernel, str)
-                                             and hasattr(kernel, "__iter__")):
+    if isinstance(kernel, (list, tuple)) or (
+        kernel is not None and not isinstance(kernel, str) and hasattr(kernel, "__iter__")
+    ):
         kernel = "\\".join(str(k) for k in kernel)
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     age = str(ds.get("PatientAge", "") or "").strip()
@@ -457,8 +463,12 @@ def _open_checked(path: str, limits: PixelLimits = DEFAULT_LIMITS):
                     raise SkipFile("truncated pixel data")
             except OSError:
                 pass
-            if (str(ts) in _NATIVE_LE and tell is not None and ds.get("BitsStored") == bits
-                    and ds.get("PixelRepresentation") in (0, 1)):
+            if (
+                str(ts) in _NATIVE_LE
+                and tell is not None
+                and ds.get("BitsStored") == bits
+                and ds.get("PixelRepresentation") in (0, 1)
+            ):
                 kind = "i" if ds.PixelRepresentation == 1 else "u"
                 native = (int(tell), f"<{kind}{bits // 8}", rows * cols * n_frames)
     return ds, n_frames, series_uid, native
@@ -520,8 +530,14 @@ def _rescale(slope, icpt, stored: tuple[int, int]) -> tuple[float, float]:
     return float(s), float(i)
 
 
-def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = False, with_meta: bool = True,
-                limits: PixelLimits = DEFAULT_LIMITS):
+def read_header(
+    path: str,
+    salt: str | None = None,
+    *,
+    keep_dataset: bool = False,
+    with_meta: bool = True,
+    limits: PixelLimits = DEFAULT_LIMITS,
+):
     """Parse one file into a :class:`FileHeader` (pixels deferred). Raises :class:`SkipFile`.
 
     Frames of a multi-frame file that cannot be used (bad rescale values) are left out and listed in
@@ -544,8 +560,23 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
     top_icpt = _ABSENT if lut else _rescale_value(ds, "RescaleIntercept")
     if n_frames == 1 and not per_frame:
         slope, icpt = _rescale([top_slope], [top_icpt], stored)  # a single frame: SkipFile skips the file
-        frames.append(FrameInfo(path, -1, sop_uid, rows, cols, top_pos, top_ori, top_ps, top_th,
-                                _int(ds.get("InstanceNumber")), slope, icpt, lut))
+        frames.append(
+            FrameInfo(
+                path,
+                -1,
+                sop_uid,
+                rows,
+                cols,
+                top_pos,
+                top_ori,
+                top_ps,
+                top_th,
+                _int(ds.get("InstanceNumber")),
+                slope,
+                icpt,
+                lut,
+            )
+        )
     else:
         if per_frame is not None and len(per_frame) != n_frames:
             raise SkipFile("per-frame functional groups do not match NumberOfFrames")
@@ -563,21 +594,40 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
             pvt = _first(pf, "PixelValueTransformationSequence")
             content = _fg_item(pf, None, "FrameContentSequence")
             try:
-                slope, icpt = (1.0, 0.0) if lut else _rescale(
-                    [_rescale_value(pvt, "RescaleSlope"), sh_slope, top_slope],
-                    [_rescale_value(pvt, "RescaleIntercept"), sh_icpt, top_icpt], stored)
+                slope, icpt = (
+                    (1.0, 0.0)
+                    if lut
+                    else _rescale(
+                        [_rescale_value(pvt, "RescaleSlope"), sh_slope, top_slope],
+                        [_rescale_value(pvt, "RescaleIntercept"), sh_icpt, top_icpt],
+                        stored,
+                    )
+                )
             except SkipFile as e:
                 skipped.append((path, e.reason))
                 continue
             inst = _int(content.get("InStackPositionNumber")) if content is not None else None
-            frames.append(FrameInfo(
-                path, i, sop_uid, rows, cols,
-                (_floats(pos.get("ImagePositionPatient"), 3) if pos is not None
-                 else (top_pos if n_frames == 1 else None)),
-                _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else top_ori,
-                _floats(meas.get("PixelSpacing"), 2) if meas is not None else top_ps,
-                (_float(meas.get("SliceThickness")) if meas is not None else None) or top_th,
-                inst if inst is not None else i + 1, slope, icpt, lut))
+            frames.append(
+                FrameInfo(
+                    path,
+                    i,
+                    sop_uid,
+                    rows,
+                    cols,
+                    (
+                        _floats(pos.get("ImagePositionPatient"), 3)
+                        if pos is not None
+                        else (top_pos if n_frames == 1 else None)
+                    ),
+                    _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else top_ori,
+                    _floats(meas.get("PixelSpacing"), 2) if meas is not None else top_ps,
+                    (_float(meas.get("SliceThickness")) if meas is not None else None) or top_th,
+                    inst if inst is not None else i + 1,
+                    slope,
+                    icpt,
+                    lut,
+                )
+            )
         if not frames:  # the file counts once, by the reason of its first unusable frame
             raise SkipFile(skipped[0][1] if skipped else "localizer")
     if with_meta:
@@ -590,9 +640,11 @@ def read_header(path: str, salt: str | None = None, *, keep_dataset: bool = Fals
 
 # ------------------------------------------------------------------------------------------ series
 
+
 @dataclass
 class SeriesPlan:
     """The frames of a series that will become slices, in order, with the series geometry."""
+
     frames: list[FrameInfo]
     skipped: list[tuple[str, str]]
     rows: int
@@ -686,11 +738,13 @@ def plan_series(headers: Sequence[FileHeader]) -> SeriesPlan:
             slice_spacing = float(np.median(d))
     if slice_spacing is None and len(frames) > 1:
         slice_spacing = thickness
-    return SeriesPlan(frames, skipped, shape[0], shape[1], orientation, z, sorted_by,
-                      pixel_spacing, slice_spacing, thickness)
+    return SeriesPlan(
+        frames, skipped, shape[0], shape[1], orientation, z, sorted_by, pixel_spacing, slice_spacing, thickness
+    )
 
 
 # ------------------------------------------------------------------------------------------ pixels
+
 
 def stored_to_hu(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """The rescale of the modality LUT in float64 (as pydicom computes it), returned as float32."""
@@ -699,8 +753,9 @@ def stored_to_hu(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def stored_to_hu_int16(arr: np.ndarray, slope: float, intercept: float, lo: int = -32768,
-                       hi: int = 32767, out: np.ndarray | None = None) -> np.ndarray:
+def stored_to_hu_int16(
+    arr: np.ndarray, slope: float, intercept: float, lo: int = -32768, hi: int = 32767, out: np.ndarray | None = None
+) -> np.ndarray:
     """HU rounded to int16 and clipped to [lo, hi] (into `out` if given, e.g. a shard row); integer
     arithmetic where slope is 1 and the intercept integral (the usual CT case), so nothing is lost
     to float rounding, in two passes over the slice."""
@@ -777,6 +832,7 @@ class PixelReader:
 
     def _lut(self, arr: np.ndarray) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut  # noqa: PLC0415 (lazy: optional dependency)
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -810,6 +866,7 @@ class PixelReader:
 
 
 # ------------------------------------------------------------------------------------------ public
+
 
 def list_files(root: str) -> list[str]:
     """Regular files under root (recursively, sorted, hidden files and folders left out)."""
@@ -850,8 +907,10 @@ def volume_from_headers(headers: Sequence[FileHeader], skipped=None) -> CTVolume
             skipped.append((f.path, e.reason))
             kept.append(False)
     if not slices:
-        raise ValueError("no readable CT slice in the series"
-                         + (f" (skipped: {dict(Counter(r for _, r in skipped))})" if skipped else ""))
+        raise ValueError(
+            "no readable CT slice in the series"
+            + (f" (skipped: {dict(Counter(r for _, r in skipped))})" if skipped else "")
+        )
     kept = np.array(kept)
     frames = [f for f, k in zip(plan.frames, kept) if k]
     hu = np.stack(slices)
@@ -867,15 +926,19 @@ def volume_from_headers(headers: Sequence[FileHeader], skipped=None) -> CTVolume
         orientation=plan.orientation,
         positions=positions,
         z=plan.z[kept].astype(np.float64),
-        instance_numbers=np.array([f.instance if f.instance is not None else -1 for f in frames],
-                                  dtype=np.int64),
+        instance_numbers=np.array([f.instance if f.instance is not None else -1 for f in frames], dtype=np.int64),
         meta=meta,
         skipped=skipped,
     )
 
 
-def read_series(source: str | Sequence[str], *, series_uid: str | None = None,
-                salt: str | None = None, limits: PixelLimits = DEFAULT_LIMITS) -> CTVolume:
+def read_series(
+    source: str | Sequence[str],
+    *,
+    series_uid: str | None = None,
+    salt: str | None = None,
+    limits: PixelLimits = DEFAULT_LIMITS,
+) -> CTVolume:
     """Read one CT series into float32 HU.
 
     `source` is a folder (searched recursively) or a list of files. When the files hold several

@@ -4,6 +4,7 @@ Public CT classification sets often ship slices as already-windowed 8- or 16-bit
 than DICOM. They are not HU, so they bypass the cache and windows: images are scaled to [0, 1]
 (8-bit by 255, 16-bit by 65535), resized to `size` and given `channels` channels.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,16 @@ class ImageFolderSlices(torch.utils.data.Dataset):
     its class folder is its own group). transform: applied
     to the (1, C, H, W) batch of one image after resizing (e.g. an augmentation working in [0, 1])."""
 
-    def __init__(self, root: str, size: int | None = 224, *, channels: int = 3, classes: Sequence[str] | None = None,
-                 group: str | None = None, transform: Callable | None = None):
+    def __init__(
+        self,
+        root: str,
+        size: int | None = 224,
+        *,
+        channels: int = 3,
+        classes: Sequence[str] | None = None,
+        group: str | None = None,
+        transform: Callable | None = None,
+    ):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root!r} is not a folder")
         if channels not in (1, 3):
@@ -73,8 +82,9 @@ class ImageFolderSlices(torch.utils.data.Dataset):
         path, _ = self.samples[i]
         with Image.open(path) as im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode.startswith("I;16")
-                                                          else max(1.0, float(np.asarray(im).max())))
+                arr = np.asarray(im, dtype=np.float32) / (
+                    65535.0 if im.mode.startswith("I;16") else max(1.0, float(np.asarray(im).max()))
+                )
             else:
                 arr = np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32) / 255.0
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -82,8 +92,9 @@ class ImageFolderSlices(torch.utils.data.Dataset):
         if t.shape[0] != self.channels:
             t = t.mean(0, keepdim=True) if self.channels == 1 else t[:1].expand(3, -1, -1)
         if self.size is not None and tuple(t.shape[-2:]) != (self.size, self.size):
-            t = torch.nn.functional.interpolate(t[None], size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False, antialias=True)[0]
+            t = torch.nn.functional.interpolate(
+                t[None], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )[0]
         return t.contiguous()
 
     def __getitem__(self, i):

@@ -1,6 +1,7 @@
 """Labels on the training slices: :func:`label_slices` maps a labels CSV (or rows) onto a dataset of
 the slice cache, for the hybrid objective and the trainer's online probe (data work: it knows no model).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,8 +18,15 @@ def label_slices(dataset, labels, *, label_column: str = "label", classes: Seque
     """(a copy of `dataset` with ``targets``: class index of each labelled slice, -1 elsewhere; the
     class names). `labels`: a CSV path or rows, as :class:`sparkct.data.CTLabelledDataset` reads them."""
     try:
-        lab = CTLabelledDataset(dataset.cache, labels, label_column=label_column, classes=classes,
-                                missing="drop", indices=dataset.indices, windows=None)
+        lab = CTLabelledDataset(
+            dataset.cache,
+            labels,
+            label_column=label_column,
+            classes=classes,
+            missing="drop",
+            indices=dataset.indices,
+            windows=None,
+        )
     except (ValueError, OSError) as e:
         raise UserError(f"labels {labels if isinstance(labels, str) else ''}: {e}") from None
     if len(lab.indices) == 0:

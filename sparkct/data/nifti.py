@@ -4,6 +4,7 @@ NIfTI CT sets store HU (after the header's scl_slope/scl_inter, which nibabel ap
 reoriented to the closest canonical (RAS+) axes, then laid out as axial DICOM slices are displayed:
 slices inferior -> superior, rows anterior -> posterior, columns patient right -> left (LPS).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,13 +56,28 @@ def read_nifti(path: str, *, meta: dict | None = None, limits: PixelLimits | Non
     aff = img.affine
     lps = np.diag([-1.0, -1.0, 1.0])
     positions = np.stack([lps @ (aff @ np.array([nx - 1, ny - 1, k, 1.0]))[:3] for k in range(nz)])
-    m = {"series_uid": "", "study_uid": "", "modality": "CT", "kvp": None, "patient_age": "",
-         "age_years": None, "patient_sex": "", "source_format": "nifti", "sorted_by": "position",
-         "thickness": dz}
+    m = {
+        "series_uid": "",
+        "study_uid": "",
+        "modality": "CT",
+        "kvp": None,
+        "patient_age": "",
+        "age_years": None,
+        "patient_sex": "",
+        "source_format": "nifti",
+        "sorted_by": "position",
+        "thickness": dz,
+    }
     m.update(meta or {})
-    return CTVolume(hu=hu, spacing=(dz, dy, dx), orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-                    positions=positions, z=positions[:, 2].astype(np.float64),
-                    instance_numbers=np.arange(1, nz + 1), meta=m)
+    return CTVolume(
+        hu=hu,
+        spacing=(dz, dy, dx),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        positions=positions,
+        z=positions[:, 2].astype(np.float64),
+        instance_numbers=np.arange(1, nz + 1),
+        meta=m,
+    )
 
 
 def nifti_stem(path: str) -> str:

@@ -20,6 +20,7 @@ Privacy: no patient name, ID, birth date or source path is stored in the cache (
 identified by salted hashes of their relative paths). skipped.csv and the log name skipped files by
 the same token unless ``show_paths=True`` (``--show-paths``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,9 +53,38 @@ from .workers import WorkerPool
 CHUNK = 16  # slices resampled together
 
 # Files never read as images (labels, notes, archives of metadata) are counted as "ignored".
-IGNORED_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".md", ".xml", ".html", ".pdf", ".log", ".yaml",
-                    ".yml", ".py", ".ini", ".cfg", ".xlsx", ".xls", ".npz", ".npy", ".pkl", ".zip",
-                    ".gz", ".tar", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".mhd", ".raw")
+IGNORED_SUFFIXES = (
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".json",
+    ".md",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".log",
+    ".yaml",
+    ".yml",
+    ".py",
+    ".ini",
+    ".cfg",
+    ".xlsx",
+    ".xls",
+    ".npz",
+    ".npy",
+    ".pkl",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".mhd",
+    ".raw",
+)
 
 
 # Skips that are normal in a CT export (scouts, other modalities, reports): counted, not warned about.
@@ -69,6 +99,7 @@ class CacheSettingsError(UserError):
 class PrepareSettings:
     """The settings a cache is prepared with (stored in its manifest); their meaning and defaults:
     :class:`sparkct.data.options.PrepareOptions`."""
+
     spacing: float | None  # target in-plane spacing (mm); None keeps the source spacing
     size: int | None  # output rows = cols; with spacing: centre crop/pad, alone: resize
     clip_min: int  # HU below (padding, outside the field of view) are set to this
@@ -85,6 +116,7 @@ class PrepareSettings:
 
 
 # ------------------------------------------------------------------------------------------ report
+
 
 @dataclass
 class PrepareReport:
@@ -128,8 +160,10 @@ class PrepareReport:
             lines.append(f"skipped    {sum(self.skipped.values())}:")
             lines += [f"             {n:6d}  {r}" for r, n in sorted(self.skipped.items(), key=lambda kv: -kv[1])]
         if self.ignored:
-            lines.append(f"ignored    {sum(self.ignored.values())} (not images): "
-                         + ", ".join(f"{r} {n}" for r, n in sorted(self.ignored.items())))
+            lines.append(
+                f"ignored    {sum(self.ignored.values())} (not images): "
+                + ", ".join(f"{r} {n}" for r, n in sorted(self.ignored.items()))
+            )
         if self.stale_series:
             lines.append(f"stale      {self.stale_series} cached series no longer in SRC (not indexed)")
         lines.append(f"time       {self.seconds:.1f} s")
@@ -137,6 +171,7 @@ class PrepareReport:
 
 
 # ---------------------------------------------------------------------------------------- the walk
+
 
 @dataclass
 class _SrcFile:
@@ -224,10 +259,12 @@ def _scan_chunk(src: str, rels: list[str], limits: PixelLimits) -> list[tuple]:
 
 # ------------------------------------------------------------------------------------ series worker
 
+
 def _fingerprint(files: Sequence[_SrcFile], settings: dict, limits: PixelLimits) -> str:
     # The limits decide which slices are kept, so a series prepared under other limits is redone.
-    return stable_hash(json.dumps([sorted((f.token, f.size, f.mtime_ns) for f in files), settings,
-                                   asdict(limits)], sort_keys=True), 32)
+    return stable_hash(
+        json.dumps([sorted((f.token, f.size, f.mtime_ns) for f in files), settings, asdict(limits)], sort_keys=True), 32
+    )
 
 
 @dataclass
@@ -326,11 +363,18 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
                 continue
             arr = np.stack(chunk)
             np.maximum(arr, lo, out=arr)  # padding/outside-FOV values must not bleed into the image
-            out, _ = resample_slices(arr, plan.pixel_spacing, spacing=st.spacing, size=st.size,
-                                     order=st.order, cval=float(lo), antialias=st.antialias,
-                                     device=job.device)
+            out, _ = resample_slices(
+                arr,
+                plan.pixel_spacing,
+                spacing=st.spacing,
+                size=st.size,
+                order=st.order,
+                cval=float(lo),
+                antialias=st.antialias,
+                device=job.device,
+            )
             out = np.clip(np.rint(out), lo, hi).astype(np.int16)
-            mm[k:k + len(idx)] = out
+            mm[k : k + len(idx)] = out
             k += len(idx)
             kept.extend(idx)
         return k
@@ -363,15 +407,36 @@ def _process_dicom(job: _Job, st: PrepareSettings) -> dict:
 
 
 def meta_fields(meta: dict) -> dict:
-    keys = ("series_uid", "study_uid", "frame_of_reference_uid", "patient", "modality", "sop_class_uid",
-            "transfer_syntax", "kvp", "patient_age", "age_years", "patient_sex", "manufacturer", "model",
-            "kernel", "body_part", "contrast")
+    keys = (
+        "series_uid",
+        "study_uid",
+        "frame_of_reference_uid",
+        "patient",
+        "modality",
+        "sop_class_uid",
+        "transfer_syntax",
+        "kvp",
+        "patient_age",
+        "age_years",
+        "patient_sex",
+        "manufacturer",
+        "model",
+        "kernel",
+        "body_part",
+        "contrast",
+    )
     return {k: meta.get(k) for k in keys if k in meta}
 
 
 def _base_record(job: _Job) -> dict:
-    return {"format": FORMAT, "version": VERSION, "key": job.key, "kind": job.kind,
-            "fingerprint": job.fingerprint, "files": [[f.token, f.size, f.mtime_ns] for f in job.files]}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": job.key,
+        "kind": job.kind,
+        "fingerprint": job.fingerprint,
+        "files": [[f.token, f.size, f.mtime_ns] for f in job.files],
+    }
 
 
 def _finish_empty(job: _Job, rec: dict, skipped, meta) -> dict:
@@ -390,14 +455,27 @@ def _process_nifti(job: _Job, st: PrepareSettings) -> dict:
     except (ValueError, OSError, EOFError) as e:
         reason = str(e) if isinstance(e, ValueError) else f"unreadable file ({type(e).__name__})"
         return _finish_empty(job, rec, [(f.token, reason)], {})
-    rel_id = os.path.dirname(f.rel) if job.patient_from == "dir" else os.path.join(
-        os.path.dirname(f.rel), nifti_stem(f.rel))
-    meta = dict(vol.meta, series_uid="nifti-" + job.key, patient=salted_hash(job.salt, "file:" + rel_id),
-                transfer_syntax="nifti")
+    rel_id = (
+        os.path.dirname(f.rel) if job.patient_from == "dir" else os.path.join(os.path.dirname(f.rel), nifti_stem(f.rel))
+    )
+    meta = dict(
+        vol.meta,
+        series_uid="nifti-" + job.key,
+        patient=salted_hash(job.salt, "file:" + rel_id),
+        transfer_syntax="nifti",
+    )
     hu = np.maximum(vol.hu, st.clip_min)
     ps = (vol.spacing[1], vol.spacing[2])
-    out, out_spacing = resample_slices(hu, ps, spacing=st.spacing, size=st.size, order=st.order,
-                                       cval=float(st.clip_min), antialias=st.antialias, device=job.device)
+    out, out_spacing = resample_slices(
+        hu,
+        ps,
+        spacing=st.spacing,
+        size=st.size,
+        order=st.order,
+        cval=float(st.clip_min),
+        antialias=st.antialias,
+        device=job.device,
+    )
     out = np.asarray(out)
     n, oh, ow = out.shape
 
@@ -406,11 +484,21 @@ def _process_nifti(job: _Job, st: PrepareSettings) -> dict:
         return n
 
     _write_shard(job.dst, job.key, n, (oh, ow), fill)
-    rec.update(meta_fields(meta), n_slices=n, shape=[n, oh, ow],
-               spacing=[vol.spacing[0], out_spacing[0], out_spacing[1]],
-               source_shape=list(vol.hu.shape), source_pixel_spacing=list(ps), thickness=vol.spacing[0],
-               orientation=list(vol.orientation), sorted_by="position", z=vol.z.tolist(),
-               instance=vol.instance_numbers.tolist(), positions=vol.positions.tolist(), skipped=[])
+    rec.update(
+        meta_fields(meta),
+        n_slices=n,
+        shape=[n, oh, ow],
+        spacing=[vol.spacing[0], out_spacing[0], out_spacing[1]],
+        source_shape=list(vol.hu.shape),
+        source_pixel_spacing=list(ps),
+        thickness=vol.spacing[0],
+        orientation=list(vol.orientation),
+        sorted_by="position",
+        z=vol.z.tolist(),
+        instance=vol.instance_numbers.tolist(),
+        positions=vol.positions.tolist(),
+        skipped=[],
+    )
     sio.write_json_atomic(os.path.join(job.dst, record_rel(job.key)), rec)
     return rec
 
@@ -435,8 +523,7 @@ def _run_job(job: _Job) -> dict:
         return _process_dicom(job, st)
     except Exception as e:
         log.debug("series %s failed", job.key, exc_info=True)
-        return {"key": job.key, "failed": f"series failed ({type(e).__name__})",
-                "n_frames": len(job.files)}
+        return {"key": job.key, "failed": f"series failed ({type(e).__name__})", "n_frames": len(job.files)}
     finally:
         try:
             os.unlink(marker)
@@ -449,6 +536,7 @@ def _worker_died(job: _Job) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- prepare
+
 
 def _init_dst(dst: str, settings: PrepareSettings, salt: str | None, reset: bool) -> dict:
     man_path = os.path.join(dst, "cache.json")
@@ -465,18 +553,26 @@ def _init_dst(dst: str, settings: PrepareSettings, salt: str | None, reset: bool
         if man.get("format") != FORMAT:
             raise CacheSettingsError(f"{dst} holds something other than a sparkct slice cache")
         if man.get("version") != VERSION:
-            raise CacheSettingsError(f"{dst} is cache version {man.get('version')}, this sparkct writes "
-                                     f"{VERSION}: prepare into a new folder or pass --reset")
+            raise CacheSettingsError(
+                f"{dst} is cache version {man.get('version')}, this sparkct writes "
+                f"{VERSION}: prepare into a new folder or pass --reset"
+            )
         if man.get("settings") != settings.as_dict():
             raise CacheSettingsError(
                 f"{dst} was prepared with settings {man.get('settings')}, this run asks for "
-                f"{settings.as_dict()}: use another DST, the same settings, or --reset to start over")
+                f"{settings.as_dict()}: use another DST, the same settings, or --reset to start over"
+            )
         if salt is not None and salt != man["salt"]:
             raise CacheSettingsError(f"{dst} was prepared with another salt; pass the same salt or --reset")
         return man
-    man = {"format": FORMAT, "version": VERSION, "settings": settings.as_dict(),
-           "salt": salt or _util.new_salt(), "created_by": f"sparkct {__version__}",
-           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    man = {
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": settings.as_dict(),
+        "salt": salt or _util.new_salt(),
+        "created_by": f"sparkct {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     sio.write_json_atomic(man_path, man)
     return man
 
@@ -523,8 +619,7 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, desc: str, unit: str):
         self.bar = None
         if enabled:
-            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1,
-                            file=sys.stderr)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
 
     def update(self, n: int):
         if self.bar is not None:
@@ -558,19 +653,39 @@ def _settings(spacing, size, clip_min, clip_max, order, antialias) -> PrepareSet
         raise UserError(f"need -32768 <= clip_min < clip_max <= 32767, got {clip_min}, {clip_max}")
     if order not in range(6) or isinstance(order, bool):
         raise UserError(f"order (of the interpolating spline) must be 0..5, got {order!r}")
-    return PrepareSettings(spacing=spacing, size=size, clip_min=int(clip_min), clip_max=int(clip_max),
-                           order=int(order), antialias=bool(antialias))
+    return PrepareSettings(
+        spacing=spacing,
+        size=size,
+        clip_min=int(clip_min),
+        clip_max=int(clip_max),
+        order=int(order),
+        antialias=bool(antialias),
+    )
 
 
 _D = PREPARE_DEFAULTS
 
 
-def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int | None = _D.size,
-            clip_min: int = _D.clip_min, clip_max: int = _D.clip_max, order: int = _D.order,
-            antialias: bool = _D.antialias, workers: int = _D.workers, device: str = _D.device,
-            progress: bool = True, reset: bool = _D.reset, salt: str | None = None,
-            show_paths: bool = _D.show_paths, patient_from: str = _D.patient_from, max_warnings: int = 20,
-            limits: PixelLimits = DEFAULT_LIMITS) -> PrepareReport:
+def prepare(
+    src: str,
+    dst: str,
+    *,
+    spacing: float | None = _D.spacing,
+    size: int | None = _D.size,
+    clip_min: int = _D.clip_min,
+    clip_max: int = _D.clip_max,
+    order: int = _D.order,
+    antialias: bool = _D.antialias,
+    workers: int = _D.workers,
+    device: str = _D.device,
+    progress: bool = True,
+    reset: bool = _D.reset,
+    salt: str | None = None,
+    show_paths: bool = _D.show_paths,
+    patient_from: str = _D.patient_from,
+    max_warnings: int = 20,
+    limits: PixelLimits = DEFAULT_LIMITS,
+) -> PrepareReport:
     """Prepare the slice cache of every CT series under `src` into `dst` (see the module docstring).
     The options' meaning and defaults: :class:`sparkct.data.options.PrepareOptions`.
 
@@ -596,9 +711,10 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
     if not isinstance(limits, PixelLimits):
         raise UserError("limits must be a sparkct.data.dicom.PixelLimits")
     settings = _settings(spacing, size, clip_min, clip_max, order, antialias)
-    if settings.size is not None and settings.size ** 2 > limits.max_slice_pixels:
+    if settings.size is not None and settings.size**2 > limits.max_slice_pixels:
         raise UserError(f"size {settings.size} gives slices over the pixel limit ({limits.max_slice_pixels})")
     from .resample import backend  # noqa: PLC0415 (lazy: scipy loads only to resample)
+
     try:
         dev_name = backend(device)[2]
     except (ValueError, RuntimeError) as e:
@@ -649,8 +765,11 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
     for f in files:
         kind = _classify(f.rel)
         if kind == "ignored":
-            report.ignored["DICOMDIR" if f.rel.lower().endswith("dicomdir") else
-                           (os.path.splitext(f.rel)[1].lower() or "no suffix")] += 1
+            report.ignored[
+                "DICOMDIR"
+                if f.rel.lower().endswith("dicomdir")
+                else (os.path.splitext(f.rel)[1].lower() or "no suffix")
+            ] += 1
             continue
         if kind == "nifti":
             nifti.append(f)
@@ -668,11 +787,13 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
         if to_scan:
             bar = _Progress(progress, len(to_scan), "scan", "file")
             chunk = max(16, min(512, len(to_scan) // (8 * workers) + 1))
-            parts = [to_scan[i:i + chunk] for i in range(0, len(to_scan), chunk)]
+            parts = [to_scan[i : i + chunk] for i in range(0, len(to_scan), chunk)]
             by_rel = {f.rel: f for f in to_scan}
-            results = (pool.map(_scan_chunk, [src] * len(parts), [[f.rel for f in p] for p in parts],
-                                [limits] * len(parts))
-                       if pool else (_scan_chunk(src, [f.rel for f in p], limits) for p in parts))
+            results = (
+                pool.map(_scan_chunk, [src] * len(parts), [[f.rel for f in p] for p in parts], [limits] * len(parts))
+                if pool
+                else (_scan_chunk(src, [f.rel for f in p], limits) for p in parts)
+            )
             for res in results:
                 for rel, uid, nfr, reason in res:
                     f = by_rel[rel]
@@ -688,12 +809,29 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
         sd = settings.as_dict()
         for uid, fl in series_files.items():
             key = stable_hash("dicom:" + uid, 20) if not uid.startswith("key:") else uid[4:]
-            jobs.append(_Job(key, "dicom", src, dst, sorted(fl, key=lambda f: f.rel), sd, salt, dev_name,
-                             _fingerprint(fl, sd, limits), limits, patient_from, series_frames[uid]))
+            jobs.append(
+                _Job(
+                    key,
+                    "dicom",
+                    src,
+                    dst,
+                    sorted(fl, key=lambda f: f.rel),
+                    sd,
+                    salt,
+                    dev_name,
+                    _fingerprint(fl, sd, limits),
+                    limits,
+                    patient_from,
+                    series_frames[uid],
+                )
+            )
         for f in nifti:
             key = stable_hash("nifti:" + f.token, 20)
-            jobs.append(_Job(key, "nifti", src, dst, [f], sd, salt, dev_name, _fingerprint([f], sd, limits),
-                             limits, patient_from))
+            jobs.append(
+                _Job(
+                    key, "nifti", src, dst, [f], sd, salt, dev_name, _fingerprint([f], sd, limits), limits, patient_from
+                )
+            )
         jobs.sort(key=lambda j: j.key)
         report.series = len(jobs)
 
@@ -744,8 +882,9 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
         except BaseException as e:
             bar.close()
             if isinstance(e, KeyboardInterrupt):
-                log.warning("interrupted: %d series written in this run are kept; run again to resume",
-                            report.series_written)
+                log.warning(
+                    "interrupted: %d series written in this run are kept; run again to resume", report.series_written
+                )
             raise
         bar.close()
         report.prepare_seconds = time.perf_counter() - t1
@@ -769,6 +908,7 @@ def prepare(src: str, dst: str, *, spacing: float | None = _D.spacing, size: int
 
 # ------------------------------------------------------------------------------------------- index
 
+
 def write_index(dst: str, recs: list[dict]) -> int:
     """index.npz and series.csv from series records (sorted by key); returns the slice count."""
     recs = sorted(recs, key=lambda r: r["key"])
@@ -778,7 +918,8 @@ def write_index(dst: str, recs: list[dict]) -> int:
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
     N = int(offsets[-1])
     arrays: dict[str, np.ndarray] = {
-        "format": np.array(FORMAT), "version": np.array(VERSION),
+        "format": np.array(FORMAT),
+        "version": np.array(VERSION),
         "slice.series": np.repeat(np.arange(len(recs), dtype=np.int32), n),
         "slice.index": np.concatenate([np.arange(k, dtype=np.int32) for k in n]) if recs else np.zeros(0, np.int32),
         "slice.z": np.array([z for r in recs for z in r["z"]], dtype=np.float32),
@@ -787,8 +928,9 @@ def write_index(dst: str, recs: list[dict]) -> int:
         "series.offset": offsets[:-1],
         "series.n": np.array(n, dtype=np.int32),
         "series.shape": np.array([r["shape"][1:] for r in recs], dtype=np.int32).reshape(-1, 2),
-        "series.spacing": np.array([[np.nan if v is None else v for v in r["spacing"]] for r in recs],
-                                   dtype=np.float32).reshape(-1, 3),
+        "series.spacing": np.array(
+            [[np.nan if v is None else v for v in r["spacing"]] for r in recs], dtype=np.float32
+        ).reshape(-1, 3),
         "series.patient_index": np.array([pidx[r.get("patient") or ""] for r in recs], dtype=np.int32),
         "patients": np.array(patients, dtype="U") if patients else np.zeros(0, dtype="U1"),
     }
@@ -796,24 +938,57 @@ def write_index(dst: str, recs: list[dict]) -> int:
         vals = [str(r.get(k) or "") for r in recs]
         arrays["series." + k] = np.array(vals, dtype="U") if vals else np.zeros(0, dtype="U1")
     for k in SERIES_NUM_FIELDS:
-        arrays["series." + k] = np.array([np.nan if r.get(k) is None else float(r[k]) for r in recs],
-                                         dtype=np.float32)
+        arrays["series." + k] = np.array([np.nan if r.get(k) is None else float(r[k]) for r in recs], dtype=np.float32)
     assert len(arrays["slice.z"]) == N and len(arrays["slice.instance"]) == N
     sio.write_npz_atomic(os.path.join(dst, "index.npz"), arrays)
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    cols = ["key", "series_uid", "study_uid", "patient", "n_slices", "rows", "cols", "slice_spacing",
-            "row_spacing", "col_spacing", "thickness", "kvp", "patient_age", "patient_sex", "manufacturer",
-            "kernel", "modality", "kind"]
+    cols = [
+        "key",
+        "series_uid",
+        "study_uid",
+        "patient",
+        "n_slices",
+        "rows",
+        "cols",
+        "slice_spacing",
+        "row_spacing",
+        "col_spacing",
+        "thickness",
+        "kvp",
+        "patient_age",
+        "patient_sex",
+        "manufacturer",
+        "kernel",
+        "modality",
+        "kind",
+    ]
     w.writerow(cols)
     for r in recs:
         sp = r["spacing"]
-        w.writerow([r["key"], r.get("series_uid", ""), r.get("study_uid", ""), r.get("patient", ""),
-                    r["n_slices"], r["shape"][1], r["shape"][2], _fmt(sp[0]), _fmt(sp[1]), _fmt(sp[2]),
-                    _fmt(r.get("thickness")), _fmt(r.get("kvp")), r.get("patient_age", ""),
-                    r.get("patient_sex", ""), r.get("manufacturer", ""), r.get("kernel", ""),
-                    r.get("modality", ""), r.get("kind", "")])
+        w.writerow(
+            [
+                r["key"],
+                r.get("series_uid", ""),
+                r.get("study_uid", ""),
+                r.get("patient", ""),
+                r["n_slices"],
+                r["shape"][1],
+                r["shape"][2],
+                _fmt(sp[0]),
+                _fmt(sp[1]),
+                _fmt(sp[2]),
+                _fmt(r.get("thickness")),
+                _fmt(r.get("kvp")),
+                r.get("patient_age", ""),
+                r.get("patient_sex", ""),
+                r.get("manufacturer", ""),
+                r.get("kernel", ""),
+                r.get("modality", ""),
+                r.get("kind", ""),
+            ]
+        )
     sio.write_text_atomic(os.path.join(dst, "series.csv"), buf.getvalue())
     return N
 

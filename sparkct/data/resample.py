@@ -3,6 +3,7 @@
 ``xp``/``ndi`` are either (numpy, scipy.ndimage) or (cupy, cupyx.scipy.ndimage); the same calls run
 on both, so CPU and GPU results agree to float32 rounding.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,6 +18,7 @@ def gpu_available() -> bool:
     """cupy importable and a CUDA device usable."""
     try:
         import cupy  # noqa: PLC0415 (lazy: optional dependency)
+
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
@@ -31,12 +33,17 @@ def backend(device: str = "auto"):
             raise RuntimeError("device='cuda' needs cupy (pip install sparkct[cupy]) and a CUDA GPU")
         import cupy  # noqa: PLC0415 (lazy: optional dependency)
         import cupyx.scipy.ndimage as ndi  # noqa: PLC0415 (lazy: optional dependency)
+
         return cupy, ndi, "cuda"
     return np, scipy.ndimage, "cpu"
 
 
-def output_geometry(in_shape: tuple[int, int], in_spacing: tuple[float, float] | None,
-                    spacing: float | tuple[float, float] | None, size: int | tuple[int, int] | None):
+def output_geometry(
+    in_shape: tuple[int, int],
+    in_spacing: tuple[float, float] | None,
+    spacing: float | tuple[float, float] | None,
+    size: int | tuple[int, int] | None,
+):
     """Output (rows, cols), output spacing and step (input pixels per output pixel) per axis.
 
     - spacing only: the whole field of view at the new spacing;
@@ -68,8 +75,17 @@ def output_geometry(in_shape: tuple[int, int], in_spacing: tuple[float, float] |
     return (int(size[0]), int(size[1])), out_spacing, step
 
 
-def resample_slices(hu, in_spacing, *, spacing=None, size=None, order: int = 1, cval: float = -1024.0,
-                    antialias: bool = True, device: str = "auto"):
+def resample_slices(
+    hu,
+    in_spacing,
+    *,
+    spacing=None,
+    size=None,
+    order: int = 1,
+    cval: float = -1024.0,
+    antialias: bool = True,
+    device: str = "auto",
+):
     """Resample a (n, H, W) stack in-plane (see :func:`output_geometry`); returns (array, spacing).
 
     The output grid is centred on the input grid (pixel centres, as DICOM positions them). Points
@@ -92,8 +108,16 @@ def resample_slices(hu, in_spacing, *, spacing=None, size=None, order: int = 1, 
     h, w = hu.shape[1:]
     # out (i, j) -> in ((i - (oh-1)/2) * sy + (h-1)/2, ...): centres of the grids coincide.
     offset = (0.0, (h - 1) / 2 - (oh - 1) / 2 * sy, (w - 1) / 2 - (ow - 1) / 2 * sx)
-    out = ndi.affine_transform(a, xp.asarray([1.0, sy, sx]), offset=offset, output_shape=(hu.shape[0], oh, ow),
-                               order=order, mode="constant", cval=cval, prefilter=order > 1)
+    out = ndi.affine_transform(
+        a,
+        xp.asarray([1.0, sy, sx]),
+        offset=offset,
+        output_shape=(hu.shape[0], oh, ow),
+        order=order,
+        mode="constant",
+        cval=cval,
+        prefilter=order > 1,
+    )
     if name == "cuda" and was_numpy:
         out = out.get()
     return out, out_spacing

@@ -6,6 +6,7 @@ built-in synthetic chest CT, synthesized and prepared once.
 Prepared data lives in ``data/`` beside the run folder, so runs in the same parent folder share it.
 In a distributed run rank 0 does the work and every rank waits for it.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def resolve_data(data: str | None, run_dir: str, *, synth_patients: int, synth_size: int, synth_slices: int,
-                 log=_log) -> str:
+def resolve_data(
+    data: str | None, run_dir: str, *, synth_patients: int, synth_size: int, synth_slices: int, log=_log
+) -> str:
     """The prepared cache a run in `run_dir` reads: `data` if it is one; a DICOM/NIfTI folder prepared
     (resumable) into ``data/`` beside `run_dir`; or, when `data` is None, the built-in synthetic chest CT
     (`synth_patients` patients of `synth_slices` slices of `synth_size` pixels), synthesized and prepared
@@ -39,8 +41,10 @@ def resolve_data(data: str | None, run_dir: str, *, synth_patients: int, synth_s
         have = sio.read_json(marker) if os.path.isfile(marker) else None
         if have is None or any(have.get(k) != v for k, v in want.items()):
             if D.is_main():
-                log(f"synthesizing {synth_patients} patients of chest CT ({synth_size}x{synth_size}, "
-                    f"{synth_slices} slices per series) into {src}")
+                log(
+                    f"synthesizing {synth_patients} patients of chest CT ({synth_size}x{synth_size}, "
+                    f"{synth_slices} slices per series) into {src}"
+                )
                 shutil.rmtree(src, ignore_errors=True)
                 synth(src, patients=synth_patients, seed=0, size=synth_size, slices=synth_slices)
             D.barrier()

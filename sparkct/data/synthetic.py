@@ -29,6 +29,7 @@ Outputs under DST::
 Patient names and IDs are fake ("SYNTH^..."); prepare must hash them away. Everything is a
 function of the seed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,6 +55,7 @@ NODULE_TYPES = ("solid", "part-solid", "ground-glass", "calcified")
 
 
 # ------------------------------------------------------------------------------------------ canvas
+
 
 class Canvas:
     """A slice in HU with painters working in patient millimetres on bounding boxes only."""
@@ -143,6 +145,7 @@ class Canvas:
 
 
 # ---------------------------------------------------------------------------------------- patients
+
 
 @dataclass
 class Nodule:
@@ -344,23 +347,38 @@ def make_patient(seed: int, index: int, p_finding: float = 0.5, min_nodule_mm: f
     lung_w = inner_w * rng.uniform(0.47, 0.55)
     lung_d = (b - fat - muscle) * rng.uniform(0.72, 0.86)
     p = Patient(
-        index=index, sex=sex, age=age, a=a, b=b, fat=fat, muscle=muscle, height=height,
-        lung_w=lung_w, lung_d=lung_d,
+        index=index,
+        sex=sex,
+        age=age,
+        a=a,
+        b=b,
+        fat=fat,
+        muscle=muscle,
+        height=height,
+        lung_w=lung_w,
+        lung_d=lung_d,
         lung_harm=np.stack([_harmonics(rng, 4, 0.1), _harmonics(rng, 4, 0.1)]).astype(np.float32),
         lung_hu=rng.uniform(-890, -820),
-        heart_x=rng.uniform(0.08, 0.28) * a, heart_y=rng.uniform(-0.35, -0.15) * b,
-        heart_rx=rng.uniform(0.33, 0.43) * inner_w, heart_ry=rng.uniform(0.42, 0.55) * (b - fat - muscle),
+        heart_x=rng.uniform(0.08, 0.28) * a,
+        heart_y=rng.uniform(-0.35, -0.15) * b,
+        heart_rx=rng.uniform(0.33, 0.43) * inner_w,
+        heart_ry=rng.uniform(0.42, 0.55) * (b - fat - muscle),
         heart_angle=rng.uniform(-0.6, -0.2),
         aorta_r=rng.uniform(11, 16) * (1 + (age - 50) / 300),
-        spine_y=(b - fat - muscle) * rng.uniform(0.45, 0.6), vert_r=rng.uniform(15, 21),
+        spine_y=(b - fat - muscle) * rng.uniform(0.45, 0.6),
+        vert_r=rng.uniform(15, 21),
         level_h=height / rng.uniform(9.5, 11.0),
         cortical_hu=rng.uniform(700, 1300) - 3 * (age - 40),
         cancellous_hu=max(110.0, rng.uniform(230, 330) - 2.2 * (age - 30)),
-        rib_drop=rng.uniform(40, 75), dome_right=rng.uniform(0.14, 0.27), dome_left=0.0,
-        table_gap=rng.uniform(5, 30), vessels=[], nodules=[],
+        rib_drop=rng.uniform(40, 75),
+        dome_right=rng.uniform(0.14, 0.27),
+        dome_left=0.0,
+        table_gap=rng.uniform(5, 30),
+        vessels=[],
+        nodules=[],
         texture=rng.normal(size=(12, 9, 9)).astype(np.float32),
         name=f"SYNTH^CASE{index:04d}^{rng.choice(['ALPHA', 'BRAVO', 'CEDAR', 'DELTA', 'EMBER', 'FJORD'])}",
-        pid=f"SYN{rng.integers(16 ** 7, 16 ** 8):08X}",
+        pid=f"SYN{rng.integers(16**7, 16**8):08X}",
         birth="",
     )
     p.dome_left = p.dome_right - rng.uniform(0.02, 0.08)
@@ -387,17 +405,23 @@ def _make_nodule(rng, p: Patient, min_mm: float = 4.0) -> Nodule | None:
             break
     else:
         return None
-    hu = {"solid": rng.uniform(10, 60), "part-solid": rng.uniform(-350, -150),
-          "ground-glass": rng.uniform(-650, -400), "calcified": rng.uniform(250, 700)}[kind]
+    hu = {
+        "solid": rng.uniform(10, 60),
+        "part-solid": rng.uniform(-350, -150),
+        "ground-glass": rng.uniform(-650, -400),
+        "calcified": rng.uniform(250, 700),
+    }[kind]
     lob = _harmonics(rng, 5, rng.uniform(0.0, 0.35) if kind != "calcified" else 0.05)
     spic = []
     if kind in ("solid", "part-solid") and rng.random() < 0.35:
-        spic = [(float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.3, 0.9) * d))
-                for _ in range(int(rng.integers(3, 8)))]
+        spic = [
+            (float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.3, 0.9) * d)) for _ in range(int(rng.integers(3, 8)))
+        ]
     return Nodule(float(x), float(y), float(z), d, kind, float(hu), tuple(map(tuple, lob)), spic)
 
 
 # ------------------------------------------------------------------------------------------ series
+
 
 @dataclass
 class Acquisition:
@@ -425,11 +449,18 @@ def make_acquisition(rng, p: Patient, size: int, thickness: float | None) -> Acq
     noise = float(rng.uniform(8, 18) * size_factor * (120 / kvp) ** 1.2 * (1.6 if sharp else 1.0) * math.sqrt(2.5 / th))
     fov = float(min(500.0, 2 * p.a + rng.uniform(25, 70)))
     return Acquisition(
-        size=size, fov=fov, thickness=th, spacing=th, kvp=kvp, noise=noise,
+        size=size,
+        fov=fov,
+        thickness=th,
+        spacing=th,
+        kvp=kvp,
+        noise=noise,
         blur=float(rng.uniform(0.5, 0.8) if sharp else rng.uniform(0.9, 1.4)),
-        contrast=contrast, blood_hu=float(rng.uniform(150, 300) if contrast else rng.uniform(35, 48)),
+        contrast=contrast,
+        blood_hu=float(rng.uniform(150, 300) if contrast else rng.uniform(35, 48)),
         encoding=str(rng.choice(["int16", "int16-offset", "uint16", "uint16-slope"], p=[0.3, 0.2, 0.4, 0.1])),
-        z_lo=float(-0.12 * p.height - rng.uniform(0, 20)), z_hi=float(1.04 * p.height + rng.uniform(0, 20)),
+        z_lo=float(-0.12 * p.height - rng.uniform(0, 20)),
+        z_hi=float(1.04 * p.height + rng.uniform(0, 20)),
         kernel="LUNG" if sharp else "STANDARD",
     )
 
@@ -490,10 +521,22 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
     if hs > 0:
         cv.ellipse(p.heart_x, p.heart_y, p.heart_rx * hs + 5, p.heart_ry * hs + 5, -95.0, angle=p.heart_angle)
         cv.ellipse(p.heart_x, p.heart_y, p.heart_rx * hs, p.heart_ry * hs, 48.0, angle=p.heart_angle)
-        cv.ellipse(p.heart_x - 0.25 * p.heart_rx * hs, p.heart_y, 0.45 * p.heart_rx * hs, 0.55 * p.heart_ry * hs,
-                   acq.blood_hu, angle=p.heart_angle)
-        cv.ellipse(p.heart_x + 0.35 * p.heart_rx * hs, p.heart_y + 0.1 * p.heart_ry * hs,
-                   0.3 * p.heart_rx * hs, 0.45 * p.heart_ry * hs, acq.blood_hu, angle=p.heart_angle)
+        cv.ellipse(
+            p.heart_x - 0.25 * p.heart_rx * hs,
+            p.heart_y,
+            0.45 * p.heart_rx * hs,
+            0.55 * p.heart_ry * hs,
+            acq.blood_hu,
+            angle=p.heart_angle,
+        )
+        cv.ellipse(
+            p.heart_x + 0.35 * p.heart_rx * hs,
+            p.heart_y + 0.1 * p.heart_ry * hs,
+            0.3 * p.heart_rx * hs,
+            0.45 * p.heart_ry * hs,
+            acq.blood_hu,
+            angle=p.heart_angle,
+        )
 
     # great vessels, trachea and bronchi, oesophagus
     desc = (p.spine_y * 0.2 + 0.12 * p.a, p.spine_y - p.vert_r - p.aorta_r * 0.3)
@@ -570,7 +613,7 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
             continue
         q = pts[sel]
         dz = np.maximum(0.0, dz[sel] - half)
-        r = np.sqrt(np.maximum(0.0, q[:, 3] ** 2 - dz ** 2))
+        r = np.sqrt(np.maximum(0.0, q[:, 3] ** 2 - dz**2))
         opac = np.clip((q[:, 3] * 2) / acq.thickness, 0.25, 1.0)
         keep = r > 0.3
         cv.disks(q[keep, 0], q[keep, 1], r[keep], acq.blood_hu * 0.6 + 20, opac[keep])
@@ -581,14 +624,15 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
         r = nod.radius_at(dzn)
         if r < 0.5:
             continue
-        chord = min(acq.thickness, 2 * math.sqrt(max(0.0, (nod.diameter / 2) ** 2 - dzn ** 2)))
+        chord = min(acq.thickness, 2 * math.sqrt(max(0.0, (nod.diameter / 2) ** 2 - dzn**2)))
         opac = float(np.clip(chord / acq.thickness, 0.2, 1.0))
         amp = np.array(nod.lobulation, dtype=np.float32)
         k = np.arange(1, len(amp) + 1, dtype=np.float32)
 
         def rfn(theta, r=r, amp=amp, k=k):
-            return r * (1 + np.sum(amp[:, 0, None, None]
-                                   * np.cos(k[:, None, None] * theta[None] + amp[:, 1, None, None]), 0))
+            return r * (
+                1 + np.sum(amp[:, 0, None, None] * np.cos(k[:, None, None] * theta[None] + amp[:, 1, None, None]), 0)
+            )
 
         if nod.kind == "part-solid":
             cv.polar(nod.x, nod.y, rfn, r * 1.5, nod.hu, opacity=opac)
@@ -596,8 +640,15 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
         else:
             cv.polar(nod.x, nod.y, rfn, r * 1.5, nod.hu, opacity=opac)
         for ang, ln in nod.spicules:
-            cv.ellipse(nod.x + math.cos(ang) * (r + ln / 2), nod.y + math.sin(ang) * (r + ln / 2), ln / 2, 0.6,
-                       nod.hu, angle=ang, opacity=opac * 0.8)
+            cv.ellipse(
+                nod.x + math.cos(ang) * (r + ln / 2),
+                nod.y + math.sin(ang) * (r + ln / 2),
+                ln / 2,
+                0.6,
+                nod.hu,
+                angle=ang,
+                opacity=opac * 0.8,
+            )
         if r >= 1.5:
             shown.append((nod, 2 * r))
 
@@ -612,8 +663,10 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
 
 # ------------------------------------------------------------------------------------------- DICOM
 
+
 def _uid(*parts) -> str:
     from pydicom.uid import generate_uid  # noqa: PLC0415 (lazy: optional dependency)
+
     return str(generate_uid(prefix=UID_PREFIX, entropy_srcs=["sparkct-synth", *map(str, parts)]))
 
 
@@ -693,9 +746,11 @@ class SynthReport:
     out: str = ""
 
     def summary(self) -> str:
-        return (f"wrote {self.series} series ({self.slices} slices) of {self.patients} patients, "
-                f"{self.positives} series with nodules, to {self.out} in {self.seconds:.1f} s "
-                f"({self.slices / max(self.seconds, 1e-9):.0f} slices/s)")
+        return (
+            f"wrote {self.series} series ({self.slices} slices) of {self.patients} patients, "
+            f"{self.positives} series with nodules, to {self.out} in {self.seconds:.1f} s "
+            f"({self.slices / max(self.seconds, 1e-9):.0f} slices/s)"
+        )
 
 
 def _check_synth_args(dst, patients, size, thickness, series_per_patient, p_finding, slices) -> None:
@@ -722,10 +777,20 @@ def _check_synth_args(dst, patients, size, thickness, series_per_patient, p_find
 _D = SYNTH_DEFAULTS
 
 
-def synth(dst: str, *, patients: int = _D.patients, seed: int = _D.seed, size: int = _D.size,
-          thickness: float | None = _D.thickness, series_per_patient: tuple[int, int] = (_D.min_series, _D.max_series),
-          p_finding: float = _D.p_finding, localizer: bool = _D.localizer, progress: bool = False,
-          slices: int | None = _D.slices, min_nodule_mm: float = 4.0) -> SynthReport:
+def synth(
+    dst: str,
+    *,
+    patients: int = _D.patients,
+    seed: int = _D.seed,
+    size: int = _D.size,
+    thickness: float | None = _D.thickness,
+    series_per_patient: tuple[int, int] = (_D.min_series, _D.max_series),
+    p_finding: float = _D.p_finding,
+    localizer: bool = _D.localizer,
+    progress: bool = False,
+    slices: int | None = _D.slices,
+    min_nodule_mm: float = 4.0,
+) -> SynthReport:
     """Write `patients` synthetic chest CT patients (1-2 series each) under dst (see the module doc;
     the options' defaults: :class:`sparkct.data.options.SynthOptions`).
 
@@ -779,19 +844,32 @@ def synth(dst: str, *, patients: int = _D.patients, seed: int = _D.seed, size: i
                 _write(ds, os.path.join(sdir, _util.stable_hash(sop, 12) + ".dcm"))
                 lab = int(bool(shown))
                 pos_label |= lab
-                slice_rows.append([series_uid, k + 1, f"{z:.4f}", lab, len(shown),
-                                   f"{max((d for _, d in shown), default=0.0):.2f}"])
+                slice_rows.append(
+                    [series_uid, k + 1, f"{z:.4f}", lab, len(shown), f"{max((d for _, d in shown), default=0.0):.2f}"]
+                )
             rep.slices += len(zs)
             rep.series += 1
             in_range = [n for n in p.nodules if zs.min() - n.diameter / 2 <= n.z <= zs.max() + n.diameter / 2]
             rep.positives += pos_label
-            series_rows.append([series_uid, study_uid, pos_label, len(in_range),
-                                f"{max((n.diameter for n in in_range), default=0.0):.2f}",
-                                ";".join(sorted({n.kind for n in in_range})), len(zs),
-                                f"{acq.thickness:g}", acq.kvp, acq.kernel, int(acq.contrast)])
+            series_rows.append(
+                [
+                    series_uid,
+                    study_uid,
+                    pos_label,
+                    len(in_range),
+                    f"{max((n.diameter for n in in_range), default=0.0):.2f}",
+                    ";".join(sorted({n.kind for n in in_range})),
+                    len(zs),
+                    f"{acq.thickness:g}",
+                    acq.kvp,
+                    acq.kernel,
+                    int(acq.contrast),
+                ]
+            )
             for n in in_range:
-                nodule_rows.append([series_uid, f"{n.x:.2f}", f"{n.y:.2f}", f"{n.z:.2f}", f"{n.diameter:.2f}",
-                                    n.kind, f"{n.hu:.0f}"])
+                nodule_rows.append(
+                    [series_uid, f"{n.x:.2f}", f"{n.y:.2f}", f"{n.z:.2f}", f"{n.diameter:.2f}", n.kind, f"{n.hu:.0f}"]
+                )
             if localizer and s == 0:
                 _write_localizer(p, acq, np.array(proj), zs, study_uid, seed, case_dir)
         rep.patients += 1
@@ -807,19 +885,51 @@ def synth(dst: str, *, patients: int = _D.patients, seed: int = _D.seed, size: i
         w.writerows(rows)
         return buf.getvalue()
 
-    sio.write_text_atomic(os.path.join(dst, "labels.csv"), table(
-        ["series_uid", "study_uid", "label", "n_nodules", "max_diameter_mm", "nodule_types", "n_slices",
-         "thickness_mm", "kvp", "kernel", "contrast"], series_rows))
-    sio.write_text_atomic(os.path.join(dst, "slice_labels.csv"), table(
-        ["series_uid", "instance_number", "z_mm", "label", "n_nodules", "max_diameter_mm"], slice_rows))
-    sio.write_text_atomic(os.path.join(dst, "nodules.csv"), table(
-        ["series_uid", "x_mm", "y_mm", "z_mm", "diameter_mm", "type", "hu"], nodule_rows))
+    sio.write_text_atomic(
+        os.path.join(dst, "labels.csv"),
+        table(
+            [
+                "series_uid",
+                "study_uid",
+                "label",
+                "n_nodules",
+                "max_diameter_mm",
+                "nodule_types",
+                "n_slices",
+                "thickness_mm",
+                "kvp",
+                "kernel",
+                "contrast",
+            ],
+            series_rows,
+        ),
+    )
+    sio.write_text_atomic(
+        os.path.join(dst, "slice_labels.csv"),
+        table(["series_uid", "instance_number", "z_mm", "label", "n_nodules", "max_diameter_mm"], slice_rows),
+    )
+    sio.write_text_atomic(
+        os.path.join(dst, "nodules.csv"),
+        table(["series_uid", "x_mm", "y_mm", "z_mm", "diameter_mm", "type", "hu"], nodule_rows),
+    )
     rep.seconds = time.perf_counter() - t0
-    sio.write_json_atomic(os.path.join(dst, "synth.json"), {
-        "generator": "sparkct synth", "seed": seed, "patients": patients, "size": size,
-        "thickness": thickness, "series_per_patient": list(series_per_patient), "p_finding": p_finding,
-        "slices": slices, "min_nodule_mm": min_nodule_mm, "series": rep.series, "total_slices": rep.slices,
-        "positive_series": rep.positives})
+    sio.write_json_atomic(
+        os.path.join(dst, "synth.json"),
+        {
+            "generator": "sparkct synth",
+            "seed": seed,
+            "patients": patients,
+            "size": size,
+            "thickness": thickness,
+            "series_per_patient": list(series_per_patient),
+            "p_finding": p_finding,
+            "slices": slices,
+            "min_nodule_mm": min_nodule_mm,
+            "series": rep.series,
+            "total_slices": rep.slices,
+            "positive_series": rep.positives,
+        },
+    )
     return rep
 
 

@@ -3,6 +3,7 @@
 A window (center, width) maps HU to [0, 1]: ``clip((hu - (center - width / 2)) / width, 0, 1)``.
 Several windows stack as channels, so a 3-channel network sees lung, soft tissue and bone at once.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -32,8 +33,11 @@ def resolve_windows(windows: WindowSpec | None) -> list[tuple[float, float]]:
         return []
     if isinstance(windows, str):
         windows = [w.strip() for w in windows.split(",") if w.strip()]
-    elif (isinstance(windows, (tuple, list)) and len(windows) == 2
-          and all(isinstance(v, (int, float, np.number)) for v in windows)):
+    elif (
+        isinstance(windows, (tuple, list))
+        and len(windows) == 2
+        and all(isinstance(v, (int, float, np.number)) for v in windows)
+    ):
         windows = [tuple(windows)]
     out = []
     for w in windows:

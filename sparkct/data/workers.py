@@ -8,6 +8,7 @@ holder of its "alive" pipe) and multiprocessing's resource tracker alive too. So
 watches a pipe whose only writer is the owner: when the owner dies the pipe reads EOF and the
 worker exits, and then the fork server and the resource tracker see their pipes close and exit.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -21,8 +22,15 @@ from concurrent.futures.process import BrokenProcessPool
 from ._util import log
 
 # Modules the fork server imports once, so workers start without importing them again.
-PRELOAD = ["sparkct.data.preparing", "sparkct.data.dicom", "sparkct.data.resample", "pydicom",
-           "pydicom.pixels", "pydicom.encaps", "scipy.ndimage"]
+PRELOAD = [
+    "sparkct.data.preparing",
+    "sparkct.data.dicom",
+    "sparkct.data.resample",
+    "pydicom",
+    "pydicom.pixels",
+    "pydicom.encaps",
+    "scipy.ndimage",
+]
 
 
 def mp_context():
@@ -48,8 +56,7 @@ def _worker_init(alive_reader, alive_writer) -> None:
     # A fork-started worker inherits the owner's writer; a fork-server one gets a copy through the
     # pickled arguments. Either way this copy must go, or the pipe never reads EOF.
     alive_writer.close()
-    threading.Thread(target=_exit_when_closed, args=(alive_reader,), name="sparkct-parent-watch",
-                     daemon=True).start()
+    threading.Thread(target=_exit_when_closed, args=(alive_reader,), name="sparkct-parent-watch", daemon=True).start()
     logging.basicConfig(level=logging.WARNING)
     # Keep BLAS/OpenMP in each worker to one thread: the workers are the parallelism.
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -68,14 +75,24 @@ class WorkerPool:
         self._pool = self._new(workers)
 
     def _new(self, workers: int):
-        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=self._ctx, initializer=_worker_init,
-                                      initargs=(self._alive_reader, self._alive_writer))
+        return cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=self._ctx,
+            initializer=_worker_init,
+            initargs=(self._alive_reader, self._alive_writer),
+        )
 
     def map(self, fn: Callable, *iterables: Iterable):
         return self._pool.map(fn, *iterables)
 
-    def run(self, fn: Callable, jobs: list, finish: Callable, running: Callable[[object], str],
-            on_death: Callable[[object], dict]) -> None:
+    def run(
+        self,
+        fn: Callable,
+        jobs: list,
+        finish: Callable,
+        running: Callable[[object], str],
+        on_death: Callable[[object], dict],
+    ) -> None:
         """Run fn(job) for every job, calling finish(result) as they complete.
 
         A worker that dies (killed, out of memory) breaks the pool and takes every job then running
@@ -98,8 +115,7 @@ class WorkerPool:
             if not broken:
                 break
             unfinished = [j for f, j in futs.items() if f.exception() is not None]
-            log.warning("a worker process died (killed or out of memory); %d series go to new workers",
-                        len(unfinished))
+            log.warning("a worker process died (killed or out of memory); %d series go to new workers", len(unfinished))
             self._pool.shutdown(wait=True, cancel_futures=True)
             suspects = []
             for j in unfinished:

@@ -1,4 +1,5 @@
 """The fine-tuning and experiment configs (no torch here: ``sparkct finetune/experiment -h`` stay instant)."""
+
 from __future__ import annotations
 
 import math
@@ -32,10 +33,12 @@ class FinetuneConfig:
     (epochs, batch, lr, ...) are in :class:`sparkct.train.config.TrainConfig`."""
 
     linear_probe: bool = option("keep the backbone frozen throughout (linear probing)", default=False)
-    freeze_epochs: float = option("epochs with the backbone frozen (only the head learns) before it is unfrozen",
-                                  default=10.0)
-    ramp_epochs: float = option("epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr",
-                                default=10.0)
+    freeze_epochs: float = option(
+        "epochs with the backbone frozen (only the head learns) before it is unfrozen", default=10.0
+    )
+    ramp_epochs: float = option(
+        "epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr", default=10.0
+    )
     backbone_lr_start: float = option("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
     label_smoothing: float = option("cross-entropy label smoothing", default=0.0)
     eval_batch: int = option("batch size for validation and testing", default=128)
@@ -56,13 +59,21 @@ class FinetuneConfig:
 @dataclass
 class ExperimentConfig:
     out: str = option("experiment folder: data, pretraining and fine-tuning runs, report", default="runs/experiment")
-    data: str | None = option("labelled task data: a prepared cache (with --labels), an image folder or a .npz; "
-                              "default: built-in synthetic chest CT", default=None)
+    data: str | None = option(
+        "labelled task data: a prepared cache (with --labels), an image folder or a .npz; "
+        "default: built-in synthetic chest CT",
+        default=None,
+    )
     labels: str | None = option("labels CSV for a cache (slice, series or patient rows)", default=None)
-    pretrain_data: str | None = option("unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
-                                       "synthetic pool (or --data's cache when --data is given)", default=None)
-    methods: str = option("comma-separated: random and pretraining methods (sparkct pretrain --list)",
-                          default="random,spark,simclr,moco,swav,byol")
+    pretrain_data: str | None = option(
+        "unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
+        "synthetic pool (or --data's cache when --data is given)",
+        default=None,
+    )
+    methods: str = option(
+        "comma-separated: random and pretraining methods (sparkct pretrain --list)",
+        default="random,spark,simclr,moco,swav,byol",
+    )
     fractions: str = option("labelled training fractions", default="1,0.5,0.25,0.1")
     seeds: str = option("fine-tuning seeds (each seed draws its own nested fractions)", default="0,1")
     arch: str = option("backbone", default="resnet18")
@@ -74,8 +85,11 @@ class ExperimentConfig:
     finetune_batch: int = option("fine-tuning batch", default=32)
     freeze_epochs: float = option("fine-tuning: epochs with the backbone frozen", default=1.0)
     ramp_epochs: float = option("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
-    split: str | None = option(f"train,val,test fractions of the labelled patients (default {BUILTIN_SPLIT} on the "
-                               f"built-in data, {DATA_SPLIT} with --data)", default=None)
+    split: str | None = option(
+        f"train,val,test fractions of the labelled patients (default {BUILTIN_SPLIT} on the "
+        f"built-in data, {DATA_SPLIT} with --data)",
+        default=None,
+    )
     resamples: int = option("bootstrap resamples for CIs and paired tests", default=1000)
     device: str = option("cpu, cuda, cuda:N or auto", default="auto")
     amp: str = option("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
@@ -83,15 +97,22 @@ class ExperimentConfig:
     pretrain_patients: int = option("built-in data: unlabelled pretraining patients", default=16)
     synth_size: int = option("built-in data: slice size", default=96)
     synth_slices: int = option("built-in data: slices per series", default=12)
-    synth_thickness: float = option("built-in data: slice thickness of every series in mm (one protocol: with "
-                                    "random thicknesses a thicker series covers more chest, so the scan settings "
-                                    "alone would predict the nodule label)", default=5.0)
-    synth_min_nodule: float = option("built-in data: smallest nodule diameter in mm (a 96-px slice of a ~370 mm "
-                                     "field of view resized to the 64-px crop shows a 10 mm nodule as under 2 px)",
-                                     default=20.0)
-    set: list = option("METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
-                       "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
-                       default_factory=list)
+    synth_thickness: float = option(
+        "built-in data: slice thickness of every series in mm (one protocol: with "
+        "random thicknesses a thicker series covers more chest, so the scan settings "
+        "alone would predict the nodule label)",
+        default=5.0,
+    )
+    synth_min_nodule: float = option(
+        "built-in data: smallest nodule diameter in mm (a 96-px slice of a ~370 mm "
+        "field of view resized to the 64-px crop shows a 10 mm nodule as under 2 px)",
+        default=20.0,
+    )
+    set: list = option(
+        "METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
+        "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
+        default_factory=list,
+    )
 
     def lists(self) -> tuple[list[str], list[float], list[int]]:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -102,8 +123,9 @@ class ExperimentConfig:
             fr = [float(v) for v in self.fractions.split(",") if v.strip()]
             seeds = [int(v) for v in self.seeds.split(",") if v.strip()]
         except ValueError:
-            raise UserError(f"--fractions / --seeds: expected comma-separated numbers, got {self.fractions!r} / "
-                            f"{self.seeds!r}") from None
+            raise UserError(
+                f"--fractions / --seeds: expected comma-separated numbers, got {self.fractions!r} / {self.seeds!r}"
+            ) from None
         if not fr or any(not 0 < f <= 1 for f in fr):
             raise UserError(f"--fractions must be in (0, 1], got {self.fractions}")
         if not seeds:
@@ -115,8 +137,9 @@ class ExperimentConfig:
         try:
             return tuple(float(v) for v in text.split(","))
         except ValueError:
-            raise UserError(f"--split: expected three comma-separated fractions (train,val,test), "
-                            f"got {text!r}") from None
+            raise UserError(
+                f"--split: expected three comma-separated fractions (train,val,test), got {text!r}"
+            ) from None
 
     def validate(self) -> None:
         from sparkct.models.backbone import check_arch  # noqa: PLC0415 (lazy: the parser imports no torch)
@@ -125,8 +148,17 @@ class ExperimentConfig:
         check_arch(self.arch)
         if self.crop < 32 or self.crop % 32:
             raise UserError(f"--crop must be a positive multiple of 32, got {self.crop}")
-        for k in ("pretrain_epochs", "pretrain_batch", "finetune_epochs", "finetune_batch", "resamples",
-                  "synth_patients", "pretrain_patients", "synth_size", "synth_slices"):
+        for k in (
+            "pretrain_epochs",
+            "pretrain_batch",
+            "finetune_epochs",
+            "finetune_batch",
+            "resamples",
+            "synth_patients",
+            "pretrain_patients",
+            "synth_size",
+            "synth_slices",
+        ):
             if getattr(self, k) < 1:
                 raise UserError(f"{flag(k)} must be >= 1, got {getattr(self, k)}")
         if not 0.5 <= self.synth_thickness <= 20:

@@ -22,6 +22,7 @@ Splits are by patient (no patient in two splits), stratified by class, with a fi
 so every method and seed is tested on the same test set; the training set is then cut to a
 class-stratified, nested fraction of its patients (10 % inside 25 % inside 50 % for one ``seed``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,6 +59,7 @@ def to_pseudo_hu(v: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ image sets
+
 
 class ImageSlices:
     """Grey-level images (an array, or an ImageFolderSlices read lazily) with the interface of the
@@ -106,8 +108,11 @@ class ImageSlices:
 
     def hu(self, items):
         items = np.asarray(items, dtype=np.int64).reshape(-1)
-        arr = np.stack([to_pseudo_hu(self._grey(i)) for i in self.indices[items]]) if len(items) else \
-            np.zeros((0, 1, 1), np.int16)
+        arr = (
+            np.stack([to_pseudo_hu(self._grey(i)) for i in self.indices[items]])
+            if len(items)
+            else np.zeros((0, 1, 1), np.int16)
+        )
         return torch.from_numpy(arr).unsqueeze(1)
 
     def _convert(self, hu, generator=None):
@@ -144,8 +149,10 @@ def _load_npz(path: str) -> tuple[dict[str, ImageSlices], list]:
                 x = x[..., 0]
             y = np.asarray(y)
             if y.ndim == 2 and y.shape[1] != 1:
-                raise UserError(f"{path}: {s}_labels has {y.shape[1]} columns: multi-label sets are not supported "
-                                f"(single-label only)")
+                raise UserError(
+                    f"{path}: {s}_labels has {y.shape[1]} columns: multi-label sets are not supported "
+                    f"(single-label only)"
+                )
             y = y.reshape(-1)
             if len(y) != len(x):
                 raise UserError(f"{path}: {len(x)} {s} images but {len(y)} labels")
@@ -160,6 +167,7 @@ def _load_npz(path: str) -> tuple[dict[str, ImageSlices], list]:
 
 
 # ------------------------------------------------------------------------------------------ labels on a cache
+
 
 def read_labels(path: str) -> list[dict]:
     if not os.path.isfile(path):
@@ -194,10 +202,14 @@ def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
         for s in np.flatnonzero(ser_pat == p):
             out.append({"series_key": str(keys[s]), "label": r["__label__"]})
     if unknown:
-        hint = ("patient ids are DICOM PatientIDs" if col == "patient_id"
-                else "patient is the cache pseudonym in its series.csv")
-        raise UserError(f"{path}: {len(unknown)} of {len(rows)} patients are not in the cache (e.g. "
-                        f"{unknown[:3]}); {hint}")
+        hint = (
+            "patient ids are DICOM PatientIDs"
+            if col == "patient_id"
+            else "patient is the cache pseudonym in its series.csv"
+        )
+        raise UserError(
+            f"{path}: {len(unknown)} of {len(rows)} patients are not in the cache (e.g. {unknown[:3]}); {hint}"
+        )
     return out
 
 
@@ -209,19 +221,29 @@ def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
     rows = read_labels(labels)
     cols = set(rows[0])
     if label_column not in cols:
-        raise UserError(f"{labels}: no label column {label_column!r} (columns: {', '.join(sorted(cols))}); "
-                        f"pass --label-column")
+        raise UserError(
+            f"{labels}: no label column {label_column!r} (columns: {', '.join(sorted(cols))}); pass --label-column"
+        )
     if level not in ("auto", "slice", "series", "patient"):
         raise UserError(f"level must be auto, slice, series or patient, got {level!r}")
     series_col = next((c for c in ("series_uid", "series_key") if c in cols), None)
     patient_col = next((c for c in ("patient", "patient_id") if c in cols), None)
     if level == "auto":
-        level = ("slice" if series_col and any(k in cols for k in _SLICE_KEYS) else "series" if series_col
-                 else "patient" if patient_col else "")
+        level = (
+            "slice"
+            if series_col and any(k in cols for k in _SLICE_KEYS)
+            else "series"
+            if series_col
+            else "patient"
+            if patient_col
+            else ""
+        )
     if not level:
-        raise UserError(f"{labels}: name each row's series (series_uid or series_key, plus instance_number, "
-                        f"slice_index or z_mm per slice) or patient (patient or patient_id); columns: "
-                        f"{', '.join(sorted(cols))}")
+        raise UserError(
+            f"{labels}: name each row's series (series_uid or series_key, plus instance_number, "
+            f"slice_index or z_mm per slice) or patient (patient or patient_id); columns: "
+            f"{', '.join(sorted(cols))}"
+        )
     empty = [i + 2 for i, r in enumerate(rows) if not str(r.get(label_column) or "").strip()]
     if empty:
         raise UserError(f"{labels}: empty label on line(s) {empty[:5]}")
@@ -246,19 +268,24 @@ def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
     except ValueError as e:
         raise UserError(f"{labels}: {e}") from None
     if ds.unmatched_rows:
-        raise UserError(f"{labels}: {ds.unmatched_rows} of {len(rows)} rows name slices that are not in the "
-                        f"cache (instance_number / slice_index / z_mm not found in their series)")
+        raise UserError(
+            f"{labels}: {ds.unmatched_rows} of {len(rows)} rows name slices that are not in the "
+            f"cache (instance_number / slice_index / z_mm not found in their series)"
+        )
     if len(ds) == 0:
         raise UserError(f"{labels}: no slice of the cache has a label")
     present = np.unique(ds.targets)
     if len(present) < 2:
-        raise UserError(f"{labels}: all labelled slices are of class {ds.classes[int(present[0])]!r}: "
-                        f"a classifier needs at least two classes")
+        raise UserError(
+            f"{labels}: all labelled slices are of class {ds.classes[int(present[0])]!r}: "
+            f"a classifier needs at least two classes"
+        )
     ds.level = level
     return ds
 
 
 # ------------------------------------------------------------------------------------------ the task
+
 
 @dataclass
 class TaskData:
@@ -288,14 +315,25 @@ class TaskData:
 
     def describe(self) -> dict:
         """Sizes per split: items, patients, items per class (for reports)."""
-        out = {"source": self.source, "kind": self.kind, "level": self.level, "labels": self.labels,
-               "classes": [str(c) for c in self.classes], "fraction": self.fraction, "seed": self.seed,
-               "split_seed": self.split_seed, "split": list(self.split)}
+        out = {
+            "source": self.source,
+            "kind": self.kind,
+            "level": self.level,
+            "labels": self.labels,
+            "classes": [str(c) for c in self.classes],
+            "fraction": self.fraction,
+            "seed": self.seed,
+            "split_seed": self.split_seed,
+            "split": list(self.split),
+        }
         for name in ("train", "val", "test", "full_train"):
             d = getattr(self, name)
             t = np.asarray(d.targets)
-            out[name] = {"items": int(len(d)), "patients": int(len(np.unique(d.patients))),
-                         "per_class": np.bincount(t, minlength=self.n_classes).tolist()}
+            out[name] = {
+                "items": int(len(d)),
+                "patients": int(len(np.unique(d.patients))),
+                "per_class": np.bincount(t, minlength=self.n_classes).tolist(),
+            }
         return out
 
 
@@ -317,13 +355,26 @@ def _check_classes(dataset, sp: dict[str, np.ndarray]) -> None:
         missing = sorted(set(range(k)) - set(np.unique(t[items]).tolist()))
         if missing:
             npat = len(np.unique(dataset.patients))
-            raise UserError(f"the {name} split has no items of class(es) {[dataset.classes[m] for m in missing]} "
-                            f"({npat} patients in all): add labelled patients or change --split")
+            raise UserError(
+                f"the {name} split has no items of class(es) {[dataset.classes[m] for m in missing]} "
+                f"({npat} patients in all): add labelled patients or change --split"
+            )
 
 
-def load_task(data: str, labels: str | None = None, *, label_column: str = "label", level: str = "auto",
-              split=(0.7, 0.15, 0.15), split_seed: int = 0, fraction: float = 1.0, seed: int = 0,
-              windows=None, image_size: int | None = None, group: str | None = None) -> TaskData:
+def load_task(
+    data: str,
+    labels: str | None = None,
+    *,
+    label_column: str = "label",
+    level: str = "auto",
+    split=(0.7, 0.15, 0.15),
+    split_seed: int = 0,
+    fraction: float = 1.0,
+    seed: int = 0,
+    windows=None,
+    image_size: int | None = None,
+    group: str | None = None,
+) -> TaskData:
     """Open `data` (a prepared cache with `labels`, an image folder, or a .npz), split it by patient
     (stratified; the .npz's own splits are kept) and cut the training split to `fraction` of its
     patients per class (nested across fractions for one `seed`).
@@ -351,8 +402,9 @@ def load_task(data: str, labels: str | None = None, *, label_column: str = "labe
             _check_classes(d, {name: np.arange(len(d))})
     elif os.path.isdir(data) and os.path.exists(os.path.join(data, "index.npz")):
         if labels is None:
-            raise UserError(f"{data} is a prepared cache: give its labels with --labels (a CSV per slice, series "
-                            f"or patient)")
+            raise UserError(
+                f"{data} is a prepared cache: give its labels with --labels (a CSV per slice, series or patient)"
+            )
         base = _cache_dataset(data, labels, label_column, level)
         classes = base.classes
         kind, lv = "cache", base.level
@@ -371,14 +423,17 @@ def load_task(data: str, labels: str | None = None, *, label_column: str = "labe
             raise UserError(str(e)) from None
         if len(folder.classes) < 2:
             raise UserError(f"{data}: one class folder ({folder.classes[0]}): a classifier needs at least two")
-        base = ImageSlices(folder, folder.targets, classes=folder.classes, patients=folder.patients,
-                           patient_names=folder.patient_names)
+        base = ImageSlices(
+            folder, folder.targets, classes=folder.classes, patients=folder.patients, patient_names=folder.patient_names
+        )
         classes = base.classes
         kind, lv, win = "folder", "image", [IMAGE_WINDOW]
         sp = split_task(base, split=split, split_seed=split_seed)
     else:
-        raise UserError(f"{data}: expected a prepared cache folder, an image folder (one subfolder per class) or "
-                        f"a MedMNIST-style .npz")
+        raise UserError(
+            f"{data}: expected a prepared cache folder, an image folder (one subfolder per class) or "
+            f"a MedMNIST-style .npz"
+        )
 
     if sp is None:  # the .npz's own splits
         train_full, val, test = parts["train"], parts["val"], parts["test"]
@@ -387,6 +442,19 @@ def load_task(data: str, labels: str | None = None, *, label_column: str = "labe
     items = np.arange(len(train_full))
     sub = items if fraction >= 1 else patient_subset_stratified(train_full, items, float(fraction), seed=seed)
     train = train_full.subset(sub)
-    return TaskData(source=os.path.abspath(data), kind=kind, level=lv, classes=list(classes), windows=list(win),
-                    train=train, val=val, test=test, full_train=train_full, fraction=float(fraction), seed=seed,
-                    split_seed=split_seed, split=tuple(split), labels=os.path.abspath(labels) if labels else None)
+    return TaskData(
+        source=os.path.abspath(data),
+        kind=kind,
+        level=lv,
+        classes=list(classes),
+        windows=list(win),
+        train=train,
+        val=val,
+        test=test,
+        full_train=train_full,
+        fraction=float(fraction),
+        seed=seed,
+        split_seed=split_seed,
+        split=tuple(split),
+        labels=os.path.abspath(labels) if labels else None,
+    )

@@ -14,6 +14,7 @@ Resumable: every pretraining and fine-tuning run lives in a folder named by a ha
 finished run (``summary.json`` / ``result.json``) is skipped, an interrupted one resumes from its last
 checkpoint, a failed one is recorded (``failed.json``) and reported as failed, never dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ from sparkct.train.trainer import Trainer, build_method
 
 __all__ = ["ExperimentConfig", "run_experiment", "SMALL_DATA_OVERRIDES"]
 
+
 def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -54,8 +56,10 @@ def _typed(cls, values: dict):
     kw = {}
     for k, v in values.items():
         if k not in names:
-            raise UserError(f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))}; "
-                            "trainer options such as base_lr or epochs are accepted too)")
+            raise UserError(
+                f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))}; "
+                "trainer options such as base_lr or epochs are accepted too)"
+            )
         try:
             kw[k] = parse_field(cls, k, v) if isinstance(v, str) else v
         except (ValueError, argparse.ArgumentTypeError) as e:
@@ -79,13 +83,21 @@ class _Progress:
         tty = sys.stderr.isatty()
         if not tty:
             self._sink = open(os.devnull, "w")  # closed in close()
-        self.bar = tqdm(total=sum(totals.values()), unit="run", desc="experiment", smoothing=0,
-                        dynamic_ncols=True, file=sys.stderr if tty else self._sink, mininterval=1.0)
+        self.bar = tqdm(
+            total=sum(totals.values()),
+            unit="run",
+            desc="experiment",
+            smoothing=0,
+            dynamic_ncols=True,
+            file=sys.stderr if tty else self._sink,
+            mininterval=1.0,
+        )
 
     def eta(self) -> str:
         known = sum(n * sum(self.times[k]) / len(self.times[k]) for k, n in self.left.items() if n and self.times[k])
-        unknown = [f"{n} {k} run{'s' if n > 1 else ''} not timed yet" for k, n in self.left.items()
-                   if n and not self.times[k]]
+        unknown = [
+            f"{n} {k} run{'s' if n > 1 else ''} not timed yet" for k, n in self.left.items() if n and not self.times[k]
+        ]
         parts = ([f"about {tqdm.format_interval(known)} left"] if known else []) + unknown
         return ", " + "; ".join(parts) if parts else ""
 
@@ -93,8 +105,7 @@ class _Progress:
         b = self.bar
         self._kind, self._t0 = kind, time.perf_counter()
         b.set_postfix_str(what.split(" -> ")[0], refresh=False)
-        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(b.format_dict['elapsed'])} elapsed"
-                 f"{self.eta()})")
+        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(b.format_dict['elapsed'])} elapsed{self.eta()})")
 
     def finish(self, ran: bool) -> None:
         self.left[self._kind] -= 1
@@ -115,17 +126,39 @@ def _log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
 
 
-def _synth_once(dst: str, patients: int, seed: int, size: int, slices: int, log, thickness: float | None = None,
-                min_nodule_mm: float = 4.0) -> str:
-    want = {"seed": seed, "patients": patients, "size": size, "slices": slices, "thickness": thickness,
-            "min_nodule_mm": min_nodule_mm}
+def _synth_once(
+    dst: str,
+    patients: int,
+    seed: int,
+    size: int,
+    slices: int,
+    log,
+    thickness: float | None = None,
+    min_nodule_mm: float = 4.0,
+) -> str:
+    want = {
+        "seed": seed,
+        "patients": patients,
+        "size": size,
+        "slices": slices,
+        "thickness": thickness,
+        "min_nodule_mm": min_nodule_mm,
+    }
     marker = os.path.join(dst, "synth.json")
     have = sio.read_json(marker) if os.path.isfile(marker) else None
     if have is None or any(have.get(k) != v for k, v in want.items()):
         log(f"synthesizing {patients} patients ({size}x{size}, {slices} slices per series) into {dst}")
         shutil.rmtree(dst, ignore_errors=True)
-        synth(dst, patients=patients, seed=seed, size=size, slices=slices, localizer=False, thickness=thickness,
-              min_nodule_mm=min_nodule_mm)
+        synth(
+            dst,
+            patients=patients,
+            seed=seed,
+            size=size,
+            slices=slices,
+            localizer=False,
+            thickness=thickness,
+            min_nodule_mm=min_nodule_mm,
+        )
     return dst
 
 
@@ -151,9 +184,11 @@ def _check_test_set(task) -> None:
     t = task.test
     per_class = [len(np.unique(np.asarray(t.patients)[np.asarray(t.targets) == c])) for c in range(task.n_classes)]
     if min(per_class) < 2:
-        raise UserError(f"the test split holds {per_class} patients per class ({', '.join(map(str, task.classes))}); "
-                        "bootstrap CIs need at least 2 per class: use more labelled patients or a larger test "
-                        "fraction (--split)")
+        raise UserError(
+            f"the test split holds {per_class} patients per class ({', '.join(map(str, task.classes))}); "
+            "bootstrap CIs need at least 2 per class: use more labelled patients or a larger test "
+            "fraction (--split)"
+        )
 
 
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
@@ -170,22 +205,38 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     # ---- data ------------------------------------------------------------------------------------
     if cfg.data is None:
         synth_kw = {"thickness": cfg.synth_thickness, "min_nodule_mm": cfg.synth_min_nodule}
-        task_src = _synth_once(os.path.join(data_dir, "synth-task"), cfg.synth_patients, 2, cfg.synth_size,
-                               cfg.synth_slices, log, **synth_kw)
+        task_src = _synth_once(
+            os.path.join(data_dir, "synth-task"),
+            cfg.synth_patients,
+            2,
+            cfg.synth_size,
+            cfg.synth_slices,
+            log,
+            **synth_kw,
+        )
         task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log, SYNTHETIC_SALT)
         labels = os.path.join(task_src, "slice_labels.csv")
-        data_desc = (f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
-                     f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
-                     f"{cfg.synth_size}, {cfg.synth_slices} slices per series of {cfg.synth_thickness:g} mm, "
-                     f"nodules {cfg.synth_min_nodule:g}-30 mm")
+        data_desc = (
+            f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
+            f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
+            f"{cfg.synth_size}, {cfg.synth_slices} slices per series of {cfg.synth_thickness:g} mm, "
+            f"nodules {cfg.synth_min_nodule:g}-30 mm"
+        )
     else:
         task_data, labels = cfg.data, cfg.labels
         data_desc = f"{cfg.data}" + (f" with labels {cfg.labels}" if cfg.labels else "")
     if cfg.pretrain_data is not None:
         pre_cache = _prepare_once(cfg.pretrain_data, os.path.join(data_dir, "cache-pretrain"), log)
     elif cfg.data is None:
-        pre_src = _synth_once(os.path.join(data_dir, "synth-pretrain"), cfg.pretrain_patients, 1, cfg.synth_size,
-                              cfg.synth_slices, log, **synth_kw)
+        pre_src = _synth_once(
+            os.path.join(data_dir, "synth-pretrain"),
+            cfg.pretrain_patients,
+            1,
+            cfg.synth_size,
+            cfg.synth_slices,
+            log,
+            **synth_kw,
+        )
         pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log, SYNTHETIC_SALT)
     elif os.path.isfile(os.path.join(cfg.data, "cache.json")):
         pre_cache = cfg.data
@@ -198,24 +249,32 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     split_text = ",".join(f"{v:g}" for v in split)
     task0 = load_task(task_data, labels, split=split, seed=seeds[0], windows=cfg.windows)  # checks labels early
     desc = task0.describe()
-    log(f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, "
-        f"test {desc['test']}")
+    log(
+        f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, test {desc['test']}"
+    )
     _check_test_set(task0)
 
     # the fine-tuning options (built-in defaults, --set finetune.FIELD=VALUE): a typo is refused before training
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     ft_opts = overrides.get("finetune", {})
-    fcfg = _typed(FinetuneConfig, {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs,
-                                   **{k: v for k, v in ft_opts.items() if k not in train_fields}})
+    fcfg = _typed(
+        FinetuneConfig,
+        {
+            "freeze_epochs": cfg.freeze_epochs,
+            "ramp_epochs": cfg.ramp_epochs,
+            **{k: v for k, v in ft_opts.items() if k not in train_fields},
+        },
+    )
     fcfg.validate()
     ft_train = _typed(TrainConfig, {k: v for k, v in ft_opts.items() if k in train_fields}).__dict__
     if ft_opts:
-        log(f"fine-tuning options: {', '.join(f'{k}={v}' for k, v in ft_opts.items())}"
-            + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else ""))
+        log(
+            f"fine-tuning options: {', '.join(f'{k}={v}' for k, v in ft_opts.items())}"
+            + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else "")
+        )
 
     pre_methods = [m for m in methods if m != "random"]
-    prog = _Progress({"pretraining": len(pre_methods),
-                      "fine-tuning": len(methods) * len(fractions) * len(seeds)}, log)
+    prog = _Progress({"pretraining": len(pre_methods), "fine-tuning": len(methods) * len(fractions) * len(seeds)}, log)
     try:
         inits: dict[str, str | None] = {"random": "random"}
         failed_pre: dict[str, str] = {}
@@ -225,10 +284,23 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             cls = get_method(m)
             opts = overrides.get(m, {})
             mcfg = _typed(cls.config_class, {k: v for k, v in opts.items() if k not in train_fields})
-            tcfg = TrainConfig(data=pre_cache, arch=cfg.arch, windows=cfg.windows, crop=cfg.crop,
-                               epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, device=cfg.device, amp=cfg.amp,
-                               seed=0, progress=False, tensorboard=False, log_every=5, ckpt_every=25, keep=1,
-                               preview_every=0)
+            tcfg = TrainConfig(
+                data=pre_cache,
+                arch=cfg.arch,
+                windows=cfg.windows,
+                crop=cfg.crop,
+                epochs=cfg.pretrain_epochs,
+                batch=cfg.pretrain_batch,
+                device=cfg.device,
+                amp=cfg.amp,
+                seed=0,
+                progress=False,
+                tensorboard=False,
+                log_every=5,
+                ckpt_every=25,
+                keep=1,
+                preview_every=0,
+            )
             for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}).__dict__.items():
                 if k in opts:
                     setattr(tcfg, k, v)
@@ -252,24 +324,46 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                     raise
                 failed_pre[m] = f"pretraining failed: {type(e).__name__}: {e}"
                 log(f"  FAILED: {failed_pre[m]}")
-                sio.write_json_atomic(os.path.join(run_dir, "pretrain_failed.json"),
-                                      {"method": m, "error": failed_pre[m], "traceback": traceback.format_exc()})
+                sio.write_json_atomic(
+                    os.path.join(run_dir, "pretrain_failed.json"),
+                    {"method": m, "error": failed_pre[m], "traceback": traceback.format_exc()},
+                )
             prog.finish(True)
 
         # ---- fine-tuning -------------------------------------------------------------------------------
         for m in methods:
             for seed in seeds:
                 for fr in fractions:
-                    tcfg = TrainConfig(arch=cfg.arch, windows=cfg.windows, crop=cfg.crop, epochs=cfg.finetune_epochs,
-                                       batch=cfg.finetune_batch, device=cfg.device, amp=cfg.amp, seed=seed,
-                                       progress=False, tensorboard=False, log_every=5, ckpt_every=50, keep=1,
-                                       preview_every=0)
+                    tcfg = TrainConfig(
+                        arch=cfg.arch,
+                        windows=cfg.windows,
+                        crop=cfg.crop,
+                        epochs=cfg.finetune_epochs,
+                        batch=cfg.finetune_batch,
+                        device=cfg.device,
+                        amp=cfg.amp,
+                        seed=seed,
+                        progress=False,
+                        tensorboard=False,
+                        log_every=5,
+                        ckpt_every=50,
+                        keep=1,
+                        preview_every=0,
+                    )
                     for k in ft_opts:
                         if k in train_fields:
                             setattr(tcfg, k, ft_train[k])
-                    key = _key({"init": inits.get(m, m), "train": config_to_dict(tcfg),
-                                "finetune": config_to_dict(fcfg), "fraction": fr, "split": split_text,
-                                "data": task_data, "labels": labels})
+                    key = _key(
+                        {
+                            "init": inits.get(m, m),
+                            "train": config_to_dict(tcfg),
+                            "finetune": config_to_dict(fcfg),
+                            "fraction": fr,
+                            "split": split_text,
+                            "data": task_data,
+                            "labels": labels,
+                        }
+                    )
                     run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
                     tcfg.out = run_dir
                     prog.start("fine-tuning", f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
@@ -285,15 +379,31 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                             raise RuntimeError(failed_pre[m])
                         task = load_task(task_data, labels, split=split, fraction=fr, seed=seed, windows=cfg.windows)
                         resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
-                        finetune(task, init=inits[m], train_cfg=tcfg, config=fcfg, n_resamples=cfg.resamples,
-                                 resume=resume, name=m, log=lambda s: log("  " + s))
+                        finetune(
+                            task,
+                            init=inits[m],
+                            train_cfg=tcfg,
+                            config=fcfg,
+                            n_resamples=cfg.resamples,
+                            resume=resume,
+                            name=m,
+                            log=lambda s: log("  " + s),
+                        )
                     except (Exception, KeyboardInterrupt) as e:
                         if isinstance(e, KeyboardInterrupt):
                             raise
                         msg = str(e) if m in failed_pre else f"{type(e).__name__}: {e}"
                         log(f"  FAILED: {msg}")
-                        sio.write_json_atomic(failed, {"method": m, "fraction": fr, "seed": seed, "error": msg,
-                                                       "traceback": traceback.format_exc()})
+                        sio.write_json_atomic(
+                            failed,
+                            {
+                                "method": m,
+                                "fraction": fr,
+                                "seed": seed,
+                                "error": msg,
+                                "traceback": traceback.format_exc(),
+                            },
+                        )
                     prog.finish(True)
     finally:
         prog.close()
@@ -301,23 +411,40 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     # ---- report ------------------------------------------------------------------------------------
     runs = collect_runs(os.path.join(out, "finetune"))
     keep = {(m, fr, s) for m in methods for fr in fractions for s in seeds}
-    runs = [r for r in runs if (r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)) in keep
-            and os.path.basename(os.path.dirname(r["run_dir"])) in methods]
-    extra = {"experiment data": data_desc,
-             "pretraining": (f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
-                             f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
-                             + (f"; options {json.dumps(used)}" if (used := {k: v for k, v in overrides.items()
-                                                                               if k in pre_methods}) else "")),
-             "fine-tuning schedule": (f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
-                             f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
-                             f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
-                             f"split {split_text} of the labelled patients"
-                             + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")),
-             "experiment time": f"{(time.perf_counter() - t_start) / 60:.1f} min (this invocation)"}
+    runs = [
+        r
+        for r in runs
+        if (r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)) in keep
+        and os.path.basename(os.path.dirname(r["run_dir"])) in methods
+    ]
+    extra = {
+        "experiment data": data_desc,
+        "pretraining": (
+            f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
+            f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
+            + (
+                f"; options {json.dumps(used)}"
+                if (used := {k: v for k, v in overrides.items() if k in pre_methods})
+                else ""
+            )
+        ),
+        "fine-tuning schedule": (
+            f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
+            f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
+            f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
+            f"split {split_text} of the labelled patients" + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")
+        ),
+        "experiment time": f"{(time.perf_counter() - t_start) / 60:.1f} min (this invocation)",
+    }
     if failed_pre:
         extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())
-    paths = write_report(runs, out, baseline="random" if "random" in methods else methods[0],
-                         n_resamples=cfg.resamples, extra=extra,
-                         config={**dataclasses.asdict(cfg), "overrides": overrides})
+    paths = write_report(
+        runs,
+        out,
+        baseline="random" if "random" in methods else methods[0],
+        n_resamples=cfg.resamples,
+        extra=extra,
+        config={**dataclasses.asdict(cfg), "overrides": overrides},
+    )
     log(f"report: {', '.join(paths.values())} ({(time.perf_counter() - t_start) / 60:.1f} min)")
     return paths

@@ -21,6 +21,7 @@ BatchNorm statistics stay those of the initialization) and gets no gradient, whi
 checkpoint: ``result.json`` (test metrics with bootstrap CIs, validation history, sizes, timing) and
 ``predictions.npz`` (test probabilities per evaluation unit, for paired comparisons between methods).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,20 @@ def eval_transform(crop: int, windows):
 
 def train_transform(crop: int, windows):
     """Milder than pretraining: most of each slice is kept (a finding must stay in the crop)."""
-    return CTAugment(crop, windows=windows, scale=(0.6, 1.0), hflip=0.5, rotate=10.0, p_rotate=0.3, p_hu=0.3,
-                     p_intensity=0.3, p_gamma=0.0, p_noise=0.1, noise=(0.0, 15.0), p_blur=0.0)
+    return CTAugment(
+        crop,
+        windows=windows,
+        scale=(0.6, 1.0),
+        hflip=0.5,
+        rotate=10.0,
+        p_rotate=0.3,
+        p_hu=0.3,
+        p_intensity=0.3,
+        p_gamma=0.0,
+        p_noise=0.1,
+        noise=(0.0, 15.0),
+        p_blur=0.0,
+    )
 
 
 class Classifier(Method):
@@ -66,11 +79,26 @@ class Classifier(Method):
 
     name = "finetune"
     config_class = FinetuneConfig
-    defaults = {"optimizer": "adam", "base_lr": 4e-4, "weight_decay": 5e-4, "weight_decay_end": None,
-                "warmup_epochs": 0.0, "betas": (0.9, 0.999)}
+    defaults = {
+        "optimizer": "adam",
+        "base_lr": 4e-4,
+        "weight_decay": 5e-4,
+        "weight_decay_end": None,
+        "warmup_epochs": 0.0,
+        "betas": (0.9, 0.999),
+    }
 
-    def __init__(self, backbone: nn.Module, n_classes: int, config: FinetuneConfig | None = None, *,
-                 windows, steps_per_epoch: int, val_data=None, crop: int = 224):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        n_classes: int,
+        config: FinetuneConfig | None = None,
+        *,
+        windows,
+        steps_per_epoch: int,
+        val_data=None,
+        crop: int = 224,
+    ):
         super().__init__(backbone, config)
         if n_classes < 2:
             raise UserError(f"a classifier needs at least 2 classes, got {n_classes}")
@@ -144,8 +172,13 @@ class Classifier(Method):
         prob, y = predict(self, self.val_data, batch=self.config.eval_batch)
         logp = np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None))
         m = compute_metrics(y, prob, metrics=("auc", "accuracy", "balanced_accuracy"))
-        out = {"monitor": m["auc"], "val_auc": m["auc"], "val_accuracy": m["accuracy"],
-               "val_balanced_accuracy": m["balanced_accuracy"], "val_loss": float(-logp.mean())}
+        out = {
+            "monitor": m["auc"],
+            "val_auc": m["auc"],
+            "val_accuracy": m["accuracy"],
+            "val_balanced_accuracy": m["balanced_accuracy"],
+            "val_loss": float(-logp.mean()),
+        }
         self.history.append({"epoch": epoch + 1, **out})
         return out
 
@@ -158,8 +191,15 @@ def predict(model: Classifier, dataset, *, batch: int = 128, crop: int | None = 
     was = model.training
     model.eval()
     try:
-        loader = SliceLoader(dataset, batch, shuffle=False, drop_last=False, device=dev,
-                             transform=eval_transform(crop or model.crop, model.windows), tune_malloc=False)
+        loader = SliceLoader(
+            dataset,
+            batch,
+            shuffle=False,
+            drop_last=False,
+            device=dev,
+            transform=eval_transform(crop or model.crop, model.windows),
+            tune_malloc=False,
+        )
         probs, ys = [], []
         for x, y in loader:
             x = x.to(dev)
@@ -189,8 +229,17 @@ def _units(dataset, aggregate: str, level: str | None) -> tuple[str, np.ndarray 
     return "item", None
 
 
-def evaluate(model: Classifier, dataset, *, aggregate: str = "auto", level: str | None = None,
-             n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95, batch: int = 128) -> dict:
+def evaluate(
+    model: Classifier,
+    dataset,
+    *,
+    aggregate: str = "auto",
+    level: str | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    batch: int = 128,
+) -> dict:
     """Test metrics with bootstrap confidence intervals.
 
     Items are scored one by one; with aggregate 'series' / 'patient' (auto: the labels' level) a unit's
@@ -213,12 +262,22 @@ def evaluate(model: Classifier, dataset, *, aggregate: str = "auto", level: str 
         up[inv] = pats
         y, pats = lab, up
     ci = bootstrap_ci(y, prob, groups=pats, n_resamples=n_resamples, seed=seed, confidence=confidence)
-    return {"metrics": ci, "unit": unit, "n_units": int(len(y)), "n_patients": int(len(np.unique(pats))),
-            "per_class": np.bincount(y, minlength=prob.shape[1]).tolist(), "probabilities": prob, "labels": y,
-            "patients": pats, "confidence": confidence, "n_resamples": n_resamples}
+    return {
+        "metrics": ci,
+        "unit": unit,
+        "n_units": int(len(y)),
+        "n_patients": int(len(np.unique(pats))),
+        "per_class": np.bincount(y, minlength=prob.shape[1]).tolist(),
+        "probabilities": prob,
+        "labels": y,
+        "patients": pats,
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+    }
 
 
 # ------------------------------------------------------------------------------------------ one run
+
 
 def init_name(init: str) -> str:
     """A method name for reports: 'random', a pretraining run's method (e.g. 'spark'), or a file's stem."""
@@ -243,8 +302,10 @@ def resolve_init(init: str, arch: str) -> tuple[str | None, str, str]:
     if os.path.isdir(init):
         w = os.path.join(init, "backbone.pt")
         if not os.path.isfile(w):
-            raise UserError(f"--init {init}: a run folder without backbone.pt (did the run finish? "
-                            f"`sparkct export {init} --out FILE` writes one from its checkpoint)")
+            raise UserError(
+                f"--init {init}: a run folder without backbone.pt (did the run finish? "
+                f"`sparkct export {init} --out FILE` writes one from its checkpoint)"
+            )
         cfg = os.path.join(init, "config.json")
         if os.path.isfile(cfg):
             with open(cfg) as f:
@@ -261,9 +322,18 @@ def _steps_per_epoch(n: int, batch: int, accum: int) -> int:
     return (n // (batch // accum)) // accum
 
 
-def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConfig | None = None,
-             aggregate: str = "auto", n_resamples: int = 1000, resume: bool = False, log=None,
-             name: str | None = None) -> dict:
+def finetune(
+    task,
+    *,
+    init: str = "random",
+    train_cfg=None,
+    config: FinetuneConfig | None = None,
+    aggregate: str = "auto",
+    n_resamples: int = 1000,
+    resume: bool = False,
+    log=None,
+    name: str | None = None,
+) -> dict:
     """Fine-tune on `task` (a :class:`sparkct.eval.data.TaskData`) into ``train_cfg.out``; test the
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
@@ -287,8 +357,9 @@ def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConf
     spe = _steps_per_epoch(n, cfg.batch, cfg.accum)
     torch.manual_seed(cfg.seed)
     backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights)
-    model = Classifier(backbone, task.n_classes, config, windows=task.windows, steps_per_epoch=spe,
-                       val_data=task.val, crop=cfg.crop)
+    model = Classifier(
+        backbone, task.n_classes, config, windows=task.windows, steps_per_epoch=spe, val_data=task.val, crop=cfg.crop
+    )
     t0 = time.perf_counter()
     summary = Trainer(model, cfg, method_name="finetune", dataset=task.train, resume=resume, log=log).fit()
     train_s = time.perf_counter() - t0
@@ -297,29 +368,49 @@ def finetune(task, *, init: str = "random", train_cfg=None, config: FinetuneConf
     state = C.load_checkpoint(used)
     model.load_state_dict(state["model"])
     t1 = time.perf_counter()
-    res = evaluate(model, task.test, aggregate=aggregate, level=task.level, n_resamples=n_resamples,
-                   seed=cfg.seed, batch=config.eval_batch)
+    res = evaluate(
+        model,
+        task.test,
+        aggregate=aggregate,
+        level=task.level,
+        n_resamples=n_resamples,
+        seed=cfg.seed,
+        batch=config.eval_batch,
+    )
     history = _read_history(cfg.out)
     result = {
-        "method": name or init_name(init), "status": "done",
-        "init": {"kind": kind, "source": None if kind == "random" else os.path.abspath(init), "weights": weights,
-                 "arch": arch},
-        "task": task.describe(), "fraction": task.fraction, "seed": cfg.seed,
-        "train": config_to_dict(cfg), "finetune": config_to_dict(config), "effective_batch": cfg.batch,
-        "steps_per_epoch": spe, "tested_checkpoint": {"path": state["path"], "step": int(state["step"]),
-                                                      "best_val_auc": state.get("best")},
+        "method": name or init_name(init),
+        "status": "done",
+        "init": {
+            "kind": kind,
+            "source": None if kind == "random" else os.path.abspath(init),
+            "weights": weights,
+            "arch": arch,
+        },
+        "task": task.describe(),
+        "fraction": task.fraction,
+        "seed": cfg.seed,
+        "train": config_to_dict(cfg),
+        "finetune": config_to_dict(config),
+        "effective_batch": cfg.batch,
+        "steps_per_epoch": spe,
+        "tested_checkpoint": {"path": state["path"], "step": int(state["step"]), "best_val_auc": state.get("best")},
         "test": {k: v for k, v in res.items() if k not in ("probabilities", "labels", "patients")},
-        "val_history": history, "seconds": {"train": round(train_s, 2), "test": round(time.perf_counter() - t1, 2)},
+        "val_history": history,
+        "seconds": {"train": round(train_s, 2), "test": round(time.perf_counter() - t1, 2)},
         "summary": {k: summary.get(k) for k in ("steps", "total_steps", "seconds", "images_per_s")} if summary else {},
     }
     if D.is_main():
-        sio.write_npz_atomic(os.path.join(cfg.out, "predictions.npz"),
-                             {"probabilities": res["probabilities"], "labels": res["labels"],
-                              "patients": res["patients"]})
+        sio.write_npz_atomic(
+            os.path.join(cfg.out, "predictions.npz"),
+            {"probabilities": res["probabilities"], "labels": res["labels"], "patients": res["patients"]},
+        )
         sio.write_json_atomic(os.path.join(cfg.out, "result.json"), result)
     m = res["metrics"]["auc"]
-    log(f"test AUC {m['value']:.4f} ({int(100 * res['confidence'])}% CI {m['low']:.4f}-{m['high']:.4f}) on "
-        f"{res['n_units']} {res['unit']}s of {res['n_patients']} patients; {cfg.out}/result.json")
+    log(
+        f"test AUC {m['value']:.4f} ({int(100 * res['confidence'])}% CI {m['low']:.4f}-{m['high']:.4f}) on "
+        f"{res['n_units']} {res['unit']}s of {res['n_patients']} patients; {cfg.out}/result.json"
+    )
     return result
 
 
@@ -332,6 +423,11 @@ def _read_history(run_dir: str) -> list[dict]:
             for ln in f:
                 r = json.loads(ln)
                 if any(k.startswith("epoch/") for k in r):
-                    out.append({"epoch": r["epoch"], "step": r["step"],
-                                **{k[len("epoch/"):]: v for k, v in r.items() if k.startswith("epoch/")}})
+                    out.append(
+                        {
+                            "epoch": r["epoch"],
+                            "step": r["step"],
+                            **{k[len("epoch/") :]: v for k, v in r.items() if k.startswith("epoch/")},
+                        }
+                    )
     return out

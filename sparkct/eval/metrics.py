@@ -15,6 +15,7 @@ Inside the bootstrap every metric is a function of how often each test item was 
 matrix, one row per resample), computed for all resamples at once with a few matrix products and
 cumulative sums; tests check that these batched forms equal scikit-learn's on resamples.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,13 +28,24 @@ from sklearn import metrics as skm
 
 from sparkct.errors import UserError
 
-__all__ = ["METRICS", "Models", "as_probabilities", "compute_metrics", "bootstrap_ci", "paired_bootstrap",
-           "delong_test", "delong_variance", "metrics_from_counts", "summarize"]
+__all__ = [
+    "METRICS",
+    "Models",
+    "as_probabilities",
+    "compute_metrics",
+    "bootstrap_ci",
+    "paired_bootstrap",
+    "delong_test",
+    "delong_variance",
+    "metrics_from_counts",
+    "summarize",
+]
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall")
 
 
 # ------------------------------------------------------------------------------------------ inputs
+
 
 def as_probabilities(y_score, n_classes: int | None = None) -> np.ndarray:
     """(n, K) class probabilities from `y_score`: (n,) scores of class 1 (binary; the predicted class
@@ -71,28 +83,38 @@ def _check(y_true, y_score, n_classes=None) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"labels must be in 0..{k - 1}, got {sorted(set(y.tolist()) - set(range(k)))[:5]}")
     missing = sorted(set(range(k)) - set(y.tolist()))
     if missing:
-        raise UserError(f"the test set has no items of class(es) {missing}: AUC and balanced accuracy need "
-                        f"every class present (use a larger or stratified test split)")
+        raise UserError(
+            f"the test set has no items of class(es) {missing}: AUC and balanced accuracy need "
+            f"every class present (use a larger or stratified test split)"
+        )
     return y.astype(np.int64), p
 
 
 # ------------------------------------------------------------------------------------------ point estimates
 
-def compute_metrics(y_true, y_score, *, n_classes: int | None = None,
-                    metrics: Sequence[str] = METRICS) -> dict[str, float]:
+
+def compute_metrics(
+    y_true, y_score, *, n_classes: int | None = None, metrics: Sequence[str] = METRICS
+) -> dict[str, float]:
     """The metrics in `metrics` (default all of :data:`METRICS`) from scikit-learn. y_true: class
     indices (n,); y_score: (n,) scores of class 1 or (n, K) class probabilities or logits."""
     metrics = _check_names(metrics)
     y, p = _check(y_true, y_score, n_classes)
     k = p.shape[1]
     pred = p.argmax(1)
-    kw = dict(average="binary", zero_division=0) if k == 2 else \
-        dict(average="macro", labels=list(range(k)), zero_division=0)
+    kw = (
+        dict(average="binary", zero_division=0)
+        if k == 2
+        else dict(average="macro", labels=list(range(k)), zero_division=0)
+    )
     fns = {
         # multi-class: one-vs-rest, each class's probability ranking it against the rest, as in the
         # per-class placements of DeLong's test and the bootstrap
-        "auc": lambda: skm.roc_auc_score(y, p[:, 1]) if k == 2 else
-        skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(k))),
+        "auc": lambda: (
+            skm.roc_auc_score(y, p[:, 1])
+            if k == 2
+            else skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(k)))
+        ),
         "accuracy": lambda: skm.accuracy_score(y, pred),
         "balanced_accuracy": lambda: skm.balanced_accuracy_score(y, pred),
         "f1": lambda: skm.f1_score(y, pred, **kw),
@@ -111,6 +133,7 @@ def _check_names(metrics) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------ batched forms
+
 
 class _Batched:
     """Every metric of resampled test sets given as counts (R, n): how often each item was drawn.
@@ -177,6 +200,7 @@ def metrics_from_counts(y_true, y_score, counts) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ bootstrap
 
+
 def _units(y: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(unit of each item, label of each unit, unit indices per stratum). A unit is an item, or a
     group (patient) when `groups` is given; a group's stratum is its largest label (a patient with
@@ -196,8 +220,17 @@ def _units(y: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray, list[np.ndarr
     return unit, ulab, strata
 
 
-def _run_bootstrap(statistic_of_counts, unit: np.ndarray, strata, *, n_resamples: int,
-                   confidence: float, method: str, seed, batch: int | None):
+def _run_bootstrap(
+    statistic_of_counts,
+    unit: np.ndarray,
+    strata,
+    *,
+    n_resamples: int,
+    confidence: float,
+    method: str,
+    seed,
+    batch: int | None,
+):
     n_units = int(unit.max()) + 1 if len(unit) else 0
     if any(len(s) < 2 for s in strata):
         small = [len(s) for s in strata]
@@ -224,8 +257,17 @@ def _run_bootstrap(statistic_of_counts, unit: np.ndarray, strata, *, n_resamples
     data = tuple(s.astype(np.int64) for s in strata)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate BCa (a statistic constant over resamples) -> fallback below
-        res = stats.bootstrap(data, statistic, n_resamples=n_resamples, vectorized=True, paired=False,
-                              confidence_level=confidence, method=m, rng=rng, batch=batch)
+        res = stats.bootstrap(
+            data,
+            statistic,
+            n_resamples=n_resamples,
+            vectorized=True,
+            paired=False,
+            confidence_level=confidence,
+            method=m,
+            rng=rng,
+            batch=batch,
+        )
     low = np.array(res.confidence_interval.low, dtype=np.float64, ndmin=1)
     high = np.array(res.confidence_interval.high, dtype=np.float64, ndmin=1)
     dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
@@ -262,9 +304,18 @@ def _mean_stat(y, probs, rows):
     return lambda c: np.mean([st(c)[rows] for st in stats], 0)
 
 
-def bootstrap_ci(y_true, y_score, *, groups=None, n_resamples: int = 1000, confidence: float = 0.95,
-                 method: str = "BCa", seed=0, batch: int | None = 2000,
-                 metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+def bootstrap_ci(
+    y_true,
+    y_score,
+    *,
+    groups=None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    method: str = "BCa",
+    seed=0,
+    batch: int | None = 2000,
+    metrics: Sequence[str] = METRICS,
+) -> dict[str, dict[str, float]]:
     """Each metric with its bootstrap confidence interval: name -> {value, low, high, se}.
 
     The test set is resampled within each class (stratified); with `groups` (e.g. patient ids) whole
@@ -277,16 +328,36 @@ def bootstrap_ci(y_true, y_score, *, groups=None, n_resamples: int = 1000, confi
     y, probs = _models(y_true, y_score)
     point = _mean_point(y, probs, metrics)
     unit, _, strata = _units(y, groups)
-    low, high, dist = _run_bootstrap(_mean_stat(y, probs, rows), unit, strata, n_resamples=n_resamples,
-                                     confidence=confidence, method=method, seed=seed, batch=batch)
+    low, high, dist = _run_bootstrap(
+        _mean_stat(y, probs, rows),
+        unit,
+        strata,
+        n_resamples=n_resamples,
+        confidence=confidence,
+        method=method,
+        seed=seed,
+        batch=batch,
+    )
     se = np.nanstd(dist, axis=-1, ddof=1) if dist.shape[-1] > 1 else np.full(len(metrics), np.nan)
-    return {name: {"value": point[name], "low": float(low[i]), "high": float(high[i]), "se": float(se[i])}
-            for i, name in enumerate(metrics)}
+    return {
+        name: {"value": point[name], "low": float(low[i]), "high": float(high[i]), "se": float(se[i])}
+        for i, name in enumerate(metrics)
+    }
 
 
-def paired_bootstrap(y_true, score_a, score_b, *, groups=None, n_resamples: int = 1000,
-                     confidence: float = 0.95, method: str = "percentile", seed=0,
-                     batch: int | None = 2000, metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+def paired_bootstrap(
+    y_true,
+    score_a,
+    score_b,
+    *,
+    groups=None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    method: str = "percentile",
+    seed=0,
+    batch: int | None = 2000,
+    metrics: Sequence[str] = METRICS,
+) -> dict[str, dict[str, float]]:
     """Method A minus method B on the same test items, resampled together (paired, stratified as in
     :func:`bootstrap_ci`): name -> {a, b, diff, low, high, p}. p is the two-sided bootstrap p-value
     for "no difference": twice the smaller share of resampled differences on either side of 0
@@ -299,17 +370,35 @@ def paired_bootstrap(y_true, score_a, score_b, *, groups=None, n_resamples: int 
     ma, mb = _mean_point(y, pa, metrics), _mean_point(y, pb, metrics)
     unit, _, strata = _units(y, groups)
     sa, sb = _mean_stat(y, pa, rows), _mean_stat(y, pb, rows)
-    low, high, dist = _run_bootstrap(lambda c: sa(c) - sb(c), unit, strata, n_resamples=n_resamples,
-                                     confidence=confidence, method=method, seed=seed, batch=batch)
+    low, high, dist = _run_bootstrap(
+        lambda c: sa(c) - sb(c),
+        unit,
+        strata,
+        n_resamples=n_resamples,
+        confidence=confidence,
+        method=method,
+        seed=seed,
+        batch=batch,
+    )
     r = dist.shape[-1]
     le = (dist <= 0).sum(-1)
     ge = (dist >= 0).sum(-1)
     pval = np.minimum(1.0, 2 * (np.minimum(le, ge) + 1) / (r + 1))
-    return {name: {"a": ma[name], "b": mb[name], "diff": ma[name] - mb[name], "low": float(low[i]),
-                   "high": float(high[i]), "p": float(pval[i])} for i, name in enumerate(metrics)}
+    return {
+        name: {
+            "a": ma[name],
+            "b": mb[name],
+            "diff": ma[name] - mb[name],
+            "low": float(low[i]),
+            "high": float(high[i]),
+            "p": float(pval[i]),
+        }
+        for i, name in enumerate(metrics)
+    }
 
 
 # ------------------------------------------------------------------------------------------ DeLong
+
 
 def _placements(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
     """(AUC, influence of each item). For binary tasks the AUC is of class 1; for K classes the
@@ -385,8 +474,18 @@ def delong_test(y_true, score_a, score_b, *, confidence: float = 0.95) -> dict[s
         z = diff / se
         pval = float(2 * norm.sf(abs(z)))
         half = float(norm.ppf(0.5 + confidence / 2) * se)
-    return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "var_a": var_a, "var_b": var_b, "cov": cov,
-            "z": float(z), "p": float(pval), "low": diff - half, "high": diff + half}
+    return {
+        "auc_a": auc_a,
+        "auc_b": auc_b,
+        "diff": diff,
+        "var_a": var_a,
+        "var_b": var_b,
+        "cov": cov,
+        "z": float(z),
+        "p": float(pval),
+        "low": diff - half,
+        "high": diff + half,
+    }
 
 
 def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:

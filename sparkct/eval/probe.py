@@ -24,6 +24,7 @@ themselves (body size differs by sex; noise and sharpness by kernel and kVp), no
   classes short of that are left out and named. A target with no values, a single value, or fewer than
   two testable classes is reported as skipped, with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,13 +48,26 @@ from sparkct.eval.finetune import init_name, resolve_init
 from sparkct.eval.metrics import bootstrap_ci
 from sparkct.models.backbone import build_backbone
 
-__all__ = ["TARGETS", "AGE_BANDS", "parse_targets", "metadata_values", "probe_target", "embed", "run_probe",
-           "render_markdown"]
+__all__ = [
+    "TARGETS",
+    "AGE_BANDS",
+    "parse_targets",
+    "metadata_values",
+    "probe_target",
+    "embed",
+    "run_probe",
+    "render_markdown",
+]
 
 #: (lower bound inclusive, upper bound exclusive, name)
 AGE_BANDS = ((0.0, 40.0, "<40"), (40.0, 60.0, "40-59"), (60.0, 80.0, "60-79"), (80.0, math.inf, ">=80"))
-_FIELD = {"sex": "patient_sex", "age_band": "age_years", "manufacturer": "manufacturer", "kernel": "kernel",
-          "kvp": "kvp"}
+_FIELD = {
+    "sex": "patient_sex",
+    "age_band": "age_years",
+    "manufacturer": "manufacturer",
+    "kernel": "kernel",
+    "kvp": "kvp",
+}
 METRICS = ("auc", "balanced_accuracy", "accuracy")
 
 
@@ -106,8 +120,18 @@ def _skip(reason: str, **extra) -> dict:
     return {"status": "skipped", "reason": reason, **extra}
 
 
-def probe_target(features, values, patients, train, test, *, n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95, min_test_patients: int = 2) -> dict:
+def probe_target(
+    features,
+    values,
+    patients,
+    train,
+    test,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    min_test_patients: int = 2,
+) -> dict:
     """Fit a linear probe on the `train` rows and test it on the `test` rows (index arrays).
 
     features (N, D); values (N,) class names ('' = missing); patients (N,) patient ids (bootstrap
@@ -150,10 +174,13 @@ def probe_target(features, values, patients, train, test, *, n_resamples: int = 
         if len(keep) < 2:
             break
     if len(keep) < 2:
-        counts = "; ".join(f"{c}: {d['train_patients']} train / {d['test_patients']} test patients"
-                           for c, d in dropped.items())
-        return _skip(f"fewer than 2 classes with a training patient and {min_test_patients} test patients "
-                     f"({counts})", dropped_classes=dropped)
+        counts = "; ".join(
+            f"{c}: {d['train_patients']} train / {d['test_patients']} test patients" for c, d in dropped.items()
+        )
+        return _skip(
+            f"fewer than 2 classes with a training patient and {min_test_patients} test patients ({counts})",
+            dropped_classes=dropped,
+        )
     idx = {c: i for i, c in enumerate(keep)}
     train = train[np.isin(v[train], keep)]
     test = test[np.isin(v[test], keep)]
@@ -164,19 +191,29 @@ def probe_target(features, values, patients, train, test, *, n_resamples: int = 
     prob = np.zeros((len(test), len(keep)))
     prob[:, clf.classes_] = clf.predict_proba(X[test])
     try:
-        ci = bootstrap_ci(y_te, prob, groups=pat[test], n_resamples=n_resamples, seed=seed, confidence=confidence,
-                          metrics=METRICS)
+        ci = bootstrap_ci(
+            y_te, prob, groups=pat[test], n_resamples=n_resamples, seed=seed, confidence=confidence, metrics=METRICS
+        )
     except UserError as e:
         return _skip(f"no confidence interval: {e}", dropped_classes=dropped)
     majority = int(np.bincount(y_tr, minlength=len(keep)).argmax())
-    chance = {"auc": 0.5, "balanced_accuracy": 1.0 / len(keep), "accuracy": float(np.mean(y_te == majority)),
-              "majority_class": keep[majority]}
-    return {"status": "done", "classes": keep, "metrics": ci, "chance": chance,
-            "above_chance": bool(ci["auc"]["low"] > 0.5),
-            "n_train": {"slices": int(len(train)), "patients": int(len(np.unique(pat[train])))},
-            "n_test": {"slices": int(len(test)), "patients": int(len(np.unique(pat[test])))},
-            "per_class_test_slices": {c: int(n) for c, n in zip(keep, np.bincount(y_te, minlength=len(keep)))},
-            "dropped_classes": dropped}
+    chance = {
+        "auc": 0.5,
+        "balanced_accuracy": 1.0 / len(keep),
+        "accuracy": float(np.mean(y_te == majority)),
+        "majority_class": keep[majority],
+    }
+    return {
+        "status": "done",
+        "classes": keep,
+        "metrics": ci,
+        "chance": chance,
+        "above_chance": bool(ci["auc"]["low"] > 0.5),
+        "n_train": {"slices": int(len(train)), "patients": int(len(np.unique(pat[train])))},
+        "n_test": {"slices": int(len(test)), "patients": int(len(np.unique(pat[test])))},
+        "per_class_test_slices": {c: int(n) for c, n in zip(keep, np.bincount(y_te, minlength=len(keep)))},
+        "dropped_classes": dropped,
+    }
 
 
 def embed(backbone, dataset, *, crop: int, windows, batch: int = 128, device="cpu") -> np.ndarray:
@@ -184,8 +221,15 @@ def embed(backbone, dataset, *, crop: int, windows, batch: int = 128, device="cp
     and windowed (the fine-tuning evaluation transform), the backbone in eval mode without gradients."""
     dev = torch.device(device)
     backbone.to(dev).eval()
-    loader = SliceLoader(dataset, batch, shuffle=False, drop_last=False, transform=CTResize(crop, windows=windows),
-                         device=dev, tune_malloc=False)
+    loader = SliceLoader(
+        dataset,
+        batch,
+        shuffle=False,
+        drop_last=False,
+        transform=CTResize(crop, windows=windows),
+        device=dev,
+        tune_malloc=False,
+    )
     out = []
     with torch.no_grad():
         for x in loader:
@@ -202,18 +246,33 @@ def _run_settings(init: str) -> dict:
     return {}
 
 
-def run_probe(init: str, data: str, *, targets=TARGETS, out: str = "runs/probe", arch: str = "resnet18",
-              windows: str | None = None, crop: int | None = None, split=(0.7, 0.3), split_seed: int = 0,
-              max_slices: int = 20000, n_resamples: int = 1000, seed: int = 0, batch: int = 128,
-              device: str = "auto", log=print) -> dict:
+def run_probe(
+    init: str,
+    data: str,
+    *,
+    targets=TARGETS,
+    out: str = "runs/probe",
+    arch: str = "resnet18",
+    windows: str | None = None,
+    crop: int | None = None,
+    split=(0.7, 0.3),
+    split_seed: int = 0,
+    max_slices: int = 20000,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    batch: int = 128,
+    device: str = "auto",
+    log=print,
+) -> dict:
     """Embed the slices of the cache `data` with the frozen backbone `init` (random, a state_dict file or a
     pretraining run folder), probe each target, write probe.json and probe.md into `out`; return the
     result. windows / crop default to the run's (or lung,mediastinum,bone / 224)."""
     targets = parse_targets(targets)
     t0 = time.perf_counter()
     if max_slices < 2 or n_resamples < 1 or batch < 1:
-        raise UserError(f"need --max-slices >= 2, --resamples >= 1, --batch >= 1 (got {max_slices}, {n_resamples}, "
-                        f"{batch})")
+        raise UserError(
+            f"need --max-slices >= 2, --resamples >= 1, --batch >= 1 (got {max_slices}, {n_resamples}, {batch})"
+        )
     fr = tuple(float(f) for f in split)
     if len(fr) != 2 or min(fr) <= 0:
         raise UserError(f"--split: two positive fractions (train,test), got {split}")
@@ -231,8 +290,10 @@ def run_probe(init: str, data: str, *, targets=TARGETS, out: str = "runs/probe",
     if not os.path.exists(data):
         raise UserError(f"--data {data}: no such file or folder")
     if not os.path.isfile(os.path.join(data, "cache.json")):
-        raise UserError(f"--data {data}: not a prepared cache (the probe reads the DICOM metadata of the cache's "
-                        f"series records; make one with `sparkct data prepare SRC DST`)")
+        raise UserError(
+            f"--data {data}: not a prepared cache (the probe reads the DICOM metadata of the cache's "
+            f"series records; make one with `sparkct data prepare SRC DST`)"
+        )
 
     ds = CTSliceDataset(data, windows=None)
     n_all = len(ds)
@@ -244,8 +305,10 @@ def run_probe(init: str, data: str, *, targets=TARGETS, out: str = "runs/probe",
     torch.manual_seed(seed)
     backbone, _ = build_backbone(arch, in_chans=len(win), weights=weights)
     src = "random init" if kind == "random" else f"{kind} {init}"
-    log(f"probe: embedding {len(ds)} slices of {len(np.unique(pat))} patients with the frozen {arch} ({src}) at "
-        f"{crop}x{crop}, windows {windows}")
+    log(
+        f"probe: embedding {len(ds)} slices of {len(np.unique(pat))} patients with the frozen {arch} ({src}) at "
+        f"{crop}x{crop}, windows {windows}"
+    )
     t_embed = time.perf_counter()
     feats = embed(backbone, ds, crop=crop, windows=win, batch=batch, device=dev)
     t_embed = time.perf_counter() - t_embed
@@ -256,22 +319,42 @@ def run_probe(init: str, data: str, *, targets=TARGETS, out: str = "runs/probe",
         results[t] = r
         if r["status"] == "done":
             m = r["metrics"]["auc"]
-            log(f"  {t}: AUC {m['value']:.3f} (95% CI {m['low']:.3f}-{m['high']:.3f}; chance 0.5), "
-                f"{len(r['classes'])} classes, {r['n_test']['patients']} test patients")
+            log(
+                f"  {t}: AUC {m['value']:.3f} (95% CI {m['low']:.3f}-{m['high']:.3f}; chance 0.5), "
+                f"{len(r['classes'])} classes, {r['n_test']['patients']} test patients"
+            )
         else:
             log(f"  {t}: skipped ({r['reason']})")
     result = {
-        "init": {"kind": kind, "source": None if kind == "random" else os.path.abspath(init), "weights": weights,
-                 "name": init_name(init), "arch": arch},
-        "data": os.path.abspath(data), "slices": int(len(ds)), "slices_in_cache": int(n_all),
-        "patients": int(len(np.unique(pat))), "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
-        "split": {"fractions": list(fr), "seed": split_seed,
-                  "train_patients": int(len(np.unique(pat[parts["train"]]))),
-                  "test_patients": int(len(np.unique(pat[parts["test"]])))},
-        "settings": {"crop": crop, "windows": windows, "max_slices": max_slices, "n_resamples": n_resamples,
-                     "confidence": 0.95, "seed": seed, "device": str(dev),
-                     "probe": "StandardScaler + LogisticRegression(C=1, class_weight='balanced')",
-                     "age_bands": [name for _, _, name in AGE_BANDS]},
+        "init": {
+            "kind": kind,
+            "source": None if kind == "random" else os.path.abspath(init),
+            "weights": weights,
+            "name": init_name(init),
+            "arch": arch,
+        },
+        "data": os.path.abspath(data),
+        "slices": int(len(ds)),
+        "slices_in_cache": int(n_all),
+        "patients": int(len(np.unique(pat))),
+        "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+        "split": {
+            "fractions": list(fr),
+            "seed": split_seed,
+            "train_patients": int(len(np.unique(pat[parts["train"]]))),
+            "test_patients": int(len(np.unique(pat[parts["test"]]))),
+        },
+        "settings": {
+            "crop": crop,
+            "windows": windows,
+            "max_slices": max_slices,
+            "n_resamples": n_resamples,
+            "confidence": 0.95,
+            "seed": seed,
+            "device": str(dev),
+            "probe": "StandardScaler + LogisticRegression(C=1, class_weight='balanced')",
+            "age_bands": [name for _, _, name in AGE_BANDS],
+        },
         "targets": results,
         "seconds": {"embed": round(t_embed, 2), "total": round(time.perf_counter() - t0, 2)},
     }
@@ -314,15 +397,24 @@ def render_markdown(result: dict) -> str:
             f"| {name} | {', '.join(map(str, r['classes']))} | {r['n_test']['slices']} ({r['n_test']['patients']}) "
             f"| {_ci(m['auc'])} | 0.5 | {_ci(m['balanced_accuracy'])} | {c['balanced_accuracy']:.3f} "
             f"| {_ci(m['accuracy'])} | {c['accuracy']:.3f} ({c['majority_class']}) "
-            f"| {'yes' if r['above_chance'] else 'no'} |")
+            f"| {'yes' if r['above_chance'] else 'no'} |"
+        )
         if r.get("dropped_classes"):
-            skipped.append(f"- {name}: classes left out (too few patients in train or test): "
-                           + ", ".join(f"{k} ({v['train_patients']} train / {v['test_patients']} test patients)"
-                                       for k, v in r["dropped_classes"].items()))
+            skipped.append(
+                f"- {name}: classes left out (too few patients in train or test): "
+                + ", ".join(
+                    f"{k} ({v['train_patients']} train / {v['test_patients']} test patients)"
+                    for k, v in r["dropped_classes"].items()
+                )
+            )
     if not any(r["status"] == "done" for r in result["targets"].values()):
         lines.append("| (no target could be probed: see below) |  |  |  |  |  |  |  |  |  |")
     if skipped:
         lines += ["", "Skipped and left out:", ""] + skipped
-    lines += ["", "\"above chance\": the AUC's lower 95 % bound is above 0.5. Compare with the same probe on "
-              "`--init random`: part of what a probe finds is in the pixels themselves, not learnt.", ""]
+    lines += [
+        "",
+        '"above chance": the AUC\'s lower 95 % bound is above 0.5. Compare with the same probe on '
+        "`--init random`: part of what a probe finds is in the pixels themselves, not learnt.",
+        "",
+    ]
     return "\n".join(lines)

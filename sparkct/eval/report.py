@@ -16,6 +16,7 @@ The CI of a cell is that of the mean over seeds: every bootstrap resample of the
 recomputes each seed's AUC and averages them, so it holds the test-set uncertainty of the seed-mean;
 the seeds' standard deviation is reported beside it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,9 +36,31 @@ from sparkct.eval.metrics import Models, bootstrap_ci, delong_test, paired_boots
 
 __all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
 
-RUN_FIELDS = ("method", "fraction", "seed", "status", "auc", "auc_low", "auc_high", "accuracy", "balanced_accuracy",
-              "f1", "precision", "recall", "test_units", "test_unit", "train_items", "train_patients",
-              "best_val_auc", "tested_step", "effective_batch", "epochs", "train_seconds", "run_dir", "error")
+RUN_FIELDS = (
+    "method",
+    "fraction",
+    "seed",
+    "status",
+    "auc",
+    "auc_low",
+    "auc_high",
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "test_units",
+    "test_unit",
+    "train_items",
+    "train_patients",
+    "best_val_auc",
+    "tested_step",
+    "effective_batch",
+    "epochs",
+    "train_seconds",
+    "run_dir",
+    "error",
+)
 
 
 def collect_runs(paths) -> list[dict]:
@@ -74,26 +97,43 @@ def _predictions(run: dict) -> dict | None:
 
 def _row(run: dict) -> dict:
     row = {k: "" for k in RUN_FIELDS}
-    row.update(method=run.get("method", "?"), fraction=run.get("fraction"), seed=run.get("seed"),
-               status=run.get("status", "done"), run_dir=run.get("run_dir", ""), error=run.get("error", ""))
+    row.update(
+        method=run.get("method", "?"),
+        fraction=run.get("fraction"),
+        seed=run.get("seed"),
+        status=run.get("status", "done"),
+        run_dir=run.get("run_dir", ""),
+        error=run.get("error", ""),
+    )
     if row["status"] != "done":
         return row
     m = run["test"]["metrics"]
-    row.update(auc=m["auc"]["value"], auc_low=m["auc"]["low"], auc_high=m["auc"]["high"],
-               **{k: m[k]["value"] for k in ("accuracy", "balanced_accuracy", "f1", "precision", "recall")},
-               test_units=run["test"].get("n_units"), test_unit=run["test"].get("unit"),
-               train_items=run.get("task", {}).get("train", {}).get("items"),
-               train_patients=run.get("task", {}).get("train", {}).get("patients"),
-               best_val_auc=run.get("tested_checkpoint", {}).get("best_val_auc"),
-               tested_step=run.get("tested_checkpoint", {}).get("step"), effective_batch=run.get("effective_batch"),
-               epochs=run.get("train", {}).get("epochs"), train_seconds=run.get("seconds", {}).get("train"))
+    row.update(
+        auc=m["auc"]["value"],
+        auc_low=m["auc"]["low"],
+        auc_high=m["auc"]["high"],
+        **{k: m[k]["value"] for k in ("accuracy", "balanced_accuracy", "f1", "precision", "recall")},
+        test_units=run["test"].get("n_units"),
+        test_unit=run["test"].get("unit"),
+        train_items=run.get("task", {}).get("train", {}).get("items"),
+        train_patients=run.get("task", {}).get("train", {}).get("patients"),
+        best_val_auc=run.get("tested_checkpoint", {}).get("best_val_auc"),
+        tested_step=run.get("tested_checkpoint", {}).get("step"),
+        effective_batch=run.get("effective_batch"),
+        epochs=run.get("train", {}).get("epochs"),
+        train_seconds=run.get("seconds", {}).get("train"),
+    )
     return row
 
 
 def _same_test_set(preds: list[dict]) -> bool:
     a = preds[0]
-    return all(len(p["labels"]) == len(a["labels"]) and np.array_equal(p["labels"], a["labels"])
-               and np.array_equal(p["patients"], a["patients"]) for p in preds[1:])
+    return all(
+        len(p["labels"]) == len(a["labels"])
+        and np.array_equal(p["labels"], a["labels"])
+        and np.array_equal(p["patients"], a["patients"])
+        for p in preds[1:]
+    )
 
 
 def aggregate(runs: list[dict], *, baseline: str = "random", n_resamples: int = 1000, seed: int = 0) -> dict:
@@ -107,23 +147,35 @@ def aggregate(runs: list[dict], *, baseline: str = "random", n_resamples: int = 
     for (method, frac), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         done = [r for r in rs if r.get("status", "done") == "done"]
         failed = [r for r in rs if r.get("status", "done") != "done"]
-        cell = {"method": method, "fraction": frac, "seeds": sorted(r.get("seed") for r in done),
-                "failed_seeds": sorted(r.get("seed") for r in failed), "n_runs": len(rs)}
+        cell = {
+            "method": method,
+            "fraction": frac,
+            "seeds": sorted(r.get("seed") for r in done),
+            "failed_seeds": sorted(r.get("seed") for r in failed),
+            "n_runs": len(rs),
+        }
         aucs = [r["test"]["metrics"]["auc"]["value"] for r in done]
         cell["auc_per_seed"] = aucs
         cell["auc_seed_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None
         preds = [p for p in (_predictions(r) for r in done) if p is not None]
         if done and len(preds) == len(done) and _same_test_set(preds):
-            ci = bootstrap_ci(preds[0]["labels"], Models([p["probabilities"] for p in preds]),
-                              groups=preds[0]["patients"], n_resamples=n_resamples, seed=seed)
+            ci = bootstrap_ci(
+                preds[0]["labels"],
+                Models([p["probabilities"] for p in preds]),
+                groups=preds[0]["patients"],
+                n_resamples=n_resamples,
+                seed=seed,
+            )
             cell["metrics"] = ci
             cell["auc"] = ci["auc"]
             preds_of[(method, frac)] = preds
         elif done:  # predictions missing or test sets differ: the seeds' mean, CI from the runs' own
-            cell["auc"] = {"value": float(np.mean(aucs)),
-                           "low": float(np.mean([r["test"]["metrics"]["auc"]["low"] for r in done])),
-                           "high": float(np.mean([r["test"]["metrics"]["auc"]["high"] for r in done])),
-                           "note": "mean of per-run CIs (predictions not comparable across seeds)"}
+            cell["auc"] = {
+                "value": float(np.mean(aucs)),
+                "low": float(np.mean([r["test"]["metrics"]["auc"]["low"] for r in done])),
+                "high": float(np.mean([r["test"]["metrics"]["auc"]["high"] for r in done])),
+                "note": "mean of per-run CIs (predictions not comparable across seeds)",
+            }
         else:
             cell["auc"] = None
         out_cells.append(cell)
@@ -134,14 +186,24 @@ def aggregate(runs: list[dict], *, baseline: str = "random", n_resamples: int = 
         if method == baseline or base is None:
             continue
         if not _same_test_set([preds[0], base[0]]):
-            comparisons.append({"method": method, "fraction": frac, "baseline": baseline,
-                                "note": "different test sets: not compared"})
+            comparisons.append(
+                {"method": method, "fraction": frac, "baseline": baseline, "note": "different test sets: not compared"}
+            )
             continue
         y, g = preds[0]["labels"], preds[0]["patients"]
         a, b = Models([p["probabilities"] for p in preds]), Models([p["probabilities"] for p in base])
         pb = paired_bootstrap(y, a, b, groups=g, n_resamples=n_resamples, seed=seed, metrics=["auc"])["auc"]
-        comp = {"method": method, "fraction": frac, "baseline": baseline, "auc": pb["a"], "baseline_auc": pb["b"],
-                "diff": pb["diff"], "low": pb["low"], "high": pb["high"], "p_bootstrap": pb["p"]}
+        comp = {
+            "method": method,
+            "fraction": frac,
+            "baseline": baseline,
+            "auc": pb["a"],
+            "baseline_auc": pb["b"],
+            "diff": pb["diff"],
+            "low": pb["low"],
+            "high": pb["high"],
+            "p_bootstrap": pb["p"],
+        }
         independent = len(np.unique(g)) == len(g)
         if independent:
             d = delong_test(y, a, b)
@@ -173,8 +235,12 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
             best[f] = max(vals)[0]
     lines = ["# Fine-tuning results", ""]
     lines += [f"- {k}: {v}" for k, v in meta["lines"]]
-    lines += ["", f"## Test AUC (mean over seeds, 95 % CI by bootstrap of the test set, {agg['n_resamples']} "
-                  "resamples, stratified by class, by patient)", ""]
+    lines += [
+        "",
+        f"## Test AUC (mean over seeds, 95 % CI by bootstrap of the test set, {agg['n_resamples']} "
+        "resamples, stratified by class, by patient)",
+        "",
+    ]
     lines.append("| method | " + " | ".join(_pct(f) for f in fracs) + " |")
     lines.append("|---|" + "---|" * len(fracs))
     for m in methods:
@@ -198,29 +264,38 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
     lines += ["", "Bold: the best mean AUC of the column. n: seeds that finished.", ""]
     comps = [c for c in agg["comparisons"] if "diff" in c]
     if comps:
-        lines += [f"## Paired comparison with {agg['baseline']} (same test set)", "",
-                  "| method | fraction | AUC − baseline [95 % CI] | p (paired bootstrap) | p (DeLong) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## Paired comparison with {agg['baseline']} (same test set)",
+            "",
+            "| method | fraction | AUC − baseline [95 % CI] | p (paired bootstrap) | p (DeLong) |",
+            "|---|---|---|---|---|",
+        ]
         floor = 2 / (agg["n_resamples"] + 1)  # the smallest p the bootstrap can give
         for c in comps:
             pb = f"≤ {floor:.2g}" if c["p_bootstrap"] <= floor * (1 + 1e-9) else f"{c['p_bootstrap']:.3g}"
             pd = "n/a" if c.get("p_delong") is None else f"{c['p_delong']:.3g}"
-            lines.append(f"| {c['method']} | {_pct(c['fraction'])} | "
-                         f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {pb} | {pd} |")
+            lines.append(
+                f"| {c['method']} | {_pct(c['fraction'])} | "
+                f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {pb} | {pd} |"
+            )
         lines.append("")
     elif agg["baseline"] not in methods:
         lines += [f"No paired comparison: the baseline {agg['baseline']!r} has no finished runs.", ""]
     failed = [r for r in runs if r.get("status", "done") != "done"]
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [f"- {r.get('method')} at {_pct(float(r.get('fraction', float('nan'))))}, seed {r.get('seed')}: "
-                  f"{r.get('error', 'failed')}" for r in failed]
+        lines += [
+            f"- {r.get('method')} at {_pct(float(r.get('fraction', float('nan'))))}, seed {r.get('seed')}: "
+            f"{r.get('error', 'failed')}"
+            for r in failed
+        ]
         lines.append("")
     return "\n".join(lines)
 
 
 def _plot(agg: dict, path: str, title: str) -> None:
     import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
@@ -234,8 +309,15 @@ def _plot(agg: dict, path: str, title: str) -> None:
         lo = np.array([c["auc"]["low"] for c in cs])
         hi = np.array([c["auc"]["high"] for c in cs])
         color = f"C{i}"
-        ax.plot(x, y, marker="o", color=color, label=m, lw=2 if m != agg["baseline"] else 1.5,
-                ls="-" if m != agg["baseline"] else "--")
+        ax.plot(
+            x,
+            y,
+            marker="o",
+            color=color,
+            label=m,
+            lw=2 if m != agg["baseline"] else 1.5,
+            ls="-" if m != agg["baseline"] else "--",
+        )
         ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
     fr = sorted({100 * c["fraction"] for c in cells})
     if len(fr) > 1 and fr[-1] / max(fr[0], 1e-9) > 4:
@@ -269,17 +351,32 @@ def _meta(runs: list[dict], extra: dict | None) -> dict:
     lines = []
     if done:
         t = done[0].get("task", {})
-        lines.append(("data", f"{t.get('source')} ({t.get('kind')}, labels per {t.get('level')}"
-                              f"{', ' + t['labels'] if t.get('labels') else ''})"))
+        lines.append(
+            (
+                "data",
+                f"{t.get('source')} ({t.get('kind')}, labels per {t.get('level')}"
+                f"{', ' + t['labels'] if t.get('labels') else ''})",
+            )
+        )
         lines.append(("classes", ", ".join(t.get("classes", []))))
-        lines.append(("split (patients)", f"train {t.get('full_train', {}).get('patients')}, val "
-                                          f"{t.get('val', {}).get('patients')}, "
-                                          f"test {t.get('test', {}).get('patients')} "
-                                          f"(test items per class {t.get('test', {}).get('per_class')})"))
+        lines.append(
+            (
+                "split (patients)",
+                f"train {t.get('full_train', {}).get('patients')}, val "
+                f"{t.get('val', {}).get('patients')}, "
+                f"test {t.get('test', {}).get('patients')} "
+                f"(test items per class {t.get('test', {}).get('per_class')})",
+            )
+        )
         tr = done[0].get("train", {})
-        lines.append(("fine-tuning", f"{tr.get('arch')}, crop {tr.get('crop')}, {tr.get('epochs')} epochs, batch "
-                                     f"{tr.get('batch')}, optimizer {tr.get('optimizer') or 'adam'}, "
-                                     f"linear probe {done[0].get('finetune', {}).get('linear_probe')}"))
+        lines.append(
+            (
+                "fine-tuning",
+                f"{tr.get('arch')}, crop {tr.get('crop')}, {tr.get('epochs')} epochs, batch "
+                f"{tr.get('batch')}, optimizer {tr.get('optimizer') or 'adam'}, "
+                f"linear probe {done[0].get('finetune', {}).get('linear_probe')}",
+            )
+        )
         units = {(r["test"].get("unit"), r["test"].get("n_units")) for r in done}
         lines.append(("test units", ", ".join(f"{n} {u}s" for u, n in sorted(units, key=str))))
     seeds = sorted({r.get("seed") for r in runs}, key=str)
@@ -289,8 +386,15 @@ def _meta(runs: list[dict], extra: dict | None) -> dict:
     return {"lines": lines}
 
 
-def write_report(runs: list[dict], out: str, *, baseline: str = "random", n_resamples: int = 1000,
-                 extra: dict | None = None, config: dict | None = None) -> dict[str, str]:
+def write_report(
+    runs: list[dict],
+    out: str,
+    *,
+    baseline: str = "random",
+    n_resamples: int = 1000,
+    extra: dict | None = None,
+    config: dict | None = None,
+) -> dict[str, str]:
     """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
     `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
     results.json."""
@@ -300,8 +404,15 @@ def write_report(runs: list[dict], out: str, *, baseline: str = "random", n_resa
     os.makedirs(out, exist_ok=True)
     agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)
     meta = _meta(runs, extra)
-    paths = {k: os.path.join(out, f) for k, f in (("md", "results.md"), ("png", "auc_vs_fraction.png"),
-                                                  ("json", "results.json"), ("csv", "runs.csv"))}
+    paths = {
+        k: os.path.join(out, f)
+        for k, f in (
+            ("md", "results.md"),
+            ("png", "auc_vs_fraction.png"),
+            ("json", "results.json"),
+            ("csv", "runs.csv"),
+        )
+    }
     sio.write_text_atomic(paths["md"], _markdown(agg, runs, meta) + "\n")
     done = [r for r in runs if r.get("status", "done") == "done"]
     title = "test AUC vs labelled fraction"
@@ -316,12 +427,23 @@ def write_report(runs: list[dict], out: str, *, baseline: str = "random", n_resa
         w.writerow(row)
     sio.write_text_atomic(paths["csv"], buf.getvalue())
     slim = [{k: v for k, v in r.items() if k != "predictions"} for r in runs]
-    sio.write_json_atomic(paths["json"], {
-        "header": dict(meta["lines"]), "cells": agg["cells"], "comparisons": agg["comparisons"],
-        "baseline": baseline, "n_resamples": n_resamples, "runs": slim, "config": config or {},
-        "versions": _versions(),
-        "timings": {"fine_tuning_seconds": float(sum(r.get("seconds", {}).get("train") or 0 for r in done)),
-                    "report_seconds": round(time.perf_counter() - t0, 2)}})
+    sio.write_json_atomic(
+        paths["json"],
+        {
+            "header": dict(meta["lines"]),
+            "cells": agg["cells"],
+            "comparisons": agg["comparisons"],
+            "baseline": baseline,
+            "n_resamples": n_resamples,
+            "runs": slim,
+            "config": config or {},
+            "versions": _versions(),
+            "timings": {
+                "fine_tuning_seconds": float(sum(r.get("seconds", {}).get("train") or 0 for r in done)),
+                "report_seconds": round(time.perf_counter() - t0, 2),
+            },
+        },
+    )
     return paths
 
 

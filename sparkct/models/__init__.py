@@ -3,6 +3,7 @@
 ``METHODS`` maps a method's name (``sparkct pretrain NAME``) to ``"module:Class"``; :func:`get_method`
 imports the class on first use, so listing the methods (``--help``) imports no model code or torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,13 @@ __all__ = ["METHODS", "get_method", "BUILTIN_DATA_OPTIONS"]
 #: ImageNet-size data and learn nothing visible here; a 3,000-prototype SwAV or a 65,536-key MoCo queue
 #: would hold mostly random vectors. `sparkct pretrain` and `sparkct experiment` apply them only when no
 #: --data is given, only to options not set on the command line, and say so.
-BUILTIN_DATA_OPTIONS = {"spark.decoder_width": 256, "spark.base_lr": 3e-2, "swav.prototypes": 100,
-                        "swav.freeze_prototypes": 20, "moco.queue_size": 1024}
+BUILTIN_DATA_OPTIONS = {
+    "spark.decoder_width": 256,
+    "spark.base_lr": 3e-2,
+    "swav.prototypes": 100,
+    "swav.freeze_prototypes": 20,
+    "moco.queue_size": 1024,
+}
 
 METHODS: dict[str, str] = {
     "spark": "sparkct.models.spark.model:SparK",

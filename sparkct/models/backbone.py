@@ -5,6 +5,7 @@ module names (conv1, bn1, layer1..4) and its ``fc`` is an ``nn.Identity``, so it
 nothing is the backbone export format: it loads with ``strict=True`` into
 ``torchvision.models.resnet50()`` whose ``fc`` was replaced by Identity (see :func:`load_backbone`).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,18 @@ from sparkct.errors import UserError
 
 __all__ = ["ARCHS", "build_backbone", "feature_dim", "adapt_in_chans", "load_backbone_state", "backbone_state"]
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-         "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
 
 
 def check_arch(arch: str) -> str:
@@ -43,8 +54,14 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     if old.in_channels == in_chans:
         return model
     k, s, p = old.kernel_size, old.stride, old.padding
-    new = nn.Conv2d(in_chans, old.out_channels, k, s, p,  # type: ignore[arg-type]  # 2-tuples, typed tuple[int, ...]
-                    bias=old.bias is not None)
+    new = nn.Conv2d(
+        in_chans,
+        old.out_channels,
+        k,
+        s,
+        p,  # type: ignore[arg-type]  # 2-tuples, typed tuple[int, ...]
+        bias=old.bias is not None,
+    )
     with torch.no_grad():
         w = old.weight
         if in_chans == 1:
@@ -56,8 +73,9 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     return model
 
 
-def build_backbone(arch: str = "resnet50", *, in_chans: int = 3, weights: str | None = None,
-                   zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(
+    arch: str = "resnet50", *, in_chans: int = 3, weights: str | None = None, zero_init_residual: bool = False
+) -> tuple[nn.Module, int]:
     """(model, feature_dim): torchvision `arch` with random init (or the state_dict file `weights`,
     a backbone export or a full torchvision checkpoint), `in_chans` input channels, ``fc`` = Identity."""
     import torchvision  # noqa: PLC0415 (lazy: `pretrain METHOD -h` imports no torchvision)
@@ -85,8 +103,7 @@ def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
-        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and "backbone" in obj and isinstance(obj["backbone"], dict):
         obj = obj["backbone"]
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -97,7 +114,7 @@ def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
     for k, v in obj.items():
         for pre in ("module.", "backbone.", "encoder."):
             if k.startswith(pre):
-                k = k[len(pre):]
+                k = k[len(pre) :]
         if not k.startswith("fc."):
             out[k] = v
     return out

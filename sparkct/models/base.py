@@ -32,6 +32,7 @@ for the global batch and ``sparkct.distributed`` rank/world to take this rank's 
 embeddings spread over the sphere (each coordinate of a uniform unit vector has std 1/sqrt(dim)), 0 when
 every sample maps to the same point (collapse). SimSiam's diagnostic; the contrastive methods log it.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,14 @@ class Method(nn.Module):
     seed: int = 0  # set by the trainer from its config
     micro: int = 0  # the accumulation micro-batch of the current step, set by the trainer
     #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
-    defaults: dict = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
-                      "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
+    defaults: dict = {
+        "optimizer": "adamw",
+        "base_lr": 1e-3,
+        "weight_decay": 0.05,
+        "weight_decay_end": None,
+        "warmup_epochs": 1.0,
+        "betas": (0.9, 0.999),
+    }
 
     def __init__(self, backbone: nn.Module, config: MethodConfig | None = None):
         super().__init__()

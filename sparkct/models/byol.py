@@ -9,6 +9,7 @@ The target runs without autograd on both views; only the online network is chunk
 runs on every rank from the same parameters, so targets stay identical under DDP; BatchNorm is per
 device unless the trainer converts it to SyncBN (BYOL's choice).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,8 +40,7 @@ class BYOL(SSLMethod):
     config_class = BYOLConfig
     config: BYOLConfig
     # BYOL: LARS, lr 0.2 x batch / 256, weight decay 1.5e-6 (warm-up shortened from 10 epochs for short runs)
-    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6,
-                "warmup_epochs": 1.0}
+    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6, "warmup_epochs": 1.0}
 
     def __init__(self, backbone: nn.Module, config: BYOLConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)

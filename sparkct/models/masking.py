@@ -4,6 +4,7 @@ SparK masks on the coarsest grid (one cell = 32 x 32 input pixels): every sample
 ``round(cells * (1 - ratio))`` visible cells (at least one) at independent random places, as SparK's
 ``mask()`` does (a random permutation per sample, the first ``keep`` cells visible).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,14 @@ def visible_cells(cells: int, ratio: float) -> int:
     return max(1, min(cells, round(cells * (1.0 - check_mask_ratio(ratio)))))
 
 
-def cell_mask(batch: int, grid: int | tuple[int, int], ratio: float, *, generator: torch.Generator | None = None,
-              device: str | torch.device = "cpu") -> torch.Tensor:
+def cell_mask(
+    batch: int,
+    grid: int | tuple[int, int],
+    ratio: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """(batch, gh, gw) bool, True = visible, exactly ``visible_cells(gh * gw, ratio)`` per sample.
 
     Drawn on the CPU from `generator` (so a seed gives the same masks on every device), then moved to

@@ -18,6 +18,7 @@ subset of the global batch. The queue takes every rank's keys (``gather_distribu
 same on every rank, and it is checkpointed. The key encoder's EMA runs on every rank from the same
 (DDP-synchronized) parameters, so it stays identical.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,15 +39,26 @@ __all__ = ["MoCo", "MoCoConfig", "shuffled_forward"]
 @dataclass
 class MoCoConfig(SSLConfig):
     temperature: float = field(default=0.2, metadata={"help": "InfoNCE temperature (0.2 in MoCo v2)"})
-    queue_size: int = field(default=65536, metadata={
-        "help": "keys in the queue of negatives (65,536 in MoCo); at least the global batch"})
+    queue_size: int = field(
+        default=65536, metadata={"help": "keys in the queue of negatives (65,536 in MoCo); at least the global batch"}
+    )
     momentum: float = field(default=0.999, metadata={"help": "key encoder EMA momentum at the start"})
-    momentum_end: float = field(default=0.999, metadata={
-        "help": "momentum at the end, reached along a cosine (equal to --momentum: constant; 1.0: cosine to 1)"})
-    augment: str = field(default="moco", metadata={
-        "help": "CTAugment presets of both views, joined with '+' (see sparkct.models.ssl.AUGMENTS)"})
-    symmetric: bool = field(default=False, metadata={
-        "help": "symmetric loss (as MoCo v3): both views are queries for the other view's key, losses averaged"})
+    momentum_end: float = field(
+        default=0.999,
+        metadata={
+            "help": "momentum at the end, reached along a cosine (equal to --momentum: constant; 1.0: cosine to 1)"
+        },
+    )
+    augment: str = field(
+        default="moco",
+        metadata={"help": "CTAugment presets of both views, joined with '+' (see sparkct.models.ssl.AUGMENTS)"},
+    )
+    symmetric: bool = field(
+        default=False,
+        metadata={
+            "help": "symmetric loss (as MoCo v3): both views are queries for the other view's key, losses averaged"
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -59,9 +71,10 @@ class MoCoConfig(SSLConfig):
 
 
 def _per_device_bn(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and not isinstance(m, (nn.SyncBatchNorm, _GlobalBatchNorm))
-               for m in module.modules())
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, _GlobalBatchNorm))
+        for m in module.modules()
+    )
 
 
 @torch.no_grad()
@@ -75,7 +88,7 @@ def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) 
     everything = all_gather_rows(x, counts)
     perm = torch.randperm(everything.shape[0], generator=generator).to(x.device)
     r = rank()
-    lo, hi = sum(counts[:r]), sum(counts[:r + 1])
+    lo, hi = sum(counts[:r]), sum(counts[: r + 1])
     mine = encoder(everything[perm[lo:hi]])
     keys = all_gather_rows(mine, counts)  # keys of the permuted rows, in rank order
     out = torch.empty_like(keys)
@@ -88,16 +101,16 @@ class MoCo(SSLMethod):
     config_class = MoCoConfig
     config: MoCoConfig
     # MoCo v2: SGD (momentum 0.9), lr 0.03 x batch / 256, weight decay 1e-4, cosine schedule
-    defaults = {**SSLMethod.defaults, "optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4,
-                "warmup_epochs": 0.0}
+    defaults = {**SSLMethod.defaults, "optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0}
 
     def __init__(self, backbone: nn.Module, config: MoCoConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)
         c = self.config
         self.projector = MoCoProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
         self.key_encoder = MomentumEncoder(nn.Sequential(self.backbone, self.projector), c.momentum, c.momentum_end)
-        self.criterion = InfoNCELoss(c.temperature, memory_bank_size=(c.queue_size, c.proj_dim),
-                                     gather_distributed=True, persistent_bank=True)  # checkpointed queue
+        self.criterion = InfoNCELoss(
+            c.temperature, memory_bank_size=(c.queue_size, c.proj_dim), gather_distributed=True, persistent_bank=True
+        )  # checkpointed queue
         self.joint_views = not c.symmetric
 
     def grad_views(self, views):
@@ -107,16 +120,20 @@ class MoCo(SSLMethod):
     @torch.no_grad()
     def check_run(self, batch: int) -> None:
         if batch > self.config.queue_size:
-            raise UserError(f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch "
-                            f"({batch}): raise --queue-size or lower --batch")
+            raise UserError(
+                f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch "
+                f"({batch}): raise --queue-size or lower --batch"
+            )
 
     def prepare(self, views, step):
         if len(views) != 2:
             raise ValueError(f"MoCo takes 2 views, got {len(views)}")
         n = views[1].shape[0] * world_size()
         if n > self.config.queue_size:
-            raise UserError(f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch ({n}): "
-                            "raise --queue-size or lower the batch size")
+            raise UserError(
+                f"MoCo's queue ({self.config.queue_size} keys) is smaller than the global batch ({n}): "
+                "raise --queue-size or lower the batch size"
+            )
         enc = self.key_encoder
 
         def keys(view, stream):
@@ -131,8 +148,9 @@ class MoCo(SSLMethod):
             return self.criterion(q, keys.to(q.dtype)), {}
         (q0, q1), (k0, k1) = outs, keys
         # both against the queue before this step; then the second view's keys join it
-        loss = (self.criterion(q0, k1.to(q0.dtype), enqueue=False)
-                + self.criterion(q1, k0.to(q1.dtype), enqueue=False)) / 2
+        loss = (
+            self.criterion(q0, k1.to(q0.dtype), enqueue=False) + self.criterion(q1, k0.to(q1.dtype), enqueue=False)
+        ) / 2
         if q0.requires_grad:
             self.criterion.enqueue(k1)
         return loss, {}

@@ -30,6 +30,7 @@ put SparK's light decoder (``sparkct.models.spark.decoder.LightDecoder``) on the
 the box) is drawn for the global batch from ``step_generator`` and each rank takes its rows, so resume
 and DDP draw what one uninterrupted process draws.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,13 +53,17 @@ __all__ = ["PretextConfig", "NextSliceConfig", "Rotation", "Flip", "Denoise", "I
 
 @dataclass
 class PretextConfig(MethodConfig):
-    decoder_width: int = field(default=256, metadata={"help": "denoise/inpaint: width of the light decoder "
-                                                              "(SparK's halving rule; multiple of 32)"})
+    decoder_width: int = field(
+        default=256,
+        metadata={"help": "denoise/inpaint: width of the light decoder (SparK's halving rule; multiple of 32)"},
+    )
     noise: float = field(default=0.15, metadata={"help": "denoise: noise std in windowed units ([0, 1] range)"})
-    box: tuple[float, float] = field(default=(0.15, 0.4), metadata={
-        "help": "inpaint: box side as a fraction of the crop, low,high"})
-    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={
-        "help": "random resized crop scale range, low,high"})
+    box: tuple[float, float] = field(
+        default=(0.15, 0.4), metadata={"help": "inpaint: box side as a fraction of the crop, low,high"}
+    )
+    crop_scale: tuple[float, float] = field(
+        default=(0.5, 1.0), metadata={"help": "random resized crop scale range, low,high"}
+    )
 
     def validate(self) -> None:
         if not isinstance(self.decoder_width, int) or self.decoder_width < 32 or self.decoder_width % 32:
@@ -77,21 +82,35 @@ class _Pretext(Method):
     # NextSlice's config is not a PretextConfig (other fields): both have crop_scale, all transform() reads
     config_class: type[PretextConfig] | type[NextSliceConfig] = PretextConfig
     config: PretextConfig | NextSliceConfig
-    defaults = {"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "weight_decay_end": None,
-                "warmup_epochs": 1.0, "betas": (0.9, 0.999)}
+    defaults = {
+        "optimizer": "adamw",
+        "base_lr": 1e-3,
+        "weight_decay": 0.05,
+        "weight_decay_end": None,
+        "warmup_epochs": 1.0,
+        "betas": (0.9, 0.999),
+    }
     #: geometric augmentation that would give the task's answer away is switched off
     hflip: float = 0.5
 
     def transform(self, crop: int, windows):
         c = self.config
-        return CTAugment(crop, windows=windows, scale=tuple(c.crop_scale), hflip=self.hflip, rotate=0.0,
-                         p_rotate=0.0, p_noise=0.0, p_blur=0.0)
+        return CTAugment(
+            crop,
+            windows=windows,
+            scale=tuple(c.crop_scale),
+            hflip=self.hflip,
+            rotate=0.0,
+            p_rotate=0.0,
+            p_noise=0.0,
+            p_blur=0.0,
+        )
 
     def _draw(self, step: int, n: int, fn) -> Tensor:
         """fn(generator, global_n) -> tensor with the global batch first; this rank's rows."""
         g = self.step_generator(step)
         full = fn(g, n * world_size())
-        return full[rank() * n:(rank() + 1) * n]
+        return full[rank() * n : (rank() + 1) * n]
 
 
 class _Classification(_Pretext):
@@ -106,8 +125,7 @@ class _Classification(_Pretext):
         raise NotImplementedError
 
     def _labels(self, x: Tensor, step: int) -> Tensor:
-        return self._draw(step, x.shape[0], lambda g, n: torch.randint(self.n_classes, (n,), generator=g)).to(
-            x.device)
+        return self._draw(step, x.shape[0], lambda g, n: torch.randint(self.n_classes, (n,), generator=g)).to(x.device)
 
     def training_step(self, batch: Tensor, step: int):
         y = self._labels(batch, step)
@@ -221,20 +239,31 @@ class Inpaint(_Reconstruction):
         left = (r[:, 3] * (W - ww)).floor()
         ys = torch.arange(H, dtype=torch.float64).view(1, H, 1)
         xs = torch.arange(W, dtype=torch.float64).view(1, 1, W)
-        box = ((ys >= top.view(-1, 1, 1)) & (ys < (top + hh).view(-1, 1, 1)) &
-               (xs >= left.view(-1, 1, 1)) & (xs < (left + ww).view(-1, 1, 1))).unsqueeze(1).to(x)
+        box = (
+            (
+                (ys >= top.view(-1, 1, 1))
+                & (ys < (top + hh).view(-1, 1, 1))
+                & (xs >= left.view(-1, 1, 1))
+                & (xs < (left + ww).view(-1, 1, 1))
+            )
+            .unsqueeze(1)
+            .to(x)
+        )
         return x * (1 - box), box
 
 
 @dataclass
 class NextSliceConfig(MethodConfig):
-    gap: int = field(default=3, metadata={"help": "non-neighbour pairs of a series are at least this many slices "
-                                                  "apart (>= 2)"})
-    p_other: float = field(default=0.25, metadata={"help": "share of non-neighbour pairs whose B comes from "
-                                                           "another series"})
+    gap: int = field(
+        default=3, metadata={"help": "non-neighbour pairs of a series are at least this many slices apart (>= 2)"}
+    )
+    p_other: float = field(
+        default=0.25, metadata={"help": "share of non-neighbour pairs whose B comes from another series"}
+    )
     hidden: int = field(default=512, metadata={"help": "width of the pair head's hidden layer"})
-    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={
-        "help": "random resized crop scale range, low,high (one crop per pair)"})
+    crop_scale: tuple[float, float] = field(
+        default=(0.5, 1.0), metadata={"help": "random resized crop scale range, low,high (one crop per pair)"}
+    )
 
     def validate(self) -> None:
         if not isinstance(self.gap, int) or self.gap < 2:
@@ -272,15 +301,26 @@ class NextSlice(_Pretext):
     def __init__(self, backbone: nn.Module, config: NextSliceConfig | None = None):
         super().__init__(backbone, config)
         d = feature_dim(backbone)
-        self.head = nn.Sequential(nn.Linear(3 * d, self.config.hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(self.config.hidden, 2))
+        self.head = nn.Sequential(
+            nn.Linear(3 * d, self.config.hidden), nn.ReLU(inplace=True), nn.Linear(self.config.hidden, 2)
+        )
 
     def pairs(self, dataset):
         return SlicePairs(dataset, gap=self.config.gap, p_other=self.config.p_other)
 
     def transform(self, crop: int, windows):
-        return PairAugment(CTAugment(crop, windows=windows, scale=tuple(self.config.crop_scale), hflip=0.5,
-                                     rotate=0.0, p_rotate=0.0, p_noise=0.0, p_blur=0.0))
+        return PairAugment(
+            CTAugment(
+                crop,
+                windows=windows,
+                scale=tuple(self.config.crop_scale),
+                hflip=0.5,
+                rotate=0.0,
+                p_rotate=0.0,
+                p_noise=0.0,
+                p_blur=0.0,
+            )
+        )
 
     def logits(self, xa: Tensor, xb: Tensor) -> Tensor:
         fa, fb = self.backbone(torch.cat([xa, xb])).chunk(2)
@@ -297,5 +337,4 @@ class NextSlice(_Pretext):
         xa, xb, y = (t[:8] for t in batch)
         pred = self.logits(xa, xb).argmax(1)
         # the row labels are short (the sheet leaves 150 px): one digit per pair, 1 = next
-        return {f"A (pred {''.join(str(int(v)) for v in pred)})": xa,
-                f"B (next {''.join(str(int(v)) for v in y)})": xb}
+        return {f"A (pred {''.join(str(int(v)) for v in pred)})": xa, f"B (next {''.join(str(int(v)) for v in y)})": xb}

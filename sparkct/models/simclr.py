@@ -5,6 +5,7 @@ over the 2N images, as SimCLR's code does); under DDP every rank's embeddings ar
 (``gather_distributed``) and BatchNorm is per device unless the trainer converts it to SyncBN
 (SimCLR's global BN). SimCLR trains with LARS at large batches (the trainer's ``--optimizer lars``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ __all__ = ["SimCLR", "SimCLRConfig"]
 
 @dataclass
 class SimCLRConfig(SSLConfig):
-    temperature: float = field(default=0.1, metadata={
-        "help": "NT-Xent temperature (0.1 for large batches as in SimCLR; 0.2-0.5 suit small ones)"})
+    temperature: float = field(
+        default=0.1,
+        metadata={"help": "NT-Xent temperature (0.1 for large batches as in SimCLR; 0.2-0.5 suit small ones)"},
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -34,8 +37,7 @@ class SimCLR(SSLMethod):
     config_class = SimCLRConfig
     config: SimCLRConfig
     # SimCLR: LARS, lr 0.3 x batch / 256, weight decay 1e-6 (warm-up shortened from 10 epochs for short runs)
-    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6,
-                "warmup_epochs": 1.0}
+    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 1.0}
 
     def __init__(self, backbone: nn.Module, config: SimCLRConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)
@@ -45,14 +47,16 @@ class SimCLR(SSLMethod):
 
     def check_run(self, batch: int) -> None:
         if batch < 2:
-            raise UserError(f"SimCLR needs at least 2 images in a batch (the other images are the negatives), "
-                            f"got --batch {batch}")
+            raise UserError(
+                f"SimCLR needs at least 2 images in a batch (the other images are the negatives), got --batch {batch}"
+            )
 
     def objective(self, outs, state, step):
         if len(outs) != 2:
             raise ValueError(f"SimCLR takes 2 views, got {len(outs)}")
         z0, z1 = outs
         if z0.shape[0] * world_size() < 2:
-            raise UserError(f"SimCLR needs at least 2 images in a batch (the other images are the negatives), "
-                            f"got {z0.shape[0]}")
+            raise UserError(
+                f"SimCLR needs at least 2 images in a batch (the other images are the negatives), got {z0.shape[0]}"
+            )
         return self.criterion(z0, z1), {}

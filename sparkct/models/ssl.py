@@ -30,6 +30,7 @@ come from named presets (:data:`AUGMENTS`) joined with ``+`` (later ones overrid
 ``--augment strong+no-rotate``; each method has its own default and may vary per view (BYOL's
 asymmetric blur).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,13 +56,33 @@ AUGMENTS: dict[str, dict[str, Any]] = {
     "ct": {},
     # SimCLR-strength: crops down to 8 % of the slice, strong window (contrast/brightness) jitter as
     # SimCLR's colour jitter, blur on half the views, more noise and rotations
-    "strong": dict(scale=(0.08, 1.0), contrast=(0.6, 1.4), brightness=(-0.15, 0.15), p_intensity=0.8,
-                   gamma=(0.6, 1.6), p_gamma=0.3, noise=(0.0, 40.0), p_noise=0.3, blur=(0.1, 2.0), p_blur=0.5,
-                   p_rotate=0.3),
+    "strong": dict(
+        scale=(0.08, 1.0),
+        contrast=(0.6, 1.4),
+        brightness=(-0.15, 0.15),
+        p_intensity=0.8,
+        gamma=(0.6, 1.6),
+        p_gamma=0.3,
+        noise=(0.0, 40.0),
+        p_noise=0.3,
+        blur=(0.1, 2.0),
+        p_blur=0.5,
+        p_rotate=0.3,
+    ),
     # MoCo v2's crop range (0.2 - 1) with the strong intensity jitter
-    "moco": dict(scale=(0.2, 1.0), contrast=(0.6, 1.4), brightness=(-0.15, 0.15), p_intensity=0.8,
-                 gamma=(0.6, 1.6), p_gamma=0.3, noise=(0.0, 40.0), p_noise=0.3, blur=(0.1, 2.0), p_blur=0.5,
-                 p_rotate=0.3),
+    "moco": dict(
+        scale=(0.2, 1.0),
+        contrast=(0.6, 1.4),
+        brightness=(-0.15, 0.15),
+        p_intensity=0.8,
+        gamma=(0.6, 1.6),
+        p_gamma=0.3,
+        noise=(0.0, 40.0),
+        p_noise=0.3,
+        blur=(0.1, 2.0),
+        p_blur=0.5,
+        p_rotate=0.3,
+    ),
     "light": dict(scale=(0.5, 1.0), p_intensity=0.3, p_gamma=0.0, p_noise=0.1, p_blur=0.0, p_rotate=0.1),
     "no-rotate": dict(p_rotate=0.0),
     "no-noise": dict(p_noise=0.0),
@@ -76,8 +97,9 @@ def augment_kwargs(spec: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in (s.strip() for s in str(spec).split("+")):
         if name not in AUGMENTS:
-            raise UserError(f"unknown augmentation preset {name!r}; choose from {', '.join(AUGMENTS)} "
-                            "(join several with '+')")
+            raise UserError(
+                f"unknown augmentation preset {name!r}; choose from {', '.join(AUGMENTS)} (join several with '+')"
+            )
         out.update(AUGMENTS[name])
     return out
 
@@ -93,8 +115,9 @@ class Views(MultiCrop):
         self.augments = list(augments)
         self.n_global, self.n_local = len(self.augments), 0
 
-    def __call__(self, hu: Tensor, generator: torch.Generator | None = None,
-                 rows: tuple[int, int] | None = None) -> list[Tensor]:
+    def __call__(
+        self, hu: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
+    ) -> list[Tensor]:
         return [aug(hu, generator, rows) for aug in self.augments]
 
     def __repr__(self) -> str:
@@ -121,20 +144,36 @@ def _integer(v, name: str, low: int = 0) -> int:
 @dataclass
 class SSLConfig(MethodConfig):
     """Fields every contrastive / clustering method has (besides its own)."""
-    chunk: int = field(default=0, metadata={
-        "help": "gradient caching: embed the batch in chunks of this many images (no autograd), then re-run "
-                "each chunk with autograd; same gradients, memory of one chunk (0: whole batch at once)"})
-    hybrid_weight: float = field(default=0.0, metadata={
-        "help": "weight lambda of the supervised cross-entropy on labelled slices: loss = ssl + lambda * ce "
-                "(needs --labels; 0: self-supervised only)"})
-    num_classes: int = field(default=0, metadata={
-        "help": "classes of the supervised head (set from the labels file; 0: none)"})
-    proj_hidden_dim: int = field(default=0, metadata={
-        "help": "projector (and BYOL's predictor) hidden width (0: the published width for ResNet-50 - 2048, "
-                "BYOL 4096 - scaled by the backbone's feature dim / 2048)"})
+
+    chunk: int = field(
+        default=0,
+        metadata={
+            "help": "gradient caching: embed the batch in chunks of this many images (no autograd), then re-run "
+            "each chunk with autograd; same gradients, memory of one chunk (0: whole batch at once)"
+        },
+    )
+    hybrid_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight lambda of the supervised cross-entropy on labelled slices: loss = ssl + lambda * ce "
+            "(needs --labels; 0: self-supervised only)"
+        },
+    )
+    num_classes: int = field(
+        default=0, metadata={"help": "classes of the supervised head (set from the labels file; 0: none)"}
+    )
+    proj_hidden_dim: int = field(
+        default=0,
+        metadata={
+            "help": "projector (and BYOL's predictor) hidden width (0: the published width for ResNet-50 - 2048, "
+            "BYOL 4096 - scaled by the backbone's feature dim / 2048)"
+        },
+    )
     proj_dim: int = field(default=128, metadata={"help": "projector output width (the embedding the loss sees)"})
-    augment: str = field(default="strong", metadata={
-        "help": "CTAugment presets of the views, joined with '+' (see sparkct.models.ssl.AUGMENTS)"})
+    augment: str = field(
+        default="strong",
+        metadata={"help": "CTAugment presets of the views, joined with '+' (see sparkct.models.ssl.AUGMENTS)"},
+    )
 
     def validate(self) -> None:
         _integer(self.chunk, "chunk")
@@ -144,8 +183,10 @@ class SSLConfig(MethodConfig):
         w = _number(self.hybrid_weight, "hybrid weight")
         _check(w >= 0, f"hybrid weight must be >= 0, got {w}")
         _integer(self.num_classes, "num_classes")
-        _check(w == 0 or self.num_classes >= 2,
-               "--hybrid-weight > 0 needs labels with at least 2 classes (--labels labels.csv)")
+        _check(
+            w == 0 or self.num_classes >= 2,
+            "--hybrid-weight > 0 needs labels with at least 2 classes (--labels labels.csv)",
+        )
 
     def validate_temperature(self, t, name: str = "temperature", minimum: float | None = None) -> None:
         """The user's `t` (``--NAME``): > 0, and >= `minimum` (the loss's bound) where one is given."""
@@ -222,8 +263,10 @@ class SSLMethod(Method):
 
     # --- data ---------------------------------------------------------------------------------------
     def transform(self, crop: int, windows) -> Callable[..., Any]:
-        _check(isinstance(crop, int) and not isinstance(crop, bool) and crop >= 8,
-               f"crop size must be an integer >= 8 pixels, got {crop!r}")
+        _check(
+            isinstance(crop, int) and not isinstance(crop, bool) and crop >= 8,
+            f"crop size must be an integer >= 8 pixels, got {crop!r}",
+        )
         try:
             return self.views_transform(crop, windows)
         except ValueError as e:
@@ -237,8 +280,13 @@ class SSLMethod(Method):
     @staticmethod
     def split_batch(batch) -> tuple[list[Tensor], Tensor | None]:
         """(views, targets or None) of a loader's batch: views, or (views, targets)."""
-        if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], Tensor) and batch[1].dim() == 1 \
-                and isinstance(batch[0], (list, tuple)):
+        if (
+            isinstance(batch, tuple)
+            and len(batch) == 2
+            and isinstance(batch[1], Tensor)
+            and batch[1].dim() == 1
+            and isinstance(batch[0], (list, tuple))
+        ):
             return list(batch[0]), batch[1]
         if isinstance(batch, Tensor):
             raise ValueError("expected a list of views (the method's transform makes them), got one tensor")
@@ -270,8 +318,7 @@ class SSLMethod(Method):
             return logits.sum() * 0.0
         return F.cross_entropy(logits[keep].float(), t[keep])
 
-    def training_step(self, batch: Any, step: int, backward: Callable | None = None
-                      ) -> tuple[Tensor, dict[str, Any]]:
+    def training_step(self, batch: Any, step: int, backward: Callable | None = None) -> tuple[Tensor, dict[str, Any]]:
         views, targets = self.split_batch(batch)
         state = self.prepare(views, step)
         inputs = self.grad_views(views)
@@ -279,8 +326,9 @@ class SSLMethod(Method):
         sizes = [g.shape[0] // n for g, n in groups]
         n_global = min(self.n_global, len(inputs))
 
-        def loss_fn(group_outs: Sequence[Tensor | tuple[Tensor, ...]]
-                    ) -> tuple[Tensor, tuple[list[tuple[Tensor, ...]], dict[str, Any]]]:
+        def loss_fn(
+            group_outs: Sequence[Tensor | tuple[Tensor, ...]],
+        ) -> tuple[Tensor, tuple[list[tuple[Tensor, ...]], dict[str, Any]]]:
             per_view: list[tuple[Tensor, ...]] = []
             for (_g, n), outs, size in zip(groups, group_outs, sizes):
                 outs = outs if isinstance(outs, tuple) else (outs,)
@@ -299,8 +347,14 @@ class SSLMethod(Method):
 
         if self.config.chunk > 0:
             bw = backward if backward is not None else torch.autograd.backward
-            loss, _, (per_view, logs) = grad_cache(self._embed_all, [g for g, _ in groups], loss_fn, bw,
-                                                   self.config.chunk, module=self._embedding_modules())
+            loss, _, (per_view, logs) = grad_cache(
+                self._embed_all,
+                [g for g, _ in groups],
+                loss_fn,
+                bw,
+                self.config.chunk,
+                module=self._embedding_modules(),
+            )
         else:
             loss, (per_view, logs) = loss_fn([self._embed_all(g) for g, _ in groups])
         emb = self.collapse_embedding(per_view[0][0].detach())

@@ -16,6 +16,7 @@ batch under DDP, swapped prediction at temperature 0.1.
   any world size, and a checkpoint's queue does not depend on the world size.
 - BatchNorm: the crops of one resolution go through the backbone together (SwAV's code does the same).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,23 +35,30 @@ __all__ = ["SwAV", "SwAVConfig"]
 
 @dataclass
 class SwAVConfig(SSLConfig):
-    prototypes: int = field(default=3000, metadata={
-        "help": "number of prototypes (3000 as in SwAV; 500 in the published CT comparison)"})
+    prototypes: int = field(
+        default=3000, metadata={"help": "number of prototypes (3000 as in SwAV; 500 in the published CT comparison)"}
+    )
     temperature: float = field(default=0.1, metadata={"help": "swapped prediction softmax temperature"})
     sinkhorn_iterations: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations"})
     epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn-Knopp entropy regularization"})
     n_global: int = field(default=2, metadata={"help": "global crops (at the trainer's crop size)"})
     n_local: int = field(default=6, metadata={"help": "local crops"})
-    local_crop: int = field(default=0, metadata={
-        "help": "local crop size in pixels (0: 96/224 of the crop size, as SwAV's 224 + 96)"})
-    global_scale: tuple[float, float] = field(default=(0.14, 1.0), metadata={
-        "help": "global crops' area range as a fraction of the slice (SwAV: 0.14 1)"})
-    local_scale: tuple[float, float] = field(default=(0.05, 0.14), metadata={
-        "help": "local crops' area range (SwAV: 0.05 0.14)"})
-    freeze_prototypes: int = field(default=313, metadata={
-        "help": "steps at the start during which the prototypes are not updated (SwAV: its first epoch)"})
-    queue_size: int = field(default=0, metadata={
-        "help": "feature queue length per global crop (0: no queue; SwAV: 3840 at batch 256)"})
+    local_crop: int = field(
+        default=0, metadata={"help": "local crop size in pixels (0: 96/224 of the crop size, as SwAV's 224 + 96)"}
+    )
+    global_scale: tuple[float, float] = field(
+        default=(0.14, 1.0), metadata={"help": "global crops' area range as a fraction of the slice (SwAV: 0.14 1)"}
+    )
+    local_scale: tuple[float, float] = field(
+        default=(0.05, 0.14), metadata={"help": "local crops' area range (SwAV: 0.05 0.14)"}
+    )
+    freeze_prototypes: int = field(
+        default=313,
+        metadata={"help": "steps at the start during which the prototypes are not updated (SwAV: its first epoch)"},
+    )
+    queue_size: int = field(
+        default=0, metadata={"help": "feature queue length per global crop (0: no queue; SwAV: 3840 at batch 256)"}
+    )
     queue_start_epoch: int = field(default=15, metadata={"help": "epoch from which the queue is used"})
 
     def validate(self) -> None:
@@ -79,8 +87,7 @@ class SwAV(SSLMethod):
     config: SwAVConfig
     epoch: Tensor  # buffer: epochs done
     # SwAV: LARS, lr 4.8 at batch 4096 (0.3 x batch / 256), weight decay 1e-6
-    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6,
-                "warmup_epochs": 1.0}
+    defaults = {**SSLMethod.defaults, "optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 1.0}
 
     def __init__(self, backbone: nn.Module, config: SwAVConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim=feature_dim)
@@ -89,9 +96,11 @@ class SwAV(SSLMethod):
         self.projector = SwAVProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
         self.prototypes = SwAVPrototypes(c.proj_dim, c.prototypes)
         self.criterion = SwAVLoss(c.temperature, c.sinkhorn_iterations, c.epsilon, sinkhorn_gather_distributed=True)
-        self.queue = nn.ModuleList([FeatureQueue(c.queue_size, c.proj_dim, gather_distributed=True)
-                                    for _ in range(c.n_global)]) \
-            if c.queue_size else None
+        self.queue = (
+            nn.ModuleList([FeatureQueue(c.queue_size, c.proj_dim, gather_distributed=True) for _ in range(c.n_global)])
+            if c.queue_size
+            else None
+        )
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # epochs done, for the queue start
 
     def views_transform(self, crop: int, windows) -> Views:
@@ -107,35 +116,39 @@ class SwAV(SSLMethod):
         return torch.cat([self.prototypes(z), z], 1), f  # scores and features side by side (one tensor)
 
     def collapse_embedding(self, out: Tensor) -> Tensor:
-        return out[:, self.config.prototypes:]
+        return out[:, self.config.prototypes :]
 
     @torch.no_grad()
     def check_run(self, batch: int) -> None:
         if self.queue is not None and batch > self.config.queue_size:
-            raise UserError(f"SwAV's queue ({self.config.queue_size}) is smaller than the global batch ({batch}): "
-                            "raise --queue-size or lower --batch")
+            raise UserError(
+                f"SwAV's queue ({self.config.queue_size}) is smaller than the global batch ({batch}): "
+                "raise --queue-size or lower --batch"
+            )
 
     def prepare(self, views, step):
         c = self.config
         if len(views) != c.n_global + c.n_local:
             raise ValueError(f"SwAV expects {c.n_global} + {c.n_local} crops, got {len(views)}")
         if self.queue is not None and views[0].shape[0] * world_size() > c.queue_size:
-            raise UserError(f"SwAV's queue ({c.queue_size}) is smaller than the global batch "
-                            f"({views[0].shape[0] * world_size()}): raise --queue-size")
+            raise UserError(
+                f"SwAV's queue ({c.queue_size}) is smaller than the global batch "
+                f"({views[0].shape[0] * world_size()}): raise --queue-size"
+            )
         self.prototypes.normalize()
 
     def objective(self, outs, state, step):
         c = self.config
         K = c.prototypes
         scores = [o[:, :K] for o in outs]
-        feats = [o[:, K:].detach() for o in outs[:c.n_global]]
+        feats = [o[:, K:].detach() for o in outs[: c.n_global]]
         queue = None
         use_queue = self.queue is not None and int(self.epoch) >= c.queue_start_epoch
         if use_queue and all(q.full for q in self.queue):
             w = self.prototypes.weight.detach()
             # this rank's share of the queue rows: the Sinkhorn sums over ranks count every row once
             queue = [torch.tensor_split(q.features(), world_size())[rank()].to(w.dtype) @ w.t() for q in self.queue]
-        loss = self.criterion(scores[:c.n_global], scores[c.n_global:], queue)
+        loss = self.criterion(scores[: c.n_global], scores[c.n_global :], queue)
         if use_queue:
             for q, z in zip(self.queue, feats):
                 q.push(z)

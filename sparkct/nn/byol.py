@@ -6,6 +6,7 @@ z_n)`` (lightly's ``NegativeCosineSimilarity``); the targets z are detached. BYO
 loss as ``2 - 2 cos`` summed over both directions, i.e. ``4 + 4 * this``: the same minimizer, a 4x
 larger gradient (absorbed by the learning rate). Values lie in [-1, 1]; -1 is perfect agreement.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ identical on every rank.
 cosine to ``end`` at step ``total - 1`` and after it (lightly's ``cosine_schedule``). MoCo's fixed
 0.999 is ``start == end``; BYOL's 0.99 -> 1.0 is ``cosine_schedule(step, total, 0.99, 1.0)``.
 """
+
 from __future__ import annotations
 
 import copy

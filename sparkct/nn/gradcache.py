@@ -26,6 +26,7 @@ Randomness inside `encode` (dropout, stochastic depth): the CPU RNG state (and t
 the inputs' device) is saved before each chunk of the first pass and restored for its re-run, so the
 re-run draws the same masks; the global RNG ends where one pass leaves it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -65,9 +66,15 @@ def chunked(encode: Callable[[Tensor], Outputs], x: Tensor, chunk: int) -> Outpu
     return cat if len(cat) > 1 else cat[0]
 
 
-def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
-               loss_fn: Callable[[list[Outputs]], tuple[Tensor, Any]], backward: Callable, chunk: int,
-               *, module: nn.Module | Sequence[nn.Module] | None = None) -> tuple[Tensor, list[Outputs], Any]:
+def grad_cache(
+    encode: Callable[[Tensor], Outputs],
+    inputs: Sequence[Tensor],
+    loss_fn: Callable[[list[Outputs]], tuple[Tensor, Any]],
+    backward: Callable,
+    chunk: int,
+    *,
+    module: nn.Module | Sequence[nn.Module] | None = None,
+) -> tuple[Tensor, list[Outputs], Any]:
     """One step of gradient caching.
 
     Args:
@@ -103,8 +110,9 @@ def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
     with torch.no_grad():
         for b, v in zip(buffers, saved):
             b.copy_(v)
-    leaves = [tuple(torch.cat(p, 0).detach().requires_grad_(p[0].is_floating_point()) for p in zip(*outs))
-              for outs in parts]
+    leaves = [
+        tuple(torch.cat(p, 0).detach().requires_grad_(p[0].is_floating_point()) for p in zip(*outs)) for outs in parts
+    ]
     structured = [t if len(t) > 1 else t[0] for t in leaves]
     loss, extra = loss_fn(structured)
     flat = [t for tup in leaves for t in tup if t.requires_grad]
@@ -125,7 +133,7 @@ def grad_cache(encode: Callable[[Tensor], Outputs], inputs: Sequence[Tensor],
                 g = grad_of.get(id(leaf))
                 if g is not None and o.requires_grad:
                     ts.append(o)
-                    gs.append(g[offset:offset + n])
+                    gs.append(g[offset : offset + n])
             if ts:
                 backward(ts, gs)
             offset += n

@@ -19,6 +19,7 @@ output widths (128, 256) are kept as published, since the loss works on them. A 
 thus gets SimCLR 512-512-128 and BYOL 512-1024-256 / 256-1024-256. :func:`scaled_width` is that
 rule; pass an explicit ``hidden_dim`` to override it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ProjectionHead", "SimCLRProjectionHead", "MoCoProjectionHead", "SwAVProjectionHead",
-           "BYOLProjectionHead", "BYOLPredictionHead", "SwAVPrototypes", "scaled_width", "REFERENCE_DIM"]
+__all__ = [
+    "ProjectionHead",
+    "SimCLRProjectionHead",
+    "MoCoProjectionHead",
+    "SwAVProjectionHead",
+    "BYOLProjectionHead",
+    "BYOLPredictionHead",
+    "SwAVPrototypes",
+    "scaled_width",
+    "REFERENCE_DIM",
+]
 
 #: the feature dimension the published head sizes are for (ResNet-50's pooled features)
 REFERENCE_DIM = 2048
@@ -74,8 +84,9 @@ class SimCLRProjectionHead(ProjectionHead):
     """SimCLR (v1): Linear-BN-ReLU, Linear (2048-2048-128 for ResNet-50). lightly's head with
     ``batch_norm=True`` also puts a BN after the output layer (SimCLR v2's form); this one does not."""
 
-    def __init__(self, input_dim: int = 2048, hidden_dim: int | None = None, output_dim: int = 128,
-                 batch_norm: bool = True):
+    def __init__(
+        self, input_dim: int = 2048, hidden_dim: int | None = None, output_dim: int = 128, batch_norm: bool = True
+    ):
         h = hidden_dim or scaled_width(2048, input_dim, output_dim)
         super().__init__([(input_dim, h, batch_norm, True), (h, output_dim, False, False)])
 
@@ -108,8 +119,13 @@ class BYOLPredictionHead(ProjectionHead):
     """BYOL predictor: Linear-BN-ReLU, Linear (256-4096-256 for ResNet-50). Its input is the
     projection, so the hidden width scales with the *backbone's* `feature_dim`, not `input_dim`."""
 
-    def __init__(self, input_dim: int = 256, hidden_dim: int | None = None, output_dim: int = 256,
-                 feature_dim: int = REFERENCE_DIM):
+    def __init__(
+        self,
+        input_dim: int = 256,
+        hidden_dim: int | None = None,
+        output_dim: int = 256,
+        feature_dim: int = REFERENCE_DIM,
+    ):
         h = hidden_dim or scaled_width(4096, feature_dim, output_dim)
         super().__init__([(input_dim, h, True, True), (h, output_dim, False, False)])
 

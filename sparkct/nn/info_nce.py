@@ -1,4 +1,5 @@
 """``InfoNCELoss``: a drop-in for lightly's ``NTXentLoss`` on the fused InfoNCE kernels."""
+
 from __future__ import annotations
 
 import numbers
@@ -49,25 +50,34 @@ class InfoNCELoss(nn.Module):
     bank: torch.Tensor  # buffers (registered in __init__)
     bank_ptr: torch.Tensor
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int | Sequence[int] = 0,
-                 gather_distributed: bool = False, persistent_bank: bool = False):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: int | Sequence[int] = 0,
+        gather_distributed: bool = False,
+        persistent_bank: bool = False,
+    ):
         super().__init__()
         # the op's check of its argument, run here at construction, with lightly's bound
         self.temperature = check_temperature(temperature, "InfoNCELoss", minimum=self.MIN_TEMPERATURE)
         if gather_distributed and not dist.is_available():
             raise ValueError("InfoNCELoss: gather_distributed is True but torch.distributed is not available")
         self.gather_distributed = bool(gather_distributed)
-        bad = ValueError(f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r} (a "
-                         f"{type(memory_bank_size).__name__}): expected an int 0 (no bank), K, or a pair (K, D) "
-                         "of ints with K, D >= 0")
+        bad = ValueError(
+            f"InfoNCELoss: illegal memory_bank_size {memory_bank_size!r} (a "
+            f"{type(memory_bank_size).__name__}): expected an int 0 (no bank), K, or a pair (K, D) "
+            "of ints with K, D >= 0"
+        )
         if isinstance(memory_bank_size, numbers.Integral) and not isinstance(memory_bank_size, bool):
             size: tuple[int, ...] = (int(memory_bank_size),)
         elif isinstance(memory_bank_size, Sequence) and not isinstance(memory_bank_size, str):
             size = tuple(memory_bank_size)
         else:
             raise bad
-        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size) \
-                or len(size) not in (1, 2):
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size) or len(size) not in (
+            1,
+            2,
+        ):
             raise bad
         size = tuple(int(s) for s in size)
         if any(s < 0 for s in size) or (len(size) == 2 and size[1] == 0 and size[0] > 0):
@@ -75,8 +85,9 @@ class InfoNCELoss(nn.Module):
         self.memory_bank_size = size
         if persistent_bank and len(size) != 2 and size[0] > 0:
             raise ValueError("InfoNCELoss: persistent_bank needs memory_bank_size=(K, D) (the shape it is saved with)")
-        self.register_buffer("bank", torch.empty(size if len(size) == 2 else (0,), dtype=torch.float),
-                             persistent=persistent_bank)
+        self.register_buffer(
+            "bank", torch.empty(size if len(size) == 2 else (0,), dtype=torch.float), persistent=persistent_bank
+        )
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=persistent_bank)
         if len(size) == 2 and size[0] > 0:
             self._init_bank(size)
@@ -99,10 +110,10 @@ class InfoNCELoss(nn.Module):
         ptr = int(self.bank_ptr)
         b = keys.shape[0]
         if ptr + b >= size:
-            self.bank[ptr:] = keys[:size - ptr]
+            self.bank[ptr:] = keys[: size - ptr]
             self.bank_ptr.zero_()
         else:
-            self.bank[ptr:ptr + b] = keys
+            self.bank[ptr : ptr + b] = keys
             self.bank_ptr[0] = ptr + b
 
     @torch.no_grad()
@@ -116,8 +127,13 @@ class InfoNCELoss(nn.Module):
     def forward(self, out0: torch.Tensor, out1: torch.Tensor, enqueue: bool | None = None) -> torch.Tensor:
         """The loss; with a bank, `enqueue` (default: whether out0 requires grad, as lightly) puts the
         normalized out1 into the bank after computing it."""
-        if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dtype != out1.dtype \
-                and out0.is_floating_point() and out1.is_floating_point():
+        if (
+            isinstance(out0, torch.Tensor)
+            and isinstance(out1, torch.Tensor)
+            and out0.dtype != out1.dtype
+            and out0.is_floating_point()
+            and out1.is_floating_point()
+        ):
             # e.g. one projection computed under autocast and one not: compute in the wider type
             common = torch.promote_types(out0.dtype, out1.dtype)
             out0, out1 = out0.to(common), out1.to(common)
@@ -136,5 +152,4 @@ class InfoNCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         size = self.memory_bank_size if len(self.memory_bank_size) == 2 else self.memory_bank_size[0]
-        return (f"temperature={self.temperature}, memory_bank_size={size}, "
-                f"gather_distributed={self.gather_distributed}")
+        return f"temperature={self.temperature}, memory_bank_size={size}, gather_distributed={self.gather_distributed}"

@@ -8,6 +8,7 @@ pushed, not the queue's length). ``features()`` returns them oldest first; until
 filled once it returns only the rows pushed so far, and ``full`` says whether it has been filled.
 The buffers are persistent, so a resumed run continues with the same queue.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,12 +59,12 @@ class FeatureQueue(nn.Module):
         rows = rows.detach().to(self.queue)
         n = rows.shape[0]
         if n >= self.size:  # only the newest `size` rows survive
-            rows, n = rows[n - self.size:], self.size
+            rows, n = rows[n - self.size :], self.size
         p = int(self.ptr)
         first = min(n, self.size - p)
-        self.queue[p:p + first] = rows[:first]
+        self.queue[p : p + first] = rows[:first]
         if first < n:
-            self.queue[:n - first] = rows[first:]
+            self.queue[: n - first] = rows[first:]
         self.ptr.fill_((p + n) % self.size)
         self.count.fill_(min(self.size, int(self.count) + n))
 

@@ -17,6 +17,7 @@ and pool dense, then masked cells zeroed; BatchNorm over visible positions), but
   im2col over visible positions + one GEMM; the stem's 7x7/2 conv and the 3x3/2 max-pool (border -inf,
   masked cells 0) take halos from the 32x32 input cells.
 """
+
 from __future__ import annotations
 
 from typing import Literal, cast
@@ -76,9 +77,11 @@ def _check_module(m: nn.Module, name: str) -> None:
         for sub_name, sub in m.named_children():
             _check_module(sub, f"{name}.{sub_name}")
     else:
-        raise ValueError(f"{name}: {type(m).__name__} is not supported by the sparse encoder (its semantics on "
-                         "masked cells are not SparK's); supported: Conv2d, BatchNorm2d/SyncBatchNorm, ReLU, "
-                         "MaxPool2d, torchvision BasicBlock/Bottleneck, Sequential")
+        raise ValueError(
+            f"{name}: {type(m).__name__} is not supported by the sparse encoder (its semantics on "
+            "masked cells are not SparK's); supported: Conv2d, BatchNorm2d/SyncBatchNorm, ReLU, "
+            "MaxPool2d, torchvision BasicBlock/Bottleneck, Sequential"
+        )
 
 
 class SparseEncoder(nn.Module):
@@ -106,9 +109,14 @@ class SparseEncoder(nn.Module):
     maxpool: nn.Module
     _dense_model: nn.Module
 
-    def __init__(self, model: nn.Module, *, gemm_max_cell: int = 2,
-                 conv_method: Literal["auto", "halo", "gemm"] = "auto",
-                 memory_format: Literal["channels_last", "contiguous", "preserve"] = "channels_last"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        gemm_max_cell: int = 2,
+        conv_method: Literal["auto", "halo", "gemm"] = "auto",
+        memory_format: Literal["channels_last", "contiguous", "preserve"] = "channels_last",
+    ):
         super().__init__()
         missing = [n for n in ("conv1", "bn1", "relu", "maxpool", *_STAGES) if not hasattr(model, n)]
         if missing:
@@ -118,8 +126,9 @@ class SparseEncoder(nn.Module):
         if conv_method not in ("auto", "halo", "gemm"):
             raise ValueError(f"conv_method must be 'auto', 'halo' or 'gemm', got {conv_method!r}")
         if memory_format not in ("channels_last", "contiguous", "preserve"):
-            raise ValueError("memory_format must be 'channels_last', 'contiguous' or 'preserve', got "
-                             f"{memory_format!r}")
+            raise ValueError(
+                f"memory_format must be 'channels_last', 'contiguous' or 'preserve', got {memory_format!r}"
+            )
         self.conv1 = cast(nn.Conv2d, model.conv1)
         self.bn1, self.relu, self.maxpool = (getattr(model, n) for n in ("bn1", "relu", "maxpool"))
         self.layer1, self.layer2, self.layer3, self.layer4 = (getattr(model, n) for n in _STAGES)
@@ -146,14 +155,25 @@ class SparseEncoder(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"gemm_max_cell={self.gemm_max_cell}, conv_method={self.conv_method!r}, "
-                f"memory_format={self.memory_format!r}")
+        return (
+            f"gemm_max_cell={self.gemm_max_cell}, conv_method={self.conv_method!r}, "
+            f"memory_format={self.memory_format!r}"
+        )
 
     # ---- running modules on packed tiles ----
 
     def _conv(self, m: nn.Conv2d, x: Tensor, layout: CellLayout) -> Tensor:
-        return sparse_conv2d(x, layout, m.weight, m.bias, m.stride, m.padding, m.groups,
-                             method=self.conv_method, gemm_max_cell=self.gemm_max_cell)
+        return sparse_conv2d(
+            x,
+            layout,
+            m.weight,
+            m.bias,
+            m.stride,
+            m.padding,
+            m.groups,
+            method=self.conv_method,
+            gemm_max_cell=self.gemm_max_cell,
+        )
 
     def _run(self, m: nn.Module, x: Tensor, layout: CellLayout) -> Tensor:
         BasicBlock, Bottleneck = _block_types()
@@ -191,8 +211,7 @@ class SparseEncoder(nn.Module):
         B, C, H, W = x.shape
         r = self.downsample_ratio
         if H % r or W % r or H == 0 or W == 0:
-            raise ValueError(f"H and W must be positive multiples of {r} (one mask cell = {r}x{r} pixels), "
-                             f"got {H}x{W}")
+            raise ValueError(f"H and W must be positive multiples of {r} (one mask cell = {r}x{r} pixels), got {H}x{W}")
         if C != self.conv1.in_channels:
             raise ValueError(f"x has {C} channels but the model's conv1 expects {self.conv1.in_channels}")
         if isinstance(mask, CellLayout):
@@ -201,24 +220,30 @@ class SparseEncoder(nn.Module):
         else:
             layout = None
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a boolean tensor (True = visible cell) of shape "
-                             f"(B, H/{r}, W/{r}) = {(B, H // r, W // r)}, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
+            raise ValueError(
+                "mask must be a boolean tensor (True = visible cell) of shape "
+                f"(B, H/{r}, W/{r}) = {(B, H // r, W // r)}, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         if tuple(mask.shape) != (B, H // r, W // r):
-            raise ValueError(f"mask must have shape (B, H/{r}, W/{r}) = {(B, H // r, W // r)} for input "
-                             f"{tuple(x.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape (B, H/{r}, W/{r}) = {(B, H // r, W // r)} for input "
+                f"{tuple(x.shape)}, got {tuple(mask.shape)}"
+            )
         if mask.device != x.device:
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
         if layout is None:
             layout = cell_layout(mask)
         if layout.num_tiles == 0:
-            raise ValueError("every cell of the batch is masked: nothing to encode (SparK needs at least one "
-                             "visible cell per batch)")
+            raise ValueError(
+                "every cell of the batch is masked: nothing to encode (SparK needs at least one visible cell per batch)"
+            )
         return layout
 
     @ranged("sparkct.SparseEncoder")
-    def forward(self, x: Tensor, mask: Tensor | CellLayout, *, packed: bool = False,
-                stem: bool = False) -> list[Tensor]:
+    def forward(
+        self, x: Tensor, mask: Tensor | CellLayout, *, packed: bool = False, stem: bool = False
+    ) -> list[Tensor]:
         """Features of layer1..layer4 (strides 4, 8, 16, 32), preceded by the stride-2 stem output
         (after conv1/bn1/relu) if ``stem``. Dense (B, C, H/s, W/s) maps with zeros at masked cells, or
         with ``packed=True`` the packed tiles (A, C, 32/s, 32/s) in the order of ``cell_layout(mask)``

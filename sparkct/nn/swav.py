@@ -16,6 +16,7 @@ crop i, codes q_i (no gradient, optionally with queue rows appended for the equi
 dropped) are predicted by every other crop v: ``-mean_n sum_k q_i[n, k] log softmax(s_v[n] / T)_k``,
 averaged over the (n_crops - 1) predicting crops and over the high-resolution crops.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ __all__ = ["sinkhorn", "SwAVLoss"]
 
 
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05,
-             gather_distributed: bool = False) -> torch.Tensor:
+def sinkhorn(
+    scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gather_distributed: bool = False
+) -> torch.Tensor:
     """Soft codes (N, K) float32 of scores (N, K); see the module docstring."""
     if scores.dim() != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"sinkhorn: expected non-empty scores (N, K), got {tuple(scores.shape)}")
@@ -69,8 +71,13 @@ class SwAVLoss(nn.Module):
         sinkhorn_gather_distributed: codes over the global batch under DDP.
     """
 
-    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
-                 sinkhorn_gather_distributed: bool = False):
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        sinkhorn_iterations: int = 3,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_gather_distributed: bool = False,
+    ):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"SwAVLoss: temperature must be > 0, got {temperature}")
@@ -87,24 +94,28 @@ class SwAVLoss(nn.Module):
         if queue_scores is not None and len(queue_scores):
             s = torch.cat([s, queue_scores.detach().to(s.dtype)], 0)
         q = sinkhorn(s, self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed)
-        return q[:scores.shape[0]]
+        return q[: scores.shape[0]]
 
     def subloss(self, scores: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of codes q against softmax(scores / T), mean over rows."""
         return -(q * F.log_softmax(scores.float() / self.temperature, dim=1)).sum(1).mean()
 
     @ranged("loss/SwAVLoss")
-    def forward(self, high_resolution: list[torch.Tensor], low_resolution: list[torch.Tensor] | None = None,
-                queue: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        high_resolution: list[torch.Tensor],
+        low_resolution: list[torch.Tensor] | None = None,
+        queue: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         low_resolution = list(low_resolution or [])
         n_high = len(high_resolution)
         n_crops = n_high + len(low_resolution)
         if n_high < 1 or n_crops < 2:
-            raise ValueError(f"SwAVLoss needs >= 1 high-resolution crop and >= 2 crops in all, got {n_high} "
-                             f"and {n_crops}")
+            raise ValueError(
+                f"SwAVLoss needs >= 1 high-resolution crop and >= 2 crops in all, got {n_high} and {n_crops}"
+            )
         if queue is not None and len(queue) != n_high:
-            raise ValueError(f"SwAVLoss: one queue score tensor per high-resolution crop ({n_high}), "
-                             f"got {len(queue)}")
+            raise ValueError(f"SwAVLoss: one queue score tensor per high-resolution crop ({n_high}), got {len(queue)}")
         loss = high_resolution[0].new_zeros((), dtype=torch.float32)
         for i in range(n_high):
             q = self.codes(high_resolution[i], queue[i] if queue is not None else None)

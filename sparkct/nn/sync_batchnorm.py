@@ -8,6 +8,7 @@ concatenated batch. Two passes (mean, then centred squares) keep the variance as
 On a packed SparK tensor (visible cells only) the statistics are those of the visible positions of the
 global batch, as SparK's SyncBN gives.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -90,18 +91,29 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None, *, cuda_native
 
 
 def _convert(m: nn.Module, group) -> nn.Module:
-    classes: dict[type[nn.Module], type[_GlobalBatchNorm]] = {nn.BatchNorm2d: GlobalBatchNorm2d,
-                                                              nn.BatchNorm1d: GlobalBatchNorm1d}
+    classes: dict[type[nn.Module], type[_GlobalBatchNorm]] = {
+        nn.BatchNorm2d: GlobalBatchNorm2d,
+        nn.BatchNorm1d: GlobalBatchNorm1d,
+    }
     cls = classes.get(type(m))
     if cls is not None and isinstance(m, nn.modules.batchnorm._BatchNorm):  # (true when cls is; types m)
-        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                                device=m.running_mean.device if m.running_mean is not None else None)
+        new = cls(
+            m.num_features,
+            m.eps,
+            m.momentum,
+            m.affine,
+            m.track_running_stats,
+            device=m.running_mean.device if m.running_mean is not None else None,
+        )
         new.process_group = group
         if m.affine:
             new.weight, new.bias = m.weight, m.bias
         if m.track_running_stats:
-            new.running_mean, new.running_var, new.num_batches_tracked = (m.running_mean, m.running_var,
-                                                                          m.num_batches_tracked)
+            new.running_mean, new.running_var, new.num_batches_tracked = (
+                m.running_mean,
+                m.running_var,
+                m.num_batches_tracked,
+            )
         new.train(m.training)
         return new
     for name, child in m.named_children():

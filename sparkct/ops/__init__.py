@@ -3,6 +3,7 @@
 Each op module validates its input, attaches autograd and fake kernels, and exposes a function.
 ``sparkct.ops.reference`` holds the plain-PyTorch semantics every kernel is tested against.
 """
+
 from sparkct._ext import build_info, cuda_version, with_cuda
 
 __all__ = ["build_info", "cuda_version", "with_cuda"]
@@ -25,5 +26,14 @@ from sparkct.ops.sparse import (  # noqa: E402
     unpack,
 )
 
-__all__ += ["sparse", "CellLayout", "cell_layout", "pack", "unpack", "halo", "im2col", "sparse_conv2d",
-            "sparse_max_pool2d"]
+__all__ += [
+    "sparse",
+    "CellLayout",
+    "cell_layout",
+    "pack",
+    "unpack",
+    "halo",
+    "im2col",
+    "sparse_conv2d",
+    "sparse_max_pool2d",
+]

@@ -41,6 +41,7 @@ DDP training sees exactly the gradients of the single-process loss on the global
 convention as lightly's ``gather_distributed``). With unequal N each rank's loss stays the mean over
 its own anchors (a smaller last batch weighs as much as a full one, as DDP weighs ranks anyway).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MIN_TEMPERATURE = {torch.float32: 5.88e-39, torch.float64: 1e-300}
 
 
-def check_temperature(temperature, who: str = "info_nce", minimum: float | None = None,
-                      dtype: torch.dtype | None = None) -> float:
+def check_temperature(
+    temperature, who: str = "info_nce", minimum: float | None = None, dtype: torch.dtype | None = None
+) -> float:
     """`temperature` as a float, or a ValueError that names it (prefixed by `who`): a real number, or a
     one-element tensor that needs no gradient (the kernels keep the temperature fixed); finite; > 0, or
     >= `minimum` where one is given; and, for embeddings of `dtype`, not below the smallest temperature
@@ -77,9 +79,11 @@ def check_temperature(temperature, who: str = "info_nce", minimum: float | None 
             raise ValueError(f"{who}: temperature must be a number, got a tensor of shape {tuple(temperature.shape)}")
         if temperature.requires_grad and torch.is_grad_enabled():
             # The kernels take temperature as a float: a gradient for it would silently be lost.
-            raise ValueError(f"{who}: temperature is a tensor that requires grad, but the fused loss keeps a fixed "
-                             "temperature (it does not differentiate with respect to it); pass a float (or "
-                             "temperature.detach()), or use sparkct.ops.reference.info_nce for a learnable temperature")
+            raise ValueError(
+                f"{who}: temperature is a tensor that requires grad, but the fused loss keeps a fixed "
+                "temperature (it does not differentiate with respect to it); pass a float (or "
+                "temperature.detach()), or use sparkct.ops.reference.info_nce for a learnable temperature"
+            )
         temperature = float(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"{who}: temperature must be a real number, got {temperature!r}")
@@ -91,9 +95,11 @@ def check_temperature(temperature, who: str = "info_nce", minimum: float | None 
     if dtype is not None:
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         if temperature < _MIN_TEMPERATURE[compute]:
-            raise ValueError(f"{who}: temperature {temperature:g} is too small for {str(dtype)[6:]} embeddings: "
-                             f"the logits (±1/temperature) and the loss (up to 2/temperature) overflow "
-                             f"{str(compute)[6:]}; the smallest usable temperature is {_MIN_TEMPERATURE[compute]:g}")
+            raise ValueError(
+                f"{who}: temperature {temperature:g} is too small for {str(dtype)[6:]} embeddings: "
+                f"the logits (±1/temperature) and the loss (up to 2/temperature) overflow "
+                f"{str(compute)[6:]}; the smallest usable temperature is {_MIN_TEMPERATURE[compute]:g}"
+            )
     return temperature
 
 
@@ -104,11 +110,11 @@ def _check(z0, z1, temperature, bank) -> float:
         if t.dim() != 2:
             raise ValueError(f"info_nce: {name} must be 2-D (N, D), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise ValueError(f"info_nce: {name} has dtype {t.dtype}; expected one of float16, bfloat16, "
-                             "float32, float64")
+            raise ValueError(
+                f"info_nce: {name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
+            )
     if z0.shape != z1.shape:
-        raise ValueError(f"info_nce: z0 and z1 must have the same shape, got {tuple(z0.shape)} and "
-                         f"{tuple(z1.shape)}")
+        raise ValueError(f"info_nce: z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
     if z0.dtype != z1.dtype:
         raise ValueError(f"info_nce: z0 and z1 must have the same dtype, got {z0.dtype} and {z1.dtype}")
     if z0.shape[0] == 0:
@@ -120,8 +126,10 @@ def _check(z0, z1, temperature, bank) -> float:
         if not isinstance(bank, torch.Tensor):
             raise ValueError(f"info_nce: bank must be a torch.Tensor, got {type(bank).__name__}")
         if bank.dim() != 2 or bank.shape[1] != z0.shape[1]:
-            raise ValueError(f"info_nce: bank must be 2-D (K, D) with D = {z0.shape[1]} like the embeddings, "
-                             f"got shape {tuple(bank.shape)}")
+            raise ValueError(
+                f"info_nce: bank must be 2-D (K, D) with D = {z0.shape[1]} like the embeddings, "
+                f"got shape {tuple(bank.shape)}"
+            )
         if bank.dtype != z0.dtype:
             raise ValueError(f"info_nce: bank dtype {bank.dtype} differs from the embeddings' {z0.dtype}")
     check_device("info_nce", z0, z1, bank)
@@ -138,8 +146,16 @@ def _distributed(gather_distributed: bool, group=None) -> bool:
 
 
 @ranged("sparkct.info_nce")
-def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank: torch.Tensor | None = None, *,
-             gather_distributed: bool = False, group=None, impl: str = "auto") -> torch.Tensor:
+def info_nce(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    temperature: float = 0.5,
+    bank: torch.Tensor | None = None,
+    *,
+    gather_distributed: bool = False,
+    group=None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Fused InfoNCE loss, a scalar in z0's dtype (see the module docstring for the semantics).
 
     z0, z1: (N, D) embeddings of two views (float16/bfloat16/float32/float64; fp32 accumulation).
@@ -163,6 +179,7 @@ def info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, bank:
 
 # ---- fake (meta) kernels and autograd ------------------------------------------------------------
 
+
 @torch.library.register_fake("sparkct::info_nce")
 def _info_nce_fake(z0, z1, cols, bank, temperature, col_offset, allow_tf32, impl):
     rows = z0.shape[0] if bank is not None else 2 * z0.shape[0]
@@ -177,8 +194,11 @@ def _info_nce_backward_fake(grad, z0, z1, cols, bank, lse, temperature, col_offs
         g_other = torch.empty_like(other, memory_format=torch.contiguous_format)
     else:
         g_other = z0.new_empty((0,))
-    return (torch.empty_like(z0, memory_format=torch.contiguous_format),
-            torch.empty_like(z1, memory_format=torch.contiguous_format), g_other)
+    return (
+        torch.empty_like(z0, memory_format=torch.contiguous_format),
+        torch.empty_like(z1, memory_format=torch.contiguous_format),
+        g_other,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -196,11 +216,18 @@ def _backward(ctx, grad_loss, grad_lse):
     need = ctx.needs_input_grad
     other_grad = bool((cols is not None and need[2]) or (bank is not None and need[3]))
     g0, g1, g_other = torch.ops.sparkct.info_nce_backward(
-        grad_loss, z0, z1, cols, bank, lse, temperature, col_offset, other_grad, allow_tf32, impl)
-    return (g0 if need[0] else None, g1 if need[1] else None,
-            g_other if (cols is not None and other_grad) else None,
-            g_other if (bank is not None and other_grad) else None,
-            None, None, None, None)
+        grad_loss, z0, z1, cols, bank, lse, temperature, col_offset, other_grad, allow_tf32, impl
+    )
+    return (
+        g0 if need[0] else None,
+        g1 if need[1] else None,
+        g_other if (cols is not None and other_grad) else None,
+        g_other if (bank is not None and other_grad) else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("sparkct::info_nce", _backward, setup_context=_setup_context)
@@ -214,6 +241,7 @@ torch.library.register_autograd("sparkct::info_nce", _backward, setup_context=_s
 # third and higher orders work as well. The saved LSE is an intermediate of the forward (marked
 # non-differentiable there): its dependence on the embeddings is part of this derivative, and a
 # direct call of info_nce_backward with an `lse` that requires grad is refused.
+
 
 def _reference_loss(z0, z1, other, bank_mode: bool, temperature: float, col_offset: int):
     if bank_mode:
@@ -230,16 +258,20 @@ def _bw_setup_context(ctx, inputs, output):
 @ranged("sparkct.info_nce.double_backward")
 def _bw_backward(ctx, gg0, gg1, gg_other):
     if ctx.needs_input_grad[5]:
-        raise ValueError("info_nce_backward: lse requires grad, but the op is not differentiable with respect to "
-                         "lse (it is the forward's saved log-sum-exp); differentiate info_nce itself twice instead")
+        raise ValueError(
+            "info_nce_backward: lse requires grad, but the op is not differentiable with respect to "
+            "lse (it is the forward's saved log-sum-exp); differentiate info_nce itself twice instead"
+        )
     grad, z0, z1, cols, bank = ctx.saved_tensors
     temperature, col_offset, other_grad = ctx.args
     other = bank if bank is not None else cols
     acc = torch.float64 if z0.dtype == torch.float64 else torch.float32
     primals = [grad, z0, z1] + ([] if other is None else [other])
     cot = [gg0, gg1] + ([] if other is None else [gg_other if other_grad else None])
-    cot = [torch.zeros_like(p, dtype=acc) if (c is None or c.numel() != p.numel()) else c.to(acc).reshape(p.shape)
-           for c, p in zip(cot, primals[1:])]
+    cot = [
+        torch.zeros_like(p, dtype=acc) if (c is None or c.numel() != p.numel()) else c.to(acc).reshape(p.shape)
+        for c, p in zip(cot, primals[1:])
+    ]
 
     def first_order(g, a0, a1, *o):
         def loss(b0, b1, *ob):

@@ -1,11 +1,13 @@
 """Plain-PyTorch definitions of every sparkct op: the oracle the kernels are tested against, and a
 fallback users can call anywhere PyTorch runs."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 # ---- fused InfoNCE ----------------------------------------------------------------------------
+
 
 def info_nce(z0, z1, temperature: float = 0.5, bank=None, *, cols=None, col_offset: int = 0):
     """InfoNCE the naive way: normalize, form every logit, cross-entropy (sparkct.ops.info_nce's
@@ -26,16 +28,17 @@ def info_nce(z0, z1, temperature: float = 0.5, bank=None, *, cols=None, col_offs
     c = rows if cols is None else F.normalize(cols, dim=1)
     logits = rows @ c.t() / temperature
     r = torch.arange(2 * n, device=rows.device)
-    logits = logits.index_put((r, r + col_offset), torch.tensor(float("-inf"), dtype=logits.dtype,
-                                                                 device=logits.device))
+    logits = logits.index_put(
+        (r, r + col_offset), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    )
     labels = col_offset + torch.where(r < n, r + n, r - n)
     return F.cross_entropy(logits, labels)
-
 
 
 # ---- sparse masked convolution (packed cell tiles); SparK's model-level oracle: sparkct.models.spark.reference
 # Everything here is derived from the boolean cell mask alone (dense canvases, F.pad, F.unfold), so
 # it shares no index arithmetic with the kernels. Masks are (B, GH, GW) bool, True = visible.
+
 
 def sparse_cell_tables(mask):
     """(cells (A, 3), nbr (A, 8), cell_map (B, GH, GW)), int32; nbr slots row-major around the cell

@@ -22,6 +22,7 @@ the mask, sparkct keeps only the A visible cells of the batch as a dense tensor 
 Layouts: kernels write NCHW unless their input is channels-last (then NHWC); any strides are accepted.
 Dtypes: float32/64, float16, bfloat16 (sums accumulate in float32 for the 16-bit types).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,20 +44,31 @@ _ops = torch.ops.sparkct
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 __all__ = [
-    "CellLayout", "MASKED", "OUTSIDE", "cell_layout", "pack", "unpack", "halo", "im2col",
-    "sparse_conv2d", "sparse_max_pool2d", "conv_method", "simple_kernels",
+    "CellLayout",
+    "MASKED",
+    "OUTSIDE",
+    "cell_layout",
+    "pack",
+    "unpack",
+    "halo",
+    "im2col",
+    "sparse_conv2d",
+    "sparse_max_pool2d",
+    "conv_method",
+    "simple_kernels",
 ]
 
 
 # ---- layout -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CellLayout:
     """Tables of one batch's cell mask. Build with :func:`cell_layout`; valid at every scale."""
 
-    mask: Tensor      # (B, GH, GW) bool, True = visible
-    cells: Tensor     # (A, 3) int32: (b, i, j) of tile t, row-major order
-    nbr: Tensor       # (A, 8) int32: neighbour tiles (slots row-major around the cell), -1 / -2
+    mask: Tensor  # (B, GH, GW) bool, True = visible
+    cells: Tensor  # (A, 3) int32: (b, i, j) of tile t, row-major order
+    nbr: Tensor  # (A, 8) int32: neighbour tiles (slots row-major around the cell), -1 / -2
     cell_map: Tensor  # (B, GH, GW) int32: tile index or -1
 
     @property
@@ -91,8 +103,10 @@ def _check_mask(mask) -> None:
     if not isinstance(mask, Tensor):
         raise ValueError(f"mask must be a torch.Tensor of dtype bool (True = visible), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a boolean tensor (True = visible cell), got dtype {mask.dtype}; "
-                         "convert with mask.bool() if it holds 0/1 values")
+        raise ValueError(
+            f"mask must be a boolean tensor (True = visible cell), got dtype {mask.dtype}; "
+            "convert with mask.bool() if it holds 0/1 values"
+        )
     if mask.dim() != 3:
         raise ValueError(f"mask must have shape (B, H/32, W/32) (one entry per cell), got {tuple(mask.shape)}")
 
@@ -122,8 +136,10 @@ def _check_dense(x: Tensor, layout: CellLayout, name: str) -> None:
     if B != layout.batch_size:
         raise ValueError(f"{name} has batch size {B} but the mask has {layout.batch_size}")
     if H % gh or W % gw or H // gh != W // gw or H == 0:
-        raise ValueError(f"{name} of size {H}x{W} is not a whole number of square cells of the "
-                         f"{gh}x{gw} mask grid (H and W must be the same multiple of the grid)")
+        raise ValueError(
+            f"{name} of size {H}x{W} is not a whole number of square cells of the "
+            f"{gh}x{gw} mask grid (H and W must be the same multiple of the grid)"
+        )
 
 
 def _check_packed(x: Tensor, layout: CellLayout, name: str) -> None:
@@ -152,12 +168,16 @@ def simple_kernels(enable: bool) -> bool:
 
 # ---- fake (meta) kernels ----------------------------------------------------------------------
 
+
 @torch.library.register_fake("sparkct::sparse_cell_tables")
 def _(mask):
     ctx = torch.library.get_ctx()
     A = ctx.new_dynamic_size()
-    return (mask.new_empty((A, 3), dtype=torch.int32), mask.new_empty((A, 8), dtype=torch.int32),
-            mask.new_empty(mask.shape, dtype=torch.int32))
+    return (
+        mask.new_empty((A, 3), dtype=torch.int32),
+        mask.new_empty((A, 8), dtype=torch.int32),
+        mask.new_empty(mask.shape, dtype=torch.int32),
+    )
 
 
 def _layout_of(x: Tensor, channels_last: bool | None) -> bool:
@@ -216,6 +236,7 @@ def _(grad_cols, nbr, channels, cell, kernel, stride, pad, channels_last):
 # (tests/ops/test_sparse_conv.py: gradgradcheck of every op and layer in float64, and fp32 double
 # backward of each layer against float64).
 
+
 def _pack_setup(ctx, inputs, output):
     x, cells, cell_map = inputs[:3]
     ctx.save_for_backward(cells, cell_map)
@@ -266,8 +287,7 @@ def _unpack_bw_backward(ctx, g_packed, g_fill):
     return _ops.sparse_unpack(g_packed, cells, cell_map, fill, ctx.grad_cl), None, None, None, None
 
 
-torch.library.register_autograd("sparkct::sparse_unpack_backward", _unpack_bw_backward,
-                                setup_context=_unpack_bw_setup)
+torch.library.register_autograd("sparkct::sparse_unpack_backward", _unpack_bw_backward, setup_context=_unpack_bw_setup)
 
 
 def _halo_setup(ctx, inputs, output):
@@ -327,11 +347,11 @@ def _im2col_bw_backward(ctx, grad):
     return (_ops.sparse_im2col(grad, nbr, *ctx.conf),) + (None,) * 7
 
 
-torch.library.register_autograd("sparkct::sparse_im2col_backward", _im2col_bw_backward,
-                                setup_context=_im2col_bw_setup)
+torch.library.register_autograd("sparkct::sparse_im2col_backward", _im2col_bw_backward, setup_context=_im2col_bw_setup)
 
 
 # ---- functions --------------------------------------------------------------------------------
+
 
 @ranged("sparkct.pack")
 def pack(x: Tensor, layout: CellLayout, channels_last: bool | None = None) -> Tensor:
@@ -343,8 +363,7 @@ def pack(x: Tensor, layout: CellLayout, channels_last: bool | None = None) -> Te
 
 
 @ranged("sparkct.unpack")
-def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None,
-           channels_last: bool | None = None) -> Tensor:
+def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None, channels_last: bool | None = None) -> Tensor:
     """Packed tiles (A, C, c, c) -> dense (B, C, GH*c, GW*c); masked cells hold ``fill`` (C,) (e.g. a
     learnable mask token; its gradient is the per-channel sum over masked positions) or zeros.
     ``channels_last`` picks the dense map's memory layout (None: the same as the tiles')."""
@@ -360,8 +379,7 @@ def unpack(packed: Tensor, layout: CellLayout, fill: Tensor | None = None,
 
 
 @ranged("sparkct.halo")
-def halo(packed: Tensor, layout: CellLayout, pad: int, masked_fill: float = 0.0,
-         border_fill: float = 0.0) -> Tensor:
+def halo(packed: Tensor, layout: CellLayout, pad: int, masked_fill: float = 0.0, border_fill: float = 0.0) -> Tensor:
     """(A, C, c, c) -> (A, C, c+2*pad, c+2*pad): each tile with a ring of width ``pad`` (<= c) read from
     its neighbour tiles; ``masked_fill`` where the neighbour cell is masked, ``border_fill`` beyond the
     image border."""
@@ -379,11 +397,15 @@ def _check_geometry(c: int, kernel: int, stride: int, pad: int, what: str) -> No
     if stride < 1 or c % stride:
         raise ValueError(f"{what}: stride {stride} must divide the cell size {c}")
     if not (0 <= pad <= c and kernel - 1 - pad <= c):
-        raise ValueError(f"{what}: a {kernel}x{kernel} kernel with padding {pad} reaches beyond the neighbouring "
-                         f"cells of a {c}x{c} cell")
+        raise ValueError(
+            f"{what}: a {kernel}x{kernel} kernel with padding {pad} reaches beyond the neighbouring "
+            f"cells of a {c}x{c} cell"
+        )
     if (c + 2 * pad - kernel) // stride + 1 != c // stride:
-        raise ValueError(f"{what}: kernel {kernel}, stride {stride}, padding {pad} does not map a {c}x{c} cell onto "
-                         f"{c // stride}x{c // stride} outputs (the dense layer would not keep cells aligned)")
+        raise ValueError(
+            f"{what}: kernel {kernel}, stride {stride}, padding {pad} does not map a {c}x{c} cell onto "
+            f"{c // stride}x{c // stride} outputs (the dense layer would not keep cells aligned)"
+        )
 
 
 @ranged("sparkct.im2col")
@@ -398,6 +420,7 @@ def im2col(packed: Tensor, layout: CellLayout, kernel: int, stride: int = 1, pad
 
 
 # ---- layers -----------------------------------------------------------------------------------
+
 
 def _pair(v, name: str) -> int:
     if isinstance(v, (tuple, list)):
@@ -431,8 +454,14 @@ class _HaloConv(torch.autograd.Function):
         h = _ops.sparse_halo(x.to(dt), nbr, pad, 0.0, 0.0)
         y = F.conv2d(h, weight.to(dt), _cast(bias, dt), stride, 0, 1, groups)
         ctx.save_for_backward(x, weight, nbr)
-        ctx.conf = (stride, pad, groups, None if bias is None else list(bias.shape), dt,
-                    None if bias is None else bias.dtype)
+        ctx.conf = (
+            stride,
+            pad,
+            groups,
+            None if bias is None else list(bias.shape),
+            dt,
+            None if bias is None else bias.dtype,
+        )
         return y
 
     @staticmethod
@@ -443,8 +472,18 @@ class _HaloConv(torch.autograd.Function):
         nx, nw, nb = ctx.needs_input_grad[:3]
         h = _ops.sparse_halo(x.to(dt), nbr, pad, 0.0, 0.0)
         gh, gw, gb = torch.ops.aten.convolution_backward(
-            gy.to(dt), h, weight.to(dt), bias_shape, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
-            [nx, nw, nb and bias_shape is not None])
+            gy.to(dt),
+            h,
+            weight.to(dt),
+            bias_shape,
+            [stride, stride],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            groups,
+            [nx, nw, nb and bias_shape is not None],
+        )
         gx = _ops.sparse_halo_backward(gh, nbr, pad).to(x.dtype) if nx else None
         return gx, _cast(gw, weight.dtype), _cast(gb, bias_dtype), None, None, None, None
 
@@ -534,7 +573,8 @@ class _HaloMaxPool(torch.autograd.Function):
         kernel, stride, pad = ctx.conf
         h = _ops.sparse_halo(x, nbr, pad, 0.0, -math.inf)
         gh = torch.ops.aten.max_pool2d_with_indices_backward(
-            gy, h, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, idx)
+            gy, h, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, idx
+        )
         return _ops.sparse_halo_backward(gh, nbr, pad), None, None, None, None
 
 
@@ -546,9 +586,17 @@ def conv_method(out_cell: int, groups: int = 1, gemm_max_cell: int = 2) -> Liter
 
 
 @ranged("sparkct.sparse_conv2d")
-def sparse_conv2d(x: Tensor, layout: CellLayout, weight: Tensor, bias: Tensor | None = None, stride=1,
-                  padding=0, groups: int = 1,
-                  method: Literal["auto", "halo", "gemm"] = "auto", gemm_max_cell: int = 2) -> Tensor:
+def sparse_conv2d(
+    x: Tensor,
+    layout: CellLayout,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    groups: int = 1,
+    method: Literal["auto", "halo", "gemm"] = "auto",
+    gemm_max_cell: int = 2,
+) -> Tensor:
     """A conv on packed tiles (A, C, c, c) -> (A, C_out, c/stride, c/stride), equal to SparK's dense
     conv followed by zeroing masked cells, with zero padding at the image border. Square kernels,
     dilation 1; 1x1 kernels with no padding run as a plain conv on the packed tensor."""

@@ -3,6 +3,7 @@ print a table, and compare with a stored baseline (a regression gate for CI).
 
 The parser imports nothing heavy; the command imports torch when it runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,35 +42,74 @@ in the arguments or a bad baseline file)."""
 
 def register(subparsers) -> None:
     s = subparsers.add_parser(
-        "bench", help="run the benchmark suites, write one JSON, compare with a baseline (regression gate)",
+        "bench",
+        help="run the benchmark suites, write one JSON, compare with a baseline (regression gate)",
         description="Run sparkct's benchmarks (benchmarks/ of this source checkout) through pytest-benchmark, "
-                    "write one sparkct-bench/1 JSON (environment; per case the median and spread, peak "
-                    "memory, derived figures and speed-ups over each baseline implementation), print a "
-                    "table, and optionally compare with a baseline file.", epilog=_EPILOG)
-    s.add_argument("--suite", choices=_SuiteChoices(), default="all", metavar="SUITE",
-                   help="what to run: all, or one of the suites the benchmark files declare (%(choices)s)")
-    s.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
-                   help="device of the cases (auto: cuda when a GPU with sparkct's CUDA kernels is visible)")
+        "write one sparkct-bench/1 JSON (environment; per case the median and spread, peak "
+        "memory, derived figures and speed-ups over each baseline implementation), print a "
+        "table, and optionally compare with a baseline file.",
+        epilog=_EPILOG,
+    )
+    s.add_argument(
+        "--suite",
+        choices=_SuiteChoices(),
+        default="all",
+        metavar="SUITE",
+        help="what to run: all, or one of the suites the benchmark files declare (%(choices)s)",
+    )
+    s.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="auto",
+        help="device of the cases (auto: cuda when a GPU with sparkct's CUDA kernels is visible)",
+    )
     size = s.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the smoke subset (see below)")
     size.add_argument("--full", action="store_true", help="the full grid (long on CPU)")
-    s.add_argument("--rounds", type=int, default=None, metavar="N",
-                   help="timed rounds of every case (default: each benchmark's own count)")
-    s.add_argument("--json", default=None, metavar="FILE",
-                   help="results file (default: .benchmarks/sparkct-bench-<runner>.json in the current folder)")
-    s.add_argument("--results", default=None, metavar="FILE",
-                   help="run nothing: print (and --compare) this results file of an earlier run")
-    s.add_argument("--compare", default=None, metavar="BASELINE",
-                   help="a results file to compare with, e.g. benchmarks/baselines/cpu-2core.json")
-    s.add_argument("--fail-above", default=argparse.SUPPRESS, metavar="PCT",
-                   help="with --compare: exit 1 when a ratio figure regressed by more than this (and more "
-                        "than its noise band); default 10%%")
-    s.add_argument("--roofline", default=None, metavar="DIR",
-                   help="write roofline-<runner>.png and .md (arithmetic intensity vs achieved GFLOP/s of the "
-                        "kernel cases against the device's peaks) into DIR")
-    s.add_argument("--gate-absolute", action="store_true",
-                   help="with --compare: gate median times and peak memory too (only against a baseline of "
-                        "the same runner class)")
+    s.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed rounds of every case (default: each benchmark's own count)",
+    )
+    s.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="results file (default: .benchmarks/sparkct-bench-<runner>.json in the current folder)",
+    )
+    s.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="run nothing: print (and --compare) this results file of an earlier run",
+    )
+    s.add_argument(
+        "--compare",
+        default=None,
+        metavar="BASELINE",
+        help="a results file to compare with, e.g. benchmarks/baselines/cpu-2core.json",
+    )
+    s.add_argument(
+        "--fail-above",
+        default=argparse.SUPPRESS,
+        metavar="PCT",
+        help="with --compare: exit 1 when a ratio figure regressed by more than this (and more "
+        "than its noise band); default 10%%",
+    )
+    s.add_argument(
+        "--roofline",
+        default=None,
+        metavar="DIR",
+        help="write roofline-<runner>.png and .md (arithmetic intensity vs achieved GFLOP/s of the "
+        "kernel cases against the device's peaks) into DIR",
+    )
+    s.add_argument(
+        "--gate-absolute",
+        action="store_true",
+        help="with --compare: gate median times and peak memory too (only against a baseline of the same runner class)",
+    )
     s.set_defaults(func=cmd_bench)
 
 
@@ -107,34 +147,53 @@ def source_root(package_dir: str | None = None) -> str:
         package_dir = os.path.dirname(os.path.abspath(sparkct.__file__))
     root = os.path.dirname(package_dir)
     if not all(os.path.isfile(os.path.join(root, "benchmarks", f)) for f in ("conftest.py", "benchkit.py")):
-        raise UserError(f"sparkct bench runs the benchmarks of a source checkout, and this sparkct "
-                        f"({package_dir}) has no benchmarks/ folder beside it: run it from a clone of the "
-                        f"repository (pip install -e '.[dev]')")
+        raise UserError(
+            f"sparkct bench runs the benchmarks of a source checkout, and this sparkct "
+            f"({package_dir}) has no benchmarks/ folder beside it: run it from a clone of the "
+            f"repository (pip install -e '.[dev]')"
+        )
     return root
 
 
 def _device(spec: str) -> str:
     import torch  # noqa: PLC0415 (lazy: sparkct.perf imports no torch)
 
-
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = resolve_device(spec).type  # a UserError when no GPU is visible
     if dev == "cuda":
         from sparkct import _ext  # noqa: PLC0415 (lazy: sparkct.perf imports no torch)
+
         if not _ext.with_cuda():
             if spec == "cuda":
-                raise UserError("--device cuda: this sparkct was built without CUDA kernels (rebuild with the "
-                                "CUDA toolkit, see `sparkct info`)")
+                raise UserError(
+                    "--device cuda: this sparkct was built without CUDA kernels (rebuild with the "
+                    "CUDA toolkit, see `sparkct info`)"
+                )
             dev = "cpu"
     return dev
 
 
-def _run_pytest(root: str, files: list[str], device: str, tier: str, rounds: int | None,
-                raw_path: str, progress_path: str) -> tuple[int, bool]:
+def _run_pytest(
+    root: str, files: list[str], device: str, tier: str, rounds: int | None, raw_path: str, progress_path: str
+) -> tuple[int, bool]:
     """(pytest's exit status, interrupted?). pytest's output goes to this terminal."""
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-quiet",
-           "--benchmark-json", raw_path, "--bench-progress", progress_path, "--bench-device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *files,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-quiet",
+        "--benchmark-json",
+        raw_path,
+        "--bench-progress",
+        progress_path,
+        "--bench-device",
+        device,
+    ]
     if tier == "quick":
         cmd.append("--bench-quick")
     elif tier == "full":
@@ -158,6 +217,7 @@ def _run_pytest(root: str, files: list[str], device: str, tier: str, rounds: int
 def _failed_cases(progress_path: str, benches: dict[str, registry.Bench]) -> list[str]:
     """Ids of the cases that failed (a correctness check, an error), from conftest's progress file."""
     from sparkct.io import read_json  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+
     try:
         prog = read_json(progress_path)
     except (OSError, ValueError):
@@ -200,18 +260,31 @@ def cmd_bench(args) -> int:
             raw_path, prog_path = os.path.join(tmp, "raw.json"), os.path.join(tmp, "progress.json")
             rc, interrupted = _run_pytest(root, files, device, tier, args.rounds, raw_path, prog_path)
             if rc == 5:
-                raise UserError(f"no benchmark case selected for --suite {args.suite} --device {device}"
-                                + (" --quick" if args.quick else ""))
+                raise UserError(
+                    f"no benchmark case selected for --suite {args.suite} --device {device}"
+                    + (" --quick" if args.quick else "")
+                )
             if not os.path.isfile(raw_path):
                 if interrupted:
                     raise KeyboardInterrupt
                 raise RuntimeError(f"pytest exited with status {rc} and wrote no benchmark results")
             from sparkct.io import read_json  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+
             raw = read_json(raw_path)
             failed = _failed_cases(prog_path, benches)
-        doc = report.convert(raw, benches=benches, device=device, runner=runner, tier=tier, suites=suites,
-                             environment=env, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             rounds=args.rounds, complete=rc in (0, 1) and not interrupted, failed=failed)
+        doc = report.convert(
+            raw,
+            benches=benches,
+            device=device,
+            runner=runner,
+            tier=tier,
+            suites=suites,
+            environment=env,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            rounds=args.rounds,
+            complete=rc in (0, 1) and not interrupted,
+            failed=failed,
+        )
         # The roofline needs the peaks of the machine that ran the cases: measured here (a few seconds
         # of calibration on a CPU; a table lookup on a known GPU) and stored with the results.
         doc["peaks"] = peaks.device_peaks(device)
@@ -222,10 +295,10 @@ def cmd_bench(args) -> int:
         print(f"results: {out}")
         status = 1 if (failed or rc not in (0, 1) and not interrupted) else 0
         if failed:
-            print(f"sparkct bench: {len(failed)} benchmark case(s) failed (see pytest's report above)",
-                  file=sys.stderr)
+            print(f"sparkct bench: {len(failed)} benchmark case(s) failed (see pytest's report above)", file=sys.stderr)
     if args.roofline:
         from sparkct.perf import roofline  # noqa: PLC0415 (lazy: `sparkct -h` imports no numpy)
+
         png, md = roofline.write(doc, args.roofline)
         print(f"roofline: {png}, {md}")
     if baseline is not None:

@@ -25,6 +25,7 @@ calibration as the CPU (torch.mm per dtype, a device-memory copy).
 compute_gflop_s is the fp32 (non-tensor-core) peak; `compute_peak(peaks, dtype)` picks the roof of a
 dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,16 @@ import time
 
 from sparkct.device import resolve_device
 
-__all__ = ["GPU_PEAKS", "gpu_table_peaks", "calibrate", "cpu_peaks", "gpu_peaks", "device_peaks",
-           "compute_peak", "dtype_key"]
+__all__ = [
+    "GPU_PEAKS",
+    "gpu_table_peaks",
+    "calibrate",
+    "cpu_peaks",
+    "gpu_peaks",
+    "device_peaks",
+    "compute_peak",
+    "dtype_key",
+]
 
 # Vendor datasheets, dense figures (TFLOP/s; memory TB/s). "fp32" is the CUDA-core FP32 rate; "tf32",
 # "bf16", "fp16" are the tensor-core rates (bf16/fp16 with fp32 accumulation, which is what PyTorch
@@ -44,16 +53,24 @@ __all__ = ["GPU_PEAKS", "gpu_table_peaks", "calibrate", "cpu_peaks", "gpu_peaks"
 # specific names (H100 PCIe, A100 80GB PCIe, L40S) come before their families.
 _H100_DS = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet (H100 datasheet)"
 _H200_DS = "https://nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446 (H200 datasheet)"
-_A100_DS = ("https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
-            "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf (A100 datasheet)")
+_A100_DS = (
+    "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
+    "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf (A100 datasheet)"
+)
 _L4_DS = "https://resources.nvidia.com/en-us-data-center-overview/l4-gpu-datasheet (L4 datasheet)"
 _L40S_DS = "https://resources.nvidia.com/en-us-l40s/l40s-datasheet-28413 (L40S datasheet)"
 _L40_DS = "https://images.nvidia.com/content/Solutions/data-center/vgpu-L40-datasheet.pdf (L40 datasheet)"
-_ADA_WP = ("https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf "
-           "(Ada Lovelace architecture whitepaper, appendix A: GeForce RTX 4090)")
-_A10_DS = "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a10/pdf/datasheet-new/nvidia-a10-datasheet.pdf"
-_V100_DS = ("https://images.nvidia.com/content/technologies/volta/pdf/"
-            "volta-v100-datasheet-update-us-1165301-r5.pdf (V100 datasheet)")
+_ADA_WP = (
+    "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf "
+    "(Ada Lovelace architecture whitepaper, appendix A: GeForce RTX 4090)"
+)
+_A10_DS = (
+    "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a10/pdf/datasheet-new/nvidia-a10-datasheet.pdf"
+)
+_V100_DS = (
+    "https://images.nvidia.com/content/technologies/volta/pdf/"
+    "volta-v100-datasheet-update-us-1165301-r5.pdf (V100 datasheet)"
+)
 _T4_DS = "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf"
 
 # (pattern, table name, {dtype: TFLOP/s}, memory TB/s, reference)
@@ -63,8 +80,13 @@ GPU_PEAKS: list[tuple[str, str, dict[str, float], float, str]] = [
     (r"H100 NVL", "H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}, 3.9, _H100_DS),
     (r"H100.*PCIe", "H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5, "fp16": 756.5}, 2.0, _H100_DS),
     (r"H100", "H100 SXM", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}, 3.35, _H100_DS),
-    (r"A100.*80GB.*PCIe|A100-PCIE-80GB", "A100 80GB PCIe",
-     {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}, 1.935, _A100_DS),
+    (
+        r"A100.*80GB.*PCIe|A100-PCIE-80GB",
+        "A100 80GB PCIe",
+        {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+        1.935,
+        _A100_DS,
+    ),
     (r"A100.*80GB", "A100 80GB SXM", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}, 2.039, _A100_DS),
     (r"A100", "A100 40GB", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}, 1.555, _A100_DS),
     (r"A10\b", "A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}, 0.6, _A10_DS),
@@ -78,9 +100,20 @@ GPU_PEAKS: list[tuple[str, str, dict[str, float], float, str]] = [
     (r"\bT4\b", "T4", {"fp32": 8.1, "fp16": 65.0}, 0.32, _T4_DS),
 ]
 
-_DTYPES = {"float32": "fp32", "fp32": "fp32", "float": "fp32", "tf32": "tf32",
-           "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
-           "float64": "fp64", "fp64": "fp64", "double": "fp64"}
+_DTYPES = {
+    "float32": "fp32",
+    "fp32": "fp32",
+    "float": "fp32",
+    "tf32": "tf32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "fp16": "fp16",
+    "half": "fp16",
+    "float64": "fp64",
+    "fp64": "fp64",
+    "double": "fp64",
+}
 
 
 def dtype_key(dtype) -> str:
@@ -96,21 +129,34 @@ def gpu_table_peaks(name: str) -> dict | None:
     for pattern, label, tflops, tb_s, ref in GPU_PEAKS:
         if re.search(pattern, name, flags=re.IGNORECASE):
             by_dtype = {k: round(v * 1e3, 1) for k, v in tflops.items()}
-            return {"device": "cuda", "name": name, "source": f"table:{label}", "reference": ref,
-                    "compute_gflop_s": by_dtype["fp32"], "compute_by_dtype_gflop_s": by_dtype,
-                    "bandwidth_gb_s": round(tb_s * 1e3, 1)}
+            return {
+                "device": "cuda",
+                "name": name,
+                "source": f"table:{label}",
+                "reference": ref,
+                "compute_gflop_s": by_dtype["fp32"],
+                "compute_by_dtype_gflop_s": by_dtype,
+                "bandwidth_gb_s": round(tb_s * 1e3, 1),
+            }
     return None
 
 
 def _seconds(fn, device, repeats: int, warmup: int = 1) -> tuple[float, float]:
     """(median, best) seconds of `repeats` timed calls."""
     from sparkct.bench import time_fn  # noqa: PLC0415 (lazy: imports torch; sparkct.perf must not at import)
+
     ts = time_fn(fn, device, repeats=repeats, warmup=warmup)
     return statistics.median(ts), min(ts)
 
 
-def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int | None = None,
-              repeats: int = 3, dtypes: tuple[str, ...] | None = None) -> dict:
+def calibrate(
+    device: str = "cpu",
+    *,
+    gemm_n: int | None = None,
+    stream_mib: int | None = None,
+    repeats: int = 3,
+    dtypes: tuple[str, ...] | None = None,
+) -> dict:
     """Attained peaks of `device` by a short measurement: GFLOP/s of an n x n x n torch.mm per dtype
     (2 n^3 FLOPs), and GB/s of a copy (read + write) and an add (two reads + a write) of tensors of
     `stream_mib` MiB, medians of `repeats`. The bandwidth roof is the better of copy and add."""
@@ -135,8 +181,8 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
             if cuda:
                 torch.backends.cuda.matmul.allow_tf32 = k == "tf32"
             s, best = _seconds(functools.partial(torch.mm, a, b, out=out), device, repeats)
-            by_dtype[k] = round(2 * n ** 3 / s / 1e9, 1)
-            best_gemm[k] = round(2 * n ** 3 / best / 1e9, 1)
+            by_dtype[k] = round(2 * n**3 / s / 1e9, 1)
+            best_gemm[k] = round(2 * n**3 / best / 1e9, 1)
             del a, b, out
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
@@ -148,13 +194,22 @@ def calibrate(device: str = "cpu", *, gemm_n: int | None = None, stream_mib: int
     copy_gb_s = 2 * nbytes / _seconds(functools.partial(y.copy_, x), device, repeats)[0] / 1e9
     add_gb_s = 3 * nbytes / _seconds(functools.partial(torch.add, x, y, out=z), device, repeats)[0] / 1e9
     del x, y, z
-    out = {"device": dev.type, "source": "measured",
-           "compute_gflop_s": by_dtype["fp32"], "compute_by_dtype_gflop_s": by_dtype,
-           "bandwidth_gb_s": round(max(copy_gb_s, add_gb_s), 2),
-           "calibration": {"gemm_n": n, "stream_mib": mib, "repeats": repeats,
-                           "copy_gb_s": round(copy_gb_s, 2), "add_gb_s": round(add_gb_s, 2),
-                           "gemm_best_gflop_s": best_gemm,
-                           "seconds": round(time.perf_counter() - t0, 2)}}
+    out = {
+        "device": dev.type,
+        "source": "measured",
+        "compute_gflop_s": by_dtype["fp32"],
+        "compute_by_dtype_gflop_s": by_dtype,
+        "bandwidth_gb_s": round(max(copy_gb_s, add_gb_s), 2),
+        "calibration": {
+            "gemm_n": n,
+            "stream_mib": mib,
+            "repeats": repeats,
+            "copy_gb_s": round(copy_gb_s, 2),
+            "add_gb_s": round(add_gb_s, 2),
+            "gemm_best_gflop_s": best_gemm,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    }
     if cuda:
         out["name"] = torch.cuda.get_device_name(dev)
     else:
@@ -191,8 +246,15 @@ def gpu_peaks(device="cuda", *, measure_unknown: bool = True, **kw) -> dict:
         return table
     note = f"{name} is not in sparkct.perf.peaks.GPU_PEAKS"
     if not measure_unknown:
-        return {"device": "cuda", "name": name, "source": "unknown", "note": note,
-                "compute_gflop_s": None, "compute_by_dtype_gflop_s": {}, "bandwidth_gb_s": None}
+        return {
+            "device": "cuda",
+            "name": name,
+            "source": "unknown",
+            "note": note,
+            "compute_gflop_s": None,
+            "compute_by_dtype_gflop_s": {},
+            "bandwidth_gb_s": None,
+        }
     out = calibrate(device, **kw)
     out["note"] = note + "; peaks measured by a short calibration (attained, not theoretical)"
     return out

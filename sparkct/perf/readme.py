@@ -20,6 +20,7 @@ does not exist yet says so.
 
 tests/perf/test_perf_readme.py runs the check, so the page cannot drift from the baselines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,22 @@ __all__ = ["BLOCK", "find_blocks", "render_block", "render", "check", "main"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")  # the page whose blocks `main` rewrites by default
 DOCS = os.path.dirname(DOC)
-BLOCK = re.compile(r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)"
-                   r"(?P<body>.*?)(<!-- bench:end -->)", re.DOTALL)
+BLOCK = re.compile(
+    r"(<!-- bench:begin (?P<runner>[\w.+-]+)(?: (?P<select>\S+))? -->\n)"
+    r"(?P<body>.*?)(<!-- bench:end -->)",
+    re.DOTALL,
+)
 _BEGIN = re.compile(r"<!-- bench:begin\b")
 _END = re.compile(r"<!-- bench:end -->")
 
-_FIGURES = {"gflop_per_s": "GFLOP/s", "tflop_per_s": "TFLOP/s", "gb_per_s": "GB/s",
-            "images_per_s": "images/s", "slices_per_s": "slices/s", "steps_per_s": "steps/s"}
+_FIGURES = {
+    "gflop_per_s": "GFLOP/s",
+    "tflop_per_s": "TFLOP/s",
+    "gb_per_s": "GB/s",
+    "images_per_s": "images/s",
+    "slices_per_s": "slices/s",
+    "steps_per_s": "steps/s",
+}
 
 
 def _heading(key: str) -> str:
@@ -62,8 +72,10 @@ def find_blocks(text: str) -> list[re.Match]:
     """The marked blocks of `text`; a UserError for an unclosed or nested marker."""
     blocks = list(BLOCK.finditer(text))
     if len(_BEGIN.findall(text)) != len(blocks) or len(_END.findall(text)) != len(blocks):
-        raise UserError("the page's bench markers do not pair up: every '<!-- bench:begin RUNNER [SELECT] -->' "
-                        "needs its own '<!-- bench:end -->' on a line after it")
+        raise UserError(
+            "the page's bench markers do not pair up: every '<!-- bench:begin RUNNER [SELECT] -->' "
+            "needs its own '<!-- bench:end -->' on a line after it"
+        )
     return blocks
 
 
@@ -96,8 +108,11 @@ def provenance(result: dict, path: str, base: str = DOCS) -> str:
     env = result.get("environment") or {}
     where = [str(result.get("runner", "?"))]
     if result.get("device") == "cuda":
-        for key, pre in ((("gpu_name",), ""), (("gpu_driver", "driver"), "driver "),
-                         (("cuda_version", "cuda"), "CUDA ")):
+        for key, pre in (
+            (("gpu_name",), ""),
+            (("gpu_driver", "driver"), "driver "),
+            (("cuda_version", "cuda"), "CUDA "),
+        ):
             v = _first(env, *key)
             if v:
                 where.append(f"{pre}{v}")
@@ -116,8 +131,10 @@ def provenance(result: dict, path: str, base: str = DOCS) -> str:
         where.append(f"commit {str(commit)[:10]}{' (dirty)' if env.get('git_dirty') else ''}")
     created = str(result.get("created", "?"))[:10]
     run = "quick" if result.get("quick") else "full"
-    return (f"_Generated from `{_repo_rel(path)}` ({run} run of {created}: {', '.join(where)}) by "
-            f"`python -m sparkct.perf.readme`; do not edit by hand._")
+    return (
+        f"_Generated from `{_repo_rel(path)}` ({run} run of {created}: {', '.join(where)}) by "
+        f"`python -m sparkct.perf.readme`; do not edit by hand._"
+    )
 
 
 def _test_of(case_id: str) -> str:
@@ -136,16 +153,22 @@ def _case_table(cases: list[dict], roof: dict[str, dict]) -> list[str]:
     fig_keys: list[str] = []
     ratio_keys: list[str] = []
     for c in cases:
-        for k in (c.get("figures") or {}):
+        for k in c.get("figures") or {}:
             if k not in fig_keys:
                 fig_keys.append(k)
-        for k in (c.get("ratios") or {}):
+        for k in c.get("ratios") or {}:
             if k not in ratio_keys:
                 ratio_keys.append(k)
     with_roof = any(c["id"] in roof for c in cases)
     any_bytes = any(roof.get(c["id"], {}).get("intensity") for c in cases)
-    head = ["case", "median s", "±½IQR", "peak MiB", *(_heading(k) for k in fig_keys),
-            *(_heading(k) for k in ratio_keys)]
+    head = [
+        "case",
+        "median s",
+        "±½IQR",
+        "peak MiB",
+        *(_heading(k) for k in fig_keys),
+        *(_heading(k) for k in ratio_keys),
+    ]
     if with_roof:
         head += (["FLOP/byte", "of roof"] if any_bytes else []) + ["of peak"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -177,8 +200,7 @@ def _peaks_or_none(result: dict) -> dict | None:
         return None
 
 
-def render_block(runner: str, select: str | None, baselines: str, *, write_png: bool = True,
-                 base: str = DOCS) -> str:
+def render_block(runner: str, select: str | None, baselines: str, *, write_png: bool = True, base: str = DOCS) -> str:
     """The generated body of one block (ending in a newline)."""
     path = os.path.join(baselines, f"{runner}.json")
     result = load_baseline(baselines, runner)
@@ -233,8 +255,11 @@ def check(readme: str, baselines: str) -> str:
         text = f.read()
     base = os.path.dirname(os.path.abspath(readme))
     want = render(text, baselines, write_png=False, base=base)
-    diff = "".join(difflib.unified_diff(text.splitlines(True), want.splitlines(True),
-                                        fromfile=f"{readme} (as is)", tofile=f"{readme} (generated)"))
+    diff = "".join(
+        difflib.unified_diff(
+            text.splitlines(True), want.splitlines(True), fromfile=f"{readme} (as is)", tofile=f"{readme} (generated)"
+        )
+    )
     for m in re.finditer(r"!\[roofline of [^\]]*\]\(([^)]+)\)", want):
         if not os.path.isfile(os.path.join(base, m.group(1))):
             diff += f"missing {m.group(1)} (linked from {os.path.basename(readme)})\n"
@@ -249,25 +274,36 @@ def unshown(text: str, baselines: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparkct.perf.readme", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sparkct.perf.readme", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 where the page differs")
-    p.add_argument("--doc", "--readme", dest="readme", default=DOC,
-                   help="the page holding the blocks (default: docs/benchmarks.md)")
+    p.add_argument(
+        "--doc",
+        "--readme",
+        dest="readme",
+        default=DOC,
+        help="the page holding the blocks (default: docs/benchmarks.md)",
+    )
     p.add_argument("--baselines", default=os.path.join(ROOT, "benchmarks", "baselines"))
     args = p.parse_args(argv)
     try:
         with open(args.readme, encoding="utf-8") as f:
             text = f.read()
         for r in unshown(text, args.baselines):
-            print(f"note: benchmarks/baselines/{r}.json is shown by no block of {args.readme} "
-                  f"(add <!-- bench:begin {r} [SELECT] --> ... <!-- bench:end -->)", file=sys.stderr)
+            print(
+                f"note: benchmarks/baselines/{r}.json is shown by no block of {args.readme} "
+                f"(add <!-- bench:begin {r} [SELECT] --> ... <!-- bench:end -->)",
+                file=sys.stderr,
+            )
         if args.check:
             diff = check(args.readme, args.baselines)
             if diff:
                 sys.stdout.write(diff)
-                print(f"{args.readme}'s benchmark blocks differ from the baselines: "
-                      "run python -m sparkct.perf.readme", file=sys.stderr)
+                print(
+                    f"{args.readme}'s benchmark blocks differ from the baselines: run python -m sparkct.perf.readme",
+                    file=sys.stderr,
+                )
                 return 1
             print(f"{args.readme}: {len(find_blocks(text))} benchmark blocks match the baselines")
             return 0

@@ -29,6 +29,7 @@ cores; ``quick`` so that its suite's ``sparkct bench --quick`` ends well under a
 every ratio keeps both sides of its pair. ``benchmarks/conftest.py`` reads the same tables, through
 `discover`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -46,17 +47,19 @@ _PAIR_KEYS = {"case", "base", "label", "memory"}
 @dataclass(frozen=True)
 class Pair:
     """A ratio of a benchmark family: its cases matching `case` against the baseline matching `base`."""
+
     case: dict
     base: dict
-    label: str            # -> speedup_vs_<label>, mem_vs_<label>
+    label: str  # -> speedup_vs_<label>, mem_vs_<label>
     memory: bool = False  # also mem_vs_<label>
 
 
 @dataclass(frozen=True)
 class Bench:
     """One benchmarks/bench_<family>.py and its BENCH table."""
-    family: str                          # the file's stem, e.g. "bench_info_nce"
-    file: str                            # its name, e.g. "bench_info_nce.py"
+
+    family: str  # the file's stem, e.g. "bench_info_nce"
+    file: str  # its name, e.g. "bench_info_nce.py"
     suite: str
     pairs: tuple[Pair, ...] = ()
     default: tuple[tuple[str, str], ...] = ()
@@ -86,17 +89,19 @@ def _table(path: str):
             try:
                 table = ast.literal_eval(value)
             except ValueError:
-                raise UserError(f"{path}:{node.lineno}: BENCH must be written in literals (dicts, lists, "
-                                f"tuples, strings, numbers, True/False/None): it is read without importing "
-                                f"the file") from None
+                raise UserError(
+                    f"{path}:{node.lineno}: BENCH must be written in literals (dicts, lists, "
+                    f"tuples, strings, numbers, True/False/None): it is read without importing "
+                    f"the file"
+                ) from None
     return table
 
 
 def _cases(path: str, key: str, v) -> tuple[tuple[str, str], ...]:
     if not isinstance(v, (list, tuple)) or not all(
-            isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(s, str) for s in e) for e in v):
-        raise UserError(f"{path}: BENCH[{key!r}] must be a list of (test function, parameter-id pattern) "
-                        f"string pairs")
+        isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(s, str) for s in e) for e in v
+    ):
+        raise UserError(f"{path}: BENCH[{key!r}] must be a list of (test function, parameter-id pattern) string pairs")
     return tuple((fn, pat) for fn, pat in v)
 
 
@@ -105,8 +110,7 @@ def _pair(path: str, i: int, p) -> Pair:
     if not isinstance(p, dict) or not {"case", "base", "label"} <= set(p) or set(p) - _PAIR_KEYS:
         raise UserError(f"{where} must be a dict with 'case', 'base' and 'label' (and optionally 'memory')")
     if not isinstance(p["case"], dict) or not isinstance(p["base"], dict) or not p["base"]:
-        raise UserError(f"{where}: 'case' and 'base' must be dicts of pytest parameters (and 'test'); "
-                        f"'base' not empty")
+        raise UserError(f"{where}: 'case' and 'base' must be dicts of pytest parameters (and 'test'); 'base' not empty")
     if not isinstance(p["label"], str) or not p["label"]:
         raise UserError(f"{where}: 'label' must be a non-empty string")
     if not isinstance(p.get("memory", False), bool):
@@ -123,8 +127,9 @@ def read(path: str) -> Bench | None:
     if not isinstance(table, dict):
         raise UserError(f"{path}: BENCH must be a dict")
     if set(table) - _KEYS:
-        raise UserError(f"{path}: BENCH has unknown keys {sorted(set(table) - _KEYS)} "
-                        f"(known: {', '.join(sorted(_KEYS))})")
+        raise UserError(
+            f"{path}: BENCH has unknown keys {sorted(set(table) - _KEYS)} (known: {', '.join(sorted(_KEYS))})"
+        )
     suite = table.get("suite")
     if not isinstance(suite, str) or not suite or suite == "all" or "/" in suite:
         raise UserError(f"{path}: BENCH['suite'] must be a non-empty name (not 'all', no '/')")
@@ -132,10 +137,14 @@ def read(path: str) -> Bench | None:
     if not isinstance(pairs, (list, tuple)):
         raise UserError(f"{path}: BENCH['pairs'] must be a list")
     name = os.path.basename(path)
-    return Bench(family=os.path.splitext(name)[0], file=name, suite=suite,
-                 pairs=tuple(_pair(path, i, p) for i, p in enumerate(pairs)),
-                 default=_cases(path, "default", table.get("default", [])),
-                 quick=_cases(path, "quick", table.get("quick", [])))
+    return Bench(
+        family=os.path.splitext(name)[0],
+        file=name,
+        suite=suite,
+        pairs=tuple(_pair(path, i, p) for i, p in enumerate(pairs)),
+        default=_cases(path, "default", table.get("default", [])),
+        quick=_cases(path, "quick", table.get("quick", [])),
+    )
 
 
 def discover(folder: str) -> dict[str, Bench]:
@@ -148,8 +157,10 @@ def discover(folder: str) -> dict[str, Bench]:
         path = os.path.join(folder, name)
         b = read(path)
         if b is None:
-            raise UserError(f"{path}: no BENCH table: every benchmarks/bench_*.py declares its suite, ratio "
-                            f"pairs and subsets (see sparkct/perf/registry.py)")
+            raise UserError(
+                f"{path}: no BENCH table: every benchmarks/bench_*.py declares its suite, ratio "
+                f"pairs and subsets (see sparkct/perf/registry.py)"
+            )
         out[b.family] = b
     return out
 

@@ -30,6 +30,7 @@ combined (root of the sum of squares); a memory ratio's is 0 (peak memory does n
 round). Ratios cancel most of what a shared or different machine changes (load, clocks, core count),
 absolute times do not.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,36 @@ from dataclasses import dataclass, field
 from sparkct.errors import UserError
 from sparkct.perf.registry import Bench
 
-__all__ = ["SCHEMA", "case_id", "noise_band", "convert", "validate", "load", "compare",
-           "parse_percent", "format_cases", "format_comparison", "Comparison"]
+__all__ = [
+    "SCHEMA",
+    "case_id",
+    "noise_band",
+    "convert",
+    "validate",
+    "load",
+    "compare",
+    "parse_percent",
+    "format_cases",
+    "format_comparison",
+    "Comparison",
+]
 
 SCHEMA = "sparkct-bench/1"
 # extra_info keys that are not figures: the timing and memory fields (kept elsewhere), labels, targets,
 # and the benchmark files' own pairwise ratios, which their declared pairs recompute under one naming
-_NOT_FIGURES = {"median_s", "peak_bytes", "peak_mib", "flops", "bytes_moved", "params", "device", "target",
-                "target_per_worker", "torch_threads", "meets_target"}
+_NOT_FIGURES = {
+    "median_s",
+    "peak_bytes",
+    "peak_mib",
+    "flops",
+    "bytes_moved",
+    "params",
+    "device",
+    "target",
+    "target_per_worker",
+    "torch_threads",
+    "meets_target",
+}
 _OWN_RATIOS = ("speedup_vs_", "mem_vs_", "peak_ratio_vs_", "time_vs_", "sparse_speedup_vs_", "frac_of_gemm")
 _RENAME = {"gflops_per_s": "gflop_per_s"}
 
@@ -73,7 +96,7 @@ def noise_band(stats: dict) -> float | None:
 def _clean(v):
     """pytest-benchmark writes parameters it cannot serialize as 'UNSERIALIZABLE[torch.float32]'."""
     if isinstance(v, str) and v.startswith("UNSERIALIZABLE[") and v.endswith("]"):
-        return v[len("UNSERIALIZABLE["):-1]
+        return v[len("UNSERIALIZABLE[") : -1]
     return v
 
 
@@ -110,8 +133,9 @@ def _add_ratios(cases: list[dict], axes: dict[str, dict], benches: dict[str, Ben
             if not found:
                 continue
             if len(found) > 1:
-                raise RuntimeError(f"{c['family']}.py's pairs are ambiguous: {c['id']} has baselines "
-                                   f"{[b['id'] for b in found]}")
+                raise RuntimeError(
+                    f"{c['family']}.py's pairs are ambiguous: {c['id']} has baselines {[b['id'] for b in found]}"
+                )
             b = found[0]
             name = f"speedup_vs_{p.label}"
             if name in c["ratios"]:
@@ -123,9 +147,20 @@ def _add_ratios(cases: list[dict], axes: dict[str, dict], benches: dict[str, Ben
                 c["ratio_noise"][f"mem_vs_{p.label}"] = 0.0
 
 
-def convert(raw: dict, *, benches: dict[str, Bench], device: str, runner: str, tier: str, suites: list[str],
-            environment: dict, created: str, rounds: int | None = None, complete: bool = True,
-            failed: list[str] = ()) -> dict:
+def convert(
+    raw: dict,
+    *,
+    benches: dict[str, Bench],
+    device: str,
+    runner: str,
+    tier: str,
+    suites: list[str],
+    environment: dict,
+    created: str,
+    rounds: int | None = None,
+    complete: bool = True,
+    failed: list[str] = (),
+) -> dict:
     """A sparkct-bench/1 document from pytest-benchmark's --benchmark-json output; `benches`: the benchmark
     files' declarations (sparkct.perf.registry.discover), which give each case its suite and ratios."""
     cases, axes = [], {}
@@ -144,23 +179,43 @@ def convert(raw: dict, *, benches: dict[str, Bench], device: str, runner: str, t
                 continue
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 figures[_RENAME.get(k, k)] = v
-        case = {"id": cid, "suite": suite, "family": family, "group": b.get("group"),
-                "params": params, "time_s": time_s, "peak_bytes": extra.get("peak_bytes"),
-                "figures": figures, "ratios": {}, "ratio_noise": {}}
+        case = {
+            "id": cid,
+            "suite": suite,
+            "family": family,
+            "group": b.get("group"),
+            "params": params,
+            "time_s": time_s,
+            "peak_bytes": extra.get("peak_bytes"),
+            "figures": figures,
+            "ratios": {},
+            "ratio_noise": {},
+        }
         if "flops" in extra:
             case["flops"] = extra["flops"]
         if "bytes_moved" in extra:
             case["bytes"] = extra["bytes_moved"]
         cases.append(case)
-        axes[case["id"]] = {"test": name.split("[")[0],
-                            **{k: _clean(v) for k, v in (b.get("params") or {}).items()}}
+        axes[case["id"]] = {"test": name.split("[")[0], **{k: _clean(v) for k, v in (b.get("params") or {}).items()}}
     _add_ratios(cases, axes, benches)
-    return {"schema": SCHEMA, "created": created, "device": device, "runner": runner, "quick": tier == "quick",
-            "tier": tier, "rounds": rounds, "suites": list(suites), "complete": bool(complete),
-            "failed": list(failed), "environment": environment, "cases": cases}
+    return {
+        "schema": SCHEMA,
+        "created": created,
+        "device": device,
+        "runner": runner,
+        "quick": tier == "quick",
+        "tier": tier,
+        "rounds": rounds,
+        "suites": list(suites),
+        "complete": bool(complete),
+        "failed": list(failed),
+        "environment": environment,
+        "cases": cases,
+    }
 
 
 # ---- validation --------------------------------------------------------------------------------------
+
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -169,10 +224,26 @@ def _num(v) -> bool:
 # The environment fields the reports read (sparkct.perf.environment.collect writes them), each null or of
 # this type: a wrong type would surface later as a TypeError in the tables
 _ENV_TYPES: dict[str, type | tuple[type, ...]] = {
-    "git_commit": str, "git_dirty": bool, "hostname": str, "os": str, "python": str, "torch": str, "sparkct": str,
-    "cpu_model": str, "cuda_version": str, "gpu_name": str, "gpu_driver": str, "sparkct_cuda_version": str,
-    "cpu_physical_cores": int, "cpu_logical_cores": int, "cpu_usable_cores": int, "torch_threads": int,
-    "gpu_sm_count": int, "gpu_memory_gib": (int, float), "peers": dict}
+    "git_commit": str,
+    "git_dirty": bool,
+    "hostname": str,
+    "os": str,
+    "python": str,
+    "torch": str,
+    "sparkct": str,
+    "cpu_model": str,
+    "cuda_version": str,
+    "gpu_name": str,
+    "gpu_driver": str,
+    "sparkct_cuda_version": str,
+    "cpu_physical_cores": int,
+    "cpu_logical_cores": int,
+    "cpu_usable_cores": int,
+    "torch_threads": int,
+    "gpu_sm_count": int,
+    "gpu_memory_gib": (int, float),
+    "peers": dict,
+}
 # the roofline's numeric peaks (sparkct.perf.peaks.device_peaks), each null or a number > 0
 _PEAK_FIGURES = ("compute_gflop_s", "bandwidth_gb_s")
 
@@ -209,6 +280,7 @@ def _check_ratio(name: str, v, bad, where: str) -> None:
 
 def validate(doc, source: str = "results") -> dict:
     """`doc` if it is a sparkct-bench/1 document; else a UserError naming `source` and the first problem."""
+
     def bad(msg):
         raise UserError(f"{source}: {msg}")
 
@@ -218,8 +290,15 @@ def validate(doc, source: str = "results") -> dict:
         if "benchmarks" in doc and "machine_info" in doc:
             bad("this is pytest-benchmark's --benchmark-json output; compare files written by `sparkct bench --json`")
         bad(f"schema {doc.get('schema')!r}, expected {SCHEMA!r} (a file written by `sparkct bench --json`)")
-    for key, kind in (("created", str), ("device", str), ("runner", str), ("quick", bool), ("suites", list),
-                      ("environment", dict), ("cases", list)):
+    for key, kind in (
+        ("created", str),
+        ("device", str),
+        ("runner", str),
+        ("quick", bool),
+        ("suites", list),
+        ("environment", dict),
+        ("cases", list),
+    ):
         if not isinstance(doc.get(key), kind):
             bad(f"{key!r} missing or not a {kind.__name__}")
     if doc["device"] not in ("cpu", "cuda"):
@@ -294,17 +373,18 @@ def parse_percent(s: str) -> float:
 
 # ---- comparison --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Row:
     case: str
-    figure: str       # "time" (median s), "peak_bytes", a ratio name, or "-" for a whole case
+    figure: str  # "time" (median s), "peak_bytes", a ratio name, or "-" for a whole case
     old: float | None
     new: float | None
-    change: float | None   # new / old - 1
-    band: float | None     # noise band of the change (relative)
-    verdict: str           # improved, regressed, within noise, missing, new, sizes changed
-    gated: bool            # does this figure decide the exit status?
-    fail: bool = False     # regressed past the threshold, beyond noise
+    change: float | None  # new / old - 1
+    band: float | None  # noise band of the change (relative)
+    verdict: str  # improved, regressed, within noise, missing, new, sizes changed
+    gated: bool  # does this figure decide the exit status?
+    fail: bool = False  # regressed past the threshold, beyond noise
 
 
 @dataclass
@@ -353,14 +433,19 @@ def compare(old: dict, new: dict, *, threshold: float = 0.10, gate_absolute: boo
     same_runner = old["runner"] == new["runner"]
     cmp.absolute_gated = gate_absolute and same_runner
     if gate_absolute and not same_runner:
-        cmp.notes.append(f"absolute times not gated: the baseline ran on {old['runner']}, this run on "
-                         f"{new['runner']} (--gate-absolute needs the same runner class)")
+        cmp.notes.append(
+            f"absolute times not gated: the baseline ran on {old['runner']}, this run on "
+            f"{new['runner']} (--gate-absolute needs the same runner class)"
+        )
     elif not gate_absolute:
-        cmp.notes.append("absolute times and peak memory are shown, not gated (--gate-absolute gates them "
-                         "when the runner class is the same)")
+        cmp.notes.append(
+            "absolute times and peak memory are shown, not gated (--gate-absolute gates them "
+            "when the runner class is the same)"
+        )
     if old["device"] != new["device"]:
-        cmp.notes.append(f"the baseline is a {old['device']} run, this is a {new['device']} run: "
-                         f"no case is common to both")
+        cmp.notes.append(
+            f"the baseline is a {old['device']} run, this is a {new['device']} run: no case is common to both"
+        )
     olds = {c["id"]: c for c in old["cases"]}
     news = {c["id"]: c for c in new["cases"]}
     for cid, o in olds.items():
@@ -374,14 +459,28 @@ def compare(old: dict, new: dict, *, threshold: float = 0.10, gate_absolute: boo
             continue
         for name in sorted(set(o["ratios"]) | set(n["ratios"])):
             band = _band(o.get("ratio_noise", {}).get(name), n.get("ratio_noise", {}).get(name))
-            cmp.rows.append(_judge(cid, name, o["ratios"].get(name), n["ratios"].get(name), band,
-                                   not name.startswith("mem_"), True, threshold))
+            cmp.rows.append(
+                _judge(
+                    cid,
+                    name,
+                    o["ratios"].get(name),
+                    n["ratios"].get(name),
+                    band,
+                    not name.startswith("mem_"),
+                    True,
+                    threshold,
+                )
+            )
         band = _band(o["time_s"].get("noise"), n["time_s"].get("noise"))
-        cmp.rows.append(_judge(cid, "time", o["time_s"]["median"], n["time_s"]["median"], band, False,
-                               cmp.absolute_gated, threshold))
+        cmp.rows.append(
+            _judge(
+                cid, "time", o["time_s"]["median"], n["time_s"]["median"], band, False, cmp.absolute_gated, threshold
+            )
+        )
         if o.get("peak_bytes") is not None and n.get("peak_bytes") is not None:
-            cmp.rows.append(_judge(cid, "peak_bytes", o["peak_bytes"], n["peak_bytes"], 0.0, False,
-                                   cmp.absolute_gated, threshold))
+            cmp.rows.append(
+                _judge(cid, "peak_bytes", o["peak_bytes"], n["peak_bytes"], 0.0, False, cmp.absolute_gated, threshold)
+            )
     for cid in news:
         if cid not in olds:
             cmp.new_cases.append(cid)
@@ -390,6 +489,7 @@ def compare(old: dict, new: dict, *, threshold: float = 0.10, gate_absolute: boo
 
 
 # ---- tables ------------------------------------------------------------------------------------------
+
 
 def _secs(t: float | None) -> str:
     if t is None:
@@ -429,31 +529,48 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def fmt(r):
-        return "  ".join(c.ljust(w) if i in (0, len(r) - 1) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i in (0, len(r) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join(fmt(r).rstrip() for r in [header, ["-" * w for w in widths], *rows])
 
 
-_HEADLINE = (("gflop_per_s", "GFLOP/s"), ("gb_per_s", "GB/s"), ("images_per_s", "images/s"),
-             ("slices_per_s", "slices/s"))
+_HEADLINE = (
+    ("gflop_per_s", "GFLOP/s"),
+    ("gb_per_s", "GB/s"),
+    ("images_per_s", "images/s"),
+    ("slices_per_s", "slices/s"),
+)
 
 
 def format_cases(doc: dict) -> str:
     env = doc["environment"]
     commit = (env.get("git_commit") or "?")[:10] + (" (dirty)" if env.get("git_dirty") else "")
-    head = (f"sparkct bench: {len(doc['cases'])} cases, {doc['runner']} ({env.get('cpu_model') or '?'}"
-            + (f", {env['gpu_name']}" if env.get("gpu_name") else "") + f"), {doc.get('tier', '?')} sizes, "
-            f"suites {', '.join(doc['suites'])}, commit {commit}")
+    head = (
+        f"sparkct bench: {len(doc['cases'])} cases, {doc['runner']} ({env.get('cpu_model') or '?'}"
+        + (f", {env['gpu_name']}" if env.get("gpu_name") else "")
+        + f"), {doc.get('tier', '?')} sizes, "
+        f"suites {', '.join(doc['suites'])}, commit {commit}"
+    )
     rows = []
     for c in doc["cases"]:
         t = c["time_s"]
         figs = [f"{c['figures'][k]:.4g} {unit}" for k, unit in _HEADLINE if k in c["figures"]]
-        rats = [f"{k} {v:.3g}"
-                + (f" ±{_pct(c.get('ratio_noise', {}).get(k))}" if c.get("ratio_noise", {}).get(k) else "")
-                for k, v in c["ratios"].items()]
+        rats = [
+            f"{k} {v:.3g}" + (f" ±{_pct(c.get('ratio_noise', {}).get(k))}" if c.get("ratio_noise", {}).get(k) else "")
+            for k, v in c["ratios"].items()
+        ]
         peak = "-" if c.get("peak_bytes") is None else f"{c['peak_bytes'] / 2**20:.4g}"
-        rows.append([_short(c["id"]), _secs(t["median"]), _secs(t["min"]), f"±{_pct(t.get('noise'))}",
-                     str(t["rounds"]), peak, ", ".join(figs + rats)])
+        rows.append(
+            [
+                _short(c["id"]),
+                _secs(t["median"]),
+                _secs(t["min"]),
+                f"±{_pct(t.get('noise'))}",
+                str(t["rounds"]),
+                peak,
+                ", ".join(figs + rats),
+            ]
+        )
     out = [head, _table(["case", "median", "min", "noise", "rounds", "peak MiB", "figures and ratios"], rows)]
     if doc.get("failed"):
         out.append(f"FAILED ({len(doc['failed'])}): " + ", ".join(doc["failed"]))
@@ -465,37 +582,60 @@ def format_cases(doc: dict) -> str:
 def format_comparison(cmp: Comparison, old: dict, new: dict) -> str:
     """The ratio figures (all of them), the absolute figures that moved beyond noise, the missing and new
     cases, and the gate's verdict."""
-    shown = [r for r in cmp.rows if r.figure != "-"  # whole missing / new cases: listed below the table
-             and (r.figure not in ("time", "peak_bytes") or r.verdict != "within noise")]
-    rows = [[_short(r.case), r.figure, _value(r.figure, r.old), _value(r.figure, r.new),
-             "-" if r.change is None else ("+inf" if math.isinf(r.change) else f"{r.change * 100:+.1f}%"),
-             "-" if r.change is None else f"±{_pct(r.band)}",
-             r.verdict + (" FAIL" if r.fail else "")
-             + (" (not gated)" if r.figure in ("time", "peak_bytes") and not r.gated else "")]
-            for r in shown]
+    shown = [
+        r
+        for r in cmp.rows
+        if r.figure != "-"  # whole missing / new cases: listed below the table
+        and (r.figure not in ("time", "peak_bytes") or r.verdict != "within noise")
+    ]
+    rows = [
+        [
+            _short(r.case),
+            r.figure,
+            _value(r.figure, r.old),
+            _value(r.figure, r.new),
+            "-" if r.change is None else ("+inf" if math.isinf(r.change) else f"{r.change * 100:+.1f}%"),
+            "-" if r.change is None else f"±{_pct(r.band)}",
+            r.verdict
+            + (" FAIL" if r.fail else "")
+            + (" (not gated)" if r.figure in ("time", "peak_bytes") and not r.gated else ""),
+        ]
+        for r in shown
+    ]
     ratio_rows = [r for r in cmp.rows if r.gated and r.figure not in ("time", "peak_bytes")]
     hidden = len([r for r in cmp.rows if r.figure in ("time", "peak_bytes") and r not in shown])
-    out = [f"compared with {old['runner']} baseline of {old['created']} "
-           f"(commit {(old['environment'].get('git_commit') or '?')[:10]}): "
-           f"fail above {cmp.threshold * 100:g}% on ratio figures, beyond noise",
-           _table(["case", "figure", "old", "new", "change", "noise", "verdict"], rows)]
+    out = [
+        f"compared with {old['runner']} baseline of {old['created']} "
+        f"(commit {(old['environment'].get('git_commit') or '?')[:10]}): "
+        f"fail above {cmp.threshold * 100:g}% on ratio figures, beyond noise",
+        _table(["case", "figure", "old", "new", "change", "noise", "verdict"], rows),
+    ]
     if hidden:
         out.append(f"{hidden} absolute figures (median time, peak memory) within noise, not listed")
     out += cmp.notes
     counts = {v: sum(r.verdict == v for r in ratio_rows) for v in ("improved", "regressed", "within noise")}
-    out.append(f"ratio figures: {counts['improved']} improved, {counts['regressed']} regressed, "
-               f"{counts['within noise']} within noise")
+    out.append(
+        f"ratio figures: {counts['improved']} improved, {counts['regressed']} regressed, "
+        f"{counts['within noise']} within noise"
+    )
     suites = set(new["suites"])
     other = [c for c in cmp.missing_cases if c.split("/")[0] not in suites]
     missing = [c for c in cmp.missing_cases if c.split("/")[0] in suites]
     if other:
-        out.append(f"not compared: {len(other)} baseline cases of suites this run did not include "
-                   f"({', '.join(sorted({c.split('/')[0] for c in other}))})")
+        out.append(
+            f"not compared: {len(other)} baseline cases of suites this run did not include "
+            f"({', '.join(sorted({c.split('/')[0] for c in other}))})"
+        )
     if missing:
         out.append(f"missing from this run ({len(missing)}, not a failure): " + ", ".join(_short(c) for c in missing))
     if cmp.new_cases:
         out.append(f"new in this run ({len(cmp.new_cases)}): " + ", ".join(_short(c) for c in cmp.new_cases))
     fails = cmp.failures
-    out.append(f"gate: FAIL ({len(fails)} figures regressed past {cmp.threshold * 100:g}%: "
-               + ", ".join(f"{_short(r.case)} {r.figure}" for r in fails) + ")" if fails else "gate: pass")
+    out.append(
+        f"gate: FAIL ({len(fails)} figures regressed past {cmp.threshold * 100:g}%: "
+        + ", ".join(f"{_short(r.case)} {r.figure}" for r in fails)
+        + ")"
+        if fails
+        else "gate: pass"
+    )
     return "\n".join(out)

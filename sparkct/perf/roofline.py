@@ -17,6 +17,7 @@ needs them measured (`calibrate=True`: on *this* machine, so only meaningful whe
     png, md = roofline.write(result, "out/")          # result: the bench JSON as a dict
     python -m sparkct.perf.roofline benchmarks/baselines/cpu-2core.json --out out/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,17 @@ def resolve_peaks(result: dict, peaks: dict | None = None, *, calibrate: bool = 
         if table is not None:
             return table
         if not calibrate:
-            raise UserError(f"no peaks for GPU {name or '(unnamed)'}: the result stores none and "
-                            f"sparkct.perf.peaks.GPU_PEAKS does not know it; rerun the bench with peaks "
-                            f"or calibrate on that GPU")
+            raise UserError(
+                f"no peaks for GPU {name or '(unnamed)'}: the result stores none and "
+                f"sparkct.perf.peaks.GPU_PEAKS does not know it; rerun the bench with peaks "
+                f"or calibrate on that GPU"
+            )
         return P.gpu_peaks("cuda")
     if not calibrate:
-        raise UserError("the CPU result stores no measured peaks ('peaks'); rerun the bench, or "
-                        "calibrate on this machine (--calibrate: only meaningful where the bench ran)")
+        raise UserError(
+            "the CPU result stores no measured peaks ('peaks'); rerun the bench, or "
+            "calibrate on this machine (--calibrate: only meaningful where the bench ran)"
+        )
     return P.cpu_peaks()
 
 
@@ -88,10 +93,22 @@ def points(result: dict, peaks: dict) -> list[dict]:
         params = case.get("params") or {}
         peak, roof_dtype = compute_peak(peaks, case_dtype(case), tf32=tf32 or bool(params.get("tf32")))
         achieved = flops / med / 1e9
-        row = {"id": case["id"], "group": case.get("group"), "label": label(case), "dtype": roof_dtype,
-               "flops": flops, "bytes": case.get("bytes"), "median_s": med,
-               "achieved_gflop_s": achieved, "peak_gflop_s": peak, "intensity": None, "roof_gflop_s": peak,
-               "bound": None, "of_roof": None, "of_peak": achieved / peak if peak else None}
+        row = {
+            "id": case["id"],
+            "group": case.get("group"),
+            "label": label(case),
+            "dtype": roof_dtype,
+            "flops": flops,
+            "bytes": case.get("bytes"),
+            "median_s": med,
+            "achieved_gflop_s": achieved,
+            "peak_gflop_s": peak,
+            "intensity": None,
+            "roof_gflop_s": peak,
+            "bound": None,
+            "of_roof": None,
+            "of_peak": achieved / peak if peak else None,
+        }
         if case.get("bytes") and bw and peak:
             ai = flops / case["bytes"]
             row["intensity"] = ai
@@ -134,27 +151,37 @@ def peaks_line(peaks: dict) -> str:
     what = peaks.get("name") or peaks.get("device", "?")
     if peaks.get("threads"):
         what += f", {peaks['threads']} threads"
-    return (f"{what}: compute {comp} GFLOP/s, bandwidth {fmt(peaks.get('bandwidth_gb_s'))} GB/s "
-            f"({peaks.get('source', '?')})")
+    return (
+        f"{what}: compute {comp} GFLOP/s, bandwidth {fmt(peaks.get('bandwidth_gb_s'))} GB/s "
+        f"({peaks.get('source', '?')})"
+    )
 
 
 def markdown(rows: list[dict], peaks: dict) -> str:
     """The roofline table (markdown): one row per case."""
-    out = [f"Peaks: {peaks_line(peaks)}.", "",
-           "| # | case | dtype | GFLOP | FLOP/byte | achieved GFLOP/s | roof GFLOP/s | bound | of roof | of peak |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Peaks: {peaks_line(peaks)}.",
+        "",
+        "| # | case | dtype | GFLOP | FLOP/byte | achieved GFLOP/s | roof GFLOP/s | bound | of roof | of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(rows, 1):
-        out.append(f"| {i} | {r['label']} | {r['dtype']} | {fmt(r['flops'] / 1e9)} | {fmt(r['intensity'])} | "
-                   f"{fmt(r['achieved_gflop_s'])} | {fmt(r['roof_gflop_s'])} | {r['bound'] or '—'} | "
-                   f"{_pct(r['of_roof'])} | {_pct(r['of_peak'])} |")
+        out.append(
+            f"| {i} | {r['label']} | {r['dtype']} | {fmt(r['flops'] / 1e9)} | {fmt(r['intensity'])} | "
+            f"{fmt(r['achieved_gflop_s'])} | {fmt(r['roof_gflop_s'])} | {r['bound'] or '—'} | "
+            f"{_pct(r['of_roof'])} | {_pct(r['of_peak'])} |"
+        )
     if any(r["intensity"] is None for r in rows):
         out += ["", "Cases without a byte count have no intensity: their roof is the compute peak."]
     if any((r["of_peak"] or 0) > 1 for r in rows):
         # Seen on the 2-core EPYC: oneDNN's 3x3 convolutions at 2x the GEMM-measured peak.
-        out += ["", "Above 100 %: the FLOPs are counted as the direct algorithm does them (a convolution: "
-                    "2·9·C_in·C_out per output pixel); a library that computes it with fewer operations "
-                    "(e.g. Winograd or FFT convolution) reaches an effective rate above the measured GEMM "
-                    "peak. Read those rows as effective rates, comparable with each other, not with the roof."]
+        out += [
+            "",
+            "Above 100 %: the FLOPs are counted as the direct algorithm does them (a convolution: "
+            "2·9·C_in·C_out per output pixel); a library that computes it with fewer operations "
+            "(e.g. Winograd or FFT convolution) reaches an effective rate above the measured GEMM "
+            "peak. Read those rows as effective rates, comparable with each other, not with the roof.",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -166,6 +193,7 @@ def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> 
     """A log-log roofline PNG: the bandwidth slope and the compute roof of each dtype the cases use,
     one numbered, labelled point per case with an intensity."""
     import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
@@ -184,15 +212,25 @@ def plot(rows: list[dict], peaks: dict, path: str, title: str | None = None) -> 
         if not peak or not bw:
             continue
         xs = [lo, peak / bw, hi]
-        ax.plot(xs, [min(peak, x * bw) for x in xs], color=colors[j % len(colors)], lw=2,
-                label=f"{d} roof: {fmt(peak)} GFLOP/s, {fmt(bw)} GB/s (ridge {fmt(peak / bw)} FLOP/B)")
+        ax.plot(
+            xs,
+            [min(peak, x * bw) for x in xs],
+            color=colors[j % len(colors)],
+            lw=2,
+            label=f"{d} roof: {fmt(peak)} GFLOP/s, {fmt(bw)} GB/s (ridge {fmt(peak / bw)} FLOP/B)",
+        )
     for i, r in enumerate(rows, 1):
         if not r["intensity"]:
             continue
         ax.scatter([r["intensity"]], [r["achieved_gflop_s"]], s=22, color="black", zorder=3)
         # numbers at the points (clustered cases stay readable), names in the key beside the axes
-        ax.annotate(str(i), (r["intensity"], r["achieved_gflop_s"]), fontsize=7,
-                    xytext=(4, 2 + 6 * (i % 3) - 6), textcoords="offset points")
+        ax.annotate(
+            str(i),
+            (r["intensity"], r["achieved_gflop_s"]),
+            fontsize=7,
+            xytext=(4, 2 + 6 * (i % 3) - 6),
+            textcoords="offset points",
+        )
     key = [f"{i}  {r['label']}" for i, r in enumerate(rows, 1) if r["intensity"]]
     fig.text(0.74, 0.9, "\n".join(key), fontsize=6, va="top", ha="left", family="monospace")
     ax.set_xscale("log")
@@ -228,18 +266,19 @@ def write(result: dict, out_dir: str, peaks: dict | None = None, *, calibrate: b
     title = f"{runner}: {peaks_line(pk)}"
     png = plot(rows, pk, os.path.join(out_dir, f"roofline-{runner}.png"), title=title)
     md_path = os.path.join(out_dir, f"roofline-{runner}.md")
-    write_text_atomic(md_path, f"# Roofline, {runner}\n\n![roofline](roofline-{runner}.png)\n\n"
-                      + markdown(rows, pk))
+    write_text_atomic(md_path, f"# Roofline, {runner}\n\n![roofline](roofline-{runner}.png)\n\n" + markdown(rows, pk))
     return png, md_path
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m sparkct.perf.roofline",
-                                     description="roofline PNG + table of a `sparkct bench` JSON")
+    p = p or argparse.ArgumentParser(
+        prog="python -m sparkct.perf.roofline", description="roofline PNG + table of a `sparkct bench` JSON"
+    )
     p.add_argument("result", help="a sparkct bench JSON (e.g. benchmarks/baselines/cpu-2core.json)")
     p.add_argument("--out", default=".", help="folder for roofline-<runner>.png and .md")
-    p.add_argument("--calibrate", action="store_true",
-                   help="measure the peaks on this machine when the result stores none")
+    p.add_argument(
+        "--calibrate", action="store_true", help="measure the peaks on this machine when the result stores none"
+    )
     return p
 
 

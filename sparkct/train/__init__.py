@@ -1,6 +1,7 @@
 """The one trainer every method shares (loop, AMP, checkpoints, resume, logging, DDP).
 
 Names load on first use, so the `sparkct` command's parser imports no torch."""
+
 from __future__ import annotations
 
 import importlib

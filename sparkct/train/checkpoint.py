@@ -9,6 +9,7 @@ loading never unpickles code. The configs travel as a JSON string. Files in a ru
     best.ckpt                       hard link to the checkpoint with the best "monitor" value (if any)
     backbone.pt                     the backbone export: a torchvision state_dict (no classifier)
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,25 +28,43 @@ from sparkct import io as sio
 from sparkct.errors import UserError
 from sparkct.models.backbone import backbone_state
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_latest", "find_latest", "candidates",
-           "remove_partial", "rng_state", "set_rng_state", "link_atomic", "prune", "export_backbone"]
+__all__ = [
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_latest",
+    "find_latest",
+    "candidates",
+    "remove_partial",
+    "rng_state",
+    "set_rng_state",
+    "link_atomic",
+    "prune",
+    "export_backbone",
+]
 
 FORMAT = "sparkct-checkpoint-1"
 _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
 # the temporaries of an interrupted write into a run folder: sio.atomic_path's ``.<name>.<random>.tmp``
 # and link_atomic's ``<name>.<pid>.lnk.tmp``; only the names a run writes, so nothing else there is touched
 _RUN_FILES = r"(last\.ckpt|best\.ckpt|backbone\.pt|metrics\.csv|metrics\.jsonl|config\.json|summary\.json)"
-_PARTIAL_RE = {"checkpoints": re.compile(r"^\.step-\d+\.ckpt\.[^.]+\.tmp$"),
-               ".": re.compile(rf"^(\.{_RUN_FILES}\.[^.]+\.tmp|{_RUN_FILES}\.\d+\.lnk\.tmp)$")}
+_PARTIAL_RE = {
+    "checkpoints": re.compile(r"^\.step-\d+\.ckpt\.[^.]+\.tmp$"),
+    ".": re.compile(rf"^(\.{_RUN_FILES}\.[^.]+\.tmp|{_RUN_FILES}\.\d+\.lnk\.tmp)$"),
+}
 
 
 def rng_state() -> dict:
     # legacy=True (the default) gives the MT19937 tuple; numpy's stub types the no-argument call as a dict
     np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-          "python_pos": random.getstate()[2],
-          "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-          "numpy_gauss": [int(np_state[3]), float(np_state[4])]}
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -54,8 +73,15 @@ def rng_state() -> dict:
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate((3, tuple(st["python"]), st["python_pos"]))
-    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype(np.uint32), st["numpy_pos"],
-                         st["numpy_gauss"][0], st["numpy_gauss"][1]))
+    np.random.set_state(
+        (
+            "MT19937",
+            st["numpy_keys"].numpy().astype(np.uint32),
+            st["numpy_pos"],
+            st["numpy_gauss"][0],
+            st["numpy_gauss"][1],
+        )
+    )
     if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -88,8 +114,9 @@ def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
 
 
 def prune(ckpt_dir: str, keep: int) -> None:
-    files = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(ckpt_dir, "step-*.ckpt"))
-                   if (m := _STEP_RE.search(p)))
+    files = sorted(
+        (int(m.group(1)), p) for p in glob.glob(os.path.join(ckpt_dir, "step-*.ckpt")) if (m := _STEP_RE.search(p))
+    )
     for _, p in files[:-keep] if keep > 0 else []:
         try:
             os.unlink(p)
@@ -100,8 +127,11 @@ def prune(ckpt_dir: str, keep: int) -> None:
 def candidates(run_dir: str) -> list[str]:
     """A run folder's checkpoints, the one to resume first: last.ckpt, then the step checkpoints newest first."""
     last = os.path.join(run_dir, "last.ckpt")
-    files = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "checkpoints", "step-*.ckpt"))
-                   if (m := _STEP_RE.search(p)))
+    files = sorted(
+        (int(m.group(1)), p)
+        for p in glob.glob(os.path.join(run_dir, "checkpoints", "step-*.ckpt"))
+        if (m := _STEP_RE.search(p))
+    )
     return ([last] if os.path.isfile(last) else []) + [p for _, p in reversed(files)]
 
 
@@ -184,8 +214,11 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 def export_backbone(state_or_model, out: str) -> dict:
     """Write the backbone export (torchvision state_dict minus fc) atomically; returns it."""
     if isinstance(state_or_model, dict):
-        sd = {k[len("backbone."):]: v.detach().cpu().contiguous() for k, v in state_or_model["model"].items()
-              if k.startswith("backbone.") and not k.startswith("backbone.fc.")}
+        sd = {
+            k[len("backbone.") :]: v.detach().cpu().contiguous()
+            for k, v in state_or_model["model"].items()
+            if k.startswith("backbone.") and not k.startswith("backbone.fc.")
+        }
         if not sd:
             raise UserError("the checkpoint holds no backbone weights")
     else:

@@ -1,4 +1,5 @@
 """``sparkct pretrain METHOD ...`` and ``sparkct export RUN --out FILE``."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print("sparkct pretrain: error: name a method (" + ", ".join(METHODS) + ") or --list", file=sys.stderr)
             return 2
         from sparkct.models.base import Method  # noqa: PLC0415 (lazy: the parser imports no torch)
+
         for name in METHODS:
             cls = get_method(name)
             d = dict(Method.defaults)
@@ -50,8 +52,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"{name:10s} {doc}")
             cfg = cls.config_class()
             fields = getattr(cfg, "__dataclass_fields__", {})
-            print(" " * 11 + ", ".join([f"{k}={getattr(cfg, k)}" for k in fields] +
-                                       [f"{k}={v}" for k, v in d.items()]))
+            print(" " * 11 + ", ".join([f"{k}={getattr(cfg, k)}" for k in fields] + [f"{k}={v}" for k, v in d.items()]))
         return 0
     ns, cfg, mcfg = pretrain_configs(args.method, args.rest)
     from sparkct.train.trainer import Trainer, build_method  # noqa: PLC0415 (lazy: the parser imports no torch)
@@ -80,6 +81,7 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
     applied = _builtin_data_options(name, argv, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
         from sparkct.data.datasets import read_labels_csv  # noqa: PLC0415 (lazy: the parser imports no torch)
+
         if not os.path.isfile(cfg.labels):
             raise UserError(f"--labels {cfg.labels}: no such file")
         rows = read_labels_csv(cfg.labels)
@@ -91,8 +93,11 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
 
     resolve_device(cfg.device)  # before any data work: a missing GPU is reported at once
     if applied:
-        print(f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
-              "long runs on real data; give these flags to override)", file=sys.stderr)
+        print(
+            f"built-in synthetic data (no --data): using {' '.join(applied)} (the published settings are for "
+            "long runs on real data; give these flags to override)",
+            file=sys.stderr,
+        )
     return ns, cfg, mcfg
 
 
@@ -120,24 +125,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     state = load_checkpoint(src)
     sd = export_backbone(state, args.out)
     arch = state["config"].get("train", {}).get("arch", "?")
-    print(f"wrote {args.out}: {arch} backbone ({len(sd)} tensors, step {state['step']} of {state['path']}); "
-          f"load with torchvision.models.{arch}() whose fc is replaced by nn.Identity(), strict=True")
+    print(
+        f"wrote {args.out}: {arch} backbone ({len(sd)} tensors, step {state['step']} of {state['path']}); "
+        f"load with torchvision.models.{arch}() whose fc is replaced by nn.Identity(), strict=True"
+    )
     return 0
 
 
 def register(subparsers) -> None:
     s = subparsers.add_parser(
-        "pretrain", help="self-supervised pretraining on CT (SparK, ...) with the one trainer",
+        "pretrain",
+        help="self-supervised pretraining on CT (SparK, ...) with the one trainer",
         description="Pretrain a CNN backbone on CT slices with a self-supervised method; checkpoints, resume, "
-                    "metrics, previews and the backbone export go to --out.", epilog=_PRETRAIN_EPILOG)
+        "metrics, previews and the backbone export go to --out.",
+        epilog=_PRETRAIN_EPILOG,
+    )
     s.add_argument("method", nargs="?", help="the method (see --list)")
     s.add_argument("--list", action="store_true", help="list the methods with their defaults")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="the method's options (sparkct pretrain METHOD -h)")
     s.set_defaults(func=cmd_pretrain)
 
-    s = subparsers.add_parser("export", help="write a run's backbone as a plain torchvision state_dict",
-                              description="Write the backbone of a pretraining run (its last.ckpt, or a given "
-                                          "checkpoint) as a torchvision ResNet state_dict without the classifier.")
+    s = subparsers.add_parser(
+        "export",
+        help="write a run's backbone as a plain torchvision state_dict",
+        description="Write the backbone of a pretraining run (its last.ckpt, or a given "
+        "checkpoint) as a torchvision ResNet state_dict without the classifier.",
+    )
     s.add_argument("run", help="a run folder or a checkpoint file")
     s.add_argument("--out", required=True, help="where to write the state_dict (.pt)")
     s.add_argument("--best", action="store_true", help="export best.ckpt instead of last.ckpt")

@@ -2,6 +2,7 @@
 
 Nothing here imports torch: ``sparkct pretrain -h`` and ``--list`` stay fast.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,14 +23,20 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 class TrainConfig:
     """What every pretraining run shares. ``None`` = the method's default (``Method.defaults``)."""
 
-    data: str | None = option("a prepared slice cache, or a DICOM/NIfTI folder (prepared into OUT/../cache on first "
-                              "use); default: the built-in synthetic chest CT", default=None)
+    data: str | None = option(
+        "a prepared slice cache, or a DICOM/NIfTI folder (prepared into OUT/../cache on first "
+        "use); default: the built-in synthetic chest CT",
+        default=None,
+    )
     out: str = option("run folder: checkpoints, metrics, previews, backbone export", default="runs/pretrain")
     arch: str = option("torchvision backbone (resnet18/34/50/101/152, resnext..., wide_resnet...)", default="resnet18")
-    weights: str | None = option("initialize the backbone from this state_dict file (e.g. ImageNet weights)",
-                                 default=None)
-    windows: str = option("HU windows as input channels (presets lung, mediastinum, abdomen, bone, brain or C/W)",
-                          default="lung,mediastinum,bone")
+    weights: str | None = option(
+        "initialize the backbone from this state_dict file (e.g. ImageNet weights)", default=None
+    )
+    windows: str = option(
+        "HU windows as input channels (presets lung, mediastinum, abdomen, bone, brain or C/W)",
+        default="lung,mediastinum,bone",
+    )
     crop: int = option("training crop size in pixels", default=128)
     epochs: int = option("passes over the data", default=20)
     max_steps: int | None = option("stop after this many optimizer steps (overrides epochs)", default=None)
@@ -42,8 +49,9 @@ class TrainConfig:
     weight_decay_end: float | None = option("weight decay at the end", default=None)
     warmup_epochs: float | None = option("linear learning-rate warm-up, in epochs", default=None)
     clip_grad: float = option("clip the global gradient norm at this value (0: off)", default=0.0)
-    amp: str = option("mixed precision: auto (bf16 on CUDA, off on CPU), none, bf16, fp16 (with loss scaling)",
-                      default="auto")
+    amp: str = option(
+        "mixed precision: auto (bf16 on CUDA, off on CPU), none, bf16, fp16 (with loss scaling)", default="auto"
+    )
     channels_last: bool = option("channels-last memory format for the model and inputs", default=True)
     device: str = option("cpu, cuda, cuda:N or auto", default="auto")
     seed: int = option("seed of weights, data order, augmentations and masks", default=0)
@@ -52,10 +60,14 @@ class TrainConfig:
     keep: int = option("keep the last K step checkpoints", default=2)
     log_every: int = option("log metrics every N optimizer steps", default=5)
     preview_every: int = option("write a preview PNG every N optimizer steps (0: only at the end)", default=50)
-    labels: str | None = option("a labels CSV over the data (slice or series level, column 'label'): enables the "
-                                 "online linear probe, kNN accuracy and the hybrid objective", default=None)
-    knn_every: int = option("with --labels: kNN accuracy on held-out labelled patients every N epochs (0: off)",
-                            default=1)
+    labels: str | None = option(
+        "a labels CSV over the data (slice or series level, column 'label'): enables the "
+        "online linear probe, kNN accuracy and the hybrid objective",
+        default=None,
+    )
+    knn_every: int = option(
+        "with --labels: kNN accuracy on held-out labelled patients every N epochs (0: off)", default=1
+    )
     tensorboard: bool = option("also log to TensorBoard (OUT/tb)", default=True)
     progress: bool = option("show a progress bar", default=True)
     synth_patients: int = option("built-in data: synthetic patients", default=8)
@@ -68,8 +80,17 @@ class TrainConfig:
         check_arch(self.arch)
         if self.crop < 32 or self.crop % 32:
             raise UserError(f"--crop must be a positive multiple of 32 (SparK's cell grid), got {self.crop}")
-        for name in ("epochs", "batch", "accum", "ckpt_every", "keep", "log_every", "synth_patients", "synth_size",
-                     "synth_slices"):
+        for name in (
+            "epochs",
+            "batch",
+            "accum",
+            "ckpt_every",
+            "keep",
+            "log_every",
+            "synth_patients",
+            "synth_size",
+            "synth_slices",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -97,6 +118,7 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         from sparkct.data.windows import resolve_windows  # noqa: PLC0415 (lazy: the parser imports no numpy)
+
         try:
             resolve_windows(self.windows)
         except (ValueError, KeyError) as e:

@@ -3,6 +3,7 @@
 Rows are kept in memory and written atomically on flush (at each checkpoint and at the end), so the
 files on disk always match the latest checkpoint; on resume, rows past the resumed step are dropped.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,6 +38,7 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (lazy: tensorboard is optional)
+
                 self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 self.tb = None

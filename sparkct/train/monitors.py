@@ -9,6 +9,7 @@ gradients. (The collapse indicator, which the methods log themselves, is
   pretraining, with its own optimizer (a step per training step); its accuracy on the training
   batch is logged (a running, slightly optimistic estimate of linear separability).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -21,9 +22,16 @@ __all__ = ["knn_accuracy", "extract_features", "OnlineLinearProbe"]
 
 
 @torch.no_grad()
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> float:
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> float:
     """Top-1 accuracy of weighted cosine kNN: each query's k most similar bank rows vote for their
     label with weight exp(cos / temperature)."""
     if bank.shape[0] == 0 or query.shape[0] == 0:
@@ -40,17 +48,18 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
     bl = bank_labels.to(b.device).long()
     correct = 0
     for lo in range(0, query.shape[0], chunk):
-        q = F.normalize(query[lo:lo + chunk].float().to(b.device), dim=1)
+        q = F.normalize(query[lo : lo + chunk].float().to(b.device), dim=1)
         sim, idx = (q @ b.t()).topk(k, dim=1)
         votes = torch.zeros(q.shape[0], C, device=b.device)
         votes.scatter_add_(1, bl[idx], (sim / temperature).exp())
-        correct += int((votes.argmax(1) == query_labels[lo:lo + chunk].to(b.device).long()).sum())
+        correct += int((votes.argmax(1) == query_labels[lo : lo + chunk].to(b.device).long()).sum())
     return correct / query.shape[0]
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, batches: Iterable, device: str | torch.device | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    backbone: nn.Module, batches: Iterable, device: str | torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, F), labels (N,)) of a loader yielding (x, y), the backbone in eval mode (its
     mode is restored afterwards)."""
     was = backbone.training

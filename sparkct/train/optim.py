@@ -10,6 +10,7 @@
   ``lr_scale`` (fine-tuning freezes/ramps the backbone through it).
 * ``scaled_lr``: lr = base_lr x global batch / 256.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,17 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str] | fr
     return groups
 
 
-def build_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float, *, betas=(0.9, 0.95),
-                    momentum: float = 0.9, no_decay=frozenset(), groups: list[dict] | None = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    module: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    *,
+    betas=(0.9, 0.95),
+    momentum: float = 0.9,
+    no_decay=frozenset(),
+    groups: list[dict] | None = None,
+) -> torch.optim.Optimizer:
     """`name` in OPTIMIZERS; `groups` overrides the default two groups (each may carry an ``lr_scale``)."""
     name = str(name).lower()
     if name not in OPTIMIZERS:
@@ -57,10 +66,12 @@ def build_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float
     betas = tuple(float(b) for b in betas)
     if name == "lamb":
         from timm.optim import Lamb  # noqa: PLC0415 (lazy: optional here, only lamb/lars need timm)
+
         # max_grad_norm=None: the trainer clips (or not) itself; timm would clip at 1.0 silently
         return Lamb(groups, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=None)
     if name == "lars":
         from timm.optim import Lars  # noqa: PLC0415 (lazy: optional here, only lamb/lars need timm)
+
         return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
@@ -73,8 +84,9 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return float(base_lr) * global_batch / 256.0
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, *, warmup_start: float = 0.005,
-          final_lr: float = 0.001) -> float:
+def lr_at(
+    step: int, total: int, warmup: int, peak: float, *, warmup_start: float = 0.005, final_lr: float = 0.001
+) -> float:
     """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up over `warmup` steps
     from warmup_start x peak to peak, then half-cycle cosine down to final_lr x peak at the last step."""
     if warmup > 0 and step < warmup:

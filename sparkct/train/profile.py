@@ -13,6 +13,7 @@ The training run itself (metrics, loss curve, last checkpoint) goes to OUT/run, 
 profile into OUT; the built-in synthetic data is prepared beside --out (OUT/../data), where
 ``sparkct pretrain`` keeps it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,13 @@ def _add_profile_args(method: str):
     def extend(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("profiling")
         g.add_argument("--steps", type=int, default=20, help="optimizer steps to run (warm-up steps included)")
-        g.add_argument("--warmup-steps", type=int, default=2,
-                       help="first steps run but not recorded (one-off costs: allocation, autotuning, the "
-                            "trainer's set-up, which 0 records in the first step)")
+        g.add_argument(
+            "--warmup-steps",
+            type=int,
+            default=2,
+            help="first steps run but not recorded (one-off costs: allocation, autotuning, the "
+            "trainer's set-up, which 0 records in the first step)",
+        )
         g.add_argument("--top", type=int, default=25, help="rows of the top-ops table")
         g.add_argument("--record-shapes", action="store_true", help="record input shapes (group ops by shape)")
         g.add_argument("--memory", action="store_true", help="record allocations (profile_memory)")
@@ -53,8 +58,11 @@ def _add_profile_args(method: str):
         for a in p._actions:  # the trainer's --out becomes the profile's folder
             if a.dest == "out":
                 a.default = f"runs/profile-{method}"
-                a.help = ("profile folder: trace.json, profile.md, profile.json and the run (OUT/run, replaced "
-                          "by the next profile); built-in data is kept in OUT/../data")
+                a.help = (
+                    "profile folder: trace.json, profile.md, profile.json and the run (OUT/run, replaced "
+                    "by the next profile); built-in data is kept in OUT/../data"
+                )
+
     return extend
 
 
@@ -62,32 +70,64 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if not args.method:
         raise UserError("name a method to profile (" + ", ".join(METHODS) + ")")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("sparkct profile runs one process; under torchrun, profile with torch.profiler in your "
-                        "own code or use Nsight Systems (docs/profiling.md)")
+        raise UserError(
+            "sparkct profile runs one process; under torchrun, profile with torch.profiler in your "
+            "own code or use Nsight Systems (docs/profiling.md)"
+        )
     given = {a.split("=", 1)[0] for a in args.rest if a.startswith("--")}
-    for flag, why in (("--max-steps", "use --steps"), ("--resume", "a profile starts a fresh run"),
-                      ("--force", "a profile starts a fresh run")):
+    for flag, why in (
+        ("--max-steps", "use --steps"),
+        ("--resume", "a profile starts a fresh run"),
+        ("--force", "a profile starts a fresh run"),
+    ):
         if flag in given:
             raise UserError(f"{flag} does not apply to sparkct profile ({why})")
+
     def check(ns):
         if ns.steps < 1:
             raise UserError(f"--steps must be >= 1, got {ns.steps}")
         if ns.warmup_steps < 0:
             raise UserError(f"--warmup-steps must be >= 0, got {ns.warmup_steps}")
         if ns.steps <= ns.warmup_steps:
-            raise UserError(f"--steps {ns.steps} leaves no step to record after --warmup-steps {ns.warmup_steps}; "
-                            f"raise --steps (or lower --warmup-steps)")
+            raise UserError(
+                f"--steps {ns.steps} leaves no step to record after --warmup-steps {ns.warmup_steps}; "
+                f"raise --steps (or lower --warmup-steps)"
+            )
         if ns.top < 1:
             raise UserError(f"--top must be >= 1, got {ns.top}")
 
-    ns, cfg, mcfg = pretrain_configs(args.method, args.rest, extend=_add_profile_args(args.method), check=check,
-                                     prog=f"sparkct profile pretrain {args.method}")
-    return profile_pretrain(args.method, cfg, mcfg, steps=ns.steps, warmup=ns.warmup_steps, top=ns.top,
-                            record_shapes=ns.record_shapes, memory=ns.memory, with_stack=ns.with_stack)
+    ns, cfg, mcfg = pretrain_configs(
+        args.method,
+        args.rest,
+        extend=_add_profile_args(args.method),
+        check=check,
+        prog=f"sparkct profile pretrain {args.method}",
+    )
+    return profile_pretrain(
+        args.method,
+        cfg,
+        mcfg,
+        steps=ns.steps,
+        warmup=ns.warmup_steps,
+        top=ns.top,
+        record_shapes=ns.record_shapes,
+        memory=ns.memory,
+        with_stack=ns.with_stack,
+    )
 
 
-def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2, top: int = 25,
-                     record_shapes: bool = False, memory: bool = False, with_stack: bool = False) -> int:
+def profile_pretrain(
+    method_name: str,
+    cfg,
+    mcfg,
+    *,
+    steps: int,
+    warmup: int = 2,
+    top: int = 25,
+    record_shapes: bool = False,
+    memory: bool = False,
+    with_stack: bool = False,
+) -> int:
     import torch  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
 
     from sparkct import io as sio  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
@@ -104,12 +144,19 @@ def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2
             raise UserError(f"{run_dir} exists and was not made by sparkct profile; choose another --out")
         shutil.rmtree(run_dir)
     # the data where `sparkct pretrain --out OUT` would keep it
-    data = resolve_data(cfg.data, cfg.out, synth_patients=cfg.synth_patients, synth_size=cfg.synth_size,
-                        synth_slices=cfg.synth_slices, log=_log)
+    data = resolve_data(
+        cfg.data,
+        cfg.out,
+        synth_patients=cfg.synth_patients,
+        synth_size=cfg.synth_size,
+        synth_slices=cfg.synth_slices,
+        log=_log,
+    )
     os.makedirs(run_dir)
     sio.write_text_atomic(marker, "a sparkct profile run: the next profile into this folder replaces it\n")
-    cfg = dataclasses.replace(cfg, data=data, out=run_dir, max_steps=steps, ckpt_every=steps + 1,
-                              preview_every=0, tensorboard=False)
+    cfg = dataclasses.replace(
+        cfg, data=data, out=run_dir, max_steps=steps, ckpt_every=steps + 1, preview_every=0, tensorboard=False
+    )
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -122,25 +169,43 @@ def profile_pretrain(method_name: str, cfg, mcfg, *, steps: int, warmup: int = 2
         recorded["events"] = prof.key_averages()
 
     prof = torch.profiler.profile(
-        activities=acts, schedule=torch.profiler.schedule(wait=0, warmup=warmup, active=steps - warmup, repeat=1),
-        on_trace_ready=ready, record_shapes=record_shapes, profile_memory=memory, with_stack=with_stack)
+        activities=acts,
+        schedule=torch.profiler.schedule(wait=0, warmup=warmup, active=steps - warmup, repeat=1),
+        on_trace_ready=ready,
+        record_shapes=record_shapes,
+        profile_memory=memory,
+        with_stack=with_stack,
+    )
     method = build_method(method_name, cfg, mcfg)
     with prof:
         summary = Trainer(method, cfg, method_name=method_name, on_step=lambda s: prof.step()).fit()
     if "events" not in recorded:  # the trainer stopped early (it raises otherwise)
         raise RuntimeError("the profiler recorded no step")
     report = summarize(recorded["events"], cuda=device.type == "cuda", top=top)
-    report.update(method=method_name, device=str(device), steps=steps, warmup_steps=warmup,
-                  recorded_steps=steps - warmup, batch=cfg.batch, crop=cfg.crop, arch=cfg.arch,
-                  images_per_s=summary.get("images_per_s"), torch=torch.__version__, trace=trace)
+    report.update(
+        method=method_name,
+        device=str(device),
+        steps=steps,
+        warmup_steps=warmup,
+        recorded_steps=steps - warmup,
+        batch=cfg.batch,
+        crop=cfg.crop,
+        arch=cfg.arch,
+        images_per_s=summary.get("images_per_s"),
+        torch=torch.__version__,
+        trace=trace,
+    )
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     md = markdown(report)
     sio.write_text_atomic(os.path.join(out, "profile.md"), md)
     sio.write_json_atomic(os.path.join(out, "profile.json"), report)
     print(md)
-    print(f"wrote {trace} (open in https://ui.perfetto.dev or chrome://tracing), "
-          f"{os.path.join(out, 'profile.md')}, {os.path.join(out, 'profile.json')}", file=sys.stderr)
+    print(
+        f"wrote {trace} (open in https://ui.perfetto.dev or chrome://tracing), "
+        f"{os.path.join(out, 'profile.md')}, {os.path.join(out, 'profile.json')}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -159,8 +224,13 @@ def summarize(events, *, cuda: bool, top: int) -> dict:
     total_self = sum(max(getattr(e, self_key), 0) for e in ops) or 1.0
     rows = []
     for e in sorted(ops, key=lambda e: getattr(e, self_key), reverse=True)[:top]:
-        r = {"name": e.key, "calls": e.count, "self_ms": _ms(getattr(e, self_key)),
-             "self_pct": round(100.0 * getattr(e, self_key) / total_self, 2), "total_ms": _ms(e.cpu_time_total)}
+        r = {
+            "name": e.key,
+            "calls": e.count,
+            "self_ms": _ms(getattr(e, self_key)),
+            "self_pct": round(100.0 * getattr(e, self_key) / total_self, 2),
+            "total_ms": _ms(e.cpu_time_total),
+        }
         if cuda:
             r["self_cpu_ms"] = _ms(e.self_cpu_time_total)
             r["device_total_ms"] = _ms(e.device_time_total)
@@ -170,9 +240,13 @@ def summarize(events, *, cuda: bool, top: int) -> dict:
     ranges.sort(key=lambda e: (0 if e.key in phase_order else 1, phase_order.get(e.key, 0), -e.cpu_time_total))
     rrows = []
     for e in ranges:
-        r = {"name": e.key, "calls": e.count, "total_ms": _ms(e.cpu_time_total),
-             "per_step_ms": _ms(e.cpu_time_total / max(n_steps, 1)),
-             "pct_of_step": round(100.0 * e.cpu_time_total / wall, 2) if wall else None}
+        r = {
+            "name": e.key,
+            "calls": e.count,
+            "total_ms": _ms(e.cpu_time_total),
+            "per_step_ms": _ms(e.cpu_time_total / max(n_steps, 1)),
+            "pct_of_step": round(100.0 * e.cpu_time_total / wall, 2) if wall else None,
+        }
         if cuda:
             r["device_total_ms"] = _ms(e.device_time_total)
         rrows.append(r)
@@ -181,6 +255,7 @@ def summarize(events, *, cuda: bool, top: int) -> dict:
 
 def _phase_names() -> tuple[str, ...]:
     from sparkct.profiling import PHASES  # noqa: PLC0415 (lazy: the parser imports no torch)
+
     return PHASES
 
 
@@ -206,25 +281,42 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 def markdown(report: dict) -> str:
     cuda = report["sort"] == "self_device_time_total"
     rec = report["recorded"]
-    lines = [f"# Profile: sparkct pretrain {report['method']}",
-             "",
-             f"{report.get('arch')} · batch {report.get('batch')} · crop {report.get('crop')} · "
-             f"{report.get('gpu', report.get('device'))} · torch {report.get('torch')} · "
-             f"{rec['steps']} recorded steps (after {report.get('warmup_steps')} warm-up), "
-             f"{rec['wall_ms']:.1f} ms CPU-side wall time · trace: {report.get('trace')}",
-             "",
-             f"## Top ops and kernels by self {'CUDA' if cuda else 'CPU'} time",
-             ""]
-    cols = [("name", "name"), ("calls", "calls"), ("self_ms", "self ms"), ("self_pct", "self %"),
-            ("total_ms", "CPU total ms")]
+    lines = [
+        f"# Profile: sparkct pretrain {report['method']}",
+        "",
+        f"{report.get('arch')} · batch {report.get('batch')} · crop {report.get('crop')} · "
+        f"{report.get('gpu', report.get('device'))} · torch {report.get('torch')} · "
+        f"{rec['steps']} recorded steps (after {report.get('warmup_steps')} warm-up), "
+        f"{rec['wall_ms']:.1f} ms CPU-side wall time · trace: {report.get('trace')}",
+        "",
+        f"## Top ops and kernels by self {'CUDA' if cuda else 'CPU'} time",
+        "",
+    ]
+    cols = [
+        ("name", "name"),
+        ("calls", "calls"),
+        ("self_ms", "self ms"),
+        ("self_pct", "self %"),
+        ("total_ms", "CPU total ms"),
+    ]
     if cuda:
         cols[3:3] = [("self_cpu_ms", "self CPU ms")]
-    lines += [_table(report["top"], cols), "",
-              "## sparkct ranges: trainer phases (step/*), losses (loss/*), ops (sparkct.*, sparkct::*)", "",
-              "Total (inclusive) CPU-side time; a phase's CPU time includes waiting for the device where it "
-              "synchronizes (step/sync-loss reads the loss).", ""]
-    rcols = [("name", "name"), ("calls", "calls"), ("total_ms", "total ms"), ("per_step_ms", "ms / step"),
-             ("pct_of_step", "% of step")]
+    lines += [
+        _table(report["top"], cols),
+        "",
+        "## sparkct ranges: trainer phases (step/*), losses (loss/*), ops (sparkct.*, sparkct::*)",
+        "",
+        "Total (inclusive) CPU-side time; a phase's CPU time includes waiting for the device where it "
+        "synchronizes (step/sync-loss reads the loss).",
+        "",
+    ]
+    rcols = [
+        ("name", "name"),
+        ("calls", "calls"),
+        ("total_ms", "total ms"),
+        ("per_step_ms", "ms / step"),
+        ("pct_of_step", "% of step"),
+    ]
     if cuda:
         rcols.append(("device_total_ms", "CUDA ms"))
     lines += [_table(report["ranges"], rcols), ""]
@@ -233,16 +325,23 @@ def markdown(report: dict) -> str:
 
 def register(subparsers) -> None:
     s = subparsers.add_parser(
-        "profile", help="profile a short pretraining run with torch.profiler (trace + top-ops table)",
+        "profile",
+        help="profile a short pretraining run with torch.profiler (trace + top-ops table)",
         description="Run a command under torch.profiler for a few steps and write a Chrome/Perfetto trace and a "
-                    "table of the top ops and kernels, with sparkct's ops and the trainer's phases as named ranges.",
-        epilog=_EPILOG)
+        "table of the top ops and kernels, with sparkct's ops and the trainer's phases as named ranges.",
+        epilog=_EPILOG,
+    )
     sub = s.add_subparsers(dest="profile_target", required=True, metavar="TARGET")
-    t = sub.add_parser("pretrain", help="sparkct pretrain METHOD ... under the profiler",
-                       description="Profile `sparkct pretrain METHOD` (same options) for --steps steps.",
-                       epilog=_EPILOG)
+    t = sub.add_parser(
+        "pretrain",
+        help="sparkct pretrain METHOD ... under the profiler",
+        description="Profile `sparkct pretrain METHOD` (same options) for --steps steps.",
+        epilog=_EPILOG,
+    )
     t.add_argument("method", nargs="?", help="the method (sparkct pretrain --list)")
-    t.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="--steps, --warmup-steps, --out, ... and the method's options (sparkct profile pretrain "
-                        "METHOD -h)")
+    t.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="--steps, --warmup-steps, --out, ... and the method's options (sparkct profile pretrain METHOD -h)",
+    )
     t.set_defaults(func=cmd_profile)

@@ -24,6 +24,7 @@ Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``p
 ``checkpoints/``, ``last.ckpt``, ``best.ckpt`` (when the method reports a monitor), ``backbone.pt``,
 ``summary.json``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,18 @@ from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL loa
 __all__ = ["VOLATILE_KEYS", "RunState", "StepResult", "Trainer", "TrainingDiverged", "build_method"]
 
 #: TrainConfig fields that may change on resume without changing what is computed
-VOLATILE_KEYS = ("out", "device", "workers", "progress", "tensorboard", "log_every", "preview_every", "ckpt_every",
-                 "keep", "data")
+VOLATILE_KEYS = (
+    "out",
+    "device",
+    "workers",
+    "progress",
+    "tensorboard",
+    "log_every",
+    "preview_every",
+    "ckpt_every",
+    "keep",
+    "data",
+)
 
 
 def _log(msg: str) -> None:
@@ -75,6 +86,7 @@ def _log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- methods
+
 
 def build_method(name: str, cfg: TrainConfig, method_cfg=None) -> Method:
     """The method `name` of sparkct.models.METHODS on a fresh backbone (cfg.arch, one input channel per
@@ -149,8 +161,18 @@ class Trainer:
     done (sparkct profile advances its torch.profiler schedule there). The phases of a step are named
     ranges for profilers (sparkct.profiling.PHASES)."""
 
-    def __init__(self, method: Method, config: TrainConfig, *, method_name: str | None = None, dataset=None,
-                 resume: bool | str = False, force: bool = False, log=_log, on_step=None):
+    def __init__(
+        self,
+        method: Method,
+        config: TrainConfig,
+        *,
+        method_name: str | None = None,
+        dataset=None,
+        resume: bool | str = False,
+        force: bool = False,
+        log=_log,
+        on_step=None,
+    ):
         config.validate()
         self.method = method
         self.cfg = config
@@ -177,9 +199,12 @@ class Trainer:
 
     def config_record(self) -> dict:
         mc = self.method.config
-        return {"method": self.method_name, "train": config_to_dict(self.cfg),
-                "method_config": config_to_dict(mc) if hasattr(mc, "__dataclass_fields__") else {},
-                "world_size": D.world_size()}
+        return {
+            "method": self.method_name,
+            "train": config_to_dict(self.cfg),
+            "method_config": config_to_dict(mc) if hasattr(mc, "__dataclass_fields__") else {},
+            "world_size": D.world_size(),
+        }
 
     def _check_resume_config(self, saved: dict) -> None:
         now = self.config_record()
@@ -199,8 +224,10 @@ class Trainer:
         if saved.get("world_size", 1) != now["world_size"]:
             diffs.append(f"world size {saved.get('world_size', 1)} -> {now['world_size']}")
         if diffs and not self.force:
-            raise UserError(f"the checkpoint in {self.run_dir} was made with another config ({'; '.join(diffs)}); "
-                            "pass --force to resume anyway, or use another --out")
+            raise UserError(
+                f"the checkpoint in {self.run_dir} was made with another config ({'; '.join(diffs)}); "
+                "pass --force to resume anyway, or use another --out"
+            )
         if diffs:
             self.log(f"resuming despite config changes (--force): {'; '.join(diffs)}")
 
@@ -257,13 +284,15 @@ class Trainer:
             else:  # the newest that loads: a corrupt last.ckpt is skipped, with a log line
                 state = C.load_latest(self.run_dir, log=self.log)
         elif C.find_latest(self.run_dir) is not None:
-            raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it "
-                            "(or --out for a new one)")
+            raise UserError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it (or --out for a new one)"
+            )
         if self.main:  # a kill during a write leaves its temporary (a checkpoint's: tens of MB); nothing reads them
             n, size = C.remove_partial(self.run_dir)
             if n:
-                self.log(f"removed {n} partial files ({size / 1e6:.1f} MB) that an interrupted run left in "
-                         f"{self.run_dir}")
+                self.log(
+                    f"removed {n} partial files ({size / 1e6:.1f} MB) that an interrupted run left in {self.run_dir}"
+                )
         if state is not None:
             self._check_resume_config(state["config"])
         return state
@@ -273,8 +302,14 @@ class Trainer:
         loader (sharded by rank) and the step counts: steps_per_epoch, total, epochs."""
         cfg, method = self.cfg, self.method
         if self.dataset is None:
-            cache = resolve_data(cfg.data, cfg.out, synth_patients=cfg.synth_patients, synth_size=cfg.synth_size,
-                                 synth_slices=cfg.synth_slices, log=self.log)
+            cache = resolve_data(
+                cfg.data,
+                cfg.out,
+                synth_patients=cfg.synth_patients,
+                synth_size=cfg.synth_size,
+                synth_slices=cfg.synth_slices,
+                log=self.log,
+            )
             self.dataset = CTSliceDataset(cache)
         ds = self.dataset
         self.classes = None
@@ -287,9 +322,16 @@ class Trainer:
         if len(ds) < micro:
             raise UserError(f"the data has {len(ds)} slices, fewer than one batch of {micro}; lower --batch")
         method.seed = cfg.seed
-        self.loader = SliceLoader(ds, micro, transform=method.transform(cfg.crop, cfg.windows), seed=cfg.seed,
-                                  device=self.device, workers=cfg.workers, shard=(self.rank, self.world),
-                                  pairs=method.pairs(ds))
+        self.loader = SliceLoader(
+            ds,
+            micro,
+            transform=method.transform(cfg.crop, cfg.windows),
+            seed=cfg.seed,
+            device=self.device,
+            workers=cfg.workers,
+            shard=(self.rank, self.world),
+            pairs=method.pairs(ds),
+        )
         self.steps_per_epoch = len(self.loader) // cfg.accum
         if self.steps_per_epoch < 1:
             raise UserError(f"one epoch holds {len(self.loader)} micro-batches, fewer than --accum {cfg.accum}")
@@ -315,8 +357,15 @@ class Trainer:
         # an optional hook (a method with its own parameter groups), not part of the Method contract
         param_groups = getattr(method, "param_groups", None)
         groups = param_groups(self.wd0) if param_groups is not None else None
-        self.optimizer = build_optimizer(method, self.opt_name, self.peak, self.wd0, betas=self._setting("betas"),
-                                         no_decay=method.no_weight_decay(), groups=groups)
+        self.optimizer = build_optimizer(
+            method,
+            self.opt_name,
+            self.peak,
+            self.wd0,
+            betas=self._setting("betas"),
+            no_decay=method.no_weight_decay(),
+            groups=groups,
+        )
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
         self.probe = None
         if self.classes is not None:
@@ -329,10 +378,14 @@ class Trainer:
             for t in method.state_dict().values():
                 dist.broadcast(t, 0)
         elif self.world > 1:
-            self.model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
-                             broadcast_buffers=False)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
-                         if self.amp != "none" else contextlib.nullcontext())
+            self.model = DDP(
+                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+            if self.amp != "none"
+            else contextlib.nullcontext()
+        )
 
     def restore(self, state: dict | None) -> None:
         """Continue from `state` (a loaded checkpoint: weights, optimizer, scaler, RNG, probe, step, best
@@ -364,20 +417,36 @@ class Trainer:
         cfg, run = self.cfg, self.run
         os.makedirs(self.run_dir, exist_ok=True)
         record = self.config_record()
-        record["resolved"] = {"optimizer": self.opt_name, "peak_lr": self.peak, "weight_decay": [self.wd0, self.wd1],
-                              "warmup_steps": self.warmup, "total_steps": self.total,
-                              "steps_per_epoch": self.steps_per_epoch, "amp": self.amp, "device": str(self.device),
-                              "slices": len(self.dataset), "world_size": self.world}
+        record["resolved"] = {
+            "optimizer": self.opt_name,
+            "peak_lr": self.peak,
+            "weight_decay": [self.wd0, self.wd1],
+            "warmup_steps": self.warmup,
+            "total_steps": self.total,
+            "steps_per_epoch": self.steps_per_epoch,
+            "amp": self.amp,
+            "device": str(self.device),
+            "slices": len(self.dataset),
+            "world_size": self.world,
+        }
         self.record = record
         if self.main:
             sio.write_json_atomic(os.path.join(self.run_dir, "config.json"), record)
         self.metrics = MetricsLog(self.run_dir, run.step, enabled=self.main, tensorboard=cfg.tensorboard)
-        self.log(f"{self.method_name}: {cfg.arch} on {self.device} ({self.world} rank{'s' if self.world > 1 else ''}), "
-                 f"{len(self.dataset)} slices, batch {cfg.batch}"
-                 f"{f' ({cfg.accum} accumulation steps)' if cfg.accum > 1 else ''}, {self.total} steps "
-                 f"({self.steps_per_epoch} per epoch), {self.opt_name} peak lr {self.peak:.3g}, amp {self.amp}")
-        self.bar = tqdm(total=self.total, initial=run.step, disable=not (cfg.progress and self.main), unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+        self.log(
+            f"{self.method_name}: {cfg.arch} on {self.device} ({self.world} rank{'s' if self.world > 1 else ''}), "
+            f"{len(self.dataset)} slices, batch {cfg.batch}"
+            f"{f' ({cfg.accum} accumulation steps)' if cfg.accum > 1 else ''}, {self.total} steps "
+            f"({self.steps_per_epoch} per epoch), {self.opt_name} peak lr {self.peak:.3g}, amp {self.amp}"
+        )
+        self.bar = tqdm(
+            total=self.total,
+            initial=run.step,
+            disable=not (cfg.progress and self.main),
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
     def run_epoch(self, epoch: int) -> None:
         """Epoch `epoch` from the run's current step (which lies in it) to its end or the run's: each
@@ -432,8 +501,11 @@ class Trainer:
             else:
                 inp = batch
             run.last_inp = inp
-            sync = (cast(DDP, self.model).no_sync() if self.world > 1 and not self.manual_ddp and m < cfg.accum - 1
-                    else contextlib.nullcontext())
+            sync = (
+                cast(DDP, self.model).no_sync()
+                if self.world > 1 and not self.manual_ddp and m < cfg.accum - 1
+                else contextlib.nullcontext()
+            )
             with sync:
                 if method.manual_backward:
                     with profiling.range("step/forward+loss+backward"), self.autocast:
@@ -485,7 +557,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss is {lv} at step {self.run.step} (epoch {epoch + 1}); stopped without saving this "
                 f"state. {'The last good checkpoint ' + kept + ' is kept' if kept else 'No checkpoint was written yet'}"
-                "; lower --lr/--base-lr, set --clip-grad, or change --amp")
+                "; lower --lr/--base-lr, set --clip-grad, or change --amp"
+            )
 
     def _apply_gradients(self) -> float | None:
         """Average (gradient caching over ranks), unscale, clip, step and zero; the norm before clipping."""
@@ -555,12 +628,20 @@ class Trainer:
         # checkpoint leaves every row up to its step (rows past a resumed step are dropped on resume)
         self.metrics.flush()
         epoch, in_epoch = divmod(run.step, self.steps_per_epoch)
-        st = {"config": json.dumps(self.record), "model": self.method.state_dict(),
-              "optimizer": self.optimizer.state_dict(),
-              "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "step": run.step, "epoch": epoch,
-              "batch_in_epoch": in_epoch, "rng": C.rng_state(), "best": run.best,
-              "metrics": {k: float(v) for k, v in run.logs.items()}, "first_loss": run.first_loss,
-              "probe": self.probe.checkpoint() if self.probe is not None else {}}
+        st = {
+            "config": json.dumps(self.record),
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "step": run.step,
+            "epoch": epoch,
+            "batch_in_epoch": in_epoch,
+            "rng": C.rng_state(),
+            "best": run.best,
+            "metrics": {k: float(v) for k, v in run.logs.items()},
+            "first_loss": run.first_loss,
+            "probe": self.probe.checkpoint() if self.probe is not None else {},
+        }
         return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
 
     def save_periodic(self) -> None:
@@ -583,16 +664,26 @@ class Trainer:
             if run.last_inp is not None:
                 self._preview(run.last_inp, run.step)
             C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
-            summary = {"method": self.method_name, "steps": run.step, "total_steps": self.total,
-                       "seconds": round(seconds, 2), "first_loss": run.first_loss, "final": run.logs,
-                       "best_monitor": run.best, "images_per_s": run.images_per_s, "run_dir": self.run_dir,
-                       "checkpoint": os.path.join(self.run_dir, "last.ckpt"),
-                       "backbone": os.path.join(self.run_dir, "backbone.pt")}
+            summary = {
+                "method": self.method_name,
+                "steps": run.step,
+                "total_steps": self.total,
+                "seconds": round(seconds, 2),
+                "first_loss": run.first_loss,
+                "final": run.logs,
+                "best_monitor": run.best,
+                "images_per_s": run.images_per_s,
+                "run_dir": self.run_dir,
+                "checkpoint": os.path.join(self.run_dir, "last.ckpt"),
+                "backbone": os.path.join(self.run_dir, "backbone.pt"),
+            }
             sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
             first, final = run.first_loss, run.logs.get("loss")
-            self.log(f"done: {run.step} steps in {seconds:.0f} s; loss {first if first is None else f'{first:.4g}'}"
-                     f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} (loss.png, "
-                     f"previews/, backbone.pt)")
+            self.log(
+                f"done: {run.step} steps in {seconds:.0f} s; loss {first if first is None else f'{first:.4g}'}"
+                f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} (loss.png, "
+                f"previews/, backbone.pt)"
+            )
         self.metrics.close()
         return summary
 
@@ -626,8 +717,14 @@ class Trainer:
             return {}
         out = []
         for part in ("bank", "query"):
-            loader = SliceLoader(lab.subset(split[part]), 64, shuffle=False, drop_last=False,
-                                 transform=CTResize(self.cfg.crop, windows=self.cfg.windows), device=device)
+            loader = SliceLoader(
+                lab.subset(split[part]),
+                64,
+                shuffle=False,
+                drop_last=False,
+                transform=CTResize(self.cfg.crop, windows=self.cfg.windows),
+                device=device,
+            )
             out.append(extract_features(self.method.backbone, loader, device))
         (fb, yb), (fq, yq) = out
         return {"knn_acc": knn_accuracy(fb, yb, fq, yq, k=min(20, len(yb)))}

@@ -1,4 +1,5 @@
 """What a person looks at during training: the preview grid and the loss curve (written atomically)."""
+
 from __future__ import annotations
 
 import csv
@@ -47,6 +48,7 @@ def plot_curves(metrics_csv: str, path: str, keys=("loss",), title: str = "") ->
     if not rows:
         return False
     import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 

@@ -1,4 +1,5 @@
 """Shared fixtures for the CT data tests: a small synthetic DICOM tree and its prepared cache."""
+
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ SALT = "5a17" * 8  # a fixed salt, so that caches prepared in different tests co
 
 def _testdata(name: str) -> str:
     from pydicom.data import get_testdata_file
+
     path = get_testdata_file(name, download=False)
     if path is None:
         pytest.skip(f"pydicom test file {name} not available offline")
@@ -31,6 +33,7 @@ def salt() -> str:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
     from sparkct.data.synthetic import synth
+
     d = str(tmp_path_factory.mktemp("synth"))
     synth(d, patients=4, seed=3, size=64, thickness=5.0, series_per_patient=(1, 2), p_finding=0.75)
     return d
@@ -39,6 +42,7 @@ def synth_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def cache_dir(synth_dir, tmp_path_factory) -> str:
     from sparkct.data import prepare
+
     d = str(tmp_path_factory.mktemp("cache"))
     prepare(synth_dir, d, progress=False, salt=SALT)
     return d
@@ -47,11 +51,13 @@ def cache_dir(synth_dir, tmp_path_factory) -> str:
 @pytest.fixture
 def dicom_files():
     """dicom_files(root) -> sorted .dcm paths under root."""
+
     def find(root: str) -> list[str]:
         out = []
         for dp, _, fs in os.walk(root):
             out += [os.path.join(dp, f) for f in fs if f.endswith(".dcm")]
         return sorted(out)
+
     return find
 
 
@@ -72,6 +78,7 @@ class Faults:
         """The run dies (raises SimulatedCrash) once n series are written (workers=1: the series run
         in this process), before the index is."""
         from sparkct.data import preparing
+
         real = preparing._run_job
         done = [0]
 
@@ -91,6 +98,7 @@ class Faults:
         import multiprocessing as mp
 
         from sparkct.data import preparing, workers
+
         real = preparing._process_dicom
 
         def process(job, st):
@@ -153,4 +161,5 @@ def ct_series(testdata):
             ds.save_as(p, enforce_file_format=True)
             paths.append(p)
         return paths
+
     return make

@@ -1,4 +1,5 @@
 """Batched CT augmentations: shapes, determinism, values of each transform, devices."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def phantom(b=4, h=48, w=40, seed=0) -> torch.Tensor:
 
 def test_affine_grid_equals_torch():
     th = torch.randn(6, 2, 3, dtype=torch.float64)
-    torch.testing.assert_close(affine_grid(th, (7, 9)), F.affine_grid(th.float(), (6, 1, 7, 9), align_corners=False),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        affine_grid(th, (7, 9)), F.affine_grid(th.float(), (6, 1, 7, 9), align_corners=False), atol=1e-5, rtol=0
+    )
 
 
 def test_shapes_range_and_determinism():
@@ -91,14 +93,20 @@ def test_hu_shift_scale_and_intensity_are_exact():
     hu = phantom()
     aug = CTAugment((48, 40), scale=(1, 1), ratio=(40 / 48, 40 / 48), **OFF)
     p = aug.sample(4, (48, 40), torch.Generator().manual_seed(0))
-    p = dataclasses.replace(p, hu_shift=torch.tensor([0.0, 100.0, -50.0, 10.0], dtype=torch.float64),
-                            hu_scale=torch.tensor([1.0, 1.0, 1.1, 0.9], dtype=torch.float64))
+    p = dataclasses.replace(
+        p,
+        hu_shift=torch.tensor([0.0, 100.0, -50.0, 10.0], dtype=torch.float64),
+        hu_scale=torch.tensor([1.0, 1.0, 1.1, 0.9], dtype=torch.float64),
+    )
     x = hu.float() * p.hu_scale.view(-1, 1, 1, 1).float() + p.hu_shift.view(-1, 1, 1, 1).float()
     torch.testing.assert_close(aug.apply(hu, p), apply_windows(x), atol=1e-4, rtol=0)
-    p2 = dataclasses.replace(p, hu_shift=torch.zeros(4, dtype=torch.float64),
-                             hu_scale=torch.ones(4, dtype=torch.float64),
-                             contrast=torch.tensor([1.0, 1.2, 0.8, 1.0], dtype=torch.float64),
-                             brightness=torch.tensor([0.0, 0.05, -0.1, 0.2], dtype=torch.float64))
+    p2 = dataclasses.replace(
+        p,
+        hu_shift=torch.zeros(4, dtype=torch.float64),
+        hu_scale=torch.ones(4, dtype=torch.float64),
+        contrast=torch.tensor([1.0, 1.2, 0.8, 1.0], dtype=torch.float64),
+        brightness=torch.tensor([0.0, 0.05, -0.1, 0.2], dtype=torch.float64),
+    )
     w = torch.tensor([1500.0, 350.0, 1800.0]).view(1, 3, 1, 1)
     c = torch.tensor([-600.0, 50.0, 400.0]).view(1, 3, 1, 1)
     pre = (hu.float() - (c - w / 2)) / w

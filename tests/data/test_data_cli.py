@@ -1,4 +1,5 @@
 """`sparkct data ...` end to end."""
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ def test_synth_prepare_info_show_read(tmp_path, capsys):
     assert len(rows) > 6 and rows[0].startswith("slice,series_uid,patient")
     assert main(["data", "show", dst, "--out", str(tmp_path / "s.png"), "--n", "4", "--tile", "32"]) == 0
     from PIL import Image
+
     im = Image.open(tmp_path / "s.png")
     assert im.mode == "L" and im.width == 3 * 32 and im.height % 4 == 0 and im.height > 4 * 32
     capsys.readouterr()
@@ -41,6 +43,7 @@ def test_data_package_needs_no_extension_or_torch_to_prepare():
     the torch parts load torch but never sparkct.ops / sparkct._C."""
     import subprocess
     import sys
+
     code = (
         "import sys\n"
         "import sparkct.data, sparkct.data.cache, sparkct.data.dicom, sparkct.data.synthetic, sparkct.data.cli\n"
@@ -63,6 +66,7 @@ def test_exports_are_not_shadowed_by_submodules():
     import pkgutil
 
     import sparkct.data as D
+
     mods = {m.name for m in pkgutil.iter_modules(D.__path__)}
     clash = mods & set(D.__all__)
     assert not clash, f"submodules named like exports: {clash}"
@@ -96,15 +100,24 @@ def test_mistakes_are_reported_in_one_line_before_any_work(tmp_path, capsys, syn
     out = str(tmp_path / "missing" / "x.png")
     _one_line_error(capsys, ["data", "show", cache_dir, "--out", out], "does not exist")
     _one_line_error(capsys, ["data", "show", cache_dir, "--out", str(tmp_path / "x.txt")], "not an image")
-    _one_line_error(capsys, ["data", "show", cache_dir, "--out", str(tmp_path / "x.png"), "--windows", "lung,nope"],
-                    "unknown window")
+    _one_line_error(
+        capsys,
+        ["data", "show", cache_dir, "--out", str(tmp_path / "x.png"), "--windows", "lung,nope"],
+        "unknown window",
+    )
     _one_line_error(capsys, ["data", "show", cache_dir, "--out", str(tmp_path / "x.png"), "--n", "0"], "--n")
     _one_line_error(capsys, ["data", "show", nowhere, "--out", str(tmp_path / "x.png")], "no such folder")
     dst = tmp_path / "c"
-    for flags, what in [(["-j", "0"], "workers"), (["--size", "0"], "size"), (["--spacing", "-1"], "spacing"),
-                        (["--spacing", "nan"], "spacing"), (["--clip-min", "10", "--clip-max", "0"], "clip_min"),
-                        (["--order", "7"], "order"), (["--max-slice-pixels", "0"], "max_slice_pixels"),
-                        (["--size", "5000"], "pixel limit")]:
+    for flags, what in [
+        (["-j", "0"], "workers"),
+        (["--size", "0"], "size"),
+        (["--spacing", "-1"], "spacing"),
+        (["--spacing", "nan"], "spacing"),
+        (["--clip-min", "10", "--clip-max", "0"], "clip_min"),
+        (["--order", "7"], "order"),
+        (["--max-slice-pixels", "0"], "max_slice_pixels"),
+        (["--size", "5000"], "pixel limit"),
+    ]:
         _one_line_error(capsys, ["data", "prepare", synth_dir, str(dst), "-q", *flags], what)
         assert not os.path.exists(dst)  # checked before anything is written
     _one_line_error(capsys, ["data", "prepare", nowhere, str(dst)], "does not exist")
@@ -124,6 +137,7 @@ def test_prepare_v_is_debug_logging_and_sparkct_v_tracebacks():
 
 def test_every_data_option_says_what_it_is_for():
     import argparse
+
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     data = sub.choices["data"]
     cmds = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
@@ -142,6 +156,7 @@ def test_show_paints_each_window_in_greyscale_with_captions(cache_dir, tmp_path)
 
     from sparkct.data import SliceCache, apply_windows
     from sparkct.data.cli import contact_sheet
+
     c = SliceCache(cache_dir)
     windows = [("lung", -600.0, 1500.0), ("bone", 400.0, 1800.0)]
     tile = 64
@@ -152,7 +167,10 @@ def test_show_paints_each_window_in_greyscale_with_captions(cache_dir, tmp_path)
     for r, i in enumerate([3, 10]):
         y = r * (tile + cap)
         for k, (_, center, width) in enumerate(windows):
-            want = np.asarray(Image.fromarray(np.rint(apply_windows(c[i], [(center, width)])[0] * 255).astype(np.uint8))
-                              .resize((tile, tile), Image.BILINEAR))
-            np.testing.assert_array_equal(arr[y + cap:y + cap + tile, k * tile:(k + 1) * tile], want)
-            assert arr[y:y + cap, k * tile:(k + 1) * tile].max() > 150  # a caption is written there
+            want = np.asarray(
+                Image.fromarray(np.rint(apply_windows(c[i], [(center, width)])[0] * 255).astype(np.uint8)).resize(
+                    (tile, tile), Image.BILINEAR
+                )
+            )
+            np.testing.assert_array_equal(arr[y + cap : y + cap + tile, k * tile : (k + 1) * tile], want)
+            assert arr[y : y + cap, k * tile : (k + 1) * tile].max() > 150  # a caption is written there

@@ -1,4 +1,5 @@
 """Datasets on the cache, labels, patient-level splits, the batched loader."""
+
 from __future__ import annotations
 
 import csv
@@ -66,8 +67,10 @@ def test_slice_labels_by_instance_number_index_and_z(synth_dir, cache_dir, tmp_p
     rows = list(csv.DictReader(open(path)))
     want = {(r["series_uid"], int(r["instance_number"])): int(r["label"]) for r in rows}
     c = ds.cache
-    got = {(str(c.series["series_uid"][c.slice_series[i]]), int(c.slice_instance[i])): int(ds.targets[k])
-           for k, i in enumerate(ds.indices)}
+    got = {
+        (str(c.series["series_uid"][c.slice_series[i]]), int(c.slice_instance[i])): int(ds.targets[k])
+        for k, i in enumerate(ds.indices)
+    }
     assert got == want
     assert ds.targets.sum() > 0  # the synthetic set has nodules
     # the same labels keyed by z position and by slice index
@@ -76,8 +79,13 @@ def test_slice_labels_by_instance_number_index_and_z(synth_dir, cache_dir, tmp_p
     np.testing.assert_array_equal(dz.targets, ds.targets)
     sidx = []
     for i in range(len(c)):
-        sidx.append({"series_key": str(c.series["key"][c.slice_series[i]]), "slice_index": int(c.slice_index[i]),
-                     "label": "pos" if ds.targets[i] else "neg"})
+        sidx.append(
+            {
+                "series_key": str(c.series["key"][c.slice_series[i]]),
+                "slice_index": int(c.slice_index[i]),
+                "label": "pos" if ds.targets[i] else "neg",
+            }
+        )
     dn = CTLabelledDataset(cache_dir, sidx[: len(sidx) // 2])
     assert dn.classes == ["neg", "pos"] and len(dn) == len(sidx) // 2
     np.testing.assert_array_equal(dn.targets, ds.targets[: len(sidx) // 2])
@@ -113,6 +121,7 @@ def test_patient_split(synth_dir, cache_dir):
 
 class _FakeItems:
     """The attributes patient_split reads: 40 patients (10 positive), 3 items each."""
+
     def __init__(self):
         self.patients = np.repeat(np.arange(40), 3)
         self.patient_names = np.array([f"{k * 7919 % 1000:04d}{k:02d}" for k in range(40)])
@@ -183,7 +192,7 @@ def test_loader_labels_follow_items(synth_dir, cache_dir):
     order = ld.order()
     for b, (x, y) in enumerate(ld):
         assert x.shape == (8, 3, 16, 16)
-        np.testing.assert_array_equal(y.numpy(), ds.targets[order[b * 8:(b + 1) * 8]])
+        np.testing.assert_array_equal(y.numpy(), ds.targets[order[b * 8 : (b + 1) * 8]])
         if b == 3:
             break
 
@@ -205,6 +214,7 @@ def test_loader_on_device(cache_dir, device):
 
 def test_run_batch_sampler_with_torch_dataloader(cache_dir):
     from sparkct.data.datasets import RunBatchSampler
+
     ds = CTSliceDataset(cache_dir, transform=CTResize(16))
     bs = RunBatchSampler(len(ds), 8, run_length=4, seed=1)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=bs, collate_fn=collate_batch, num_workers=0)
@@ -221,6 +231,7 @@ def test_run_batch_sampler_with_torch_dataloader(cache_dir):
 
 class _Patients:
     """n patients (the first n_pos positive), 2 items each."""
+
     def __init__(self, n, n_pos=0):
         self.patients = np.repeat(np.arange(n), 2)
         self.patient_names = np.array([f"p{k:03d}" for k in range(n)])
@@ -229,6 +240,7 @@ class _Patients:
 
 def test_patient_split_refuses_an_empty_split():
     from sparkct.errors import UserError
+
     with pytest.raises(UserError, match=r"4 patients give 3/0/1 patients for train/val/test.*'val' would be empty"):
         patient_split(_Patients(4), (0.7, 0.15, 0.15))
     sp = patient_split(_Patients(7), (0.7, 0.15, 0.15))
@@ -246,6 +258,7 @@ def test_patient_split_refuses_an_empty_split():
 
 class _ViewsWithGenerator:
     """A method's own transform (two random crops), written without anything from sparkct.data."""
+
     def __init__(self, size):
         self.size = size
 
@@ -253,7 +266,7 @@ class _ViewsWithGenerator:
         views = []
         for _ in range(2):
             y, x = (int(v) for v in torch.randint(0, hu.shape[-1] - self.size + 1, (2,), generator=generator))
-            views.append(hu[..., y:y + self.size, x:x + self.size].float())
+            views.append(hu[..., y : y + self.size, x : x + self.size].float())
         return views
 
 
@@ -274,6 +287,7 @@ class _Refuses:
 
 def test_transforms_declare_whether_they_take_the_generator(cache_dir):
     from sparkct.data.datasets import takes_generator
+
     assert takes_generator(CTAugment(32)) and takes_generator(CTResize(32)) and takes_generator(MultiCrop(32, 16))
     assert takes_generator(_ViewsWithGenerator(16)) and takes_generator(_Declared())
     assert not takes_generator(_Refuses()) and not takes_generator(lambda hu: hu)
@@ -298,6 +312,7 @@ def test_sharded_loader_augments_each_sample_as_one_process_does(cache_dir):
     shares concatenated are the 1-process batch (noise, blur, rotation, gamma all on); a transform that
     does not take rows falls back to a generator per (batch, rank)."""
     from sparkct.data.datasets import takes_rows
+
     ds = CTSliceDataset(cache_dir)
     aug = MultiCrop(24, 16, n_global=1, n_local=1, p_noise=0.5, p_blur=0.5, p_rotate=0.5, p_gamma=0.5)
     assert takes_rows(aug) and takes_rows(CTAugment(8)) and takes_rows(CTResize(8))

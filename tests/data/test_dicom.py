@@ -1,4 +1,5 @@
 """DICOM -> HU on the real CT files that ship with pydicom, and series assembly."""
+
 from __future__ import annotations
 
 import copy
@@ -82,8 +83,17 @@ def test_fractional_rescale_and_modality_lut_sequence(testdata, tmp_path):
     assert not np.array_equal(got, pydicom_hu(path))
 
 
-def _series_from_ct_small(path, out_dir, positions, *, orientation=(1, 0, 0, 0, 1, 0), instance=None,
-                          shuffle_names=True, drop_positions=False, seed=0):
+def _series_from_ct_small(
+    path,
+    out_dir,
+    positions,
+    *,
+    orientation=(1, 0, 0, 0, 1, 0),
+    instance=None,
+    shuffle_names=True,
+    drop_positions=False,
+    seed=0,
+):
     """A series built from CT_small: slice k gets pixels CT_small + 10 k at positions[k]."""
     base = pydicom.dcmread(path)
     series_uid = generate_uid()
@@ -277,8 +287,15 @@ def test_bad_files_are_skipped_with_reasons(testdata, tmp_path):
     vol = read_series(str(d))
     assert vol.shape == (4, 128, 128)
     reasons = Counter(r for _, r in vol.skipped)
-    assert reasons == Counter({"truncated pixel data": 1, "not a DICOM file": 2, "not CT (modality MR)": 1,
-                               "no pixel data": 1, "inconsistent size in series": 1})
+    assert reasons == Counter(
+        {
+            "truncated pixel data": 1,
+            "not a DICOM file": 2,
+            "not CT (modality MR)": 1,
+            "no pixel data": 1,
+            "inconsistent size in series": 1,
+        }
+    )
 
 
 def test_read_header_reasons_and_age(testdata, tmp_path):
@@ -318,9 +335,18 @@ def test_plan_drops_duplicates(testdata, tmp_path):
 # One file per transfer syntax that pydicom decodes (its own test files, relabelled as CT with a
 # rescale): implicit/explicit little endian, big endian, deflated, JPEG extended, JPEG-LS lossless and
 # near-lossless, JPEG 2000 lossless and lossy, RLE.
-TS_FILES = ["MR_small_implicit.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "JPGExtended.dcm",
-            "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_08.dcm", "MR_small_jp2klossless.dcm",
-            "JPEG2000.dcm", "MR_small_RLE.dcm"]
+TS_FILES = [
+    "MR_small_implicit.dcm",
+    "MR_small.dcm",
+    "MR_small_bigendian.dcm",
+    "image_dfl.dcm",
+    "JPGExtended.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPEGLSNearLossless_08.dcm",
+    "MR_small_jp2klossless.dcm",
+    "JPEG2000.dcm",
+    "MR_small_RLE.dcm",
+]
 
 
 def test_every_transfer_syntax_pydicom_decodes_is_read(testdata, tmp_path):
@@ -359,6 +385,7 @@ def test_every_transfer_syntax_pydicom_decodes_is_read(testdata, tmp_path):
 
 def test_deflated_ct_is_read(testdata, tmp_path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
+
     path = testdata("CT_small.dcm")
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian

@@ -1,4 +1,5 @@
 """Image-folder CT sets (PNG/JPEG, one folder per class)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """NIfTI volumes -> the DICOM display layout (LPS), in HU."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """`sparkct data prepare` on bad input: odd file names, bad slices in good series, bad rescale values,
 images claiming huge sizes, folders that cannot be listed, a killed parent."""
+
 from __future__ import annotations
 
 import csv
@@ -77,8 +78,9 @@ def test_one_bad_slice_is_skipped_and_the_good_slices_of_its_series_kept(tmp_pat
     paths = ct_series(str(tmp_path / "src" / "s"), 5, edit)
     with pytest.raises(struct.error):
         apply_modality_lut(pydicom.dcmread(paths[3]).pixel_array, pydicom.dcmread(paths[3]))
-    expect = Counter({"rescale maps every stored value outside the int16 HU range": 1,
-                      "malformed Modality LUT Sequence (error)": 1})
+    expect = Counter(
+        {"rescale maps every stored value outside the int16 HU range": 1, "malformed Modality LUT Sequence (error)": 1}
+    )
     for kw in ({}, {"spacing": 0.5}):  # both paths: straight to int16, and through resampling
         dst = str(tmp_path / f"c{len(kw)}")
         rep = prepare(str(tmp_path / "src"), dst, progress=False, **kw)
@@ -92,14 +94,17 @@ def test_one_bad_slice_is_skipped_and_the_good_slices_of_its_series_kept(tmp_pat
     assert vol.shape[0] == 3 and Counter(r for _, r in vol.skipped) == expect
 
 
-@pytest.mark.parametrize("element, value, reason", [
-    ("RescaleSlope", "NaN", "invalid RescaleSlope (not finite)"),
-    ("RescaleSlope", "Inf", "invalid RescaleSlope (not finite)"),
-    ("RescaleSlope", "abc", "invalid RescaleSlope (not a number)"),
-    ("RescaleSlope", "", "invalid RescaleSlope (empty)"),
-    ("RescaleSlope", "0", "invalid RescaleSlope (zero)"),
-    ("RescaleIntercept", "NaN", "invalid RescaleIntercept (not finite)"),
-])
+@pytest.mark.parametrize(
+    "element, value, reason",
+    [
+        ("RescaleSlope", "NaN", "invalid RescaleSlope (not finite)"),
+        ("RescaleSlope", "Inf", "invalid RescaleSlope (not finite)"),
+        ("RescaleSlope", "abc", "invalid RescaleSlope (not a number)"),
+        ("RescaleSlope", "", "invalid RescaleSlope (empty)"),
+        ("RescaleSlope", "0", "invalid RescaleSlope (zero)"),
+        ("RescaleIntercept", "NaN", "invalid RescaleIntercept (not finite)"),
+    ],
+)
 def test_bad_rescale_values_skip_the_slice_never_a_default(tmp_path, ct_series, element, value, reason):
     def edit(k, ds):
         if k == 1:
@@ -127,6 +132,7 @@ def test_absent_rescale_keeps_stored_values_like_pydicom(tmp_path, ct_series):
 
 def test_number_of_frames_not_positive_is_a_bad_header(tmp_path, testdata):
     from sparkct.data.dicom import SkipFile, read_header
+
     for v in ("-3", "0"):
         ds = pydicom.dcmread(testdata("CT_small.dcm"))
         ds.NumberOfFrames = v
@@ -137,6 +143,7 @@ def test_number_of_frames_not_positive_is_a_bad_header(tmp_path, testdata):
 
 
 # ---------------------------------------------------------------------------------------- huge images
+
 
 def _claiming(testdata, path, rows, cols, syntax):
     ds = pydicom.dcmread(testdata("CT_small.dcm"))
@@ -159,7 +166,7 @@ def _deflated_zip_bomb(testdata, path, n):
     b = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(b, enforce_file_format=True)
-    body = b.getvalue()[meta_end(b.getvalue()):]
+    body = b.getvalue()[meta_end(b.getvalue()) :]
     b = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds.save_as(b, enforce_file_format=True)
@@ -170,7 +177,7 @@ def _deflated_zip_bomb(testdata, path, n):
     head = c.compress(body + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, nbytes)) + c.flush(zlib.Z_FULL_FLUSH)
     block = c.compress(bytes(mb)) + c.flush(zlib.Z_FULL_FLUSH)
     with open(path, "wb") as f:
-        f.write(b.getvalue()[:meta_end(b.getvalue())] + head + block * (nbytes // mb) + c.flush())
+        f.write(b.getvalue()[: meta_end(b.getvalue())] + head + block * (nbytes // mb) + c.flush())
 
 
 def test_huge_images_are_skipped_before_they_are_decoded(tmp_path, testdata):
@@ -197,8 +204,12 @@ def test_huge_images_are_skipped_before_they_are_decoded(tmp_path, testdata):
     assert prepare(str(ok), str(tmp_path / "c2"), progress=False).slices == 1
     rep = prepare(str(ok), str(tmp_path / "c3"), progress=False, limits=PixelLimits(max_slice_pixels=256 * 256))
     assert rep.slices == 0 and rep.skipped == Counter({"image too large (Rows x Columns over the pixel limit)": 1})
-    rep = prepare(str(ok), str(tmp_path / "c4"), progress=False,
-                  limits=PixelLimits(max_slice_pixels=10**6, max_file_pixels=512 * 511))
+    rep = prepare(
+        str(ok),
+        str(tmp_path / "c4"),
+        progress=False,
+        limits=PixelLimits(max_slice_pixels=10**6, max_file_pixels=512 * 511),
+    )
     assert rep.skipped == Counter({"image too large (Rows x Columns x frames over the pixel limit)": 1})
 
 
@@ -212,20 +223,24 @@ def test_deflated_data_longer_than_its_header_declares_is_skipped(tmp_path, test
     b = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(b, enforce_file_format=True)
-    body = b.getvalue()[meta_end(b.getvalue()):]
+    body = b.getvalue()[meta_end(b.getvalue()) :]
     b = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds.save_as(b, enforce_file_format=True)
     n = 16 << 20
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     p = tmp_path / "b.dcm"
-    p.write_bytes(b.getvalue()[:meta_end(b.getvalue())]
-                  + c.compress(body + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n) + bytes(n)) + c.flush())
+    p.write_bytes(
+        b.getvalue()[: meta_end(b.getvalue())]
+        + c.compress(body + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n) + bytes(n))
+        + c.flush()
+    )
     with pytest.raises(SkipFile, match="deflated data larger than its header declares"):
         scan_file(str(p))
 
 
 # ---------------------------------------------------------------------------------------- folders
+
 
 def test_a_folder_that_cannot_be_listed_is_counted(tmp_path, ct_series, monkeypatch):
     ct_series(str(tmp_path / "src" / "a"), 2)
@@ -249,6 +264,7 @@ def test_a_folder_that_cannot_be_listed_is_counted(tmp_path, ct_series, monkeypa
 
 # ---------------------------------------------------------------------------------------- orphans
 
+
 def _proc_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, start time, state) of every process."""
     out = {}
@@ -260,7 +276,7 @@ def _proc_table() -> dict[int, tuple[int, str, str]]:
                 st = f.read()
         except OSError:
             continue
-        fields = st[st.rindex(")") + 2:].split()
+        fields = st[st.rindex(")") + 2 :].split()
         out[int(d)] = (int(fields[1]), fields[19], fields[0])
     return out
 
@@ -295,12 +311,15 @@ def test_workers_exit_when_prepare_is_killed(synth_dir, tmp_path):
         "def _slow(job, st):\n"
         "    time.sleep(300)\n"
         "    return _real(job, st)\n"
-        "preparing._process_dicom = _slow\n")
+        "preparing._process_dicom = _slow\n"
+    )
     dst = str(tmp_path / "c")
-    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-            "from sparkct.data import prepare, workers\n"
-            "workers.PRELOAD.append('slow_series')\n"
-            f"prepare({synth_dir!r}, {dst!r}, workers=2, progress=False)\n")
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from sparkct.data import prepare, workers\n"
+        "workers.PRELOAD.append('slow_series')\n"
+        f"prepare({synth_dir!r}, {dst!r}, workers=2, progress=False)\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     kids = {}
     try:
@@ -332,7 +351,8 @@ def test_nifti_volumes_over_the_limits_are_skipped(tmp_path):
     nib = pytest.importorskip("nibabel")
     (tmp_path / "src").mkdir()
     nib.save(nib.Nifti1Image(np.zeros((20, 24, 6), np.int16), np.eye(4)), str(tmp_path / "src" / "v.nii.gz"))
-    rep = prepare(str(tmp_path / "src"), str(tmp_path / "c"), progress=False,
-                  limits=PixelLimits(max_slice_pixels=20 * 24 - 1))
+    rep = prepare(
+        str(tmp_path / "src"), str(tmp_path / "c"), progress=False, limits=PixelLimits(max_slice_pixels=20 * 24 - 1)
+    )
     assert rep.slices == 0 and rep.skipped == Counter({"image too large (Rows x Columns over the pixel limit)": 1})
     assert prepare(str(tmp_path / "src"), str(tmp_path / "c2"), progress=False).slices == 6

@@ -1,4 +1,5 @@
 """In-plane resampling: geometry, exactness on linear images, CPU/GPU agreement."""
+
 from __future__ import annotations
 
 import numpy as np

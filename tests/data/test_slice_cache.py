@@ -1,4 +1,5 @@
 """`sparkct data prepare`: the slice cache, privacy, bad files, crash + resume, idempotence."""
+
 from __future__ import annotations
 
 import csv
@@ -68,8 +69,8 @@ def test_cache_matches_the_reader(synth_dir, cache_dir, salt):
         expect = np.clip(np.rint(v.hu), -1024, 32767).astype(np.int16)
         np.testing.assert_array_equal(c.shard(s), expect)
         off, n = int(c.series["offset"][s]), int(c.series["n"][s])
-        np.testing.assert_allclose(c.slice_z[off:off + n], v.z, atol=1e-3)
-        np.testing.assert_array_equal(c.slice_instance[off:off + n], v.instance_numbers)
+        np.testing.assert_allclose(c.slice_z[off : off + n], v.z, atol=1e-3)
+        np.testing.assert_array_equal(c.slice_instance[off : off + n], v.instance_numbers)
         assert c.patients[c.slice_patient[off]] == v.meta["patient"] == c.series["patient"][s]
         assert c.series["spacing"][s][0] == pytest.approx(5.0)
     # one row per slice, random access and batched reads agree
@@ -153,8 +154,7 @@ def test_interrupted_run_resumes_to_the_same_cache(synth_dir, cache_dir, tmp_pat
 def test_killed_mid_shard_leaves_no_partial_shard_and_resumes(synth_dir, cache_dir, tmp_path, salt, faults):
     dst = str(tmp_path / "c")
     code = faults.exit_after_slices_code(100) + (
-        "from sparkct.data import prepare\n"
-        f"prepare({synth_dir!r}, {dst!r}, progress=False, salt={salt!r})\n"
+        f"from sparkct.data import prepare\nprepare({synth_dir!r}, {dst!r}, progress=False, salt={salt!r})\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == 137, r.stderr.decode()[-2000:]
@@ -174,8 +174,11 @@ def test_rerun_is_idempotent_and_change_detection(synth_dir, tmp_path, salt):
     shutil.copytree(synth_dir, src)
     dst = str(tmp_path / "c")
     first = prepare(src, dst, progress=False, salt=salt)
-    shards = {os.path.join(dp, f): os.stat(os.path.join(dp, f)).st_mtime_ns
-              for dp, _, fs in os.walk(os.path.join(dst, "shards")) for f in fs}
+    shards = {
+        os.path.join(dp, f): os.stat(os.path.join(dp, f)).st_mtime_ns
+        for dp, _, fs in os.walk(os.path.join(dst, "shards"))
+        for f in fs
+    }
     before = index_arrays(dst)
     again = prepare(src, dst, progress=False)
     assert again.series_written == 0 and again.series_cached == first.series and again.slices == first.slices
@@ -260,8 +263,9 @@ def test_dst_inside_src_and_symlink_loops(synth_dir, tmp_path):
     assert first.series == len(list((src / "dicom").glob("case_*/series_*")))
 
 
-def test_a_killed_worker_is_replaced_and_its_series_retried(synth_dir, cache_dir, tmp_path, salt, caplog, faults,
-                                                            monkeypatch):
+def test_a_killed_worker_is_replaced_and_its_series_retried(
+    synth_dir, cache_dir, tmp_path, salt, caplog, faults, monkeypatch
+):
     dst = str(tmp_path / "c")
     first = str(SliceCache(cache_dir).series["key"][0])  # the first series submitted (jobs go by key)
     faults.kill_worker(first, marker=str(tmp_path / "killed"))

@@ -1,5 +1,6 @@
 """Slice pairs for next-slice prediction: drawn from the cache's series index, deterministic per batch,
 sharded like single slices, resumable, and refused when the data has no neighbouring slices."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -104,8 +105,11 @@ def test_labelled_pairs_carry_the_targets_of_slice_a(cache_dir):
     from sparkct.data import CTLabelledDataset
 
     c = CTSliceDataset(cache_dir).cache
-    rows = [{"series_uid": str(u), "slice_index": str(k), "label": str(k % 2)}
-            for s, u in enumerate(c.series["series_uid"]) for k in range(int(c.series["n"][s]))]
+    rows = [
+        {"series_uid": str(u), "slice_index": str(k), "label": str(k % 2)}
+        for s, u in enumerate(c.series["series_uid"])
+        for k in range(int(c.series["n"][s]))
+    ]
     ds = CTLabelledDataset(cache_dir, rows)
     pairs = SlicePairs(ds)
     for (xa, _xb, _nxt), t in SliceLoader(ds, 8, transform=_raw_pairs, seed=0, pairs=pairs):

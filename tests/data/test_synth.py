@@ -1,4 +1,5 @@
 """The synthetic chest CT generator: real DICOM, plausible HU, labels, determinism."""
+
 from __future__ import annotations
 
 import csv
@@ -88,6 +89,7 @@ def test_nodule_slices_show_the_nodule():
     else:
         pytest.skip("no large solid nodule drawn")
     from sparkct.data.synthetic import make_acquisition, render_slice
+
     rng = np.random.default_rng(0)
     acq = make_acquisition(rng, p, 256, 2.5)
     n = big[0]
@@ -97,7 +99,7 @@ def test_nodule_slices_show_the_nodule():
     on, shown = render_slice(p, acq, n.z, rng)
     off, _ = render_slice(p, acq, n.z + n.diameter, rng)
     assert n in [s for s, _ in shown]
-    assert on[i - 1:i + 2, j - 1:j + 2].mean() > off[i - 1:i + 2, j - 1:j + 2].mean() + 300
+    assert on[i - 1 : i + 2, j - 1 : j + 2].mean() > off[i - 1 : i + 2, j - 1 : j + 2].mean() + 300
 
 
 def test_patients_differ(synth_dir):
@@ -140,6 +142,7 @@ def test_stored_encodings_round_trip(tmp_path):
     """Every stored-value encoding the generator uses (int16, int16 + intercept, uint16, slope 0.5)
     decodes to the same HU."""
     from sparkct.data.synthetic import _encode
+
     hu = np.linspace(-1024, 3071, 64 * 64).reshape(64, 64).astype(np.float32)
     for enc in ("int16", "int16-offset", "uint16", "uint16-slope"):
         stored, slope, icpt, rep = _encode(hu, enc)

@@ -1,4 +1,5 @@
 """HU windows as channels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,7 +65,13 @@ def test_center_width_strings():
     assert resolve_windows("lung, -600/1500 ,1e2/50.5") == [WINDOWS["lung"], (-600.0, 1500.0), (100.0, 50.5)]
     assert resolve_windows(["bone", "50/350"]) == [WINDOWS["bone"], WINDOWS["mediastinum"]]
     assert resolve_windows(window_names([(12.5, 80)])) == [(12.5, 80.0)]  # window_names' form reads back
-    for bad, msg in [("40/0", "width must be > 0"), ("40/-5", "width must be > 0"), ("a/400", "C/W"),
-                     ("40/400/1", "C/W"), ("nan/400", "C/W"), ("40/inf", "C/W")]:
+    for bad, msg in [
+        ("40/0", "width must be > 0"),
+        ("40/-5", "width must be > 0"),
+        ("a/400", "C/W"),
+        ("40/400/1", "C/W"),
+        ("nan/400", "C/W"),
+        ("40/inf", "C/W"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             resolve_windows(bad)

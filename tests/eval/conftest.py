@@ -1,5 +1,6 @@
 """Fixtures for the evaluation tests: a small prepared cache with balanced patient-level labels,
 tiny MedMNIST-style .npz files and image folders written by the tests themselves."""
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,10 @@ def write_ct_patients(root: str, n_patients: int = N_PATIENTS, *, size: int = 32
                     cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
                     sl[(yy - cy) ** 2 + (xx - cx) ** 2 <= (size / 8) ** 2] = 400.0
                 vol[:, :, k] = sl.T
-            nib.save(nib.Nifti1Image(vol.astype(np.int16), np.diag([1.0, 1.0, 5.0, 1.0])),
-                     os.path.join(d, f"series{s}.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(vol.astype(np.int16), np.diag([1.0, 1.0, 5.0, 1.0])),
+                os.path.join(d, f"series{s}.nii.gz"),
+            )
         labels[f"patient{p:02d}"] = y
     return labels
 

@@ -1,4 +1,5 @@
 """sparkct.eval.data: labels on a cache (slice / series / patient), image folders, .npz; splits."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,11 @@ def _write(path, header, rows):
 
 def _check_task(t, n_patients=None):
     pats = {n: set(getattr(t, n).patients.tolist()) for n in ("full_train", "val", "test")}
-    assert not (pats["full_train"] & pats["val"]) and not (pats["full_train"] & pats["test"]) \
+    assert (
+        not (pats["full_train"] & pats["val"])
+        and not (pats["full_train"] & pats["test"])
         and not (pats["val"] & pats["test"])
+    )
     if n_patients is not None:
         assert len(pats["full_train"] | pats["val"] | pats["test"]) == n_patients
     for n in ("train", "val", "test"):
@@ -66,10 +70,14 @@ def test_patient_ids_are_hashed_like_prepare():
         patients = np.array(pseud)
         series = {"patient_index": np.array([0, 1, 1]), "key": np.array(["s0", "s1", "s2"])}
 
-    rows = _patient_rows(Cache, [{"patient_id": "P002", "__label__": "1"}, {"patient_id": "P001", "__label__": "0"}],
-                         "x.csv")
-    assert rows == [{"series_key": "s1", "label": "1"}, {"series_key": "s2", "label": "1"},
-                    {"series_key": "s0", "label": "0"}]
+    rows = _patient_rows(
+        Cache, [{"patient_id": "P002", "__label__": "1"}, {"patient_id": "P001", "__label__": "0"}], "x.csv"
+    )
+    assert rows == [
+        {"series_key": "s1", "label": "1"},
+        {"series_key": "s2", "label": "1"},
+        {"series_key": "s0", "label": "0"},
+    ]
     with pytest.raises(UserError, match="1 of 1 patients are not in the cache"):
         _patient_rows(Cache, [{"patient_id": "P003", "__label__": "1"}], "x.csv")
 
@@ -84,8 +92,11 @@ def test_series_and_slice_labels(eval_cache, tmp_path):
     np.testing.assert_array_equal(t.test.indices, p.test.indices)
     c = SliceCache(eval_cache["cache"])
     rows = [[c.series["key"][c.slice_series[i]], int(c.slice_index[i]), int(i % 3 == 0)] for i in range(len(c))]
-    s = load_task(eval_cache["cache"], _write(tmp_path / "s.csv", ["series_key", "slice_index", "label"], rows),
-                  split=(0.5, 0.25, 0.25))
+    s = load_task(
+        eval_cache["cache"],
+        _write(tmp_path / "s.csv", ["series_key", "slice_index", "label"], rows),
+        split=(0.5, 0.25, 0.25),
+    )
     assert s.level == "slice" and len(s.full_train) + len(s.val) + len(s.test) == len(c)
     for d in (s.full_train, s.val, s.test):
         assert d.targets.tolist() == [int(i % 3 == 0) for i in d.indices]
@@ -121,8 +132,13 @@ def test_bad_labels_files(eval_cache, tmp_path):
 
 
 def test_fractions_nested_stratified_and_test_set_fixed(eval_cache):
-    tasks = {(f, s): load_task(eval_cache["cache"], eval_cache["patient_labels"], split=(0.5, 0.25, 0.25),
-                               fraction=f, seed=s) for f in (1.0, 0.5, 0.25) for s in (0, 1)}
+    tasks = {
+        (f, s): load_task(
+            eval_cache["cache"], eval_cache["patient_labels"], split=(0.5, 0.25, 0.25), fraction=f, seed=s
+        )
+        for f in (1.0, 0.5, 0.25)
+        for s in (0, 1)
+    }
     for s in (0, 1):
         pats = [set(tasks[(f, s)].train.patients.tolist()) for f in (1.0, 0.5, 0.25)]
         assert pats[2] <= pats[1] <= pats[0] and len(pats[0]) == 6 and len(pats[1]) == 4 and len(pats[2]) == 2
@@ -130,8 +146,9 @@ def test_fractions_nested_stratified_and_test_set_fixed(eval_cache):
             assert set(np.unique(tasks[(f, s)].train.targets).tolist()) == {0, 1}
     for t in tasks.values():  # one test set for every fraction and seed
         np.testing.assert_array_equal(t.test.indices, tasks[(1.0, 0)].test.indices)
-    assert set(tasks[(0.5, 0)].train.patients.tolist()) != set(tasks[(0.5, 1)].train.patients.tolist()) or \
-        set(tasks[(0.25, 0)].train.patients.tolist()) != set(tasks[(0.25, 1)].train.patients.tolist())
+    assert set(tasks[(0.5, 0)].train.patients.tolist()) != set(tasks[(0.5, 1)].train.patients.tolist()) or set(
+        tasks[(0.25, 0)].train.patients.tolist()
+    ) != set(tasks[(0.25, 1)].train.patients.tolist())
 
 
 class _Items:
@@ -173,6 +190,7 @@ def test_npz_task(tmp_path, write_npz):
     torch.testing.assert_close(x[:, 0], torch.from_numpy(z["test_images"][:6] / 255.0).float(), atol=2e-5, rtol=0)
     # through the loader with CT augmentations in pseudo-HU
     from sparkct.data.augment import CTAugment
+
     xb, yb = next(iter(SliceLoader(t.train, 8, transform=CTAugment(12, windows=[IMAGE_WINDOW] * 3))))
     assert xb.shape == (8, 3, 12, 12) and 0 <= float(xb.min()) and float(xb.max()) <= 1
     rgb = load_task(str(write_npz(tmp_path / "rgb.npz", rgb=True)))
@@ -183,8 +201,11 @@ def test_bad_npz(tmp_path, write_npz):
     np.savez(tmp_path / "a.npz", train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros((4, 1)))
     with pytest.raises(UserError, match="missing"):
         load_task(str(tmp_path / "a.npz"))
-    arrays = {f"{s}_{k}": (np.zeros((4, 8, 8), np.uint8) if k == "images" else np.zeros((4, 14), np.uint8))
-              for s in ("train", "val", "test") for k in ("images", "labels")}
+    arrays = {
+        f"{s}_{k}": (np.zeros((4, 8, 8), np.uint8) if k == "images" else np.zeros((4, 14), np.uint8))
+        for s in ("train", "val", "test")
+        for k in ("images", "labels")
+    }
     np.savez(tmp_path / "b.npz", **arrays)
     with pytest.raises(UserError, match="multi-label"):
         load_task(str(tmp_path / "b.npz"))

@@ -1,4 +1,5 @@
 """`sparkct finetune` and `sparkct report` end to end; user mistakes as one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,50 @@ import pytest
 
 from sparkct.cli import main
 
-FAST = ["--crop", "32", "--batch", "8", "--device", "cpu", "--progress", "false", "--tensorboard", "false",
-        "--preview-every", "0", "--amp", "none", "--resamples", "50"]
+FAST = [
+    "--crop",
+    "32",
+    "--batch",
+    "8",
+    "--device",
+    "cpu",
+    "--progress",
+    "false",
+    "--tensorboard",
+    "false",
+    "--preview-every",
+    "0",
+    "--amp",
+    "none",
+    "--resamples",
+    "50",
+]
 
 
 def test_finetune_and_report_commands(tmp_path, write_npz):
     data = write_npz(tmp_path / "organs.npz", n=(24, 12, 12), k=3, size=20)
     out = str(tmp_path / "runs" / "a")
-    assert main(["finetune", "--data", data, "--out", out, "--epochs", "2", "--freeze-epochs", "1",
-                 "--ramp-epochs", "1", "--name", "scratch", *FAST]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                data,
+                "--out",
+                out,
+                "--epochs",
+                "2",
+                "--freeze-epochs",
+                "1",
+                "--ramp-epochs",
+                "1",
+                "--name",
+                "scratch",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = json.load(open(os.path.join(out, "result.json")))
     assert res["method"] == "scratch" and res["train"]["epochs"] == 2 and res["test"]["unit"] == "item"
     assert res["init"]["kind"] == "random" and len(res["val_history"]) == 2
@@ -27,15 +63,18 @@ def test_finetune_and_report_commands(tmp_path, write_npz):
     assert "| scratch |" in md and "No paired comparison" in md
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--data", "{npz}", "--fraction", "0"], "fraction must be in (0, 1]"),
-    (["--data", "{npz}", "--init", "/nonexistent/weights.pt"], "not 'random', a weights file or a run folder"),
-    (["--data", "{npz}", "--labels", "x.csv"], "holds its own labels"),
-    (["--data", "{npz}", "--freeze-epochs", "-1"], "--freeze-epochs must be finite and >= 0"),
-    (["--data", "{npz}", "--crop", "30"], "multiple of 32"),
-    (["--data", "/nonexistent"], "data not found"),
-    (["--data", "{cache}", "--labels", "{bad}"], "no label column 'label'"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--data", "{npz}", "--fraction", "0"], "fraction must be in (0, 1]"),
+        (["--data", "{npz}", "--init", "/nonexistent/weights.pt"], "not 'random', a weights file or a run folder"),
+        (["--data", "{npz}", "--labels", "x.csv"], "holds its own labels"),
+        (["--data", "{npz}", "--freeze-epochs", "-1"], "--freeze-epochs must be finite and >= 0"),
+        (["--data", "{npz}", "--crop", "30"], "multiple of 32"),
+        (["--data", "/nonexistent"], "data not found"),
+        (["--data", "{cache}", "--labels", "{bad}"], "no label column 'label'"),
+    ],
+)
 def test_finetune_mistakes_are_one_line_with_exit_2(argv, msg, tmp_path, write_npz, eval_cache, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.csv"

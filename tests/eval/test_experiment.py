@@ -2,6 +2,7 @@
 from, resume (finished runs skipped, an interrupted run continued to the same result), a failing method
 reported as failed, bad labels refused through the experiment; and `sparkct finetune` resumed after an
 interruption giving the uninterrupted run's result."""
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,23 @@ from sparkct.eval.config import ExperimentConfig
 from sparkct.eval.experiment import run_experiment
 from sparkct.eval.finetune import Classifier
 
-TINY = dict(methods="random,rotation", fractions="1,0.5", seeds="0", crop=32, windows="lung", pretrain_epochs=1,
-            pretrain_batch=8, finetune_epochs=2, finetune_batch=8, freeze_epochs=0.5, ramp_epochs=0.5,
-            split="0.34,0.33,0.33", resamples=50, device="cpu", amp="none")
+TINY = dict(
+    methods="random,rotation",
+    fractions="1,0.5",
+    seeds="0",
+    crop=32,
+    windows="lung",
+    pretrain_epochs=1,
+    pretrain_batch=8,
+    finetune_epochs=2,
+    finetune_batch=8,
+    freeze_epochs=0.5,
+    ramp_epochs=0.5,
+    split="0.34,0.33,0.33",
+    resamples=50,
+    device="cpu",
+    amp="none",
+)
 
 
 def _experiment(cache, out, log=None, **kw):
@@ -62,7 +77,11 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     # one row per fine-tuning run, each traceable to its run folder's result.json and predictions.npz
     csv_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
     assert sorted((r["method"], float(r["fraction"]), r["status"]) for r in csv_rows) == [
-        ("random", 0.5, "done"), ("random", 1.0, "done"), ("rotation", 0.5, "done"), ("rotation", 1.0, "done")]
+        ("random", 0.5, "done"),
+        ("random", 1.0, "done"),
+        ("rotation", 0.5, "done"),
+        ("rotation", 1.0, "done"),
+    ]
     assert len(_finetune_dirs(out)) == 4
     for r in csv_rows:
         result = json.load(open(os.path.join(r["run_dir"], "result.json")))
@@ -76,8 +95,9 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
         assert 0 <= lo <= cell["auc"]["value"] <= hi <= 1
         assert f"{cell['auc']['value']:.3f} [{lo:.3f}, {hi:.3f}]" in rows[r["method"]]  # the table shows them
     # the pretrained method's fine-tuning started from its pretraining run's export
-    rot = json.load(open(os.path.join(next(r["run_dir"] for r in csv_rows if r["method"] == "rotation"),
-                                      "result.json")))
+    rot = json.load(
+        open(os.path.join(next(r["run_dir"] for r in csv_rows if r["method"] == "rotation"), "result.json"))
+    )
     assert rot["init"]["kind"] == "run" and os.path.isfile(os.path.join(rot["init"]["source"], "summary.json"))
     comp = {(c["method"], c["fraction"]) for c in res["comparisons"]}
     assert comp == {("rotation", 1.0), ("rotation", 0.5)}
@@ -95,8 +115,11 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
 def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache):
     out = experiment["out"]
     before = _results(out)
-    marks = {p: os.path.getmtime(p) for d in _finetune_dirs(out) for p in (os.path.join(d, "result.json"),
-                                                                         os.path.join(d, "last.ckpt"))}
+    marks = {
+        p: os.path.getmtime(p)
+        for d in _finetune_dirs(out)
+        for p in (os.path.join(d, "result.json"), os.path.join(d, "last.ckpt"))
+    }
     log = _experiment(eval_cache, out)
     assert sum("finished earlier: skipped" in ln for ln in log) == 5  # 1 pretraining + 4 fine-tuning runs
     assert not any("resumed" in ln or "test AUC" in ln for ln in log)
@@ -164,8 +187,11 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
     data = ExperimentConfig(data=eval_cache["cache"])
     assert "finetune" not in data.overrides() and data.split_fractions() == (0.5, 0.2, 0.3)
     assert ExperimentConfig(set=["finetune.lr=1e-3"]).overrides()["finetune"] == {"base_lr": 4e-3, "lr": "1e-3"}
-    for kw, msg in ((dict(synth_thickness=0.1), "--synth-thickness"), (dict(synth_min_nodule=40), "--synth-min-nodule"),
-                    (dict(split="0.5,x,0.3"), "--split")):
+    for kw, msg in (
+        (dict(synth_thickness=0.1), "--synth-thickness"),
+        (dict(synth_min_nodule=40), "--synth-min-nodule"),
+        (dict(split="0.5,x,0.3"), "--split"),
+    ):
         with pytest.raises(UserError, match=msg):
             ExperimentConfig(**kw).validate()
     with pytest.raises(UserError, match="no option 'nope'"):
@@ -188,30 +214,70 @@ def _slice_labels(cache_dir, path, label_of, extra_row=None):
     return str(path)
 
 
-@pytest.mark.parametrize("case,msg", [
-    ("missing column", "no label column 'label'"),
-    ("unknown slice", "name slices that are not in the cache"),
-    ("single class", "a classifier needs at least two classes"),
-])
+@pytest.mark.parametrize(
+    "case,msg",
+    [
+        ("missing column", "no label column 'label'"),
+        ("unknown slice", "name slices that are not in the cache"),
+        ("single class", "a classifier needs at least two classes"),
+    ],
+)
 def test_bad_labels_are_one_line_errors(case, msg, eval_cache, tmp_path, capsys):
     path = tmp_path / "labels.csv"
     if case == "missing column":
         path.write_text(open(eval_cache["patient_labels"]).read().replace("patient,label", "patient,diagnosis"))
     elif case == "unknown slice":
-        _slice_labels(eval_cache["cache"], path, lambda s, k: s % 2,
-                      extra_row=lambda c: [c.series["key"][0], 999, 1])
+        _slice_labels(eval_cache["cache"], path, lambda s, k: s % 2, extra_row=lambda c: [c.series["key"][0], 999, 1])
     else:
         _slice_labels(eval_cache["cache"], path, lambda s, k: 1)
-    code = main(["experiment", "--data", eval_cache["cache"], "--labels", str(path), "--out",
-                 str(tmp_path / "exp"), "--methods", "random", "--device", "cpu"])
+    code = main(
+        [
+            "experiment",
+            "--data",
+            eval_cache["cache"],
+            "--labels",
+            str(path),
+            "--out",
+            str(tmp_path / "exp"),
+            "--methods",
+            "random",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and msg in err[-1] and err[-1].startswith("sparkct experiment: error:"), err
     assert not os.path.isdir(tmp_path / "exp" / "finetune")  # refused before any training
 
 
-FT = ["--crop", "32", "--batch", "8", "--epochs", "3", "--device", "cpu", "--progress", "false", "--tensorboard",
-      "false", "--preview-every", "0", "--amp", "none", "--resamples", "50", "--freeze-epochs", "1",
-      "--ramp-epochs", "1", "--ckpt-every", "1000", "--log-every", "1"]
+FT = [
+    "--crop",
+    "32",
+    "--batch",
+    "8",
+    "--epochs",
+    "3",
+    "--device",
+    "cpu",
+    "--progress",
+    "false",
+    "--tensorboard",
+    "false",
+    "--preview-every",
+    "0",
+    "--amp",
+    "none",
+    "--resamples",
+    "50",
+    "--freeze-epochs",
+    "1",
+    "--ramp-epochs",
+    "1",
+    "--ckpt-every",
+    "1000",
+    "--log-every",
+    "1",
+]
 
 
 def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, write_npz, monkeypatch):

@@ -1,4 +1,5 @@
 """sparkct.eval.finetune: the Classifier method's schedule, and fine-tuning through the trainer."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,14 @@ class _TinyBackbone(torch.nn.Module):
 def _model(cfg=None, spe=4, k=2):
     torch.manual_seed(0)
     bb = _TinyBackbone()
-    return Classifier(bb, k, cfg or FinetuneConfig(freeze_epochs=2, ramp_epochs=1, backbone_lr_start=0.1),
-                      windows="lung", steps_per_epoch=spe, crop=32)
+    return Classifier(
+        bb,
+        k,
+        cfg or FinetuneConfig(freeze_epochs=2, ramp_epochs=1, backbone_lr_start=0.1),
+        windows="lung",
+        steps_per_epoch=spe,
+        crop=32,
+    )
 
 
 def test_freeze_and_ramp_schedule():
@@ -118,8 +125,20 @@ def test_ramp_equals_a_scaled_backbone_learning_rate(opt):
 
 
 def _cfg(tmp_path, name, **kw):
-    base = dict(out=str(tmp_path / name), arch="resnet18", crop=32, epochs=3, batch=8, device="cpu", progress=False,
-                tensorboard=False, preview_every=0, ckpt_every=1000, log_every=1, amp="none")
+    base = dict(
+        out=str(tmp_path / name),
+        arch="resnet18",
+        crop=32,
+        epochs=3,
+        batch=8,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        preview_every=0,
+        ckpt_every=1000,
+        log_every=1,
+        amp="none",
+    )
     base.update(kw)
     return TrainConfig(**base)
 

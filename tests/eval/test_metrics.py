@@ -1,4 +1,5 @@
 """sparkct.eval.metrics: equality with scikit-learn, bootstrap coverage, paired tests, DeLong vs pROC."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,12 @@ from sparkct.eval import metrics as M
 # The aSAH data set (Turck et al. 2010, Intensive Care Med 36:107-115; 113 patients with aneurysmal
 # subarachnoid haemorrhage), as shipped with the R package pROC (data/aSAH.RData), in row order:
 # outcome (1 = Poor), WFNS grade, S100B and NDKA levels.
-ASAH_POOR = "00001101001011001011101000000000100110110000000001100010001010011101101111000110100000010000000000001111110001000"  # noqa: E501 (the data as published)
-ASAH_WFNS = "11113254125255125225211112121134214541425511241125521251222151125214524414121421232421451154221113125225552445111"  # noqa: E501 (the data as published)
+ASAH_POOR = (
+    "00001101001011001011101000000000100110110000000001100010001010011101101111000110100000010000000000001111110001000"
+)
+ASAH_WFNS = (
+    "11113254125255125225211112121134214541425511241125521251222151125214524414121421232421451154221113125225552445111"
+)
 ASAH_S100B = """
 0.13 0.14 0.1 0.04 0.13 0.1 0.47 0.16 0.18 0.1 0.12 0.1 0.44 0.71 0.04 0.08 0.49 0.04 0.07 0.33 0.09
 0.09 0.07 0.11 0.07 0.17 0.07 0.11 0.13 0.19 0.05 0.16 0.41 0.14 0.34 0.35 0.48 0.09 0.96 0.25 0.5
@@ -42,15 +47,21 @@ PROC_ROC_TEST = {  # (a, b): (Z, p, conf.int low, conf.int high)
     ("ndka", "s100b"): (-1.39077002573558, 0.164295175223054, -0.2876917446341914, 0.0488706064228094),
 }
 PROC_VAR = {"wfns": 0.00146991470882363, "ndka": 0.0031908105493913, "s100b": 0.00266868245717244}
-PROC_COV = {("wfns", "ndka"): -0.000532967856762438, ("ndka", "s100b"): -0.000756164938056579,
-            ("s100b", "wfns"): 0.00119615567376754}
+PROC_COV = {
+    ("wfns", "ndka"): -0.000532967856762438,
+    ("ndka", "s100b"): -0.000756164938056579,
+    ("s100b", "wfns"): 0.00119615567376754,
+}
 PROC_AUC = {"wfns": 0.823678861788618, "ndka": 0.611957994579946, "s100b": 0.731368563685637}
 
 
 def asah():
     y = np.array([int(c) for c in ASAH_POOR])
-    x = {"wfns": np.array([int(c) for c in ASAH_WFNS], float),
-         "s100b": np.array(ASAH_S100B.split(), float), "ndka": np.array(ASAH_NDKA.split(), float)}
+    x = {
+        "wfns": np.array([int(c) for c in ASAH_WFNS], float),
+        "s100b": np.array(ASAH_S100B.split(), float),
+        "ndka": np.array(ASAH_NDKA.split(), float),
+    }
     assert len(y) == 113 and all(len(v) == 113 for v in x.values()) and y.sum() == 41
     return y, x
 

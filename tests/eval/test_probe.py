@@ -1,6 +1,7 @@
 """Embedding bias probes: a probe finds what hand-made embeddings encode (CI above chance) and reports
 near chance on noise; absent, single-valued and untestable targets are skipped with a reason; the
 patient split holds; mistakes are one-line errors; `sparkct eval probe` writes probe.md / probe.json."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ def _patients(n_patients=60, per=4, seed=0):
     sex = np.where(rng.random(n_patients) < 0.5, "F", "M")
     pat = np.repeat(np.arange(n_patients), per)
     perm = rng.permutation(n_patients)
-    train_p, test_p = perm[: n_patients // 2], perm[n_patients // 2:]
+    train_p, test_p = perm[: n_patients // 2], perm[n_patients // 2 :]
     train, test = np.nonzero(np.isin(pat, train_p))[0], np.nonzero(np.isin(pat, test_p))[0]
     return rng, sex[pat], pat, train, test
 
@@ -77,9 +78,11 @@ def test_age_bands_and_metadata_values_from_the_cache(tmp_path):
 
     class Cache:  # the two tables metadata_values reads
         slice_series = np.array([0, 0, 1, 2, 3])
-        series = {"age_years": np.array([39.9, 40.0, 80.0, np.nan], np.float32),
-                  "kvp": np.array([120.0, np.nan, 100.0, 140.0], np.float32),
-                  "patient_sex": np.array(["F", "M", "", "F"])}
+        series = {
+            "age_years": np.array([39.9, 40.0, 80.0, np.nan], np.float32),
+            "kvp": np.array([120.0, np.nan, 100.0, 140.0], np.float32),
+            "patient_sex": np.array(["F", "M", "", "F"]),
+        }
 
         def __len__(self):
             return 5
@@ -109,8 +112,29 @@ def dicom_cache(tmp_path_factory) -> str:
 
 def test_cli_end_to_end(dicom_cache, tmp_path, capsys):
     out = tmp_path / "probe"
-    assert main(["eval", "probe", "--init", "random", "--data", dicom_cache, "--out", str(out), "--crop", "32",
-                 "--split", "0.5,0.5", "--resamples", "100", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "probe",
+                "--init",
+                "random",
+                "--data",
+                dicom_cache,
+                "--out",
+                str(out),
+                "--crop",
+                "32",
+                "--split",
+                "0.5,0.5",
+                "--resamples",
+                "100",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "probe.json").read_text())
     md = (out / "probe.md").read_text()
     t = res["targets"]
@@ -127,10 +151,13 @@ def test_cli_end_to_end(dicom_cache, tmp_path, capsys):
     assert res["split"]["train_patients"] + res["split"]["test_patients"] == res["patients"] == 10
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--init", "missing-backbone.pt"], "--init missing-backbone.pt: not 'random', a weights file or a run folder"),
-    (["--init", "random", "--targets", "sex,race"], "--targets: unknown ['race']"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--init", "missing-backbone.pt"], "--init missing-backbone.pt: not 'random', a weights file or a run folder"),
+        (["--init", "random", "--targets", "sex,race"], "--targets: unknown ['race']"),
+    ],
+)
 def test_mistakes_are_one_line_errors(argv, msg, dicom_cache, tmp_path, capsys):
     assert main(["eval", "probe", "--data", dicom_cache, "--out", str(tmp_path / "p"), *argv]) == 2
     err = capsys.readouterr().err
@@ -140,8 +167,10 @@ def test_mistakes_are_one_line_errors(argv, msg, dicom_cache, tmp_path, capsys):
 
 def test_data_that_is_not_a_cache_is_refused(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
-    assert main(["eval", "probe", "--init", "random", "--data", str(tmp_path / "folder"), "--out",
-                 str(tmp_path / "p")]) == 2
+    assert (
+        main(["eval", "probe", "--init", "random", "--data", str(tmp_path / "folder"), "--out", str(tmp_path / "p")])
+        == 2
+    )
     assert "not a prepared cache" in capsys.readouterr().err
 
 

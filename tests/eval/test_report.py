@@ -1,4 +1,5 @@
 """sparkct.eval.report: results.md, auc_vs_fraction.png, results.json, runs.csv from synthetic runs."""
+
 from __future__ import annotations
 
 import csv
@@ -22,35 +23,64 @@ def _run(method, fraction, seed, n=60, per_patient=1):
     p1 = 1 / (1 + np.exp(-z))
     prob = np.stack([1 - p1, p1], 1)
     from sparkct.eval.metrics import bootstrap_ci
+
     ci = bootstrap_ci(y, prob, groups=patients, n_resamples=100)
-    return {"method": method, "fraction": fraction, "seed": seed, "status": "done",
-            "task": {"source": "/data/synthetic", "kind": "cache", "level": "patient", "labels": "/data/labels.csv",
-                     "classes": ["clear", "nodule"], "full_train": {"patients": 80}, "val": {"patients": 20},
-                     "test": {"patients": n, "per_class": [n // 2, n // 2]},
-                     "train": {"items": int(80 * fraction), "patients": int(80 * fraction)}},
-            "train": {"arch": "resnet18", "crop": 64, "epochs": 3, "batch": 16},
-            "finetune": {"linear_probe": False}, "effective_batch": 16,
-            "tested_checkpoint": {"step": 12, "best_val_auc": 0.7},
-            "test": {"metrics": ci, "unit": "patient", "n_units": n, "n_patients": n},
-            "seconds": {"train": 1.5, "test": 0.1},
-            "predictions": {"probabilities": prob, "labels": y, "patients": patients}}
+    return {
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "status": "done",
+        "task": {
+            "source": "/data/synthetic",
+            "kind": "cache",
+            "level": "patient",
+            "labels": "/data/labels.csv",
+            "classes": ["clear", "nodule"],
+            "full_train": {"patients": 80},
+            "val": {"patients": 20},
+            "test": {"patients": n, "per_class": [n // 2, n // 2]},
+            "train": {"items": int(80 * fraction), "patients": int(80 * fraction)},
+        },
+        "train": {"arch": "resnet18", "crop": 64, "epochs": 3, "batch": 16},
+        "finetune": {"linear_probe": False},
+        "effective_batch": 16,
+        "tested_checkpoint": {"step": 12, "best_val_auc": 0.7},
+        "test": {"metrics": ci, "unit": "patient", "n_units": n, "n_patients": n},
+        "seconds": {"train": 1.5, "test": 0.1},
+        "predictions": {"probabilities": prob, "labels": y, "patients": patients},
+    }
 
 
 def _runs():
     runs = [_run(m, f, s) for m in QUALITY for f in (1.0, 0.5, 0.1) for s in (0, 1)]
-    runs.append({"method": "simclr", "fraction": 0.1, "seed": 2, "status": "failed",
-                 "error": "TrainingDiverged: loss is nan at step 3"})
+    runs.append(
+        {
+            "method": "simclr",
+            "fraction": 0.1,
+            "seed": 2,
+            "status": "failed",
+            "error": "TrainingDiverged: loss is nan at step 3",
+        }
+    )
     return runs
 
 
 def test_report_files_written_and_well_formed(tmp_path):
     runs = _runs()
-    paths = write_report(runs, str(tmp_path / "rep"), n_resamples=200, extra={"pretraining": "2 epochs"},
-                         config={"methods": list(QUALITY)})
+    paths = write_report(
+        runs,
+        str(tmp_path / "rep"),
+        n_resamples=200,
+        extra={"pretraining": "2 epochs"},
+        config={"methods": list(QUALITY)},
+    )
     md = open(paths["md"]).read()
     assert "| method | 100 % | 50 % | 10 % |" in md
-    table = [ln for ln in md.splitlines() if ln.startswith("| random") or ln.startswith("| spark")
-             or ln.startswith("| simclr")]
+    table = [
+        ln
+        for ln in md.splitlines()
+        if ln.startswith("| random") or ln.startswith("| spark") or ln.startswith("| simclr")
+    ]
     assert len(table) == 3 + 2 * 3  # the AUC table, and the comparison table (2 methods x 3 fractions)
     res = json.load(open(paths["json"]))
     for k, f in enumerate((1.0, 0.5, 0.1)):  # the best mean AUC of each column, and only it, is bold
@@ -76,6 +106,7 @@ def test_report_files_written_and_well_formed(tmp_path):
     assert sum(r["status"] == "failed" for r in rows) == 1
     assert all(0 <= float(r["auc"]) <= 1 for r in rows if r["status"] == "done")
     from PIL import Image
+
     with Image.open(paths["png"]) as im:
         assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 300
         px = np.asarray(im.convert("RGB")).reshape(-1, 3)
@@ -98,8 +129,10 @@ def test_collect_runs_from_folders(tmp_path):
         sio.write_npz_atomic(str(d / "predictions.npz"), r.pop("predictions"))
         sio.write_json_atomic(str(d / "result.json"), r)
     (tmp_path / "exp" / "broken").mkdir()
-    sio.write_json_atomic(str(tmp_path / "exp" / "broken" / "failed.json"),
-                          {"method": "simclr", "fraction": 1.0, "seed": 0, "error": "out of memory"})
+    sio.write_json_atomic(
+        str(tmp_path / "exp" / "broken" / "failed.json"),
+        {"method": "simclr", "fraction": 1.0, "seed": 0, "error": "out of memory"},
+    )
     found = collect_runs(str(tmp_path / "exp"))
     assert sorted(r["method"] for r in found) == ["random", "simclr", "spark"]
     paths = write_report(found, str(tmp_path / "out"), n_resamples=100)

@@ -1,5 +1,6 @@
 """Shared by the contrastive method tests: a tiny backbone, synthetic HU slices, a plain training
 loop (the trainer-level tests are the trainer's), and the chunked-vs-unchunked gradient check."""
+
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,22 @@ from torch import nn
 FEATURES = 16
 
 
-
-
 def tiny_backbone(norm: str = "batch") -> nn.Module:
     """A 2-conv net with a pooled 16-d output (what a ResNet with fc = Identity gives, smaller)."""
+
     def n(c):
         return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(2, c)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), n(8), nn.ReLU(), nn.Conv2d(8, FEATURES, 3, 2, 1), n(FEATURES),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, 2, 1),
+        n(8),
+        nn.ReLU(),
+        nn.Conv2d(8, FEATURES, 3, 2, 1),
+        n(FEATURES),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
 
 
 def synthetic_hu(n: int = 16, size: int = 48, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The method contract's monitor: the collapse indicator (about 1 when spread, 0 when collapsed)."""
+
 from __future__ import annotations
 
 import pytest

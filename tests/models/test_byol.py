@@ -1,6 +1,7 @@
 """BYOL: sizes, the asymmetric views, the loss equals the symmetric negative cosine of the online
 predictions and the target projections, the target's cosine EMA 0.99 -> 1, chunked = unchunked
 gradients, a plain loop lowers the loss while the collapse indicator stays away from 0."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make(chunk=0, norm="group", **kw):
     torch.manual_seed(0)
-    return BYOL(tiny_backbone(norm=norm), BYOLConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw),
-                feature_dim=FEATURES)
+    return BYOL(
+        tiny_backbone(norm=norm), BYOLConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw), feature_dim=FEATURES
+    )
 
 
 def test_defaults_sizes_and_views():

@@ -1,6 +1,7 @@
 """preview() of the contrastive / clustering methods: the views side by side (SwAV's local crop enlarged)
 and the nearest neighbours by backbone features, against a plain computation; the PNG sheet made of them
 (the trainer's run folder has one for every method: tests/train/test_resume_contrastive.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ SMALL = {"simclr": {}, "moco": dict(queue_size=32), "byol": {}, "swav": dict(pro
 def make(name):
     torch.manual_seed(0)
     cls = get_method(name)
-    return cls(tiny_backbone(), cls.config_class(proj_hidden_dim=32, proj_dim=8, **SMALL[name]),
-               feature_dim=FEATURES).eval()
+    return cls(
+        tiny_backbone(), cls.config_class(proj_hidden_dim=32, proj_dim=8, **SMALL[name]), feature_dim=FEATURES
+    ).eval()
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -58,9 +60,11 @@ def test_preview_counts_own_views_and_takes_labelled_batches():
 
 def test_preview_png(tmp_path):
     from sparkct.train.visual import save_preview
+
     m = make("swav")
     views = m.transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(2))
     save_preview(m.preview(views), str(tmp_path / "p.png"), title="swav")
     from PIL import Image
+
     im = Image.open(tmp_path / "p.png")
     assert im.size[1] >= 5 * 32  # 5 rows: 2 views, a local crop, 2 neighbour rows

@@ -1,4 +1,5 @@
 """The one SparK cell-mask generator: exact visible count, per-sample independence, seeding."""
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 key encoder), the loss equals lightly's NT-Xent with a memory bank, chunked = unchunked gradients,
 a plain loop lowers the loss without collapse, shuffled BN across 2 processes equals one process,
 and a queue smaller than the batch is a clear error."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make(chunk=0, norm="group", **kw):
     torch.manual_seed(0)
     kw = {"queue_size": 32, **kw}
-    return MoCo(tiny_backbone(norm=norm), MoCoConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw),
-                feature_dim=FEATURES)
+    return MoCo(
+        tiny_backbone(norm=norm), MoCoConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw), feature_dim=FEATURES
+    )
 
 
 def test_registry_and_defaults():
@@ -115,8 +117,9 @@ def test_chunked_equals_unchunked():
 
 
 def test_training_lowers_loss_without_collapse():
-    losses, collapse = train(make(norm="batch", queue_size=16, momentum=0.9, temperature=0.2, augment="light"),
-                             steps=30)
+    losses, collapse = train(
+        make(norm="batch", queue_size=16, momentum=0.9, temperature=0.2, augment="light"), steps=30
+    )
     # from step 1: at step 0 the negatives are the random initial queue (an easy, low loss)
     assert sum(losses[-5:]) / 5 < sum(losses[1:6]) / 5 - 0.1
     assert min(collapse) > 0.2
@@ -137,6 +140,7 @@ def test_bad_input():
 
 # ---- shuffled BN: 2 CPU processes (gloo) ------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,6 +149,7 @@ def _free_port() -> int:
 
 def _worker(rank, port, out):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -160,6 +165,7 @@ def _worker(rank, port, out):
 
 def test_shuffled_bn_two_processes(tmp_path):
     import torch.multiprocessing as mp
+
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     keys = torch.cat([torch.load(tmp_path / f"k{r}.pt") for r in range(2)])
     # one process: the rows each rank embedded are the permuted halves; BN over each half
@@ -180,6 +186,7 @@ def test_shuffled_bn_two_processes(tmp_path):
 
 def test_symmetric_flag():
     from sparkct.train.cli import _method_parser
+
     p, _ = _method_parser("moco")
     assert p.parse_args(["--symmetric"]).symmetric is True
     assert p.parse_args([]).symmetric is False

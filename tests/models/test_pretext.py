@@ -1,4 +1,5 @@
 """Pretext tasks: corruptions are what they say, labels are drawn per global batch, losses fall."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,7 @@ def test_inpaint_box_and_loss_only_on_the_box():
     x = torch.rand(3, 1, 64, 64)
     xin, box = m.corrupt(x, step=7)
     frac = box.mean((1, 2, 3))
-    assert ((frac >= 0.25 ** 2 - 0.02) & (frac <= 0.5 ** 2 + 0.02)).all()
+    assert ((frac >= 0.25**2 - 0.02) & (frac <= 0.5**2 + 0.02)).all()
     inside = box.bool().expand_as(x)
     assert (xin[inside] == 0).all() and torch.equal(xin[~inside], x[~inside])
     assert torch.equal(m.corrupt(x, 7)[1], box) and not torch.equal(m.corrupt(x, 8)[1], box)  # keyed by step

@@ -1,5 +1,6 @@
 """SimCLR: construction from the registry, views, the loss equals lightly's NT-Xent on the projections,
 chunked = unchunked gradients, a plain loop lowers the loss without collapse, and clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,12 +17,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make(chunk=0, norm="group", **kw):
     torch.manual_seed(0)
-    return SimCLR(tiny_backbone(norm=norm), SimCLRConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw),
-                  feature_dim=FEATURES)
+    return SimCLR(
+        tiny_backbone(norm=norm), SimCLRConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw), feature_dim=FEATURES
+    )
 
 
 def test_registry_resnet18_and_views():
     from sparkct.models.backbone import build_backbone
+
     cls = get_method("simclr")
     assert cls is SimCLR and cls.name == "simclr"
     backbone, dim = build_backbone("resnet18", in_chans=2)

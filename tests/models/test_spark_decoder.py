@@ -1,4 +1,5 @@
 """SparK's light decoder: widths, shapes at every scale, CT channels, init, state_dict names."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from sparkct.models.spark.decoder import LightDecoder, decoder_channels
 
 def inputs(dec, B, gh, gw, n=4, dtype=torch.float32):
     """Densified features deepest first: block i's width at stride 32 / 2**i."""
-    return [torch.randn(B, w, gh * 2 ** i, gw * 2 ** i, dtype=dtype) for i, w in enumerate(dec.in_widths[:n])]
+    return [torch.randn(B, w, gh * 2**i, gw * 2**i, dtype=dtype) for i, w in enumerate(dec.in_widths[:n])]
 
 
 @pytest.mark.parametrize("in_chans,width,grid", [(1, 64, (2, 3)), (2, 64, (2, 3)), (3, 64, (2, 3)), (3, 768, (1, 1))])
@@ -18,7 +19,7 @@ def inputs(dec, B, gh, gw, n=4, dtype=torch.float32):
 def test_shapes_at_every_scale(in_chans, width, grid):
     dec = LightDecoder(in_chans, width)
     assert len(dec.dec) == 5
-    assert dec.in_widths == [width // 2 ** i for i in range(5)]
+    assert dec.in_widths == [width // 2**i for i in range(5)]
     B, (gh, gw) = 2, grid
     seen = []
     hooks = [blk.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape))) for blk in dec.dec]
@@ -35,16 +36,29 @@ def test_published_structure_and_names():
     assert decoder_channels(768) == [768, 384, 192, 96, 48, 24]
     blk = dec.dec[0]
     up = blk.up_sample
-    assert isinstance(up, nn.ConvTranspose2d) and up.kernel_size == (4, 4) and up.stride == (2, 2) \
-        and up.padding == (1, 1) and up.bias is not None
+    assert (
+        isinstance(up, nn.ConvTranspose2d)
+        and up.kernel_size == (4, 4)
+        and up.stride == (2, 2)
+        and up.padding == (1, 1)
+        and up.bias is not None
+    )
     kinds = [type(m) for m in blk.conv]
     assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.Conv2d, nn.BatchNorm2d]
     assert all(m.kernel_size == (3, 3) and m.bias is None for m in blk.conv if isinstance(m, nn.Conv2d))
     assert dec.proj.kernel_size == (1, 1) and dec.proj.in_channels == 24 and dec.proj.out_channels == 3
     # SparK checkpoint names (dec.<i>.up_sample / dec.<i>.conv.<j>, proj)
     keys = set(dec.state_dict())
-    assert {"dec.0.up_sample.weight", "dec.0.up_sample.bias", "dec.0.conv.0.weight", "dec.0.conv.1.running_mean",
-            "dec.4.conv.3.weight", "dec.4.conv.4.bias", "proj.weight", "proj.bias"} <= keys
+    assert {
+        "dec.0.up_sample.weight",
+        "dec.0.up_sample.bias",
+        "dec.0.conv.0.weight",
+        "dec.0.conv.1.running_mean",
+        "dec.4.conv.3.weight",
+        "dec.4.conv.4.bias",
+        "proj.weight",
+        "proj.bias",
+    } <= keys
     # ~20 GFLOP per 224x224 image (multiply-adds x 2), as the design notes say
     flops = 0
     h = 7

@@ -1,5 +1,6 @@
 """The SparK method: masks, loss on masked cells only, sparse = dense-masked = SparK's published forward
 (one training step in float64), the loss falling, the transform, the preview, bad configs."""
+
 from __future__ import annotations
 
 import copy
@@ -37,6 +38,7 @@ def rel(a, b):
 
 
 # ---- masks ---------------------------------------------------------------------------------------
+
 
 def test_training_step_masks_come_from_the_step_generator():
     m = make()
@@ -79,6 +81,7 @@ def test_training_step_uses_the_drawn_mask():
 
 # ---- the loss ------------------------------------------------------------------------------------
 
+
 def loop_loss(rec, target, mask):
     """Per-cell, per-channel normalization and the masked mean written out cell by cell."""
     B, C, H, W = target.shape
@@ -88,9 +91,9 @@ def loop_loss(rec, target, mask):
             for j in range(W // 32):
                 if mask[b, i, j]:
                     continue
-                t = target[b, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32].reshape(C, -1)
+                t = target[b, :, 32 * i : 32 * i + 32, 32 * j : 32 * j + 32].reshape(C, -1)
                 t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6).sqrt()
-                r = rec[b, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32].reshape(C, -1)
+                r = rec[b, :, 32 * i : 32 * i + 32, 32 * j : 32 * j + 32].reshape(C, -1)
                 errs.append(((r - t) ** 2).mean())
     return torch.stack(errs).mean()
 
@@ -103,8 +106,12 @@ def test_loss_is_the_masked_mean_of_per_cell_normalized_errors():
     assert torch.allclose(masked_cell_loss(rec, tgt, mask), loop_loss(rec, tgt, mask), rtol=1e-12, atol=0)
     # channels-last inputs (views, no copies) give the same
     cl = torch.channels_last
-    assert torch.allclose(masked_cell_loss(rec.contiguous(memory_format=cl), tgt.contiguous(memory_format=cl), mask),
-                          loop_loss(rec, tgt, mask), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        masked_cell_loss(rec.contiguous(memory_format=cl), tgt.contiguous(memory_format=cl), mask),
+        loop_loss(rec, tgt, mask),
+        rtol=1e-12,
+        atol=0,
+    )
     # every cell and channel is normalized on its own: a positive affine map per cell/channel changes nothing
     a = torch.rand(3, 2, 2, 1, 3, 1, dtype=torch.float64) * 5 + 0.5
     b = torch.randn(3, 2, 2, 1, 3, 1, dtype=torch.float64)
@@ -165,12 +172,14 @@ def test_loss_fp32_under_autocast():
 
 # ---- SparK's semantics ---------------------------------------------------------------------------
 
+
 def one_step(model, x, step, published=False):
     """Loss, gradients and buffers (BN running statistics) after one training step's backward."""
     model.train()
     if published:
-        loss = spark_published_loss(model, x, model.draw_mask(x.shape[0], (x.shape[2] // 32, x.shape[3] // 32),
-                                                              step, x.device))
+        loss = spark_published_loss(
+            model, x, model.draw_mask(x.shape[0], (x.shape[2] // 32, x.shape[3] // 32), step, x.device)
+        )
     else:
         loss, _ = model.training_step(x, step)
     loss.backward()
@@ -179,11 +188,14 @@ def one_step(model, x, step, published=False):
     return loss.detach(), grads, bufs
 
 
-@pytest.mark.parametrize("arch,in_chans,B,H,W,ratio", [
-    ("resnet18", 3, 3, 64, 96, 0.6),
-    ("resnet18", 1, 2, 96, 64, 0.75),
-    ("resnet50", 2, 2, 64, 64, 0.5),
-])
+@pytest.mark.parametrize(
+    "arch,in_chans,B,H,W,ratio",
+    [
+        ("resnet18", 3, 3, 64, 96, 0.6),
+        ("resnet18", 1, 2, 96, 64, 0.75),
+        ("resnet50", 2, 2, 64, 64, 0.5),
+    ],
+)
 def test_sparse_step_equals_dense_masked_and_published_float64(arch, in_chans, B, H, W, ratio):
     base = make(arch, in_chans=in_chans, width=32, mask_ratio=ratio).double()
     base.seed = 3
@@ -216,6 +228,7 @@ def test_channels_last_model_gives_the_same_step():
 
 
 # ---- training ------------------------------------------------------------------------------------
+
 
 def synthetic_ct(n=4, size=64, windows=("lung", "mediastinum")):
     """Windowed slices of the synthetic chest CT (HU rendered at `size`), (n, C, size, size)."""
@@ -250,6 +263,7 @@ def test_loss_falls_with_adamw():
 
 
 # ---- data, preview, optimizer groups -------------------------------------------------------------
+
 
 def test_transform_is_sparks_crop_and_flip_without_intensity_changes():
     m = make(in_chans=2)
@@ -305,8 +319,12 @@ def test_no_weight_decay_names_the_mask_tokens():
 def test_structure_as_published():
     m = make("resnet50", width=768)
     assert [p.kernel_size for p in m.densify_projs] == [(1, 1), (3, 3), (3, 3), (3, 3)]
-    assert [(p.in_channels, p.out_channels) for p in m.densify_projs] == [(2048, 768), (1024, 384), (512, 192),
-                                                                          (256, 96)]
+    assert [(p.in_channels, p.out_channels) for p in m.densify_projs] == [
+        (2048, 768),
+        (1024, 384),
+        (512, 192),
+        (256, 96),
+    ]
     assert [n.num_features for n in m.densify_norms] == [2048, 1024, 512, 256]
     tok = torch.cat([t.flatten() for t in m.mask_tokens])
     assert tok.abs().max() <= 0.02 and 0.005 < tok.std() < 0.02  # trunc-normal std 0.02 cut at +-0.02
@@ -319,14 +337,25 @@ def test_structure_as_published():
 
 # ---- config and registry -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value,match", [
-    ("mask_ratio", 1.0, "mask ratio"), ("mask_ratio", -0.1, "mask ratio"), ("mask_ratio", float("nan"), "mask ratio"),
-    ("mask_ratio", "lots", "mask ratio"), ("encoder", "dense", "encoder"), ("decoder_width", 100, "decoder width"),
-    ("decoder_width", 0, "decoder width"), ("decoder_width", True, "decoder width"),
-    ("crop_scale", (0.0, 1.0), "crop scale"), ("crop_scale", (0.9, 0.5), "crop scale"),
-    ("crop_scale", "x", "crop scale"),
-    ("hflip", 1.5, "hflip"), ("hflip", "yes", "hflip"),
-])
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("mask_ratio", 1.0, "mask ratio"),
+        ("mask_ratio", -0.1, "mask ratio"),
+        ("mask_ratio", float("nan"), "mask ratio"),
+        ("mask_ratio", "lots", "mask ratio"),
+        ("encoder", "dense", "encoder"),
+        ("decoder_width", 100, "decoder width"),
+        ("decoder_width", 0, "decoder width"),
+        ("decoder_width", True, "decoder width"),
+        ("crop_scale", (0.0, 1.0), "crop scale"),
+        ("crop_scale", (0.9, 0.5), "crop scale"),
+        ("crop_scale", "x", "crop scale"),
+        ("hflip", 1.5, "hflip"),
+        ("hflip", "yes", "hflip"),
+    ],
+)
 def test_bad_config_raises_user_error(field, value, match):
     cfg = SparKConfig(**{field: value})
     with pytest.raises(UserError, match=match):
@@ -341,8 +370,13 @@ def test_config_defaults_and_help():
 
     cfg = SparKConfig()
     cfg.validate()
-    assert (cfg.mask_ratio, cfg.encoder, cfg.decoder_width, cfg.crop_scale, cfg.hflip) == \
-        (0.6, "sparse", 768, (0.67, 1.0), 0.5)
+    assert (cfg.mask_ratio, cfg.encoder, cfg.decoder_width, cfg.crop_scale, cfg.hflip) == (
+        0.6,
+        "sparse",
+        768,
+        (0.67, 1.0),
+        0.5,
+    )
     assert all(f.metadata.get("help") for f in fields(cfg))
     c2 = SparKConfig(crop_scale="0.5,1")  # as a command line gives it
     c2.validate()
@@ -365,7 +399,11 @@ def test_config_from_command_line_flags():
 
     p = argparse.ArgumentParser()
     add_dataclass_args(p, SparKConfig)
-    cfg = dataclass_from_args(SparKConfig, p.parse_args(["--mask-ratio", "0.75", "--encoder", "dense-masked",
-                                                          "--decoder-width", "512", "--crop-scale", "0.5,1"]))
+    cfg = dataclass_from_args(
+        SparKConfig,
+        p.parse_args(
+            ["--mask-ratio", "0.75", "--encoder", "dense-masked", "--decoder-width", "512", "--crop-scale", "0.5,1"]
+        ),
+    )
     cfg.validate()
     assert (cfg.mask_ratio, cfg.encoder, cfg.decoder_width, cfg.crop_scale) == (0.75, "dense-masked", 512, (0.5, 1.0))

@@ -1,6 +1,7 @@
 """The hybrid objective (ssl + lambda * cross-entropy on labelled rows, -1 = unlabelled) for every
 method, chunked = unchunked with the supervised term, labels mapped onto a prepared synthetic cache
 (label_slices) and through SliceLoader into a step, the augmentation presets, and clear errors."""
+
 from __future__ import annotations
 
 import csv
@@ -20,15 +21,20 @@ from contrastive_helpers import FEATURES, grads_chunked_vs_unchunked, synthetic_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = {"simclr": {}, "moco": {"queue_size": 16}, "swav": {"prototypes": 12, "n_local": 2, "freeze_prototypes": 0},
-         "byol": {}}
+SMALL = {
+    "simclr": {},
+    "moco": {"queue_size": 16},
+    "swav": {"prototypes": 12, "n_local": 2, "freeze_prototypes": 0},
+    "byol": {},
+}
 
 
 def make(name="simclr", chunk=0, weight=0.5, norm="group", **kw):
     torch.manual_seed(0)
     cls = get_method(name)
-    cfg = cls.config_class(chunk=chunk, hybrid_weight=weight, num_classes=3, proj_hidden_dim=32, proj_dim=8,
-                           **{**SMALL[name], **kw})
+    cfg = cls.config_class(
+        chunk=chunk, hybrid_weight=weight, num_classes=3, proj_hidden_dim=32, proj_dim=8, **{**SMALL[name], **kw}
+    )
     return cls(tiny_backbone(norm=norm), cfg, feature_dim=FEATURES)
 
 
@@ -79,6 +85,7 @@ def test_chunked_equals_unchunked_with_labels():
 def cache(tmp_path_factory):
     from sparkct.data import prepare
     from sparkct.data.synthetic import synth
+
     src, dst = tmp_path_factory.mktemp("synth"), tmp_path_factory.mktemp("cache")
     synth(str(src), patients=2, seed=1, size=64, thickness=8.0, series_per_patient=(1, 1), slices=6)
     prepare(str(src), str(dst), progress=False)
@@ -87,6 +94,7 @@ def cache(tmp_path_factory):
 
 def test_labels_file_to_batch(cache, tmp_path):
     from sparkct.data import CTSliceDataset, SliceLoader
+
     ds = CTSliceDataset(cache)
     uids = [str(u) for u in ds.cache.series["series_uid"]]
     labels = tmp_path / "labels.csv"
@@ -101,8 +109,11 @@ def test_labels_file_to_batch(cache, tmp_path):
     expected = np.full(len(ds), -1)
     expected[off], expected[off + 3] = 0, 1
     np.testing.assert_array_equal(labelled.targets, expected)
-    m = SimCLR(tiny_backbone(), SimCLRConfig(
-        hybrid_weight=0.5, num_classes=len(classes), proj_hidden_dim=32, proj_dim=8), feature_dim=FEATURES)
+    m = SimCLR(
+        tiny_backbone(),
+        SimCLRConfig(hybrid_weight=0.5, num_classes=len(classes), proj_hidden_dim=32, proj_dim=8),
+        feature_dim=FEATURES,
+    )
     loader = SliceLoader(labelled, batch_size=len(ds), shuffle=False, transform=m.transform(32, "lung"))
     batch = next(iter(loader))
     views, targets = batch
@@ -133,17 +144,36 @@ def test_bad_config():
         make().transform(4, "lung")
 
 
-@pytest.mark.parametrize("name,kw", [("simclr", {"chunk": 4}), ("moco", {"queue_size": 32, "chunk": 4}),
-                                     ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16,
-                                               "queue_start_epoch": 0}),
-                                     ("byol", {})])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("simclr", {"chunk": 4}),
+        ("moco", {"queue_size": 32, "chunk": 4}),
+        ("swav", {"prototypes": 20, "n_local": 2, "queue_size": 16, "queue_start_epoch": 0}),
+        ("byol", {}),
+    ],
+)
 def test_through_the_trainer(cache, tmp_path, name, kw):
     """A few steps of each method (chunked where it applies) through the one trainer, resnet18 at 32 px."""
     from sparkct.train.config import TrainConfig
     from sparkct.train.trainer import Trainer, build_method
-    cfg = TrainConfig(data=cache, out=str(tmp_path / name), arch="resnet18", windows="lung", crop=32, batch=6,
-                      max_steps=3, ckpt_every=3, log_every=1, preview_every=0, tensorboard=False, progress=False,
-                      device="cpu", channels_last=False)
+
+    cfg = TrainConfig(
+        data=cache,
+        out=str(tmp_path / name),
+        arch="resnet18",
+        windows="lung",
+        crop=32,
+        batch=6,
+        max_steps=3,
+        ckpt_every=3,
+        log_every=1,
+        preview_every=0,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        channels_last=False,
+    )
     m = build_method(name, cfg, get_method(name).config_class(**kw))
     res = Trainer(m, cfg, method_name=name, log=lambda *a: None).fit()
     assert res["steps"] == 3 and np.isfinite(res["final"]["loss"]) and res["final"]["collapse"] > 0.05

@@ -2,6 +2,7 @@
 lightly's SwaVLoss on the method's own scores, prototypes stay normalized and frozen for the first
 steps, the feature queue, chunked = unchunked gradients, a plain loop lowers the loss without
 collapse, and clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,15 +21,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make(chunk=0, norm="group", **kw):
     torch.manual_seed(0)
     kw = {"prototypes": 12, "n_local": 2, "freeze_prototypes": 0, **kw}
-    return SwAV(tiny_backbone(norm=norm), SwAVConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw),
-                feature_dim=FEATURES)
+    return SwAV(
+        tiny_backbone(norm=norm), SwAVConfig(chunk=chunk, proj_hidden_dim=32, proj_dim=8, **kw), feature_dim=FEATURES
+    )
 
 
 def test_defaults_and_multicrop_shapes():
     assert get_method("swav") is SwAV
     c = SwAVConfig()
-    assert (c.prototypes, c.temperature, c.epsilon, c.sinkhorn_iterations, c.n_global, c.n_local) == \
-        (3000, 0.1, 0.05, 3, 2, 6)
+    assert (c.prototypes, c.temperature, c.epsilon, c.sinkhorn_iterations, c.n_global, c.n_local) == (
+        3000,
+        0.1,
+        0.05,
+        3,
+        2,
+        6,
+    )
     m = SwAV(tiny_backbone(), SwAVConfig(), feature_dim=FEATURES)
     assert m.prototypes.weight.shape == (3000, 128)
     views = m.transform(224, "lung")(synthetic_hu(2, size=64), torch.Generator().manual_seed(0))
@@ -44,8 +52,11 @@ def test_loss_matches_lightly_on_the_scores():
     loss, logs = m.training_step(views, 0)
     with torch.no_grad():
         # the crops of one resolution go through the network together (BatchNorm over them)
-        scores = [s for group in (views[:2], views[2:])
-                  for s in m.prototypes(F.normalize(m.projector(m.backbone(torch.cat(group))), dim=1)).split(8)]
+        scores = [
+            s
+            for group in (views[:2], views[2:])
+            for s in m.prototypes(F.normalize(m.projector(m.backbone(torch.cat(group))), dim=1)).split(8)
+        ]
     expected = swav_loss.SwaVLoss()(scores[:2], scores[2:])
     torch.testing.assert_close(loss.detach(), expected.reshape(()), rtol=1e-5, atol=1e-6)
     assert 0 < logs["collapse"] <= 1.5

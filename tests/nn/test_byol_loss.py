@@ -1,4 +1,5 @@
 """BYOL's loss: symmetric negative cosine similarity vs a plain formula and lightly's."""
+
 from __future__ import annotations
 
 import pytest

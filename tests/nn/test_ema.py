@@ -1,4 +1,5 @@
 """update_momentum and cosine_schedule: values by hand and against lightly's; MomentumEncoder."""
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,8 @@ def test_cosine_schedule_matches_lightly():
     for total in (1, 2, 7, 100):
         for step in range(total):
             assert cosine_schedule(step, total, 0.99, 1.0) == pytest.approx(
-                sched.cosine_schedule(step, total, 0.99, 1.0))
+                sched.cosine_schedule(step, total, 0.99, 1.0)
+            )
 
 
 def test_momentum_encoder():

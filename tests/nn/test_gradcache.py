@@ -1,6 +1,7 @@
 """Gradient caching: the chunked step's parameter gradients equal the unchunked step's (float64, a
 model without batch statistics), dropout replays identically in the re-run, BatchNorm behaves as
 per-chunk BN (gradients and running statistics), and tuple outputs (embedding + logits) work."""
+
 from __future__ import annotations
 
 import pytest

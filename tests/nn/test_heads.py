@@ -1,5 +1,6 @@
 """Projection heads: the published ResNet-50 sizes, the scaling rule for smaller backbones, the
 block structure (bias only without BN), lightly's heads as peers, SwAV's prototypes on the sphere."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,12 +20,15 @@ def norms(head):
     return [m.num_features for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
 
 
-@pytest.mark.parametrize("cls,sizes,bn", [
-    (H.SimCLRProjectionHead, (2048, 2048, 128), True),
-    (H.MoCoProjectionHead, (2048, 2048, 128), False),
-    (H.SwAVProjectionHead, (2048, 2048, 128), True),
-    (H.BYOLProjectionHead, (2048, 4096, 256), True),
-])
+@pytest.mark.parametrize(
+    "cls,sizes,bn",
+    [
+        (H.SimCLRProjectionHead, (2048, 2048, 128), True),
+        (H.MoCoProjectionHead, (2048, 2048, 128), False),
+        (H.SwAVProjectionHead, (2048, 2048, 128), True),
+        (H.BYOLProjectionHead, (2048, 4096, 256), True),
+    ],
+)
 def test_published_resnet50_sizes(cls, sizes, bn):
     h = cls(2048)
     assert [(i, o) for i, o, _ in linears(h)] == [(sizes[0], sizes[1]), (sizes[1], sizes[2])]
@@ -44,8 +48,10 @@ def test_scaling_rule_resnet18():
     assert H.scaled_width(2048, 64, output_dim=128) == 128  # never narrower than the output
     assert [(i, o) for i, o, _ in linears(H.SimCLRProjectionHead(512))] == [(512, 512), (512, 128)]
     assert [(i, o) for i, o, _ in linears(H.BYOLProjectionHead(512))] == [(512, 1024), (1024, 256)]
-    assert [(i, o) for i, o, _ in linears(H.MoCoProjectionHead(512, hidden_dim=64, output_dim=16))] == \
-        [(512, 64), (64, 16)]
+    assert [(i, o) for i, o, _ in linears(H.MoCoProjectionHead(512, hidden_dim=64, output_dim=16))] == [
+        (512, 64),
+        (64, 16),
+    ]
 
 
 def test_blocks_must_chain():
@@ -58,8 +64,10 @@ def test_blocks_must_chain():
 def test_same_function_as_lightly_heads():
     heads = pytest.importorskip("lightly.models.modules.heads")
     # (lightly's SimCLRProjectionHead adds a BN after the output layer, SimCLR v2's way; ours is v1's)
-    for ours, theirs in ((H.BYOLProjectionHead(32, 48, 16), heads.BYOLProjectionHead(32, 48, 16)),
-                         (H.SwAVProjectionHead(32, 48, 16), heads.SwaVProjectionHead(32, 48, 16))):
+    for ours, theirs in (
+        (H.BYOLProjectionHead(32, 48, 16), heads.BYOLProjectionHead(32, 48, 16)),
+        (H.SwAVProjectionHead(32, 48, 16), heads.SwaVProjectionHead(32, 48, 16)),
+    ):
         theirs.load_state_dict(ours.state_dict())  # same names, same shapes
         x = torch.randn(6, 32)
         torch.testing.assert_close(ours(x), theirs(x))

@@ -1,5 +1,6 @@
 """sparkct.nn.InfoNCELoss as a drop-in for lightly's NTXentLoss: values, gradients and the
 memory bank (init, FIFO update) step by step, and gather_distributed across 2 CPU processes."""
+
 from __future__ import annotations
 
 import os
@@ -102,23 +103,26 @@ def test_mixed_precision_views_are_promoted():
     torch.testing.assert_close(got, InfoNCELoss(0.3)(a, b.bfloat16().float()))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": 0.0}, "temperature"),
-    ({"temperature": 1e-9}, "temperature"),
-    ({"temperature": -0.5}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"temperature": "0.5"}, "temperature"),
-    ({"memory_bank_size": -1}, "memory_bank_size"),
-    ({"memory_bank_size": (10, 8, 2)}, "memory_bank_size"),
-    ({"memory_bank_size": (10, -8)}, "memory_bank_size"),
-    ({"memory_bank_size": (10, 0)}, "memory_bank_size"),
-    ({"memory_bank_size": True}, "memory_bank_size"),
-    ({"memory_bank_size": 16.0}, r"illegal memory_bank_size 16.0 \(a float\)"),
-    ({"memory_bank_size": (16.0, 8)}, "memory_bank_size"),
-    ({"memory_bank_size": "16"}, "memory_bank_size"),
-    ({"memory_bank_size": None}, "memory_bank_size"),
-    ({"temperature": torch.tensor(0.5, requires_grad=True)}, "fixed temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": 1e-9}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"memory_bank_size": -1}, "memory_bank_size"),
+        ({"memory_bank_size": (10, 8, 2)}, "memory_bank_size"),
+        ({"memory_bank_size": (10, -8)}, "memory_bank_size"),
+        ({"memory_bank_size": (10, 0)}, "memory_bank_size"),
+        ({"memory_bank_size": True}, "memory_bank_size"),
+        ({"memory_bank_size": 16.0}, r"illegal memory_bank_size 16.0 \(a float\)"),
+        ({"memory_bank_size": (16.0, 8)}, "memory_bank_size"),
+        ({"memory_bank_size": "16"}, "memory_bank_size"),
+        ({"memory_bank_size": None}, "memory_bank_size"),
+        ({"temperature": torch.tensor(0.5, requires_grad=True)}, "fixed temperature"),
+    ],
+)
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InfoNCELoss(**kwargs)
@@ -167,8 +171,10 @@ def _dist_worker(rank, port, out_dir):
         # embeddings: ours and lightly's, same local shard
         with torch.no_grad():
             e0, e1 = model(x0[sl]), model(x1[sl])
-        for name, fn in (("ours", InfoNCELoss(TAU, gather_distributed=True)),
-                         ("lightly", NTXentLoss(TAU, gather_distributed=True))):
+        for name, fn in (
+            ("ours", InfoNCELoss(TAU, gather_distributed=True)),
+            ("lightly", NTXentLoss(TAU, gather_distributed=True)),
+        ):
             a, b = e0.clone().requires_grad_(True), e1.clone().requires_grad_(True)
             loss = fn(a, b)
             loss.backward()
@@ -266,8 +272,10 @@ def _uneven_worker(rank, port, out_dir):
         # bank mode: every rank's keys, whatever their count, enqueued in rank order
         bank = InfoNCELoss(TAU, memory_bank_size=(20, D), gather_distributed=True)
         bank(a.detach().clone().requires_grad_(True), b.detach())
-        torch.save({"loss": loss.detach(), "g0": a.grad, "g1": b.grad, "bank": bank.bank.clone(),
-                    "ptr": int(bank.bank_ptr)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"loss": loss.detach(), "g0": a.grad, "g1": b.grad, "bank": bank.bank.clone(), "ptr": int(bank.bank_ptr)},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -285,7 +293,7 @@ def test_gather_distributed_uneven_batches(tmp_path):
     gen = torch.Generator().manual_seed(7)
     E0, E1 = torch.randn(sum(UNEVEN), D, generator=gen), torch.randn(sum(UNEVEN), D, generator=gen)
     a, b = E0.clone().requires_grad_(True), E1.clone().requires_grad_(True)
-    bounds = [(sum(UNEVEN[:r]), sum(UNEVEN[:r + 1])) for r in range(WORLD)]
+    bounds = [(sum(UNEVEN[:r]), sum(UNEVEN[: r + 1])) for r in range(WORLD)]
     cols = torch.cat([torch.cat([a[lo:hi], b[lo:hi]]) for lo, hi in bounds])  # rank order, [z0; z1] each
     losses = [ref.info_nce(a[lo:hi], b[lo:hi], TAU, cols=cols, col_offset=2 * lo) for lo, hi in bounds]
     torch.stack(losses).sum().backward()
@@ -294,5 +302,5 @@ def test_gather_distributed_uneven_batches(tmp_path):
         torch.testing.assert_close(res[r]["loss"], losses[r].detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(res[r]["g0"], a.grad[lo:hi], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(res[r]["g1"], b.grad[lo:hi], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(res[r]["bank"][:sum(UNEVEN)], keys, rtol=0, atol=1e-7)
+        torch.testing.assert_close(res[r]["bank"][: sum(UNEVEN)], keys, rtol=0, atol=1e-7)
         assert res[r]["ptr"] == sum(UNEVEN)

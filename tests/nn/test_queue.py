@@ -1,4 +1,5 @@
 """FeatureQueue: FIFO order across wrap-around, partial fill, a push larger than the queue, resume."""
+
 from __future__ import annotations
 
 import pytest

@@ -17,6 +17,7 @@ resnet18 192x256 case, true value -7.35e-7, fp32 +7.15e-7; in float64 the sparse
 truth there to 4e-15). So each fp32 run is compared with the float64 truth evaluated on *its own*
 ReLU pattern (`run(..., relu=...)`), and the flips themselves must sit at near-zero pre-activations.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,7 +37,7 @@ def make_mask(B, gh, gw, ratio, seed=0, special=True):
     mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if special and B >= 3:
         mask[0] = False  # one sample fully masked
-        mask[1] = True   # one fully visible
+        mask[1] = True  # one fully visible
     return mask
 
 
@@ -145,8 +146,10 @@ def test_matches_spark_dense_masked_float64(arch, B, H, W, ratio, special):
         assert (f.permute(0, 2, 3, 1)[masked] == 0).all(), name
 
 
-@pytest.mark.parametrize("arch,B,H,W,strict", [("resnet18", 3, 64, 96, True), ("resnet18", 3, 192, 256, False),
-                                                ("resnet50", 3, 96, 128, False)])
+@pytest.mark.parametrize(
+    "arch,B,H,W,strict",
+    [("resnet18", 3, 64, 96, True), ("resnet18", 3, 192, 256, False), ("resnet50", 3, 96, 128, False)],
+)
 def test_matches_spark_dense_masked_float32(arch, B, H, W, strict):
     model = make_model(arch, seed=1)
     mask = make_mask(B, H // 32, W // 32, 0.6, seed=3)
@@ -191,8 +194,14 @@ def test_eval_mode_and_options_agree():
     mask = make_mask(3, 3, 2, 0.5, seed=4)
     x = torch.randn(3, 3, 96, 64, dtype=torch.float64)
     want = run(model, x, mask, sparse=False, train=False, stem=True)
-    for kw in [{}, {"memory_format": "contiguous"}, {"memory_format": "preserve"}, {"conv_method": "halo"},
-               {"conv_method": "gemm"}, {"gemm_max_cell": 8}]:
+    for kw in [
+        {},
+        {"memory_format": "contiguous"},
+        {"memory_format": "preserve"},
+        {"conv_method": "halo"},
+        {"conv_method": "gemm"},
+        {"gemm_max_cell": 8},
+    ]:
         got = run(model, x, mask, sparse=True, train=False, stem=True, **kw)
         for name, a, b in all_pairs(got, want):
             assert rel(a, b) < 1e-9, (kw, name, rel(a, b))
@@ -299,6 +308,7 @@ def test_autocast_bfloat16_cpu():
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

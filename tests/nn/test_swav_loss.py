@@ -1,6 +1,7 @@
 """SwAV: Sinkhorn-Knopp codes (marginals, fp32, vs lightly's sinkhorn and a plain reference), the
 swapped prediction on a hand-computed case, SwAVLoss vs lightly's SwaVLoss (with and without a
 queue), and the codes over the global batch with 2 CPU processes equal one process's."""
+
 from __future__ import annotations
 
 import math
@@ -107,6 +108,7 @@ def test_swav_loss_bad_input():
 
 # ---- the global batch under DDP: 2 CPU processes (gloo) --------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,6 +117,7 @@ def _free_port() -> int:
 
 def _dist_worker(rank, port, out):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -128,6 +131,7 @@ def _dist_worker(rank, port, out):
 
 def test_sinkhorn_global_batch_two_processes(tmp_path):
     import torch.multiprocessing as mp
+
     mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     q = torch.cat([torch.load(tmp_path / f"q{r}.pt") for r in range(2)])
     torch.testing.assert_close(q, sinkhorn(scores(24, 9, seed=3)), rtol=1e-5, atol=1e-7)

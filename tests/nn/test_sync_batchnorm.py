@@ -1,6 +1,7 @@
 """GlobalBatchNorm2d / GlobalBatchNorm1d over 2 gloo processes equal BatchNorm2d / BatchNorm1d on the
 concatenated batch (float64: output, input and parameter gradients, running statistics), also inside the
 SparseEncoder on packed visible cells and in a projection head converted by convert_sync_batchnorm."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def _worker(rank, port, out):
         res["x_grad"] = float((xl.grad - xr.grad[lo:hi]).abs().max())
         res["w_grad"] = float((bn.weight.grad - ref.weight.grad).abs().max())
         res["b_grad"] = float((bn.bias.grad - ref.bias.grad).abs().max())
-        res["running"] = float(max((bn.running_mean - ref.running_mean).abs().max(),
-                                   (bn.running_var - ref.running_var).abs().max()))
+        res["running"] = float(
+            max((bn.running_mean - ref.running_mean).abs().max(), (bn.running_var - ref.running_var).abs().max())
+        )
 
         # the sparse encoder with synchronized BN on packed tiles vs one process on the whole batch
         torch.manual_seed(1)
@@ -59,9 +61,9 @@ def _worker(rank, port, out):
         enc1 = SparseEncoder.from_dense(single)
         xs = torch.randn(4, 3, 64, 64, dtype=torch.float64)
         mask = cell_mask(4, 2, 0.5, generator=torch.Generator().manual_seed(3))
-        f_local = enc(xs[2 * rank:2 * rank + 2], mask[2 * rank:2 * rank + 2])
+        f_local = enc(xs[2 * rank : 2 * rank + 2], mask[2 * rank : 2 * rank + 2])
         f_all = enc1(xs, mask)
-        res["enc"] = max(float((a - b[2 * rank:2 * rank + 2]).abs().max()) for a, b in zip(f_local, f_all))
+        res["enc"] = max(float((a - b[2 * rank : 2 * rank + 2]).abs().max()) for a, b in zip(f_local, f_all))
         res["enc_running"] = float((model.layer4[1].bn2.running_var - single.layer4[1].bn2.running_var).abs().max())
 
         # a projection head's BatchNorm1d on (N, C) rows, converted

@@ -1,6 +1,7 @@
 """sparkct.ops.info_nce: the fused kernels against the plain-PyTorch reference (values and
 gradients), the simple kernels, gradcheck, opcheck, torch.compile, bad input and NaN handling.
 CUDA cases carry the `cuda` mark (the `device` fixture) and run where a GPU is present."""
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +64,9 @@ def test_matches_reference_fp32(device, n, d, k, impl):
     z0, z1, bank = make(n, d, k, device=device)
     tau = 0.2
     got = loss_and_grads(fused(tau, impl), z0, z1, bank, bank_grad=k is not None)
-    want = loss_and_grads(naive(tau), z0.double(), z1.double(), None if bank is None else bank.double(),
-                          bank_grad=k is not None)
+    want = loss_and_grads(
+        naive(tau), z0.double(), z1.double(), None if bank is None else bank.double(), bank_grad=k is not None
+    )
     assert got[0].dtype == torch.float32
     assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -133,11 +135,19 @@ def test_tiny_temperatures_down_to_the_smallest_usable(tau):
         assert_close(got, want, rtol=1e-5, atol=1e-6 / tau)
 
 
-@pytest.mark.parametrize("dtype,tau,smallest", [
-    (torch.float32, 1e-40, "5.88e-39"), (torch.float32, 1e-39, "5.88e-39"), (torch.float32, 5.8e-39, "5.88e-39"),
-    (torch.float32, 5e-324, "5.88e-39"), (torch.bfloat16, 1e-39, "5.88e-39"), (torch.float16, 1e-40, "5.88e-39"),
-    (torch.float64, 1e-305, "1e-300"), (torch.float64, 5e-324, "1e-300"),
-])
+@pytest.mark.parametrize(
+    "dtype,tau,smallest",
+    [
+        (torch.float32, 1e-40, "5.88e-39"),
+        (torch.float32, 1e-39, "5.88e-39"),
+        (torch.float32, 5.8e-39, "5.88e-39"),
+        (torch.float32, 5e-324, "5.88e-39"),
+        (torch.bfloat16, 1e-39, "5.88e-39"),
+        (torch.float16, 1e-40, "5.88e-39"),
+        (torch.float64, 1e-305, "1e-300"),
+        (torch.float64, 5e-324, "1e-300"),
+    ],
+)
 def test_temperatures_too_small_for_the_dtype_are_refused(dtype, tau, smallest):
     """1/tau (and the loss, up to 2/tau) would overflow the dtype the logits are formed in (fp32, fp64
     for fp64): the loss came back NaN; now a ValueError naming the argument and the smallest usable value."""
@@ -177,8 +187,8 @@ def test_gathered_columns(device, impl):
     n, d, world, rank = 9, 24, 3, 1
     gen = torch.Generator().manual_seed(7)
     cols = torch.randn(world * 2 * n, d, generator=gen, dtype=torch.float64)
-    z0 = cols[rank * 2 * n: rank * 2 * n + n].clone()
-    z1 = cols[rank * 2 * n + n: (rank + 1) * 2 * n].clone()
+    z0 = cols[rank * 2 * n : rank * 2 * n + n].clone()
+    z1 = cols[rank * 2 * n + n : (rank + 1) * 2 * n].clone()
 
     def run(fn, dtype):
         a, b, c = (t.to(device=device, dtype=dtype).requires_grad_(True) for t in (z0, z1, cols))
@@ -191,6 +201,7 @@ def test_gathered_columns(device, impl):
 
 
 # ---- scale safety and low temperatures -------------------------------------------------------------
+
 
 def _scaled(kind, n, d, k, gen):
     """(z0, z1, bank) in float64 with rows of magnitude 1e19, 1e-19 or mixed 1e-30 .. 1e30 per row."""
@@ -205,8 +216,16 @@ def _scaled(kind, n, d, k, gen):
 
 
 @pytest.mark.parametrize("impl", ["auto", "simple"])
-@pytest.mark.parametrize("kind,dtype", [(1e19, torch.float32), (1e-19, torch.float32), (1e30, torch.float32),
-                                        ("mixed", torch.float32), (1e160, torch.float64)])
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        (1e19, torch.float32),
+        (1e-19, torch.float32),
+        (1e30, torch.float32),
+        ("mixed", torch.float32),
+        (1e160, torch.float64),
+    ],
+)
 def test_scale_safe_normalization(device, impl, kind, dtype):
     """Squares and dot products of embeddings of magnitude 1e19 overflow fp32 (NaN loss before); the
     kernels scale such rows by exact powers of two, so loss and gradients follow the normalized
@@ -216,12 +235,22 @@ def test_scale_safe_normalization(device, impl, kind, dtype):
     so its gradient is 2^-500 times the one there)."""
     gen = torch.Generator().manual_seed(21)
     z0, z1, bank = _scaled(kind, 70, 24, 90, gen)  # 140 rows: two row blocks on CPU
-    pre = 2.0 ** -500 if dtype == torch.float64 else 1.0
+    pre = 2.0**-500 if dtype == torch.float64 else 1.0
     for b in (None, bank):
-        got = loss_and_grads(fused(0.2, impl), z0.to(device=device, dtype=dtype), z1.to(device=device, dtype=dtype),
-                             None if b is None else b.to(device=device, dtype=dtype), bank_grad=b is not None)
-        want = loss_and_grads(naive(0.2), z0.to(dtype).double() * pre, z1.to(dtype).double() * pre,
-                              None if b is None else b.to(dtype).double() * pre, bank_grad=b is not None)
+        got = loss_and_grads(
+            fused(0.2, impl),
+            z0.to(device=device, dtype=dtype),
+            z1.to(device=device, dtype=dtype),
+            None if b is None else b.to(device=device, dtype=dtype),
+            bank_grad=b is not None,
+        )
+        want = loss_and_grads(
+            naive(0.2),
+            z0.to(dtype).double() * pre,
+            z1.to(dtype).double() * pre,
+            None if b is None else b.to(dtype).double() * pre,
+            bank_grad=b is not None,
+        )
         want = (want[0], *(w * pre for w in want[1:]))
         assert all(torch.isfinite(t).all() for t in got), (kind, b is None)
         tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -235,7 +264,7 @@ def test_scale_safe_gathered_columns_and_raw_op():
     gen = torch.Generator().manual_seed(5)
     cols = torch.randn(4 * n, d, generator=gen, dtype=torch.float64) * 1e19
     cols[: 2 * n] *= 1e-38  # another rank's rows at 1e-19
-    z0, z1 = cols[2 * n: 3 * n].clone(), cols[3 * n:].clone()
+    z0, z1 = cols[2 * n : 3 * n].clone(), cols[3 * n :].clone()
     for impl in (0, 1):
         a, b, c = (t.float().requires_grad_(True) for t in (z0, z1, cols))
         loss = OP(a, b, c, None, 0.3, rank * 2 * n, False, impl)[0]
@@ -264,7 +293,7 @@ def test_low_temperature_gradients(n, d, mode):
     z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
     other = torch.randn(3 * n, d, generator=gen, dtype=torch.float64)
     if mode == "cols":
-        other[n: 3 * n] = torch.cat([z0, z1])
+        other[n : 3 * n] = torch.cat([z0, z1])
 
     def run(fn, dtype):
         ins = [t.to(dtype).requires_grad_(True) for t in ((z0, z1) if mode == "pair" else (z0, z1, other))]
@@ -289,6 +318,7 @@ def test_low_temperature_gradients(n, d, mode):
 
 
 # ---- the autograd / compiler contract -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("impl", [0, 1])
 def test_gradcheck_float64(impl):
@@ -332,8 +362,12 @@ def test_double_backward_float32_matches_reference_and_third_order():
     torch.testing.assert_close(z1.grad.double(), r1.grad, rtol=1e-4, atol=1e-5 * r1.grad.abs().max().item())
     a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, 4, dtype=torch.float64)
-    third = lambda f: torch.autograd.grad(torch.autograd.grad(  # noqa: E731
-        torch.autograd.grad(f(a, b, 0.4), a, create_graph=True)[0].sum(), a, create_graph=True)[0].pow(2).sum(), a)[0]
+
+    def third(f):
+        g1 = torch.autograd.grad(f(a, b, 0.4), a, create_graph=True)[0]
+        g2 = torch.autograd.grad(g1.sum(), a, create_graph=True)[0]
+        return torch.autograd.grad(g2.pow(2).sum(), a)[0]
+
     torch.testing.assert_close(third(info_nce), third(ref.info_nce), rtol=1e-8, atol=1e-10)
 
 
@@ -402,27 +436,31 @@ def test_lse_is_returned_and_not_differentiable():
 
 # ---- bad input and non-finite values ------------------------------------------------------------
 
-@pytest.mark.parametrize("args,match", [
-    ((torch.randn(4, 8), torch.randn(4, 9), 0.5, None), "same shape"),
-    ((torch.randn(4, 8), torch.randn(5, 8), 0.5, None), "same shape"),
-    ((torch.randn(4, 8, 1), torch.randn(4, 8, 1), 0.5, None), "2-D"),
-    ((torch.randn(8), torch.randn(8), 0.5, None), "2-D"),
-    ((torch.randn(0, 8), torch.randn(0, 8), 0.5, None), "empty batch"),
-    ((torch.randn(4, 0), torch.randn(4, 0), 0.5, None), "empty embedding"),
-    ((torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.long), 0.5, None), "dtype"),
-    ((torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64), 0.5, None), "same dtype"),
-    ((torch.randn(4, 8), torch.randn(4, 8), 0.0, None), "temperature"),
-    ((torch.randn(4, 8), torch.randn(4, 8), -0.5, None), "temperature"),
-    ((torch.randn(4, 8), torch.randn(4, 8), math.nan, None), "temperature"),
-    ((torch.randn(4, 8), torch.randn(4, 8), math.inf, None), "temperature"),
-    ((torch.randn(4, 8), torch.randn(4, 8), "0.5", None), "temperature"),
-    ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10, 7)), "bank"),
-    ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10)), "bank"),
-    ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10, 8, dtype=torch.float64)), "bank dtype"),
-    ((torch.randn(4, 8), torch.randn(4, 8, device="meta"), 0.5, None), "different devices"),
-    ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10, 8, device="meta")), "different devices"),
-    (([[1.0]], torch.randn(1, 1), 0.5, None), "torch.Tensor"),
-])
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(4, 8), torch.randn(4, 9), 0.5, None), "same shape"),
+        ((torch.randn(4, 8), torch.randn(5, 8), 0.5, None), "same shape"),
+        ((torch.randn(4, 8, 1), torch.randn(4, 8, 1), 0.5, None), "2-D"),
+        ((torch.randn(8), torch.randn(8), 0.5, None), "2-D"),
+        ((torch.randn(0, 8), torch.randn(0, 8), 0.5, None), "empty batch"),
+        ((torch.randn(4, 0), torch.randn(4, 0), 0.5, None), "empty embedding"),
+        ((torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.long), 0.5, None), "dtype"),
+        ((torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64), 0.5, None), "same dtype"),
+        ((torch.randn(4, 8), torch.randn(4, 8), 0.0, None), "temperature"),
+        ((torch.randn(4, 8), torch.randn(4, 8), -0.5, None), "temperature"),
+        ((torch.randn(4, 8), torch.randn(4, 8), math.nan, None), "temperature"),
+        ((torch.randn(4, 8), torch.randn(4, 8), math.inf, None), "temperature"),
+        ((torch.randn(4, 8), torch.randn(4, 8), "0.5", None), "temperature"),
+        ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10, 7)), "bank"),
+        ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10)), "bank"),
+        ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10, 8, dtype=torch.float64)), "bank dtype"),
+        ((torch.randn(4, 8), torch.randn(4, 8, device="meta"), 0.5, None), "different devices"),
+        ((torch.randn(4, 8), torch.randn(4, 8), 0.5, torch.randn(10, 8, device="meta")), "different devices"),
+        (([[1.0]], torch.randn(1, 1), 0.5, None), "torch.Tensor"),
+    ],
+)
 def test_bad_input_is_named(args, match):
     with pytest.raises(ValueError, match=match):
         info_nce(*args)
@@ -430,17 +468,22 @@ def test_bad_input_is_named(args, match):
         info_nce(torch.randn(2, 4), torch.randn(2, 4), 0.5, impl="fastest")
 
 
-@pytest.mark.parametrize("args,match", [
-    ((torch.randn(4, 8), torch.randn(4, 9), None, None, 0.5, 0, False, 0), "same shape"),
-    ((torch.randn(0, 8), torch.randn(0, 8), None, None, 0.5, 0, False, 0), "empty batch"),
-    ((torch.randn(4, 8), torch.randn(4, 8), None, None, -1.0, 0, False, 0), "temperature"),
-    ((torch.randn(4, 8), torch.randn(4, 8), None, torch.randn(3, 5), 0.5, 0, False, 0), "bank"),
-    ((torch.randn(4, 8), torch.randn(4, 8), torch.randn(10, 8), None, 0.5, 4, False, 0), "gathered columns"),
-    ((torch.randn(4, 8), torch.randn(4, 8), torch.randn(16, 8), torch.randn(3, 8), 0.5, 0, False, 0), "not both"),
-    ((torch.randn(4, 8), torch.randn(4, 8), None, None, 0.5, 0, False, 7), "impl"),
-    ((torch.ones(4, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32), None, None, 0.5, 0, False, 0),
-     "floating point"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(4, 8), torch.randn(4, 9), None, None, 0.5, 0, False, 0), "same shape"),
+        ((torch.randn(0, 8), torch.randn(0, 8), None, None, 0.5, 0, False, 0), "empty batch"),
+        ((torch.randn(4, 8), torch.randn(4, 8), None, None, -1.0, 0, False, 0), "temperature"),
+        ((torch.randn(4, 8), torch.randn(4, 8), None, torch.randn(3, 5), 0.5, 0, False, 0), "bank"),
+        ((torch.randn(4, 8), torch.randn(4, 8), torch.randn(10, 8), None, 0.5, 4, False, 0), "gathered columns"),
+        ((torch.randn(4, 8), torch.randn(4, 8), torch.randn(16, 8), torch.randn(3, 8), 0.5, 0, False, 0), "not both"),
+        ((torch.randn(4, 8), torch.randn(4, 8), None, None, 0.5, 0, False, 7), "impl"),
+        (
+            (torch.ones(4, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32), None, None, 0.5, 0, False, 0),
+            "floating point",
+        ),
+    ],
+)
 def test_bad_input_to_the_raw_op(args, match):
     with pytest.raises(RuntimeError, match=match):
         OP(*args)
@@ -451,7 +494,7 @@ def test_bad_input_to_the_raw_op(args, match):
 def test_non_finite_input_gives_non_finite_loss(device, where, bad):
     z0, z1, bank = make(20, 16, 30, device=device)
     {"z0": z0, "z1": z1, "bank": bank}[where][3, 5] = bad
-    for b in ((bank,) if where == "bank" else (None, bank)):
+    for b in (bank,) if where == "bank" else (None, bank):
         for impl in ("auto", "simple"):
             z0g = z0.clone().requires_grad_(True)
             loss = info_nce(z0g, z1, 0.5, b, impl=impl)
@@ -482,8 +525,9 @@ def test_cuda_fast_vs_simple_and_reference(n, d, k, dtype):
     z0, z1, bank = make(n, d, k, dtype=dtype, device="cuda")
     fast = loss_and_grads(fused(0.1, "auto"), z0, z1, bank, bank_grad=k is not None)
     simple = loss_and_grads(fused(0.1, "simple"), z0, z1, bank, bank_grad=k is not None)
-    want = loss_and_grads(naive(0.1), z0.double(), z1.double(), None if bank is None else bank.double(),
-                          bank_grad=k is not None)
+    want = loss_and_grads(
+        naive(0.1), z0.double(), z1.double(), None if bank is None else bank.double(), bank_grad=k is not None
+    )
     if dtype == torch.float32:
         assert_close(simple, want, rtol=1e-5, atol=1e-6)
         assert_close(fast, want, rtol=1e-5, atol=1e-6)
@@ -496,12 +540,14 @@ def test_cuda_fast_vs_simple_and_reference(n, d, k, dtype):
         for got in (fast, simple):
             torch.testing.assert_close(got[0].double().cpu(), want[0].cpu(), rtol=4 * eps, atol=0)
             for g, w in zip(got[1:], want[1:]):
-                torch.testing.assert_close(g.double().cpu(), w.cpu(), rtol=0.05,
-                                           atol=8 * eps * w.abs().max().item() + step)
+                torch.testing.assert_close(
+                    g.double().cpu(), w.cpu(), rtol=0.05, atol=8 * eps * w.abs().max().item() + step
+                )
         # fast (tensor cores) and simple (fp32 FMA) see the same rounded inputs
         for g, s in zip(fast[1:], simple[1:]):
-            torch.testing.assert_close(g.double().cpu(), s.double().cpu(), rtol=0.05,
-                                       atol=8 * eps * s.double().abs().max().item() + step)
+            torch.testing.assert_close(
+                g.double().cpu(), s.double().cpu(), rtol=0.05, atol=8 * eps * s.double().abs().max().item() + step
+            )
 
 
 @cuda
@@ -527,8 +573,8 @@ def test_cuda_gathered_columns(impl, dtype):
     n, d, world, rank = 300, 64, 4, 2
     gen = torch.Generator().manual_seed(9)
     cols = torch.randn(world * 2 * n, d, generator=gen, dtype=torch.float64).to(dtype).double()
-    z0 = cols[rank * 2 * n: rank * 2 * n + n].clone()
-    z1 = cols[rank * 2 * n + n: (rank + 1) * 2 * n].clone()
+    z0 = cols[rank * 2 * n : rank * 2 * n + n].clone()
+    z1 = cols[rank * 2 * n + n : (rank + 1) * 2 * n].clone()
 
     def run(fn, dt, dev):
         a, b, c = (t.to(device=dev, dtype=dt).requires_grad_(True) for t in (z0, z1, cols))

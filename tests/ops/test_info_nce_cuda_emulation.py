@@ -22,6 +22,7 @@ GPU run (tests/ops/test_info_nce.py's `cuda` cases, compute-sanitizer memcheck/r
 If the kernel's constants or ownership maps change, `test_mirror_matches_source` fails: update the
 mirror here together with the kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,13 +52,13 @@ WARPS = K_THREADS // 32
 @dataclass(frozen=True)
 class Policy:
     name: str
-    eb: int            # bytes of a shared-memory operand element (S)
+    eb: int  # bytes of a shared-memory operand element (S)
     BK: int
     LDK: int
     LDW: int
     LDX: int
     separate_w: bool
-    ks: int | None     # WMMA k step (None: the FMA policy)
+    ks: int | None  # WMMA k step (None: the FMA policy)
 
 
 TC16 = Policy("TC16", 2, 32, 32 + 8, K_BN + 8, K_DC + 8, True, 16)
@@ -112,10 +113,15 @@ def test_mirror_matches_source():
         return eval(m.group(1), {}, {"kBN": K_BN, "kBM": K_BM, "kDC": K_DC})
 
     assert (const("kThreads"), const("kBM"), const("kBN"), const("kDC"), const("kLDS")) == (
-        K_THREADS, K_BM, K_BN, K_DC, K_LDS)
+        K_THREADS,
+        K_BM,
+        K_BN,
+        K_DC,
+        K_LDS,
+    )
 
     def layout(anchor):
-        block = src[src.index(anchor):]
+        block = src[src.index(anchor) :]
         line = re.search(r"static constexpr int (BK = [^;]+);", block).group(1)
         env = {"kBN": K_BN, "kDC": K_DC, "kLDS": K_LDS}
         for part in line.split(","):
@@ -128,21 +134,30 @@ def test_mirror_matches_source():
         assert layout(anchor) == (p.BK, p.LDK, p.LDW, p.LDX, p.separate_w), p.name
     assert "static constexpr int kStep = 16;" in src and "static constexpr int kStep = 8;" in src
     # the W tile's scale (mirrored in emu_grad_pass): TC16 scales, TF32 does not
-    tc16, tf32 = src[src.index("struct TC16Layout"):], src[src.index("struct TF32Layout"):]
+    tc16, tf32 = src[src.index("struct TC16Layout") :], src[src.index("struct TF32Layout") :]
     assert re.search(r"kWScale = ([0-9.]+)f;", tc16).group(1) == f"{K_W_SCALE:.1f}"
     assert re.search(r"kWScale = ([0-9.]+)f;", tf32).group(1) == "1.0"
-    for snippet in ("Ws[a * P::LDW + b] = from_f<S>(w * P::kWScale);",
-                    "G.row(ag, sp)[k] = stage[e] * (1.0f / L::kWScale);"):
+    for snippet in (
+        "Ws[a * P::LDW + b] = from_f<S>(w * P::kWScale);",
+        "G.row(ag, sp)[k] = stage[e] * (1.0f / L::kWScale);",
+    ):
         assert snippet in src, snippet
     # the FMA ownership maps mirrored above
-    for snippet in ("As[(ty * 4 + i) * LDK + k]", "Bs[(tx + 8 * j) * LDK + k]",
-                    "Ss[(ty * 4 + i) * kLDS + tx + 8 * j]", "Ws[(ty + 8 * i) * LDW + k]",
-                    "Xs[k * LDX + o_col(tx, j)]", "return 4 * tx + 64 * (j / 4) + j % 4;",
-                    "const int64_t ag = a0 + ty + 8 * i;", "const int64_t k = c0 + o_col(tx, j);"):
+    for snippet in (
+        "As[(ty * 4 + i) * LDK + k]",
+        "Bs[(tx + 8 * j) * LDK + k]",
+        "Ss[(ty * 4 + i) * kLDS + tx + 8 * j]",
+        "Ws[(ty + 8 * i) * LDW + k]",
+        "Xs[k * LDX + o_col(tx, j)]",
+        "return 4 * tx + 64 * (j / 4) + j % 4;",
+        "const int64_t ag = a0 + ty + 8 * i;",
+        "const int64_t k = c0 + o_col(tx, j);",
+    ):
         assert snippet in src, snippet
 
 
 # ---- shared memory ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("p", POLICIES, ids=lambda p: p.name)
 def test_smem_budget_and_regions(p):
@@ -191,8 +206,17 @@ def test_wmma_fragment_pointers(p):
                 _frag_checks(L["Bs"], L["Ss"], (wn * 32 + j * 16) * p.LDK + kk, p.LDK, p.eb, 16, ks, K_BN, p.BK)
         for i in range(2):  # s_store: fp32 accumulators, row-major, ldm kLDS
             for j in range(2):
-                _frag_checks(L["Ss"], L["Ss"] + K_BM * K_LDS * 4, (wm * 32 + i * 16) * K_LDS + wn * 32 + j * 16,
-                             K_LDS, 4, 16, 16, K_BM, K_BN)
+                _frag_checks(
+                    L["Ss"],
+                    L["Ss"] + K_BM * K_LDS * 4,
+                    (wm * 32 + i * 16) * K_LDS + wn * 32 + j * 16,
+                    K_LDS,
+                    4,
+                    16,
+                    16,
+                    K_BM,
+                    K_BN,
+                )
         w_base = L["Ws"] if p.separate_w else L["Ss"]
         w_end = L["Xs"] if p.separate_w else L["Ss"] + K_BM * K_LDS * 4
         for kk in range(0, K_BN, ks):
@@ -244,14 +268,17 @@ def test_fma_inner_loops_are_free_of_bank_conflicts():
             for i in range(8):
                 assert _conflict_degree([[(t // 16 + 8 * i) * FMA.LDW + k for t in lanes]]) == 1
             for run in range(2):
-                phases = [[k * FMA.LDX + fma_o_col(t % 16, 4 * run) + e for t in lanes[q * 8:(q + 1) * 8]
-                           for e in range(4)] for q in range(4)]
+                phases = [
+                    [k * FMA.LDX + fma_o_col(t % 16, 4 * run) + e for t in lanes[q * 8 : (q + 1) * 8] for e in range(4)]
+                    for q in range(4)
+                ]
                 assert _conflict_degree(phases) == 1
                 # 16-byte aligned, as LDS.128 needs
                 assert all((4 * (k * FMA.LDX + fma_o_col(t % 16, 4 * run))) % 16 == 0 for t in lanes)
 
 
 # ---- the host's grid and split choices -----------------------------------------------------------
+
 
 def ceil_div(a, b):
     return (a + b - 1) // b
@@ -278,22 +305,33 @@ def bwd_splits(own_rows, other_rows, D, sms):
     return pick_splits(blocks, ceil_div(other_rows, K_BN), cap, sms)
 
 
-@pytest.mark.parametrize("R,M,D", [(65536, 65536, 128), (65536, 65536, 2048), (131072, 131072, 2048),
-                                   (262144, 262144, 512), (1, 0, 16), (2, 2, 2048), (4096, 65536, 128)])
+@pytest.mark.parametrize(
+    "R,M,D",
+    [
+        (65536, 65536, 128),
+        (65536, 65536, 2048),
+        (131072, 131072, 2048),
+        (262144, 262144, 512),
+        (1, 0, 16),
+        (2, 2, 2048),
+        (4096, 65536, 128),
+    ],
+)
 @pytest.mark.parametrize("sms", [1, 108, 132])
 def test_grid_limits_and_split_memory(R, M, D, sms):
     sf = fwd_splits(R, M, sms)
-    assert ceil_div(R, K_BM) < 2 ** 31 and sf <= 64  # grid (x, y)
+    assert ceil_div(R, K_BM) < 2**31 and sf <= 64  # grid (x, y)
     for own, other in ((R, M), (M, R)):
         if own == 0:
             continue
         sb = bwd_splits(own, other, D, sms)
-        assert ceil_div(own, K_BM) < 2 ** 31 and ceil_div(D, K_DC) <= 65535 and sb <= 64  # grid (x, y, z)
+        assert ceil_div(own, K_BM) < 2**31 and ceil_div(D, K_DC) <= 65535 and sb <= 64  # grid (x, y, z)
         # extra fp32 split slices stay within the 64 MiB budget (one slice is the gradient itself)
         assert sb == 1 or sb * own * D * 4 <= 64 << 20
 
 
 # ---- numerics: the kernels' loop structure on the CPU ---------------------------------------------
+
 
 def tf32(x: torch.Tensor) -> torch.Tensor:
     """wmma::__float_to_tf32 (cvt.rna.tf32.f32): round to 10 mantissa bits, ties away from zero."""
@@ -310,7 +348,7 @@ def fast_exp(x):
     (its error grows with |x|; ex2.approx's own ~2 ulp is not modelled), results below 2^-126
     flushed to zero."""
     y = torch.exp2(x * LOG2E)
-    return torch.where(y < 2.0 ** -126, torch.zeros(()), y)
+    return torch.where(y < 2.0**-126, torch.zeros(()), y)
 
 
 def lse_merge(m, s, m2, s2):
@@ -474,8 +512,7 @@ def emu_forward(p: Policy, rows, cols, geo: Geo, tau: float, pos_init, sms: int,
 ROW, COL, SYM = 0, 1, 2
 
 
-def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: Geo, tau, splits, dtype,
-                  w_scale=None):
+def emu_grad_pass(p: Policy, kind, own, other, inv_o, inv_x, lse_o, lse_x, geo: Geo, tau, splits, dtype, w_scale=None):
     """grad_fast_body over the grid (ceil(own / 64), ceil(D / 128), splits): returns the fp32
     gradient slices G[splits, own, D] w.r.t. the normalized own rows (before g / (R tau)).
     w_scale: the factor W is stored with in the 16-bit W tile (default: the kernel's kWScale)."""
@@ -627,9 +664,9 @@ CASES = [  # (mode, n, d, k or world, sms); 2N / N in {1, 2, 3, 65, 66, 130}, ra
     ("single", 65, 16, None, 1),
     ("bank", 3, 24, 0, 132),
     ("bank", 3, 2048, 65, 132),
-    ("bank", 65, 16, 400, 3),      # 7 column tiles in 6 splits: empty trailing splits
-    ("dist", 1, 16, 3, 132),       # 3 ranks' columns, this rank 1
-    ("dist", 33, 24, 2, 132),      # 2N = 66 rows inside 132 columns, offset 66
+    ("bank", 65, 16, 400, 3),  # 7 column tiles in 6 splits: empty trailing splits
+    ("dist", 1, 16, 3, 132),  # 3 ranks' columns, this rank 1
+    ("dist", 33, 24, 2, 132),  # 2N = 66 rows inside 132 columns, offset 66
 ]
 
 
@@ -641,9 +678,9 @@ def run_case(p, dtype, mode, n, d, extra, sms, tau=0.1):
         world, rank = extra, 1
         g = torch.Generator().manual_seed(n * d)
         cols = torch.randn(world * 2 * n, d, generator=g)
-        cols[rank * 2 * n + n:(rank + 1) * 2 * n] += 2 * cols[rank * 2 * n:rank * 2 * n + n]
-        z0 = cols[rank * 2 * n:rank * 2 * n + n].clone()
-        z1 = cols[rank * 2 * n + n:(rank + 1) * 2 * n].clone()
+        cols[rank * 2 * n + n : (rank + 1) * 2 * n] += 2 * cols[rank * 2 * n : rank * 2 * n + n]
+        z0 = cols[rank * 2 * n : rank * 2 * n + n].clone()
+        z1 = cols[rank * 2 * n + n : (rank + 1) * 2 * n].clone()
         kw = {"cols": cols, "col_offset": rank * 2 * n}
     else:
         z0, z1, _ = data(n, d, seed=n + d)
@@ -669,8 +706,11 @@ def check(got, want, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("p,dtype", [(FMA, torch.float32), (TC16, torch.bfloat16), (TC16, torch.float16)],
-                         ids=["fma-fp32", "tc16-bf16", "tc16-fp16"])
+@pytest.mark.parametrize(
+    "p,dtype",
+    [(FMA, torch.float32), (TC16, torch.bfloat16), (TC16, torch.float16)],
+    ids=["fma-fp32", "tc16-bf16", "tc16-fp16"],
+)
 def test_emulated_fast_path_matches_reference(p, dtype, case):
     got, want = run_case(p, dtype, *case)
     check(got, want, dtype)
@@ -705,7 +745,7 @@ def test_emulated_scale_safety(p, dtype, mode, scale):
         z0, z1, other = (t * float(scale) for t in (z0, z1, other))
     kw = {"bank": other} if mode == "bank" else {}
     if mode == "dist":
-        other[n:3 * n] = torch.cat([z0, z1])
+        other[n : 3 * n] = torch.cat([z0, z1])
         kw = {"cols": other, "col_offset": n}
     got = emulate(p, z0, z1, 0.2, dtype=dtype, **kw)
     want = reference(z0, z1, 0.2, dtype=dtype, **kw)
@@ -753,11 +793,13 @@ def _bank_grad_errors(M, w_scales, R=16, D=64, tau=0.1):
 
     out = {}
     for ws in w_scales:
-        Gr = emu_grad_pass(TC16, ROW, z0, bank, inv0, invb, lse, None, Geo(), tau, bwd_splits(R, M, D, 132),
-                           torch.float16, w_scale=ws)
+        Gr = emu_grad_pass(
+            TC16, ROW, z0, bank, inv0, invb, lse, None, Geo(), tau, bwd_splits(R, M, D, 132), torch.float16, w_scale=ws
+        )
         Gr[0] = Gr[0] + (w_pos * inv1)[:, None] * z1
-        Gc = emu_grad_pass(TC16, COL, bank, z0, invb, inv0, None, lse, Geo(), tau, bwd_splits(M, R, D, 132),
-                           torch.float16, w_scale=ws)
+        Gc = emu_grad_pass(
+            TC16, COL, bank, z0, invb, inv0, None, lse, Geo(), tau, bwd_splits(M, R, D, 132), torch.float16, w_scale=ws
+        )
         out[ws] = (err(finalize(z0, Gr, c, ss0, inv0, pw0), want0), err(finalize(bank, Gc, c, ssb, invb, pwb), want_b))
     return out
 
@@ -771,6 +813,6 @@ def test_fp16_coefficients_keep_their_precision_at_large_batches(M):
     errs = _bank_grad_errors(M, (1.0, K_W_SCALE))
     (b0, bb), (a0, ab) = errs[1.0], errs[K_W_SCALE]
     print(f"M={M}: d z0 error {b0:.2e} unscaled -> {a0:.2e} scaled; d bank {bb:.2e} -> {ab:.2e}")
-    assert a0 <= 2.0 ** -10 and ab <= 2.0 ** -10
+    assert a0 <= 2.0**-10 and ab <= 2.0**-10
     if M >= 65536:
         assert bb > 4 * ab

@@ -1,6 +1,7 @@
 """Sparse layers on packed tiles (sparse_conv2d through halo or gather-GEMM, sparse_max_pool2d)
 against SparK's semantics (sparkct.ops.reference: dense layer on the masked canvas), and one 3x3
 layer against spconv's SubMConv2d on the same visible pixels."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,10 +21,16 @@ def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
 
 
 CONVS = [  # (cell, kernel, stride, pad): every conv geometry of a ResNet, and a few more
-    (8, 3, 1, 1), (4, 3, 1, 1), (2, 3, 1, 1), (1, 3, 1, 1),      # 3x3 at every scale
-    (8, 3, 2, 1), (4, 3, 2, 1), (2, 3, 2, 1),                    # strided 3x3
-    (32, 7, 2, 3),                                               # the stem
-    (8, 1, 2, 0), (2, 1, 1, 0),                                  # 1x1 downsample / pointwise
+    (8, 3, 1, 1),
+    (4, 3, 1, 1),
+    (2, 3, 1, 1),
+    (1, 3, 1, 1),  # 3x3 at every scale
+    (8, 3, 2, 1),
+    (4, 3, 2, 1),
+    (2, 3, 2, 1),  # strided 3x3
+    (32, 7, 2, 3),  # the stem
+    (8, 1, 2, 0),
+    (2, 1, 1, 0),  # 1x1 downsample / pointwise
     (4, 5, 1, 2),
 ]
 
@@ -57,8 +64,9 @@ def test_sparse_conv2d_groups_and_auto_method():
     L = S.cell_layout(mask)
     x = torch.randn(L.num_tiles, 6, 4, 4, dtype=torch.float64)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close(S.sparse_conv2d(x, L, w, None, 1, 1, groups=3),
-                               R.sparse_conv2d(x, mask, w, None, 1, 1, 3))
+    torch.testing.assert_close(
+        S.sparse_conv2d(x, L, w, None, 1, 1, groups=3), R.sparse_conv2d(x, mask, w, None, 1, 1, 3)
+    )
     with pytest.raises(ValueError, match="groups"):
         S.sparse_conv2d(x, L, w, None, 1, 1, groups=3, method="gemm")
     assert S.conv_method(2) == "gemm" and S.conv_method(4) == "halo" and S.conv_method(1, groups=2) == "halo"
@@ -72,7 +80,8 @@ def test_sparse_conv2d_gradcheck():
         w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
         b = torch.randn(3, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
-            lambda x, w, b, s=s, method=method: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b))
+            lambda x, w, b, s=s, method=method: S.sparse_conv2d(x, L, w, b, s, 1, method=method), (x, w, b)
+        )
 
 
 LAYERS = {  # name: (cell, layer(x, layout, w, b)); w / b unused by the pool
@@ -92,8 +101,9 @@ def test_layers_double_backward(name):
     c, layer = LAYERS[name]
     L = S.cell_layout(make_mask(3, 2, 2, 0.4, seed=4))
     gen = torch.Generator().manual_seed(7)
-    x, w, b = (torch.randn(*sh, generator=gen, dtype=torch.float64)
-               for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,)))
+    x, w, b = (
+        torch.randn(*sh, generator=gen, dtype=torch.float64) for sh in ((L.num_tiles, 2, c, c), (3, 2, 3, 3), (3,))
+    )
     ins = [t.clone().requires_grad_(True) for t in ((x,) if name == "maxpool" else (x, w, b))]
     f = (lambda x: layer(x, L, None, None)) if name == "maxpool" else (lambda x, w, b: layer(x, L, w, b))
     assert torch.autograd.gradgradcheck(f, ins)
@@ -134,8 +144,8 @@ def test_max_pool_border_is_minus_inf_and_masked_is_zero():
     L = S.cell_layout(mask)
     x = -torch.rand(1, 1, 4, 4) - 1.0
     y = S.sparse_max_pool2d(x, L, 3, 1, 1)
-    assert (y[0, 0, :, 0] < 0).all()      # left column: border padding and own values only
-    assert (y[0, 0, :, 3] == 0).all()     # right column's window reaches into the masked cell
+    assert (y[0, 0, :, 0] < 0).all()  # left column: border padding and own values only
+    assert (y[0, 0, :, 3] == 0).all()  # right column's window reaches into the masked cell
 
 
 @pytest.mark.parametrize("layout_cl", [False, True])
@@ -146,7 +156,7 @@ def test_bad_layer_arguments(layout_cl):
     with pytest.raises(ValueError, match="square"):
         S.sparse_conv2d(x, L, torch.randn(3, 3, 3, 3), None, (1, 2), 1)
     with pytest.raises(ValueError, match="does not map"):
-        S.sparse_conv2d(x, L, torch.randn(3, 3, 3, 3), None, 1, 0)   # valid conv shrinks the cell
+        S.sparse_conv2d(x, L, torch.randn(3, 3, 3, 3), None, 1, 0)  # valid conv shrinks the cell
     with pytest.raises(ValueError, match="method"):
         S.sparse_conv2d(x, L, torch.randn(3, 3, 3, 3), None, 1, 1, method="fft")
     with pytest.raises(ValueError, match="does not map"):
@@ -154,6 +164,7 @@ def test_bad_layer_arguments(layout_cl):
 
 
 # ---- spconv as a peer oracle -----------------------------------------------------------------
+
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_single_conv_matches_spconv_submconv():
@@ -170,12 +181,12 @@ def test_single_conv_matches_spconv_submconv():
     x = torch.randn(B, C, 3 * c, 4 * c)
     w = torch.randn(Co, C, 3, 3)
     ours = S.unpack(S.sparse_conv2d(S.pack(x, L), L, w, None, 1, 1), L)
-    pix = mask.repeat_interleave(c, 1).repeat_interleave(c, 2)          # visible pixels (B, H, W)
+    pix = mask.repeat_interleave(c, 1).repeat_interleave(c, 2)  # visible pixels (B, H, W)
     definition = torch.nn.functional.conv2d(x * pix[:, None], w, padding=1) * pix[:, None]
     torch.testing.assert_close(ours, definition, rtol=1e-4, atol=1e-4)
 
-    idx = pix.nonzero().int()                                             # (N, 3): b, y, x
-    feats = x.permute(0, 2, 3, 1)[pix].contiguous()                       # (N, C)
+    idx = pix.nonzero().int()  # (N, 3): b, y, x
+    feats = x.permute(0, 2, 3, 1)[pix].contiguous()  # (N, C)
     peer = SpconvSubMConv(w, idx, (3 * c, 4 * c), B)
     assert peer.use_3d == (not spconv_2d_is_correct("cpu"))
     with torch.no_grad():

@@ -23,6 +23,7 @@ gathers: each thread writes only its own outputs); the `cuda` tests in test_spar
 compute-sanitizer check the rest on a GPU. If a mirrored line of the kernel changes,
 `test_mirror_matches_source` fails: update the mirror here together with the kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,6 +100,7 @@ def test_mirror_matches_source():
 
 # ---- csrc/sparse.h, vectorized over thread indices ----------------------------------------------
 
+
 def floor_div(a, b):
     return torch.div(a, b, rounding_mode="floor")
 
@@ -147,6 +149,7 @@ def col2im_target(y, k, ci, s, p):
 
 # ---- host-side choices --------------------------------------------------------------------------
 
+
 def vector_bytes(row_bytes: int, ptrs=(0,)) -> int:
     for u in (16, 8, 4, 2):
         if row_bytes % u == 0 and all(p % u == 0 for p in ptrs):
@@ -191,6 +194,7 @@ def check_in(i: torch.Tensor, n: int, what: str):
 
 
 # ---- the kernels --------------------------------------------------------------------------------
+
 
 def pack_cl(x, cells, c, u):
     B, C, H, W = x.shape
@@ -244,8 +248,13 @@ def halo_cl(x, nbr, p, mfill, bfill, u):
     ok = (src_t >= 0) & (src_t < A)
     src = ((src_t * c + y) * c + xx) * Cv + q
     check_in(src[ok], xv.shape[0], "halo")
-    out = torch.where((src_t == K_OUTSIDE)[:, None], torch.tensor(bfill, dtype=x.dtype),
-                      torch.tensor(mfill, dtype=x.dtype)).expand(n, kE).clone()
+    out = (
+        torch.where(
+            (src_t == K_OUTSIDE)[:, None], torch.tensor(bfill, dtype=x.dtype), torch.tensor(mfill, dtype=x.dtype)
+        )
+        .expand(n, kE)
+        .clone()
+    )
     out[e[ok]] = xv[src[ok]]
     return from_vectors(out, (A, C, P, P))
 
@@ -262,8 +271,9 @@ def halo_backward_cl(g, nbr, p, u):
     acc = torch.zeros(n, kE, dtype=acc_t)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            inside = (y >= back_lo(dy, c, p)) & (y < back_hi(dy, c, p)) & (x >= back_lo(dx, c, p)) \
-                & (x < back_hi(dx, c, p))
+            inside = (
+                (y >= back_lo(dy, c, p)) & (y < back_hi(dy, c, p)) & (x >= back_lo(dx, c, p)) & (x < back_hi(dx, c, p))
+            )
             m = offset_tile(nbr, t, torch.full_like(t, dy), torch.full_like(t, dx))
             ok = inside & (m >= 0) & (m < A)
             src = ((m * P + y + back_shift(dy, c, p)) * P + x + back_shift(dx, c, p)) * Cv + q
@@ -277,9 +287,9 @@ def im2col_rows(x, nbr, k, s, p):
     A, C, ci, _ = x.shape
     co, K = ci // s, k * k
     R_ = A * co * co
-    assert K <= K_MAX_KERNEL ** 2
+    assert K <= K_MAX_KERNEL**2
     blocks = min(R_, 65535)
-    assert 1 <= blocks <= 2 ** 31 - 1
+    assert 1 <= blocks <= 2**31 - 1
     r = grid_stride_indices(R_, blocks, threads=1)  # the loop over rows runs per block
     assert_once(r, R_)
     t, oy, ox = r // (co * co), (r // co) % co, r % co
@@ -350,6 +360,7 @@ def unpack_fill_grad_before_issue_13(grad, cell_map):
 
 # ---- cases --------------------------------------------------------------------------------------
 
+
 def make_mask(B, gh, gw, ratio, seed):
     mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
@@ -405,8 +416,18 @@ def test_halo_and_backward_cl(dtype, C, c, pad):
 
 # (cell size, kernel, stride, pad) of every conv / pool of a torchvision ResNet, 1x1 tiles, a 5x5
 # and a 7x7 with 2x2 tiles (the halo as wide as the tile); "same" padding, as the encoder uses
-GEOMETRIES = [(8, 7, 2, 3), (4, 3, 1, 1), (4, 3, 2, 1), (2, 1, 2, 0), (1, 3, 1, 1), (2, 3, 2, 1),
-              (1, 1, 1, 0), (4, 5, 1, 2), (2, 5, 1, 2), (16, 15, 2, 7)]
+GEOMETRIES = [
+    (8, 7, 2, 3),
+    (4, 3, 1, 1),
+    (4, 3, 2, 1),
+    (2, 1, 2, 0),
+    (1, 3, 1, 1),
+    (2, 3, 2, 1),
+    (1, 1, 1, 0),
+    (4, 5, 1, 2),
+    (2, 5, 1, 2),
+    (16, 15, 2, 7),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -476,9 +497,9 @@ def test_unpack_fill_grad(dtype, cl, c):
     packed = torch.randn(cells.shape[0], C, c, c, dtype=torch.float64)
     fill = torch.randn(C, dtype=torch.float64, requires_grad=True)
     g = torch.randn(B, C, gh * c, gw * c, dtype=torch.float64)
-    g[2, 1, 0, 0] = math.inf   # cell (2, 0, 0): visible
+    g[2, 1, 0, 0] = math.inf  # cell (2, 0, 0): visible
     g[2, 3, 0, c - 1] = -math.inf
-    g[1, 4, 0, 0] = math.nan   # sample 1: all visible
+    g[1, 4, 0, 0] = math.nan  # sample 1: all visible
     gs = g.to(dtype)
     gs = gs.contiguous(memory_format=torch.channels_last) if cl else gs.contiguous()
     (want,) = torch.autograd.grad(R.sparse_unpack(packed, mask, fill), fill, gs.double())

@@ -1,6 +1,7 @@
 """The packed-tile kernels (tables, pack, unpack, halo, im2col and their backwards) against
 sparkct.ops.reference, in both kernel forms (fast and the simple per-element oracle), both layouts,
 every dtype; gradcheck, opcheck, torch.compile and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def make_mask(B, gh, gw, ratio, seed=0, device="cpu"):
     mask = cell_mask(B, (gh, gw), ratio, generator=torch.Generator().manual_seed(seed))
     if B >= 3:
         mask[0] = False  # a fully masked sample
-        mask[1] = True   # a fully visible one
+        mask[1] = True  # a fully visible one
     return mask.to(device)
 
 
@@ -49,8 +50,11 @@ def tol(dtype):
 
 # ---- tables ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape,ratio", [((3, 4, 5), 0.5), ((2, 7, 7), 0.6), ((1, 1, 1), 0.0), ((4, 1, 6), 0.3),
-                                         ((2, 3, 3), 1.0), ((5, 6, 2), 0.9)])
+
+@pytest.mark.parametrize(
+    "shape,ratio",
+    [((3, 4, 5), 0.5), ((2, 7, 7), 0.6), ((1, 1, 1), 0.0), ((4, 1, 6), 0.3), ((2, 3, 3), 1.0), ((5, 6, 2), 0.9)],
+)
 def test_cell_tables_match_reference(device, shape, ratio):
     mask = make_mask(*shape, ratio, device=device)
     layout = S.cell_layout(mask)
@@ -71,6 +75,7 @@ def test_cell_tables_neighbour_codes():
 
 
 # ---- pack / unpack ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c", [1, 2, 8])
@@ -112,6 +117,7 @@ def test_unpack_without_fill_is_zero_at_masked(device):
 
 # ---- halo ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c,pad", [(1, 1), (2, 1), (2, 2), (4, 1), (8, 1), (8, 3), (32, 3), (4, 0)])
 @pytest.mark.parametrize("cl", [False, True])
@@ -132,8 +138,17 @@ def test_halo_matches_reference(device, kernels, dtype, c, pad, cl):
 
 # ---- im2col ----------------------------------------------------------------------------------
 
-GEOMETRIES = [(1, 3, 1, 1), (2, 3, 1, 1), (4, 3, 1, 1), (2, 3, 2, 1), (4, 3, 2, 1), (8, 3, 2, 1),
-              (8, 7, 2, 3), (2, 1, 2, 0), (4, 5, 1, 2)]  # (cell, kernel, stride, pad)
+GEOMETRIES = [
+    (1, 3, 1, 1),
+    (2, 3, 1, 1),
+    (4, 3, 1, 1),
+    (2, 3, 2, 1),
+    (4, 3, 2, 1),
+    (8, 3, 2, 1),
+    (8, 7, 2, 3),
+    (2, 1, 2, 0),
+    (4, 5, 1, 2),
+]  # (cell, kernel, stride, pad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -154,6 +169,7 @@ def test_im2col_matches_reference(device, kernels, dtype, c, k, s, p, cl):
 
 
 # ---- strides, empty input, CUDA oracle -------------------------------------------------------
+
 
 def test_non_contiguous_inputs(device, kernels):
     mask = make_mask(3, 2, 3, 0.4, device=device)
@@ -202,8 +218,16 @@ def test_cuda_fast_kernels_equal_simple(dtype, C):
             try:
                 p = S.pack(x, L)
                 h = S.halo(p, L, pad, 0.0, -math.inf)
-                outs.append([p, S.unpack(p, L, fill), h, ops.sparse_halo_backward(h.nan_to_num(0.0), L.nbr, pad),
-                             S.im2col(p, L, 3, 1, 1), ops.sparse_unpack_backward(x, L.cells, L.cell_map, True)[1]])
+                outs.append(
+                    [
+                        p,
+                        S.unpack(p, L, fill),
+                        h,
+                        ops.sparse_halo_backward(h.nan_to_num(0.0), L.nbr, pad),
+                        S.im2col(p, L, 3, 1, 1),
+                        ops.sparse_unpack_backward(x, L.cells, L.cell_map, True)[1],
+                    ]
+                )
                 cols = outs[-1][4]
                 outs[-1].append(ops.sparse_im2col_backward(cols, L.nbr, C, c, 3, 1, 1, True))
             finally:
@@ -213,6 +237,7 @@ def test_cuda_fast_kernels_equal_simple(dtype, C):
 
 
 # ---- autograd checks, opcheck, compile -------------------------------------------------------
+
 
 def test_gradcheck_float64(kernels):
     mask = make_mask(3, 2, 3, 0.4, seed=3)
@@ -300,6 +325,7 @@ def test_torch_compile_tables_inside_graph():
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 def test_bad_input_errors():
     mask = make_mask(2, 2, 3, 0.3)
     L = S.cell_layout(mask)
@@ -361,8 +387,8 @@ def test_fill_grad_ignores_nonfinite_grad_at_visible(device, kernels, dtype, cl,
     p = to_layout(torch.randn(L.num_tiles, 3, 2, 2, generator=gen), cl).to(device, dtype).requires_grad_(True)
     fill = torch.randn(3, generator=gen).to(device, dtype).requires_grad_(True)
     g = to_layout(torch.randn(1, 3, 4, 4, generator=gen), cl).to(device, dtype)
-    g[0, 1, 0, 0] = bad      # cell (0, 0): visible
-    g[0, 2, 3, 3] = bad      # cell (1, 1): visible
+    g[0, 1, 0, 0] = bad  # cell (0, 0): visible
+    g[0, 2, 3, 3] = bad  # cell (1, 1): visible
     gp, gf = torch.autograd.grad(S.unpack(p, L, fill), (p, fill), g)
     pr, fr = p.detach().double().requires_grad_(True), fill.detach().double().requires_grad_(True)
     gpr, gfr = torch.autograd.grad(R.sparse_unpack(pr, mask, fr), (pr, fr), g.double())

@@ -1,5 +1,6 @@
 """`sparkct bench`: the comparison gate on hand-made results, the results schema, the pairing of cases
 into ratios, bad input, and one real quick run of the kernel suite."""
+
 from __future__ import annotations
 
 import ast
@@ -23,18 +24,44 @@ BENCHES = registry.discover(os.path.join(ROOT, "benchmarks"))  # the checkout's 
 
 
 def case(cid, median=1.0, noise=0.02, ratios=None, ratio_noise=None, peak=1000, params=None):
-    return {"id": cid, "suite": cid.split("/")[0], "family": cid.split("/")[1], "group": "g",
-            "params": params or {"impl": "fused"},
-            "time_s": {"median": median, "min": median * 0.95, "mean": median, "stddev": 0.0, "iqr": 0.0,
-                       "max": median * 1.05, "rounds": 5, "noise": noise},
-            "peak_bytes": peak, "figures": {}, "ratios": dict(ratios or {}),
-            "ratio_noise": dict(ratio_noise or {k: noise for k in (ratios or {})})}
+    return {
+        "id": cid,
+        "suite": cid.split("/")[0],
+        "family": cid.split("/")[1],
+        "group": "g",
+        "params": params or {"impl": "fused"},
+        "time_s": {
+            "median": median,
+            "min": median * 0.95,
+            "mean": median,
+            "stddev": 0.0,
+            "iqr": 0.0,
+            "max": median * 1.05,
+            "rounds": 5,
+            "noise": noise,
+        },
+        "peak_bytes": peak,
+        "figures": {},
+        "ratios": dict(ratios or {}),
+        "ratio_noise": dict(ratio_noise or {k: noise for k in (ratios or {})}),
+    }
 
 
 def doc(cases, runner="cpu-2core", device="cpu"):
-    return {"schema": report.SCHEMA, "created": "2026-01-01T00:00:00+00:00", "device": device, "runner": runner,
-            "quick": False, "tier": "default", "rounds": None, "suites": ["kernels"], "complete": True,
-            "failed": [], "environment": {"git_commit": "abc"}, "cases": cases}
+    return {
+        "schema": report.SCHEMA,
+        "created": "2026-01-01T00:00:00+00:00",
+        "device": device,
+        "runner": runner,
+        "quick": False,
+        "tier": "default",
+        "rounds": None,
+        "suites": ["kernels"],
+        "complete": True,
+        "failed": [],
+        "environment": {"git_commit": "abc"},
+        "cases": cases,
+    }
 
 
 A = "kernels/bench_info_nce/test_info_nce[fused]"
@@ -53,6 +80,7 @@ def _row(cmp, cid, figure):
 
 
 # ---- the gate ----------------------------------------------------------------------------------------
+
 
 def test_improvement_passes(tmp_path, capsys):
     old = doc([case(A, ratios={"speedup_vs_naive": 2.0, "mem_vs_naive": 0.1})])
@@ -84,11 +112,14 @@ def test_memory_ratio_regression_fails():
     assert [(r.figure, r.verdict) for r in report.compare(old, new).failures] == [("mem_vs_naive", "regressed")]
 
 
-@pytest.mark.parametrize("new_ratio,noise,verdict", [
-    (1.6, 0.20, "within noise"),  # -20 % is past 10 % but inside the +-28 % band of two noisy runs
-    (1.9, 0.01, "regressed"),     # -5 % is beyond the noise but inside the threshold
-    (2.0, 0.00, "within noise"),
-])
+@pytest.mark.parametrize(
+    "new_ratio,noise,verdict",
+    [
+        (1.6, 0.20, "within noise"),  # -20 % is past 10 % but inside the +-28 % band of two noisy runs
+        (1.9, 0.01, "regressed"),  # -5 % is beyond the noise but inside the threshold
+        (2.0, 0.00, "within noise"),
+    ],
+)
 def test_changes_inside_noise_or_threshold_pass(tmp_path, new_ratio, noise, verdict):
     old = doc([case(A, noise=noise, ratios={"speedup_vs_naive": 2.0})])
     new = doc([case(A, noise=noise, ratios={"speedup_vs_naive": new_ratio})])
@@ -133,18 +164,26 @@ def test_cases_with_changed_sizes_are_not_compared():
 
 # ---- the results file --------------------------------------------------------------------------------
 
+
 def test_bad_baseline_files_are_clear_errors(tmp_path, capsys):
     new = tmp_path / "new.json"
     new.write_text(json.dumps(doc([case(A)])))
-    bad = {"notjson.json": "{not json", "list.json": "[1, 2]",
-           "schema.json": json.dumps({**doc([case(A)]), "schema": "other/2"}),
-           "pytest.json": json.dumps({"machine_info": {}, "benchmarks": []}),
-           "nomedian.json": json.dumps(doc([{**case(A), "time_s": {"min": 1.0, "rounds": 1}}])),
-           "twice.json": json.dumps(doc([case(A), case(A)]))}
-    want = {"notjson.json": "not JSON (Expecting property name", "list.json": "a JSON list, not an object",
-            "schema.json": "schema 'other/2', expected 'sparkct-bench/1'",
-            "pytest.json": "pytest-benchmark's --benchmark-json output", "nomedian.json": "positive 'median'",
-            "twice.json": "appears twice"}
+    bad = {
+        "notjson.json": "{not json",
+        "list.json": "[1, 2]",
+        "schema.json": json.dumps({**doc([case(A)]), "schema": "other/2"}),
+        "pytest.json": json.dumps({"machine_info": {}, "benchmarks": []}),
+        "nomedian.json": json.dumps(doc([{**case(A), "time_s": {"min": 1.0, "rounds": 1}}])),
+        "twice.json": json.dumps(doc([case(A), case(A)])),
+    }
+    want = {
+        "notjson.json": "not JSON (Expecting property name",
+        "list.json": "a JSON list, not an object",
+        "schema.json": "schema 'other/2', expected 'sparkct-bench/1'",
+        "pytest.json": "pytest-benchmark's --benchmark-json output",
+        "nomedian.json": "positive 'median'",
+        "twice.json": "appears twice",
+    }
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
         assert main(["bench", "--results", str(new), "--compare", str(tmp_path / name)]) == 2
@@ -174,14 +213,17 @@ def test_a_zero_memory_ratio_is_allowed():
         report.validate(doc([case(A, ratios={"mem_vs_naive": -0.5})]))
 
 
-@pytest.mark.parametrize("key,value,msg", [
-    ("git_commit", 12345, "'environment.git_commit'"),
-    ("git_dirty", "yes", "'environment.git_dirty'"),
-    ("cpu_model", ["x"], "'environment.cpu_model'"),
-    ("gpu_name", 3, "'environment.gpu_name'"),
-    ("cpu_usable_cores", "two", "'environment.cpu_usable_cores'"),
-    ("peaks", "fast", "'peaks'"),
-])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("git_commit", 12345, "'environment.git_commit'"),
+        ("git_dirty", "yes", "'environment.git_dirty'"),
+        ("cpu_model", ["x"], "'environment.cpu_model'"),
+        ("gpu_name", 3, "'environment.gpu_name'"),
+        ("cpu_usable_cores", "two", "'environment.cpu_usable_cores'"),
+        ("peaks", "fast", "'peaks'"),
+    ],
+)
 @pytest.mark.parametrize("which", ["--compare", "--results"])
 def test_malformed_environment_and_peaks_are_one_line_errors(tmp_path, capsys, key, value, msg, which):
     good = doc([case(A, ratios={"speedup_vs_naive": 1.5})])
@@ -199,10 +241,23 @@ def test_malformed_environment_and_peaks_are_one_line_errors(tmp_path, capsys, k
 def test_peaks_fields_are_checked():
     good = doc([case(A)])
     report.validate({**good, "peaks": None})
-    report.validate({**good, "peaks": {"device": "cpu", "compute_gflop_s": 50.0, "bandwidth_gb_s": 10.0,
-                                       "compute_by_dtype_gflop_s": {"fp32": 50.0}}})
-    for bad in ({"bandwidth_gb_s": "fast"}, {"compute_gflop_s": -1.0}, {"compute_by_dtype_gflop_s": [1]},
-                {"compute_by_dtype_gflop_s": {"fp32": "x"}}):
+    report.validate(
+        {
+            **good,
+            "peaks": {
+                "device": "cpu",
+                "compute_gflop_s": 50.0,
+                "bandwidth_gb_s": 10.0,
+                "compute_by_dtype_gflop_s": {"fp32": 50.0},
+            },
+        }
+    )
+    for bad in (
+        {"bandwidth_gb_s": "fast"},
+        {"compute_gflop_s": -1.0},
+        {"compute_by_dtype_gflop_s": [1]},
+        {"compute_by_dtype_gflop_s": {"fp32": "x"}},
+    ):
         with pytest.raises(UserError, match="'peaks"):
             report.validate({**good, "peaks": bad})
 
@@ -210,44 +265,109 @@ def test_peaks_fields_are_checked():
 def _raw(name, group, median, axes, info=None, derived=None, peak=0, rounds=5, spread=0.0):
     """One benchmark of pytest-benchmark's JSON as benchkit.run records it; name "<family>::<test>[id]"."""
     info = info or {}
-    stats = {"median": median, "min": median - spread, "max": median + spread, "mean": median, "stddev": 0.0,
-             "iqr": spread, "rounds": rounds}
-    extra = {**info, "params": {k: v for k, v in info.items() if k != "flops"}, "peak_bytes": peak,
-             "median_s": median, **(derived or {})}
+    stats = {
+        "median": median,
+        "min": median - spread,
+        "max": median + spread,
+        "mean": median,
+        "stddev": 0.0,
+        "iqr": spread,
+        "rounds": rounds,
+    }
+    extra = {
+        **info,
+        "params": {k: v for k, v in info.items() if k != "flops"},
+        "peak_bytes": peak,
+        "median_s": median,
+        **(derived or {}),
+    }
     family, test = name.split("::")
-    return {"fullname": f"benchmarks/bench_{family}.py::{test}", "group": group, "params": axes, "stats": stats,
-            "extra_info": extra}
+    return {
+        "fullname": f"benchmarks/bench_{family}.py::{test}",
+        "group": group,
+        "params": axes,
+        "stats": stats,
+        "extra_info": extra,
+    }
 
 
 def test_cases_pair_with_their_baselines_in_the_same_group():
     g = "info_nce-cpu-float32-2N8192-D128-fwd+bwd"
     inp = {"device": "cpu", "dtype": "UNSERIALIZABLE[torch.float32]", "n2": 8192, "d": 128, "mode": "fwd+bwd"}
     sc = {"device": "cpu", "name": "simclr"}
-    raw = {"benchmarks": [
-        _raw("info_nce::test_info_nce[naive]", g, 0.8, {**inp, "impl": "naive"}, {"impl": "naive", "flops": 1e9},
-             peak=4000, spread=0.08),
-        _raw("info_nce::test_info_nce[fused]", g, 0.2, {**inp, "impl": "fused"}, {"impl": "fused", "flops": 1e9},
-             {"speedup_vs_naive": 4.0, "gflops_per_s": 5.0, "meets_target": True}, peak=100, spread=0.01),
-        _raw("info_nce::test_info_nce[fused-other-size]", "other-group", 0.1, {**inp, "n2": 2048, "impl": "fused"},
-             {"impl": "fused"}),
-        _raw("contrastive::test_method_step[naive-0]", "m", 4.0, {**sc, "loss": "naive", "chunk": 0}, peak=200,
-             rounds=3, spread=0.4),
-        _raw("contrastive::test_method_step[fused-0]", "m", 2.0, {**sc, "loss": "fused", "chunk": 0}, peak=100,
-             rounds=3),
-        _raw("contrastive::test_method_step[fused-16]", "m", 3.0, {**sc, "loss": "fused", "chunk": 16}, peak=25,
-             rounds=1),
-        _raw("data::test_pydicom_decode_baseline", "data-prepare-512", 1.0, {}),
-        _raw("data::test_prepare_throughput[j1]", "data-prepare-512", 2.0, {"workers": 1, "resample": False}),
-    ]}
-    d = report.convert(raw, benches=BENCHES, device="cpu", runner="cpu-2core", tier="default",
-                       suites=["kernels", "train", "data"],
-                       environment={}, created="2026-01-01T00:00:00+00:00")
+    raw = {
+        "benchmarks": [
+            _raw(
+                "info_nce::test_info_nce[naive]",
+                g,
+                0.8,
+                {**inp, "impl": "naive"},
+                {"impl": "naive", "flops": 1e9},
+                peak=4000,
+                spread=0.08,
+            ),
+            _raw(
+                "info_nce::test_info_nce[fused]",
+                g,
+                0.2,
+                {**inp, "impl": "fused"},
+                {"impl": "fused", "flops": 1e9},
+                {"speedup_vs_naive": 4.0, "gflops_per_s": 5.0, "meets_target": True},
+                peak=100,
+                spread=0.01,
+            ),
+            _raw(
+                "info_nce::test_info_nce[fused-other-size]",
+                "other-group",
+                0.1,
+                {**inp, "n2": 2048, "impl": "fused"},
+                {"impl": "fused"},
+            ),
+            _raw(
+                "contrastive::test_method_step[naive-0]",
+                "m",
+                4.0,
+                {**sc, "loss": "naive", "chunk": 0},
+                peak=200,
+                rounds=3,
+                spread=0.4,
+            ),
+            _raw(
+                "contrastive::test_method_step[fused-0]",
+                "m",
+                2.0,
+                {**sc, "loss": "fused", "chunk": 0},
+                peak=100,
+                rounds=3,
+            ),
+            _raw(
+                "contrastive::test_method_step[fused-16]",
+                "m",
+                3.0,
+                {**sc, "loss": "fused", "chunk": 16},
+                peak=25,
+                rounds=1,
+            ),
+            _raw("data::test_pydicom_decode_baseline", "data-prepare-512", 1.0, {}),
+            _raw("data::test_prepare_throughput[j1]", "data-prepare-512", 2.0, {"workers": 1, "resample": False}),
+        ]
+    }
+    d = report.convert(
+        raw,
+        benches=BENCHES,
+        device="cpu",
+        runner="cpu-2core",
+        tier="default",
+        suites=["kernels", "train", "data"],
+        environment={},
+        created="2026-01-01T00:00:00+00:00",
+    )
     report.validate(d)
     by = {c["id"].split("/", 2)[-1]: c for c in d["cases"]}
     fused = by["test_info_nce[fused]"]
     assert fused["id"] == "kernels/bench_info_nce/test_info_nce[fused]" and fused["suite"] == "kernels"
     assert fused["ratios"] == {"speedup_vs_naive": pytest.approx(4.0), "mem_vs_naive": pytest.approx(0.025)}
-    assert fused["ratio_noise"]["speedup_vs_naive"] == pytest.approx((0.1 ** 2 + 0.05 ** 2) ** 0.5)  # IQR/median
+    assert fused["ratio_noise"]["speedup_vs_naive"] == pytest.approx((0.1**2 + 0.05**2) ** 0.5)  # IQR/median
     # its own speedup_vs_naive is superseded by the ratios; flags and labels are not figures
     assert fused["figures"] == {"gflop_per_s": 5.0} and fused["flops"] == 1e9 and fused["params"] == {"impl": "fused"}
     assert by["test_info_nce[fused-other-size]"]["ratios"] == {}  # no naive in its group
@@ -255,8 +375,10 @@ def test_cases_pair_with_their_baselines_in_the_same_group():
     assert by["test_method_step[fused-0]"]["ratios"] == {"speedup_vs_naive": 2.0, "mem_vs_naive": 0.5}
     assert by["test_method_step[fused-0]"]["ratio_noise"]["speedup_vs_naive"] == pytest.approx(0.2)  # (max-min)/median
     # chunked vs the fused unchunked step (not the naive one); one round: noise unknown
-    assert by["test_method_step[fused-16]"]["ratios"] == {"speedup_vs_unchunked": pytest.approx(2 / 3),
-                                                          "mem_vs_unchunked": 0.25}
+    assert by["test_method_step[fused-16]"]["ratios"] == {
+        "speedup_vs_unchunked": pytest.approx(2 / 3),
+        "mem_vs_unchunked": 0.25,
+    }
     assert by["test_method_step[fused-16]"]["ratio_noise"]["speedup_vs_unchunked"] is None
     assert by["test_prepare_throughput[j1]"]["ratios"] == {"speedup_vs_pydicom-decode": 0.5}
     assert by["test_prepare_throughput[j1]"]["suite"] == "data"
@@ -264,10 +386,17 @@ def test_cases_pair_with_their_baselines_in_the_same_group():
 
 def test_failed_cases_are_read_from_the_progress_file(tmp_path):
     prog = tmp_path / "progress.json"
-    prog.write_text(json.dumps({"cases": [
-        {"nodeid": "benchmarks/bench_spark.py::test_step[sparse-cpu]", "outcome": "failed"},
-        {"nodeid": "benchmarks/bench_data.py::test_loader_throughput[read-only]", "outcome": "passed"},
-        {"nodeid": "benchmarks/bench_info_nce.py::test_info_nce[x-lightly]", "outcome": "skipped"}]}))
+    prog.write_text(
+        json.dumps(
+            {
+                "cases": [
+                    {"nodeid": "benchmarks/bench_spark.py::test_step[sparse-cpu]", "outcome": "failed"},
+                    {"nodeid": "benchmarks/bench_data.py::test_loader_throughput[read-only]", "outcome": "passed"},
+                    {"nodeid": "benchmarks/bench_info_nce.py::test_info_nce[x-lightly]", "outcome": "skipped"},
+                ]
+            }
+        )
+    )
     assert _failed_cases(str(prog), BENCHES) == ["train/bench_spark/test_step[sparse-cpu]"]
     assert _failed_cases(str(tmp_path / "none.json"), BENCHES) == []
 
@@ -278,9 +407,12 @@ def test_pairs_name_real_benchmark_cases():
     for b in BENCHES.values():
         with open(os.path.join(ROOT, "benchmarks", b.file)) as f:
             lines = f.read().splitlines()
-        table = next(n for n in ast.parse("\n".join(lines)).body
-                     if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "BENCH" for t in n.targets))
-        src = "\n".join(lines[:table.lineno - 1] + lines[table.end_lineno:])  # the file without its BENCH table
+        table = next(
+            n
+            for n in ast.parse("\n".join(lines)).body
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "BENCH" for t in n.targets)
+        )
+        src = "\n".join(lines[: table.lineno - 1] + lines[table.end_lineno :])  # the file without its BENCH table
         for p in b.pairs:
             for sel in (p.case, p.base):
                 for k, v in sel.items():
@@ -298,13 +430,17 @@ def test_stored_baseline_is_valid():
 
 # ---- bad input ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,msg", [
-    (["bench", "--fail-above", "ten", "--compare", "x.json"], "--fail-above 'ten': expected a percentage"),
-    (["bench", "--fail-above=-5%", "--compare", "x.json"], "must be a percentage >= 0"),
-    (["bench", "--fail-above", "5%"], "give --compare"),
-    (["bench", "--rounds", "0"], "--rounds 0: needs at least 1"),
-    (["bench", "--results", "x.json", "--quick"], "--results prints an earlier run"),
-])
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["bench", "--fail-above", "ten", "--compare", "x.json"], "--fail-above 'ten': expected a percentage"),
+        (["bench", "--fail-above=-5%", "--compare", "x.json"], "must be a percentage >= 0"),
+        (["bench", "--fail-above", "5%"], "give --compare"),
+        (["bench", "--rounds", "0"], "--rounds 0: needs at least 1"),
+        (["bench", "--results", "x.json", "--quick"], "--results prints an earlier run"),
+    ],
+)
 def test_user_mistakes(argv, msg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.json").write_text(json.dumps(doc([case(A)])))
@@ -321,6 +457,7 @@ def test_unknown_suite_is_refused(capsys):
 
 def test_cuda_without_a_gpu_is_refused_before_any_run(capsys, tmp_path, monkeypatch):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     monkeypatch.chdir(tmp_path)
@@ -337,6 +474,7 @@ def test_outside_a_source_checkout(tmp_path):
 
 
 # ---- the quick subsets and one real run --------------------------------------------------------------
+
 
 def _subset_entries(subset: str) -> list[tuple[str, str, str]]:
     """(file, test function, parameter-id pattern) of every file's "default" or "quick" entries."""
@@ -356,9 +494,24 @@ def test_quick_lists_name_benchmark_functions():
 @pytest.mark.slow
 def test_quick_lists_select_collected_cases():
     """Every "default" and "quick" entry of the files' BENCH tables selects at least one benchmark case."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                        "benchmarks", "--bench-full"], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "benchmarks",
+            "--bench-full",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     cases = []
     for ln in r.stdout.splitlines():
@@ -373,8 +526,22 @@ def test_quick_lists_select_collected_cases():
 def test_quick_kernel_run_end_to_end(tmp_path, capfd):
     out = tmp_path / "res" / "bench.json"
     (tmp_path / "res").mkdir()
-    rc = main(["bench", "--quick", "--suite", "kernels", "--device", "cpu", "--rounds", "3", "--json", str(out),
-               "--roofline", str(tmp_path / "roof")])
+    rc = main(
+        [
+            "bench",
+            "--quick",
+            "--suite",
+            "kernels",
+            "--device",
+            "cpu",
+            "--rounds",
+            "3",
+            "--json",
+            str(out),
+            "--roofline",
+            str(tmp_path / "roof"),
+        ]
+    )
     text = capfd.readouterr().out
     assert rc == 0, text
     # --device cpu drops the CUDA cases of the smoke subset (deselected, not skipped for want of a GPU)

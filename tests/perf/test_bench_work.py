@@ -1,4 +1,5 @@
 """The FLOP and byte counts the kernel benchmarks record (the roofline's inputs), on hand-worked cases."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+)
 bench_info_nce = pytest.importorskip("bench_info_nce")
 bench_sparse_encoder = pytest.importorskip("bench_sparse_encoder")
 

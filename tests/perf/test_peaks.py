@@ -1,4 +1,5 @@
 """sparkct.perf.peaks: the GPU datasheet table, the CPU calibration, unknown GPUs."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,15 +8,29 @@ import torch
 from sparkct.perf import peaks as P
 
 
-@pytest.mark.parametrize("name,label", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
-    ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"),
-    ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
-    ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"), ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
-    ("NVIDIA A10", "A10"), ("NVIDIA L4", "L4"), ("NVIDIA L40", "L40"), ("NVIDIA L40S", "L40S"),
-    ("NVIDIA GeForce RTX 4090", "GeForce RTX 4090"), ("Tesla V100-SXM2-16GB", "V100 SXM2"),
-    ("Tesla V100-PCIE-32GB", "V100 PCIe"), ("Tesla V100S-PCIE-32GB", "V100S PCIe"), ("Tesla T4", "T4"),
-])
+@pytest.mark.parametrize(
+    "name,label",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
+        ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
+        ("NVIDIA A10", "A10"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA L40", "L40"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA GeForce RTX 4090", "GeForce RTX 4090"),
+        ("Tesla V100-SXM2-16GB", "V100 SXM2"),
+        ("Tesla V100-PCIE-32GB", "V100 PCIe"),
+        ("Tesla V100S-PCIE-32GB", "V100S PCIe"),
+        ("Tesla T4", "T4"),
+    ],
+)
 def test_gpu_table_matches_the_specific_model(name, label):
     pk = P.gpu_table_peaks(name)
     assert pk["source"] == f"table:{label}" and pk["name"] == name
@@ -27,8 +42,7 @@ def test_gpu_table_matches_the_specific_model(name, label):
 
 def test_gpu_table_figures_are_dense_datasheet_values():
     h100 = P.gpu_table_peaks("NVIDIA H100 80GB HBM3")
-    assert h100["compute_by_dtype_gflop_s"] == {"fp32": 67000.0, "tf32": 494700.0, "bf16": 989400.0,
-                                                "fp16": 989400.0}
+    assert h100["compute_by_dtype_gflop_s"] == {"fp32": 67000.0, "tf32": 494700.0, "bf16": 989400.0, "fp16": 989400.0}
     assert h100["bandwidth_gb_s"] == 3350.0
     assert P.gpu_table_peaks("NVIDIA H200")["bandwidth_gb_s"] == 4800.0
     assert P.gpu_table_peaks("NVIDIA A100-SXM4-80GB")["bandwidth_gb_s"] == 2039.0
@@ -43,8 +57,13 @@ def test_unknown_gpu_is_said_unknown_and_measured_when_asked(monkeypatch):
 
     def fake_calibrate(device, **kw):  # the calibration itself needs the GPU; here: that it is called
         seen["device"] = device
-        return {"device": "cuda", "source": "measured", "compute_gflop_s": 1.0,
-                "compute_by_dtype_gflop_s": {"fp32": 1.0}, "bandwidth_gb_s": 2.0}
+        return {
+            "device": "cuda",
+            "source": "measured",
+            "compute_gflop_s": 1.0,
+            "compute_by_dtype_gflop_s": {"fp32": 1.0},
+            "bandwidth_gb_s": 2.0,
+        }
 
     monkeypatch.setattr(P, "calibrate", fake_calibrate)
     pk = P.gpu_peaks("cuda")

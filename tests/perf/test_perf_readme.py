@@ -1,4 +1,5 @@
 """sparkct.perf.readme: the benchmark blocks of docs/benchmarks.md are what the stored baselines generate."""
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,14 @@ def test_render_fills_blocks_and_check_catches_drift(repo):
     assert "typed by hand" not in text and "prose in between stays" in text
     assert "`benchmarks/baselines/cpu-fixture.json` (quick run of 2030-01-01: cpu-fixture, Test CPU (2 cores)" in text
     # info_nce block: its two cases, figures, ratios and roofline fractions; no other family's
-    assert ("| fp32-2N8192-D128-fwd+bwd-fused | 0.400 | ±2% | 6.30 | 25.0 | 0.250 | 1.25 | 0.00810 | 100 | 50% | 50% |"
-            in text)
-    assert "| case | median s | ±½IQR | peak MiB | GFLOP/s | GB/s | × naive | mem vs naive | FLOP/byte | of roof | of peak |" in text  # noqa: E501 (the row as rendered)
+    assert (
+        "| fp32-2N8192-D128-fwd+bwd-fused | 0.400 | ±2% | 6.30 | 25.0 | 0.250 | 1.25 | 0.00810 | 100 | 50% | 50% |"
+        in text
+    )
+    assert (
+        "| case | median s | ±½IQR | peak MiB | GFLOP/s | GB/s | × naive | mem vs naive | FLOP/byte | of roof | of peak |"  # noqa: E501 (the row as rendered)
+        in text
+    )
     assert "| default-augment | 0.0160 | ±3% | — | 4,000 |" in text
     assert text.count("sparse-0.6") == 1  # only in the roofline table
     assert "![roofline of cpu-fixture](img/roofline-cpu-fixture.png)" in text  # in the page's folder

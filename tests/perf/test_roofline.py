@@ -1,5 +1,6 @@
 """sparkct.perf.roofline on a hand-made bench result (tests/perf/baseline_fixture.json): peaks
 50 GFLOP/s and 10 GB/s, so the ridge is at 5 FLOP/byte."""
+
 from __future__ import annotations
 
 import copy
@@ -48,11 +49,18 @@ def test_write_makes_a_png_and_a_table(result, tmp_path):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
+
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0
     text = open(md).read()
-    assert "| 1 | info_nce[fp32-2N8192-D128-fwd+bwd-naive] | fp32 | 1.00 | 1.00 | 2.00 | 10.0 | memory | 20% | 4.0% |" in text  # noqa: E501 (the row as rendered)
-    assert "| 2 | info_nce[fp32-2N8192-D128-fwd+bwd-fused] | fp32 | 10.0 | 100 | 25.0 | 50.0 | compute | 50% | 50% |" in text  # noqa: E501 (the row as rendered)
+    assert (
+        "| 1 | info_nce[fp32-2N8192-D128-fwd+bwd-naive] | fp32 | 1.00 | 1.00 | 2.00 | 10.0 | memory | 20% | 4.0% |"
+        in text
+    )
+    assert (
+        "| 2 | info_nce[fp32-2N8192-D128-fwd+bwd-fused] | fp32 | 10.0 | 100 | 25.0 | 50.0 | compute | 50% | 50% |"
+        in text
+    )
     assert "compute fp32 50.0 GFLOP/s, bandwidth 10.0 GB/s (measured)" in text
 
 
@@ -98,7 +106,11 @@ def test_roofline_of_a_stored_result_through_sparkct_bench(tmp_path, capsys):
     assert (tmp_path / "roofline-cpu-fixture.png").is_file()
     # the sparkct CLI builds its parsers without importing torch
     code = "import sys, sparkct.perf.roofline, sparkct.perf.readme; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
-                             os.path.dirname(os.path.abspath(__file__))))})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))},
+    )
     assert out.stdout.strip() == "False"

@@ -1,4 +1,5 @@
 """Fixtures for the trainer tests: a small prepared cache and the tiny test method registered."""
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ def small_cache(small_synth, tmp_path_factory) -> str:
 @pytest.fixture(autouse=True)
 def tiny_registered(monkeypatch):
     from sparkct import models
+
     if HERE not in sys.path:
         monkeypatch.syspath_prepend(HERE)
     monkeypatch.setitem(models.METHODS, "tiny", "tiny_method:Tiny")

@@ -2,6 +2,7 @@
 BasicBlock per stage, i.e. resnet18 at half depth, on 32x32 crops; narrow heads, short queues), shared
 by the DDP and resume tests; `double` computes in float64 (exact comparisons between runs that sum in
 different orders)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,16 @@ from sparkct.train.trainer import Trainer
 METHOD_KW = {
     "simclr": dict(proj_hidden_dim=32, proj_dim=16, temperature=0.2),
     "moco": dict(proj_hidden_dim=32, proj_dim=16, queue_size=16, momentum=0.9, momentum_end=0.99),
-    "swav": dict(proj_hidden_dim=32, proj_dim=16, prototypes=10, n_local=2, local_crop=16, queue_size=16,
-                 queue_start_epoch=0, freeze_prototypes=2),
+    "swav": dict(
+        proj_hidden_dim=32,
+        proj_dim=16,
+        prototypes=10,
+        n_local=2,
+        local_crop=16,
+        queue_size=16,
+        queue_start_epoch=0,
+        freeze_prototypes=2,
+    ),
     "byol": dict(proj_hidden_dim=32, proj_dim=16, momentum=0.9),
 }
 
@@ -34,8 +43,16 @@ def _as_double(method) -> None:
     method.training_step = training_step
 
 
-def run(name: str, cache: str, out: str, *, double: bool = False, method_kw: dict | None = None,
-        resume: bool | str = False, **train_kw):
+def run(
+    name: str,
+    cache: str,
+    out: str,
+    *,
+    double: bool = False,
+    method_kw: dict | None = None,
+    resume: bool | str = False,
+    **train_kw,
+):
     from test_trainer import cfg_for
 
     kw = dict(max_steps=3, epochs=1, lr=0.05, batch=8, crop=32, ckpt_every=100, preview_every=0)
@@ -43,6 +60,7 @@ def run(name: str, cache: str, out: str, *, double: bool = False, method_kw: dic
     cfg = cfg_for(cache, out, **kw)
     mcfg = get_method(name).config_class(**{**METHOD_KW[name], **(method_kw or {})})
     from torchvision.models.resnet import BasicBlock, ResNet
+
     torch.manual_seed(cfg.seed)
     backbone = ResNet(BasicBlock, [1, 1, 1, 1])
     backbone.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # one HU window

@@ -1,5 +1,6 @@
 """DDP through the trainer: 2 CPU processes (gloo) end with the same weights and BatchNorm statistics as
 one process on the global batch (the loader shards each global batch, BatchNorm is synchronized)."""
+
 from __future__ import annotations
 
 import os
@@ -37,13 +38,23 @@ def _launch(cache, out, world):
     port = _free_port()
     procs = []
     for r in range(world):
-        env = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "WORLD_SIZE": str(world),
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
         if world == 1:
             for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 env.pop(k)
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err

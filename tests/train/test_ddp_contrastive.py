@@ -8,6 +8,7 @@ rank its rows of the global batch's draw); BatchNorm is synchronized over the ra
 skipped); SimCLR's negatives and MoCo's enqueued keys are gathered from every rank; SwAV's Sinkhorn
 sums over the ranks and each rank scores its share of the (global) feature queue; the EMA updates
 run on every rank from the same DDP-averaged weights."""
+
 from __future__ import annotations
 
 import csv
@@ -44,10 +45,14 @@ def _launch(cache, out, world):
         for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
         if world > 1:
-            env.update(WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+            env.update(
+                WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     return procs
 
 

@@ -1,6 +1,7 @@
 """Monitors: cosine kNN accuracy on separable and on shuffled labels (vs scikit-learn's neighbours
 for k = 1), and the online linear probe (learns a separable problem, touches no other gradient,
 ignores unlabelled rows)."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """Next-slice prediction: the loss falls on synthetic CT, the trainer runs and resumes it exactly, a
 pair's two slices share one augmentation, data without neighbouring slices is refused."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,22 @@ from sparkct.train.trainer import Trainer, build_method
 
 
 def _cfg(cache, out, **kw):
-    base = dict(data=cache, out=str(out), arch="resnet18", windows="lung", crop=32, batch=8, ckpt_every=2, keep=2,
-                log_every=1, preview_every=2, tensorboard=False, progress=False, device="cpu", channels_last=False)
+    base = dict(
+        data=cache,
+        out=str(out),
+        arch="resnet18",
+        windows="lung",
+        crop=32,
+        batch=8,
+        ckpt_every=2,
+        keep=2,
+        log_every=1,
+        preview_every=2,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        channels_last=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 

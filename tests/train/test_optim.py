@@ -15,7 +15,8 @@ def test_lr_warmup_then_cosine_to_floor():
     assert lr_at(99, total, warm, peak) == pytest.approx(0.001)
     mid = 10 + (99 - 10) / 2
     assert lr_at(int(mid), total, warm, peak) == pytest.approx(
-        0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 10) / 89)))
+        0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 10) / 89))
+    )
     lrs = [lr_at(s, total, warm, peak) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone after warm-up
 

@@ -1,4 +1,5 @@
 """sparkct profile pretrain: the normal trainer under torch.profiler -> trace JSON + top-ops table."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,24 @@ import pytest
 
 from sparkct.cli import main
 
-TINY = ["--crop", "64", "--batch", "4", "--windows", "lung", "--decoder-width", "32", "--progress", "false",
-        "--steps", "3", "--warmup-steps", "1", "--top", "8"]
+TINY = [
+    "--crop",
+    "64",
+    "--batch",
+    "4",
+    "--windows",
+    "lung",
+    "--decoder-width",
+    "32",
+    "--progress",
+    "false",
+    "--steps",
+    "3",
+    "--warmup-steps",
+    "1",
+    "--top",
+    "8",
+]
 
 
 def test_profile_pretrain_spark_writes_trace_and_table(small_cache, tmp_path, capsys):
@@ -18,8 +35,15 @@ def test_profile_pretrain_spark_writes_trace_and_table(small_cache, tmp_path, ca
     trace = json.loads((out / "trace.json").read_text())
     ann = [e for e in trace["traceEvents"] if e.get("cat") == "user_annotation"]
     names = {e["name"] for e in ann}
-    assert {"step/data", "step/forward+loss", "step/backward", "step/optimizer", "loss/spark_masked_mse",
-            "sparkct.SparseEncoder", "sparkct.sparse_conv2d"} <= names, sorted(names)
+    assert {
+        "step/data",
+        "step/forward+loss",
+        "step/backward",
+        "step/optimizer",
+        "loss/spark_masked_mse",
+        "sparkct.SparseEncoder",
+        "sparkct.sparse_conv2d",
+    } <= names, sorted(names)
     # the warm-up step is not recorded: two recorded steps, each phase once per step
     assert sum(e["name"] == "step/forward+loss" for e in ann) == 2
     assert sorted(n for n in names if n.startswith("ProfilerStep")) == ["ProfilerStep#1", "ProfilerStep#2"]
@@ -37,8 +61,27 @@ def test_profile_pretrain_spark_writes_trace_and_table(small_cache, tmp_path, ca
 
 def test_a_profile_replaces_its_own_run_but_not_a_foreign_folder(small_cache, tmp_path, capsys):
     def profile(out):
-        return main(["profile", "pretrain", "tiny", "--data", small_cache, "--out", str(out), "--crop", "32",
-                     "--batch", "4", "--progress", "false", "--steps", "2", "--warmup-steps", "1"])
+        return main(
+            [
+                "profile",
+                "pretrain",
+                "tiny",
+                "--data",
+                small_cache,
+                "--out",
+                str(out),
+                "--crop",
+                "32",
+                "--batch",
+                "4",
+                "--progress",
+                "false",
+                "--steps",
+                "2",
+                "--warmup-steps",
+                "1",
+            ]
+        )
 
     (tmp_path / "other" / "run").mkdir(parents=True)
     assert profile(tmp_path / "other") == 2
@@ -53,16 +96,19 @@ def test_a_profile_replaces_its_own_run_but_not_a_foreign_folder(small_cache, tm
     assert json.loads((tmp_path / "prof" / "profile.json").read_text())["method"] == "tiny"
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["profile", "pretrain", "spark", "--steps", "0"], "--steps must be >= 1, got 0"),
-    (["profile", "pretrain", "spark", "--steps", "2", "--warmup-steps", "2"], "leaves no step to record"),
-    (["profile", "pretrain", "spark", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
-    (["profile", "pretrain", "nosuch"], "unknown method 'nosuch'"),
-    (["profile", "pretrain"], "name a method to profile"),
-    (["profile", "pretrain", "spark", "--max-steps", "5"], "--max-steps does not apply to sparkct profile"),
-    (["profile", "pretrain", "spark", "--crop", "100"], "multiple of 32"),
-    (["profile", "pretrain", "spark", "--resume"], "--resume does not apply"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["profile", "pretrain", "spark", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["profile", "pretrain", "spark", "--steps", "2", "--warmup-steps", "2"], "leaves no step to record"),
+        (["profile", "pretrain", "spark", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+        (["profile", "pretrain", "nosuch"], "unknown method 'nosuch'"),
+        (["profile", "pretrain"], "name a method to profile"),
+        (["profile", "pretrain", "spark", "--max-steps", "5"], "--max-steps does not apply to sparkct profile"),
+        (["profile", "pretrain", "spark", "--crop", "100"], "multiple of 32"),
+        (["profile", "pretrain", "spark", "--resume"], "--resume does not apply"),
+    ],
+)
 def test_bad_input_is_one_line_before_any_work(argv, msg, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -82,9 +128,12 @@ def test_a_distributed_launch_is_refused(monkeypatch, capsys):
 def test_profile_help_imports_no_torch():
     import subprocess
     import sys
-    code = ("import sys; from sparkct.cli import build_parser\n"
-            "try:\n    build_parser().parse_args(['profile', 'pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules")
+
+    code = (
+        "import sys; from sparkct.cli import build_parser\n"
+        "try:\n    build_parser().parse_args(['profile', 'pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--steps" in r.stdout and "profile pretrain" in r.stdout

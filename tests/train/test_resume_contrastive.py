@@ -3,6 +3,7 @@ then a fresh run resumed from that checkpoint for 3 more: weights, EMA key / tar
 queue and its pointer, SwAV's feature queue (filled from epoch 1 = step 3, used from step 5) and its
 prototype freezing (steps 0-3), the optimizer state and the logged losses. The checkpoint sits at an
 epoch boundary, where on_epoch_end's state (SwAV's epoch count, which starts the queue) must be in it."""
+
 from __future__ import annotations
 
 import csv

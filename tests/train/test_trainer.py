@@ -1,6 +1,7 @@
 """The trainer: loss falls, resume after SIGKILL is bit-identical, NaN stops with the last good
 checkpoint kept, checkpoints never unpickle code, a changed config is refused on resume, the export loads
 strictly into torchvision, previews and metrics are written."""
+
 from __future__ import annotations
 
 import csv
@@ -22,15 +23,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cfg_for(cache, out, **kw):
-    base = dict(data=cache, out=str(out), arch="resnet18", windows="lung", crop=32, batch=8, epochs=2,
-                ckpt_every=3, keep=2, log_every=1, preview_every=4, tensorboard=False, progress=False,
-                device="cpu", channels_last=False)
+    base = dict(
+        data=cache,
+        out=str(out),
+        arch="resnet18",
+        windows="lung",
+        crop=32,
+        batch=8,
+        epochs=2,
+        ckpt_every=3,
+        keep=2,
+        log_every=1,
+        preview_every=4,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        channels_last=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def train(cache, out, method_kw=None, resume=False, force=False, **kw):
     from tiny_method import TinyConfig
+
     cfg = cfg_for(cache, out, **kw)
     m = build_method("tiny", cfg, TinyConfig(**(method_kw or {})))
     return Trainer(m, cfg, method_name="tiny", resume=resume, force=force).fit()
@@ -56,6 +72,7 @@ def test_export_loads_strictly_into_torchvision(small_cache, tmp_path):
     out = tmp_path / "run"
     train(small_cache, out, max_steps=2, windows="lung,mediastinum,bone")
     from sparkct.cli import main
+
     assert main(["export", str(out), "--out", str(tmp_path / "b.pt")]) == 0
     sd = torch.load(tmp_path / "b.pt", weights_only=True)
     m = torchvision.models.resnet18()
@@ -70,10 +87,15 @@ def _run_script(cache, out, die_at=-1):
 import sys; sys.path.insert(0, {HERE!r})
 from sparkct import models; models.METHODS['tiny'] = 'tiny_method:Tiny'
 from test_trainer import train
-train({cache!r}, {str(out)!r}, resume={die_at < 0 and (out / 'last.ckpt').exists()!r})
+train({cache!r}, {str(out)!r}, resume={die_at < 0 and (out / "last.ckpt").exists()!r})
 """
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2", "TINY_DIE_AT": str(die_at)})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2", "TINY_DIE_AT": str(die_at)},
+    )
 
 
 def test_resume_after_sigkill_is_bit_identical(small_cache, tmp_path):
@@ -142,9 +164,13 @@ def test_checkpoint_loading_refuses_code_and_foreign_files(tmp_path):
 
 
 def test_bad_config_is_refused_before_any_work(small_cache, tmp_path):
-    for kw, msg in [({"crop": 48}, "multiple of 32"), ({"arch": "resnet999"}, "unknown arch"),
-                    ({"batch": 6, "accum": 4}, "divisible"), ({"amp": "fp8"}, "--amp"),
-                    ({"data": str(tmp_path / "missing")}, "no such file")]:
+    for kw, msg in [
+        ({"crop": 48}, "multiple of 32"),
+        ({"arch": "resnet999"}, "unknown arch"),
+        ({"batch": 6, "accum": 4}, "divisible"),
+        ({"amp": "fp8"}, "--amp"),
+        ({"data": str(tmp_path / "missing")}, "no such file"),
+    ]:
         with pytest.raises(UserError, match=msg):
             train(small_cache, tmp_path / "x", **kw)
     assert not (tmp_path / "x" / "last.ckpt").exists()

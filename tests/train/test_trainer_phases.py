@@ -1,6 +1,7 @@
 """The trainer's phases on their own: setup refuses an existing run folder without --resume, save and a
 fresh trainer's restore give back step, weights, optimizer and RNG, optimizer_step accumulates, clips and
 advances the step, a NaN loss stops before the optimizer, and the data is resolved by sparkct.data."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,12 +19,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make(cache, out, method_kw=None, resume=False, log=lambda msg: None, **kw) -> Trainer:
     from tiny_method import TinyConfig
 
-    base = dict(data=cache, out=str(out), arch="resnet18", windows="lung", crop=32, batch=8, epochs=2,
-                tensorboard=False, progress=False, device="cpu", channels_last=False)
+    base = dict(
+        data=cache,
+        out=str(out),
+        arch="resnet18",
+        windows="lung",
+        crop=32,
+        batch=8,
+        epochs=2,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        channels_last=False,
+    )
     base.update(kw)
     cfg = TrainConfig(**base)
-    return Trainer(build_method("tiny", cfg, TinyConfig(**(method_kw or {}))), cfg, method_name="tiny",
-                   resume=resume, log=log)
+    return Trainer(
+        build_method("tiny", cfg, TinyConfig(**(method_kw or {}))), cfg, method_name="tiny", resume=resume, log=log
+    )
 
 
 def started(t: Trainer) -> Trainer:
@@ -108,9 +121,15 @@ def test_save_then_a_fresh_trainer_restores_step_weights_optimizer_and_rng(small
 def test_optimizer_step_accumulates_clips_and_advances_the_step(small_cache, tmp_path):
     t = started(make(small_cache, tmp_path / "run", batch=8, accum=2, clip_grad=1e-3))
     seen = []
-    t.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
-        float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"]
-                                                    if p.grad is not None])))))
+    t.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(
+            float(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None])
+                )
+            )
+        )
+    )
     before = [p.detach().clone() for p in t.method.parameters()]
     batches = Counting(iter(t.loader))
     r = t.optimizer_step(batches, epoch=0)
@@ -145,8 +164,12 @@ def test_resolve_data_lives_in_the_data_layer(small_cache, tmp_path):
 def test_setup_removes_the_partial_checkpoint_files_of_an_interrupted_run(small_cache, tmp_path):
     out = tmp_path / "run"
     started(make(small_cache, out)).save()
-    ours = [out / "checkpoints" / ".step-0000003.ckpt.k2j9x_a1.tmp", out / ".last.ckpt.q8w7e6r5.tmp",
-            out / "last.ckpt.4242.lnk.tmp", out / ".metrics.csv.abcd1234.tmp"]
+    ours = [
+        out / "checkpoints" / ".step-0000003.ckpt.k2j9x_a1.tmp",
+        out / ".last.ckpt.q8w7e6r5.tmp",
+        out / "last.ckpt.4242.lnk.tmp",
+        out / ".metrics.csv.abcd1234.tmp",
+    ]
     theirs = [out / "checkpoints" / "notes.tmp", out / ".mine.tmp", out / "checkpoints" / ".step-3.ckpt.tmp.bak"]
     for p in ours + theirs:
         p.write_bytes(b"\0" * 100)

@@ -1,5 +1,6 @@
 """A small method for the trainer's tests: regress each image's mean intensity per channel from the
 backbone's pooled features (the loss falls within a few steps), with switches for the failure cases."""
+
 from __future__ import annotations
 
 import os
@@ -28,12 +29,14 @@ class Tiny(Method):
     def __init__(self, backbone, config=None):
         super().__init__(backbone, config)
         from sparkct.models.backbone import feature_dim
+
         self.head = nn.Linear(feature_dim(backbone), backbone.conv1.in_channels)
         if self.config.double:
             self.double()
 
     def transform(self, crop, windows):
         from sparkct.data import CTResize
+
         return CTResize(crop, windows=windows)
 
     def training_step(self, batch, step):
@@ -42,8 +45,9 @@ class Tiny(Method):
         target = batch.mean((2, 3))
         # step-keyed randomness drawn for the global batch, this rank's rows taken (as the protocol asks)
         from sparkct.distributed import rank, world_size
+
         n = batch.shape[0]
-        noise = torch.rand(n * world_size(), 1, generator=self.step_generator(step))[rank() * n:(rank() + 1) * n]
+        noise = torch.rand(n * world_size(), 1, generator=self.step_generator(step))[rank() * n : (rank() + 1) * n]
         noise = noise.to(batch)
         pred = self.head(self.backbone(batch * (0.9 + 0.1 * noise[:, :, None, None])))
         loss = (pred - target).square().mean()

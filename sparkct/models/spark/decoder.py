@@ -6,6 +6,7 @@ halves at every block (768, 384, 192, 96, 48 -> 24); a final 1x1 conv maps to ``
 number of HU windows). The densified encoder features of strides 32, 16, 8, 4 are added before
 blocks 0..3 (``forward(to_dec)`` with the deepest first, each already projected to the block's width).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ __all__ = ["UNetBlock", "LightDecoder", "decoder_channels"]
 
 def decoder_channels(width: int, blocks: int = 5) -> list[int]:
     """The published halving rule: [width, width/2, ..., width/2**blocks]."""
-    return [width // 2 ** i for i in range(blocks + 1)]
+    return [width // 2**i for i in range(blocks + 1)]
 
 
 class UNetBlock(nn.Sequential):
@@ -31,8 +32,11 @@ class UNetBlock(nn.Sequential):
         super().__init__()
         self.up_sample = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, kernel_size=3, stride=1, padding=1, bias=False), norm(cin), nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1, bias=False), norm(cout),
+            nn.Conv2d(cin, cin, kernel_size=3, stride=1, padding=1, bias=False),
+            norm(cin),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1, bias=False),
+            norm(cout),
         )
 
 
@@ -50,11 +54,10 @@ class LightDecoder(nn.Module):
     def __init__(self, out_chans: int = 3, width: int = 768, up_sample_ratio: int = 32, norm=nn.BatchNorm2d):
         super().__init__()
         n = round(math.log2(up_sample_ratio)) if up_sample_ratio > 0 else -1
-        if n < 1 or 2 ** n != up_sample_ratio:
+        if n < 1 or 2**n != up_sample_ratio:
             raise ValueError(f"up_sample_ratio must be a power of two >= 2, got {up_sample_ratio}")
-        if not isinstance(width, int) or width < 2 ** n or width % 2 ** n:
-            raise ValueError(f"decoder width must be a positive multiple of {2 ** n} (it halves {n} times), "
-                             f"got {width}")
+        if not isinstance(width, int) or width < 2**n or width % 2**n:
+            raise ValueError(f"decoder width must be a positive multiple of {2**n} (it halves {n} times), got {width}")
         if not isinstance(out_chans, int) or out_chans < 1:
             raise ValueError(f"out_chans must be a positive integer, got {out_chans!r}")
         self.width, self.out_chans = width, out_chans

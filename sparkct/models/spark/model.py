@@ -19,6 +19,7 @@ densify (BatchNorm runs on the packed tiles, ``unpack`` writes features and mask
 tiles and dense maps stay channels-last from the encoder to the reconstruction, the decoder adds the
 skip features in place, and the loss is computed in float32 from strided views (no patchify copies).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,23 +55,35 @@ def _crop_scale(v) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise UserError(f"crop scale must be two numbers (low, high), got {v!r}") from None
     if not (0.0 < lo <= hi <= 1.0):
-        raise UserError(f"crop scale must satisfy 0 < low <= high <= 1 (fractions of the slice's area), got "
-                        f"({lo}, {hi})")
+        raise UserError(
+            f"crop scale must satisfy 0 < low <= high <= 1 (fractions of the slice's area), got ({lo}, {hi})"
+        )
     return lo, hi
 
 
 @dataclass
 class SparKConfig(MethodConfig):
-    mask_ratio: float = field(default=0.6, metadata={
-        "help": "fraction of the 32x32-pixel cells hidden from the encoder, in [0, 1)"})
-    encoder: str = field(default="sparse", metadata={
-        "help": "'sparse': the packed-tile encoder (fast); 'dense-masked': SparK's own dense conv then mask "
-                "(same mathematics; the baseline)"})
-    decoder_width: int = field(default=768, metadata={
-        "help": "channels of the light decoder's first block, halving over its 5 blocks (768 as published); "
-                "a multiple of 32"})
-    crop_scale: tuple[float, float] = field(default=(0.67, 1.0), metadata={
-        "help": "random resized crop: range of the crop's area as a fraction of the slice (SparK: 0.67 1)"})
+    mask_ratio: float = field(
+        default=0.6, metadata={"help": "fraction of the 32x32-pixel cells hidden from the encoder, in [0, 1)"}
+    )
+    encoder: str = field(
+        default="sparse",
+        metadata={
+            "help": "'sparse': the packed-tile encoder (fast); 'dense-masked': SparK's own dense conv then mask "
+            "(same mathematics; the baseline)"
+        },
+    )
+    decoder_width: int = field(
+        default=768,
+        metadata={
+            "help": "channels of the light decoder's first block, halving over its 5 blocks (768 as published); "
+            "a multiple of 32"
+        },
+    )
+    crop_scale: tuple[float, float] = field(
+        default=(0.67, 1.0),
+        metadata={"help": "random resized crop: range of the crop's area as a fraction of the slice (SparK: 0.67 1)"},
+    )
     hflip: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
 
     def validate(self) -> None:
@@ -95,6 +108,7 @@ class SparKConfig(MethodConfig):
 
 
 # ---- targets and loss ----------------------------------------------------------------------------
+
 
 def _wide(x: Tensor) -> Tensor:
     """x in float32, or float64 if it is float64 (the loss never runs in a 16-bit type)."""
@@ -136,6 +150,7 @@ def masked_cell_loss(rec: Tensor, target: Tensor, mask: Tensor, cell: int = CELL
 
 # ---- the method ----------------------------------------------------------------------------------
 
+
 class SparK(Method):
     """SparK on a torchvision ResNet backbone (``fc`` = Identity, ``in_chans`` = number of HU windows).
 
@@ -149,8 +164,14 @@ class SparK(Method):
     config_class = SparKConfig
     config: SparKConfig
     # SparK's published recipe: LAMB, base lr 2e-4 per 256 images, weight decay 0.04 -> 0.2 (cosine)
-    defaults = {"optimizer": "lamb", "base_lr": 2e-4, "weight_decay": 0.04, "weight_decay_end": 0.2,
-                "warmup_epochs": 1.0, "betas": (0.9, 0.95)}
+    defaults = {
+        "optimizer": "lamb",
+        "base_lr": 2e-4,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.2,
+        "warmup_epochs": 1.0,
+        "betas": (0.9, 0.95),
+    }
 
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
         super().__init__(backbone, config)
@@ -181,17 +202,29 @@ class SparK(Method):
         and horizontal flips, windows as channels in [0, 1]; no intensity augmentation (the windowed HU
         are the targets)."""
         if isinstance(crop, bool) or not isinstance(crop, int) or crop < CELL or crop % CELL:
-            raise UserError(f"crop size must be a positive multiple of {CELL} (one mask cell = {CELL}x{CELL} "
-                            f"pixels), got {crop!r}")
+            raise UserError(
+                f"crop size must be a positive multiple of {CELL} (one mask cell = {CELL}x{CELL} pixels), got {crop!r}"
+            )
         try:
             n = len(resolve_windows(windows))
         except ValueError as e:
             raise UserError(str(e)) from None
         if n != self.in_chans:
             raise UserError(f"{n} HU window(s) given but the backbone takes {self.in_chans} input channel(s)")
-        return CTAugment(crop, windows=windows, scale=self.config.crop_scale, hflip=float(self.config.hflip),
-                         vflip=0.0, rotate=0.0, p_rotate=0.0, p_hu=0.0, p_intensity=0.0, p_gamma=0.0,
-                         p_noise=0.0, p_blur=0.0)
+        return CTAugment(
+            crop,
+            windows=windows,
+            scale=self.config.crop_scale,
+            hflip=float(self.config.hflip),
+            vflip=0.0,
+            rotate=0.0,
+            p_rotate=0.0,
+            p_hu=0.0,
+            p_intensity=0.0,
+            p_gamma=0.0,
+            p_noise=0.0,
+            p_blur=0.0,
+        )
 
     # --- masks --------------------------------------------------------------------------------------
     def draw_mask(self, batch: int, grid: tuple[int, int], step: int, device) -> Tensor:
@@ -201,12 +234,13 @@ class SparK(Method):
         contiguous share of each global batch, in rank order."""
         r, world = dist_utils.rank(), dist_utils.world_size()
         m = cell_mask(batch * world, grid, self.config.mask_ratio, generator=self.step_generator(step))
-        return m[r * batch:(r + 1) * batch].to(device, non_blocking=True)
+        return m[r * batch : (r + 1) * batch].to(device, non_blocking=True)
 
     # --- the model ----------------------------------------------------------------------------------
     def sparse_encoder(self):
         """The packed-tile encoder over the backbone's current modules (cheap to build: no state)."""
         from sparkct.nn import SparseEncoder  # noqa: PLC0415 (lazy: `pretrain spark -h` loads no extension)
+
         return SparseEncoder(self.backbone)
 
     def encode(self, x: Tensor, mask: Tensor) -> tuple[list[Tensor], object]:
@@ -288,5 +322,8 @@ class SparK(Method):
         rec = (_cells(rec, CELL).float() * std + mean).reshape(B, -1, H, W)
         visible = mask.repeat_interleave(CELL, 1).repeat_interleave(CELL, 2).unsqueeze(1)
         xf = _wide(x)
-        return {"input": xf.clamp(0, 1), "masked": (xf * visible).clamp(0, 1),
-                "reconstruction": torch.where(visible, xf, rec).clamp(0, 1)}
+        return {
+            "input": xf.clamp(0, 1),
+            "masked": (xf * visible).clamp(0, 1),
+            "reconstruction": torch.where(visible, xf, rec).clamp(0, 1),
+        }

@@ -4,6 +4,7 @@ Every conv / pool runs densely and its output's masked cells are zeroed; BatchNo
 visible positions only (SparK's encoder.py). ``sparkct.nn.SparseEncoder`` must equal it; the
 ``--encoder dense-masked`` option of SparK pretraining runs it (the baseline of the benchmarks).
 """
+
 from __future__ import annotations
 
 import torch
