@@ -53,15 +53,9 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     old = cast(nn.Conv2d, model.conv1)
     if old.in_channels == in_chans:
         return model
-    k, s, p = old.kernel_size, old.stride, old.padding
-    new = nn.Conv2d(
-        in_chans,
-        old.out_channels,
-        k,
-        s,
-        p,  # type: ignore[arg-type]  # 2-tuples, typed tuple[int, ...]
-        bias=old.bias is not None,
-    )
+    # torch types these as tuple[int, ...]; a Conv2d's are 2-tuples
+    k, s, p = (cast(tuple[int, int], t) for t in (old.kernel_size, old.stride, old.padding))
+    new = nn.Conv2d(in_chans, old.out_channels, k, s, p, bias=old.bias is not None)
     with torch.no_grad():
         w = old.weight
         if in_chans == 1:
