@@ -87,3 +87,16 @@ def test_windows_center_width_on_the_command_line(windows, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     _, cfg, _ = pretrain_configs("spark", [f"--windows={windows}", "--data", str(tmp_path)])
     assert cfg.windows == windows
+
+
+def test_pretrain_list_names_every_method_with_a_description(capsys):
+    # README points to `sparkct pretrain --list`; it crashed on methods without a class docstring
+    from sparkct.models import METHODS
+
+    assert main(["pretrain", "--list"]) == 0
+    out = capsys.readouterr().out
+    names = [ln.split()[0] for ln in out.splitlines() if ln and not ln[0].isspace()]
+    assert names == list(METHODS)
+    for ln in out.splitlines():
+        if ln and not ln[0].isspace():
+            assert len(ln.split(maxsplit=1)) == 2, f"no description: {ln!r}"

@@ -36,6 +36,10 @@ class BYOLConfig(SSLConfig):
 
 
 class BYOL(SSLMethod):
+    """BYOL (Grill et al. 2020): an online network predicts its EMA target's projections; no negatives.
+
+    Target momentum 0.99 -> 1.0 on a cosine schedule."""
+
     name = "byol"
     config_class = BYOLConfig
     config: BYOLConfig

@@ -97,6 +97,10 @@ def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) 
 
 
 class MoCo(SSLMethod):
+    """MoCo v2 (Chen et al. 2020): queries against the keys of an EMA encoder and a queue of negatives.
+
+    Key encoder momentum 0.999, a queue of 65,536 keys, temperature 0.2."""
+
     name = "moco"
     config_class = MoCoConfig
     config: MoCoConfig

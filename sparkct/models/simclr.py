@@ -33,6 +33,11 @@ class SimCLRConfig(SSLConfig):
 
 
 class SimCLR(SSLMethod):
+    """SimCLR (Chen et al. 2020): NT-Xent between two augmented views of each slice.
+
+    The negatives are the other views of the global batch, through the fused InfoNCE loss; LARS at lr
+    0.3 x batch / 256."""
+
     name = "simclr"
     config_class = SimCLRConfig
     config: SimCLRConfig

@@ -82,6 +82,10 @@ class SwAVConfig(SSLConfig):
 
 
 class SwAV(SSLMethod):
+    """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn-Knopp codes over learned prototypes.
+
+    Multi-crop views (2 global + 6 local), 3,000 prototypes, temperature 0.1."""
+
     name = "swav"
     config_class = SwAVConfig
     config: SwAVConfig
