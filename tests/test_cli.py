@@ -100,3 +100,18 @@ def test_pretrain_list_names_every_method_with_a_description(capsys):
     for ln in out.splitlines():
         if ln and not ln[0].isspace():
             assert len(ln.split(maxsplit=1)) == 2, f"no description: {ln!r}"
+
+
+def test_output_cut_short_by_a_pipe_is_quiet():
+    # `sparkct pretrain --list | head -1` printed a BrokenPipeError traceback
+    code = (
+        "import os, sys\n"
+        "r, w = os.pipe()\n"
+        "os.close(r)\n"  # the reader is gone before anything is written
+        "os.dup2(w, 1)\n"
+        "from sparkct.cli import main\n"
+        "sys.exit(main(['pretrain', '--list']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 141, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
