@@ -82,6 +82,7 @@ class Method(nn.Module):
         "weight_decay_end": None,
         "warmup_epochs": 1.0,
         "betas": (0.9, 0.999),
+        "clip_grad": 0.0,  # 0: no clipping
     }
 
     def __init__(self, backbone: nn.Module, config: MethodConfig | None = None):

@@ -219,6 +219,10 @@ class SSLMethod(Method):
     n_global = 2
     #: consecutive views of one shape go through the backbone in one call (BatchNorm over them together)
     joint_views = True
+    #: :meth:`head` runs once over the features of every view (SwAV's code: its projection head's
+    #: BatchNorm sees all crops together); otherwise once per backbone call. Under ``--chunk`` the head,
+    #: like the backbone, sees one chunk at a time.
+    joint_head = False
 
     def __init__(self, backbone: nn.Module, config: SSLConfig | None = None, *, feature_dim: int | None = None):
         super().__init__(backbone, config)
@@ -236,10 +240,18 @@ class SSLMethod(Method):
         self.last_targets: Tensor | None = None
 
     # --- subclass interface -------------------------------------------------------------------------
+    def features(self, x: Tensor) -> Tensor:
+        """The backbone's pooled features of a batch of views."""
+        return self.backbone(x).flatten(1)
+
+    def head(self, f: Tensor) -> Tensor:
+        """The embedding the loss sees, from backbone features (default: ``self.projector``)."""
+        return self.projector(f)
+
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Default: (the projector's output, the backbone's pooled features)."""
-        f = self.backbone(x).flatten(1)
-        return self.projector(f), f
+        """(:meth:`head` of the features, the backbone's pooled features)."""
+        f = self.features(x)
+        return self.head(f), f
 
     def objective(self, outs: list[Tensor], state: Any, step: int) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
@@ -304,11 +316,22 @@ class SSLMethod(Method):
                 groups.append([v])
         return [(torch.cat(g, 0) if len(g) > 1 else g[0], len(g)) for g in groups]
 
-    def _embed_all(self, x: Tensor) -> tuple[Tensor, ...]:
-        out, feats = self.embed(x)
+    def _outputs(self, out: Tensor, feats: Tensor) -> tuple[Tensor, ...]:
         if self.classifier is None:
             return out, feats
         return out, feats, self.classifier(feats)
+
+    def _embed_all(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self._outputs(*self.embed(x))
+
+    def _embed_groups(self, xs: list[Tensor]) -> list[tuple[Tensor, ...]]:
+        """:meth:`_embed_all` of each backbone call's input; with :attr:`joint_head`, the backbone per
+        call and the head once over all their features."""
+        if not self.joint_head or len(xs) < 2:
+            return [self._embed_all(x) for x in xs]
+        feats = [self.features(x) for x in xs]
+        outs = self.head(torch.cat(feats)).split([f.shape[0] for f in feats])
+        return [self._outputs(o, f) for o, f in zip(outs, feats)]
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy over the rows with a target >= 0 (0 when there are none)."""
@@ -356,7 +379,7 @@ class SSLMethod(Method):
                 module=self._embedding_modules(),
             )
         else:
-            loss, (per_view, logs) = loss_fn([self._embed_all(g) for g, _ in groups])
+            loss, (per_view, logs) = loss_fn(self._embed_groups([g for g, _ in groups]))
         emb = self.collapse_embedding(per_view[0][0].detach())
         if emb.shape[0] >= 2:
             logs["collapse"] = collapse_indicator(emb)

@@ -14,7 +14,9 @@ batch under DDP, swapped prediction at temperature 0.1.
   share of queue_length / world) and scores only its own share of it for the Sinkhorn, whose sums run
   over the ranks: the codes are those of one process with the global batch and the whole queue, for
   any world size, and a checkpoint's queue does not depend on the world size.
-- BatchNorm: the crops of one resolution go through the backbone together (SwAV's code does the same).
+- BatchNorm: the crops of one resolution go through the backbone together, and the projection head
+  runs once over the features of all crops (both as SwAV's code; ``--joint-head false`` runs the head
+  per resolution). Under ``--chunk`` the head, like the backbone, sees one chunk at a time.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class SwAVConfig(SSLConfig):
         default=0, metadata={"help": "feature queue length per global crop (0: no queue; SwAV: 3840 at batch 256)"}
     )
     queue_start_epoch: int = field(default=15, metadata={"help": "epoch from which the queue is used"})
+    joint_head: bool = field(
+        default=True,
+        metadata={
+            "help": "run the projection head once over all crops, so its BatchNorm sees global and local crops "
+            "together (SwAV's code); false: once per resolution, as the backbone"
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -73,6 +82,8 @@ class SwAVConfig(SSLConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"{name.replace('_', ' ')} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.joint_head, bool):
+            raise UserError(f"joint head must be true or false, got {self.joint_head!r}")
         if self.n_global + self.n_local < 2:
             raise UserError("SwAV needs at least 2 crops (n_global + n_local)")
         for name in ("global_scale", "local_scale"):
@@ -84,7 +95,8 @@ class SwAVConfig(SSLConfig):
 class SwAV(SSLMethod):
     """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn-Knopp codes over learned prototypes.
 
-    Multi-crop views (2 global + 6 local), 3,000 prototypes, temperature 0.1."""
+    Multi-crop views (2 global + 6 local), 3,000 prototypes, temperature 0.1; the projection head runs
+    once over all crops, as SwAV's code (``--joint-head false``: per resolution)."""
 
     name = "swav"
     config_class = SwAVConfig
@@ -97,6 +109,7 @@ class SwAV(SSLMethod):
         super().__init__(backbone, config, feature_dim=feature_dim)
         c = self.config
         self.n_global = c.n_global
+        self.joint_head = c.joint_head
         self.projector = SwAVProjectionHead(self.feature_dim, c.proj_hidden_dim or None, c.proj_dim)
         self.prototypes = SwAVPrototypes(c.proj_dim, c.prototypes)
         self.criterion = SwAVLoss(c.temperature, c.sinkhorn_iterations, c.epsilon, sinkhorn_gather_distributed=True)
@@ -114,10 +127,9 @@ class SwAV(SSLMethod):
         lo = self.augment(local, windows, c.augment, scale=tuple(c.local_scale))
         return Views([g] * c.n_global + [lo] * c.n_local)
 
-    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.backbone(x).flatten(1)
+    def head(self, f: Tensor) -> Tensor:
         z = F.normalize(self.projector(f), dim=1)
-        return torch.cat([self.prototypes(z), z], 1), f  # scores and features side by side (one tensor)
+        return torch.cat([self.prototypes(z), z], 1)  # scores and features side by side (one tensor)
 
     def collapse_embedding(self, out: Tensor) -> Tensor:
         return out[:, self.config.prototypes :]

@@ -48,7 +48,10 @@ class TrainConfig:
     weight_decay: float | None = option("weight decay at the start (cosine schedule)", default=None)
     weight_decay_end: float | None = option("weight decay at the end", default=None)
     warmup_epochs: float | None = option("linear learning-rate warm-up, in epochs", default=None)
-    clip_grad: float = option("clip the global gradient norm at this value (0: off)", default=0.0)
+    clip_grad: float | None = option(
+        "clip the global gradient norm at this value (0: off; default: the method's, SparK 5 as published, others off)",
+        default=None,
+    )
     amp: str = option(
         "mixed precision: auto (bf16 on CUDA, off on CPU), none, bf16, fp16 (with loss scaling)", default="auto"
     )
@@ -111,7 +114,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise UserError(f"{flag(name)} must be finite and >= 0, got {v}")
-        if not (self.clip_grad >= 0 and math.isfinite(self.clip_grad)):
+        if self.clip_grad is not None and not (self.clip_grad >= 0 and math.isfinite(self.clip_grad)):
             raise UserError(f"--clip-grad must be finite and >= 0, got {self.clip_grad}")
         if self.amp not in AMP_CHOICES:
             raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")

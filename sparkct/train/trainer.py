@@ -144,7 +144,7 @@ class RunState:
 
 class StepResult(NamedTuple):
     """One optimizer step: its loss and method logs (averaged over the micro-steps, this rank), the LR
-    and WD it ran with, and the gradient norm before clipping (None without --clip-grad)."""
+    and WD it ran with, and the gradient norm before clipping (None when the run does not clip)."""
 
     loss: float
     logs: dict
@@ -354,6 +354,7 @@ class Trainer:
         wd1 = self._setting("weight_decay_end")
         self.wd1 = self.wd0 if wd1 is None else wd1
         self.warmup = round(self._setting("warmup_epochs") * self.steps_per_epoch)
+        self.clip_grad = float(self._setting("clip_grad") or 0.0)
         # an optional hook (a method with its own parameter groups), not part of the Method contract
         param_groups = getattr(method, "param_groups", None)
         groups = param_groups(self.wd0) if param_groups is not None else None
@@ -422,6 +423,7 @@ class Trainer:
             "peak_lr": self.peak,
             "weight_decay": [self.wd0, self.wd1],
             "warmup_steps": self.warmup,
+            "clip_grad": self.clip_grad,
             "total_steps": self.total,
             "steps_per_epoch": self.steps_per_epoch,
             "amp": self.amp,
@@ -569,8 +571,8 @@ class Trainer:
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = None
-        if self.cfg.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.clip_grad))
+        if self.clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.clip_grad))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -34,13 +34,39 @@ def test_defaults_sizes_and_views():
     assert [a.p_blur for a in tf.augments] == [1.0, 0.1]  # BYOL's asymmetric blur
 
 
+@pytest.mark.parametrize("joint_views", [False, True])
+def test_loss_as_byols_code(joint_views):
+    """BYOL's code runs each view through the online and the target network alone (BatchNorm statistics
+    per view); --joint-views true runs both views in one batch. float64, the same weights."""
+    m = make(norm="batch", joint_views=joint_views).double()
+    views = [v.double() for v in m.transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        z0, z1 = m.target(views[0]), m.target(views[1])
+    loss, _ = m.training_step(views, 0)
+
+    def online(x):
+        return m.predictor(m.projector(m.backbone(x)))
+
+    p0, p1 = online(torch.cat(views)).split(8) if joint_views else (online(views[0]), online(views[1]))
+    expected = -0.5 * (F.cosine_similarity(p0, z1).mean() + F.cosine_similarity(p1, z0).mean())
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_per_view_is_the_default_and_changes_the_loss():
+    assert BYOLConfig().joint_views is False
+    views = [v.double() for v in make().transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))]
+    a, _ = make(norm="batch").double().training_step(views, 0)
+    b, _ = make(norm="batch", joint_views=True).double().training_step(views, 0)
+    assert abs(float(a.detach()) - float(b.detach())) > 1e-6
+
+
 def test_loss_and_target_ema():
     m = make()
     views = m.transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))
     with torch.no_grad():
         z0, z1 = m.target(views[0]), m.target(views[1])
     loss, _ = m.training_step(views, 0)
-    p0, p1 = m.predictor(m.projector(m.backbone(torch.cat(views)))).split(8)  # one backbone call, BN over both
+    p0, p1 = (m.predictor(m.projector(m.backbone(v))) for v in views)  # each view alone, as BYOL's code
     expected = -0.5 * (F.cosine_similarity(p0, z1).mean() + F.cosine_similarity(p1, z0).mean())
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
@@ -78,3 +104,5 @@ def test_bad_config():
         BYOLConfig(momentum_end=1.01).validate()
     with pytest.raises(UserError, match="hybrid"):
         BYOLConfig(hybrid_weight=0.5).validate()
+    with pytest.raises(UserError, match="joint views"):
+        BYOLConfig(joint_views="no").validate()

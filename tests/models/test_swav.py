@@ -45,21 +45,32 @@ def test_defaults_and_multicrop_shapes():
     assert [tuple(v.shape) for v in views] == [(3, 2, 64, 64)] * 2 + [(3, 2, 27, 27)] * 6  # 64 * 96 / 224
 
 
-def test_loss_matches_lightly_on_the_scores():
+@pytest.mark.parametrize("joint_head", [True, False])
+def test_loss_matches_lightly_on_the_scores(joint_head):
     swav_loss = pytest.importorskip("lightly.loss.swav_loss")
-    m = make()
-    views = m.transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))
+    m = make(norm="batch", joint_head=joint_head).double()
+    views = [v.double() for v in m.transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))]
     loss, logs = m.training_step(views, 0)
     with torch.no_grad():
-        # the crops of one resolution go through the network together (BatchNorm over them)
-        scores = [
-            s
-            for group in (views[:2], views[2:])
-            for s in m.prototypes(F.normalize(m.projector(m.backbone(torch.cat(group))), dim=1)).split(8)
-        ]
+        # SwAV's code: the crops of one resolution go through the backbone together, and the projection
+        # head once over the features of all crops (BatchNorm over them all); --joint-head false: per resolution
+        feats = [m.backbone(torch.cat(group)) for group in (views[:2], views[2:])]
+        heads = [m.projector(torch.cat(feats))] if joint_head else [m.projector(f) for f in feats]
+        scores = list(m.prototypes(F.normalize(torch.cat(heads), dim=1)).split(8))
     expected = swav_loss.SwaVLoss()(scores[:2], scores[2:])
-    torch.testing.assert_close(loss.detach(), expected.reshape(()), rtol=1e-5, atol=1e-6)
+    # the method's loss is fp32 by design (Sinkhorn-Knopp in fp32); the features above are float64
+    torch.testing.assert_close(loss.detach(), expected.reshape(()).float(), rtol=1e-5, atol=1e-6)
     assert 0 < logs["collapse"] <= 1.5
+
+
+def test_joint_head_is_the_default_and_changes_the_loss():
+    assert SwAVConfig().joint_head is True
+    views = make().transform(32, "lung")(synthetic_hu(8), torch.Generator().manual_seed(1))
+    a, _ = make(norm="batch").double().training_step([v.double() for v in views], 0)
+    b, _ = make(norm="batch", joint_head=False).double().training_step([v.double() for v in views], 0)
+    assert abs(float(a.detach()) - float(b.detach())) > 1e-6  # the head's BatchNorm sees other batches
+    with pytest.raises(UserError, match="joint head"):
+        SwAVConfig(joint_head="yes").validate()
 
 
 def test_prototypes_normalized_and_frozen():

@@ -201,3 +201,27 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_one_that_loads(small
         p.write_bytes(b"")
     with pytest.raises(UserError, match="last.ckpt: not a loadable"):
         make(small_cache, out, resume=True).setup()
+
+
+@pytest.mark.parametrize(("clip_grad", "expected"), [(None, 5.0), (0.0, 0.0), (2.5, 2.5)])
+def test_spark_clips_at_five_by_default_as_published(small_cache, tmp_path, clip_grad, expected):
+    """SparK's official run clips the global gradient norm at 5 (its --clip 5); --clip-grad 0 turns it off.
+    The other methods do not clip unless asked."""
+    cfg = TrainConfig(
+        data=small_cache,
+        out=str(tmp_path / "run"),
+        windows="lung",
+        crop=64,
+        batch=4,
+        max_steps=1,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        channels_last=False,
+        clip_grad=clip_grad,
+    )
+    t = started(Trainer(build_method("spark", cfg), cfg, method_name="spark", log=lambda msg: None))
+    assert t.clip_grad == expected and t.record["resolved"]["clip_grad"] == expected
+    r = t.optimizer_step(iter(t.loader), epoch=0)
+    assert (r.grad_norm is not None) == (expected > 0)
+    assert started(make(small_cache, tmp_path / "tiny")).clip_grad == 0.0

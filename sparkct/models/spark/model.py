@@ -163,7 +163,8 @@ class SparK(Method):
     name = "spark"
     config_class = SparKConfig
     config: SparKConfig
-    # SparK's published recipe: LAMB, base lr 2e-4 per 256 images, weight decay 0.04 -> 0.2 (cosine)
+    # SparK's published recipe: LAMB, base lr 2e-4 per 256 images, weight decay 0.04 -> 0.2 (cosine),
+    # the global gradient norm clipped at 5
     defaults = {
         "optimizer": "lamb",
         "base_lr": 2e-4,
@@ -171,6 +172,7 @@ class SparK(Method):
         "weight_decay_end": 0.2,
         "warmup_epochs": 1.0,
         "betas": (0.9, 0.95),
+        "clip_grad": 5.0,
     }
 
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
