@@ -391,6 +391,7 @@ class Row:
 class Comparison:
     rows: list[Row] = field(default_factory=list)
     threshold: float = 0.10
+    ratios_gated: bool = True
     absolute_gated: bool = False
     notes: list[str] = field(default_factory=list)
     missing_cases: list[str] = field(default_factory=list)
@@ -425,17 +426,41 @@ def _judge(case, figure, old, new, band, higher_better, gated, threshold) -> Row
     return Row(case, figure, old, new, change, band, verdict, gated, fail)
 
 
+def machine(doc: dict) -> str:
+    """The runner class a results file was measured on: its runner slug and, for CPU runs, the CPU model
+    (``cpu-2core AMD EPYC``). Speed-up ratios are stable within one class, not across classes: the
+    sparse conv's speed-up over spconv measured 5.7 on a 2-core AMD EPYC and 2.9 on a 2-core Intel Xeon."""
+    if doc.get("device") == "cuda":
+        return str(doc["runner"])
+    model = (doc.get("environment") or {}).get("cpu_model") or "unknown CPU"
+    return f"{doc['runner']} {model}"
+
+
+def gate_refusal(baseline: dict, here: str, flag: str) -> str | None:
+    """Why `baseline` cannot gate a run on the runner class `here` (None when it can)."""
+    there = machine(baseline)
+    if there == here:
+        return None
+    return (
+        f"{flag}: the baseline was measured on {there} and this run is on {here}; a baseline gates only "
+        f"the runner class it was measured on (speed-up ratios move between CPU models). Record one here "
+        f"first (sparkct bench --suite SUITE --json base.json, on the commit to compare against) and "
+        f"compare with it, or leave out {flag} to see the changes without a gate"
+    )
+
+
 def compare(old: dict, new: dict, *, threshold: float = 0.10, gate_absolute: bool = False) -> Comparison:
     """Every ratio, median time and peak memory of the cases both runs measured. Ratios gate (a regression
-    past `threshold` and beyond the noise band fails); absolute figures gate only with `gate_absolute`
-    and the same runner class."""
+    past `threshold` and beyond the noise band fails) when both runs are of the same runner class
+    (:func:`machine`); absolute figures gate only with `gate_absolute` as well."""
     cmp = Comparison(threshold=threshold)
-    same_runner = old["runner"] == new["runner"]
-    cmp.absolute_gated = gate_absolute and same_runner
-    if gate_absolute and not same_runner:
+    same = machine(old) == machine(new)
+    cmp.ratios_gated = same
+    cmp.absolute_gated = gate_absolute and same
+    if not same:
         cmp.notes.append(
-            f"absolute times not gated: the baseline ran on {old['runner']}, this run on "
-            f"{new['runner']} (--gate-absolute needs the same runner class)"
+            f"not gated: the baseline was measured on {machine(old)}, this run on {machine(new)}; a baseline "
+            "gates only the runner class it was measured on (record one on this machine to gate)"
         )
     elif not gate_absolute:
         cmp.notes.append(
@@ -467,7 +492,7 @@ def compare(old: dict, new: dict, *, threshold: float = 0.10, gate_absolute: boo
                     n["ratios"].get(name),
                     band,
                     not name.startswith("mem_"),
-                    True,
+                    cmp.ratios_gated,
                     threshold,
                 )
             )
@@ -602,12 +627,16 @@ def format_comparison(cmp: Comparison, old: dict, new: dict) -> str:
         ]
         for r in shown
     ]
-    ratio_rows = [r for r in cmp.rows if r.gated and r.figure not in ("time", "peak_bytes")]
+    ratio_rows = [r for r in cmp.rows if r.figure not in ("time", "peak_bytes", "-") and r.old is not None]
     hidden = len([r for r in cmp.rows if r.figure in ("time", "peak_bytes") and r not in shown])
     out = [
-        f"compared with {old['runner']} baseline of {old['created']} "
+        f"compared with the {machine(old)} baseline of {old['created']} "
         f"(commit {(old['environment'].get('git_commit') or '?')[:10]}): "
-        f"fail above {cmp.threshold * 100:g}% on ratio figures, beyond noise",
+        + (
+            f"fail above {cmp.threshold * 100:g}% on ratio figures, beyond noise"
+            if cmp.ratios_gated
+            else "shown, not gated (another runner class)"
+        ),
         _table(["case", "figure", "old", "new", "change", "noise", "verdict"], rows),
     ]
     if hidden:
@@ -637,5 +666,7 @@ def format_comparison(cmp: Comparison, old: dict, new: dict) -> str:
         + ")"
         if fails
         else "gate: pass"
+        if cmp.ratios_gated
+        else f"gate: not applied (the baseline is of {machine(old)}, this run of {machine(new)})"
     )
     return "\n".join(out)

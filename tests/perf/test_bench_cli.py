@@ -151,8 +151,34 @@ def test_absolute_times_gate_only_on_the_same_runner_with_gate_absolute(tmp_path
     assert _cli(tmp_path, old, doc(slow), "--gate-absolute") == 1
     assert "gate: FAIL" in capsys.readouterr().out
     other = doc(slow, runner="cpu-8core")
-    assert _cli(tmp_path, old, other, "--gate-absolute") == 0
-    assert "absolute times not gated: the baseline ran on cpu-2core, this run on cpu-8core" in capsys.readouterr().out
+    assert _cli(tmp_path, old, other, "--gate-absolute") == 2  # a gate that cannot apply: refused
+    assert "the baseline was measured on cpu-2core unknown CPU and this run is on cpu-8core" in capsys.readouterr().err
+
+
+def test_a_baseline_gates_only_its_own_runner_class(tmp_path, capsys):
+    """Measured: the same commit's speedup_vs_spconv was 5.7 on a 2-core AMD EPYC and 2.9 on a 2-core
+    Intel Xeon. Against a baseline of another CPU model the changes are shown and not gated; an explicit
+    --fail-above is refused before anything runs."""
+
+    def on(cpu, ratio):
+        d = doc([case(A, ratios={"speedup_vs_spconv": ratio})])
+        d["environment"] = {"git_commit": "abc", "cpu_model": cpu}
+        return d
+
+    old, new = on("AMD EPYC", 5.7), on("Intel(R) Xeon(R) CPU @ 2.20GHz", 2.9)
+    cmp = report.compare(old, new)
+    assert not cmp.ratios_gated and not cmp.failures
+    assert _row(cmp, A, "speedup_vs_spconv").verdict == "regressed"
+    assert _cli(tmp_path, old, new) == 0
+    out = capsys.readouterr().out
+    assert "gate: not applied (the baseline is of cpu-2core AMD EPYC, this run of cpu-2core Intel(R) Xeon(R)" in out
+    assert "ratio figures: 0 improved, 1 regressed" in out
+    assert _cli(tmp_path, old, new, "--fail-above", "10%") == 2
+    err = capsys.readouterr().err
+    assert "--fail-above: the baseline was measured on cpu-2core AMD EPYC" in err and "Record one here" in err
+    assert len(err.strip().splitlines()) == 1
+    # the same CPU model gates
+    assert _cli(tmp_path, old, on("AMD EPYC", 2.9), "--fail-above", "10%") == 1
 
 
 def test_cases_with_changed_sizes_are_not_compared():
