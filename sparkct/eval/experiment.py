@@ -50,21 +50,71 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _typed(cls, values: dict):
-    """An instance of dataclass `cls` with string values converted by the field types (--set)."""
+def _typed(cls, values: dict, method: str):
+    """An instance of dataclass `cls` with string values converted by the field types (--set `method`.k=v)."""
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {}
     for k, v in values.items():
         if k not in names:
             raise UserError(
-                f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))}; "
+                f"--set {method}.{k}: {method} has no option {k!r} (its options: {', '.join(sorted(names))}; "
                 "trainer options such as base_lr or epochs are accepted too)"
             )
         try:
             kw[k] = parse_field(cls, k, v) if isinstance(v, str) else v
         except (ValueError, argparse.ArgumentTypeError) as e:
-            raise UserError(f"--set: {k}={v!r}: {e}") from None
+            raise UserError(f"--set {method}.{k}={v}: {e}") from None
     return cls(**kw)
+
+
+def _run_configs(
+    cfg: ExperimentConfig, what: str, config_class, opts: dict, base: dict, **train
+) -> tuple[TrainConfig, object]:
+    """(trainer config, `config_class` instance) of one kind of run, both validated: the experiment's
+    settings (`train`: the trainer's, `base`: the method's), then `opts` (``--set WHAT.FIELD=VALUE`` and
+    the built-in data's defaults; trainer fields go to the trainer config, the others to the method's)."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    mcfg = _typed(config_class, {**base, **{k: v for k, v in opts.items() if k not in train_fields}}, what)
+    tcfg = TrainConfig(
+        arch=cfg.arch,
+        windows=cfg.windows,
+        crop=cfg.crop,
+        device=cfg.device,
+        amp=cfg.amp,
+        seed=0,
+        progress=False,
+        tensorboard=False,
+        log_every=5,
+        keep=1,
+        preview_every=0,
+        **train,
+    )
+    for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}, what).__dict__.items():
+        if k in opts:
+            setattr(tcfg, k, v)
+    try:
+        tcfg.validate()
+        mcfg.validate()
+    except UserError as e:
+        given = f" (options {', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""
+        raise UserError(f"{what}: {e}{given}") from None
+    return tcfg, mcfg
+
+
+def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[TrainConfig, object]:
+    """The pretraining run's configs (``data`` is set once the data is ready)."""
+    c = get_method(method).config_class
+    return _run_configs(cfg, method, c, opts, {}, epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, ckpt_every=25)
+
+
+def _finetune_configs(cfg: ExperimentConfig, opts: dict) -> tuple[TrainConfig, FinetuneConfig]:
+    """The fine-tuning runs' configs (``seed`` and ``out`` are set per run)."""
+    base = {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs}
+    tcfg, fcfg = _run_configs(
+        cfg, "finetune", FinetuneConfig, opts, base, epochs=cfg.finetune_epochs, batch=cfg.finetune_batch, ckpt_every=50
+    )
+    assert isinstance(fcfg, FinetuneConfig)
+    return tcfg, fcfg
 
 
 class _Progress:
@@ -197,6 +247,11 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     methods, fractions, seeds = cfg.lists()
     resolve_device(cfg.device)
     overrides = cfg.overrides()
+    # every run's options, for every method named, built and checked before anything is written
+    pre_methods = [m for m in methods if m != "random"]
+    pre_cfgs = {m: _pretrain_configs(cfg, m, overrides.get(m, {})) for m in pre_methods}
+    ft_opts = overrides.get("finetune", {})
+    ft_cfg, fcfg = _finetune_configs(cfg, ft_opts)
     out = cfg.out
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "data")
@@ -254,26 +309,12 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     )
     _check_test_set(task0)
 
-    # the fine-tuning options (built-in defaults, --set finetune.FIELD=VALUE): a typo is refused before training
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    ft_opts = overrides.get("finetune", {})
-    fcfg = _typed(
-        FinetuneConfig,
-        {
-            "freeze_epochs": cfg.freeze_epochs,
-            "ramp_epochs": cfg.ramp_epochs,
-            **{k: v for k, v in ft_opts.items() if k not in train_fields},
-        },
-    )
-    fcfg.validate()
-    ft_train = _typed(TrainConfig, {k: v for k, v in ft_opts.items() if k in train_fields}).__dict__
     if ft_opts:
         log(
             f"fine-tuning options: {', '.join(f'{k}={v}' for k, v in ft_opts.items())}"
             + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else "")
         )
 
-    pre_methods = [m for m in methods if m != "random"]
     prog = _Progress({"pretraining": len(pre_methods), "fine-tuning": len(methods) * len(fractions) * len(seeds)}, log)
     try:
         inits: dict[str, str | None] = {"random": "random"}
@@ -281,29 +322,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
 
         # ---- pretraining -------------------------------------------------------------------------------
         for m in pre_methods:
-            cls = get_method(m)
-            opts = overrides.get(m, {})
-            mcfg = _typed(cls.config_class, {k: v for k, v in opts.items() if k not in train_fields})
-            tcfg = TrainConfig(
-                data=pre_cache,
-                arch=cfg.arch,
-                windows=cfg.windows,
-                crop=cfg.crop,
-                epochs=cfg.pretrain_epochs,
-                batch=cfg.pretrain_batch,
-                device=cfg.device,
-                amp=cfg.amp,
-                seed=0,
-                progress=False,
-                tensorboard=False,
-                log_every=5,
-                ckpt_every=25,
-                keep=1,
-                preview_every=0,
-            )
-            for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}).__dict__.items():
-                if k in opts:
-                    setattr(tcfg, k, v)
+            tcfg, mcfg = pre_cfgs[m]
+            tcfg.data = pre_cache
             key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
@@ -314,7 +334,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                 prog.finish(False)
                 continue
             try:
-                mcfg.validate()
                 method = build_method(m, tcfg, mcfg)
                 resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
                 Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
@@ -334,25 +353,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         for m in methods:
             for seed in seeds:
                 for fr in fractions:
-                    tcfg = TrainConfig(
-                        arch=cfg.arch,
-                        windows=cfg.windows,
-                        crop=cfg.crop,
-                        epochs=cfg.finetune_epochs,
-                        batch=cfg.finetune_batch,
-                        device=cfg.device,
-                        amp=cfg.amp,
-                        seed=seed,
-                        progress=False,
-                        tensorboard=False,
-                        log_every=5,
-                        ckpt_every=50,
-                        keep=1,
-                        preview_every=0,
-                    )
-                    for k in ft_opts:
-                        if k in train_fields:
-                            setattr(tcfg, k, ft_train[k])
+                    tcfg = dataclasses.replace(ft_cfg, seed=seed)
                     key = _key(
                         {
                             "init": inits.get(m, m),
