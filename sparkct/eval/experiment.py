@@ -27,7 +27,6 @@ import sys
 import time
 import traceback
 
-import numpy as np
 from tqdm import tqdm
 
 from sparkct import io as sio
@@ -37,7 +36,7 @@ from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
 from sparkct.eval.data import load_task
-from sparkct.eval.finetune import finetune
+from sparkct.eval.finetune import check_test_set, finetune
 from sparkct.eval.report import collect_runs, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
@@ -228,19 +227,6 @@ def _prepare_once(src: str, dst: str, log, salt: str | None = None) -> str:
     return dst
 
 
-def _check_test_set(task) -> None:
-    """The test set's CIs resample patients within each class: each class needs two of them, else every
-    fine-tuning run would fail at its evaluation. Said once, before any training."""
-    t = task.test
-    per_class = [len(np.unique(np.asarray(t.patients)[np.asarray(t.targets) == c])) for c in range(task.n_classes)]
-    if min(per_class) < 2:
-        raise UserError(
-            f"the test split holds {per_class} patients per class ({', '.join(map(str, task.classes))}); "
-            "bootstrap CIs need at least 2 per class: use more labelled patients or a larger test "
-            "fraction (--split)"
-        )
-
-
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     """Run (or resume) the experiment; returns the report's paths."""
     cfg.validate()
@@ -307,7 +293,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     log(
         f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, test {desc['test']}"
     )
-    _check_test_set(task0)
+    check_test_set(task0)  # said once, before any training
 
     if ft_opts:
         log(
