@@ -45,7 +45,7 @@ from sparkct.models.backbone import build_backbone, feature_dim
 from sparkct.models.base import Method
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
-from sparkct.train.trainer import Trainer, _log
+from sparkct.train.trainer import Trainer, rank0_log
 
 __all__ = [
     "FinetuneConfig",
@@ -361,7 +361,7 @@ def finetune(
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
     A batch larger than the training fraction is lowered to fit (recorded as ``effective_batch``)."""
-    log = log or _log
+    log = log or rank0_log
     cfg = train_cfg if train_cfg is not None else TrainConfig(out="runs/finetune", epochs=70, batch=64, crop=224)
     config = config if config is not None else FinetuneConfig()
     cfg.validate()
@@ -388,8 +388,8 @@ def finetune(
     summary = Trainer(model, cfg, method_name="finetune", dataset=task.train, resume=resume, log=log).fit()
     train_s = time.perf_counter() - t0
     best = os.path.join(cfg.out, "best.ckpt")
-    used = best if os.path.isfile(best) else C.find_latest(cfg.out)
-    state = C.load_checkpoint(used)
+    # no best.ckpt without a validation set: then the newest checkpoint that loads
+    state = C.load_checkpoint(best) if os.path.isfile(best) else C.load_latest(cfg.out, log=log)
     model.load_state_dict(state["model"])
     t1 = time.perf_counter()
     res = evaluate(
