@@ -680,10 +680,12 @@ class Trainer:
             }
             sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
             first, final = run.first_loss, run.logs.get("loss")
+            made = [
+                f for f in ("loss.png", "previews/", "backbone.pt") if os.path.exists(os.path.join(self.run_dir, f))
+            ]
             self.log(
                 f"done: {run.step} steps in {seconds:.0f} s; loss {first if first is None else f'{first:.4g}'}"
-                f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} (loss.png, "
-                f"previews/, backbone.pt)"
+                f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} ({', '.join(made)})"
             )
         self.metrics.close()
         return summary

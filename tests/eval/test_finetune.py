@@ -219,6 +219,15 @@ def test_finetune_tests_the_newest_checkpoint_that_loads(tmp_path, write_npz, mo
     assert any("skipped" in ln and "last.ckpt" in ln for ln in lines), lines
 
 
+def test_the_closing_line_names_only_what_the_run_wrote(tmp_path, write_npz):
+    task = load_task(write_npz(tmp_path / "s.npz", n=(24, 12, 12), k=3, size=20))
+    lines: list[str] = []
+    finetune(task, train_cfg=_cfg(tmp_path, "ft", epochs=1, batch=8), n_resamples=20, log=lines.append)
+    done = next(ln for ln in lines if ln.startswith("done:"))
+    assert done.endswith("(loss.png, backbone.pt)"), done  # fine-tuning writes no previews/
+    assert not os.path.exists(tmp_path / "ft" / "previews")
+
+
 def test_evaluation_uses_the_trainers_public_api():
     import ast
 
