@@ -120,12 +120,14 @@ class _Progress:
     """Which run of how many is going and the time left: a tqdm bar over the runs (on a terminal) and one log
     line per run (readable where stderr is a file, e.g. CI). Pretraining and fine-tuning runs differ in length
     by an order of magnitude, so the time left is estimated per kind (the mean of the runs of that kind done
-    in this session times those left); a kind not timed yet is named instead of guessed. Skipped runs leave
-    the total instead of counting as instant runs. Off a terminal the bar writes to os.devnull: it still
-    counts, only the log lines show."""
+    in this session times those left); a kind not timed yet is named instead of guessed. The log lines count
+    every run of the experiment (a skipped one says so on its next line); the bar counts those to run, so
+    skipped runs leave its total instead of counting as instant runs. Off a terminal the bar writes to
+    os.devnull: it still counts, only the log lines show."""
 
     def __init__(self, totals: dict[str, int], log):
         self.log, self._sink = log, None
+        self.total, self.started = sum(totals.values()), 0
         self.left = dict(totals)
         self.times: dict[str, list[float]] = {k: [] for k in totals}
         self._kind, self._t0 = None, 0.0
@@ -153,8 +155,10 @@ class _Progress:
     def start(self, kind: str, what: str) -> None:
         b = self.bar
         self._kind, self._t0 = kind, time.perf_counter()
+        self.started += 1
         b.set_postfix_str(what.split(" -> ")[0], refresh=False)
-        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(b.format_dict['elapsed'])} elapsed{self.eta()})")
+        elapsed = tqdm.format_interval(b.format_dict["elapsed"])
+        self.log(f"[{self.started}/{self.total}] {what} ({elapsed} elapsed{self.eta()})")
 
     def finish(self, ran: bool) -> None:
         self.left[self._kind] -= 1
@@ -225,6 +229,20 @@ def _prepare_once(src: str, dst: str, log, salt: str | None = None) -> str:
         raise UserError(f"{src}: no usable CT slices")
     log(f"cache {dst}: {rep.slices} slices of {rep.series} series")
     return dst
+
+
+def _recorded_seconds(pretrain_dirs: list[str], runs: list[dict]) -> float:
+    """The time the finished runs recorded (pretraining summary.json, fine-tuning result.json): the
+    experiment's compute time whichever invocation ran each run, so a re-run that skips them keeps it."""
+    total = 0.0
+    for d in pretrain_dirs:
+        path = os.path.join(d, "summary.json")
+        if os.path.isfile(path):
+            total += float(sio.read_json(path).get("seconds") or 0)
+    for r in runs:
+        if r.get("status", "done") == "done":
+            total += sum(float(v or 0) for v in (r.get("seconds") or {}).values())
+    return total
 
 
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
@@ -305,6 +323,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     try:
         inits: dict[str, str | None] = {"random": "random"}
         failed_pre: dict[str, str] = {}
+        pre_dirs: list[str] = []
 
         # ---- pretraining -------------------------------------------------------------------------------
         for m in pre_methods:
@@ -313,6 +332,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
+            pre_dirs.append(run_dir)
             prog.start("pretraining", f"pretrain {m} -> {run_dir}")
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 log("  finished earlier: skipped")
@@ -421,7 +441,10 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
             f"split {split_text} of the labelled patients" + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")
         ),
-        "experiment time": f"{(time.perf_counter() - t_start) / 60:.1f} min (this invocation)",
+        "experiment time": (
+            f"{_recorded_seconds(pre_dirs, runs) / 60:.1f} min of pretraining and fine-tuning, as its finished "
+            f"runs recorded them ({(time.perf_counter() - t_start) / 60:.1f} min in this invocation)"
+        ),
     }
     if failed_pre:
         extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())

@@ -126,6 +126,14 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
     assert {p: os.path.getmtime(p) for p in marks} == marks
     after = _results(out)
     assert after["cells"] == before["cells"] and after["comparisons"] == before["comparisons"]
+    # every run is counted, the skipped ones too
+    assert [ln.split("]")[0] for ln in log if ln.startswith("[")] == [f"[{i}/5" for i in range(1, 6)]
+    # the experiment's time is what its runs recorded, whichever invocation ran them
+    pre = [os.path.join(out, "pretrain", d, "summary.json") for d in os.listdir(os.path.join(out, "pretrain"))]
+    recorded = sum(json.load(open(p))["seconds"] for p in pre)
+    recorded += sum(sum(r["seconds"].values()) for r in after["runs"])
+    assert after["header"]["experiment time"].startswith(f"{recorded / 60:.1f} min of pretraining and fine-tuning")
+    assert after["header"]["experiment time"].split(" (")[0] == before["header"]["experiment time"].split(" (")[0]
 
 
 def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_cache, tmp_path, monkeypatch):
