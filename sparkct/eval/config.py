@@ -177,10 +177,25 @@ class ExperimentConfig:
     def overrides(self) -> dict[str, dict]:
         """{method: {field: value}}: the built-in data's small-pool defaults (when no --data), then --set."""
         pairs = dict(SMALL_DATA_OVERRIDES) if self.data is None and self.pretrain_data is None else {}
+        pretrained = [m for m in self.lists()[0] if m != "random"]
         for item in self.set:
             if "=" not in item or "." not in item.split("=", 1)[0]:
                 raise UserError(f"--set {item!r}: expected METHOD.FIELD=VALUE")
             k, v = item.split("=", 1)
+            m = k.split(".", 1)[0].strip()
+            if m != "finetune" and m not in pretrained:
+                # an option for a method that is not run would be silently ignored
+                why = (
+                    "random pretrains nothing and has no options"
+                    if m == "random"
+                    else f"{m!r} is not among --methods"
+                    if m in METHODS
+                    else f"no method {m!r}"
+                )
+                raise UserError(
+                    f"--set {item!r}: {why}; METHOD is one of {', '.join([*pretrained, 'finetune'])} "
+                    "(finetune: the fine-tuning runs)"
+                )
             pairs[k.strip()] = v.strip()
         out: dict[str, dict] = {}
         for k, v in pairs.items():

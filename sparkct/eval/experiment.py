@@ -27,7 +27,6 @@ import sys
 import time
 import traceback
 
-import numpy as np
 from tqdm import tqdm
 
 from sparkct import io as sio
@@ -37,7 +36,7 @@ from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
 from sparkct.eval.data import load_task
-from sparkct.eval.finetune import finetune
+from sparkct.eval.finetune import check_test_set, finetune
 from sparkct.eval.report import collect_runs, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
@@ -50,33 +49,85 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _typed(cls, values: dict):
-    """An instance of dataclass `cls` with string values converted by the field types (--set)."""
+def _typed(cls, values: dict, method: str):
+    """An instance of dataclass `cls` with string values converted by the field types (--set `method`.k=v)."""
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {}
     for k, v in values.items():
         if k not in names:
             raise UserError(
-                f"--set: {cls.__name__} has no option {k!r} (options: {', '.join(sorted(names))}; "
+                f"--set {method}.{k}: {method} has no option {k!r} (its options: {', '.join(sorted(names))}; "
                 "trainer options such as base_lr or epochs are accepted too)"
             )
         try:
             kw[k] = parse_field(cls, k, v) if isinstance(v, str) else v
         except (ValueError, argparse.ArgumentTypeError) as e:
-            raise UserError(f"--set: {k}={v!r}: {e}") from None
+            raise UserError(f"--set {method}.{k}={v}: {e}") from None
     return cls(**kw)
+
+
+def _run_configs(
+    cfg: ExperimentConfig, what: str, config_class, opts: dict, base: dict, **train
+) -> tuple[TrainConfig, object]:
+    """(trainer config, `config_class` instance) of one kind of run, both validated: the experiment's
+    settings (`train`: the trainer's, `base`: the method's), then `opts` (``--set WHAT.FIELD=VALUE`` and
+    the built-in data's defaults; trainer fields go to the trainer config, the others to the method's)."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    mcfg = _typed(config_class, {**base, **{k: v for k, v in opts.items() if k not in train_fields}}, what)
+    tcfg = TrainConfig(
+        arch=cfg.arch,
+        windows=cfg.windows,
+        crop=cfg.crop,
+        device=cfg.device,
+        amp=cfg.amp,
+        seed=0,
+        progress=False,
+        tensorboard=False,
+        log_every=5,
+        keep=1,
+        preview_every=0,
+        **train,
+    )
+    for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}, what).__dict__.items():
+        if k in opts:
+            setattr(tcfg, k, v)
+    try:
+        tcfg.validate()
+        mcfg.validate()
+    except UserError as e:
+        given = f" (options {', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""
+        raise UserError(f"{what}: {e}{given}") from None
+    return tcfg, mcfg
+
+
+def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[TrainConfig, object]:
+    """The pretraining run's configs (``data`` is set once the data is ready)."""
+    c = get_method(method).config_class
+    return _run_configs(cfg, method, c, opts, {}, epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, ckpt_every=25)
+
+
+def _finetune_configs(cfg: ExperimentConfig, opts: dict) -> tuple[TrainConfig, FinetuneConfig]:
+    """The fine-tuning runs' configs (``seed`` and ``out`` are set per run)."""
+    base = {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs}
+    tcfg, fcfg = _run_configs(
+        cfg, "finetune", FinetuneConfig, opts, base, epochs=cfg.finetune_epochs, batch=cfg.finetune_batch, ckpt_every=50
+    )
+    assert isinstance(fcfg, FinetuneConfig)
+    return tcfg, fcfg
 
 
 class _Progress:
     """Which run of how many is going and the time left: a tqdm bar over the runs (on a terminal) and one log
     line per run (readable where stderr is a file, e.g. CI). Pretraining and fine-tuning runs differ in length
     by an order of magnitude, so the time left is estimated per kind (the mean of the runs of that kind done
-    in this session times those left); a kind not timed yet is named instead of guessed. Skipped runs leave
-    the total instead of counting as instant runs. Off a terminal the bar writes to os.devnull: it still
-    counts, only the log lines show."""
+    in this session times those left); a kind not timed yet is named instead of guessed. The log lines count
+    every run of the experiment (a skipped one says so on its next line); the bar counts those to run, so
+    skipped runs leave its total instead of counting as instant runs. Off a terminal the bar writes to
+    os.devnull: it still counts, only the log lines show."""
 
     def __init__(self, totals: dict[str, int], log):
         self.log, self._sink = log, None
+        self.total, self.started = sum(totals.values()), 0
         self.left = dict(totals)
         self.times: dict[str, list[float]] = {k: [] for k in totals}
         self._kind, self._t0 = None, 0.0
@@ -104,8 +155,10 @@ class _Progress:
     def start(self, kind: str, what: str) -> None:
         b = self.bar
         self._kind, self._t0 = kind, time.perf_counter()
+        self.started += 1
         b.set_postfix_str(what.split(" -> ")[0], refresh=False)
-        self.log(f"[{b.n + 1}/{b.total}] {what} ({tqdm.format_interval(b.format_dict['elapsed'])} elapsed{self.eta()})")
+        elapsed = tqdm.format_interval(b.format_dict["elapsed"])
+        self.log(f"[{self.started}/{self.total}] {what} ({elapsed} elapsed{self.eta()})")
 
     def finish(self, ran: bool) -> None:
         self.left[self._kind] -= 1
@@ -178,17 +231,18 @@ def _prepare_once(src: str, dst: str, log, salt: str | None = None) -> str:
     return dst
 
 
-def _check_test_set(task) -> None:
-    """The test set's CIs resample patients within each class: each class needs two of them, else every
-    fine-tuning run would fail at its evaluation. Said once, before any training."""
-    t = task.test
-    per_class = [len(np.unique(np.asarray(t.patients)[np.asarray(t.targets) == c])) for c in range(task.n_classes)]
-    if min(per_class) < 2:
-        raise UserError(
-            f"the test split holds {per_class} patients per class ({', '.join(map(str, task.classes))}); "
-            "bootstrap CIs need at least 2 per class: use more labelled patients or a larger test "
-            "fraction (--split)"
-        )
+def _recorded_seconds(pretrain_dirs: list[str], runs: list[dict]) -> float:
+    """The time the finished runs recorded (pretraining summary.json, fine-tuning result.json): the
+    experiment's compute time whichever invocation ran each run, so a re-run that skips them keeps it."""
+    total = 0.0
+    for d in pretrain_dirs:
+        path = os.path.join(d, "summary.json")
+        if os.path.isfile(path):
+            total += float(sio.read_json(path).get("seconds") or 0)
+    for r in runs:
+        if r.get("status", "done") == "done":
+            total += sum(float(v or 0) for v in (r.get("seconds") or {}).values())
+    return total
 
 
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
@@ -197,6 +251,11 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     methods, fractions, seeds = cfg.lists()
     resolve_device(cfg.device)
     overrides = cfg.overrides()
+    # every run's options, for every method named, built and checked before anything is written
+    pre_methods = [m for m in methods if m != "random"]
+    pre_cfgs = {m: _pretrain_configs(cfg, m, overrides.get(m, {})) for m in pre_methods}
+    ft_opts = overrides.get("finetune", {})
+    ft_cfg, fcfg = _finetune_configs(cfg, ft_opts)
     out = cfg.out
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "data")
@@ -252,61 +311,28 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     log(
         f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, test {desc['test']}"
     )
-    _check_test_set(task0)
+    check_test_set(task0)  # said once, before any training
 
-    # the fine-tuning options (built-in defaults, --set finetune.FIELD=VALUE): a typo is refused before training
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    ft_opts = overrides.get("finetune", {})
-    fcfg = _typed(
-        FinetuneConfig,
-        {
-            "freeze_epochs": cfg.freeze_epochs,
-            "ramp_epochs": cfg.ramp_epochs,
-            **{k: v for k, v in ft_opts.items() if k not in train_fields},
-        },
-    )
-    fcfg.validate()
-    ft_train = _typed(TrainConfig, {k: v for k, v in ft_opts.items() if k in train_fields}).__dict__
     if ft_opts:
         log(
             f"fine-tuning options: {', '.join(f'{k}={v}' for k, v in ft_opts.items())}"
             + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else "")
         )
 
-    pre_methods = [m for m in methods if m != "random"]
     prog = _Progress({"pretraining": len(pre_methods), "fine-tuning": len(methods) * len(fractions) * len(seeds)}, log)
     try:
         inits: dict[str, str | None] = {"random": "random"}
         failed_pre: dict[str, str] = {}
+        pre_dirs: list[str] = []
 
         # ---- pretraining -------------------------------------------------------------------------------
         for m in pre_methods:
-            cls = get_method(m)
-            opts = overrides.get(m, {})
-            mcfg = _typed(cls.config_class, {k: v for k, v in opts.items() if k not in train_fields})
-            tcfg = TrainConfig(
-                data=pre_cache,
-                arch=cfg.arch,
-                windows=cfg.windows,
-                crop=cfg.crop,
-                epochs=cfg.pretrain_epochs,
-                batch=cfg.pretrain_batch,
-                device=cfg.device,
-                amp=cfg.amp,
-                seed=0,
-                progress=False,
-                tensorboard=False,
-                log_every=5,
-                ckpt_every=25,
-                keep=1,
-                preview_every=0,
-            )
-            for k, v in _typed(TrainConfig, {k: v for k, v in opts.items() if k in train_fields}).__dict__.items():
-                if k in opts:
-                    setattr(tcfg, k, v)
+            tcfg, mcfg = pre_cfgs[m]
+            tcfg.data = pre_cache
             key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
+            pre_dirs.append(run_dir)
             prog.start("pretraining", f"pretrain {m} -> {run_dir}")
             if os.path.isfile(os.path.join(run_dir, "summary.json")):
                 log("  finished earlier: skipped")
@@ -314,7 +340,6 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                 prog.finish(False)
                 continue
             try:
-                mcfg.validate()
                 method = build_method(m, tcfg, mcfg)
                 resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
                 Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
@@ -334,25 +359,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         for m in methods:
             for seed in seeds:
                 for fr in fractions:
-                    tcfg = TrainConfig(
-                        arch=cfg.arch,
-                        windows=cfg.windows,
-                        crop=cfg.crop,
-                        epochs=cfg.finetune_epochs,
-                        batch=cfg.finetune_batch,
-                        device=cfg.device,
-                        amp=cfg.amp,
-                        seed=seed,
-                        progress=False,
-                        tensorboard=False,
-                        log_every=5,
-                        ckpt_every=50,
-                        keep=1,
-                        preview_every=0,
-                    )
-                    for k in ft_opts:
-                        if k in train_fields:
-                            setattr(tcfg, k, ft_train[k])
+                    tcfg = dataclasses.replace(ft_cfg, seed=seed)
                     key = _key(
                         {
                             "init": inits.get(m, m),
@@ -434,7 +441,10 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
             f"split {split_text} of the labelled patients" + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")
         ),
-        "experiment time": f"{(time.perf_counter() - t_start) / 60:.1f} min (this invocation)",
+        "experiment time": (
+            f"{_recorded_seconds(pre_dirs, runs) / 60:.1f} min of pretraining and fine-tuning, as its finished "
+            f"runs recorded them ({(time.perf_counter() - t_start) / 60:.1f} min in this invocation)"
+        ),
     }
     if failed_pre:
         extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())

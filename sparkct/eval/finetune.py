@@ -40,14 +40,23 @@ from sparkct.data.datasets import SliceLoader
 from sparkct.data.windows import resolve_windows
 from sparkct.errors import UserError
 from sparkct.eval.config import FinetuneConfig
-from sparkct.eval.metrics import bootstrap_ci, compute_metrics
+from sparkct.eval.metrics import bootstrap_ci, compute_metrics, units_per_class
 from sparkct.models.backbone import build_backbone, feature_dim
 from sparkct.models.base import Method
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
-from sparkct.train.trainer import Trainer, _log
+from sparkct.train.trainer import Trainer, rank0_log
 
-__all__ = ["FinetuneConfig", "Classifier", "predict", "evaluate", "resolve_init", "finetune", "AGGREGATE"]
+__all__ = [
+    "FinetuneConfig",
+    "Classifier",
+    "predict",
+    "evaluate",
+    "resolve_init",
+    "check_test_set",
+    "finetune",
+    "AGGREGATE",
+]
 
 AGGREGATE = ("auto", "none", "series", "patient")
 
@@ -318,6 +327,20 @@ def resolve_init(init: str, arch: str) -> tuple[str | None, str, str]:
     raise UserError(f"--init {init}: not 'random', a weights file or a run folder")
 
 
+def check_test_set(task) -> None:
+    """The test CIs resample patients within each class (a patient counts in the class of its largest
+    label): each class needs two of them, else a run would fail at its evaluation, after training."""
+    t = task.test
+    have = units_per_class(np.asarray(t.targets), np.asarray(t.patients))
+    per_class = [have.get(c, 0) for c in range(task.n_classes)]
+    if min(per_class) < 2:
+        raise UserError(
+            f"the test split holds {per_class} patients per class ({', '.join(map(str, task.classes))}); "
+            "bootstrap CIs need at least 2 per class: use more labelled patients or a larger test "
+            "fraction (--split)"
+        )
+
+
 def _steps_per_epoch(n: int, batch: int, accum: int) -> int:
     return (n // (batch // accum)) // accum
 
@@ -338,11 +361,12 @@ def finetune(
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
     A batch larger than the training fraction is lowered to fit (recorded as ``effective_batch``)."""
-    log = log or _log
+    log = log or rank0_log
     cfg = train_cfg if train_cfg is not None else TrainConfig(out="runs/finetune", epochs=70, batch=64, crop=224)
     config = config if config is not None else FinetuneConfig()
     cfg.validate()
     config.validate()
+    check_test_set(task)
     weights, arch, kind = resolve_init(init, cfg.arch)
     cfg.arch = arch
     n = len(task.train)
@@ -364,8 +388,8 @@ def finetune(
     summary = Trainer(model, cfg, method_name="finetune", dataset=task.train, resume=resume, log=log).fit()
     train_s = time.perf_counter() - t0
     best = os.path.join(cfg.out, "best.ckpt")
-    used = best if os.path.isfile(best) else C.find_latest(cfg.out)
-    state = C.load_checkpoint(used)
+    # no best.ckpt without a validation set: then the newest checkpoint that loads
+    state = C.load_checkpoint(best) if os.path.isfile(best) else C.load_latest(cfg.out, log=log)
     model.load_state_dict(state["model"])
     t1 = time.perf_counter()
     res = evaluate(

@@ -34,6 +34,7 @@ __all__ = [
     "as_probabilities",
     "compute_metrics",
     "bootstrap_ci",
+    "units_per_class",
     "paired_bootstrap",
     "delong_test",
     "delong_variance",
@@ -218,6 +219,13 @@ def _units(y: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray, list[np.ndarr
         np.maximum.at(ulab, unit, y)
     strata = [np.flatnonzero(ulab == v) for v in np.unique(ulab)]
     return unit, ulab, strata
+
+
+def units_per_class(y_true, groups=None) -> dict[int, int]:
+    """{class: units} as the bootstrap resamples them (items, or groups such as patients counted in the
+    class of their largest label), for the classes present. Each needs at least 2 units."""
+    _, ulab, strata = _units(np.asarray(y_true).reshape(-1), groups)
+    return {int(ulab[s[0]]): len(s) for s in strata}
 
 
 def _run_bootstrap(

@@ -273,12 +273,20 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
         floor = 2 / (agg["n_resamples"] + 1)  # the smallest p the bootstrap can give
         for c in comps:
             pb = f"≤ {floor:.2g}" if c["p_bootstrap"] <= floor * (1 + 1e-9) else f"{c['p_bootstrap']:.3g}"
-            pd = "n/a" if c.get("p_delong") is None else f"{c['p_delong']:.3g}"
+            pd = "n/a¹" if c.get("p_delong") is None else f"{c['p_delong']:.3g}"
             lines.append(
                 f"| {c['method']} | {_pct(c['fraction'])} | "
                 f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {pb} | {pd} |"
             )
         lines.append("")
+        if any(c.get("p_delong") is None for c in comps):
+            lines += [
+                "¹ DeLong's test treats the test units as independent; these test sets hold several units "
+                "(slices or series) per patient, so only the paired bootstrap, which resamples whole patients, "
+                "applies. One unit per patient (patient labels, or `sparkct finetune --aggregate patient`) "
+                "gives DeLong's p.",
+                "",
+            ]
     elif agg["baseline"] not in methods:
         lines += [f"No paired comparison: the baseline {agg['baseline']!r} has no finished runs.", ""]
     failed = [r for r in runs if r.get("status", "done") != "done"]

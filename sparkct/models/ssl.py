@@ -394,9 +394,9 @@ class SSLMethod(Method):
         `shown` slices side by side (and the first local crop, enlarged), then what the backbone's pooled
         features (the exported representation, cosine similarity) match among the first `search` slices
         of the batch: for each slice, the view 2 nearest to its view 1 (its own view 2 when the features
-        are invariant to the augmentations; the row's name counts how often that holds) and its nearest
-        other slice (which slices the representation groups together). One no-grad forward of `search` x
-        2 images."""
+        are invariant to the augmentations; the row's name counts how often that holds, beside the 1/n of
+        a random match) and its nearest other slice (which slices the representation groups together).
+        One no-grad forward of `search` x 2 images."""
         views, _ = self.split_batch(batch)
         n_global = min(self.n_global, len(views))
         k = min(shown, views[0].shape[0])
@@ -412,7 +412,7 @@ class SSLMethod(Method):
         a, b = (F.normalize(self.backbone(v[:n].to(dtype)).flatten(1).float(), dim=1) for v in views[:2])
         nearest = (a @ b.t()).argmax(1)
         own = int((nearest == torch.arange(n, device=nearest.device)).sum())
-        rows[f"nearest view 2 ({own}/{n} own)"] = views[1][nearest[:k]]
+        rows[f"nearest view 2 ({own}/{n} own, chance 1/{n})"] = views[1][nearest[:k]]
         other = a @ a.t()
         other.fill_diagonal_(-float("inf"))
         rows["nearest other slice"] = views[0][other.argmax(1)[:k]]

@@ -132,7 +132,7 @@ def profile_pretrain(
 
     from sparkct import io as sio  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
     from sparkct.data import resolve_data  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
-    from sparkct.train.trainer import Trainer, _log, build_method  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
+    from sparkct.train.trainer import Trainer, build_method, rank0_log  # noqa: PLC0415 (lazy: `sparkct -h` imports no torch)
 
     out = cfg.out
     os.makedirs(out, exist_ok=True)
@@ -150,7 +150,7 @@ def profile_pretrain(
         synth_patients=cfg.synth_patients,
         synth_size=cfg.synth_size,
         synth_slices=cfg.synth_slices,
-        log=_log,
+        log=rank0_log,
     )
     os.makedirs(run_dir)
     sio.write_text_atomic(marker, "a sparkct profile run: the next profile into this folder replaces it\n")

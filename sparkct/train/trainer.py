@@ -63,7 +63,7 @@ from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accu
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
 from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL load lazily in there
 
-__all__ = ["VOLATILE_KEYS", "RunState", "StepResult", "Trainer", "TrainingDiverged", "build_method"]
+__all__ = ["VOLATILE_KEYS", "RunState", "StepResult", "Trainer", "TrainingDiverged", "build_method", "rank0_log"]
 
 #: TrainConfig fields that may change on resume without changing what is computed
 VOLATILE_KEYS = (
@@ -80,7 +80,8 @@ VOLATILE_KEYS = (
 )
 
 
-def _log(msg: str) -> None:
+def rank0_log(msg: str) -> None:
+    """A run's default log: the line on stderr, above any progress bar, from rank 0 only."""
     if D.is_main():
         tqdm.write(msg, file=sys.stderr)
 
@@ -170,7 +171,7 @@ class Trainer:
         dataset=None,
         resume: bool | str = False,
         force: bool = False,
-        log=_log,
+        log=rank0_log,
         on_step=None,
     ):
         config.validate()
@@ -681,10 +682,12 @@ class Trainer:
             }
             sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
             first, final = run.first_loss, run.logs.get("loss")
+            made = [
+                f for f in ("loss.png", "previews/", "backbone.pt") if os.path.exists(os.path.join(self.run_dir, f))
+            ]
             self.log(
                 f"done: {run.step} steps in {seconds:.0f} s; loss {first if first is None else f'{first:.4g}'}"
-                f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} (loss.png, "
-                f"previews/, backbone.pt)"
+                f" -> {final if final is None else f'{final:.4g}'}; run folder {self.run_dir} ({', '.join(made)})"
             )
         self.metrics.close()
         return summary

@@ -86,3 +86,12 @@ def test_finetune_mistakes_are_one_line_with_exit_2(argv, msg, tmp_path, write_n
     err = capsys.readouterr().err.strip()
     assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("sparkct finetune: error:")
+
+
+def test_finetune_refuses_a_test_split_too_small_for_the_bootstrap_before_training(tmp_path, write_npz, capsys):
+    data = write_npz(tmp_path / "d.npz", n=(24, 12, 3), k=3)  # one test image per class
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", data, "--out", str(out), "--epochs", "1", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds [1, 1, 1] patients per class" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()  # said before training, as `sparkct experiment` does

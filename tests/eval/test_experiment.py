@@ -126,6 +126,14 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
     assert {p: os.path.getmtime(p) for p in marks} == marks
     after = _results(out)
     assert after["cells"] == before["cells"] and after["comparisons"] == before["comparisons"]
+    # every run is counted, the skipped ones too
+    assert [ln.split("]")[0] for ln in log if ln.startswith("[")] == [f"[{i}/5" for i in range(1, 6)]
+    # the experiment's time is what its runs recorded, whichever invocation ran them
+    pre = [os.path.join(out, "pretrain", d, "summary.json") for d in os.listdir(os.path.join(out, "pretrain"))]
+    recorded = sum(json.load(open(p))["seconds"] for p in pre)
+    recorded += sum(sum(r["seconds"].values()) for r in after["runs"])
+    assert after["header"]["experiment time"].startswith(f"{recorded / 60:.1f} min of pretraining and fine-tuning")
+    assert after["header"]["experiment time"].split(" (")[0] == before["header"]["experiment time"].split(" (")[0]
 
 
 def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_cache, tmp_path, monkeypatch):
@@ -160,16 +168,22 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
         assert ra["val_history"] == rb["val_history"]  # the log up to the checkpoint survived the interruption
 
 
-def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path):
+def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatch):
+    import sparkct.eval.experiment as E
+
+    def broken(name, *a, **kw):  # a failure that no check before the run can see
+        raise RuntimeError("out of rotations")
+
+    monkeypatch.setattr(E, "build_method", broken)
     out = tmp_path / "exp"
-    # an invalid option; a fine-tuning option for every fine-tuning run
-    log = _experiment(eval_cache, out, fractions="1", set=["rotation.noise=50", "finetune.base_lr=1e-3"])
-    assert any("FAILED" in ln and "noise" in ln for ln in log)
+    # a fine-tuning option for every fine-tuning run
+    log = _experiment(eval_cache, out, fractions="1", set=["finetune.base_lr=1e-3"])
+    assert any("FAILED" in ln and "out of rotations" in ln for ln in log)
     assert "fine-tuning options: base_lr=1e-3" in log
     res = json.load(open(next(os.path.join(d, "result.json") for d in _finetune_dirs(str(out)) if "random" in d)))
     assert res["train"]["base_lr"] == 1e-3
     md = open(out / "results.md").read()
-    assert "| rotation | failed |" in md and "## Failed runs" in md and "--noise must be in (0, 10)" in md
+    assert "| rotation | failed |" in md and "## Failed runs" in md and "out of rotations" in md
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert sorted((r["method"], r["status"]) for r in rows) == [("random", "done"), ("rotation", "failed")]
     res = _results(str(out))
@@ -197,6 +211,43 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
     with pytest.raises(UserError, match="no option 'nope'"):
         _experiment(eval_cache, tmp_path / "bad", set=["finetune.nope=1"])
     assert not os.path.isdir(tmp_path / "bad" / "finetune")
+
+
+@pytest.mark.parametrize(
+    "option,msg",
+    [
+        ("nosuchmethod.field=1", "no method 'nosuchmethod'"),
+        ("moco.queue_size=8", "'moco' is not among --methods"),
+        ("random.lr=1", "random pretrains nothing"),
+        ("spark.nonexistent=1", "spark has no option 'nonexistent'"),
+        ("spark.mask_ratio=1", "spark: mask ratio must be"),
+        ("spark.mask_ratio=abc", "--set spark.mask_ratio=abc: "),
+        ("spark.epochs=-3", "spark: --epochs must be >= 1, got -3"),
+        ("finetune.epochs=0", "finetune: --epochs must be >= 1, got 0"),
+        ("finetune.label_smoothing=1", "finetune: --label-smoothing must be in [0, 1)"),
+    ],
+)
+def test_set_options_are_checked_for_every_method_before_any_work(option, msg, eval_cache, tmp_path, capsys):
+    """Each method's options (spark's after rotation's, the fine-tuning runs' after all pretraining) are
+    refused in one line before anything is written: no method pretrains first, none is reported failed."""
+    out = tmp_path / "exp"
+    args = ["--methods", "random,rotation,spark", "--fractions", "1", "--seeds", "0", "--crop", "32"]
+    args += ["--windows", "lung", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--resamples", "20"]
+    code = main(
+        ["experiment", "--data", eval_cache["cache"], "--labels", eval_cache["patient_labels"], "--out", str(out)]
+        + ["--device", "cpu", "--split", "0.34,0.33,0.33", "--set", option, *args]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and msg in err[0] and err[0].startswith("sparkct experiment: error:"), err
+    assert not out.exists()
+
+
+def test_set_accepts_windows_as_center_width(eval_cache):
+    from sparkct.eval.experiment import _pretrain_configs
+
+    cfg = ExperimentConfig(data=eval_cache["cache"], methods="spark", set=["spark.windows=40/400"], **{"crop": 64})
+    tcfg, _ = _pretrain_configs(cfg, "spark", cfg.overrides()["spark"])
+    assert tcfg.windows == "40/400"
 
 
 def _slice_labels(cache_dir, path, label_of, extra_row=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,48 @@ def test_resolve_init(tmp_path):
     assert resolve_init(str(run), "resnet18") == (str(run / "backbone.pt"), "resnet34", "run")
     with pytest.raises(UserError, match="not 'random'"):
         resolve_init(str(tmp_path / "nope.pt"), "resnet18")
+
+
+def test_finetune_tests_the_newest_checkpoint_that_loads(tmp_path, write_npz, monkeypatch):
+    """Without best.ckpt the run's newest loadable checkpoint is tested: a zero-byte last.ckpt (a kill
+    during a copy, a full disk) is skipped with a log line, as `--resume` does."""
+    from sparkct.train.trainer import Trainer
+
+    fit = Trainer.fit
+
+    def fit_then_break(self):
+        out = fit(self)
+        os.unlink(os.path.join(self.run_dir, "best.ckpt"))
+        last = os.path.join(self.run_dir, "last.ckpt")
+        os.unlink(last)  # a hard link to the newest step checkpoint, which stays intact
+        open(last, "wb").close()
+        return out
+
+    monkeypatch.setattr(Trainer, "fit", fit_then_break)
+    task = load_task(write_npz(tmp_path / "s.npz", n=(24, 12, 12), k=3, size=20))
+    lines: list[str] = []
+    cfg = _cfg(tmp_path, "ft", epochs=1, batch=8)
+    res = finetune(task, train_cfg=cfg, config=FinetuneConfig(freeze_epochs=0), n_resamples=20, log=lines.append)
+    assert res["tested_checkpoint"]["path"] == os.path.join(cfg.out, "checkpoints", "step-0000003.ckpt")
+    assert any("skipped" in ln and "last.ckpt" in ln for ln in lines), lines
+
+
+def test_the_closing_line_names_only_what_the_run_wrote(tmp_path, write_npz):
+    task = load_task(write_npz(tmp_path / "s.npz", n=(24, 12, 12), k=3, size=20))
+    lines: list[str] = []
+    finetune(task, train_cfg=_cfg(tmp_path, "ft", epochs=1, batch=8), n_resamples=20, log=lines.append)
+    done = next(ln for ln in lines if ln.startswith("done:"))
+    assert done.endswith("(loss.png, backbone.pt)"), done  # fine-tuning writes no previews/
+    assert not os.path.exists(tmp_path / "ft" / "previews")
+
+
+def test_evaluation_uses_the_trainers_public_api():
+    import ast
+
+    import sparkct.eval
+
+    for path in Path(sparkct.eval.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sparkct.train"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"

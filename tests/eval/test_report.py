@@ -101,6 +101,7 @@ def test_report_files_written_and_well_formed(tmp_path):
     assert comp["low"] < comp["diff"] < comp["high"]
     assert res["versions"]["numpy"] == np.__version__ and res["config"] == {"methods": list(QUALITY)}
     assert "predictions" not in res["runs"][0]
+    assert "¹" not in open(paths["md"]).read()  # DeLong's p given: no footnote
     rows = list(csv.DictReader(open(paths["csv"])))
     assert len(rows) == 19 and list(rows[0]) == list(RUN_FIELDS)
     assert sum(r["status"] == "failed" for r in rows) == 1
@@ -118,7 +119,9 @@ def test_slice_level_units_skip_delong(tmp_path):
     paths = write_report(runs, str(tmp_path / "r"), n_resamples=100)
     res = json.load(open(paths["json"]))
     assert res["comparisons"][0]["p_delong"] is None and "DeLong not applicable" in res["comparisons"][0]["note"]
-    assert "n/a |" in open(paths["md"]).read()
+    md = open(paths["md"]).read()
+    assert "| n/a¹ |" in md  # and the table says why
+    assert "¹ DeLong's test treats the test units as independent; these test sets hold several units" in md
 
 
 def test_collect_runs_from_folders(tmp_path):

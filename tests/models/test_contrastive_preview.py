@@ -44,7 +44,7 @@ def test_preview_rows(name):
         b = F.normalize(m.backbone(views[1]), dim=1)
     nn_view2 = torch.tensor([max(range(12), key=lambda j: float(a[i] @ b[j])) for i in range(12)])
     own = int((nn_view2 == torch.arange(12)).sum())
-    assert names[-2] == f"nearest view 2 ({own}/12 own)"
+    assert names[-2] == f"nearest view 2 ({own}/12 own, chance 1/12)"
     assert torch.equal(rows[names[-2]], views[1][nn_view2[:8]])
     nn_other = [max((j for j in range(12) if j != i), key=lambda j: float(a[i] @ a[j])) for i in range(8)]
     assert names[-1] == "nearest other slice" and torch.equal(rows[names[-1]], views[0][nn_other])
@@ -54,7 +54,7 @@ def test_preview_counts_own_views_and_takes_labelled_batches():
     m = make("simclr")
     views = m.transform(32, "lung")(synthetic_hu(6), torch.Generator().manual_seed(1))
     rows = m.preview(([views[0], views[0].clone()], torch.zeros(6, dtype=torch.long)))  # (views, targets)
-    assert "nearest view 2 (6/6 own)" in rows  # identical views: every slice finds its own
+    assert "nearest view 2 (6/6 own, chance 1/6)" in rows  # identical views: every slice finds its own
     assert len(rows["view 1"]) == 6
 
 
