@@ -41,6 +41,7 @@ from sparkct.data.datasets import (
     _call_transform,
     patient_split,
     patient_subset_stratified,
+    read_labels_csv,
 )
 from sparkct.data.images import ImageFolderSlices
 from sparkct.data.windows import DEFAULT_WINDOWS, apply_windows, resolve_windows
@@ -173,8 +174,7 @@ def read_labels(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"labels file not found: {path}")
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_labels_csv(path)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{path}: not a readable CSV ({e})") from None
     if not rows:
