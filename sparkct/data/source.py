@@ -56,6 +56,12 @@ def resolve_data(
             return data
         if not os.path.isdir(data):
             raise UserError(f"--data {data}: expected a prepared cache or a DICOM/NIfTI folder")
+        parts = [n for n in ("index.npz", "shards") if os.path.exists(os.path.join(data, n))]
+        if parts:  # a damaged cache, not a source to prepare (that would find no CT and say only that)
+            raise UserError(
+                f"--data {data}: not a prepared cache: cache.json is missing (the folder has {' and '.join(parts)}); "
+                "prepare it again with `sparkct data prepare SRC DST` into a new folder"
+            )
         src = data
         cache = os.path.join(root, "cache-" + (os.path.basename(os.path.normpath(data)) or "data"))
     if D.is_main():
@@ -63,6 +69,9 @@ def resolve_data(
             log(f"preparing the slice cache {cache} from {src} (resumable)")
         rep = prepare(src, cache, progress=False)
         if rep.slices == 0:
-            raise UserError(f"{src}: no usable CT slices found ({rep.summary().splitlines()[0]})")
+            raise UserError(
+                f"{src}: no usable CT slices found ({rep.summary().splitlines()[0]}); --data takes a prepared "
+                "cache (a folder with cache.json) or a folder of DICOM/NIfTI files"
+            )
     D.barrier()
     return cache
