@@ -150,7 +150,7 @@ def test_pretrain_on_a_damaged_cache_stops_in_one_line_before_writing(cache, tmp
     c = SliceCache(cache)
     open(_shard(c, 0), "wb").close()
     out = tmp_path / "run"
-    argv = ["pretrain", "spark", "--data", cache, "--out", str(out), "--crop", "32", "--max-steps", "1"]
+    argv = ["pretrain", "spark", "--data", cache, "--out", str(out), "--crop", "64", "--max-steps", "1"]
     assert main([*argv, "--device", "cpu", "--batch", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and _shard(c, 0) in err and "the file is empty" in err
