@@ -254,7 +254,7 @@ def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
         )
     empty = [i + 2 for i, r in enumerate(rows) if not normalize_label(r.get(label_column))]
     if empty:
-        raise UserError(f"{labels}: empty or NaN label on line(s) {empty[:5]}")
+        raise UserError(f"{labels}: empty label (or NaN) on line(s) {empty[:5]}")
     raw = sorted({normalize_label(r[label_column]) for r in rows})
     if len(raw) < 2:
         raise UserError(f"{labels}: every row has label {raw[0]!r}: a classifier needs at least two classes")

@@ -34,7 +34,7 @@ def test_labels_files_are_checked_row_by_row(eval_cache, tmp_path):
             ["series_key", "label"],
             [[r["series_key"], r["label"]] for r in series] + [[k0, 1 - int(series[0]["label"])]],
         ),
-        r"empty or NaN label on line\(s\) \[3\]": (
+        r"empty label \(or NaN\) on line\(s\) \[3\]": (
             ["series_key", "label"],
             [[r["series_key"], "nan" if i == 1 else r["label"]] for i, r in enumerate(series)],
         ),
