@@ -69,10 +69,16 @@ INDEX_KEYS = (
     "series.series_uid",
 )
 
-# what repairs a damaged cache: prepare resumes from the series records, re-makes any series whose shard
-# does not load with its recorded shape, and rewrites the index; a damaged cache.json needs --reset
-_PREPARE_AGAIN = "run the `sparkct data prepare SRC DST` that made it again (it re-makes what is damaged)"
-_PREPARE_RESET = "prepare it again with `sparkct data prepare SRC DST --reset` (or into a new folder)"
+
+def _again(root: str) -> str:
+    # prepare resumes from the series records, re-makes each series whose shard does not load with its
+    # recorded shape, and rewrites the index
+    return f"run the `sparkct data prepare SRC {root}` that made it again (it re-makes what is damaged)"
+
+
+def _reset(root: str) -> str:
+    # a damaged cache.json: prepare cannot resume from it
+    return f"prepare it again with `sparkct data prepare SRC {root} --reset` (or into a new folder)"
 
 
 def _one_line(e: BaseException) -> str:
@@ -85,9 +91,9 @@ def _read_manifest(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             man = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({_one_line(e)}); {_PREPARE_RESET}") from e
+        raise UserError(f"{path}: unreadable ({_one_line(e)}); {_reset(os.path.dirname(path))}") from e
     if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise UserError(f"{path}: not the manifest of a sparkct slice cache; {_PREPARE_RESET}")
+        raise UserError(f"{path}: not the manifest of a sparkct slice cache; {_reset(os.path.dirname(path))}")
     return man
 
 
@@ -101,36 +107,49 @@ def _read_index(path: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         # allow_pickle=False turns anything that is neither npy nor npz into a 'pickled data' ValueError
         why = "not an npz archive" if "pickle" in str(e) else _one_line(e)
-        raise UserError(f"{path}: not a readable slice index ({why}); {_PREPARE_AGAIN}") from e
+        raise UserError(f"{path}: not a readable slice index ({why}); {_again(os.path.dirname(path))}") from e
     missing = [k for k in INDEX_KEYS if k not in data]
     if missing:
-        raise UserError(f"{path}: no {missing[0]!r} array ({len(missing)} missing); {_PREPARE_AGAIN}")
+        raise UserError(f"{path}: no {missing[0]!r} array ({len(missing)} missing); {_again(os.path.dirname(path))}")
     return data
 
 
 def _check_tables(path: str, data: dict[str, np.ndarray]) -> None:
     """The index's tables agree in length and point inside each other (cheap: no shard is read)."""
+    try:
+        _check_table_rows(path, data)
+    except (TypeError, ValueError, IndexError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path}: tables of the wrong type ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
+
+
+def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
     n_slices = len(data["slice.series"])
     n_series = len(data["series.key"])
     for k in ("slice.index", "slice.z", "slice.instance", "slice.patient"):
         if len(data[k]) != n_slices:
-            raise UserError(f"{path}: {k!r} has {len(data[k])} rows, 'slice.series' {n_slices}; {_PREPARE_AGAIN}")
+            raise UserError(
+                f"{path}: {k!r} has {len(data[k])} rows, 'slice.series' {n_slices}; {_again(os.path.dirname(path))}"
+            )
     for k in ("series.offset", "series.n", "series.shape", "series.series_uid"):
         if len(data[k]) != n_series:
-            raise UserError(f"{path}: {k!r} has {len(data[k])} rows, 'series.key' {n_series}; {_PREPARE_AGAIN}")
+            raise UserError(
+                f"{path}: {k!r} has {len(data[k])} rows, 'series.key' {n_series}; {_again(os.path.dirname(path))}"
+            )
     if data["series.shape"].ndim != 2 or data["series.shape"].shape[1] != 2:
-        raise UserError(f"{path}: 'series.shape' is not (series, 2); {_PREPARE_AGAIN}")
+        raise UserError(f"{path}: 'series.shape' is not (series, 2); {_again(os.path.dirname(path))}")
     ser, idx = data["slice.series"], data["slice.index"]
     if n_slices and (ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= data["series.n"][ser]).any()):
-        raise UserError(f"{path}: slice rows point outside their series; {_PREPARE_AGAIN}")
+        raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
     if int(np.sum(data["series.n"])) != n_slices:
         raise UserError(
             f"{path}: the series hold {int(np.sum(data['series.n']))} slices, the slice table {n_slices}; "
-            + _PREPARE_AGAIN
+            + _again(os.path.dirname(path))
         )
     pat = data["slice.patient"]
     if n_slices and (pat.min() < 0 or pat.max() >= len(data["patients"])):
-        raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_PREPARE_AGAIN}")
+        raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_again(os.path.dirname(path))}")
 
 
 def _shard_problem(path: str, shape: tuple[int, int, int]) -> str | None:
@@ -196,6 +215,7 @@ class SliceCache:
         data = _read_index(path)
         if str(data["format"]) != FORMAT or int(data["version"]) != VERSION:
             raise UserError(f"{root!r}: unsupported cache format/version")
+        _check_tables(path, data)
         self.slice_series = data["slice.series"]
         self.slice_index = data["slice.index"]
         self.slice_z = data["slice.z"]
@@ -207,14 +227,13 @@ class SliceCache:
         self._max_open = max_open
         shapes = self.series["shape"]
         self.uniform_shape = tuple(int(v) for v in shapes[0]) if len(shapes) and (shapes == shapes[0]).all() else None
-        _check_tables(path, data)
         if check_shards:
             self.check_shards()
 
     def _damaged(self, s: int, what: str) -> UserError:
+        path = os.path.join(self.root, shard_rel(str(self.series["key"][s])))
         return UserError(
-            f"{os.path.join(self.root, shard_rel(str(self.series['key'][s])))} (series "
-            f"{self.series['series_uid'][s]}): {what}; the cache is damaged: {_PREPARE_AGAIN.replace('DST', self.root)}"
+            f"{path} (series {self.series['series_uid'][s]}): {what}; the cache is damaged: {_again(self.root)}"
         )
 
     def check_shards(self) -> None:

@@ -67,13 +67,22 @@ def test_an_index_without_a_key_names_the_key(cache):
     assert p in _one_line_error(cache, r"no 'slice.z' array")
 
 
-def test_an_index_whose_tables_disagree_is_refused(cache):
+@pytest.mark.parametrize(
+    "key, change, match",
+    [
+        ("series.n", lambda a: a + 1, "slices"),  # more rows than the slice table holds
+        ("slice.z", lambda a: a[:-1], r"'slice.z' has \d+ rows"),
+        ("series.shape", lambda a: a[:, 0], r"'series.shape' is not \(series, 2\)"),
+        ("slice.series", lambda a: a.astype(str), "tables of the wrong type"),
+    ],
+)
+def test_an_index_whose_tables_disagree_is_refused(cache, key, change, match):
     p = os.path.join(cache, "index.npz")
     with np.load(p) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["series.n"] = arrays["series.n"] + 1  # more rows than the slice table holds
+    arrays[key] = change(arrays[key])
     np.savez(p, **arrays)
-    _one_line_error(cache, "slice")
+    _one_line_error(cache, match)
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]"], ids=["empty", "broken", "not-a-manifest"])
