@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from collections import OrderedDict
 
 import numpy as np
@@ -47,6 +49,132 @@ SERIES_STR_FIELDS = (
 SERIES_NUM_FIELDS = ("kvp", "age_years", "thickness")
 
 
+# What a folder prepared by `sparkct data prepare` holds besides cache.json.
+CACHE_PARTS = ("index.npz", "shards", "series", "series.csv", "report.json")
+
+# index.npz arrays every reader needs (write_index writes these and more).
+INDEX_KEYS = (
+    "format",
+    "version",
+    "slice.series",
+    "slice.index",
+    "slice.z",
+    "slice.instance",
+    "slice.patient",
+    "patients",
+    "series.offset",
+    "series.n",
+    "series.shape",
+    "series.key",
+    "series.series_uid",
+)
+
+
+def _again(root: str) -> str:
+    # prepare resumes from the series records, re-makes each series whose shard does not load with its
+    # recorded shape, and rewrites the index
+    return f"run the `sparkct data prepare SRC {root}` that made it again (it re-makes what is damaged)"
+
+
+def _reset(root: str) -> str:
+    # a damaged cache.json: prepare cannot resume from it
+    return f"prepare it again with `sparkct data prepare SRC {root} --reset` (or into a new folder)"
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            man = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({_one_line(e)}); {_reset(os.path.dirname(path))}") from e
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise UserError(f"{path}: not the manifest of a sparkct slice cache; {_reset(os.path.dirname(path))}")
+    return man
+
+
+def _read_index(path: str) -> dict[str, np.ndarray]:
+    """index.npz's arrays, read in full (a damaged member fails here, not in the middle of a run)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an npz archive")
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # allow_pickle=False turns anything that is neither npy nor npz into a 'pickled data' ValueError
+        why = "not an npz archive" if "pickle" in str(e) else _one_line(e)
+        raise UserError(f"{path}: not a readable slice index ({why}); {_again(os.path.dirname(path))}") from e
+    missing = [k for k in INDEX_KEYS if k not in data]
+    if missing:
+        raise UserError(f"{path}: no {missing[0]!r} array ({len(missing)} missing); {_again(os.path.dirname(path))}")
+    return data
+
+
+def _check_tables(path: str, data: dict[str, np.ndarray]) -> None:
+    """The index's tables agree in length and point inside each other (cheap: no shard is read)."""
+    try:
+        _check_table_rows(path, data)
+    except (TypeError, ValueError, IndexError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path}: tables of the wrong type ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
+
+
+def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
+    n_slices = len(data["slice.series"])
+    n_series = len(data["series.key"])
+    for k in ("slice.index", "slice.z", "slice.instance", "slice.patient"):
+        if len(data[k]) != n_slices:
+            raise UserError(
+                f"{path}: {k!r} has {len(data[k])} rows, 'slice.series' {n_slices}; {_again(os.path.dirname(path))}"
+            )
+    for k in ("series.offset", "series.n", "series.shape", "series.series_uid"):
+        if len(data[k]) != n_series:
+            raise UserError(
+                f"{path}: {k!r} has {len(data[k])} rows, 'series.key' {n_series}; {_again(os.path.dirname(path))}"
+            )
+    if data["series.shape"].ndim != 2 or data["series.shape"].shape[1] != 2:
+        raise UserError(f"{path}: 'series.shape' is not (series, 2); {_again(os.path.dirname(path))}")
+    ser, idx = data["slice.series"], data["slice.index"]
+    if n_slices and (ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= data["series.n"][ser]).any()):
+        raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
+    if int(np.sum(data["series.n"])) != n_slices:
+        raise UserError(
+            f"{path}: the series hold {int(np.sum(data['series.n']))} slices, the slice table {n_slices}; "
+            + _again(os.path.dirname(path))
+        )
+    pat = data["slice.patient"]
+    if n_slices and (pat.min() < 0 or pat.max() >= len(data["patients"])):
+        raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_again(os.path.dirname(path))}")
+
+
+def _shard_problem(path: str, shape: tuple[int, int, int]) -> str | None:
+    """What is wrong with a shard that should hold int16 `shape`, from its header and size; None if nothing."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "the file is empty"
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            have, fortran, dtype = read(f)
+            start = f.tell()
+    except FileNotFoundError:
+        return "the file is missing"
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        return f"not an .npy array ({_one_line(e)})"
+    if dtype != np.int16 or tuple(have) != shape or fortran:
+        return f"holds {dtype} {tuple(have)}, the index expects int16 {shape}"
+    want = start + int(np.prod(shape)) * 2
+    if size < want:
+        return f"truncated: {size} bytes of {want}"
+    return None
+
+
 def shard_rel(key: str) -> str:
     return f"shards/{key[:2]}/{key}.npy"
 
@@ -64,26 +192,30 @@ class SliceCache:
     ``patients``, the salted patient hashes). Per series: ``series[name]`` for the fields of
     SERIES_STR_FIELDS / SERIES_NUM_FIELDS plus 'offset', 'n', 'shape', 'spacing'."""
 
-    def __init__(self, root: str, max_open: int = 1024):
+    def __init__(self, root: str, max_open: int = 1024, *, check_shards: bool = True):
         self.root = root
         path = os.path.join(root, "index.npz")
+        man_path = os.path.join(root, "cache.json")
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"no cache at {root!r}: no such folder (make one with `sparkct data prepare SRC {root}`)"
             )
+        if not os.path.exists(man_path):
+            there = [n for n in CACHE_PARTS if os.path.exists(os.path.join(root, n))]
+            raise UserError(
+                f"{root!r} is not a prepared cache: it has no cache.json"
+                + (f" (but {', '.join(there)}: a damaged cache; prepare it again into a new folder)" if there else "")
+            )
         if not os.path.exists(path):
-            if os.path.exists(os.path.join(root, "cache.json")):
-                raise FileNotFoundError(
-                    f"{root!r} has no index.npz: its prepare did not finish (run the same "
-                    f"`sparkct data prepare` again to resume)"
-                )
-            raise UserError(f"{root!r} is not a prepared cache (no cache.json, no index.npz)")
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["format"]) != FORMAT or int(z["version"]) != VERSION:
-                raise UserError(f"{root!r}: unsupported cache format/version")
-            data = {k: z[k] for k in z.files}
-        with open(os.path.join(root, "cache.json")) as f:
-            self.manifest = json.load(f)
+            raise FileNotFoundError(
+                f"{root!r} has no index.npz: its prepare did not finish (run the same "
+                f"`sparkct data prepare` again to resume)"
+            )
+        self.manifest = _read_manifest(man_path)
+        data = _read_index(path)
+        if str(data["format"]) != FORMAT or int(data["version"]) != VERSION:
+            raise UserError(f"{root!r}: unsupported cache format/version")
+        _check_tables(path, data)
         self.slice_series = data["slice.series"]
         self.slice_index = data["slice.index"]
         self.slice_z = data["slice.z"]
@@ -95,6 +227,31 @@ class SliceCache:
         self._max_open = max_open
         shapes = self.series["shape"]
         self.uniform_shape = tuple(int(v) for v in shapes[0]) if len(shapes) and (shapes == shapes[0]).all() else None
+        if check_shards:
+            self.check_shards()
+
+    def _damaged(self, s: int, what: str) -> UserError:
+        path = os.path.join(self.root, shard_rel(str(self.series["key"][s])))
+        return UserError(
+            f"{path} (series {self.series['series_uid'][s]}): {what}; the cache is damaged: {_again(self.root)}"
+        )
+
+    def check_shards(self) -> None:
+        """Every shard against the index, from its .npy header and its size alone (no pixel is read): a
+        missing, zero-byte, foreign, truncated or wrongly shaped shard raises UserError naming the shard,
+        its series and how many others are damaged. A run checks this before it writes anything."""
+        bad: list[tuple[int, str]] = []
+        for s in range(self.n_series):
+            n, (h, w) = int(self.series["n"][s]), (int(v) for v in self.series["shape"][s])
+            if n == 0:
+                continue
+            what = _shard_problem(os.path.join(self.root, shard_rel(str(self.series["key"][s]))), (n, h, w))
+            if what:
+                bad.append((s, what))
+        if bad:
+            s, what = bad[0]
+            more = f" ({len(bad) - 1} more shards are damaged too)" if len(bad) > 1 else ""
+            raise self._damaged(s, what + more)
 
     def __len__(self) -> int:
         return len(self.slice_series)
@@ -111,7 +268,15 @@ class SliceCache:
     def shard(self, s: int) -> np.ndarray:
         m = self._maps.get(s)
         if m is None:
-            m = np.load(os.path.join(self.root, shard_rel(str(self.series["key"][s]))), mmap_mode="r")
+            try:
+                m = np.load(
+                    os.path.join(self.root, shard_rel(str(self.series["key"][s]))), mmap_mode="r", allow_pickle=False
+                )
+            except (OSError, ValueError, EOFError) as e:  # damaged since the cache was opened (checked then)
+                raise self._damaged(s, f"cannot be read ({_one_line(e)})") from e
+            want = (int(self.series["n"][s]), *(int(v) for v in self.series["shape"][s]))
+            if m.shape != want or m.dtype != np.int16:
+                raise self._damaged(s, f"holds {m.dtype} {m.shape}, the index expects int16 {want}")
             self._maps[s] = m
             if len(self._maps) > self._max_open:
                 self._maps.popitem(last=False)

@@ -167,8 +167,28 @@ def collate_batch(batch):
 
 
 def read_labels_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a labels CSV as dicts, column names stripped. utf-8-sig: a spreadsheet's export starts
+    with a byte-order mark that would otherwise become part of the first column's name."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [{k.strip() if isinstance(k, str) else k: v for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def normalize_label(value) -> str:
+    """A label as the name of its class: the text stripped, and a number with an integer value written as
+    that integer (``1.0``, ``01``, `` 1 `` -> ``1``), so a spreadsheet's 1.0 and a script's 1 are one
+    class. Empty and NaN labels come back as ``""`` (no label)."""
+    s = "" if value is None else str(value).strip()
+    if s.lower() in ("", "nan"):
+        return ""
+    try:
+        return str(int(s))
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+    except ValueError:
+        return s
+    return str(int(f)) if f.is_integer() and abs(f) < 2**53 else s
 
 
 _SLICE_KEYS = ("instance_number", "slice_index", "z_mm")
@@ -181,8 +201,11 @@ class CTLabelledDataset(CTSliceDataset):
     ``instance_number`` (DICOM InstanceNumber), ``slice_index`` (0-based position in the series as
     cached) or ``z_mm`` (position along the slice normal, matched within 0.05 mm). level='auto'
     picks per-slice when such a column is present. Labels in `label_column` may be integers or
-    class names (``classes``: sorted unique names unless given). Slices without a label are left out
-    (missing='drop') or raise (missing='error'). ``targets`` holds each item's class index.
+    class names (``classes``: sorted unique names unless given); an integer-valued number is that
+    integer (``1.0`` is class ``1``, see :func:`normalize_label`). A row with an empty or NaN label, and
+    two rows giving one series (or slice) different labels, raise ValueError naming the rows (identical
+    repeats are fine). Slices without a row are left out (missing='drop') or raise (missing='error').
+    ``targets`` holds each item's class index.
     """
 
     def __init__(
@@ -199,15 +222,17 @@ class CTLabelledDataset(CTSliceDataset):
         transform: Callable | None = None,
     ):
         super().__init__(cache, indices, windows=windows, transform=transform)
-        rows = read_labels_csv(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+        from_file = isinstance(labels, (str, os.PathLike))
+        rows = read_labels_csv(labels) if from_file else list(labels)
         if not rows:
             raise ValueError("no label rows")
         cols = set(rows[0])
+        listed = ", ".join(str(k) for k in rows[0])
         if label_column not in cols:
-            raise ValueError(f"label column {label_column!r} not in the labels (columns: {sorted(cols)})")
+            raise ValueError(f"no label column {label_column!r} (columns: {listed})")
         skey = "series_uid" if "series_uid" in cols else "series_key" if "series_key" in cols else None
         if skey is None:
-            raise ValueError("labels need a series_uid (or series_key) column")
+            raise ValueError(f"labels need a series_uid (or series_key) column (columns: {listed})")
         slice_key = next((k for k in _SLICE_KEYS if k in cols), None)
         if level == "auto":
             level = "slice" if slice_key else "series"
@@ -217,7 +242,18 @@ class CTLabelledDataset(CTSliceDataset):
             raise ValueError(f"per-slice labels need one of the columns {', '.join(_SLICE_KEYS)}")
         if missing not in ("drop", "error"):
             raise ValueError("missing must be 'drop' or 'error'")
-        raw = [str(r[label_column]).strip() for r in rows]
+
+        def where(i: int) -> str:  # a row as the user finds it: its line in the file (after the header)
+            return f"{'line' if from_file else 'row'} {i + 2 if from_file else i + 1}"
+
+        raw = [normalize_label(r[label_column]) for r in rows]
+        for i, v in enumerate(raw):
+            if not v:
+                raise ValueError(
+                    f"{where(i)} ({skey} {str(rows[i].get(skey) or '').strip()}): no label "
+                    f"({str(rows[i][label_column]).strip()!r}); label every row, or leave the row out "
+                    "(slices without a row are unlabelled)"
+                )
         if classes is None:
             try:
                 ints = sorted({int(v) for v in raw})
@@ -225,7 +261,7 @@ class CTLabelledDataset(CTSliceDataset):
             except ValueError:
                 classes = sorted(set(raw))
         self.classes = list(classes)
-        cidx = {str(c): i for i, c in enumerate(self.classes)}
+        cidx = {normalize_label(c): i for i, c in enumerate(self.classes)}
         unknown = sorted({v for v in raw if v not in cidx})
         if unknown:
             raise ValueError(f"labels not among classes {self.classes}: {unknown[:5]}")
@@ -238,13 +274,27 @@ class CTLabelledDataset(CTSliceDataset):
         target = np.full(n_slices, -1, dtype=np.int64)
         unmatched = 0
         by_instance: dict[int, dict[int, int]] = {}
-        for r, v in zip(rows, raw):
-            s = sidx.get(str(r[skey]).strip())
+        # the first row that labelled each series (or slice): a later row with another label is a
+        # conflict, which would otherwise be settled silently by the row order
+        first: dict[int, tuple[str, int]] = {}
+
+        def check_conflict(place: int, v: str, i: int, what: str) -> None:
+            seen = first.setdefault(place, (v, i))
+            if seen[0] != v:
+                raise ValueError(
+                    f"{what} is labelled {seen[0]!r} ({where(seen[1])}) and {v!r} ({where(i)}); "
+                    "keep one label per " + level
+                )
+
+        for i, (r, v) in enumerate(zip(rows, raw)):
+            name = str(r[skey]).strip()
+            s = sidx.get(name)
             if s is None:
                 unmatched += 1
                 continue
             off, n = int(c.series["offset"][s]), int(c.series["n"][s])
             if level == "series":
+                check_conflict(s, v, i, f"{skey} {name}")
                 target[off : off + n] = cidx[v]
                 continue
             key = str(r[slice_key]).strip()
@@ -266,6 +316,7 @@ class CTLabelledDataset(CTSliceDataset):
             if pos is None:
                 unmatched += 1
                 continue
+            check_conflict(pos, v, i, f"{skey} {name} {slice_key} {key}")
             target[pos] = cidx[v]
         self.unmatched_rows = unmatched
         t = target[self.indices]

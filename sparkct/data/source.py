@@ -3,8 +3,10 @@ built-in synthetic chest CT, synthesized and prepared once.
 
     cache = resolve_data(None, "runs/spark", synth_patients=24, synth_size=256, synth_slices=40)
 
-Prepared data lives in ``data/`` beside the run folder, so runs in the same parent folder share it.
-In a distributed run rank 0 does the work and every rank waits for it.
+Prepared data lives in ``data/`` inside the run folder: a run owns what it synthesized or prepared, and
+unrelated runs that share a parent folder never read or replace each other's data. Runs that should
+share a dataset are given it prepared (``--data CACHE``, as ``sparkct experiment`` does). In a
+distributed run rank 0 does the work and every rank waits for it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ def resolve_data(
     data: str | None, run_dir: str, *, synth_patients: int, synth_size: int, synth_slices: int, log=_log
 ) -> str:
     """The prepared cache a run in `run_dir` reads: `data` if it is one; a DICOM/NIfTI folder prepared
-    (resumable) into ``data/`` beside `run_dir`; or, when `data` is None, the built-in synthetic chest CT
+    (resumable) into ``run_dir/data/``; or, when `data` is None, the built-in synthetic chest CT
     (`synth_patients` patients of `synth_slices` slices of `synth_size` pixels), synthesized and prepared
     once. Messages go to `log` (rank 0 only); a missing or unusable `data` raises UserError."""
-    root = os.path.join(os.path.dirname(os.path.abspath(run_dir)), "data")
+    root = os.path.join(os.path.abspath(run_dir), "data")
     if data is None:
         src = os.path.join(root, "synth")
         want = {"seed": 0, "patients": synth_patients, "size": synth_size, "slices": synth_slices}
@@ -56,6 +58,12 @@ def resolve_data(
             return data
         if not os.path.isdir(data):
             raise UserError(f"--data {data}: expected a prepared cache or a DICOM/NIfTI folder")
+        parts = [n for n in ("index.npz", "shards") if os.path.exists(os.path.join(data, n))]
+        if parts:  # a damaged cache, not a source to prepare (that would find no CT and say only that)
+            raise UserError(
+                f"--data {data}: not a prepared cache: cache.json is missing (the folder has {' and '.join(parts)}); "
+                "prepare it again with `sparkct data prepare SRC DST` into a new folder"
+            )
         src = data
         cache = os.path.join(root, "cache-" + (os.path.basename(os.path.normpath(data)) or "data"))
     if D.is_main():
@@ -63,6 +71,9 @@ def resolve_data(
             log(f"preparing the slice cache {cache} from {src} (resumable)")
         rep = prepare(src, cache, progress=False)
         if rep.slices == 0:
-            raise UserError(f"{src}: no usable CT slices found ({rep.summary().splitlines()[0]})")
+            raise UserError(
+                f"{src}: no usable CT slices found ({rep.summary().splitlines()[0]}); --data takes a prepared "
+                "cache (a folder with cache.json) or a folder of DICOM/NIfTI files"
+            )
     D.barrier()
     return cache

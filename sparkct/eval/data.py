@@ -39,8 +39,10 @@ from sparkct.data.datasets import (
     _SLICE_KEYS,
     CTLabelledDataset,
     _call_transform,
+    normalize_label,
     patient_split,
     patient_subset_stratified,
+    read_labels_csv,
 )
 from sparkct.data.images import ImageFolderSlices
 from sparkct.data.windows import DEFAULT_WINDOWS, apply_windows, resolve_windows
@@ -173,8 +175,7 @@ def read_labels(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"labels file not found: {path}")
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_labels_csv(path)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{path}: not a readable CSV ({e})") from None
     if not rows:
@@ -192,8 +193,15 @@ def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
         ser_pat = np.array([names[str(p)] for p in cache.series["patient"]])
     keys = cache.series["key"]
     out, unknown = [], []
-    for r in rows:
+    first: dict[str, tuple[str, int]] = {}
+    for i, r in enumerate(rows):
         v = str(r[col]).strip()
+        lab, (seen, line) = (
+            normalize_label(r["__label__"]),
+            first.setdefault(v, (normalize_label(r["__label__"]), i + 2)),
+        )
+        if lab != seen:  # checked here: expanded to series rows, the conflict would name a series, not the patient
+            raise UserError(f"{path}: {col} {v} is labelled {seen!r} (line {line}) and {lab!r} (line {i + 2})")
         h = v if col == "patient" else salted_hash(salt, "id:" + v)
         p = names.get(h)
         if p is None:
@@ -244,10 +252,10 @@ def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
             f"slice_index or z_mm per slice) or patient (patient or patient_id); columns: "
             f"{', '.join(sorted(cols))}"
         )
-    empty = [i + 2 for i, r in enumerate(rows) if not str(r.get(label_column) or "").strip()]
+    empty = [i + 2 for i, r in enumerate(rows) if not normalize_label(r.get(label_column))]
     if empty:
-        raise UserError(f"{labels}: empty label on line(s) {empty[:5]}")
-    raw = sorted({str(r[label_column]).strip() for r in rows})
+        raise UserError(f"{labels}: empty label (or NaN) on line(s) {empty[:5]}")
+    raw = sorted({normalize_label(r[label_column]) for r in rows})
     if len(raw) < 2:
         raise UserError(f"{labels}: every row has label {raw[0]!r}: a classifier needs at least two classes")
     if level == "patient":

@@ -94,6 +94,11 @@ class Method(nn.Module):
         """Raise sparkct.errors.UserError before any work when this method cannot run with `batch` images
         per step (the global micro-batch: all ranks, one accumulation step), e.g. SimCLR with one image."""
 
+    def check_input(self, crop: int, windows) -> None:
+        """Raise sparkct.errors.UserError before any work when this method cannot train on `crop` x `crop`
+        inputs with `windows` (e.g. SparK: a mask ratio that hides no cell of the crop's grid). The trainer
+        calls it in its set-up, before the data is resolved or anything is written."""
+
     # --- data ---------------------------------------------------------------------------------------
     def transform(self, crop: int, windows) -> Callable[..., Any]:
         """The batch transform for ``sparkct.data.SliceLoader``: ``(hu (B, 1, H, W) int16, generator) ->

@@ -13,7 +13,7 @@ import torch
 
 from sparkct.errors import UserError
 
-__all__ = ["visible_cells", "cell_mask", "check_mask_ratio", "CELL"]
+__all__ = ["visible_cells", "cell_mask", "check_mask_ratio", "check_mask_grid", "CELL"]
 
 CELL = 32  # input pixels per mask cell (the encoder's total stride)
 
@@ -22,6 +22,39 @@ def check_mask_ratio(ratio: float) -> float:
     r = float(ratio)
     if not math.isfinite(r) or not 0.0 <= r < 1.0:
         raise UserError(f"mask ratio must be in [0, 1) (the fraction of cells hidden), got {ratio}")
+    return r
+
+
+def _hidden(cells: int, ratio: float) -> int:
+    return cells - round(cells * (1.0 - ratio))
+
+
+def check_mask_grid(cells: int, ratio: float, *, crop: int | None = None, flag: str = "--mask-ratio") -> float:
+    """`ratio` if it hides at least one of `cells` cells and leaves at least one visible; else a
+    UserError naming the grid and the nearest ratio that works (to 3 decimals). A mask that hides nothing
+    trains with a loss of exactly 0; ``visible_cells`` would silently keep one cell of a mask that hides
+    everything. `crop`, `flag`: how the user named them, for the message."""
+    r = check_mask_ratio(ratio)
+    side = math.isqrt(cells)
+    grid = f"{side}x{side} = {cells}" if side * side == cells else f"{cells}"
+    at = f" at --crop {crop}" if crop is not None else ""
+    where = f"the mask grid{at} has {grid} cell(s) of {CELL}x{CELL} pixels"
+    if cells < 2:
+        raise UserError(
+            f"{where}: masking needs at least 2 cells (one hidden, one visible); use --crop {2 * CELL} or more"
+        )
+    if _hidden(cells, r) < 1:
+        lo = next(k / 1000 for k in range(1, 1000) if _hidden(cells, k / 1000) >= 1)
+        raise UserError(
+            f"{flag} {ratio:g} hides no cell ({where}, {cells} x {1 - r:g} rounds to {cells}), so the loss would "
+            f"be 0; the smallest ratio that hides one cell is {lo:g}"
+        )
+    if _hidden(cells, r) >= cells:
+        hi = next(k / 1000 for k in range(999, 0, -1) if _hidden(cells, k / 1000) < cells)
+        raise UserError(
+            f"{flag} {ratio:g} leaves no cell visible ({where}, {cells} x {1 - r:g} rounds to 0); the largest "
+            f"ratio that leaves one visible is {hi:g}"
+        )
     return r
 
 

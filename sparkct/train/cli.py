@@ -80,14 +80,19 @@ def pretrain_configs(name: str, argv: list[str], extend=None, check=None, prog: 
     mcfg = dataclass_from_args(cls.config_class, ns)
     applied = _builtin_data_options(name, argv, cfg, mcfg) if cfg.data is None else []
     if cfg.labels and getattr(mcfg, "hybrid_weight", 0) > 0 and not getattr(mcfg, "num_classes", 0):
-        from sparkct.data.datasets import read_labels_csv  # noqa: PLC0415 (lazy: the parser imports no torch)
+        from sparkct.data.datasets import (  # noqa: PLC0415 (lazy: the parser imports no torch)
+            normalize_label,
+            read_labels_csv,
+        )
 
         if not os.path.isfile(cfg.labels):
             raise UserError(f"--labels {cfg.labels}: no such file")
         rows = read_labels_csv(cfg.labels)
         if not rows or "label" not in rows[0]:
-            raise UserError(f"--labels {cfg.labels}: expected a CSV with a 'label' column")
-        mcfg.num_classes = len({r["label"] for r in rows})  # the hybrid classifier's width
+            found = ", ".join(map(str, rows[0])) if rows else "no rows"
+            raise UserError(f"--labels {cfg.labels}: expected a CSV with a 'label' column (columns: {found})")
+        # the hybrid classifier's width: one output per class, as the dataset will count them (1.0 is 1)
+        mcfg.num_classes = len({normalize_label(r["label"]) for r in rows} - {""})
     cfg.validate()
     mcfg.validate()
 

@@ -24,8 +24,8 @@ class TrainConfig:
     """What every pretraining run shares. ``None`` = the method's default (``Method.defaults``)."""
 
     data: str | None = option(
-        "a prepared slice cache, or a DICOM/NIfTI folder (prepared into OUT/../cache on first "
-        "use); default: the built-in synthetic chest CT",
+        "a prepared slice cache, or a DICOM/NIfTI folder (prepared into OUT/data on first use); "
+        "default: the built-in synthetic chest CT, synthesized and prepared into OUT/data",
         default=None,
     )
     out: str = option("run folder: checkpoints, metrics, previews, backbone export", default="runs/pretrain")

@@ -10,8 +10,8 @@ last ``steps - warmup_steps`` of them are recorded (CPU ops, and CUDA kernels on
 * ``profile.json``: the same rows, the settings and the devices.
 
 The training run itself (metrics, loss curve, last checkpoint) goes to OUT/run, replaced by the next
-profile into OUT; the built-in synthetic data is prepared beside --out (OUT/../data), where
-``sparkct pretrain`` keeps it.
+profile into OUT; the built-in synthetic data (or a DICOM/NIfTI --data) is prepared into OUT/data, which
+the next profile into OUT reuses.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _add_profile_args(method: str):
                 a.default = f"runs/profile-{method}"
                 a.help = (
                     "profile folder: trace.json, profile.md, profile.json and the run (OUT/run, replaced "
-                    "by the next profile); built-in data is kept in OUT/../data"
+                    "by the next profile); built-in data is kept in OUT/data"
                 )
 
     return extend
@@ -143,7 +143,7 @@ def profile_pretrain(
         if not os.path.isfile(marker):
             raise UserError(f"{run_dir} exists and was not made by sparkct profile; choose another --out")
         shutil.rmtree(run_dir)
-    # the data where `sparkct pretrain --out OUT` would keep it
+    # in OUT/data, beside OUT/run: it outlives the run, which the next profile replaces
     data = resolve_data(
         cfg.data,
         cfg.out,

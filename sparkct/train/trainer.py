@@ -274,6 +274,7 @@ class Trainer:
             raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
         self.amp = amp
         self.method.check_run(cfg.batch // cfg.accum)
+        self.method.check_input(cfg.crop, cfg.windows)
 
         # the run folder: refuse to overwrite a run unless resuming it
         state = None

@@ -36,7 +36,7 @@ from sparkct.data.augment import CTAugment
 from sparkct.data.windows import resolve_windows
 from sparkct.errors import UserError
 from sparkct.models.base import Method, MethodConfig
-from sparkct.models.masking import CELL, cell_mask, check_mask_ratio
+from sparkct.models.masking import CELL, cell_mask, check_mask_grid, check_mask_ratio
 from sparkct.profiling import ranged
 
 from .decoder import LightDecoder
@@ -199,10 +199,9 @@ class SparK(Method):
                 self.densify_projs.append(nn.Conv2d(e, d, kernel_size=k, stride=1, padding=k // 2, bias=True))
 
     # --- data ---------------------------------------------------------------------------------------
-    def transform(self, crop: int, windows) -> Callable:
-        """SparK's augmentation on HU slices: random resized crop (area ``crop_scale``, aspect 3/4..4/3)
-        and horizontal flips, windows as channels in [0, 1]; no intensity augmentation (the windowed HU
-        are the targets)."""
+    def check_input(self, crop: int, windows) -> None:
+        """The crop is a multiple of the mask cell, the windows match the backbone's channels, and the mask
+        ratio hides at least one cell of the crop's (crop / 32)^2 grid and leaves one visible."""
         if isinstance(crop, bool) or not isinstance(crop, int) or crop < CELL or crop % CELL:
             raise UserError(
                 f"crop size must be a positive multiple of {CELL} (one mask cell = {CELL}x{CELL} pixels), got {crop!r}"
@@ -213,6 +212,13 @@ class SparK(Method):
             raise UserError(str(e)) from None
         if n != self.in_chans:
             raise UserError(f"{n} HU window(s) given but the backbone takes {self.in_chans} input channel(s)")
+        check_mask_grid((crop // CELL) ** 2, self.config.mask_ratio, crop=crop)
+
+    def transform(self, crop: int, windows) -> Callable:
+        """SparK's augmentation on HU slices: random resized crop (area ``crop_scale``, aspect 3/4..4/3)
+        and horizontal flips, windows as channels in [0, 1]; no intensity augmentation (the windowed HU
+        are the targets)."""
+        self.check_input(crop, windows)
         return CTAugment(
             crop,
             windows=windows,
