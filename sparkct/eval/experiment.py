@@ -103,7 +103,18 @@ def _run_configs(
 def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[TrainConfig, object]:
     """The pretraining run's configs (``data`` is set once the data is ready)."""
     c = get_method(method).config_class
-    return _run_configs(cfg, method, c, opts, {}, epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, ckpt_every=25)
+    tcfg, mcfg = _run_configs(
+        cfg, method, c, opts, {}, epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, ckpt_every=25
+    )
+    # what the trainer's set-up checks on the method (the batch, the crop: e.g. SparK's mask grid), here,
+    # before other methods have spent their time
+    try:
+        m = build_method(method, tcfg, mcfg)
+        m.check_run(tcfg.batch // tcfg.accum)
+        m.check_input(tcfg.crop, tcfg.windows)
+    except UserError as e:
+        raise UserError(f"{method}: {e}") from None
+    return tcfg, mcfg
 
 
 def _finetune_configs(cfg: ExperimentConfig, opts: dict) -> tuple[TrainConfig, FinetuneConfig]:

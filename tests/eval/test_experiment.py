@@ -223,6 +223,7 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
         ("spark.mask_ratio=1", "spark: mask ratio must be"),
         ("spark.mask_ratio=abc", "--set spark.mask_ratio=abc: "),
         ("spark.epochs=-3", "spark: --epochs must be >= 1, got -3"),
+        ("spark.mask_ratio=0.1", "spark: --mask-ratio 0.1 hides no cell"),
         ("finetune.epochs=0", "finetune: --epochs must be >= 1, got 0"),
         ("finetune.label_smoothing=1", "finetune: --label-smoothing must be in [0, 1)"),
     ],
@@ -231,7 +232,7 @@ def test_set_options_are_checked_for_every_method_before_any_work(option, msg, e
     """Each method's options (spark's after rotation's, the fine-tuning runs' after all pretraining) are
     refused in one line before anything is written: no method pretrains first, none is reported failed."""
     out = tmp_path / "exp"
-    args = ["--methods", "random,rotation,spark", "--fractions", "1", "--seeds", "0", "--crop", "32"]
+    args = ["--methods", "random,rotation,spark", "--fractions", "1", "--seeds", "0", "--crop", "64"]
     args += ["--windows", "lung", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--resamples", "20"]
     code = main(
         ["experiment", "--data", eval_cache["cache"], "--labels", eval_cache["patient_labels"], "--out", str(out)]
