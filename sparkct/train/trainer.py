@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ from sparkct import profiling
 from sparkct.data import CTResize, CTSliceDataset, SliceLoader, label_slices, patient_split, resolve_data
 from sparkct.data.windows import resolve_windows
 from sparkct.device import resolve_device
-from sparkct.errors import TrainingDiverged, UserError
+from sparkct.errors import TrainingDiverged, TrainingInterrupted, UserError
 from sparkct.models import get_method
 from sparkct.models.backbone import build_backbone, feature_dim
 from sparkct.models.base import Method
@@ -61,6 +62,7 @@ from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.metrics_log import MetricsLog
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
+from sparkct.train.signals import StopSignals, resume_command
 from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL load lazily in there
 
 __all__ = ["VOLATILE_KEYS", "RunState", "StepResult", "Trainer", "TrainingDiverged", "build_method", "rank0_log"]
@@ -160,7 +162,11 @@ class Trainer:
     checkpoint), True (continue its latest checkpoint) or a checkpoint path; force: resume even if the
     config differs. on_step(step), if given, is called after each optimizer step with the number of steps
     done (sparkct profile advances its torch.profiler schedule there). The phases of a step are named
-    ranges for profilers (sparkct.profiling.PHASES)."""
+    ranges for profilers (sparkct.profiling.PHASES).
+
+    During the loop SIGINT/SIGTERM finish the step in flight, write a checkpoint and raise
+    TrainingInterrupted naming it and `resume_cmd` (default: this process's command line with --resume).
+    """
 
     def __init__(
         self,
@@ -173,8 +179,10 @@ class Trainer:
         force: bool = False,
         log=rank0_log,
         on_step=None,
+        resume_cmd: str | None = None,
     ):
         config.validate()
+        self.resume_cmd = resume_cmd
         self.method = method
         self.cfg = config
         self.method_name = method_name or method.name
@@ -184,6 +192,7 @@ class Trainer:
         self.on_step = on_step
         self.run_dir = config.out
         self.run = RunState()
+        self.stop: StopSignals | None = None  # fit's signal handlers, while its loop runs
         # set by the phases: setup (rank, world, main, device, amp), build_data (dataset, classes, loader,
         # steps_per_epoch, total, epochs), build_optimization (opt_name, peak, wd0, wd1, warmup, optimizer,
         # scaler, probe, model: the method or its DDP wrap, manual_ddp, autocast), open_run (record,
@@ -240,15 +249,18 @@ class Trainer:
         self.build_optimization()
         self.restore(state)
         self.open_run()
-        try:
-            self.model.train()
-            self.run.start_clock()
-            for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
-                if self.run.step >= self.total:
-                    break
-                self.run_epoch(epoch)
-        finally:
-            self.bar.close()  # also on errors: the message must not land inside the bar
+        # from here a signal lets the step in flight finish, then run_epoch saves and stops (interrupt)
+        with StopSignals(announce=self.main) as self.stop:
+            try:
+                self.model.train()
+                self.run.start_clock()
+                for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
+                    if self.run.step >= self.total:
+                        break
+                    self.run_epoch(epoch)
+            finally:
+                self.bar.close()  # also on errors: the message must not land inside the bar
+                self.stop = None
         return self.finish()
 
     # ---- phases, in the order fit calls them ----
@@ -478,10 +490,15 @@ class Trainer:
                 self.save_periodic()
             if self.on_step is not None:
                 self.on_step(run.step)
+            # an epoch's last step stops after end_epoch (below), as its checkpoint is written after it
+            if not epoch_done:
+                self._stop_if_signalled()
         # the loop above ends with the epoch's last step or the run's: the epoch is over
         self.end_epoch(epoch)
         if run.step % cfg.ckpt_every == 0 and run.last_saved != run.step:
             self.save_periodic()
+        if run.step < self.total:  # at the end the run finishes as if no signal had come
+            self._stop_if_signalled()
 
     def optimizer_step(self, batches: Iterator, epoch: int) -> StepResult:
         """One optimizer step from `batches` (the loader's iterator): the step's LR/WD, --accum micro-steps
@@ -691,6 +708,35 @@ class Trainer:
             )
         self.metrics.close()
         return summary
+
+    def _stop_if_signalled(self) -> None:
+        """After a step: if a signal came (to any rank: the ranks agree, so all stop at this step), interrupt."""
+        signum = (self.stop.signum or 0) if self.stop is not None else 0
+        if self.world > 1:
+            # every rank reaches this call at the same step; the largest signal number stands for them all
+            t = torch.tensor([signum], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t)
+        if signum:
+            self.interrupt(signum)
+
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Stop the run after signal `signum`: the metrics and a checkpoint at the current step (unless it
+        was just written), then TrainingInterrupted naming the checkpoint and the command to resume, with
+        the shell's status for the signal (130 for SIGINT, 143 for SIGTERM)."""
+        run = self.run
+        if run.last_saved != run.step:
+            self.save()
+        elif self.main:  # rows written after that checkpoint (an epoch's monitor row)
+            self.metrics.flush()
+        self.metrics.close()
+        name = signal.Signals(signum).name
+        cmd = self.resume_cmd if self.resume_cmd is not None else resume_command()
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {run.step} of {self.total}; checkpoint "
+            f"{os.path.join(self.run_dir, 'last.ckpt')}; resume with: {cmd}",
+            128 + signum,
+        )
 
     # ---- helpers ----
     @torch.no_grad()
