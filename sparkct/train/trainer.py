@@ -62,6 +62,7 @@ from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.metrics_log import MetricsLog
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
+from sparkct.train.progress import ProgressLines, progress_interval
 from sparkct.train.signals import StopSignals, resume_command
 from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL load lazily in there
 
@@ -166,7 +167,8 @@ class Trainer:
 
     During the loop SIGINT/SIGTERM finish the step in flight, write a checkpoint and raise
     TrainingInterrupted naming it and `resume_cmd` (default: this process's command line with --resume).
-    """
+    Where stderr is not a terminal, progress comes as a line every SPARKCT_PROGRESS_SECONDS (30) instead
+    of a bar."""
 
     def __init__(
         self,
@@ -182,6 +184,7 @@ class Trainer:
         resume_cmd: str | None = None,
     ):
         config.validate()
+        self.progress_seconds = progress_interval()
         self.resume_cmd = resume_cmd
         self.method = method
         self.cfg = config
@@ -193,6 +196,7 @@ class Trainer:
         self.run_dir = config.out
         self.run = RunState()
         self.stop: StopSignals | None = None  # fit's signal handlers, while its loop runs
+        self.lines: ProgressLines | None = None  # progress lines where stderr is not a terminal (open_run)
         # set by the phases: setup (rank, world, main, device, amp), build_data (dataset, classes, loader,
         # steps_per_epoch, total, epochs), build_optimization (opt_name, peak, wd0, wd1, warmup, optimizer,
         # scaler, probe, model: the method or its DDP wrap, manual_ddp, autocast), open_run (record,
@@ -454,10 +458,14 @@ class Trainer:
             f"{f' ({cfg.accum} accumulation steps)' if cfg.accum > 1 else ''}, {self.total} steps "
             f"({self.steps_per_epoch} per epoch), {self.opt_name} peak lr {self.peak:.3g}, amp {self.amp}"
         )
+        # a bar redraws in place, which only a terminal shows; a log file gets a line now and then instead
+        tty = _isatty(sys.stderr)
+        if self.main and not tty:
+            self.lines = ProgressLines(self.total, run.step, self.progress_seconds, self.log)
         self.bar = tqdm(
             total=self.total,
             initial=run.step,
-            disable=not (cfg.progress and self.main),
+            disable=not (cfg.progress and self.main and tty),
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -490,6 +498,8 @@ class Trainer:
                 self.save_periodic()
             if self.on_step is not None:
                 self.on_step(run.step)
+            if self.lines is not None:
+                self.lines.update(run.step, cfg.batch, result.loss)
             # an epoch's last step stops after end_epoch (below), as its checkpoint is written after it
             if not epoch_done:
                 self._stop_if_signalled()
@@ -813,6 +823,13 @@ def _average_gradients(module: torch.nn.Module) -> None:
     flat /= D.world_size()
     for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(v)
+
+
+def _isatty(f) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _mean_over_ranks(v: float, device) -> float:
