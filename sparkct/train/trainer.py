@@ -168,7 +168,7 @@ class Trainer:
     During the loop SIGINT/SIGTERM finish the step in flight, write a checkpoint and raise
     TrainingInterrupted naming it and `resume_cmd` (default: this process's command line with --resume).
     Where stderr is not a terminal, progress comes as a line every SPARKCT_PROGRESS_SECONDS (30) instead
-    of a bar."""
+    of a bar. A write that finds the disk full is a UserError naming the disk and the intact checkpoint."""
 
     def __init__(
         self,
@@ -450,7 +450,8 @@ class Trainer:
         }
         self.record = record
         if self.main:
-            sio.write_json_atomic(os.path.join(self.run_dir, "config.json"), record)
+            with self._writing(os.path.join(self.run_dir, "config.json")):
+                sio.write_json_atomic(os.path.join(self.run_dir, "config.json"), record)
         self.metrics = MetricsLog(self.run_dir, run.step, enabled=self.main, tensorboard=cfg.tensorboard)
         self.log(
             f"{self.method_name}: {cfg.arch} on {self.device} ({self.world} rank{'s' if self.world > 1 else ''}), "
@@ -651,12 +652,13 @@ class Trainer:
         latest metrics row, the probe and the config; the metrics files are written first. Returns the
         checkpoint's path (None on other ranks)."""
         run = self.run
-        run.last_saved = run.step
+        prev, run.last_saved = run.last_saved, run.step
         if not self.main:
             return None
         # the log up to a checkpoint is on disk before the checkpoint: a kill at any point after the
         # checkpoint leaves every row up to its step (rows past a resumed step are dropped on resume)
-        self.metrics.flush()
+        with self._writing(self.metrics.csv_path, prev):
+            self.metrics.flush()
         epoch, in_epoch = divmod(run.step, self.steps_per_epoch)
         st = {
             "config": json.dumps(self.record),
@@ -672,13 +674,14 @@ class Trainer:
             "first_loss": run.first_loss,
             "probe": self.probe.checkpoint() if self.probe is not None else {},
         }
-        return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
+        with self._writing(os.path.join(self.run_dir, "checkpoints", f"step-{run.step:07d}.ckpt"), prev):
+            return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
 
     def save_periodic(self) -> None:
         """A --ckpt-every checkpoint, with the metrics files (save writes them) and loss.png brought up to it."""
         self.save()
         if self.main:
-            plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+            self._plot()
 
     def finish(self) -> dict:
         """The final checkpoint (unless the last step was just saved), metrics files, loss.png, the last
@@ -689,11 +692,13 @@ class Trainer:
         seconds = time.perf_counter() - run.t_start
         summary: dict = {}
         if self.main:
-            self.metrics.flush()
-            plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+            with self._writing(self.metrics.csv_path):
+                self.metrics.flush()
+            self._plot()
             if run.last_inp is not None:
                 self._preview(run.last_inp, run.step)
-            C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
+            with self._writing(os.path.join(self.run_dir, "backbone.pt")):
+                C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
             summary = {
                 "method": self.method_name,
                 "steps": run.step,
@@ -707,7 +712,8 @@ class Trainer:
                 "checkpoint": os.path.join(self.run_dir, "last.ckpt"),
                 "backbone": os.path.join(self.run_dir, "backbone.pt"),
             }
-            sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
+            with self._writing(os.path.join(self.run_dir, "summary.json")):
+                sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
             first, final = run.first_loss, run.logs.get("loss")
             made = [
                 f for f in ("loss.png", "previews/", "backbone.pt") if os.path.exists(os.path.join(self.run_dir, f))
@@ -738,7 +744,8 @@ class Trainer:
         if run.last_saved != run.step:
             self.save()
         elif self.main:  # rows written after that checkpoint (an epoch's monitor row)
-            self.metrics.flush()
+            with self._writing(self.metrics.csv_path):
+                self.metrics.flush()
         self.metrics.close()
         name = signal.Signals(signum).name
         cmd = self.resume_cmd if self.resume_cmd is not None else resume_command()
@@ -747,6 +754,34 @@ class Trainer:
             f"{os.path.join(self.run_dir, 'last.ckpt')}; resume with: {cmd}",
             128 + signum,
         )
+
+    @contextlib.contextmanager
+    def _writing(self, path: str, saved: int | None = None) -> Iterator[None]:
+        """Turn a full disk while writing `path` into one line that says so and names the intact
+        checkpoint (step `saved`, default the run's latest; the atomic writers leave it, and remove
+        their temporary)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if not sio.is_disk_full(e):
+                raise
+            step = self.run.last_saved if saved is None else saved
+            kept = f"the last checkpoint (step {step}) is intact" if step >= 0 else "no checkpoint was written yet"
+            raise UserError(f"no space left on {sio.filesystem_of(path)} while writing {path}; {kept}") from e
+
+    def _best_effort(self, path: str, write) -> None:
+        """loss.png and previews are only for looking at: a full disk skips them with a log line and the
+        run goes on (its next checkpoint stops it with a UserError if the disk is still full)."""
+        try:
+            write()
+        except (OSError, RuntimeError) as e:
+            if not sio.is_disk_full(e):
+                raise
+            self.log(f"warning: no space left on {sio.filesystem_of(path)}; {path} not written")
+
+    def _plot(self) -> None:
+        path = os.path.join(self.run_dir, "loss.png")
+        self._best_effort(path, lambda: plot_curves(self.metrics.csv_path, path, title=self._title()))
 
     # ---- helpers ----
     @torch.no_grad()
@@ -808,8 +843,12 @@ class Trainer:
             d = os.path.join(self.run_dir, "previews")
             os.makedirs(d, exist_ok=True)
             path = os.path.join(d, f"step-{step:07d}.png")
-            save_preview(rows, path, title=f"{self._title()} · step {step}")
-            C.link_atomic(path, os.path.join(d, "latest.png"))
+
+            def write() -> None:
+                save_preview(rows, path, title=f"{self._title()} · step {step}")
+                C.link_atomic(path, os.path.join(d, "latest.png"))
+
+            self._best_effort(path, write)
 
 
 def _average_gradients(module: torch.nn.Module) -> None:
