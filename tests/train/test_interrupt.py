@@ -176,3 +176,47 @@ def test_resume_command_reads_as_sparkct():
     main = os.path.join("x", "sparkct", "__main__.py")
     assert resume_command([main, "finetune", "--resume"]) == "sparkct finetune --resume"
     assert resume_command([main, "experiment", "--out", "e"], flag=None) == "sparkct experiment --out e"
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+import torch
+torch.set_num_threads(1)
+from sparkct import models
+models.METHODS['tiny'] = 'tiny_method:Tiny'
+from sparkct.errors import TrainingInterrupted
+from test_trainer import train
+try:
+    train({cache!r}, {out!r}, epochs=3, preview_every=0)
+except TrainingInterrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.status)
+"""
+
+
+def test_under_ddp_a_signal_to_one_rank_stops_all_at_the_same_step(small_cache, tmp_path):
+    from test_ddp import _free_port
+
+    out = tmp_path / "run"
+    code = DDP_SCRIPT.format(here=HERE, cache=small_cache, out=str(out))
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={
+                **os.environ,
+                **dict(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                "OMP_NUM_THREADS": "1",
+                "TINY_SIGNAL_AT": "2:SIGTERM:1",  # rank 1 alone gets it, during step 2
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], errs
+    assert all("stopped by SIGTERM at step 2 of " in e for e in errs), errs
+    assert C.load_checkpoint(str(out))["step"] == 2
