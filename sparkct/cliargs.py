@@ -24,7 +24,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from sparkct.errors import TrainingDiverged, UserError
+from sparkct.errors import TrainingDiverged, TrainingInterrupted, UserError
 
 __all__ = [
     "HelpFormatter",
@@ -224,7 +224,8 @@ def run_command(
 ) -> int:
     """``func(args)``'s exit status, with a user's mistake (:class:`~sparkct.errors.UserError`, a missing
     or unwritable path) printed as one line ``NAME: error: ...`` and status 2 (the traceback only with
-    `verbose`), a diverged run as one line and status 1, and an interrupt as status 130."""
+    `verbose`), a diverged run as one line and status 1, a run stopped by a signal as its line (checkpoint,
+    resume command) and 128 + the signal's number, and any other interrupt as status 130."""
     try:
         return func(args)
     except TrainingDiverged as e:
@@ -240,6 +241,9 @@ def run_command(
         )
         print(f"{name}: error: {msg}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # a run that stopped cleanly: where it is and how to go on
+        print(f"{name}: {e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

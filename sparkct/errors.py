@@ -6,7 +6,7 @@ library callers get a ValueError they can catch. Real bugs stay ordinary excepti
 
 from __future__ import annotations
 
-__all__ = ["UserError", "TrainingDiverged"]
+__all__ = ["UserError", "TrainingDiverged", "TrainingInterrupted"]
 
 
 class UserError(ValueError):
@@ -16,3 +16,13 @@ class UserError(ValueError):
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf: the run stopped without saving that state (the last good checkpoint
     stays). The CLI prints it in one line with exit status 1."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run after its current step, with a checkpoint written. The message names
+    the checkpoint and the command that resumes it; ``status`` is the shell's exit status for the signal
+    (130 for SIGINT, 143 for SIGTERM). A KeyboardInterrupt, so code that lets Ctrl-C through lets it through."""
+
+    def __init__(self, message: str, status: int = 130):
+        super().__init__(message)
+        self.status = status

@@ -7,6 +7,7 @@ A crash at any point leaves either the old file or the new one, never a half-wri
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -26,6 +27,8 @@ __all__ = [
     "write_npz_atomic",
     "clean_stale_temps",
     "json_default",
+    "is_disk_full",
+    "filesystem_of",
 ]
 
 
@@ -121,3 +124,27 @@ def clean_stale_temps(root: str) -> int:
                     os.unlink(os.path.join(dirpath, f))
                     n += 1
     return n
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write that failed for want of space: an OSError ENOSPC (or EDQUOT, a quota), or
+    torch.save's zip writer reporting a short write (``[enforce fail at inline_container.cc...] unexpected
+    pos``; it drops the errno, and a full disk is what makes its writes come up short)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError):
+        msg = str(e)
+        return "No space left on device" in msg or (
+            "inline_container" in msg and ("unexpected pos" in msg or "write failed" in msg)
+        )
+    return False
+
+
+def filesystem_of(path: str) -> str:
+    """The mount point of the filesystem that holds `path` (or would: the nearest existing folder above it)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    while not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p

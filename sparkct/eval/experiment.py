@@ -40,6 +40,7 @@ from sparkct.eval.finetune import check_test_set, finetune
 from sparkct.eval.report import collect_runs, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
+from sparkct.train.signals import resume_command
 from sparkct.train.trainer import Trainer, build_method
 
 __all__ = ["ExperimentConfig", "run_experiment", "SMALL_DATA_OVERRIDES"]
@@ -271,6 +272,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "data")
     t_start = time.perf_counter()
+    rerun = resume_command(flag=None)  # an interrupted training names it: running it again resumes
 
     # ---- data ------------------------------------------------------------------------------------
     if cfg.data is None:
@@ -353,7 +355,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             try:
                 method = build_method(m, tcfg, mcfg)
                 resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
-                Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s)).fit()
+                Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s), resume_cmd=rerun).fit()
                 inits[m] = run_dir
             except (Exception, KeyboardInterrupt) as e:  # a failed method is reported, not fatal
                 if isinstance(e, KeyboardInterrupt):
@@ -406,6 +408,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                             resume=resume,
                             name=m,
                             log=lambda s: log("  " + s),
+                            resume_cmd=rerun,
                         )
                     except (Exception, KeyboardInterrupt) as e:
                         if isinstance(e, KeyboardInterrupt):

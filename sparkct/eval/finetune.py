@@ -356,11 +356,13 @@ def finetune(
     resume: bool = False,
     log=None,
     name: str | None = None,
+    resume_cmd: str | None = None,
 ) -> dict:
     """Fine-tune on `task` (a :class:`sparkct.eval.data.TaskData`) into ``train_cfg.out``; test the
     best-validation checkpoint; write result.json and predictions.npz there; return the result.
 
-    A batch larger than the training fraction is lowered to fit (recorded as ``effective_batch``)."""
+    A batch larger than the training fraction is lowered to fit (recorded as ``effective_batch``).
+    `resume_cmd`: the command an interrupted run names to resume (default: this one with --resume)."""
     log = log or rank0_log
     cfg = train_cfg if train_cfg is not None else TrainConfig(out="runs/finetune", epochs=70, batch=64, crop=224)
     config = config if config is not None else FinetuneConfig()
@@ -385,7 +387,9 @@ def finetune(
         backbone, task.n_classes, config, windows=task.windows, steps_per_epoch=spe, val_data=task.val, crop=cfg.crop
     )
     t0 = time.perf_counter()
-    summary = Trainer(model, cfg, method_name="finetune", dataset=task.train, resume=resume, log=log).fit()
+    summary = Trainer(
+        model, cfg, method_name="finetune", dataset=task.train, resume=resume, log=log, resume_cmd=resume_cmd
+    ).fit()
     train_s = time.perf_counter() - t0
     best = os.path.join(cfg.out, "best.ckpt")
     # no best.ckpt without a validation set: then the newest checkpoint that loads

@@ -72,7 +72,11 @@ class TrainConfig:
         "with --labels: kNN accuracy on held-out labelled patients every N epochs (0: off)", default=1
     )
     tensorboard: bool = option("also log to TensorBoard (OUT/tb)", default=True)
-    progress: bool = option("show a progress bar", default=True)
+    progress: bool = option(
+        "show a progress bar on a terminal (where stderr is a file or pipe, progress is a line every 30 s; "
+        "SPARKCT_PROGRESS_SECONDS sets it)",
+        default=True,
+    )
     synth_patients: int = option("built-in data: synthetic patients", default=8)
     synth_size: int = option("built-in data: synthetic slice size", default=160)
     synth_slices: int = option("built-in data: slices per synthetic series", default=24)

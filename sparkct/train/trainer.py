@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ from sparkct import profiling
 from sparkct.data import CTResize, CTSliceDataset, SliceLoader, label_slices, patient_split, resolve_data
 from sparkct.data.windows import resolve_windows
 from sparkct.device import resolve_device
-from sparkct.errors import TrainingDiverged, UserError
+from sparkct.errors import TrainingDiverged, TrainingInterrupted, UserError
 from sparkct.models import get_method
 from sparkct.models.backbone import build_backbone, feature_dim
 from sparkct.models.base import Method
@@ -61,6 +62,8 @@ from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.metrics_log import MetricsLog
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
+from sparkct.train.progress import ProgressLines, progress_interval
+from sparkct.train.signals import StopSignals, resume_command
 from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL load lazily in there
 
 __all__ = ["VOLATILE_KEYS", "RunState", "StepResult", "Trainer", "TrainingDiverged", "build_method", "rank0_log"]
@@ -160,7 +163,12 @@ class Trainer:
     checkpoint), True (continue its latest checkpoint) or a checkpoint path; force: resume even if the
     config differs. on_step(step), if given, is called after each optimizer step with the number of steps
     done (sparkct profile advances its torch.profiler schedule there). The phases of a step are named
-    ranges for profilers (sparkct.profiling.PHASES)."""
+    ranges for profilers (sparkct.profiling.PHASES).
+
+    During the loop SIGINT/SIGTERM finish the step in flight, write a checkpoint and raise
+    TrainingInterrupted naming it and `resume_cmd` (default: this process's command line with --resume).
+    Where stderr is not a terminal, progress comes as a line every SPARKCT_PROGRESS_SECONDS (30) instead
+    of a bar. A write that finds the disk full is a UserError naming the disk and the intact checkpoint."""
 
     def __init__(
         self,
@@ -173,8 +181,11 @@ class Trainer:
         force: bool = False,
         log=rank0_log,
         on_step=None,
+        resume_cmd: str | None = None,
     ):
         config.validate()
+        self.progress_seconds = progress_interval()
+        self.resume_cmd = resume_cmd
         self.method = method
         self.cfg = config
         self.method_name = method_name or method.name
@@ -184,6 +195,8 @@ class Trainer:
         self.on_step = on_step
         self.run_dir = config.out
         self.run = RunState()
+        self.stop: StopSignals | None = None  # fit's signal handlers, while its loop runs
+        self.lines: ProgressLines | None = None  # progress lines where stderr is not a terminal (open_run)
         # set by the phases: setup (rank, world, main, device, amp), build_data (dataset, classes, loader,
         # steps_per_epoch, total, epochs), build_optimization (opt_name, peak, wd0, wd1, warmup, optimizer,
         # scaler, probe, model: the method or its DDP wrap, manual_ddp, autocast), open_run (record,
@@ -240,15 +253,18 @@ class Trainer:
         self.build_optimization()
         self.restore(state)
         self.open_run()
-        try:
-            self.model.train()
-            self.run.start_clock()
-            for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
-                if self.run.step >= self.total:
-                    break
-                self.run_epoch(epoch)
-        finally:
-            self.bar.close()  # also on errors: the message must not land inside the bar
+        # from here a signal lets the step in flight finish, then run_epoch saves and stops (interrupt)
+        with StopSignals(announce=self.main) as self.stop:
+            try:
+                self.model.train()
+                self.run.start_clock()
+                for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
+                    if self.run.step >= self.total:
+                        break
+                    self.run_epoch(epoch)
+            finally:
+                self.bar.close()  # also on errors: the message must not land inside the bar
+                self.stop = None
         return self.finish()
 
     # ---- phases, in the order fit calls them ----
@@ -435,7 +451,8 @@ class Trainer:
         }
         self.record = record
         if self.main:
-            sio.write_json_atomic(os.path.join(self.run_dir, "config.json"), record)
+            with self._writing(os.path.join(self.run_dir, "config.json")):
+                sio.write_json_atomic(os.path.join(self.run_dir, "config.json"), record)
         self.metrics = MetricsLog(self.run_dir, run.step, enabled=self.main, tensorboard=cfg.tensorboard)
         self.log(
             f"{self.method_name}: {cfg.arch} on {self.device} ({self.world} rank{'s' if self.world > 1 else ''}), "
@@ -443,10 +460,14 @@ class Trainer:
             f"{f' ({cfg.accum} accumulation steps)' if cfg.accum > 1 else ''}, {self.total} steps "
             f"({self.steps_per_epoch} per epoch), {self.opt_name} peak lr {self.peak:.3g}, amp {self.amp}"
         )
+        # a bar redraws in place, which only a terminal shows; a log file gets a line now and then instead
+        tty = _isatty(sys.stderr)
+        if self.main and not tty:
+            self.lines = ProgressLines(self.total, run.step, self.progress_seconds, self.log)
         self.bar = tqdm(
             total=self.total,
             initial=run.step,
-            disable=not (cfg.progress and self.main),
+            disable=not (cfg.progress and self.main and tty),
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -479,10 +500,17 @@ class Trainer:
                 self.save_periodic()
             if self.on_step is not None:
                 self.on_step(run.step)
+            if self.lines is not None:
+                self.lines.update(run.step, cfg.batch, result.loss)
+            # an epoch's last step stops after end_epoch (below), as its checkpoint is written after it
+            if not epoch_done:
+                self._stop_if_signalled()
         # the loop above ends with the epoch's last step or the run's: the epoch is over
         self.end_epoch(epoch)
         if run.step % cfg.ckpt_every == 0 and run.last_saved != run.step:
             self.save_periodic()
+        if run.step < self.total:  # at the end the run finishes as if no signal had come
+            self._stop_if_signalled()
 
     def optimizer_step(self, batches: Iterator, epoch: int) -> StepResult:
         """One optimizer step from `batches` (the loader's iterator): the step's LR/WD, --accum micro-steps
@@ -625,12 +653,13 @@ class Trainer:
         latest metrics row, the probe and the config; the metrics files are written first. Returns the
         checkpoint's path (None on other ranks)."""
         run = self.run
-        run.last_saved = run.step
+        prev, run.last_saved = run.last_saved, run.step
         if not self.main:
             return None
         # the log up to a checkpoint is on disk before the checkpoint: a kill at any point after the
         # checkpoint leaves every row up to its step (rows past a resumed step are dropped on resume)
-        self.metrics.flush()
+        with self._writing(self.metrics.csv_path, prev):
+            self.metrics.flush()
         epoch, in_epoch = divmod(run.step, self.steps_per_epoch)
         st = {
             "config": json.dumps(self.record),
@@ -646,13 +675,14 @@ class Trainer:
             "first_loss": run.first_loss,
             "probe": self.probe.checkpoint() if self.probe is not None else {},
         }
-        return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
+        with self._writing(os.path.join(self.run_dir, "checkpoints", f"step-{run.step:07d}.ckpt"), prev):
+            return C.save_checkpoint(self.run_dir, st, run.step, self.cfg.keep)
 
     def save_periodic(self) -> None:
         """A --ckpt-every checkpoint, with the metrics files (save writes them) and loss.png brought up to it."""
         self.save()
         if self.main:
-            plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+            self._plot()
 
     def finish(self) -> dict:
         """The final checkpoint (unless the last step was just saved), metrics files, loss.png, the last
@@ -663,11 +693,13 @@ class Trainer:
         seconds = time.perf_counter() - run.t_start
         summary: dict = {}
         if self.main:
-            self.metrics.flush()
-            plot_curves(self.metrics.csv_path, os.path.join(self.run_dir, "loss.png"), title=self._title())
+            with self._writing(self.metrics.csv_path):
+                self.metrics.flush()
+            self._plot()
             if run.last_inp is not None:
                 self._preview(run.last_inp, run.step)
-            C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
+            with self._writing(os.path.join(self.run_dir, "backbone.pt")):
+                C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
             summary = {
                 "method": self.method_name,
                 "steps": run.step,
@@ -681,7 +713,8 @@ class Trainer:
                 "checkpoint": os.path.join(self.run_dir, "last.ckpt"),
                 "backbone": os.path.join(self.run_dir, "backbone.pt"),
             }
-            sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
+            with self._writing(os.path.join(self.run_dir, "summary.json")):
+                sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
             first, final = run.first_loss, run.logs.get("loss")
             made = [
                 f for f in ("loss.png", "previews/", "backbone.pt") if os.path.exists(os.path.join(self.run_dir, f))
@@ -692,6 +725,64 @@ class Trainer:
             )
         self.metrics.close()
         return summary
+
+    def _stop_if_signalled(self) -> None:
+        """After a step: if a signal came (to any rank: the ranks agree, so all stop at this step), interrupt."""
+        signum = (self.stop.signum or 0) if self.stop is not None else 0
+        if self.world > 1:
+            # every rank reaches this call at the same step; the largest signal number stands for them all
+            t = torch.tensor([signum], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t)
+        if signum:
+            self.interrupt(signum)
+
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Stop the run after signal `signum`: the metrics and a checkpoint at the current step (unless it
+        was just written), then TrainingInterrupted naming the checkpoint and the command to resume, with
+        the shell's status for the signal (130 for SIGINT, 143 for SIGTERM)."""
+        run = self.run
+        if run.last_saved != run.step:
+            self.save()
+        elif self.main:  # rows written after that checkpoint (an epoch's monitor row)
+            with self._writing(self.metrics.csv_path):
+                self.metrics.flush()
+        self.metrics.close()
+        name = signal.Signals(signum).name
+        cmd = self.resume_cmd if self.resume_cmd is not None else resume_command()
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {run.step} of {self.total}; checkpoint "
+            f"{os.path.join(self.run_dir, 'last.ckpt')}; resume with: {cmd}",
+            128 + signum,
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, path: str, saved: int | None = None) -> Iterator[None]:
+        """Turn a full disk while writing `path` into one line that says so and names the intact
+        checkpoint (step `saved`, default the run's latest; the atomic writers leave it, and remove
+        their temporary)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if not sio.is_disk_full(e):
+                raise
+            step = self.run.last_saved if saved is None else saved
+            kept = f"the last checkpoint (step {step}) is intact" if step >= 0 else "no checkpoint was written yet"
+            raise UserError(f"no space left on {sio.filesystem_of(path)} while writing {path}; {kept}") from e
+
+    def _best_effort(self, path: str, write) -> None:
+        """loss.png and previews are only for looking at: a full disk skips them with a log line and the
+        run goes on (its next checkpoint stops it with a UserError if the disk is still full)."""
+        try:
+            write()
+        except (OSError, RuntimeError) as e:
+            if not sio.is_disk_full(e):
+                raise
+            self.log(f"warning: no space left on {sio.filesystem_of(path)}; {path} not written")
+
+    def _plot(self) -> None:
+        path = os.path.join(self.run_dir, "loss.png")
+        self._best_effort(path, lambda: plot_curves(self.metrics.csv_path, path, title=self._title()))
 
     # ---- helpers ----
     @torch.no_grad()
@@ -753,8 +844,12 @@ class Trainer:
             d = os.path.join(self.run_dir, "previews")
             os.makedirs(d, exist_ok=True)
             path = os.path.join(d, f"step-{step:07d}.png")
-            save_preview(rows, path, title=f"{self._title()} · step {step}")
-            C.link_atomic(path, os.path.join(d, "latest.png"))
+
+            def write() -> None:
+                save_preview(rows, path, title=f"{self._title()} · step {step}")
+                C.link_atomic(path, os.path.join(d, "latest.png"))
+
+            self._best_effort(path, write)
 
 
 def _average_gradients(module: torch.nn.Module) -> None:
@@ -768,6 +863,13 @@ def _average_gradients(module: torch.nn.Module) -> None:
     flat /= D.world_size()
     for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(v)
+
+
+def _isatty(f) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _mean_over_ranks(v: float, device) -> float:

@@ -58,6 +58,15 @@ class Tiny(Method):
     def after_step(self, step, total_steps):
         if step + 1 == int(os.environ.get("TINY_DIE_AT", "-1")):  # SIGKILL after this optimizer step
             os.kill(os.getpid(), signal.SIGKILL)
+        # TINY_SIGNAL_AT=STEP:NAME[:RANK]: signal NAME (SIGINT, SIGTERM) during step STEP (1-based), in
+        # every rank or only RANK; a Ctrl-C or `kill` that lands while the step runs
+        at = os.environ.get("TINY_SIGNAL_AT")
+        if at:
+            n, name, *who = at.split(":")
+            from sparkct.distributed import rank
+
+            if step + 1 == int(n) and (not who or int(who[0]) == rank()):
+                os.kill(os.getpid(), getattr(signal, name))
 
     @torch.no_grad()
     def preview(self, batch):
