@@ -115,3 +115,26 @@ def test_output_cut_short_by_a_pipe_is_quiet():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 141, r.stderr
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["pretrain", "spark", "--seed", "-1"], "--seed must be between 0 and 2**32-1, got -1"),
+        (["pretrain", "spark", "--seed", str(2**32)], "--seed must be between 0 and 2**32-1"),
+        (["pretrain", "spark", "--out", "taken"], "--out taken: a file is there"),
+        (["pretrain", "byol", "--batch", "1"], "BYOL needs at least 2 images"),
+        (["finetune", "--data", "nodata", "--seed", "-1"], "--seed must be between 0 and 2**32-1"),
+        (["finetune", "--data", "nodata", "--out", "taken"], "--out taken: a file is there"),
+    ],
+)
+def test_bad_run_flags_are_refused_before_the_run_folder(argv, msg, capsys, tmp_path, monkeypatch):
+    # --seed -1 failed in numpy after --out was made; --out naming a file, after data and model set-up;
+    # BYOL with one image, in BatchNorm
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "runs"
+    assert main([*argv, "--device", "cpu"] + ([] if "--out" in argv else ["--out", str(out)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "data").exists()  # nothing written, nothing synthesized

@@ -69,6 +69,10 @@ class BYOL(SSLMethod):
         self.target = MomentumEncoder(nn.Sequential(self.backbone, self.projector), c.momentum, c.momentum_end)
         self.criterion = BYOLLoss()
 
+    def check_run(self, batch: int) -> None:
+        if batch < 2:  # the projector's BatchNorm1d cannot normalize over one image
+            raise UserError(f"BYOL needs at least 2 images in a batch (BatchNorm in its heads), got --batch {batch}")
+
     def views_transform(self, crop: int, windows) -> Views:
         spec = self.config.augment
         return Views([self.augment(crop, windows, spec, p_blur=1.0), self.augment(crop, windows, spec, p_blur=0.1)])
