@@ -138,3 +138,40 @@ def test_bad_run_flags_are_refused_before_the_run_folder(argv, msg, capsys, tmp_
     err = capsys.readouterr().err.strip()
     assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not (tmp_path / "data").exists()  # nothing written, nothing synthesized
+
+
+def _weights_files(tmp_path) -> dict:
+    import torch
+
+    from sparkct.models.backbone import backbone_state, build_backbone
+
+    sd = backbone_state(build_backbone("resnet18", in_chans=1)[0])
+    files = {"other-arch": backbone_state(build_backbone("resnet34", in_chans=1)[0])}
+    files["one-shape"] = dict(sd, **{"layer2.0.conv1.weight": torch.zeros(128, 64, 1, 1)})
+    out = {}
+    for name, state in files.items():
+        out[name] = str(tmp_path / f"{name}.pt")
+        torch.save(state, out[name])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not torch\n")
+    return {**out, "empty": str(tmp_path / "empty.pt"), "text": str(tmp_path / "text.pt")}
+
+
+@pytest.mark.parametrize(
+    "which,msg",
+    [
+        ("other-arch", "not weights of this resnet18 backbone: unexpected 96 (layer1.2.conv1.weight"),
+        ("one-shape", "shape mismatch 1 (layer2.0.conv1.weight (128, 64, 1, 1) vs (128, 64, 3, 3))"),
+        ("empty", "empty.pt: not a loadable weights file"),
+        ("text", "text.pt: not a loadable weights file"),
+    ],
+)
+def test_pretrain_weights_that_do_not_fit_are_one_line_before_any_work(which, msg, capsys, tmp_path, monkeypatch):
+    # a size-mismatch traceback (another arch, one wrong tensor) or an IndexError (a zero-byte file) before
+    monkeypatch.chdir(tmp_path)
+    w = _weights_files(tmp_path)[which]
+    out = tmp_path / "runs"
+    assert main(["pretrain", "simclr", "--weights", w, "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "data").exists()

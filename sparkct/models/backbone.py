@@ -82,9 +82,8 @@ def build_backbone(
         conv1 = state.get("conv1.weight")
         if conv1 is not None and conv1.shape[1] != model.conv1.in_channels:
             adapt_in_chans(model, int(conv1.shape[1]))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise UserError(f"{weights}: not a {arch} backbone (missing {len(missing)} keys, e.g. {missing[:3]})")
+        _check_fits(model, state, f"{weights}: not weights of this {arch} backbone")
+        model.load_state_dict(state, strict=False)
     adapt_in_chans(model, in_chans)
     return model, feature_dim(model)
 
@@ -96,8 +95,9 @@ def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
-        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # a pickle with code, a truncated or empty file, not a torch file at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and "backbone" in obj and isinstance(obj["backbone"], dict):
         obj = obj["backbone"]
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -112,6 +112,26 @@ def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
         if not k.startswith("fc."):
             out[k] = v
     return out
+
+
+def _check_fits(model: nn.Module, state: dict, what: str) -> None:
+    """A UserError starting with `what` that names the first missing, unexpected and wrong-shaped keys
+    when `state` does not load into `model` strictly (before load_state_dict's multi-line RuntimeError)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    parts = [
+        f"{name} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+        if keys
+    ]
+    if parts:
+        raise UserError(f"{what}: " + "; ".join(parts))
 
 
 def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:

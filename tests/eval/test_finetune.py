@@ -238,3 +238,25 @@ def test_evaluation_uses_the_trainers_public_api():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sparkct.train"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+def test_init_weights_that_do_not_fit_are_refused_before_training(tmp_path, write_npz):
+    # a size-mismatch traceback (another arch, one wrong tensor) or an IndexError (a zero-byte file) before
+    task = load_task(write_npz(tmp_path / "s.npz", n=(12, 6, 6), k=2, size=20), fraction=1.0, seed=1)
+    sd = backbone_state(build_backbone("resnet18", in_chans=1)[0])
+    files = {
+        "arch.pt": backbone_state(build_backbone("resnet34", in_chans=1)[0]),
+        "shape.pt": dict(sd, **{"bn1.weight": torch.ones(32)}),
+    }
+    for name, state in files.items():
+        torch.save(state, tmp_path / name)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, msg in [
+        ("arch.pt", r"arch\.pt: not weights of this resnet18 backbone: unexpected 96 \(layer1\.2\.conv1\.weight"),
+        ("shape.pt", r"shape mismatch 1 \(bn1\.weight \(32,\) vs \(64,\)\)"),
+        ("empty.pt", r"empty\.pt: not a loadable weights file"),
+    ]:
+        cfg = _cfg(tmp_path, "ft", epochs=1)
+        with pytest.raises(UserError, match=msg):
+            finetune(task, init=str(tmp_path / name), train_cfg=cfg, n_resamples=10)
+        assert not os.path.exists(cfg.out)
