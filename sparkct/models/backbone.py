@@ -16,7 +16,15 @@ import torch.nn as nn
 
 from sparkct.errors import UserError
 
-__all__ = ["ARCHS", "build_backbone", "feature_dim", "adapt_in_chans", "load_backbone_state", "backbone_state"]
+__all__ = [
+    "ARCHS",
+    "build_backbone",
+    "check_fits",
+    "feature_dim",
+    "adapt_in_chans",
+    "load_backbone_state",
+    "backbone_state",
+]
 
 ARCHS = (
     "resnet18",
@@ -82,7 +90,7 @@ def build_backbone(
         conv1 = state.get("conv1.weight")
         if conv1 is not None and conv1.shape[1] != model.conv1.in_channels:
             adapt_in_chans(model, int(conv1.shape[1]))
-        _check_fits(model, state, f"{weights}: not weights of this {arch} backbone")
+        check_fits(model, state, f"{weights}: not weights of this {arch} backbone")
         model.load_state_dict(state, strict=False)
     adapt_in_chans(model, in_chans)
     return model, feature_dim(model)
@@ -114,9 +122,9 @@ def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_fits(model: nn.Module, state: dict, what: str) -> None:
-    """A UserError starting with `what` that names the first missing, unexpected and wrong-shaped keys
-    when `state` does not load into `model` strictly (before load_state_dict's multi-line RuntimeError)."""
+def check_fits(model: nn.Module, state: dict, what: str, then: str = "") -> None:
+    """A one-line UserError, `what`: the first missing, unexpected and wrong-shaped keys, `then`, when
+    `state` does not load into `model` strictly (instead of load_state_dict's multi-line RuntimeError)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -131,7 +139,7 @@ def _check_fits(model: nn.Module, state: dict, what: str) -> None:
         if keys
     ]
     if parts:
-        raise UserError(f"{what}: " + "; ".join(parts))
+        raise UserError(f"{what}: " + "; ".join(parts) + then)
 
 
 def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:

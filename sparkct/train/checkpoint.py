@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 FORMAT = "sparkct-checkpoint-1"
+# what resuming and exporting read from a checkpoint (Trainer.save writes them all); a crafted or damaged
+# dict without them is refused on loading, not met as a KeyError later
+_REQUIRED = {"config": str, "model": dict, "optimizer": dict, "step": int, "rng": dict}
 _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
 # the temporaries of an interrupted write into a run folder: sio.atomic_path's ``.<name>.<random>.tmp``
 # and link_atomic's ``<name>.<pid>.lnk.tmp``; only the names a run writes, so nothing else there is touched
@@ -206,7 +209,16 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path}: not a sparkct checkpoint (format {got!r}, expected {FORMAT!r})")
-    state["config"] = json.loads(state["config"])
+    missing = [k for k, t in _REQUIRED.items() if not isinstance(state.get(k), t)]
+    if missing:
+        raise UserError(f"{path}: a damaged sparkct checkpoint (no valid {', '.join(missing)})")
+    try:
+        config = json.loads(state["config"])
+    except ValueError:
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("train", {}), dict):
+        raise UserError(f"{path}: a damaged sparkct checkpoint (its config is not a JSON object)")
+    state["config"] = config
     state["path"] = path
     return state
 

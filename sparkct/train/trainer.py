@@ -54,7 +54,7 @@ from sparkct.data.windows import resolve_windows
 from sparkct.device import resolve_device
 from sparkct.errors import TrainingDiverged, TrainingInterrupted, UserError
 from sparkct.models import get_method
-from sparkct.models.backbone import build_backbone, feature_dim
+from sparkct.models.backbone import build_backbone, check_fits, feature_dim
 from sparkct.models.base import Method
 from sparkct.nn.sync_batchnorm import convert_sync_batchnorm
 from sparkct.train import checkpoint as C
@@ -413,6 +413,14 @@ class Trainer:
         if state is None:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank)
             return
+        # a --force resume with another arch, width, windows or optimizer: one line, not a load traceback
+        check_fits(
+            self.method,
+            state["model"],
+            f"{state['path']} cannot be loaded into this model",
+            "; a changed model needs a new run (use another --out)",
+        )
+        _check_optimizer_fits(self.optimizer, state["optimizer"], state["path"])
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -850,6 +858,31 @@ class Trainer:
                 C.link_atomic(path, os.path.join(d, "latest.png"))
 
             self._best_effort(path, write)
+
+
+def _check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: dict, path: str) -> None:
+    """A one-line UserError when a checkpoint's optimizer state is not this optimizer's (another
+    --optimizer, or other parameter groups): torch would load it and fail at the first step."""
+    groups, now = saved.get("param_groups"), optimizer.state_dict()["param_groups"]
+    why = None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        why = "no parameter groups"
+    elif len(groups) != len(now):
+        why = f"{len(groups)} parameter groups, this one has {len(now)}"
+    else:
+        for i, (a, b) in enumerate(zip(groups, now)):
+            if set(a) != set(b):
+                diff = sorted(set(a) ^ set(b))
+                why = f"group {i} has other settings ({', '.join(diff[:3])}): another optimizer"
+            elif len(a.get("params", [])) != len(b["params"]):
+                why = f"group {i} holds {len(a.get('params', []))} parameters, this one {len(b['params'])}"
+            if why:
+                break
+    if why:
+        raise UserError(
+            f"{path}: its optimizer state does not fit this run's optimizer ({why}); resume with the same "
+            "--optimizer, or use another --out"
+        )
 
 
 def _average_gradients(module: torch.nn.Module) -> None:

@@ -260,3 +260,42 @@ def test_a_resumed_runs_summary_describes_the_whole_run(small_cache, tmp_path, m
             train(small_cache, run, max_steps=4)
     train(small_cache, run, max_steps=4, resume=True)
     assert _summary_of_the_run(run / "summary.json") == _summary_of_the_run(ref / "summary.json")
+
+
+def test_force_resume_into_another_model_or_optimizer_is_one_line(small_cache, tmp_path):
+    # --resume --force with another arch, windows or optimizer: size/key tracebacks and KeyError: 'momentum'
+    out = tmp_path / "run"
+    train(small_cache, out, max_steps=1)
+    for kw, msg in [
+        ({"windows": "lung,bone"}, r"shape mismatch 3 \(backbone\.conv1\.weight \(64, 1, 7, 7\) vs \(64, 2, 7, 7\)"),
+        ({"arch": "resnet34"}, r"missing 96 \(backbone\.layer1\.2\.conv1\.weight"),
+        ({"optimizer": "sgd"}, r"optimizer state does not fit this run's optimizer \(group 0 has other settings"),
+    ]:
+        with pytest.raises(UserError, match=msg) as e:
+            train(small_cache, out, max_steps=2, resume=True, force=True, **kw)
+        assert "\n" not in str(e.value)
+    assert C.load_checkpoint(str(out))["step"] == 1  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (lambda st: st.pop("config"), r"damaged sparkct checkpoint \(no valid config\)"),
+        (lambda st: st.update(config="{not json"), r"its config is not a JSON object"),
+        (lambda st: st.update(config="[1, 2]"), r"its config is not a JSON object"),
+        (lambda st: st.pop("model"), r"no valid model\)"),
+        (lambda st: (st.pop("step"), st.pop("rng")), r"no valid step, rng\)"),
+    ],
+)
+def test_crafted_checkpoints_are_refused_naming_the_file(small_cache, tmp_path, change, msg):
+    # KeyError: 'config' and JSONDecodeError before
+    out = tmp_path / "run"
+    train(small_cache, out, max_steps=1)
+    st = torch.load(out / "last.ckpt", weights_only=True)
+    change(st)
+    bad = tmp_path / "crafted.ckpt"
+    torch.save(st, bad)
+    with pytest.raises(UserError, match="crafted.ckpt: .*" + msg):
+        C.load_checkpoint(str(bad))
+    with pytest.raises(UserError, match="crafted.ckpt: "):
+        train(small_cache, tmp_path / "new", max_steps=2, resume=str(bad))
