@@ -63,6 +63,7 @@ from sparkct.train.metrics_log import MetricsLog
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
 from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
 from sparkct.train.progress import ProgressLines, progress_interval
+from sparkct.train.runlock import RunLock
 from sparkct.train.signals import StopSignals, resume_command
 from sparkct.train.visual import plot_curves, save_preview  # matplotlib/PIL load lazily in there
 
@@ -292,6 +293,7 @@ class Trainer:
         self.method.check_run(cfg.batch // cfg.accum)
         self.method.check_input(cfg.crop, cfg.windows)
 
+        self._lock_run()
         # the run folder: refuse to overwrite a run unless resuming it
         state = None
         if self.resume:
@@ -314,6 +316,23 @@ class Trainer:
         if state is not None:
             self._check_resume_config(state["config"])
         return state
+
+    def _lock_run(self) -> None:
+        """Hold the run folder's lock (rank 0, for all ranks): a second process training into the same
+        --out would mix its checkpoints, metrics and config with this run's. Every rank raises if it is
+        taken. A --resume of a folder that does not exist is left to the check that follows (nothing made)."""
+        err = None
+        if self.main and not (self.resume is True and not os.path.isdir(self.run_dir)):
+            try:
+                self._lock = RunLock(self.run_dir)
+            except UserError as e:
+                err = str(e)
+        if self.world > 1:
+            box = [err]
+            dist.broadcast_object_list(box, 0)
+            err = box[0]
+        if err is not None:
+            raise UserError(err)
 
     def build_data(self) -> None:
         """The dataset (the given one, or config.data resolved and prepared), labels for the monitors, the

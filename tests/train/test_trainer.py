@@ -299,3 +299,57 @@ def test_crafted_checkpoints_are_refused_naming_the_file(small_cache, tmp_path, 
         C.load_checkpoint(str(bad))
     with pytest.raises(UserError, match="crafted.ckpt: "):
         train(small_cache, tmp_path / "new", max_steps=2, resume=str(bad))
+
+
+def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(small_cache, tmp_path):
+    # two processes trained into one --out at once: config.json of one run, checkpoints of the other
+    import socket
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            # what sparkct.train.runlock does, spelled out: the test also runs against code without it
+            f"import fcntl, json, os, socket, sys; os.makedirs({str(out)!r}); "
+            f"f = open(os.path.join({str(out)!r}, '.lock'), 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, f); f.flush(); "
+            "print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            UserError, match=rf"in use by another run \(pid {holder.pid} on host {socket.gethostname()}\)"
+        ):
+            train(small_cache, out, max_steps=1)
+        assert not (out / "config.json").exists() and C.find_latest(str(out)) is None
+    finally:
+        holder.stdin.close()  # the holder exits: the system releases its lock
+        holder.wait(timeout=60)
+    assert train(small_cache, out, max_steps=1)["steps"] == 1
+    assert json.load(open(out / ".lock"))["pid"] == os.getpid()
+
+
+def test_run_lock_is_reentrant_in_a_process_and_released(tmp_path):
+    import fcntl
+
+    from sparkct.train.runlock import RunLock
+
+    a = RunLock(str(tmp_path))
+    b = RunLock(str(tmp_path))  # a trainer that raised may still hold it when this process runs again
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        a.release()
+        a.release()  # idempotent: b still holds it
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        del b  # collected: released
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
