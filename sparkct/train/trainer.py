@@ -271,9 +271,9 @@ class Trainer:
     # ---- phases, in the order fit calls them ----
     def setup(self) -> dict | None:
         """Join the process group, choose the device and AMP, check the batch against accumulation x ranks
-        and the method; then the run folder: refuse one that holds a run unless resuming, remove the partial
-        files of an interrupted write, and return the checkpoint to resume (the newest that loads, its config
-        checked against this one) or None."""
+        and the method; then the run folder: refuse one that another process holds (its lock) or that holds
+        a run unless resuming, remove the partial files of an interrupted write, and return the checkpoint
+        to resume (the newest that loads, its config checked against this one) or None."""
         cfg = self.cfg
         _init_distributed(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -293,7 +293,7 @@ class Trainer:
         self.method.check_run(cfg.batch // cfg.accum)
         self.method.check_input(cfg.crop, cfg.windows)
 
-        self._lock_run()
+        self._lock_run(create=False)  # a folder another run writes into is refused before its checkpoint is read
         # the run folder: refuse to overwrite a run unless resuming it
         state = None
         if self.resume:
@@ -317,12 +317,12 @@ class Trainer:
             self._check_resume_config(state["config"])
         return state
 
-    def _lock_run(self) -> None:
+    def _lock_run(self, create: bool) -> None:
         """Hold the run folder's lock (rank 0, for all ranks): a second process training into the same
         --out would mix its checkpoints, metrics and config with this run's. Every rank raises if it is
-        taken. A --resume of a folder that does not exist is left to the check that follows (nothing made)."""
+        taken. Without `create`, a folder that does not exist yet is left alone (setup writes nothing)."""
         err = None
-        if self.main and not (self.resume is True and not os.path.isdir(self.run_dir)):
+        if self.main and (create or os.path.isdir(self.run_dir)) and getattr(self, "_lock", None) is None:
             try:
                 self._lock = RunLock(self.run_dir)
             except UserError as e:
@@ -426,8 +426,10 @@ class Trainer:
         )
 
     def restore(self, state: dict | None) -> None:
-        """Continue from `state` (a loaded checkpoint: weights, optimizer, scaler, RNG, probe, step, best
-        monitor, first loss and latest metrics row), or, with None, seed a fresh run (the seed differs by rank)."""
+        """Lock the run folder (made here if new); continue from `state` (a loaded checkpoint, checked to fit
+        the model and optimizer: weights, optimizer, scaler, RNG, probe, step, best monitor, first loss and
+        latest metrics row), or, with None, seed a fresh run (the seed differs by rank)."""
+        self._lock_run(create=True)  # a new folder, before open_run writes into it
         run = self.run
         if state is None:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank)
