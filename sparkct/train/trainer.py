@@ -28,6 +28,7 @@ Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -219,6 +220,7 @@ class Trainer:
             "train": config_to_dict(self.cfg),
             "method_config": config_to_dict(mc) if hasattr(mc, "__dataclass_fields__") else {},
             "world_size": D.world_size(),
+            "data_fingerprint": getattr(self, "data_fingerprint", None),  # set by restore, once the data is built
         }
 
     def _check_resume_config(self, saved: dict) -> None:
@@ -334,6 +336,23 @@ class Trainer:
         if err is not None:
             raise UserError(err)
 
+    def _check_resume_data(self, state: dict) -> None:
+        """Refuse (without --force) to resume on other data than the checkpoint's: --data may change (the
+        same cache moved elsewhere) but not what it holds. Checkpoints without a fingerprint pass."""
+        saved, now = state["config"].get("data_fingerprint"), self.data_fingerprint
+        if saved is None or now is None or saved == now:
+            return
+        was = state["config"].get("train", {}).get("data")
+        n = state["config"].get("resolved", {}).get("slices", "?")
+        what = (
+            f"the checkpoint {state['path']} was trained on other data ({n} slices of "
+            f"{'the built-in synthetic CT' if was is None else was}; now {len(self.dataset)} slices of "
+            f"{'the built-in synthetic CT' if self.cfg.data is None else self.cfg.data})"
+        )
+        if not self.force:
+            raise UserError(f"{what}; pass --force to resume on this data anyway, or use another --out")
+        self.log(f"resuming on other data (--force): {what}")
+
     def build_data(self) -> None:
         """The dataset (the given one, or config.data resolved and prepared), labels for the monitors, the
         loader (sharded by rank) and the step counts: steps_per_epoch, total, epochs."""
@@ -430,10 +449,12 @@ class Trainer:
         the model and optimizer: weights, optimizer, scaler, RNG, probe, step, best monitor, first loss and
         latest metrics row), or, with None, seed a fresh run (the seed differs by rank)."""
         self._lock_run(create=True)  # a new folder, before open_run writes into it
+        self.data_fingerprint = _data_fingerprint(self.dataset)
         run = self.run
         if state is None:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank)
             return
+        self._check_resume_data(state)
         # a --force resume with another arch, width, windows or optimizer: one line, not a load traceback
         check_fits(
             self.method,
@@ -879,6 +900,23 @@ class Trainer:
                 C.link_atomic(path, os.path.join(d, "latest.png"))
 
             self._best_effort(path, write)
+
+
+def _data_fingerprint(ds) -> str | None:
+    """A hash of what a dataset over a prepared cache holds (its series' keys and sizes, the slices it
+    uses, their labels), not of where the cache lies; None for other datasets."""
+    series, indices = getattr(getattr(ds, "cache", None), "series", None), getattr(ds, "indices", None)
+    if not isinstance(series, dict) or "key" not in series or indices is None:
+        return None
+    h = hashlib.sha256()
+    h.update(json.dumps([[str(k) for k in series["key"]], np.asarray(series["n"]).tolist()]).encode())
+    h.update(np.asarray(series["shape"], np.int64).tobytes())
+    h.update(np.asarray(indices, np.int64).tobytes())
+    targets = getattr(ds, "targets", None)
+    if targets is not None:
+        t = np.asarray(targets)
+        h.update(str(t.dtype).encode() + t.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: dict, path: str) -> None:

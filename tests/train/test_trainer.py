@@ -353,3 +353,25 @@ def test_run_lock_is_reentrant_in_a_process_and_released(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_resuming_on_other_data_needs_force_and_a_moved_cache_resumes(small_cache, tmp_path, capsys):
+    # resumed on a cache of other slices, the loss changed with no word
+    import shutil
+
+    from sparkct.data import prepare
+    from sparkct.data.synthetic import synth
+
+    other = tmp_path / "other-cache"
+    synth(str(tmp_path / "src"), patients=2, seed=9, size=64, slices=8, series_per_patient=(1, 1), localizer=False)
+    prepare(str(tmp_path / "src"), str(other), progress=False)
+    out = tmp_path / "run"
+    train(small_cache, out, max_steps=2)
+    with pytest.raises(UserError, match=r"trained on other data \(24 slices of .*; now 16 slices of .*other-cache\)"):
+        train(str(other), out, max_steps=2, resume=True)
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(small_cache, moved)
+    assert train(str(moved), out, max_steps=2, resume=True)["steps"] == 2  # a finished run: nothing to do
+    capsys.readouterr()
+    assert train(str(other), out, max_steps=2, resume=True, force=True)["steps"] == 2
+    assert "resuming on other data (--force)" in capsys.readouterr().err
