@@ -122,10 +122,11 @@ def test_output_cut_short_by_a_pipe_is_quiet():
     [
         (["pretrain", "spark", "--seed", "-1"], "--seed must be between 0 and 2**32-1, got -1"),
         (["pretrain", "spark", "--seed", str(2**32)], "--seed must be between 0 and 2**32-1"),
-        (["pretrain", "spark", "--out", "taken"], "--out taken: a file is there"),
+        (["pretrain", "spark", "--out", "taken"], "/taken is a file; name a folder for the run"),
+        (["pretrain", "spark", "--out", "taken/run"], "--out taken/run: /"),
         (["pretrain", "byol", "--batch", "1"], "BYOL needs at least 2 images"),
         (["finetune", "--data", "nodata", "--seed", "-1"], "--seed must be between 0 and 2**32-1"),
-        (["finetune", "--data", "nodata", "--out", "taken"], "--out taken: a file is there"),
+        (["finetune", "--data", "nodata", "--out", "taken"], "/taken is a file; name a folder for the run"),
     ],
 )
 def test_bad_run_flags_are_refused_before_the_run_folder(argv, msg, capsys, tmp_path, monkeypatch):

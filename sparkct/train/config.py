@@ -124,8 +124,11 @@ class TrainConfig:
             raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if not 0 <= self.seed <= 2**32 - 1:  # numpy's seeds; a bad one would fail after --out is made
             raise UserError(f"--seed must be between 0 and 2**32-1, got {self.seed}")
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise UserError(f"--out {self.out}: a file is there; name a folder for the run")
+        above = os.path.abspath(self.out)  # the run folder, or the nearest folder above it that exists
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise UserError(f"--out {self.out}: {above} is a file; name a folder for the run")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         from sparkct.data.windows import resolve_windows  # noqa: PLC0415 (lazy: the parser imports no numpy)
