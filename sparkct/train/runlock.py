@@ -57,9 +57,10 @@ class RunLock:
 
     def release(self) -> None:
         """Drop this holder (idempotent); the lock is released when the process's last holder drops."""
-        path, self.path = getattr(self, "path", None), None
+        path: str | None = getattr(self, "path", None)  # None: __init__ failed before or after taking it
+        self.path = None
         entry = _held.get(path) if path is not None else None
-        if entry is None:
+        if path is None or entry is None:
             return
         entry[1] -= 1
         if entry[1] <= 0:
