@@ -354,9 +354,11 @@ class Trainer:
         self.log(f"resuming on other data (--force): {what}")
 
     def build_data(self) -> None:
-        """The dataset (the given one, or config.data resolved and prepared), labels for the monitors, the
-        loader (sharded by rank) and the step counts: steps_per_epoch, total, epochs."""
+        """The run folder locked (made if new); the dataset (the given one, or config.data resolved and
+        prepared), labels for the monitors, the loader (sharded by rank) and the step counts:
+        steps_per_epoch, total, epochs."""
         cfg, method = self.cfg, self.method
+        self._lock_run(create=True)  # a new run folder, before its data is prepared into it
         if self.dataset is None:
             cache = resolve_data(
                 cfg.data,
@@ -445,10 +447,9 @@ class Trainer:
         )
 
     def restore(self, state: dict | None) -> None:
-        """Lock the run folder (made here if new); continue from `state` (a loaded checkpoint, checked to fit
-        the model and optimizer: weights, optimizer, scaler, RNG, probe, step, best monitor, first loss and
-        latest metrics row), or, with None, seed a fresh run (the seed differs by rank)."""
-        self._lock_run(create=True)  # a new folder, before open_run writes into it
+        """Continue from `state` (a loaded checkpoint, checked against the data and to fit the model and
+        optimizer: weights, optimizer, scaler, RNG, probe, step, best monitor, first loss and latest metrics
+        row), or, with None, seed a fresh run (the seed differs by rank)."""
         self.data_fingerprint = _data_fingerprint(self.dataset)
         run = self.run
         if state is None:
