@@ -301,17 +301,14 @@ def test_crafted_checkpoints_are_refused_naming_the_file(small_cache, tmp_path, 
         train(small_cache, tmp_path / "new", max_steps=2, resume=str(bad))
 
 
-def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(small_cache, tmp_path):
-    # two processes trained into one --out at once: config.json of one run, checkpoints of the other
-    import socket
-
-    out = tmp_path / "run"
+def _hold_lock(out):
+    """Another process holding the run folder's lock, as sparkct.train.runlock does (spelled out: the tests
+    also run against code without it); closing its stdin ends it."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            # what sparkct.train.runlock does, spelled out: the test also runs against code without it
-            f"import fcntl, json, os, socket, sys; os.makedirs({str(out)!r}); "
+            f"import fcntl, json, os, socket, sys; os.makedirs({str(out)!r}, exist_ok=True); "
             f"f = open(os.path.join({str(out)!r}, '.lock'), 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
             "json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, f); f.flush(); "
             "print('locked', flush=True); sys.stdin.read()",
@@ -320,8 +317,17 @@ def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(small_cac
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(small_cache, tmp_path):
+    # two processes trained into one --out at once: config.json of one run, checkpoints of the other
+    import socket
+
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(
             UserError, match=rf"in use by another run \(pid {holder.pid} on host {socket.gethostname()}\)"
         ):
@@ -332,6 +338,19 @@ def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(small_cac
         holder.wait(timeout=60)
     assert train(small_cache, out, max_steps=1)["steps"] == 1
     assert json.load(open(out / ".lock"))["pid"] == os.getpid()
+    # two fresh runs started at once: the folder appears between one's setup and its data preparation
+    from tiny_method import TinyConfig
+
+    cfg = cfg_for(small_cache, tmp_path / "new", max_steps=1)
+    t = Trainer(build_method("tiny", cfg, TinyConfig()), cfg, method_name="tiny")
+    t.setup()
+    holder = _hold_lock(tmp_path / "new")
+    try:
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {holder.pid} "):
+            t.build_data()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 def test_run_lock_is_reentrant_in_a_process_and_released(tmp_path):
