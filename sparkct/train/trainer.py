@@ -197,6 +197,7 @@ class Trainer:
         self.on_step = on_step
         self.run_dir = config.out
         self.run = RunState()
+        self._lock: RunLock | None = None  # the run folder's, while fit runs (rank 0)
         self.stop: StopSignals | None = None  # fit's signal handlers, while its loop runs
         self.lines: ProgressLines | None = None  # progress lines where stderr is not a terminal (open_run)
         # set by the phases: setup (rank, world, main, device, amp), build_data (dataset, classes, loader,
@@ -251,24 +252,34 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         """Train to the end (or resume and train to the end); return the summary (rank 0; {} elsewhere)."""
-        state = self.setup()
-        self.build_data()
-        self.build_optimization()
-        self.restore(state)
-        self.open_run()
-        # from here a signal lets the step in flight finish, then run_epoch saves and stops (interrupt)
-        with StopSignals(announce=self.main) as self.stop:
-            try:
-                self.model.train()
-                self.run.start_clock()
-                for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
-                    if self.run.step >= self.total:
-                        break
-                    self.run_epoch(epoch)
-            finally:
-                self.bar.close()  # also on errors: the message must not land inside the bar
-                self.stop = None
-        return self.finish()
+        try:
+            state = self.setup()
+            self.build_data()
+            self.build_optimization()
+            self.restore(state)
+            self.open_run()
+            # from here a signal lets the step in flight finish, then run_epoch saves and stops (interrupt)
+            with StopSignals(announce=self.main) as self.stop:
+                try:
+                    self.model.train()
+                    self.run.start_clock()
+                    for epoch in range(self.run.step // self.steps_per_epoch, self.epochs):
+                        if self.run.step >= self.total:
+                            break
+                        self.run_epoch(epoch)
+                finally:
+                    self.bar.close()  # also on errors: the message must not land inside the bar
+                    self.stop = None
+            return self.finish()
+        finally:
+            # not left to garbage collection: a notebook keeps the trainer (or a traceback holding it) alive
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (fit does when it ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ---- phases, in the order fit calls them ----
     def setup(self) -> dict | None:
@@ -324,7 +335,7 @@ class Trainer:
         --out would mix its checkpoints, metrics and config with this run's. Every rank raises if it is
         taken. Without `create`, a folder that does not exist yet is left alone (setup writes nothing)."""
         err = None
-        if self.main and (create or os.path.isdir(self.run_dir)) and getattr(self, "_lock", None) is None:
+        if self.main and (create or os.path.isdir(self.run_dir)) and self._lock is None:
             try:
                 self._lock = RunLock(self.run_dir)
             except UserError as e:

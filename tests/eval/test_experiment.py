@@ -171,8 +171,13 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
 def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatch):
     import sparkct.eval.experiment as E
 
-    def broken(name, *a, **kw):  # a failure that no check before the run can see
-        raise RuntimeError("out of rotations")
+    real, checked = E.build_method, set()
+
+    def broken(name, *a, **kw):  # a failure that no check before the run can see: the run's own build
+        if name in checked:
+            raise RuntimeError("out of rotations")
+        checked.add(name)  # the up-front check builds each method once
+        return real(name, *a, **kw)
 
     monkeypatch.setattr(E, "build_method", broken)
     out = tmp_path / "exp"

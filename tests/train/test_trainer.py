@@ -394,3 +394,31 @@ def test_resuming_on_other_data_needs_force_and_a_moved_cache_resumes(small_cach
     capsys.readouterr()
     assert train(str(other), out, max_steps=2, resume=True, force=True)["steps"] == 2
     assert "resuming on other data (--force)" in capsys.readouterr().err
+
+
+def test_fit_lets_go_of_the_lock_when_it_ends(small_cache, tmp_path):
+    """A finished or failed run does not keep its folder locked while its trainer lives on (a notebook,
+    a traceback holding it)."""
+    import fcntl
+
+    from tiny_method import TinyConfig
+
+    def free(out) -> bool:
+        fd = os.open(out / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    cfg = cfg_for(small_cache, tmp_path / "done", max_steps=1)
+    t = Trainer(build_method("tiny", cfg, TinyConfig()), cfg, method_name="tiny")
+    t.fit()
+    assert free(tmp_path / "done")
+    cfg = cfg_for(small_cache, tmp_path / "nan", max_steps=2)
+    t = Trainer(build_method("tiny", cfg, TinyConfig(nan_at=1)), cfg, method_name="tiny")
+    with pytest.raises(TrainingDiverged):
+        t.fit()
+    assert free(tmp_path / "nan")
