@@ -27,19 +27,21 @@ import sys
 import time
 import traceback
 
+import numpy as np
 from tqdm import tqdm
 
 from sparkct import io as sio
 from sparkct.cliargs import parse_field
-from sparkct.data import prepare, synth
+from sparkct.data import SliceCache, prepare, synth
 from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
 from sparkct.eval.data import load_task
-from sparkct.eval.finetune import check_test_set, finetune
+from sparkct.eval.finetune import Classifier, check_test_set, finetune
 from sparkct.eval.report import collect_runs, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
+from sparkct.train.optim import scaled_lr
 from sparkct.train.signals import resume_command
 from sparkct.train.trainer import Trainer, build_method
 
@@ -48,6 +50,199 @@ __all__ = ["ExperimentConfig", "run_experiment", "SMALL_DATA_OVERRIDES"]
 
 def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _data_id(path: str | None) -> str | None:
+    """What identifies data beyond its path (a folder rewritten with other data keeps its path): for a
+    prepared cache, its settings, salt, series and slice positions; for a file (labels CSV, .npz), its
+    bytes. A folder of images is known by its path only."""
+    if path is None:
+        return None
+    if os.path.isfile(os.path.join(path, "cache.json")):
+        c = SliceCache(path)
+        h = hashlib.sha1(json.dumps(c.manifest, sort_keys=True, default=str).encode())
+        for a in (c.series["key"], c.slice_series, c.slice_z, c.patients):
+            h.update(np.asarray(a).astype(str).tobytes())
+        return h.hexdigest()[:12]
+    if os.path.isfile(path):
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:12]
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differs(old: dict, new: dict) -> str:
+    """What differs between two runs' settings, briefly: ``field old (now new)``."""
+    a, b = _flat(old), _flat(new)
+    parts = []
+    for k in sorted(set(a) | set(b)):
+        if k in ("train.out", "train.seed", "fraction") or a.get(k) == b.get(k):
+            continue
+        va, vb = a.get(k, "unset"), b.get(k, "unset")
+        if k == "init":  # a pretraining run's folder: its name holds the method and its settings' hash
+            va, vb = os.path.basename(str(va)), os.path.basename(str(vb))
+            k = "pretraining run"
+        parts.append(f"{k} {va} (now {vb})")
+    return "; ".join(parts) or "settings hash differs"
+
+
+def _split_runs(runs: list[dict], current: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """(the runs of this experiment's settings, the others): a run is current only when its folder is
+    the one its full settings' hash names now (`current`: run folder -> settings). The others stay on disk
+    and are listed as stale, each with what differs from the current run of its method, fraction and seed
+    (or why none is current), never averaged with current runs."""
+    by_cell = {(s["method"], s["fraction"], s["seed"]): s for s in current.values()}
+    here, stale = [], []
+    for r in runs:
+        d = os.path.normpath(r["run_dir"])
+        if d in current:
+            here.append(r)
+            continue
+        path = os.path.join(d, "settings.json")
+        old = sio.read_json(path)["settings"] if os.path.isfile(path) else None
+        now = by_cell.get((r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)))
+        if now is None:
+            why = "method, fraction or seed not requested now"
+        elif old is None:
+            why = "settings not recorded (made by an older sparkct): not comparable"
+        else:
+            why = _differs(old, now)
+        stale.append({**r, "stale": why})
+    return here, stale
+
+
+def _cache_size(path: str) -> str:
+    c = SliceCache(path)
+    return f"{len(c.patients)} patients, {c.n_series} series, {len(c)} slices"
+
+
+def _pretrain_data_line(cfg: ExperimentConfig, pre_cache: str | None, pre_methods: list[str]) -> str:
+    """What the pretraining read: its source and size."""
+    if not pre_methods:
+        return "none (no pretraining method among --methods)"
+    if pre_cache is None:
+        return "none"
+    if cfg.pretrain_data is not None:
+        src = f"{cfg.pretrain_data} (--pretrain-data)"
+    elif cfg.data is None:
+        src = f"built-in synthetic pool ({cfg.pretrain_patients} patients disjoint from the labelled task)"
+    else:
+        src = f"{cfg.data} (--data: the labelled patients themselves, their labels unused)"
+    return f"{src}: {_cache_size(pre_cache)}"
+
+
+def _lr_line(cfg: ExperimentConfig, ft_cfg: TrainConfig, methods: list[str]) -> str:
+    """The fine-tuning lr every arm used, where it came from, and a built-in override left out."""
+    given = {k.split("=", 1)[0].strip() for k in cfg.set}
+    builtin = cfg.data is None and cfg.pretrain_data is None
+    base = ft_cfg.base_lr if ft_cfg.base_lr is not None else Classifier.defaults["base_lr"]
+    if ft_cfg.lr is not None:
+        peak, why = ft_cfg.lr, "--set finetune.lr"
+    else:
+        peak = scaled_lr(base, ft_cfg.batch)
+        if "finetune.base_lr" in given:
+            why = f"--set finetune.base_lr={base:g}"
+        elif builtin and "finetune.base_lr" in SMALL_DATA_OVERRIDES:
+            why = f"built-in override finetune.base_lr={base:g} (chosen on the built-in task's validation split)"
+        else:
+            why = f"default base_lr {base:g} per 256 (the published protocol)"
+        why += f" x batch {ft_cfg.batch} / 256"
+    text = f"peak {peak:.3g} for every arm ({', '.join(methods)}): {why}"
+    dropped = "finetune.base_lr" in SMALL_DATA_OVERRIDES and not builtin and not given & {"finetune.base_lr", "finetune.lr"}
+    if dropped:
+        flags = " and ".join(f for f, v in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)) if v)
+        b = SMALL_DATA_OVERRIDES["finetune.base_lr"]
+        text += (
+            f"; the built-in override finetune.base_lr={b:g} (lr {scaled_lr(b, ft_cfg.batch):.3g}) is not applied "
+            f"because {flags} is given (--set finetune.base_lr={b:g} applies it)"
+        )
+    return text
+
+
+def _overrides_line(cfg: ExperimentConfig, overrides: dict, pre_methods: list[str]) -> str:
+    """The built-in data's overrides in effect, or which were left out and why."""
+    relevant = {k: v for k, v in SMALL_DATA_OVERRIDES.items() if k.split(".", 1)[0] in (*pre_methods, "finetune")}
+    if not relevant:
+        return "none apply to these methods"
+    if cfg.data is None and cfg.pretrain_data is None:
+        used = {k: v for k, v in relevant.items() if overrides.get(k.split(".")[0], {}).get(k.split(".", 1)[1]) == v}
+        return "in effect: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in used.items())
+    flags = " and ".join(f for f, v in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)) if v)
+    return f"none in effect ({flags} given); left out: " + ", ".join(f"{k}={v}" for k, v in relevant.items())
+
+
+def _protocol_line(ft_cfg: TrainConfig, fcfg: FinetuneConfig) -> str:
+    """The fine-tuning protocol as the trainer and the Classifier run it (not as published)."""
+
+    def setting(k):
+        v = getattr(ft_cfg, k, None)
+        return v if v is not None else Classifier.defaults.get(k)
+
+    wd, wd_end, warm = setting("weight_decay"), setting("weight_decay_end"), setting("warmup_epochs") or 0
+    wd_text = f"{wd:g}" if wd_end is None or wd_end == wd else f"{wd:g} falling by cosine to {wd_end:g}"
+    text = (
+        f"optimizer {setting('optimizer')}, weight decay {wd_text} on weights only (biases and 1-D norm "
+        f"parameters are not decayed); lr {'linear warm-up over ' + format(warm, 'g') + ' epoch(s), then ' if warm else ''}"
+        "half-cycle cosine decay from the peak to 0.001 x peak over all steps (the published protocol: "
+        "constant Adam lr 1e-4); "
+    )
+    if fcfg.linear_probe:
+        text += "linear probe: the backbone frozen throughout, in eval mode (BatchNorm keeps the initialization's statistics)"
+    else:
+        text += (
+            f"backbone frozen for the first {fcfg.freeze_epochs:g} epoch(s), only the head learning, with its "
+            "BatchNorm in eval mode (running statistics stay the initialization's: for random init, those of no "
+            f"data), then trained at {fcfg.backbone_lr_start:g} x lr rising linearly to lr over "
+            f"{fcfg.ramp_epochs:g} epoch(s)"
+        )
+    return text + "; the checkpoint of best validation AUC is tested"
+
+
+def _fractions_line(runs: list[dict]) -> str:
+    """The labelled training set each fraction actually got (patients and items), per seed where they
+    differ; every arm of a seed and fraction uses the same patients."""
+    got: dict[float, dict] = {}
+    for r in runs:
+        t = r.get("task") or {}
+        if r.get("status", "done") != "done" or "train" not in t:
+            continue
+        unit = "slices" if t.get("kind") == "cache" else "images"
+        full = t.get("full_train", {})
+        got.setdefault(float(r["fraction"]), {})[r.get("seed")] = (
+            t["train"]["patients"],
+            full.get("patients"),
+            t["train"]["items"],
+            full.get("items"),
+            unit,
+        )
+    parts = []
+    for fr in sorted(got, reverse=True):
+        sizes = got[fr]
+        vals = sorted(set(sizes.values()), key=str)
+        texts = []
+        for v in vals:
+            p, pf, n, nf, unit = v
+            seeds = sorted(s for s, w in sizes.items() if w == v)
+            txt = f"{p} of {pf} patients ({100 * p / max(pf or 1, 1):.0f} %), {n} of {nf} {unit}"
+            texts.append(txt + (f" (seed {', '.join(map(str, seeds))})" if len(vals) > 1 else ""))
+        parts.append(f"{_pct(fr)}: {'; '.join(texts)}")
+    return " | ".join(parts) + " (the same patients for every arm of a fraction and seed)" if parts else "no finished runs"
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:g} %"
 
 
 def _typed(cls, values: dict, method: str):
@@ -325,6 +520,10 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, test {desc['test']}"
     )
     check_test_set(task0)  # said once, before any training
+    # the data's identity beyond its path, in every run's settings hash: new data in the same folder (e.g.
+    # other --synth-* settings) makes new runs, never a finished run of the old data counted as one
+    task_id = {"data": task_data, "data_id": _data_id(task_data), "labels": labels, "labels_id": _data_id(labels)}
+    pre_id = _data_id(pre_cache) if pre_methods else None
 
     if ft_opts:
         log(
@@ -342,7 +541,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         for m in pre_methods:
             tcfg, mcfg = pre_cfgs[m]
             tcfg.data = pre_cache
-            key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
+            key = _key(
+                {"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg), "data_id": pre_id}
+            )
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
             pre_dirs.append(run_dir)
@@ -369,23 +570,28 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             prog.finish(True)
 
         # ---- fine-tuning -------------------------------------------------------------------------------
+        current: dict[str, dict] = {}  # run folder -> its full settings: the runs this report may use
         for m in methods:
             for seed in seeds:
                 for fr in fractions:
                     tcfg = dataclasses.replace(ft_cfg, seed=seed)
-                    key = _key(
-                        {
-                            "init": inits.get(m, m),
-                            "train": config_to_dict(tcfg),
-                            "finetune": config_to_dict(fcfg),
-                            "fraction": fr,
-                            "split": split_text,
-                            "data": task_data,
-                            "labels": labels,
-                        }
-                    )
+                    settings = {
+                        "init": inits.get(m, m),
+                        "train": config_to_dict(tcfg),
+                        "finetune": config_to_dict(fcfg),
+                        "fraction": fr,
+                        "split": split_text,
+                        **task_id,
+                    }
+                    key = _key(settings)
                     run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
                     tcfg.out = run_dir
+                    current[os.path.normpath(run_dir)] = {**settings, "method": m, "seed": seed}
+                    if not os.path.isfile(os.path.join(run_dir, "settings.json")):
+                        # what the hash stands for: a later experiment with other settings says what differs
+                        sio.write_json_atomic(
+                            os.path.join(run_dir, "settings.json"), {"key": key, "settings": current[os.path.normpath(run_dir)]}
+                        )
                     prog.start("fine-tuning", f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
                     if os.path.isfile(os.path.join(run_dir, "result.json")):
                         log("  finished earlier: skipped")
@@ -430,16 +636,14 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         prog.close()
 
     # ---- report ------------------------------------------------------------------------------------
-    runs = collect_runs(os.path.join(out, "finetune"))
-    keep = {(m, fr, s) for m in methods for fr in fractions for s in seeds}
-    runs = [
-        r
-        for r in runs
-        if (r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)) in keep
-        and os.path.basename(os.path.dirname(r["run_dir"])) in methods
-    ]
+    runs, stale = _split_runs(collect_runs(os.path.join(out, "finetune")), current)
     extra = {
         "experiment data": data_desc,
+        "pretraining data": _pretrain_data_line(cfg, pre_cache, pre_methods),
+        "labelled training set per fraction": _fractions_line(runs),
+        "built-in overrides": _overrides_line(cfg, overrides, pre_methods),
+        "fine-tuning lr": _lr_line(cfg, ft_cfg, methods),
+        "fine-tuning protocol": _protocol_line(ft_cfg, fcfg),
         "pretraining": (
             f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
             f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
@@ -469,6 +673,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         n_resamples=cfg.resamples,
         extra=extra,
         config={**dataclasses.asdict(cfg), "overrides": overrides},
+        stale=stale,
     )
     log(f"report: {', '.join(paths.values())} ({(time.perf_counter() - t_start) / 60:.1f} min)")
     return paths

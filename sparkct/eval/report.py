@@ -301,6 +301,25 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _stale_markdown(stale: list[dict]) -> str:
+    """The runs left out because their settings differ from the experiment's: kept on disk, named here."""
+    if not stale:
+        return ""
+    lines = [
+        "## Stale runs (other settings: kept on disk, not in the tables above)",
+        "",
+        "A run counts only when its full settings (pretraining run, fine-tuning options, data, labels, split) "
+        "hash to its folder's name; these were made with other settings:",
+        "",
+    ]
+    for r in sorted(stale, key=lambda r: (str(r.get("method")), -float(r.get("fraction") or 0), str(r.get("seed")))):
+        lines.append(
+            f"- {r.get('method')} at {_pct(float(r.get('fraction') or 0))}, seed {r.get('seed')} "
+            f"(`{os.path.basename(r.get('run_dir', ''))}`, {r.get('status', 'done')}): {r.get('stale')}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _plot(agg: dict, path: str, title: str) -> None:
     import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
 
@@ -402,10 +421,11 @@ def write_report(
     n_resamples: int = 1000,
     extra: dict | None = None,
     config: dict | None = None,
+    stale: list[dict] | None = None,
 ) -> dict[str, str]:
     """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
     `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
-    results.json."""
+    results.json; `stale`: runs with other settings, listed (results.md, results.json), never aggregated."""
     if not runs:
         raise UserError("no runs to report")
     t0 = time.perf_counter()
@@ -421,7 +441,7 @@ def write_report(
             ("csv", "runs.csv"),
         )
     }
-    sio.write_text_atomic(paths["md"], _markdown(agg, runs, meta) + "\n")
+    sio.write_text_atomic(paths["md"], _markdown(agg, runs, meta) + "\n" + _stale_markdown(stale or []))
     done = [r for r in runs if r.get("status", "done") == "done"]
     title = "test AUC vs labelled fraction"
     if done:
@@ -444,6 +464,9 @@ def write_report(
             "baseline": baseline,
             "n_resamples": n_resamples,
             "runs": slim,
+            "stale_runs": [
+                {k: r.get(k) for k in ("method", "fraction", "seed", "status", "run_dir", "stale")} for r in stale or []
+            ],
             "config": config or {},
             "versions": _versions(),
             "timings": {
