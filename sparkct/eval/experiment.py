@@ -61,8 +61,10 @@ def _data_id(path: str | None) -> str | None:
     if os.path.isfile(os.path.join(path, "cache.json")):
         c = SliceCache(path)
         h = hashlib.sha1(json.dumps(c.manifest, sort_keys=True, default=str).encode())
-        for a in (c.series["key"], c.slice_series, c.slice_z, c.patients):
+        for a in (c.series["key"], c.patients):
             h.update(np.asarray(a).astype(str).tobytes())
+        for a in (c.slice_series, c.slice_z):
+            h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:12]
     if os.path.isfile(path):
         h = hashlib.sha1()
@@ -94,6 +96,9 @@ def _differs(old: dict, new: dict) -> str:
         if k == "init":  # a pretraining run's folder: its name holds the method and its settings' hash
             va, vb = os.path.basename(str(va)), os.path.basename(str(vb))
             k = "pretraining run"
+        elif k.endswith("_id"):  # a content hash: that it differs is what a reader needs
+            parts.append(f"{k[: -len('_id')]} contents differ")
+            continue
         parts.append(f"{k} {va} (now {vb})")
     return "; ".join(parts) or "settings hash differs"
 
@@ -160,7 +165,9 @@ def _lr_line(cfg: ExperimentConfig, ft_cfg: TrainConfig, methods: list[str]) -> 
             why = f"default base_lr {base:g} per 256 (the published protocol)"
         why += f" x batch {ft_cfg.batch} / 256"
     text = f"peak {peak:.3g} for every arm ({', '.join(methods)}): {why}"
-    dropped = "finetune.base_lr" in SMALL_DATA_OVERRIDES and not builtin and not given & {"finetune.base_lr", "finetune.lr"}
+    dropped = (
+        "finetune.base_lr" in SMALL_DATA_OVERRIDES and not builtin and not given & {"finetune.base_lr", "finetune.lr"}
+    )
     if dropped:
         flags = " and ".join(f for f, v in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)) if v)
         b = SMALL_DATA_OVERRIDES["finetune.base_lr"]
@@ -192,19 +199,23 @@ def _protocol_line(ft_cfg: TrainConfig, fcfg: FinetuneConfig) -> str:
 
     wd, wd_end, warm = setting("weight_decay"), setting("weight_decay_end"), setting("warmup_epochs") or 0
     wd_text = f"{wd:g}" if wd_end is None or wd_end == wd else f"{wd:g} falling by cosine to {wd_end:g}"
+    warm_text = f"linear warm-up over {warm:g} epoch(s), then " if warm else ""
     text = (
         f"optimizer {setting('optimizer')}, weight decay {wd_text} on weights only (biases and 1-D norm "
-        f"parameters are not decayed); lr {'linear warm-up over ' + format(warm, 'g') + ' epoch(s), then ' if warm else ''}"
+        f"parameters are not decayed); lr {warm_text}"
         "half-cycle cosine decay from the peak to 0.001 x peak over all steps (the published protocol: "
         "constant Adam lr 1e-4); "
     )
     if fcfg.linear_probe:
-        text += "linear probe: the backbone frozen throughout, in eval mode (BatchNorm keeps the initialization's statistics)"
+        text += (
+            "linear probe: the backbone frozen throughout, in eval mode (BatchNorm keeps the initialization's "
+            "statistics)"
+        )
     else:
         text += (
             f"backbone frozen for the first {fcfg.freeze_epochs:g} epoch(s), only the head learning, with its "
-            "BatchNorm in eval mode (running statistics stay the initialization's: for random init, those of no "
-            f"data), then trained at {fcfg.backbone_lr_start:g} x lr rising linearly to lr over "
+            "BatchNorm in eval mode (running statistics stay the initialization's: for random init, mean 0 and "
+            f"variance 1), then trained at {fcfg.backbone_lr_start:g} x lr rising linearly to lr over "
             f"{fcfg.ramp_epochs:g} epoch(s)"
         )
     return text + "; the checkpoint of best validation AUC is tested"
@@ -238,7 +249,9 @@ def _fractions_line(runs: list[dict]) -> str:
             txt = f"{p} of {pf} patients ({100 * p / max(pf or 1, 1):.0f} %), {n} of {nf} {unit}"
             texts.append(txt + (f" (seed {', '.join(map(str, seeds))})" if len(vals) > 1 else ""))
         parts.append(f"{_pct(fr)}: {'; '.join(texts)}")
-    return " | ".join(parts) + " (the same patients for every arm of a fraction and seed)" if parts else "no finished runs"
+    return (
+        " | ".join(parts) + " (the same patients for every arm of a fraction and seed)" if parts else "no finished runs"
+    )
 
 
 def _pct(f: float) -> str:
@@ -590,7 +603,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                     if not os.path.isfile(os.path.join(run_dir, "settings.json")):
                         # what the hash stands for: a later experiment with other settings says what differs
                         sio.write_json_atomic(
-                            os.path.join(run_dir, "settings.json"), {"key": key, "settings": current[os.path.normpath(run_dir)]}
+                            os.path.join(run_dir, "settings.json"),
+                            {"key": key, "settings": current[os.path.normpath(run_dir)]},
                         )
                     prog.start("fine-tuning", f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
                     if os.path.isfile(os.path.join(run_dir, "result.json")):

@@ -361,3 +361,23 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_
     la = [r["loss"] for r in csv.DictReader(open(os.path.join(ref, "metrics.csv")))]
     lb = [r["loss"] for r in csv.DictReader(open(os.path.join(run, "metrics.csv")))]
     assert la == lb and len(la) == 9
+
+
+def test_results_state_data_overrides_protocol_and_fractions(experiment, eval_cache):
+    """results.md names the pretraining data (source, size), the labelled patients and slices of each
+    fraction, the lr every arm used and why, the protocol as run and the built-in overrides."""
+    res = _results(experiment["out"])
+    h = res["header"]
+    assert h["pretraining data"].startswith(eval_cache["cache"]) and "12 patients" in h["pretraining data"]
+    assert "slices" in h["pretraining data"]
+    fr = h["labelled training set per fraction"]
+    assert "100 %: 4 of 4 patients (100 %)" in fr and "50 %: 2 of 4 patients (50 %)" in fr and "slices" in fr
+    lr = h["fine-tuning lr"]
+    assert "for every arm (random, rotation)" in lr and "default base_lr 0.0004" in lr
+    p = h["fine-tuning protocol"]
+    assert "cosine" in p and "constant Adam lr 1e-4" in p and "biases" in p and "BatchNorm" in p
+    assert h["built-in overrides"] == "none in effect (--data given); left out: finetune.base_lr=0.004"
+    with open(os.path.join(experiment["out"], "results.md")) as f:
+        md = f.read()
+    for k in ("pretraining data", "labelled training set per fraction", "fine-tuning lr", "fine-tuning protocol"):
+        assert f"- {k}: " in md

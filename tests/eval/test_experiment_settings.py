@@ -9,11 +9,11 @@ import json
 import os
 
 from sparkct.eval.config import ExperimentConfig
-from sparkct.eval.experiment import _lr_line, _overrides_line, _finetune_configs, run_experiment
+from sparkct.eval.experiment import _finetune_configs, _lr_line, _overrides_line, run_experiment
 
 TINY = dict(
     methods="random",
-    fractions="1,0.5",
+    fractions="0.5",
     seeds="0",
     crop=32,
     windows="lung",
@@ -43,55 +43,35 @@ def _run(cache, out, **kw):
 
 
 def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path):
-    out = tmp_path / "exp"
-    _run(eval_cache, out)
-    log, res, md = _run(eval_cache, out, finetune_epochs=2)
-    # the first invocation's runs are neither counted as seeds nor averaged in
-    assert [c["seeds"] for c in res["cells"]] == [[0], [0]]
-    assert all(r["train"]["epochs"] == 2 for r in res["runs"])
-    assert "(n=1)" in md and "(n=2)" not in md
-    stale = res["stale_runs"]
-    assert len(stale) == 2 and all("train.epochs 1 (now 2)" in s["stale"] for s in stale)
-    assert "## Stale runs" in md and "train.epochs 1 (now 2)" in md
-    assert all(os.path.isdir(s["run_dir"]) for s in stale)  # kept on disk
-    # the same settings again: finished runs are skipped, the stale ones still listed
-    log, res2, _ = _run(eval_cache, out, finetune_epochs=2)
-    assert sum("finished earlier: skipped" in s for s in log) == 2
-    assert [r["test"] for r in res2["runs"]] == [r["test"] for r in res["runs"]]
-    assert len(res2["stale_runs"]) == 2
-
-
-def test_other_labels_in_the_same_file_make_new_runs(eval_cache, tmp_path):
-    """The data's identity, not only its path, is in the hash: new labels at the same path are new runs."""
     labels = tmp_path / "labels.csv"
     with open(eval_cache["patient_labels"]) as f:
         text = f.read()
     labels.write_text(text)
     out = tmp_path / "exp"
-    _run(eval_cache, out, fractions="1", labels=str(labels))
+    _run(eval_cache, out, labels=str(labels))
+    log, res, md = _run(eval_cache, out, labels=str(labels), finetune_epochs=2)
+    # the first invocation's run is neither counted as a seed nor averaged in
+    assert [c["seeds"] for c in res["cells"]] == [[0]]
+    assert [r["train"]["epochs"] for r in res["runs"]] == [2]
+    assert "(n=1)" in md and "(n=2)" not in md
+    stale = res["stale_runs"]
+    assert len(stale) == 1 and stale[0]["stale"] == "train.epochs 1 (now 2)"
+    assert "## Stale runs" in md and "train.epochs 1 (now 2)" in md
+    assert os.path.isdir(stale[0]["run_dir"])  # kept on disk
+    # the same settings again: the finished run is skipped, the stale one still listed
+    log, res2, _ = _run(eval_cache, out, labels=str(labels), finetune_epochs=2)
+    assert sum("finished earlier: skipped" in s for s in log) == 1
+    assert [r["test"] for r in res2["runs"]] == [r["test"] for r in res["runs"]]
+    assert len(res2["stale_runs"]) == 1
+    # the data's identity, not only its path, is in the hash: other labels in the same file are a new run
     rows = text.strip().split("\n")
-    labels.write_text("\n".join(rows[:1] + [r.replace("nodule", "x").replace("clear", "nodule").replace("x", "clear") for r in rows[1:]]) + "\n")
-    log, res, md = _run(eval_cache, out, fractions="1", labels=str(labels))
+    flipped = [r.replace("nodule", "x").replace("clear", "nodule").replace(",x", ",clear") for r in rows[1:]]
+    labels.write_text("\n".join(rows[:1] + flipped) + "\n")
+    log, res3, _ = _run(eval_cache, out, labels=str(labels), finetune_epochs=2)
     assert not any("finished earlier" in s for s in log)
-    assert len(res["runs"]) == 1 and len(res["stale_runs"]) == 1 and "labels_id" in res["stale_runs"][0]["stale"]
-
-
-def test_results_state_data_overrides_protocol_and_fractions(eval_cache, tmp_path):
-    _, res, md = _run(eval_cache, tmp_path / "exp", methods="random,rotation")
-    h = res["header"]
-    # the pretraining data: its source and size
-    assert h["pretraining data"].startswith(eval_cache["cache"]) and "12 patients" in h["pretraining data"]
-    assert "slices" in h["pretraining data"]
-    # the actual labelled set of each fraction, in patients and slices
-    fr = h["labelled training set per fraction"]
-    assert "100 %: 4 of 4 patients (100 %)" in fr and "50 %: 2 of 4 patients (50 %)" in fr and "slices" in fr
-    # the lr every arm used and why; the protocol as run
-    assert "for every arm (random, rotation)" in h["fine-tuning lr"] and "default base_lr 0.0004" in h["fine-tuning lr"]
-    p = h["fine-tuning protocol"]
-    assert "cosine" in p and "constant Adam lr 1e-4" in p and "biases" in p and "BatchNorm" in p
-    assert "none apply" in h["built-in overrides"] or "left out" in h["built-in overrides"]
-    for k in ("pretraining data", "labelled training set per fraction", "fine-tuning lr", "fine-tuning protocol"):
-        assert f"- {k}: " in md
+    assert len(res3["runs"]) == 1 and len(res3["stale_runs"]) == 2
+    assert all("labels contents differ" in s["stale"] for s in res3["stale_runs"])
+    assert sum("train.epochs 1 (now 2)" in s["stale"] for s in res3["stale_runs"]) == 1
 
 
 def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache):
