@@ -301,6 +301,21 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _refuse_duplicates(runs: list[dict]) -> None:
+    """Two runs of one method, fraction and seed come from different settings (an experiment's runs are
+    unique in these): averaged, they would pass for two seeds of one setup."""
+    seen: dict[tuple, str] = {}
+    for r in runs:
+        k = (r.get("method"), float(r.get("fraction") or 0), r.get("seed"))
+        if k in seen:
+            raise UserError(
+                f"two runs of {k[0]} at {_pct(k[1])}, seed {k[2]}: {seen[k]} and {r.get('run_dir', '?')} "
+                "(runs of different settings); report the runs of one setup (e.g. one experiment's current "
+                "runs: sparkct experiment lists the others as stale)"
+            )
+        seen[k] = r.get("run_dir", "?")
+
+
 def _stale_markdown(stale: list[dict]) -> str:
     """The runs left out because their settings differ from the experiment's: kept on disk, named here."""
     if not stale:
@@ -428,6 +443,7 @@ def write_report(
     results.json; `stale`: runs with other settings, listed (results.md, results.json), never aggregated."""
     if not runs:
         raise UserError("no runs to report")
+    _refuse_duplicates(runs)
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)

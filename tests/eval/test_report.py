@@ -143,3 +143,12 @@ def test_collect_runs_from_folders(tmp_path):
     assert "| simclr | failed |" in md and "out of memory" in md
     with pytest.raises(UserError, match="no fine-tuning results"):
         collect_runs(str(tmp_path / "out"))
+
+
+def test_two_runs_of_one_method_fraction_and_seed_are_refused_not_averaged(tmp_path):
+    """Runs of two setups (e.g. two experiments' runs of random at 100 %, seed 0) are not seeds of one."""
+    a, b = _run("random", 1.0, 0), _run("random", 1.0, 0)
+    a["run_dir"], b["run_dir"] = "old/f1-s0-aaaa", "new/f1-s0-bbbb"
+    with pytest.raises(UserError, match=r"two runs of random at 100 %, seed 0: old/f1-s0-aaaa and new/f1-s0-bbbb"):
+        write_report([a, b, _run("spark", 1.0, 0)], str(tmp_path), n_resamples=50)
+    assert not (tmp_path / "results.md").exists()
