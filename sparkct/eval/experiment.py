@@ -184,8 +184,12 @@ def _overrides_line(cfg: ExperimentConfig, overrides: dict, pre_methods: list[st
     if not relevant:
         return "none apply to these methods"
     if cfg.data is None and cfg.pretrain_data is None:
-        used = {k: v for k, v in relevant.items() if overrides.get(k.split(".")[0], {}).get(k.split(".", 1)[1]) == v}
-        return "in effect: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in used.items())
+        given = {k.split("=", 1)[0].strip() for k in cfg.set}
+        used = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in relevant.items() if k not in given]
+        replaced = [k for k in relevant if k in given]
+        return f"in effect: {', '.join(used) or 'none'}" + (
+            f"; replaced by --set: {', '.join(replaced)}" if replaced else ""
+        )
     flags = " and ".join(f for f, v in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)) if v)
     return f"none in effect ({flags} given); left out: " + ", ".join(f"{k}={v}" for k, v in relevant.items())
 

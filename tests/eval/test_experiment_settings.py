@@ -81,6 +81,8 @@ def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache
     text = _lr_line(builtin, tcfg, ["random", "spark"])
     assert text.startswith("peak 0.0005 for every arm (random, spark)") and "built-in override" in text
     assert "finetune.base_lr=0.004" in _overrides_line(builtin, builtin.overrides(), ["spark"])
+    mine = ExperimentConfig(methods="random,spark", set=["finetune.base_lr=1e-3"])
+    assert _overrides_line(mine, mine.overrides(), ["spark"]).endswith("; replaced by --set: finetune.base_lr")
 
     own = ExperimentConfig(methods="random,spark", pretrain_data=eval_cache["cache"])
     tcfg, _ = _finetune_configs(own, own.overrides().get("finetune", {}))
