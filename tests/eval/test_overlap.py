@@ -127,10 +127,10 @@ def test_builtin_pretraining_pool_has_no_labelled_patient(tmp_path, monkeypatch)
     cfg = ExperimentConfig(
         out=str(tmp_path / "exp"),
         methods="random,rotation",
-        synth_patients=8,
+        synth_patients=12,
         pretrain_patients=2,
         synth_size=64,
-        synth_slices=4,
+        synth_slices=6,
         device="cpu",
     )
     with pytest.raises(_Stop):
