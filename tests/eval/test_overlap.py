@@ -139,3 +139,23 @@ def test_builtin_pretraining_pool_has_no_labelled_patient(tmp_path, monkeypatch)
     assert ov.by_patient and set(ov.counts) == {"val", "test"}
     for c in ov.counts.values():
         assert c["n_series"] > 0 and c["n_patients"] > 0 and c["series"] == 0 and c["patients"] == 0
+
+
+def test_overlap_counts_one_test_patient_by_uid_and_by_pseudonym(eval_cache):
+    """Pretraining slices of one test patient: counted once in test, not in val; under another salt the
+    pseudonyms are not compared, and the Series Instance UIDs still find it."""
+    from sparkct.data import CTSliceDataset
+    from sparkct.eval.overlap import find_overlap
+
+    task = load_task(eval_cache["cache"], eval_cache["patient_labels"], split=(0.34, 0.33, 0.33))
+    p = int(np.unique(task.test.patients)[0])
+    pre = CTSliceDataset(eval_cache["cache"])
+    pre = pre.subset(np.flatnonzero(pre.patients == p))
+    n_ser = len(np.unique(pre.series))
+    ov = find_overlap(task, pre)
+    assert ov.by_patient and ov.counts["val"]["series"] == 0 and ov.counts["val"]["patients"] == 0
+    assert ov.counts["test"]["series"] == n_ser and ov.counts["test"]["patients"] == 1
+    pre.cache = SliceCache(eval_cache["cache"])
+    pre.cache.manifest = {**pre.cache.manifest, "salt": "another"}
+    ov = find_overlap(task, pre)
+    assert not ov.by_patient and ov.counts["test"]["patients"] == 1 and ov.checked_by == "Study/Series Instance UID"
