@@ -67,8 +67,14 @@ class ExperimentConfig:
     labels: str | None = option("labels CSV for a cache (slice, series or patient rows)", default=None)
     pretrain_data: str | None = option(
         "unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
-        "synthetic pool (or --data's cache when --data is given)",
+        "synthetic pool, or with --data its cache less the labelled validation and test patients; "
+        "overlap with those patients is refused (see --allow-overlap)",
         default=None,
+    )
+    allow_overlap: bool = option(
+        "run even where the pretraining data holds labelled validation/test patients (same Study/Series "
+        "Instance UID, or pseudonym under a shared salt); results.md then says so at the top",
+        default=False,
     )
     methods: str = option(
         "comma-separated: random and pretraining methods (sparkct pretrain --list)",

@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from sparkct import io as sio
 from sparkct.cliargs import parse_field
-from sparkct.data import prepare, synth
+from sparkct.data import CTSliceDataset, prepare, synth
 from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
 from sparkct.eval.data import load_task
 from sparkct.eval.finetune import check_test_set, finetune
+from sparkct.eval.overlap import Overlap, find_overlap, without_patients
 from sparkct.eval.report import collect_runs, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
@@ -257,6 +258,39 @@ def _recorded_seconds(pretrain_dirs: list[str], runs: list[dict]) -> float:
     return total
 
 
+def _pretraining_set(cfg: ExperimentConfig, pre_cache: str, task, builtin: bool):
+    """(the pretraining dataset, or None where the trainer opens ``pre_cache`` itself; its description;
+    its overlap with the labelled val/test patients, None where that cannot be checked). Without
+    --pretrain-data, --data's cache is pretrained on less its validation and test patients."""
+    whole = CTSliceDataset(pre_cache)
+    subset = cfg.pretrain_data is None and not builtin
+    ds = without_patients(whole, task) if subset else whole
+    overlap = find_overlap(task, ds)
+    source = (
+        "the built-in synthetic pool"
+        if builtin
+        else f"{cfg.data} less its labelled validation and test patients"
+        if subset
+        else cfg.pretrain_data
+    )
+    desc = f"{source}: {len(set(ds.patients.tolist()))} patients, {len(ds)} slices"
+    return (ds if subset else None), desc, overlap
+
+
+def _overlap_lines(overlap: Overlap | None, allowed: bool) -> tuple[str, str | None]:
+    """(the header line on the overlap, the line for the top of results.md or None)."""
+    if overlap is None:
+        return "not checked (the labelled data is not a prepared CT cache: no UIDs)", None
+    if not overlap.any:
+        return f"none with the labelled validation/test patients (checked by {overlap.checked_by})", None
+    what = f"{overlap.describe()} (by {overlap.checked_by})"
+    note = (
+        f"Pretraining data overlaps the labelled validation/test patients (--allow-overlap): {what}; "
+        "the pretrained methods have seen scans they are tested on."
+    )
+    return f"{what}, allowed by --allow-overlap", note if allowed else None
+
+
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     """Run (or resume) the experiment; returns the report's paths."""
     cfg.validate()
@@ -325,6 +359,16 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         f"task: {len(task0.classes)} classes; train (full) {desc['full_train']}, val {desc['val']}, test {desc['test']}"
     )
     check_test_set(task0)  # said once, before any training
+    pre_ds, pre_desc, overlap_line, overlap_note = None, None, "", None
+    if pre_methods and pre_cache is not None:
+        pre_ds, pre_desc, overlap = _pretraining_set(cfg, pre_cache, task0, builtin=cfg.data is None)
+        if overlap is not None and overlap.any and not cfg.allow_overlap:
+            raise UserError(
+                f"the pretraining data overlaps the labelled patients: {overlap.describe()} (by "
+                f"{overlap.checked_by}); pretrain on other patients, or pass --allow-overlap to run anyway"
+            )
+        log(f"pretraining data: {pre_desc}")
+        overlap_line, overlap_note = _overlap_lines(overlap, cfg.allow_overlap)
 
     if ft_opts:
         log(
@@ -342,7 +386,10 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         for m in pre_methods:
             tcfg, mcfg = pre_cfgs[m]
             tcfg.data = pre_cache
-            key = _key({"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)})
+            what = {"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg)}
+            if pre_ds is not None:  # a subset of the cache: which slices is part of the run's identity
+                what["slices"] = hashlib.sha256(pre_ds.indices.tobytes()).hexdigest()[:16]
+            key = _key(what)
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
             pre_dirs.append(run_dir)
@@ -355,7 +402,15 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             try:
                 method = build_method(m, tcfg, mcfg)
                 resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
-                Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s), resume_cmd=rerun).fit()
+                Trainer(
+                    method,
+                    tcfg,
+                    method_name=m,
+                    dataset=pre_ds,
+                    resume=resume,
+                    log=lambda s: log("  " + s),
+                    resume_cmd=rerun,
+                ).fit()
                 inits[m] = run_dir
             except (Exception, KeyboardInterrupt) as e:  # a failed method is reported, not fatal
                 if isinstance(e, KeyboardInterrupt):
@@ -460,6 +515,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             f"runs recorded them ({(time.perf_counter() - t_start) / 60:.1f} min in this invocation)"
         ),
     }
+    if pre_desc is not None:
+        extra["pretraining data"] = pre_desc
+        extra["pretraining overlap"] = overlap_line
     if failed_pre:
         extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())
     paths = write_report(
@@ -469,6 +527,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         n_resamples=cfg.resamples,
         extra=extra,
         config={**dataclasses.asdict(cfg), "overrides": overrides},
+        notice=overlap_note,
     )
     log(f"report: {', '.join(paths.values())} ({(time.perf_counter() - t_start) / 60:.1f} min)")
     return paths

@@ -234,6 +234,8 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
         if vals:
             best[f] = max(vals)[0]
     lines = ["# Fine-tuning results", ""]
+    if meta.get("notice"):
+        lines += [f"> **Warning:** {meta['notice']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta["lines"]]
     lines += [
         "",
@@ -402,16 +404,18 @@ def write_report(
     n_resamples: int = 1000,
     extra: dict | None = None,
     config: dict | None = None,
+    notice: str | None = None,
 ) -> dict[str, str]:
     """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
     `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
-    results.json."""
+    results.json; `notice`: a warning for the top of results.md."""
     if not runs:
         raise UserError("no runs to report")
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)
     meta = _meta(runs, extra)
+    meta["notice"] = notice
     paths = {
         k: os.path.join(out, f)
         for k, f in (
