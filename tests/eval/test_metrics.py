@@ -276,3 +276,46 @@ def test_several_seeds_average_the_metric():
     assert d["var_a"] == pytest.approx(want, rel=1e-9)
     same = M.paired_bootstrap(y, two, M.Models([x["s100b"], x["wfns"]]), n_resamples=200, metrics=["auc"])
     assert same["auc"]["diff"] == 0 and same["auc"]["p"] == 1.0
+
+
+def test_simulated_intervals_are_those_of_bootstrap_ci():
+    # interval_coverage evaluates many simulated test sets at once; each interval must be exactly the
+    # one bootstrap_ci gives that test set (same patient resampling, same BCa), or it measures
+    # another method.
+    rng = np.random.default_rng(8)
+    group = np.repeat(np.arange(10), 5)
+    y = np.zeros(50, int)
+    y[[0, 1, 5, 6, 7, 10, 15, 16]] = 1  # patients 0-3 have positive slices
+    order = np.argsort(-y, kind="stable")
+    y, group = y[order], group[order]
+    s = rng.normal(size=(3, 50)) + 0.8 * y
+    s[2, :4] = s[2, -4:]  # ties
+    unit, _, strata = M._units(y, group)
+    n_pos = int(y.sum())
+    low, high, dist = M._run_bootstrap(
+        M._pairwise_auc(s[:, :n_pos], s[:, n_pos:]),
+        unit,
+        strata,
+        n_resamples=300,
+        confidence=0.95,
+        method="BCa",
+        seed=5,
+        batch=120,
+    )
+    for k in range(3):
+        ci = M.bootstrap_ci(y, s[k], groups=group, n_resamples=300, seed=5, batch=120, metrics=["auc"])["auc"]
+        assert (low[k], high[k]) == pytest.approx((ci["low"], ci["high"]), abs=1e-12)
+        assert dist[k].std(ddof=1) == pytest.approx(ci["se"], abs=1e-12)
+
+
+def test_patient_bootstrap_bca_coverage_at_a_small_test_set():
+    # The experiment's interval (patient bootstrap, BCa) at 18 test patients of 17 slices: its
+    # coverage falls short of 95 % (issue 19 measured 90.7 % with 300 simulations; the stored table,
+    # 1,000 simulations, gives COVERAGE[18]). 200 simulations: the band is about 3 standard errors.
+    r = M.interval_coverage(18, n_sims=200, n_resamples=200, seed=0)
+    assert r["n_sims"] == 200 and r["true_auc"] == 0.7
+    assert 0.88 <= r["coverage"] <= 0.975
+    assert abs(r["coverage"] - M.COVERAGE[18]) < 3.5 * r["se"]
+    assert 0.15 < r["mean_width"] < 0.35
+    with pytest.raises(UserError, match="n_patients"):
+        M.interval_coverage(3)
