@@ -32,7 +32,7 @@ import numpy as np
 
 from sparkct import io as sio
 from sparkct.errors import UserError
-from sparkct.eval.metrics import Models, bootstrap_ci, delong_test, paired_bootstrap
+from sparkct.eval.metrics import Models, bootstrap_ci, coverage_note, delong_test, paired_bootstrap
 
 __all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
 
@@ -223,6 +223,15 @@ def _pct(f: float) -> str:
     return f"{100 * f:g} %"
 
 
+def _coverage_lines(runs: list[dict]) -> list[str]:
+    """A note beside the intervals where the test set is small enough that 95 % intervals hold the
+    true AUC less often than 95 % (simulated coverage, :func:`sparkct.eval.metrics.coverage_note`)."""
+    sizes = {r["test"].get("n_patients") for r in runs if r.get("status", "done") == "done" and "test" in r}
+    sizes.discard(None)
+    note = coverage_note(min(sizes)) if sizes else None
+    return [f"Coverage: {note}", ""] if note else []
+
+
 def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
     cells = agg["cells"]
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
@@ -264,6 +273,7 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
             row.append(txt)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Bold: the best mean AUC of the column. n: seeds that finished.", ""]
+    lines += _coverage_lines(runs)
     comps = [c for c in agg["comparisons"] if "diff" in c]
     if comps:
         lines += [

@@ -143,3 +143,17 @@ def test_collect_runs_from_folders(tmp_path):
     assert "| simclr | failed |" in md and "out of memory" in md
     with pytest.raises(UserError, match="no fine-tuning results"):
         collect_runs(str(tmp_path / "out"))
+
+
+def test_report_states_the_coverage_of_intervals_from_a_small_test_set(tmp_path):
+    # Issue 19: at 18 test patients the patient-bootstrap BCa interval holds the true AUC less than
+    # 95 % of the time (simulated); the report says so beside the intervals, and not for large sets.
+    from sparkct.eval.metrics import COVERAGE, coverage_note
+
+    small = [_run(m, 1.0, 0, n=18, per_patient=3) for m in ("random", "spark")]
+    md = open(write_report(small, str(tmp_path / "small"), n_resamples=50)["md"]).read()
+    note = next(ln for ln in md.splitlines() if ln.startswith("Coverage:"))
+    assert "18 test patients" in note and f"{100 * COVERAGE[18]:.0f} %" in note
+    assert md.index("Bold: the best") < md.index("Coverage:") < md.index("## Paired comparison")
+    big = max(COVERAGE) + 1
+    assert coverage_note(big) is None and coverage_note(18, confidence=0.9) is None
