@@ -94,13 +94,15 @@ def curves_figure(rows: list[dict], epochs: list[dict], keys, title: str = "", *
     keys = [k for k in keys if k in rows[0]]
     val = [(int(r["step"]), float(r["epoch/val_auc"])) for r in epochs if "epoch/val_auc" in r]
     n = len(keys) + bool(val)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.2), squeeze=False)
     steps = [int(r["step"]) for r in rows]
     for ax, key in zip(axes[0], keys):
         vals = [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
         ax.plot(steps, vals, marker=".", lw=1, label=key)
         if key == "loss" and reference is not None:
-            ax.axhline(reference, color="grey", ls=":", lw=1.2, label=f"uninformative predictions: {reference:.3g}")
+            ax.axhline(
+                reference, color="grey", ls=":", lw=1.2, label=f"uninformative (uniform) predictions: {reference:.3f}"
+            )
         ax.set_ylabel(key)
     if val:
         ax = axes[0][-1]
@@ -127,7 +129,8 @@ def curves_figure(rows: list[dict], epochs: list[dict], keys, title: str = "", *
             ax.axvline(step, color=f"C{4 + j}", ls="--", lw=1, label=f"{label} (step {step})")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # below the axes: inside, a legend hides the few points of a short run
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
