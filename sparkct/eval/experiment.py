@@ -121,7 +121,11 @@ def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[T
 
 def _finetune_configs(cfg: ExperimentConfig, opts: dict) -> tuple[TrainConfig, FinetuneConfig]:
     """The fine-tuning runs' configs (``seed`` and ``out`` are set per run)."""
-    base = {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs}
+    base = {
+        "freeze_epochs": cfg.freeze_epochs,
+        "ramp_epochs": cfg.ramp_epochs,
+        "keep_checkpoints": cfg.keep_checkpoints,
+    }
     tcfg, fcfg = _run_configs(
         cfg, "finetune", FinetuneConfig, opts, base, epochs=cfg.finetune_epochs, batch=cfg.finetune_batch, ckpt_every=50
     )
@@ -432,7 +436,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                         {
                             "init": inits.get(m, m),
                             "train": config_to_dict(tcfg),
-                            "finetune": config_to_dict(fcfg),
+                            # keeping checkpoints changes no result: the same run either way
+                            "finetune": {k: v for k, v in config_to_dict(fcfg).items() if k != "keep_checkpoints"},
                             "fraction": fr,
                             "split": split_text,
                             "data": task_data,
