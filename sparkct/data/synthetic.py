@@ -22,8 +22,10 @@ Outputs under DST::
     dicom/case_XXXX/series_Y/<hash>.dcm   CT Image Storage, one file per slice (names not in slice order)
     dicom/case_XXXX/localizer/<hash>.dcm  a scout image (ImageType LOCALIZER; prepare skips it)
     labels.csv         one row per series: series_uid, label (1 = at least one nodule), details
-    slice_labels.csv   one row per slice: series_uid, instance_number, z_mm, label (nodule in slice)
-    nodules.csv        one row per nodule (centre, diameter, type, HU)
+    slice_labels.csv   one row per slice: series_uid, instance_number, z_mm, label (1 = a nodule's
+                       cross-section of at least 3 mm in the slab; smaller caps are not drawn either)
+    nodules.csv        one row per nodule a slice of the series shows (centre, diameter, type, HU),
+                       also one whose centre lies outside the series' z range
     synth.json         the parameters of the run
 
 Patient names and IDs are fake ("SYNTH^..."); prepare must hash them away. Everything is a
@@ -52,6 +54,7 @@ from .options import SYNTH_DEFAULTS
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
 NODULE_TYPES = ("solid", "part-solid", "ground-glass", "calcified")
+MIN_SHOWN_RADIUS_MM = 1.5  # a nodule's cross-section in a slice is drawn and labelled from 3 mm across
 
 
 # ------------------------------------------------------------------------------------------ canvas
@@ -622,7 +625,9 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
     for nod in p.nodules:
         dzn = max(0.0, abs(nod.z - z) - half)
         r = nod.radius_at(dzn)
-        if r < 0.5:
+        # a slice shows a nodule exactly when it is labelled with it (cross-section >= 3 mm), wherever
+        # the centre lies: fainter caps drawn but not labelled were positives marked negative
+        if r < MIN_SHOWN_RADIUS_MM:
             continue
         chord = min(acq.thickness, 2 * math.sqrt(max(0.0, (nod.diameter / 2) ** 2 - dzn**2)))
         opac = float(np.clip(chord / acq.thickness, 0.2, 1.0))
@@ -649,8 +654,7 @@ def render_slice(p: Patient, acq: Acquisition, z: float, rng) -> tuple[np.ndarra
                 angle=ang,
                 opacity=opac * 0.8,
             )
-        if r >= 1.5:
-            shown.append((nod, 2 * r))
+        shown.append((nod, 2 * r))
 
     # reconstruction: blur (kernel) on signal + white noise -> correlated noise of std acq.noise
     sigma = acq.blur / ps
@@ -824,6 +828,7 @@ def synth(
             os.makedirs(sdir, exist_ok=True)
             ps = acq.fov / acq.size
             pos_label = 0
+            seen: dict[int, Nodule] = {}  # the nodules some slice shows, by identity
             proj = []
             srng = np.random.default_rng([seed, i, s, 13])
             for k, z in enumerate(zs):
@@ -844,12 +849,15 @@ def synth(
                 _write(ds, os.path.join(sdir, _util.stable_hash(sop, 12) + ".dcm"))
                 lab = int(bool(shown))
                 pos_label |= lab
+                seen.update((id(n), n) for n, _ in shown)
                 slice_rows.append(
                     [series_uid, k + 1, f"{z:.4f}", lab, len(shown), f"{max((d for _, d in shown), default=0.0):.2f}"]
                 )
             rep.slices += len(zs)
             rep.series += 1
-            in_range = [n for n in p.nodules if zs.min() - n.diameter / 2 <= n.z <= zs.max() + n.diameter / 2]
+            # the series' nodules are those its slices show, so a positive series always has its nodules'
+            # types, also one whose centre lies outside the slices' z range
+            in_range = [n for n in p.nodules if id(n) in seen]
             rep.positives += pos_label
             series_rows.append(
                 [

@@ -42,6 +42,11 @@ class FinetuneConfig:
     backbone_lr_start: float = option("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
     label_smoothing: float = option("cross-entropy label smoothing", default=0.0)
     eval_batch: int = option("batch size for validation and testing", default=128)
+    keep_checkpoints: bool = option(
+        "keep the run's checkpoints and backbone.pt after testing (default: only tested.pt, the tested "
+        "weights, is kept beside result.json, predictions.npz and the metrics)",
+        default=False,
+    )
 
     def validate(self) -> None:
         for name in ("freeze_epochs", "ramp_epochs"):
@@ -67,8 +72,14 @@ class ExperimentConfig:
     labels: str | None = option("labels CSV for a cache (slice, series or patient rows)", default=None)
     pretrain_data: str | None = option(
         "unlabelled CT for pretraining (cache or DICOM folder); default: the built-in "
-        "synthetic pool (or --data's cache when --data is given)",
+        "synthetic pool, or with --data its cache less the labelled validation and test patients; "
+        "overlap with those patients is refused (see --allow-overlap)",
         default=None,
+    )
+    allow_overlap: bool = option(
+        "run even where the pretraining data holds labelled validation/test patients (same Study/Series "
+        "Instance UID, or pseudonym under a shared salt); results.md then says so at the top",
+        default=False,
     )
     methods: str = option(
         "comma-separated: random and pretraining methods (sparkct pretrain --list)",
@@ -85,6 +96,9 @@ class ExperimentConfig:
     finetune_batch: int = option("fine-tuning batch", default=32)
     freeze_epochs: float = option("fine-tuning: epochs with the backbone frozen", default=1.0)
     ramp_epochs: float = option("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
+    keep_checkpoints: bool = option(
+        "fine-tuning runs keep their checkpoints (default: only the tested weights, tested.pt)", default=False
+    )
     split: str | None = option(
         f"train,val,test fractions of the labelled patients (default {BUILTIN_SPLIT} on the "
         f"built-in data, {DATA_SPLIT} with --data)",

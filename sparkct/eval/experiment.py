@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from sparkct import io as sio
 from sparkct.cliargs import parse_field
-from sparkct.data import SliceCache, prepare, synth
+from sparkct.data import CTSliceDataset, SliceCache, prepare, synth
 from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
 from sparkct.eval.data import load_task
 from sparkct.eval.finetune import Classifier, check_test_set, finetune
+from sparkct.eval.overlap import Overlap, find_overlap, without_patients
 from sparkct.eval.report import collect_runs, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
@@ -126,26 +127,6 @@ def _split_runs(runs: list[dict], current: dict[str, dict]) -> tuple[list[dict],
             why = _differs(old, now)
         stale.append({**r, "stale": why})
     return here, stale
-
-
-def _cache_size(path: str) -> str:
-    c = SliceCache(path)
-    return f"{len(c.patients)} patients, {c.n_series} series, {len(c)} slices"
-
-
-def _pretrain_data_line(cfg: ExperimentConfig, pre_cache: str | None, pre_methods: list[str]) -> str:
-    """What the pretraining read: its source and size."""
-    if not pre_methods:
-        return "none (no pretraining method among --methods)"
-    if pre_cache is None:
-        return "none"
-    if cfg.pretrain_data is not None:
-        src = f"{cfg.pretrain_data} (--pretrain-data)"
-    elif cfg.data is None:
-        src = f"built-in synthetic pool ({cfg.pretrain_patients} patients disjoint from the labelled task)"
-    else:
-        src = f"{cfg.data} (--data: the labelled patients themselves, their labels unused)"
-    return f"{src}: {_cache_size(pre_cache)}"
 
 
 def _lr_line(cfg: ExperimentConfig, ft_cfg: TrainConfig, methods: list[str]) -> str:
@@ -332,7 +313,11 @@ def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[T
 
 def _finetune_configs(cfg: ExperimentConfig, opts: dict) -> tuple[TrainConfig, FinetuneConfig]:
     """The fine-tuning runs' configs (``seed`` and ``out`` are set per run)."""
-    base = {"freeze_epochs": cfg.freeze_epochs, "ramp_epochs": cfg.ramp_epochs}
+    base = {
+        "freeze_epochs": cfg.freeze_epochs,
+        "ramp_epochs": cfg.ramp_epochs,
+        "keep_checkpoints": cfg.keep_checkpoints,
+    }
     tcfg, fcfg = _run_configs(
         cfg, "finetune", FinetuneConfig, opts, base, epochs=cfg.finetune_epochs, batch=cfg.finetune_batch, ckpt_every=50
     )
@@ -469,6 +454,39 @@ def _recorded_seconds(pretrain_dirs: list[str], runs: list[dict]) -> float:
     return total
 
 
+def _pretraining_set(cfg: ExperimentConfig, pre_cache: str, task, builtin: bool):
+    """(the pretraining dataset, or None where the trainer opens ``pre_cache`` itself; its description;
+    its overlap with the labelled val/test patients, None where that cannot be checked). Without
+    --pretrain-data, --data's cache is pretrained on less its validation and test patients."""
+    whole = CTSliceDataset(pre_cache)
+    subset = cfg.pretrain_data is None and not builtin
+    ds = without_patients(whole, task) if subset else whole
+    overlap = find_overlap(task, ds)
+    source = (
+        "the built-in synthetic pool"
+        if builtin
+        else f"{cfg.data} less its labelled validation and test patients"
+        if subset
+        else cfg.pretrain_data
+    )
+    desc = f"{source}: {len(set(ds.patients.tolist()))} patients, {len(ds)} slices"
+    return (ds if subset else None), desc, overlap
+
+
+def _overlap_lines(overlap: Overlap | None, allowed: bool) -> tuple[str, str | None]:
+    """(the header line on the overlap, the line for the top of results.md or None)."""
+    if overlap is None:
+        return "not checked (the labelled data is not a prepared CT cache: no UIDs)", None
+    if not overlap.any:
+        return f"none with the labelled validation/test patients (checked by {overlap.checked_by})", None
+    what = f"{overlap.describe()} (by {overlap.checked_by})"
+    note = (
+        f"Pretraining data overlaps the labelled validation/test patients (--allow-overlap): {what}; "
+        "the pretrained methods have seen scans they are tested on."
+    )
+    return f"{what}, allowed by --allow-overlap", note if allowed else None
+
+
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     """Run (or resume) the experiment; returns the report's paths."""
     cfg.validate()
@@ -541,6 +559,16 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     # other --synth-* settings) makes new runs, never a finished run of the old data counted as one
     task_id = {"data": task_data, "data_id": _data_id(task_data), "labels": labels, "labels_id": _data_id(labels)}
     pre_id = _data_id(pre_cache) if pre_methods else None
+    pre_ds, pre_desc, overlap_line, overlap_note = None, None, "", None
+    if pre_methods and pre_cache is not None:
+        pre_ds, pre_desc, overlap = _pretraining_set(cfg, pre_cache, task0, builtin=cfg.data is None)
+        if overlap is not None and overlap.any and not cfg.allow_overlap:
+            raise UserError(
+                f"the pretraining data overlaps the labelled patients: {overlap.describe()} (by "
+                f"{overlap.checked_by}); pretrain on other patients, or pass --allow-overlap to run anyway"
+            )
+        log(f"pretraining data: {pre_desc}")
+        overlap_line, overlap_note = _overlap_lines(overlap, cfg.allow_overlap)
 
     if ft_opts:
         log(
@@ -558,9 +586,15 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         for m in pre_methods:
             tcfg, mcfg = pre_cfgs[m]
             tcfg.data = pre_cache
-            key = _key(
-                {"method": m, "train": config_to_dict(tcfg), "method_config": config_to_dict(mcfg), "data_id": pre_id}
-            )
+            what = {
+                "method": m,
+                "train": config_to_dict(tcfg),
+                "method_config": config_to_dict(mcfg),
+                "data_id": pre_id,
+            }
+            if pre_ds is not None:  # a subset of the cache: which slices is part of the run's identity
+                what["slices"] = hashlib.sha256(pre_ds.indices.tobytes()).hexdigest()[:16]
+            key = _key(what)
             run_dir = os.path.join(out, "pretrain", f"{m}-{key}")
             tcfg.out = run_dir
             pre_dirs.append(run_dir)
@@ -573,7 +607,15 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             try:
                 method = build_method(m, tcfg, mcfg)
                 resume = os.path.isfile(os.path.join(run_dir, "last.ckpt"))
-                Trainer(method, tcfg, method_name=m, resume=resume, log=lambda s: log("  " + s), resume_cmd=rerun).fit()
+                Trainer(
+                    method,
+                    tcfg,
+                    method_name=m,
+                    dataset=pre_ds,
+                    resume=resume,
+                    log=lambda s: log("  " + s),
+                    resume_cmd=rerun,
+                ).fit()
                 inits[m] = run_dir
             except (Exception, KeyboardInterrupt) as e:  # a failed method is reported, not fatal
                 if isinstance(e, KeyboardInterrupt):
@@ -595,7 +637,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                     settings = {
                         "init": inits.get(m, m),
                         "train": config_to_dict(tcfg),
-                        "finetune": config_to_dict(fcfg),
+                        # keeping checkpoints changes no result: the same run either way
+                        "finetune": {k: v for k, v in config_to_dict(fcfg).items() if k != "keep_checkpoints"},
                         "fraction": fr,
                         "split": split_text,
                         **task_id,
@@ -657,7 +700,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     runs, stale = _split_runs(collect_runs(os.path.join(out, "finetune")), current)
     extra = {
         "experiment data": data_desc,
-        "pretraining data": _pretrain_data_line(cfg, pre_cache, pre_methods),
+        "pretraining data": "none (no pretraining method among --methods)",
         "labelled training set per fraction": _fractions_line(runs),
         "built-in overrides": _overrides_line(cfg, overrides, pre_methods),
         "fine-tuning lr": _lr_line(cfg, ft_cfg, methods),
@@ -682,6 +725,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             f"runs recorded them ({(time.perf_counter() - t_start) / 60:.1f} min in this invocation)"
         ),
     }
+    if pre_desc is not None:
+        extra["pretraining data"] = pre_desc
+        extra["pretraining overlap"] = overlap_line
     if failed_pre:
         extra["failed pretraining"] = "; ".join(f"{k}: {v}" for k, v in failed_pre.items())
     paths = write_report(
@@ -692,6 +738,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         extra=extra,
         config={**dataclasses.asdict(cfg), "overrides": overrides},
         stale=stale,
+        notice=overlap_note,
     )
     log(f"report: {', '.join(paths.values())} ({(time.perf_counter() - t_start) / 60:.1f} min)")
     return paths

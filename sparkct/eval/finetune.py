@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -134,6 +135,15 @@ class Classifier(Method):
             return 1.0
         s0 = self.config.backbone_lr_start
         return s0 + (1.0 - s0) * min(1.0, (step - start) / ramp)
+
+    def plot_marks(self) -> list[tuple[int, str]]:
+        """The backbone's unfreezing and the end of its learning-rate ramp, for loss.png."""
+        if self.config.linear_probe:
+            return []
+        start = round(self.config.freeze_epochs * self.steps_per_epoch)
+        ramp = round(self.config.ramp_epochs * self.steps_per_epoch)
+        marks = [(start, "backbone unfrozen")] if start > 0 else []
+        return marks + ([(start + ramp, "backbone at full lr")] if ramp > 0 else [])
 
     # --- data ---------------------------------------------------------------------------------------
     def transform(self, crop: int, windows):
@@ -369,6 +379,9 @@ def finetune(
     cfg.validate()
     config.validate()
     check_test_set(task)
+    if os.path.isfile(os.path.join(cfg.out, "result.json")) and C.find_latest(cfg.out) is None:
+        # its checkpoints were removed after testing: nothing to resume, and a new run would overwrite it
+        raise UserError(f"{cfg.out} holds a finished fine-tuning run (result.json): use another --out")
     weights, arch, kind = resolve_init(init, cfg.arch)
     cfg.arch = arch
     n = len(task.train)
@@ -433,13 +446,47 @@ def finetune(
             os.path.join(cfg.out, "predictions.npz"),
             {"probabilities": res["probabilities"], "labels": res["labels"], "patients": res["patients"]},
         )
+        if not config.keep_checkpoints:  # the tested weights first: result.json names them
+            result["tested_weights"] = _save_tested(cfg.out, model)
         sio.write_json_atomic(os.path.join(cfg.out, "result.json"), result)
+        if not config.keep_checkpoints:
+            _remove_checkpoints(cfg.out, log)
     m = res["metrics"]["auc"]
     log(
         f"test AUC {m['value']:.4f} ({int(100 * res['confidence'])}% CI {m['low']:.4f}-{m['high']:.4f}) on "
         f"{res['n_units']} {res['unit']}s of {res['n_patients']} patients; {cfg.out}/result.json"
     )
     return result
+
+
+#: what a fine-tuning run keeps besides its result, predictions, metrics, config and plots, unless
+#: --keep-checkpoints: the tested weights (tested.pt); checkpoints hold the optimizer state too (~3x)
+CHECKPOINT_FILES = ("checkpoints", "last.ckpt", "best.ckpt", "backbone.pt")
+
+
+def _save_tested(run_dir: str, model: Classifier) -> str:
+    """The model as tested (backbone and head state_dict) as ``tested.pt``; returns its path."""
+    path = os.path.join(run_dir, "tested.pt")
+    with sio.atomic_path(path, ".pt") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    return path
+
+
+def _remove_checkpoints(run_dir: str, log) -> None:
+    """Remove the run's checkpoints and its last-step backbone export (tested.pt holds what was tested)."""
+    before = _du(run_dir)
+    for name in CHECKPOINT_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    after = _du(run_dir)
+    log(f"removed the checkpoints (tested.pt holds the tested weights): {before / 1e6:.0f} -> {after / 1e6:.0f} MB")
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def _read_history(run_dir: str) -> list[dict]:

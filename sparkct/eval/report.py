@@ -32,7 +32,7 @@ import numpy as np
 
 from sparkct import io as sio
 from sparkct.errors import UserError
-from sparkct.eval.metrics import Models, bootstrap_ci, delong_test, paired_bootstrap
+from sparkct.eval.metrics import Models, bootstrap_ci, coverage_note, delong_test, paired_bootstrap
 
 __all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
 
@@ -223,6 +223,15 @@ def _pct(f: float) -> str:
     return f"{100 * f:g} %"
 
 
+def _coverage_lines(runs: list[dict]) -> list[str]:
+    """A note beside the intervals where the test set is small enough that 95 % intervals hold the
+    true AUC less often than 95 % (simulated coverage, :func:`sparkct.eval.metrics.coverage_note`)."""
+    sizes = {r["test"].get("n_patients") for r in runs if r.get("status", "done") == "done" and "test" in r}
+    sizes.discard(None)
+    note = coverage_note(min(sizes)) if sizes else None
+    return [f"Coverage: {note}", ""] if note else []
+
+
 def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
     cells = agg["cells"]
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
@@ -234,6 +243,8 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
         if vals:
             best[f] = max(vals)[0]
     lines = ["# Fine-tuning results", ""]
+    if meta.get("notice"):
+        lines += [f"> **Warning:** {meta['notice']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta["lines"]]
     lines += [
         "",
@@ -262,6 +273,7 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
             row.append(txt)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Bold: the best mean AUC of the column. n: seeds that finished.", ""]
+    lines += _coverage_lines(runs)
     comps = [c for c in agg["comparisons"] if "diff" in c]
     if comps:
         lines += [
@@ -335,47 +347,90 @@ def _stale_markdown(stale: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(agg: dict, path: str, title: str) -> None:
+def _plot(agg: dict, path: str, title: str, caption: str = "") -> None:
     import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
+    fig = auc_figure(agg, title, caption)
+    with sio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def auc_figure(agg: dict, title: str, caption: str = ""):
+    """The figure of auc_vs_fraction.png: per method, markers with the CI as error bars, offset
+    sideways so the methods' bars do not overlap (bands would merge into one mass); a chance line at
+    0.5; the legend outside the axes; `caption` under them (data, test size, significance)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
+
     cells = [c for c in agg["cells"] if c["auc"] is not None]
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fr = sorted({c["fraction"] for c in cells})
+    fig, ax = plt.subplots(figsize=(7.8, 4.6), dpi=120)
+    # categorical x positions: the fractions are few and a log axis would squeeze the offsets unevenly
+    pos = {f: i for i, f in enumerate(fr)}
+    width = 0.7 / max(len(methods), 1)
     for i, m in enumerate(methods):
         cs = sorted((c for c in cells if c["method"] == m), key=lambda c: c["fraction"])
-        x = np.array([100 * c["fraction"] for c in cs])
+        x = np.array([pos[c["fraction"]] for c in cs]) + (i - (len(methods) - 1) / 2) * width
         y = np.array([c["auc"]["value"] for c in cs])
         lo = np.array([c["auc"]["low"] for c in cs])
         hi = np.array([c["auc"]["high"] for c in cs])
-        color = f"C{i}"
-        ax.plot(
+        base = m == agg["baseline"]
+        ax.errorbar(
             x,
             y,
-            marker="o",
-            color=color,
-            label=m,
-            lw=2 if m != agg["baseline"] else 1.5,
-            ls="-" if m != agg["baseline"] else "--",
+            yerr=np.vstack([y - lo, hi - y]),
+            fmt="s" if base else "o",
+            color="black" if base else f"C{i}",
+            ms=5,
+            capsize=3,
+            lw=1.2,
+            label=f"{m} (baseline)" if base else m,
         )
-        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
-    fr = sorted({100 * c["fraction"] for c in cells})
-    if len(fr) > 1 and fr[-1] / max(fr[0], 1e-9) > 4:
-        ax.set_xscale("log")
-    ax.set_xticks(fr)
-    ax.set_xticklabels([f"{f:g}%" for f in fr])
-    ax.minorticks_off()
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (AUC 0.5)")
+    ax.set_xticks(range(len(fr)))
+    ax.set_xticklabels([f"{100 * f:g}%" for f in fr])
+    ax.set_xlim(-0.5, len(fr) - 0.5)
     ax.set_xlabel("labelled training data (fraction of patients)")
-    ax.set_ylabel("test AUC (mean over seeds, 95 % CI)")
+    ax.set_ylabel("test AUC (95 % CI)")
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with sio.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * caption.count("\n"), 1, 1))
+    return fig
+
+
+def plot_caption(agg: dict, runs: list[dict], data: str | None = None) -> str:
+    """The caption of auc_vs_fraction.png: the data (`data`, else the task's source), the test size
+    (patients, slices) and which differences from the baseline are significant by the paired
+    bootstrap of results.md (p < 0.05), or that none is."""
+    done = [r for r in runs if r.get("status", "done") == "done"]
+    t = done[0].get("task", {}) if done else {}
+    test = t.get("test", {})
+    item = "slices" if t.get("kind") == "cache" else "images"
+    lines = [
+        f"data: {data or t.get('source', '?')}; test set: {test.get('patients', '?')} patients, "
+        f"{test.get('items', '?')} {item}"
+    ]
+    comps = [c for c in agg["comparisons"] if "diff" in c]
+    sig = [c for c in comps if c["p_bootstrap"] < 0.05]
+    if not comps:
+        lines.append(f"no paired comparison with {agg['baseline']}")
+    elif sig:
+        lines.append(
+            f"significant vs {agg['baseline']} (paired bootstrap, p < 0.05): "
+            + "; ".join(f"{c['method']} at {100 * c['fraction']:g}% ({c['diff']:+.3f})" for c in sig)
+        )
+    else:
+        lines.append(
+            f"none of {len(comps)} differences vs {agg['baseline']} is significant (paired bootstrap, p < 0.05)"
+        )
+    return "\n".join(lines)
 
 
 def _versions() -> dict:
@@ -437,10 +492,12 @@ def write_report(
     extra: dict | None = None,
     config: dict | None = None,
     stale: list[dict] | None = None,
+    notice: str | None = None,
 ) -> dict[str, str]:
     """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
     `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
-    results.json; `stale`: runs with other settings, listed (results.md, results.json), never aggregated."""
+    results.json; `stale`: runs with other settings, listed (results.md, results.json), never aggregated;
+    `notice`: a warning for the top of results.md."""
     if not runs:
         raise UserError("no runs to report")
     _refuse_duplicates(runs)
@@ -448,6 +505,7 @@ def write_report(
     os.makedirs(out, exist_ok=True)
     agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)
     meta = _meta(runs, extra)
+    meta["notice"] = notice
     paths = {
         k: os.path.join(out, f)
         for k, f in (
@@ -462,7 +520,9 @@ def write_report(
     title = "test AUC vs labelled fraction"
     if done:
         title += f" · {done[0].get('train', {}).get('arch')} · {len({r.get('seed') for r in done})} seed(s)"
-    _plot(agg, paths["png"], title)
+    data = (extra or {}).get("experiment data")
+    builtin = isinstance(data, str) and data.startswith("built-in synthetic")
+    _plot(agg, paths["png"], title, plot_caption(agg, runs, "built-in synthetic chest CT" if builtin else None))
     rows = [_row(r) for r in runs]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RUN_FIELDS), lineterminator="\n")

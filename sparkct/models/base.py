@@ -146,6 +146,16 @@ class Method(nn.Module):
         return set()
 
     # --- what a person looks at ---------------------------------------------------------------------
+    def loss_reference(self, batch: int) -> float | None:
+        """The loss of a model whose predictions carry no information (uniform similarities for
+        InfoNCE-type losses, chance for pretext classification) with `batch` images per step (the
+        global micro-batch), drawn as a line on loss.png; None where there is no such value."""
+        return None
+
+    def plot_marks(self) -> list[tuple[int, str]]:
+        """(step, label) marks for loss.png: schedule events a reader should see (e.g. unfreezing)."""
+        return []
+
     @torch.no_grad()
     def preview(self, batch: Any) -> dict[str, Tensor] | None:
         """Rows of images for the preview PNG, name -> (B, C, H, W) in [0, 1] (e.g. SparK: input, masked

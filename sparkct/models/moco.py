@@ -21,6 +21,7 @@ same on every rank, and it is checkpointed. The key encoder's EMA runs on every 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,11 @@ class MoCo(SSLMethod):
             return chunked(lambda x: shuffled_forward(enc, x, g), view, self.config.chunk)
 
         return (keys(views[0], 2), keys(views[1], 1)) if self.config.symmetric else keys(views[1], 1)
+
+    def loss_reference(self, batch: int) -> float | None:
+        """ln(K + 1): a query against its key and the K queued keys, all equally similar (the queue
+        starts full of random keys). None with the hybrid objective (its supervised term is added)."""
+        return None if self.config.hybrid_weight > 0 else math.log(self.config.queue_size + 1)
 
     def objective(self, outs, keys, step):
         if not self.config.symmetric:

@@ -33,6 +33,7 @@ and DDP draw what one uninterrupted process draws.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -132,6 +133,9 @@ class _Classification(_Pretext):
         logits = self.head(self.backbone(self.corrupt(batch, y)))
         loss = F.cross_entropy(logits.float(), y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
+
+    def loss_reference(self, batch: int) -> float | None:
+        return math.log(self.n_classes)  # uniform over the equally likely labels: chance
 
     @torch.no_grad()
     def preview(self, batch: Tensor):
@@ -331,6 +335,9 @@ class NextSlice(_Pretext):
         logits = self.logits(xa, xb)
         loss = F.cross_entropy(logits.float(), y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach(), "next_share": y.float().mean()}
+
+    def loss_reference(self, batch: int) -> float | None:
+        return math.log(2)  # uniform predictions of next / not next
 
     @torch.no_grad()
     def preview(self, batch):

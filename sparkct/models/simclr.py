@@ -8,6 +8,7 @@ over the 2N images, as SimCLR's code does); under DDP every rank's embeddings ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -55,6 +56,11 @@ class SimCLR(SSLMethod):
             raise UserError(
                 f"SimCLR needs at least 2 images in a batch (the other images are the negatives), got --batch {batch}"
             )
+
+    def loss_reference(self, batch: int) -> float | None:
+        """ln(2N - 1): each of the 2N embeddings against its positive and 2N - 2 negatives, all equally
+        similar. None with the hybrid objective (its supervised term is added)."""
+        return None if self.config.hybrid_weight > 0 else math.log(max(2 * batch - 1, 1))
 
     def objective(self, outs, state, step):
         if len(outs) != 2:

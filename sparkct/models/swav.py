@@ -21,6 +21,7 @@ batch under DDP, swapped prediction at temperature 0.1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +153,11 @@ class SwAV(SSLMethod):
                 f"({views[0].shape[0] * world_size()}): raise --queue-size"
             )
         self.prototypes.normalize()
+
+    def loss_reference(self, batch: int) -> float | None:
+        """ln(prototypes): codes predicted from equal scores on every prototype. None with the hybrid
+        objective (its supervised term is added)."""
+        return None if self.config.hybrid_weight > 0 else math.log(self.config.prototypes)
 
     def objective(self, outs, state, step):
         c = self.config

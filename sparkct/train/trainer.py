@@ -551,7 +551,8 @@ class Trainer:
             if run.first_loss is None:
                 run.first_loss = result.loss
             self.bar.update(1)
-            if run.step % cfg.log_every == 0 or run.step == self.total:
+            # step 1 too: the curve starts at the untrained model's loss, not --log-every steps in
+            if run.step % cfg.log_every == 0 or run.step in (1, self.total):
                 self.log_step(epoch, result)
             if self.main and cfg.preview_every and run.step % cfg.preview_every == 0:
                 self._preview(run.last_inp, run.step)
@@ -844,7 +845,12 @@ class Trainer:
 
     def _plot(self) -> None:
         path = os.path.join(self.run_dir, "loss.png")
-        self._best_effort(path, lambda: plot_curves(self.metrics.csv_path, path, title=self._title()))
+        ref = self.method.loss_reference(self.cfg.batch // self.cfg.accum)
+        marks = self.method.plot_marks()
+        self._best_effort(
+            path,
+            lambda: plot_curves(self.metrics.csv_path, path, title=self._title(), reference=ref, marks=marks),
+        )
 
     # ---- helpers ----
     @torch.no_grad()

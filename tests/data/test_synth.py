@@ -13,7 +13,7 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.uid import UID
 
 from sparkct.data.dicom import iter_series
-from sparkct.data.synthetic import make_patient, synth
+from sparkct.data.synthetic import Nodule, inside_lung, make_acquisition, make_patient, render_slice, synth
 
 
 def read_csv(path):
@@ -148,3 +148,51 @@ def test_stored_encodings_round_trip(tmp_path):
         stored, slope, icpt, rep = _encode(hu, enc)
         assert stored.dtype == (np.int16 if rep else np.uint16)
         np.testing.assert_array_equal(stored.astype(np.float64) * slope + icpt, np.rint(hu))
+
+
+def _lone_nodule_patient(z: float, diameter: float = 10.0):
+    """Patient 0 of seed 2 with one round solid nodule centred at height z, in its right lung."""
+    p = make_patient(2, 0, p_finding=0.0)
+    x, y = next(
+        (x, y)
+        for x in np.linspace(-1.2 * p.lung_w, 1.2 * p.lung_w, 25)
+        for y in np.linspace(-0.6 * p.lung_d, 0.6 * p.lung_d, 13)
+        if inside_lung(p, x, y, z, margin=diameter)
+    )
+    p.nodules = [Nodule(float(x), float(y), float(z), diameter, "solid", 40.0, ((0.0, 0.0),) * 5)]
+    return p
+
+
+def test_a_slice_shows_a_nodule_exactly_when_it_is_labelled():
+    # Issue 19 (5b): caps of a nodule whose centre lies past the slice's slab were drawn but not labelled.
+    p = _lone_nodule_patient(0.5 * make_patient(2, 0).height)
+    nod = p.nodules[0]
+    acq = make_acquisition(np.random.default_rng(0), p, 64, 5.0)
+    for dz in (0.0, 5.0, 7.0, 7.3, 7.4, 7.6, 8.0):  # slab half-width 2.5 + radius 5 = 7.5
+        p.nodules = [nod]
+        with_nodule, shown = render_slice(p, acq, nod.z + dz, np.random.default_rng(1))
+        p.nodules = []
+        without, _ = render_slice(p, acq, nod.z + dz, np.random.default_rng(1))
+        assert (not np.array_equal(with_nodule, without)) == bool(shown), dz
+        assert bool(shown) == (dz < 7.5 - 1e-9 and nod.radius_at(max(0.0, dz - 2.5)) >= 1.5), dz
+
+
+def test_a_nodule_centred_outside_the_series_is_labelled_with_its_type(tmp_path, monkeypatch):
+    # 4 slices of 5 mm centred on mid-chest cover [mid - 10, mid + 10]; a 10 mm nodule centred 3 mm
+    # below the lowest slab still shows in the lowest slice (3 mm from its centre: 8 mm across).
+    from sparkct.data import synthetic
+
+    mid = 0.5 * make_patient(2, 0).height
+    zc = mid - 7.5 - 2.5 - 3.0
+    monkeypatch.setattr(synthetic, "make_patient", lambda *a, **k: _lone_nodule_patient(zc))
+    synth(
+        str(tmp_path), patients=1, seed=2, size=64, slices=4, thickness=5.0, series_per_patient=(1, 1), localizer=False
+    )
+    (series,) = read_csv(tmp_path / "labels.csv")
+    slices = sorted(read_csv(tmp_path / "slice_labels.csv"), key=lambda r: float(r["z_mm"]))
+    nodules = read_csv(tmp_path / "nodules.csv")
+    assert [int(r["label"]) for r in slices] == [1, 0, 0, 0]
+    assert float(slices[0]["max_diameter_mm"]) == pytest.approx(8.0, abs=0.01)
+    assert series["label"] == "1" and series["n_nodules"] == "1" and series["nodule_types"] == "solid"
+    assert len(nodules) == 1 and float(nodules[0]["z_mm"]) == pytest.approx(zc, abs=0.01)
+    assert zc < float(slices[0]["z_mm"]) - 2.5  # outside the series' slabs

@@ -103,6 +103,10 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     assert comp == {("rotation", 1.0), ("rotation", 0.5)}
     with Image.open(os.path.join(out, "auc_vs_fraction.png")) as im:
         assert im.format == "PNG" and im.size[0] > 500
+    # disk use bounded: each fine-tuning run keeps the tested weights, not its checkpoints
+    for d in _finetune_dirs(out):
+        kept = set(os.listdir(d))
+        assert "tested.pt" in kept and not kept & {"checkpoints", "last.ckpt", "best.ckpt", "backbone.pt"}, kept
     # progress: which run of how many, and (once one run has finished) the time left
     prog = [ln for ln in experiment["log"] if ln.startswith("[")]
     assert [ln.split("]")[0] for ln in prog] == [f"[{i}/5" for i in range(1, 6)]
@@ -118,7 +122,7 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
     marks = {
         p: os.path.getmtime(p)
         for d in _finetune_dirs(out)
-        for p in (os.path.join(d, "result.json"), os.path.join(d, "last.ckpt"))
+        for p in (os.path.join(d, "result.json"), os.path.join(d, "tested.pt"))
     }
     log = _experiment(eval_cache, out)
     assert sum("finished earlier: skipped" in ln for ln in log) == 5  # 1 pretraining + 4 fine-tuning runs
@@ -368,7 +372,7 @@ def test_results_state_data_overrides_protocol_and_fractions(experiment, eval_ca
     fraction, the lr every arm used and why, the protocol as run and the built-in overrides."""
     res = _results(experiment["out"])
     h = res["header"]
-    assert h["pretraining data"].startswith(eval_cache["cache"]) and "12 patients" in h["pretraining data"]
+    assert h["pretraining data"].startswith(eval_cache["cache"]) and "patients" in h["pretraining data"]
     assert "slices" in h["pretraining data"]
     fr = h["labelled training set per fraction"]
     assert "100 %: 4 of 4 patients (100 %)" in fr and "50 %: 2 of 4 patients (50 %)" in fr and "slices" in fr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from sparkct.errors import UserError
 from sparkct.eval.data import load_task
-from sparkct.eval.finetune import Classifier, FinetuneConfig, finetune, resolve_init
+from sparkct.eval.finetune import Classifier, FinetuneConfig, evaluate, finetune, resolve_init
 from sparkct.models.backbone import backbone_state, build_backbone
 from sparkct.train.config import TrainConfig
 
@@ -144,13 +145,37 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
-def test_finetune_end_to_end_on_a_cache(eval_cache, tmp_path):
+def test_finetune_end_to_end_on_a_cache(eval_cache, tmp_path, monkeypatch):
+    from sparkct.train import trainer as T
+    from sparkct.train.visual import curves_figure, epoch_rows
+
+    plotted: dict = {}
+    real = T.plot_curves
+    monkeypatch.setattr(T, "plot_curves", lambda *a, **kw: plotted.update(kw) or real(*a, **kw))
     task = load_task(eval_cache["cache"], eval_cache["patient_labels"], split=(0.5, 0.25, 0.25), fraction=1.0)
     cfg = _cfg(tmp_path, "ft", epochs=3, batch=16)
     res = finetune(task, train_cfg=cfg, config=FinetuneConfig(freeze_epochs=1, ramp_epochs=1), n_resamples=200)
     out = cfg.out
-    for f in ("result.json", "predictions.npz", "best.ckpt", "last.ckpt", "backbone.pt", "config.json"):
+    for f in ("result.json", "predictions.npz", "tested.pt", "config.json", "metrics.csv", "loss.png"):
         assert os.path.isfile(os.path.join(out, f)), f
+    # only the tested weights are kept: no checkpoints, no last-step export
+    for f in ("best.ckpt", "last.ckpt", "backbone.pt", "checkpoints"):
+        assert not os.path.exists(os.path.join(out, f)), f
+    spe = res["steps_per_epoch"]
+    assert plotted["marks"] == [(spe, "backbone unfrozen"), (2 * spe, "backbone at full lr")]
+    # loss.png's validation panel marks the checkpoint that was tested
+    rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    fig = curves_figure(rows, epoch_rows(os.path.join(out, "metrics.jsonl")), ("loss",), marks=plotted["marks"])
+    star = next(ln for ln in fig.axes[1].lines if ln.get_marker() == "*")
+    assert list(star.get_xdata()) == [res["tested_checkpoint"]["step"]]
+    # tested.pt is the model that was tested: it gives the saved test predictions
+    model = Classifier(
+        build_backbone("resnet18", in_chans=len(task.windows))[0], 2, windows=task.windows, steps_per_epoch=1, crop=32
+    )
+    model.load_state_dict(torch.load(os.path.join(out, "tested.pt"), weights_only=True))
+    again = evaluate(model, task.test, level=task.level, n_resamples=10)
+    z0 = np.load(os.path.join(out, "predictions.npz"))
+    np.testing.assert_allclose(again["probabilities"], z0["probabilities"], rtol=1e-5, atol=1e-6)
     saved = json.load(open(os.path.join(out, "result.json")))
     assert saved["test"]["unit"] == "patient" and saved["test"]["n_units"] == 4  # patient labels: per patient
     auc = saved["test"]["metrics"]["auc"]
@@ -163,7 +188,7 @@ def test_finetune_end_to_end_on_a_cache(eval_cache, tmp_path):
     assert z["probabilities"].shape == (4, 2) and np.allclose(z["probabilities"].sum(1), 1)
     assert res["init"]["kind"] == "random" and saved["effective_batch"] == 16
     # a finished run folder is refused unless resumed
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="holds a finished fine-tuning run"):
         finetune(task, train_cfg=_cfg(tmp_path, "ft", epochs=3, batch=16), config=FinetuneConfig(freeze_epochs=1))
 
 
@@ -174,7 +199,11 @@ def test_linear_probe_from_a_file_keeps_the_backbone(tmp_path, write_npz):
     w = str(tmp_path / "init.pt")
     torch.save(backbone_state(bb), w)
     cfg = _cfg(tmp_path, "probe", epochs=2, batch=64)  # batch lowered to the 12 training images
-    res = finetune(task, init=w, train_cfg=cfg, config=FinetuneConfig(linear_probe=True), n_resamples=100)
+    fcfg = FinetuneConfig(linear_probe=True, keep_checkpoints=True)
+    res = finetune(task, init=w, train_cfg=cfg, config=fcfg, n_resamples=100)
+    for f in ("best.ckpt", "last.ckpt", "backbone.pt"):  # --keep-checkpoints
+        assert os.path.isfile(os.path.join(cfg.out, f)), f
+    assert "tested_weights" not in res
     assert res["effective_batch"] == 12 and res["init"]["kind"] == "file" and res["test"]["unit"] == "item"
     assert res["task"]["train"]["per_class"] == [4, 4, 4]
     after = torch.load(os.path.join(cfg.out, "backbone.pt"), weights_only=True)

@@ -100,11 +100,11 @@ def test_delong_multiclass_variance_close_to_bootstrap():
     rng = np.random.default_rng(3)
     y = np.repeat(np.arange(3), 80)
     logits = rng.normal(size=(240, 3)) + 1.2 * np.eye(3)[y]
-    auc, var = M.delong_variance(y, logits)
+    auc, var = M.delong_variance(y, logits, scores="logits")
     prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert auc == pytest.approx(skm.roc_auc_score(y, prob, multi_class="ovr"), abs=1e-12)
-    assert M.compute_metrics(y, logits) == M.compute_metrics(y, prob)
-    ci = M.bootstrap_ci(y, logits, n_resamples=2000, method="percentile", seed=0)["auc"]
+    assert M.compute_metrics(y, logits, scores="logits") == pytest.approx(M.compute_metrics(y, prob), abs=1e-12)
+    ci = M.bootstrap_ci(y, logits, n_resamples=2000, method="percentile", seed=0, scores="logits")["auc"]
     assert np.sqrt(var) == pytest.approx(ci["se"], rel=0.15)
 
 
@@ -195,7 +195,7 @@ def test_group_bootstrap_equals_item_bootstrap_of_deduplicated_groups():
 
 def test_paired_bootstrap_known_answers():
     y, x = asah()
-    same = M.paired_bootstrap(y, x["s100b"], x["s100b"], n_resamples=500)
+    same = M.paired_bootstrap(y, x["s100b"] / x["s100b"].max(), x["s100b"] / x["s100b"].max(), n_resamples=500)
     for m in M.METRICS:
         assert same[m]["diff"] == 0 and same[m]["p"] == 1.0 and same[m]["low"] == same[m]["high"] == 0
     rng = np.random.default_rng(4)
@@ -206,7 +206,7 @@ def test_paired_bootstrap_known_answers():
     assert r["auc"]["diff"] > 0.4 and r["auc"]["low"] > 0.3
     assert r["auc"]["p"] == pytest.approx(2 / 501)
     # agrees with DeLong on aSAH (wfns vs s100b: p = 0.027)
-    b = M.paired_bootstrap(y, x["wfns"], x["s100b"], n_resamples=2000)["auc"]
+    b = M.paired_bootstrap(y, x["wfns"], x["s100b"], n_resamples=2000, metrics=["auc"])["auc"]
     assert 0.005 < b["p"] < 0.1 and b["low"] > 0
 
 
@@ -227,6 +227,35 @@ def test_user_errors():
         M.delong_test([0, 1, 2], np.eye(3), np.eye(3)[:, :2])
 
 
+def test_scores_that_are_not_probabilities_are_refused_or_taken_as_logits():
+    # Logits taken for probabilities were cut at 0.5: accuracy 0.75 instead of 1.0 (issue 19, 5a).
+    y, z = [0, 0, 1, 1], [-3, -1, 0.3, 2]
+    with pytest.raises(UserError, match="probabilities in \\[0, 1\\].*scores='logits'"):
+        M.compute_metrics(y, z)
+    with pytest.raises(UserError, match="scores='logits'"):
+        M.bootstrap_ci(y, z, n_resamples=10)
+    with pytest.raises(UserError, match="scores='logits'"):
+        M.paired_bootstrap(y, z, z, n_resamples=10)
+    with pytest.raises(UserError, match="scores='logits'"):
+        M.metrics_from_counts(y, z, np.ones((1, 4)))
+    got = M.compute_metrics(y, z, scores="logits")
+    assert got["accuracy"] == 1.0 and got["f1"] == 1.0 and got["auc"] == 1.0
+    # (n, K) rows: logits or unnormalized scores are refused, softmax with scores='logits'
+    rows = np.array([[2.0, -1.0], [0.5, 0.1], [-1.0, 1.5], [0.2, 0.9]])
+    with pytest.raises(UserError, match="probabilities in"):
+        M.compute_metrics(y, rows)
+    with pytest.raises(UserError, match="row 0 sums to 0.9"):
+        M.compute_metrics([0, 1, 2], np.array([[0.5, 0.3, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]))
+    soft = np.exp(rows) / np.exp(rows).sum(1, keepdims=True)
+    assert M.compute_metrics(y, rows, scores="logits") == pytest.approx(M.compute_metrics(y, soft), abs=1e-12)
+    assert M.compute_metrics(y, soft.astype(np.float32)) == pytest.approx(M.compute_metrics(y, soft), abs=1e-6)
+    with pytest.raises(UserError, match="'probabilities' or 'logits'"):
+        M.compute_metrics(y, soft, scores="margins")
+    # AUC alone ranks the scores: any binary scale is taken as it is, no threshold involved
+    assert M.compute_metrics(y, z, metrics=["auc"]) == {"auc": 1.0}
+    assert M.delong_variance(y, z)[0] == 1.0
+
+
 def test_summarize_over_seeds():
     s = M.summarize([0.8, 0.82, 0.84])
     assert s["mean"] == pytest.approx(0.82) and s["low"] < 0.8 and s["high"] > 0.84 and s["n"] == 3
@@ -245,5 +274,48 @@ def test_several_seeds_average_the_metric():
     # var of (A + B) / 2 = (var A + var B + 2 cov) / 4, from pROC's published values
     want = (PROC_VAR["wfns"] + PROC_VAR["s100b"] + 2 * PROC_COV[("s100b", "wfns")]) / 4
     assert d["var_a"] == pytest.approx(want, rel=1e-9)
-    same = M.paired_bootstrap(y, two, M.Models([x["s100b"], x["wfns"]]), n_resamples=200)
+    same = M.paired_bootstrap(y, two, M.Models([x["s100b"], x["wfns"]]), n_resamples=200, metrics=["auc"])
     assert same["auc"]["diff"] == 0 and same["auc"]["p"] == 1.0
+
+
+def test_simulated_intervals_are_those_of_bootstrap_ci():
+    # interval_coverage evaluates many simulated test sets at once; each interval must be exactly the
+    # one bootstrap_ci gives that test set (same patient resampling, same BCa), or it measures
+    # another method.
+    rng = np.random.default_rng(8)
+    group = np.repeat(np.arange(10), 5)
+    y = np.zeros(50, int)
+    y[[0, 1, 5, 6, 7, 10, 15, 16]] = 1  # patients 0-3 have positive slices
+    order = np.argsort(-y, kind="stable")
+    y, group = y[order], group[order]
+    s = rng.normal(size=(3, 50)) + 0.8 * y
+    s[2, :4] = s[2, -4:]  # ties
+    unit, _, strata = M._units(y, group)
+    n_pos = int(y.sum())
+    low, high, dist = M._run_bootstrap(
+        M._pairwise_auc(s[:, :n_pos], s[:, n_pos:]),
+        unit,
+        strata,
+        n_resamples=300,
+        confidence=0.95,
+        method="BCa",
+        seed=5,
+        batch=120,
+    )
+    for k in range(3):
+        ci = M.bootstrap_ci(y, s[k], groups=group, n_resamples=300, seed=5, batch=120, metrics=["auc"])["auc"]
+        assert (low[k], high[k]) == pytest.approx((ci["low"], ci["high"]), abs=1e-12)
+        assert dist[k].std(ddof=1) == pytest.approx(ci["se"], abs=1e-12)
+
+
+def test_patient_bootstrap_bca_coverage_at_a_small_test_set():
+    # The experiment's interval (patient bootstrap, BCa) at 18 test patients of 17 slices: its
+    # coverage falls short of 95 % (issue 19 measured 90.7 % with 300 simulations; the stored table,
+    # 1,000 simulations, gives COVERAGE[18]). 200 simulations: the band is about 3 standard errors.
+    r = M.interval_coverage(18, n_sims=200, n_resamples=200, seed=0)
+    assert r["n_sims"] == 200 and r["true_auc"] == 0.7
+    assert 0.88 <= r["coverage"] <= 0.975
+    assert abs(r["coverage"] - M.COVERAGE[18]) < 3.5 * r["se"]
+    assert 0.15 < r["mean_width"] < 0.35
+    with pytest.raises(UserError, match="n_patients"):
+        M.interval_coverage(3)
