@@ -46,8 +46,8 @@ def check_mask_grid(cells: int, ratio: float, *, crop: int | None = None, flag: 
     if _hidden(cells, r) < 1:
         lo = next(k / 1000 for k in range(1, 1000) if _hidden(cells, k / 1000) >= 1)
         raise UserError(
-            f"{flag} {ratio:g} hides no cell ({where}, {cells} x {1 - r:g} rounds to {cells} visible), so the loss would "
-            f"be 0; the smallest ratio that hides one cell is {lo:g}"
+            f"{flag} {ratio:g} hides no cell ({where}, {cells} x {1 - r:g} rounds to {cells} visible), so the "
+            f"loss would be 0; the smallest ratio that hides one cell is {lo:g}"
         )
     if _hidden(cells, r) >= cells:
         hi = next(k / 1000 for k in range(999, 0, -1) if _hidden(cells, k / 1000) < cells)
