@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -75,7 +76,15 @@ def sparkct(args, env=None, patch=""):
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        preexec_fn=_as_at_a_terminal,
     )
+
+
+def _as_at_a_terminal() -> None:
+    """SIGINT as a command typed at a terminal gets it: a shell starts background jobs (``cmd &``, which
+    is how CI may run the tests) with SIGINT ignored, and children inherit that; the trainer leaves an
+    ignored signal ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def rows(path):
@@ -153,6 +162,7 @@ def test_ignored_signals_stay_ignored_and_handlers_come_back(small_cache, tmp_pa
     from sparkct.train.signals import StopSignals
 
     old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (see _as_at_a_terminal)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         with StopSignals(announce=False) as s:
@@ -162,9 +172,10 @@ def test_ignored_signals_stay_ignored_and_handlers_come_back(small_cache, tmp_pa
             assert s.signum == signal.SIGINT
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) == old
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, old)
 
 
 def test_resume_command_reads_as_sparkct():
