@@ -136,8 +136,8 @@ _EXPERIMENT_EPILOG = r"""examples:
   sparkct experiment                                  # built-in synthetic CT on the CPU (minutes)
   sparkct experiment --methods random,spark --fractions 1,0.1 --seeds 0   # a quick look
   sparkct experiment --data data/cache --labels labels.csv --pretrain-data data/unlabelled-cache \
-      --arch resnet50 --crop 224 --pretrain-epochs 800 --pretrain-batch 512 --finetune-epochs 70 \
-      --finetune-batch 64 --freeze-epochs 10 --ramp-epochs 10 --seeds 0,1,2 --device cuda
+      --arch resnet50 --crop 224 --pretrain-epochs 800 --pretrain-batch 512 --finetune-steps 20000 \
+      --finetune-batch 64 --freeze-steps 3000 --ramp-steps 3000 --eval-every 500 --seeds 0,1,2 --device cuda
 Re-running the same command skips finished runs and resumes interrupted ones."""
 
 

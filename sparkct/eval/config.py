@@ -39,9 +39,20 @@ class FinetuneConfig:
     ramp_epochs: float = option(
         "epochs over which the backbone's lr rises from --backbone-lr-start x lr to lr", default=10.0
     )
+    freeze_steps: int | None = option(
+        "optimizer steps with the backbone frozen (overrides --freeze-epochs): a budget that does not shrink "
+        "with the labelled fraction",
+        default=None,
+    )
+    ramp_steps: int | None = option("optimizer steps of the backbone's lr ramp (overrides --ramp-epochs)", default=None)
     backbone_lr_start: float = option("backbone lr, as a fraction of the lr, when it is unfrozen", default=0.1)
     label_smoothing: float = option("cross-entropy label smoothing", default=0.0)
     eval_batch: int = option("batch size for validation and testing", default=128)
+    eval_every: int = option(
+        "validate at the end of the epoch that completes every N optimizer steps, and after the last "
+        "(0: after every epoch); with small fractions an epoch is a step or two",
+        default=0,
+    )
     keep_checkpoints: bool = option(
         "keep the run's checkpoints and backbone.pt after testing (default: only tested.pt, the tested "
         "weights, is kept beside result.json, predictions.npz and the metrics)",
@@ -53,6 +64,12 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise UserError(f"{flag(name)} must be finite and >= 0, got {v}")
+        for name in ("freeze_steps", "ramp_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise UserError(f"{flag(name)} must be >= 0, got {v}")
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 < self.backbone_lr_start <= 1:
             raise UserError(f"--backbone-lr-start must be in (0, 1], got {self.backbone_lr_start}")
         if not 0 <= self.label_smoothing < 1:
@@ -92,10 +109,15 @@ class ExperimentConfig:
     crop: int = option("crop size for pretraining and fine-tuning (multiple of 32)", default=64)
     pretrain_epochs: int = option("pretraining epochs per method", default=10)
     pretrain_batch: int = option("pretraining batch", default=32)
-    finetune_epochs: int = option("fine-tuning epochs", default=6)
+    finetune_steps: int = option(
+        "fine-tuning optimizer steps per run, at every fraction (a budget in epochs would give the smallest "
+        "fractions a handful of steps)",
+        default=150,
+    )
     finetune_batch: int = option("fine-tuning batch", default=32)
-    freeze_epochs: float = option("fine-tuning: epochs with the backbone frozen", default=1.0)
-    ramp_epochs: float = option("fine-tuning: epochs of the backbone's lr ramp", default=1.0)
+    freeze_steps: int = option("fine-tuning: steps with the backbone frozen (only the head learns)", default=15)
+    ramp_steps: int = option("fine-tuning: steps of the backbone's lr ramp after unfreezing", default=15)
+    eval_every: int = option("fine-tuning: validate every N steps (the curves of convergence.png)", default=10)
     keep_checkpoints: bool = option(
         "fine-tuning runs keep their checkpoints (default: only the tested weights, tested.pt)", default=False
     )
@@ -165,7 +187,7 @@ class ExperimentConfig:
         for k in (
             "pretrain_epochs",
             "pretrain_batch",
-            "finetune_epochs",
+            "finetune_steps",
             "finetune_batch",
             "resamples",
             "synth_patients",

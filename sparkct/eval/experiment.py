@@ -198,12 +198,17 @@ def _protocol_line(ft_cfg: TrainConfig, fcfg: FinetuneConfig) -> str:
         )
     else:
         text += (
-            f"backbone frozen for the first {fcfg.freeze_epochs:g} epoch(s), only the head learning, with its "
+            f"backbone frozen for the first {_span(fcfg.freeze_steps, fcfg.freeze_epochs)}, only the head "
+            "learning, with its "
             "BatchNorm in eval mode (running statistics stay the initialization's: for random init, mean 0 and "
             f"variance 1), then trained at {fcfg.backbone_lr_start:g} x lr rising linearly to lr over "
-            f"{fcfg.ramp_epochs:g} epoch(s)"
+            f"{_span(fcfg.ramp_steps, fcfg.ramp_epochs)}"
         )
     return text + "; the checkpoint of best validation AUC is tested"
+
+
+def _span(steps: int | None, epochs: float) -> str:
+    return f"{steps} step(s)" if steps is not None else f"{epochs:g} epoch(s)"
 
 
 def _fractions_line(runs: list[dict]) -> str:
@@ -314,12 +319,22 @@ def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[T
 def _finetune_configs(cfg: ExperimentConfig, opts: dict) -> tuple[TrainConfig, FinetuneConfig]:
     """The fine-tuning runs' configs (``seed`` and ``out`` are set per run)."""
     base = {
-        "freeze_epochs": cfg.freeze_epochs,
-        "ramp_epochs": cfg.ramp_epochs,
+        "freeze_steps": cfg.freeze_steps,
+        "ramp_steps": cfg.ramp_steps,
+        "eval_every": cfg.eval_every,
         "keep_checkpoints": cfg.keep_checkpoints,
     }
+    # a budget in steps (max_steps) whatever the fraction's size; `epochs` is then only the trainer's default
     tcfg, fcfg = _run_configs(
-        cfg, "finetune", FinetuneConfig, opts, base, epochs=cfg.finetune_epochs, batch=cfg.finetune_batch, ckpt_every=50
+        cfg,
+        "finetune",
+        FinetuneConfig,
+        opts,
+        base,
+        epochs=1,
+        max_steps=cfg.finetune_steps,
+        batch=cfg.finetune_batch,
+        ckpt_every=50,
     )
     assert isinstance(fcfg, FinetuneConfig)
     return tcfg, fcfg
@@ -715,8 +730,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             )
         ),
         "fine-tuning schedule": (
-            f"{cfg.finetune_epochs} epochs, batch {cfg.finetune_batch}, backbone frozen "
-            f"{cfg.freeze_epochs:g} epoch(s) then ramped over {cfg.ramp_epochs:g}; fractions "
+            f"{cfg.finetune_steps} optimizer steps at every fraction, batch {cfg.finetune_batch}, backbone frozen "
+            f"{cfg.freeze_steps} steps then ramped over {cfg.ramp_steps}, validated every {cfg.eval_every}; "
+            "fractions "
             f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
             f"split {split_text} of the labelled patients" + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")
         ),

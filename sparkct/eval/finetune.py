@@ -108,6 +108,7 @@ class Classifier(Method):
         steps_per_epoch: int,
         val_data=None,
         crop: int = 224,
+        total_steps: int | None = None,
     ):
         super().__init__(backbone, config)
         if n_classes < 2:
@@ -118,19 +119,28 @@ class Classifier(Method):
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.val_data = val_data
         self.crop = int(crop)
+        self.total_steps = total_steps
         self.history: list[dict] = []
         self._before: list[torch.Tensor] | None = None
 
     # --- the schedule -------------------------------------------------------------------------------
+    def freeze_end(self) -> int:
+        """The first step with the backbone unfrozen (--freeze-steps, else --freeze-epochs in steps)."""
+        c = self.config
+        return c.freeze_steps if c.freeze_steps is not None else round(c.freeze_epochs * self.steps_per_epoch)
+
+    def ramp_length(self) -> int:
+        c = self.config
+        return c.ramp_steps if c.ramp_steps is not None else round(c.ramp_epochs * self.steps_per_epoch)
+
     def frozen(self, step: int) -> bool:
-        return self.config.linear_probe or step < round(self.config.freeze_epochs * self.steps_per_epoch)
+        return self.config.linear_probe or step < self.freeze_end()
 
     def backbone_lr_scale(self, step: int) -> float:
         """0 while frozen; then backbone_lr_start rising linearly to 1 over ramp_epochs."""
         if self.frozen(step):
             return 0.0
-        start = round(self.config.freeze_epochs * self.steps_per_epoch)
-        ramp = round(self.config.ramp_epochs * self.steps_per_epoch)
+        start, ramp = self.freeze_end(), self.ramp_length()
         if ramp <= 0:
             return 1.0
         s0 = self.config.backbone_lr_start
@@ -140,8 +150,7 @@ class Classifier(Method):
         """The backbone's unfreezing and the end of its learning-rate ramp, for loss.png."""
         if self.config.linear_probe:
             return []
-        start = round(self.config.freeze_epochs * self.steps_per_epoch)
-        ramp = round(self.config.ramp_epochs * self.steps_per_epoch)
+        start, ramp = self.freeze_end(), self.ramp_length()
         marks = [(start, "backbone unfrozen")] if start > 0 else []
         return marks + ([(start + ramp, "backbone at full lr")] if ramp > 0 else [])
 
@@ -185,8 +194,21 @@ class Classifier(Method):
             self._before = None
 
     # --- evaluation ---------------------------------------------------------------------------------
+    def validates_after(self, epoch: int) -> bool:
+        """Whether epoch `epoch` ends with a validation: every epoch, or (--eval-every N) the epochs that
+        complete a multiple of N steps, and the last. A function of the epoch alone, so a resumed run
+        validates at the same steps."""
+        n = self.config.eval_every
+        if n <= 0:
+            return True
+        spe = self.steps_per_epoch
+        end = (epoch + 1) * spe
+        if self.total_steps is not None and end >= self.total_steps:
+            return True
+        return end // n > (epoch * spe) // n
+
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        if self.val_data is None:
+        if self.val_data is None or not self.validates_after(epoch):
             return {}
         prob, y = predict(self, self.val_data, batch=self.config.eval_batch)
         logp = np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None))
@@ -396,8 +418,16 @@ def finetune(
     spe = _steps_per_epoch(n, cfg.batch, cfg.accum)
     torch.manual_seed(cfg.seed)
     backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights)
+    total = cfg.max_steps if cfg.max_steps is not None else spe * cfg.epochs  # the trainer's rule
     model = Classifier(
-        backbone, task.n_classes, config, windows=task.windows, steps_per_epoch=spe, val_data=task.val, crop=cfg.crop
+        backbone,
+        task.n_classes,
+        config,
+        windows=task.windows,
+        steps_per_epoch=spe,
+        val_data=task.val,
+        crop=cfg.crop,
+        total_steps=total,
     )
     t0 = time.perf_counter()
     summary = Trainer(

@@ -25,10 +25,11 @@ TINY = dict(
     windows="lung",
     pretrain_epochs=1,
     pretrain_batch=8,
-    finetune_epochs=2,
+    finetune_steps=4,
     finetune_batch=8,
-    freeze_epochs=0.5,
-    ramp_epochs=0.5,
+    freeze_steps=1,
+    ramp_steps=1,
+    eval_every=1,
     split="0.34,0.33,0.33",
     resamples=50,
     device="cpu",
@@ -71,8 +72,8 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     res = _results(out)
     # the header states the data, sizes and epochs used, from the config
     assert res["header"]["pretraining"].startswith("rotation: resnet18, crop 32, 1 epochs, batch 8")
-    assert "2 epochs, batch 8" in res["header"]["fine-tuning schedule"] and eval_cache["cache"] in res["header"]["data"]
-    assert res["config"]["methods"] == TINY["methods"] and res["config"]["finetune_epochs"] == 2
+    assert "4 optimizer steps at every fraction, batch 8" in res["header"]["fine-tuning schedule"] and eval_cache["cache"] in res["header"]["data"]
+    assert res["config"]["methods"] == TINY["methods"] and res["config"]["finetune_steps"] == 4
     assert res["versions"]["numpy"] == np.__version__
     # one row per fine-tuning run, each traceable to its run folder's result.json and predictions.npz
     csv_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
@@ -88,7 +89,7 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
         z = np.load(os.path.join(r["run_dir"], "predictions.npz"))
         auc = roc_auc_score(z["labels"], z["probabilities"][:, 1])
         assert float(r["auc"]) == pytest.approx(result["test"]["metrics"]["auc"]["value"]) == pytest.approx(auc)
-        assert result["method"] == r["method"] and result["train"]["epochs"] == 2 and result["train"]["crop"] == 32
+        assert result["method"] == r["method"] and result["train"]["max_steps"] == 4 and result["train"]["crop"] == 32
         cell = next(c for c in res["cells"] if c["method"] == r["method"] and c["fraction"] == float(r["fraction"]))
         assert cell["auc"]["value"] == pytest.approx(auc) and cell["auc_per_seed"] == [pytest.approx(auc)]
         lo, hi = cell["auc"]["low"], cell["auc"]["high"]
@@ -242,7 +243,7 @@ def test_set_options_are_checked_for_every_method_before_any_work(option, msg, e
     refused in one line before anything is written: no method pretrains first, none is reported failed."""
     out = tmp_path / "exp"
     args = ["--methods", "random,rotation,spark", "--fractions", "1", "--seeds", "0", "--crop", "64"]
-    args += ["--windows", "lung", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--resamples", "20"]
+    args += ["--windows", "lung", "--pretrain-epochs", "1", "--finetune-steps", "2", "--resamples", "20"]
     code = main(
         ["experiment", "--data", eval_cache["cache"], "--labels", eval_cache["patient_labels"], "--out", str(out)]
         + ["--device", "cpu", "--split", "0.34,0.33,0.33", "--set", option, *args]

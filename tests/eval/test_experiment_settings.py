@@ -19,10 +19,11 @@ TINY = dict(
     windows="lung",
     pretrain_epochs=1,
     pretrain_batch=8,
-    finetune_epochs=1,
+    finetune_steps=2,
     finetune_batch=8,
-    freeze_epochs=0.5,
-    ramp_epochs=0.5,
+    freeze_steps=1,
+    ramp_steps=1,
+    eval_every=1,
     split="0.34,0.33,0.33",
     resamples=20,
     device="cpu",
@@ -49,17 +50,17 @@ def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path
     labels.write_text(text)
     out = tmp_path / "exp"
     _run(eval_cache, out, labels=str(labels))
-    log, res, md = _run(eval_cache, out, labels=str(labels), finetune_epochs=2)
+    log, res, md = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
     # the first invocation's run is neither counted as a seed nor averaged in
     assert [c["seeds"] for c in res["cells"]] == [[0]]
-    assert [r["train"]["epochs"] for r in res["runs"]] == [2]
+    assert [r["train"]["max_steps"] for r in res["runs"]] == [3]
     assert "(n=1)" in md and "(n=2)" not in md
     stale = res["stale_runs"]
-    assert len(stale) == 1 and stale[0]["stale"] == "train.epochs 1 (now 2)"
-    assert "## Stale runs" in md and "train.epochs 1 (now 2)" in md
+    assert len(stale) == 1 and stale[0]["stale"] == "train.max_steps 2 (now 3)"
+    assert "## Stale runs" in md and "train.max_steps 2 (now 3)" in md
     assert os.path.isdir(stale[0]["run_dir"])  # kept on disk
     # the same settings again: the finished run is skipped, the stale one still listed
-    log, res2, _ = _run(eval_cache, out, labels=str(labels), finetune_epochs=2)
+    log, res2, _ = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
     assert sum("finished earlier: skipped" in s for s in log) == 1
     assert [r["test"] for r in res2["runs"]] == [r["test"] for r in res["runs"]]
     assert len(res2["stale_runs"]) == 1
@@ -67,11 +68,11 @@ def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path
     rows = text.strip().split("\n")
     flipped = [r.replace("nodule", "x").replace("clear", "nodule").replace(",x", ",clear") for r in rows[1:]]
     labels.write_text("\n".join(rows[:1] + flipped) + "\n")
-    log, res3, _ = _run(eval_cache, out, labels=str(labels), finetune_epochs=2)
+    log, res3, _ = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
     assert not any("finished earlier" in s for s in log)
     assert len(res3["runs"]) == 1 and len(res3["stale_runs"]) == 2
     assert all("labels contents differ" in s["stale"] for s in res3["stale_runs"])
-    assert sum("train.epochs 1 (now 2)" in s["stale"] for s in res3["stale_runs"]) == 1
+    assert sum("train.max_steps 2 (now 3)" in s["stale"] for s in res3["stale_runs"]) == 1
 
 
 def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache):

@@ -27,10 +27,11 @@ TINY = dict(
     windows="lung",
     pretrain_epochs=1,
     pretrain_batch=8,
-    finetune_epochs=1,
+    finetune_steps=2,
     finetune_batch=8,
-    freeze_epochs=0.5,
-    ramp_epochs=0.5,
+    freeze_steps=1,
+    ramp_steps=1,
+    eval_every=1,
     split="0.34,0.33,0.33",
     resamples=20,
     device="cpu",
@@ -72,7 +73,7 @@ def test_same_data_as_pretrain_data_is_refused_before_any_work(eval_cache, tmp_p
     args = ["experiment", "--data", eval_cache["cache"], "--labels", eval_cache["patient_labels"]]
     args += ["--pretrain-data", eval_cache["cache"], "--out", str(out), "--methods", "random,rotation"]
     args += ["--fractions", "1", "--seeds", "0", "--crop", "32", "--windows", "lung", "--device", "cpu"]
-    args += ["--split", "0.34,0.33,0.33", "--pretrain-epochs", "1", "--finetune-epochs", "1"]
+    args += ["--split", "0.34,0.33,0.33", "--pretrain-epochs", "1", "--finetune-steps", "2"]
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("sparkct experiment: error: the pretraining data overlaps"), err
