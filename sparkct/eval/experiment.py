@@ -2,10 +2,10 @@
 
 For each selected method: pretrain a backbone on the unlabelled CT (one run of the trainer), then
 fine-tune it, and a randomly initialized baseline, on nested class-stratified fractions of the labelled
-training patients for several seeds (and, --protocols, train a linear probe on each: the backbone frozen
-throughout, on the same patients with the same steps), test every fine-tuned model on the same held-out patients with
-bootstrap CIs, and write the report (``results.md``, ``auc_vs_fraction.png``, ``results.json``,
-``runs.csv``) into the experiment folder.
+training patients for several seeds, and (--protocols) train a linear probe of each beside it (the
+backbone frozen throughout, on the same patients with the same steps), test every model on the same
+held-out patients with bootstrap CIs, and write the report (``results.md``, ``auc_vs_fraction.png``,
+``convergence.png``, ``results.json``, ``runs.csv``) into the experiment folder.
 
 Without data it runs on the built-in synthetic chest CT: a pretraining pool and a disjoint labelled task
 (nodule present / absent per slice, from ``sparkct data synth``'s ``slice_labels.csv``), sized for a 2-core
@@ -109,8 +109,8 @@ def _differs(old: dict, new: dict) -> str:
 def _split_runs(runs: list[dict], current: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """(the runs of this experiment's settings, the others): a run is current only when its folder is
     the one its full settings' hash names now (`current`: run folder -> settings). The others stay on disk
-    and are listed as stale, each with what differs from the current run of its method, fraction and seed
-    (or why none is current), never averaged with current runs."""
+    and are listed as stale, each with what differs from the current run of its method, protocol, fraction
+    and seed (or why none is current), never averaged with current runs."""
     by_cell = {(s["method"], run_protocol(s), s["fraction"], s["seed"]): s for s in current.values()}
     here, stale = [], []
     for r in runs:
