@@ -23,6 +23,7 @@ TINY = dict(
     set=["rotation.max_steps=1", "finetune.max_steps=1"],
     fractions="1",
     seeds="0",
+    protocols="finetune",  # these tests are about the pretraining data: no probes needed
     crop=32,
     windows="lung",
     pretrain_epochs=1,
