@@ -141,6 +141,12 @@ class ExperimentConfig:
     amp: str = option("mixed precision (auto: bf16 on CUDA, off on CPU)", default="auto")
     synth_patients: int = option("built-in data: labelled patients", default=60)
     pretrain_patients: int = option("built-in data: unlabelled pretraining patients", default=16)
+    synth_finding: float = option("built-in data: share of labelled patients with nodules", default=0.5)
+    pretrain_finding: float = option(
+        "built-in data: share of pretraining patients with nodules (an unlabelled pool where the structure "
+        "the label depends on is common, as in a screening archive; pretraining never sees labels)",
+        default=0.5,
+    )
     synth_size: int = option("built-in data: slice size", default=96)
     synth_slices: int = option("built-in data: slices per series", default=12)
     synth_thickness: float = option(
@@ -216,6 +222,9 @@ class ExperimentConfig:
         ):
             if getattr(self, k) < 1:
                 raise UserError(f"{flag(k)} must be >= 1, got {getattr(self, k)}")
+        for k in ("synth_finding", "pretrain_finding"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise UserError(f"{flag(k)} must be in [0, 1], got {getattr(self, k)}")
         if not 0.5 <= self.synth_thickness <= 20:
             raise UserError(f"--synth-thickness must be in [0.5, 20] mm, got {self.synth_thickness}")
         if not 1 <= self.synth_min_nodule <= 30:

@@ -415,8 +415,10 @@ def _synth_once(
     log,
     thickness: float | None = None,
     min_nodule_mm: float = 4.0,
+    p_finding: float = 0.5,
 ) -> str:
     want = {
+        "p_finding": p_finding,
         "seed": seed,
         "patients": patients,
         "size": size,
@@ -438,6 +440,7 @@ def _synth_once(
             localizer=False,
             thickness=thickness,
             min_nodule_mm=min_nodule_mm,
+            p_finding=p_finding,
         )
     return dst
 
@@ -535,6 +538,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             cfg.synth_size,
             cfg.synth_slices,
             log,
+            p_finding=cfg.synth_finding,
             **synth_kw,
         )
         task_data = _prepare_once(task_src, os.path.join(data_dir, "cache-task"), log, SYNTHETIC_SALT)
@@ -558,6 +562,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             cfg.synth_size,
             cfg.synth_slices,
             log,
+            p_finding=cfg.pretrain_finding,
             **synth_kw,
         )
         pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log, SYNTHETIC_SALT)
