@@ -12,6 +12,25 @@ import pytest
 SALT = "e7a1" * 8
 N_PATIENTS = 12
 
+#: `sparkct experiment` settings small enough for a CPU test: each test module names what it varies
+TINY_EXPERIMENT = dict(
+    fractions="1",
+    seeds="0",
+    crop=32,
+    windows="lung",
+    pretrain_epochs=1,
+    pretrain_batch=8,
+    finetune_steps=2,
+    finetune_batch=8,
+    freeze_steps=1,
+    ramp_steps=1,
+    eval_every=1,
+    split="0.34,0.33,0.33",
+    resamples=20,
+    device="cpu",
+    amp="none",
+)
+
 
 def write_ct_patients(root: str, n_patients: int = N_PATIENTS, *, size: int = 32, slices: int = 4, seed: int = 0):
     """NIfTI CT of `n_patients` patients (a folder each, one or two series), 'nodule' patients with a
@@ -70,6 +89,25 @@ def eval_cache(tmp_path_factory) -> dict:
         for s in range(c.n_series):
             w.writerow([c.series["key"][s], labels[str(c.patients[c.series["patient_index"][s]])]])
     return {"cache": dst, "patients": labels, "patient_labels": path, "series_labels": spath}
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(eval_cache):
+    """tiny_experiment(out, *settings, **more) -> the log lines: `run_experiment` on eval_cache with its
+    patient labels and TINY_EXPERIMENT's settings, then each dict of `settings` and `more` added or
+    replacing them in turn (a module's own settings, then one test's)."""
+    from sparkct.eval.config import ExperimentConfig
+    from sparkct.eval.experiment import run_experiment
+
+    def run(out, *settings: dict, **more) -> list[str]:
+        kw = {"data": eval_cache["cache"], "labels": eval_cache["patient_labels"], **TINY_EXPERIMENT}
+        for d in (*settings, more):
+            kw.update(d)
+        lines: list[str] = []
+        run_experiment(ExperimentConfig(out=str(out), **kw), log=lines.append)
+        return lines
+
+    return run
 
 
 @pytest.fixture

@@ -14,40 +14,16 @@ import pytest
 
 from sparkct.cli import main
 from sparkct.eval.config import ExperimentConfig
-from sparkct.eval.experiment import run_experiment
 from sparkct.eval.finetune import Classifier
 
-TINY = dict(
-    methods="random,rotation",
-    fractions="1,0.5",
-    seeds="0",
-    crop=32,
-    windows="lung",
-    pretrain_epochs=1,
-    pretrain_batch=8,
-    finetune_steps=4,
-    finetune_batch=8,
-    freeze_steps=1,
-    ramp_steps=1,
-    eval_every=1,
-    split="0.34,0.33,0.33",
-    resamples=50,
-    device="cpu",
-    amp="none",
-)
-
-
-def _experiment(cache, out, log=None, **kw):
-    cfg = ExperimentConfig(out=str(out), data=cache["cache"], labels=cache["patient_labels"], **{**TINY, **kw})
-    lines = []
-    run_experiment(cfg, log=log or lines.append)
-    return lines
+#: two methods (one pretrained) at two fractions: the report's tables, comparisons and progress have rows
+SETTINGS = dict(methods="random,rotation", fractions="1,0.5", finetune_steps=4, resamples=50)
 
 
 @pytest.fixture(scope="module")
-def experiment(eval_cache, tmp_path_factory):
+def experiment(tiny_experiment, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "run"
-    return {"out": str(out), "log": _experiment(eval_cache, out)}
+    return {"out": str(out), "log": tiny_experiment(out, SETTINGS)}
 
 
 def _results(out):
@@ -72,8 +48,9 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     res = _results(out)
     # the header states the data, sizes and epochs used, from the config
     assert res["header"]["pretraining"].startswith("rotation: resnet18, crop 32, 1 epochs, batch 8")
-    assert "4 optimizer steps at every fraction, batch 8" in res["header"]["fine-tuning schedule"] and eval_cache["cache"] in res["header"]["data"]
-    assert res["config"]["methods"] == TINY["methods"] and res["config"]["finetune_steps"] == 4
+    assert "4 optimizer steps at every fraction, batch 8" in res["header"]["fine-tuning schedule"]
+    assert eval_cache["cache"] in res["header"]["data"]
+    assert res["config"]["methods"] == SETTINGS["methods"] and res["config"]["finetune_steps"] == 4
     assert res["versions"]["numpy"] == np.__version__
     # one row per fine-tuning run, each traceable to its run folder's result.json and predictions.npz
     csv_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
@@ -117,7 +94,7 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     assert "about" in prog[2] and "not timed" not in prog[2]
 
 
-def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache):
+def test_rerun_skips_finished_runs_with_identical_results(experiment, tiny_experiment):
     out = experiment["out"]
     before = _results(out)
     marks = {
@@ -125,7 +102,7 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
         for d in _finetune_dirs(out)
         for p in (os.path.join(d, "result.json"), os.path.join(d, "tested.pt"))
     }
-    log = _experiment(eval_cache, out)
+    log = tiny_experiment(out, SETTINGS)
     assert sum("finished earlier: skipped" in ln for ln in log) == 5  # 1 pretraining + 4 fine-tuning runs
     assert not any("resumed" in ln or "test AUC" in ln for ln in log)
     assert {p: os.path.getmtime(p) for p in marks} == marks
@@ -141,7 +118,7 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
     assert after["header"]["experiment time"].split(" (")[0] == before["header"]["experiment time"].split(" (")[0]
 
 
-def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_cache, tmp_path, monkeypatch):
+def test_interrupted_experiment_continues_to_the_same_result(experiment, tiny_experiment, tmp_path, monkeypatch):
     # Stop the first fine-tuning run at the first step of its second epoch, after its first checkpoint (as a
     # kill would: nothing is saved on the way out), then run the same command again.
     after_step = Classifier.after_step
@@ -154,11 +131,11 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
     monkeypatch.setattr(Classifier, "after_step", dying)
     out = tmp_path / "exp"
     with pytest.raises(KeyboardInterrupt):
-        _experiment(eval_cache, out, methods="random")  # random only: no pretraining to repeat here
+        tiny_experiment(out, SETTINGS, methods="random")  # random only: no pretraining to repeat here
     monkeypatch.setattr(Classifier, "after_step", after_step)
     dirs = _finetune_dirs(str(out))
     assert len(dirs) == 1 and not os.path.isfile(os.path.join(dirs[0], "result.json"))
-    log = _experiment(eval_cache, out, methods="random")
+    log = tiny_experiment(out, SETTINGS, methods="random")
     resumed = [ln for ln in log if "resumed" in ln]
     assert len(resumed) == 1 and dirs[0] in resumed[0]
     assert sum("test AUC" in ln for ln in log) == 2  # the resumed run and the second one
@@ -173,7 +150,7 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
         assert ra["val_history"] == rb["val_history"]  # the log up to the checkpoint survived the interruption
 
 
-def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatch):
+def test_a_failing_method_is_reported_as_failed(tiny_experiment, tmp_path, monkeypatch):
     import sparkct.eval.experiment as E
 
     real, checked = E.build_method, set()
@@ -187,7 +164,7 @@ def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatc
     monkeypatch.setattr(E, "build_method", broken)
     out = tmp_path / "exp"
     # a fine-tuning option for every fine-tuning run
-    log = _experiment(eval_cache, out, fractions="1", set=["finetune.base_lr=1e-3"])
+    log = tiny_experiment(out, SETTINGS, fractions="1", set=["finetune.base_lr=1e-3"])
     assert any("FAILED" in ln and "out of rotations" in ln for ln in log)
     assert "fine-tuning options: base_lr=1e-3" in log
     res = json.load(open(next(os.path.join(d, "result.json") for d in _finetune_dirs(str(out)) if "random" in d)))
@@ -201,7 +178,7 @@ def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatc
     assert next(c for c in res["cells"] if c["method"] == "rotation")["auc"] is None
 
 
-def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
+def test_builtin_data_defaults_and_their_checks(eval_cache, tiny_experiment, tmp_path):
     """Without --data the fine-tuning lr, the split and the synthetic series follow the built-in task's
     defaults; with --data the published ones; a bad fine-tuning option is refused before any training."""
     from sparkct.errors import UserError
@@ -219,7 +196,7 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
         with pytest.raises(UserError, match=msg):
             ExperimentConfig(**kw).validate()
     with pytest.raises(UserError, match="no option 'nope'"):
-        _experiment(eval_cache, tmp_path / "bad", set=["finetune.nope=1"])
+        tiny_experiment(tmp_path / "bad", SETTINGS, set=["finetune.nope=1"])
     assert not os.path.isdir(tmp_path / "bad" / "finetune")
 
 

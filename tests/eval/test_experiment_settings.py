@@ -9,33 +9,13 @@ import json
 import os
 
 from sparkct.eval.config import ExperimentConfig
-from sparkct.eval.experiment import _finetune_configs, _lr_line, _overrides_line, run_experiment
+from sparkct.eval.experiment import _finetune_configs, _lr_line, _overrides_line
 
-TINY = dict(
-    methods="random",
-    fractions="0.5",
-    seeds="0",
-    crop=32,
-    windows="lung",
-    pretrain_epochs=1,
-    pretrain_batch=8,
-    finetune_steps=2,
-    finetune_batch=8,
-    freeze_steps=1,
-    ramp_steps=1,
-    eval_every=1,
-    split="0.34,0.33,0.33",
-    resamples=20,
-    device="cpu",
-    amp="none",
-)
+SETTINGS = dict(methods="random", fractions="0.5")
 
 
-def _run(cache, out, **kw):
-    lines: list[str] = []
-    kw = {"labels": cache["patient_labels"], **TINY, **kw}
-    cfg = ExperimentConfig(out=str(out), data=cache["cache"], **kw)
-    run_experiment(cfg, log=lines.append)
+def _run(tiny_experiment, out, **kw):
+    lines = tiny_experiment(out, SETTINGS, kw)
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     with open(os.path.join(out, "results.md")) as f:
@@ -43,14 +23,14 @@ def _run(cache, out, **kw):
     return lines, res, md
 
 
-def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path):
+def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tiny_experiment, tmp_path):
     labels = tmp_path / "labels.csv"
     with open(eval_cache["patient_labels"]) as f:
         text = f.read()
     labels.write_text(text)
     out = tmp_path / "exp"
-    _run(eval_cache, out, labels=str(labels))
-    log, res, md = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
+    _run(tiny_experiment, out, labels=str(labels))
+    log, res, md = _run(tiny_experiment, out, labels=str(labels), finetune_steps=3)
     # the first invocation's run is neither counted as a seed nor averaged in
     assert [c["seeds"] for c in res["cells"]] == [[0]]
     assert [r["train"]["max_steps"] for r in res["runs"]] == [3]
@@ -60,7 +40,7 @@ def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path
     assert "## Stale runs" in md and "train.max_steps 2 (now 3)" in md
     assert os.path.isdir(stale[0]["run_dir"])  # kept on disk
     # the same settings again: the finished run is skipped, the stale one still listed
-    log, res2, _ = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
+    log, res2, _ = _run(tiny_experiment, out, labels=str(labels), finetune_steps=3)
     assert sum("finished earlier: skipped" in s for s in log) == 1
     assert [r["test"] for r in res2["runs"]] == [r["test"] for r in res["runs"]]
     assert len(res2["stale_runs"]) == 1
@@ -68,7 +48,7 @@ def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path
     rows = text.strip().split("\n")
     flipped = [r.replace("nodule", "x").replace("clear", "nodule").replace(",x", ",clear") for r in rows[1:]]
     labels.write_text("\n".join(rows[:1] + flipped) + "\n")
-    log, res3, _ = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
+    log, res3, _ = _run(tiny_experiment, out, labels=str(labels), finetune_steps=3)
     assert not any("finished earlier" in s for s in log)
     assert len(res3["runs"]) == 1 and len(res3["stale_runs"]) == 2
     assert all("labels contents differ" in s["stale"] for s in res3["stale_runs"])
