@@ -22,8 +22,15 @@ SETTINGS = dict(methods="random,rotation", fractions="1,0.5", finetune_steps=4, 
 
 @pytest.fixture(scope="module")
 def experiment(tiny_experiment, tmp_path_factory):
+    import sparkct.eval.experiment as E
+
     out = tmp_path_factory.mktemp("exp") / "run"
-    return {"out": str(out), "log": tiny_experiment(out, SETTINGS)}
+    hashed: list = []
+    real = E._data_id
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "_data_id", lambda path: hashed.append(path) or real(path))
+        log = tiny_experiment(out, SETTINGS)
+    return {"out": str(out), "log": log, "hashed": hashed}
 
 
 def _results(out):
@@ -92,6 +99,12 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     assert prog[0].endswith(" elapsed, 1 pretraining run not timed yet; 4 fine-tuning runs not timed yet)")
     assert "4 fine-tuning runs not timed yet" in prog[1] and "about" not in prog[1]  # pretraining done
     assert "about" in prog[2] and "not timed" not in prog[2]
+
+
+def test_the_data_is_hashed_once_per_invocation(experiment, eval_cache):
+    """Its contents are read for the runs' settings hash once, not per run (5 runs here); --data, also the
+    pretraining cache, once."""
+    assert sorted(experiment["hashed"]) == sorted([eval_cache["cache"], eval_cache["patient_labels"]])
 
 
 def test_rerun_skips_finished_runs_with_identical_results(experiment, tiny_experiment):
