@@ -333,7 +333,9 @@ class Trainer:
     def _lock_run(self, create: bool) -> None:
         """Hold the run folder's lock (rank 0, for all ranks): a second process training into the same
         --out would mix its checkpoints, metrics and config with this run's. Every rank raises if it is
-        taken. Without `create`, a folder that does not exist yet is left alone (setup writes nothing)."""
+        taken. Without `create`, a folder that does not exist yet is left alone (setup writes nothing).
+        Taken once per run: by setup where the folder exists (before its checkpoint is read), else by
+        build_data (before data is prepared into it); the other call finds it held."""
         err = None
         if self.main and (create or os.path.isdir(self.run_dir)) and self._lock is None:
             try:
