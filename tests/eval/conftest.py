@@ -76,19 +76,18 @@ def eval_cache(tmp_path_factory) -> dict:
     c = SliceCache(dst)
     labels = {salted_hash(SALT, "file:" + f): y for f, y in folders.items()}
     assert set(labels) == set(map(str, c.patients))
-    path = str(root / "patients.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["patient", "label"])
-        for p, y in labels.items():
-            w.writerow([p, "nodule" if y else "clear"])
-    spath = str(root / "series.csv")
-    with open(spath, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["series_key", "label"])
-        for s in range(c.n_series):
-            w.writerow([c.series["key"][s], labels[str(c.patients[c.series["patient_index"][s]])]])
+    patients = [[p, "nodule" if y else "clear"] for p, y in labels.items()]
+    path = _write_csv(root / "patients.csv", ["patient", "label"], patients)
+    series = [[c.series["key"][s], labels[str(c.patients[c.series["patient_index"][s]])]] for s in range(c.n_series)]
+    spath = _write_csv(root / "series.csv", ["series_key", "label"], series)
     return {"cache": dst, "patients": labels, "patient_labels": path, "series_labels": spath}
+
+
+@pytest.fixture
+def finetune_flags() -> list[str]:
+    """`sparkct finetune` flags for a CPU run of seconds; each test adds its epochs and what it checks."""
+    flags = "--crop 32 --batch 8 --device cpu --progress false --tensorboard false --preview-every 0 --amp none"
+    return [*flags.split(), "--resamples", "50"]
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +107,20 @@ def tiny_experiment(eval_cache):
         return lines
 
     return run
+
+
+@pytest.fixture
+def write_csv():
+    """write_csv(path, header, rows) -> path."""
+    return _write_csv
+
+
+def _write_csv(path, header, rows) -> str:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
 
 
 @pytest.fixture

@@ -302,40 +302,13 @@ def test_bad_labels_are_one_line_errors(case, msg, eval_cache, tmp_path, capsys)
     assert not os.path.isdir(tmp_path / "exp" / "finetune")  # refused before any training
 
 
-FT = [
-    "--crop",
-    "32",
-    "--batch",
-    "8",
-    "--epochs",
-    "3",
-    "--device",
-    "cpu",
-    "--progress",
-    "false",
-    "--tensorboard",
-    "false",
-    "--preview-every",
-    "0",
-    "--amp",
-    "none",
-    "--resamples",
-    "50",
-    "--freeze-epochs",
-    "1",
-    "--ramp-epochs",
-    "1",
-    "--ckpt-every",
-    "1000",
-    "--log-every",
-    "1",
-]
-
-
-def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, write_npz, monkeypatch):
+def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(
+    tmp_path, write_npz, finetune_flags, monkeypatch
+):
+    ft = [*finetune_flags, *"--epochs 3 --freeze-epochs 1 --ramp-epochs 1 --ckpt-every 1000 --log-every 1".split()]
     data = write_npz(tmp_path / "d.npz", n=(24, 12, 12), k=3, size=20)  # 3 steps per epoch, 9 in all
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    assert main(["finetune", "--data", data, "--out", ref, *FT]) == 0
+    assert main(["finetune", "--data", data, "--out", ref, *ft]) == 0
     after_step = Classifier.after_step
 
     def dying(self, step, total):
@@ -344,10 +317,10 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Classifier, "after_step", dying)
-    assert main(["finetune", "--data", data, "--out", run, *FT]) == 130  # interrupted
+    assert main(["finetune", "--data", data, "--out", run, *ft]) == 130  # interrupted
     monkeypatch.setattr(Classifier, "after_step", after_step)
     assert not os.path.isfile(os.path.join(run, "result.json"))
-    assert main(["finetune", "--data", data, "--out", run, "--resume", *FT]) == 0
+    assert main(["finetune", "--data", data, "--out", run, "--resume", *ft]) == 0
     a, b = (json.load(open(os.path.join(d, "result.json"))) for d in (ref, run))
     assert a["test"]["metrics"] == b["test"]["metrics"] and a["val_history"] == b["val_history"]
     assert a["tested_checkpoint"]["step"] == b["tested_checkpoint"]["step"]
