@@ -21,7 +21,11 @@ SMALL_DATA_OVERRIDES = {**BUILTIN_DATA_OPTIONS, "finetune.base_lr": 4e-3}
 #: checkpoints almost at random; real data keeps the larger training share
 BUILTIN_SPLIT, DATA_SPLIT = "0.4,0.3,0.3", "0.5,0.2,0.3"
 
-__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES", "PROBE_TARGETS"]
+__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES", "PROBE_TARGETS", "PROTOCOLS"]
+
+#: the experiment's fine-tuning protocols (--protocols): full fine-tuning, and the linear probe (the backbone
+#: frozen throughout), which the published comparisons report beside it
+PROTOCOLS = ("finetune", "linear")
 
 #: what ``sparkct eval probe`` can predict (sparkct.eval.probe; here so the CLI parser needs no numpy)
 PROBE_TARGETS = ("sex", "age_band", "manufacturer", "kernel", "kvp")
@@ -104,6 +108,12 @@ class ExperimentConfig:
     )
     fractions: str = option("labelled training fractions", default="1,0.5,0.25,0.1")
     seeds: str = option("fine-tuning seeds (each seed draws its own nested fractions)", default="0,1")
+    protocols: str = option(
+        "comma-separated: finetune (full fine-tuning) and linear (a linear probe: the backbone frozen throughout), "
+        "each for every method (random init's probe is the floor), seed and fraction, on the same patients "
+        "and steps",
+        default="finetune,linear",
+    )
     arch: str = option("backbone", default="resnet18")
     windows: str = option("HU windows as input channels", default="lung,mediastinum,bone")
     crop: int = option("crop size for pretraining and fine-tuning (multiple of 32)", default=64)
@@ -168,6 +178,14 @@ class ExperimentConfig:
             raise UserError("--seeds: give at least one seed")
         return methods, sorted(set(fr), reverse=True), sorted(set(seeds))
 
+    def protocol_list(self) -> list[str]:
+        """--protocols in the order of PROTOCOLS."""
+        given = {p.strip() for p in self.protocols.split(",") if p.strip()}
+        bad = sorted(given - set(PROTOCOLS))
+        if not given or bad:
+            raise UserError(f"--protocols: unknown {bad or 'none given'}; choose from {', '.join(PROTOCOLS)}")
+        return [p for p in PROTOCOLS if p in given]
+
     def split_fractions(self) -> tuple[float, ...]:
         text = self.split or (BUILTIN_SPLIT if self.data is None else DATA_SPLIT)
         try:
@@ -181,6 +199,7 @@ class ExperimentConfig:
         from sparkct.models.backbone import check_arch  # noqa: PLC0415 (lazy: the parser imports no torch)
 
         self.lists()
+        self.protocol_list()
         check_arch(self.arch)
         if self.crop < 32 or self.crop % 32:
             raise UserError(f"--crop must be a positive multiple of 32, got {self.crop}")
@@ -208,7 +227,9 @@ class ExperimentConfig:
             raise UserError(f"--pretrain-data {self.pretrain_data}: no such file or folder")
         if self.labels is not None and not os.path.isfile(self.labels):
             raise UserError(f"--labels {self.labels}: no such file")
-        self.overrides()
+        if "linear_probe" in self.overrides().get("finetune", {}):
+            # one way to choose it: a probe set here would turn the fine-tuning arm into a second probe
+            raise UserError("--set finetune.linear_probe: choose the protocols with --protocols (finetune, linear)")
 
     def overrides(self) -> dict[str, dict]:
         """{method: {field: value}}: the built-in data's small-pool defaults (when no --data), then --set."""

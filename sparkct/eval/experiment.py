@@ -2,9 +2,10 @@
 
 For each selected method: pretrain a backbone on the unlabelled CT (one run of the trainer), then
 fine-tune it, and a randomly initialized baseline, on nested class-stratified fractions of the labelled
-training patients for several seeds, test every fine-tuned model on the same held-out patients with
-bootstrap CIs, and write the report (``results.md``, ``auc_vs_fraction.png``, ``results.json``,
-``runs.csv``) into the experiment folder.
+training patients for several seeds, and (--protocols) train a linear probe of each beside it (the
+backbone frozen throughout, on the same patients with the same steps), test every model on the same
+held-out patients with bootstrap CIs, and write the report (``results.md``, ``auc_vs_fraction.png``,
+``convergence.png``, ``results.json``, ``runs.csv``) into the experiment folder.
 
 Without data it runs on the built-in synthetic chest CT: a pretraining pool and a disjoint labelled task
 (nodule present / absent per slice, from ``sparkct data synth``'s ``slice_labels.csv``), sized for a 2-core
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -39,7 +41,7 @@ from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, Finetune
 from sparkct.eval.data import load_task
 from sparkct.eval.finetune import Classifier, check_test_set, finetune
 from sparkct.eval.overlap import Overlap, find_overlap, without_patients
-from sparkct.eval.report import collect_runs, write_report
+from sparkct.eval.report import collect_runs, run_protocol, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.optim import scaled_lr
@@ -107,9 +109,9 @@ def _differs(old: dict, new: dict) -> str:
 def _split_runs(runs: list[dict], current: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """(the runs of this experiment's settings, the others): a run is current only when its folder is
     the one its full settings' hash names now (`current`: run folder -> settings). The others stay on disk
-    and are listed as stale, each with what differs from the current run of its method, fraction and seed
-    (or why none is current), never averaged with current runs."""
-    by_cell = {(s["method"], s["fraction"], s["seed"]): s for s in current.values()}
+    and are listed as stale, each with what differs from the current run of its method, protocol, fraction
+    and seed (or why none is current), never averaged with current runs."""
+    by_cell = {(s["method"], run_protocol(s), s["fraction"], s["seed"]): s for s in current.values()}
     here, stale = [], []
     for r in runs:
         d = os.path.normpath(r["run_dir"])
@@ -118,9 +120,10 @@ def _split_runs(runs: list[dict], current: dict[str, dict]) -> tuple[list[dict],
             continue
         path = os.path.join(d, "settings.json")
         old = sio.read_json(path)["settings"] if os.path.isfile(path) else None
-        now = by_cell.get((r.get("method"), float(r.get("fraction") or 0), int(r.get("seed") or 0)))
+        cell = (r.get("method"), run_protocol(r), float(r.get("fraction") or 0), int(r.get("seed") or 0))
+        now = by_cell.get(cell)
         if now is None:
-            why = "method, fraction or seed not requested now"
+            why = "method, protocol, fraction or seed not requested now"
         elif old is None:
             why = "settings not recorded (made by an older sparkct): not comparable"
         else:
@@ -513,6 +516,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     pre_cfgs = {m: _pretrain_configs(cfg, m, overrides.get(m, {})) for m in pre_methods}
     ft_opts = overrides.get("finetune", {})
     ft_cfg, fcfg = _finetune_configs(cfg, ft_opts)
+    protocols = cfg.protocol_list()
+    # the probe differs from fine-tuning in linear_probe alone: same patients, steps, lr and validation
+    arm_cfgs = {"finetune": fcfg, "linear": dataclasses.replace(fcfg, linear_probe=True)}
     out = cfg.out
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "data")
@@ -593,7 +599,15 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else "")
         )
 
-    prog = _Progress({"pretraining": len(pre_methods), "fine-tuning": len(methods) * len(fractions) * len(seeds)}, log)
+    n_cells = len(methods) * len(fractions) * len(seeds)
+    prog = _Progress(
+        {
+            "pretraining": len(pre_methods),
+            "fine-tuning": n_cells * ("finetune" in protocols),
+            "linear probe": n_cells * ("linear" in protocols),
+        },
+        log,
+    )
     try:
         inits: dict[str, str | None] = {"random": "random"}
         failed_pre: dict[str, str] = {}
@@ -649,19 +663,21 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         current: dict[str, dict] = {}  # run folder -> its full settings: the runs this report may use
         for m in methods:
             for seed in seeds:
-                for fr in fractions:
-                    tcfg = dataclasses.replace(ft_cfg, seed=seed)
+                for fr, protocol in itertools.product(fractions, protocols):
+                    tcfg, pcfg = dataclasses.replace(ft_cfg, seed=seed), arm_cfgs[protocol]
                     settings = {
                         "init": inits.get(m, m),
                         "train": config_to_dict(tcfg),
-                        # keeping checkpoints changes no result: the same run either way
-                        "finetune": {k: v for k, v in config_to_dict(fcfg).items() if k != "keep_checkpoints"},
+                        # keeping checkpoints changes no result: the same run either way; linear_probe (the
+                        # protocol) is in it
+                        "finetune": {k: v for k, v in config_to_dict(pcfg).items() if k != "keep_checkpoints"},
                         "fraction": fr,
                         "split": split_text,
                         **task_id,
                     }
                     key = _key(settings)
-                    run_dir = os.path.join(out, "finetune", m, f"f{fr:g}-s{seed}-{key}")
+                    prefix = "linear-" if protocol == "linear" else ""
+                    run_dir = os.path.join(out, "finetune", m, f"{prefix}f{fr:g}-s{seed}-{key}")
                     tcfg.out = run_dir
                     current[os.path.normpath(run_dir)] = {**settings, "method": m, "seed": seed}
                     if not os.path.isfile(os.path.join(run_dir, "settings.json")):
@@ -670,7 +686,10 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                             os.path.join(run_dir, "settings.json"),
                             {"key": key, "settings": current[os.path.normpath(run_dir)]},
                         )
-                    prog.start("fine-tuning", f"fine-tune {m} on {fr:.0%} of the labelled patients, seed {seed}")
+                    kind, verb = (
+                        ("linear probe", "linear probe of") if protocol == "linear" else ("fine-tuning", "fine-tune")
+                    )
+                    prog.start(kind, f"{verb} {m} on {fr:.0%} of the labelled patients, seed {seed}")
                     if os.path.isfile(os.path.join(run_dir, "result.json")):
                         log("  finished earlier: skipped")
                         prog.finish(False)
@@ -687,7 +706,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                             task,
                             init=inits[m],
                             train_cfg=tcfg,
-                            config=fcfg,
+                            config=pcfg,
                             n_resamples=cfg.resamples,
                             resume=resume,
                             name=m,
@@ -703,6 +722,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
                             failed,
                             {
                                 "method": m,
+                                "protocol": protocol,
                                 "fraction": fr,
                                 "seed": seed,
                                 "error": msg,
@@ -722,6 +742,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         "built-in overrides": _overrides_line(cfg, overrides, pre_methods),
         "fine-tuning lr": _lr_line(cfg, ft_cfg, methods),
         "fine-tuning protocol": _protocol_line(ft_cfg, fcfg),
+        "linear probe protocol": _protocol_line(ft_cfg, arm_cfgs["linear"]),
         "pretraining": (
             f"{', '.join(pre_methods) or 'none'}: {cfg.arch}, crop {cfg.crop}, "
             f"{cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch}"
@@ -736,13 +757,20 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             f"{cfg.freeze_steps} steps then ramped over {cfg.ramp_steps}, validated every {cfg.eval_every}; "
             "fractions "
             f"{', '.join(f'{f:g}' for f in fractions)}; seeds {', '.join(map(str, seeds))}; "
-            f"split {split_text} of the labelled patients" + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")
+            f"split {split_text} of the labelled patients; protocols: "
+            + ", ".join(
+                {"finetune": "full fine-tuning", "linear": "linear probe (the same steps)"}[p] for p in protocols
+            )
+            + (f"; options {json.dumps(ft_opts)}" if ft_opts else "")
         ),
         "experiment time": (
             f"{_recorded_seconds(pre_dirs, runs) / 60:.1f} min of pretraining and fine-tuning, as its finished "
             f"runs recorded them ({(time.perf_counter() - t_start) / 60:.1f} min in this invocation)"
         ),
     }
+    for p, k in (("finetune", "fine-tuning protocol"), ("linear", "linear probe protocol")):
+        if p not in protocols:
+            del extra[k]
     if pre_desc is not None:
         extra["pretraining data"] = pre_desc
         extra["pretraining overlap"] = overlap_line

@@ -4,7 +4,13 @@
   the best per column in bold, then the paired comparison with the baseline (random init): the AUC
   difference with its paired-bootstrap CI and p-value, and DeLong's p where test units are
   independent (one per patient); the data, sizes, epochs and failed runs are stated above the tables;
-- ``auc_vs_fraction.png``: AUC against the labelled fraction, one line per method with its CI band;
+- the same table and comparison for the linear probes (the backbone frozen throughout) where there are
+  any, each method compared with the baseline's linear probe;
+- ``auc_vs_fraction.png``: AUC against the labelled fraction, one line per method with its CI band (a
+  second panel for the linear probes);
+- ``convergence.png`` and the Convergence table of results.md: validation AUC against the fine-tuning
+  step, and the steps each method needs to reach 95 % of the baseline's best validation AUC
+  (:mod:`sparkct.eval.convergence`), where the fine-tuning runs recorded a validation history;
 - ``results.json``: every number (per run, per cell, per comparison), the configs, versions, timings;
 - ``runs.csv``: one row per fine-tuning run (failed ones too).
 
@@ -32,12 +38,17 @@ import numpy as np
 
 from sparkct import io as sio
 from sparkct.errors import UserError
+from sparkct.eval.convergence import convergence, convergence_figure
 from sparkct.eval.metrics import Models, bootstrap_ci, coverage_note, delong_test, paired_bootstrap
 
-__all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
+__all__ = ["collect_runs", "aggregate", "write_report", "run_protocol", "RUN_FIELDS", "PROTOCOL_NAMES"]
+
+#: how the report names each protocol (sparkct.eval.config.PROTOCOLS), in the order of its tables
+PROTOCOL_NAMES = {"finetune": "full fine-tuning", "linear": "linear probe"}
 
 RUN_FIELDS = (
     "method",
+    "protocol",
     "fraction",
     "seed",
     "status",
@@ -84,6 +95,20 @@ def collect_runs(paths) -> list[dict]:
     return out
 
 
+def run_protocol(run: dict) -> str:
+    """'linear' for a linear-probe run (result.json's and a run's settings' finetune.linear_probe; the
+    experiment's failed.json names its protocol), else 'finetune'."""
+    if run.get("protocol"):
+        return run["protocol"]
+    return "linear" if (run.get("finetune") or {}).get("linear_probe") else "finetune"
+
+
+def _by_protocol(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs of each protocol present, in the order of PROTOCOL_NAMES."""
+    out = {p: [r for r in runs if run_protocol(r) == p] for p in PROTOCOL_NAMES}
+    return {p: rs for p, rs in out.items() if rs}
+
+
 def _predictions(run: dict) -> dict | None:
     p = run.get("predictions")
     if p is not None:
@@ -99,6 +124,7 @@ def _row(run: dict) -> dict:
     row = {k: "" for k in RUN_FIELDS}
     row.update(
         method=run.get("method", "?"),
+        protocol=run_protocol(run),
         fraction=run.get("fraction"),
         seed=run.get("seed"),
         status=run.get("status", "done"),
@@ -232,7 +258,37 @@ def _coverage_lines(runs: list[dict]) -> list[str]:
     return [f"Coverage: {note}", ""] if note else []
 
 
-def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
+def _markdown(aggs: dict[str, dict], runs: list[dict], meta: dict, conv: dict | None = None) -> str:
+    """results.md: the header, per protocol (`aggs`: protocol -> aggregate) the AUC table and the paired
+    comparison, the Convergence table (`conv`), the failed runs."""
+    lines = ["# Fine-tuning results", ""]
+    if meta.get("notice"):
+        lines += [f"> **Warning:** {meta['notice']}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta["lines"]]
+    lines.append("")
+    footnote = True  # DeLong's footnote, once
+    for i, (protocol, agg) in enumerate(aggs.items()):
+        section = _auc_section(agg, runs if i == 0 else [], protocol, footnote)
+        footnote = footnote and "¹ DeLong's test" not in "\n".join(section)
+        lines += section
+    if conv and conv["rows"]:
+        lines += _convergence_lines(conv, runs)
+    failed = [r for r in runs if r.get("status", "done") != "done"]
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [
+            f"- {_label(r)} at {_pct(float(r.get('fraction', float('nan'))))}, seed {r.get('seed')}: "
+            f"{r.get('error', 'failed')}"
+            for r in failed
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _auc_section(agg: dict, runs: list[dict], protocol: str, footnote: bool) -> list[str]:
+    """One protocol's AUC table and paired comparison with the baseline of the same protocol; `runs`: for
+    the coverage note (given to the first table only); `footnote`: whether DeLong's footnote is still to
+    be written where a p is n/a."""
     cells = agg["cells"]
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
     fracs = sorted({c["fraction"] for c in cells}, reverse=True)
@@ -242,14 +298,13 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
         vals = [(by[(m, f)]["auc"]["value"], m) for m in methods if (m, f) in by and by[(m, f)]["auc"]]
         if vals:
             best[f] = max(vals)[0]
-    lines = ["# Fine-tuning results", ""]
-    if meta.get("notice"):
-        lines += [f"> **Warning:** {meta['notice']}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta["lines"]]
-    lines += [
-        "",
-        f"## Test AUC (mean over seeds, 95 % CI by bootstrap of the test set, {agg['n_resamples']} "
-        "resamples, stratified by class, by patient)",
+    probe = protocol == "linear"
+    ci = (
+        f"mean over seeds, 95 % CI by bootstrap of the test set, {agg['n_resamples']} resamples, stratified by "
+        "class, by patient"
+    )
+    lines = [
+        f"## Linear probe: test AUC (the backbone frozen throughout; {ci})" if probe else f"## Test AUC ({ci})",
         "",
     ]
     lines.append("| method | " + " | ".join(_pct(f) for f in fracs) + " |")
@@ -277,7 +332,9 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
     comps = [c for c in agg["comparisons"] if "diff" in c]
     if comps:
         lines += [
-            f"## Paired comparison with {agg['baseline']} (same test set)",
+            f"## Linear probe: paired comparison with {agg['baseline']}'s linear probe (same test set)"
+            if probe
+            else f"## Paired comparison with {agg['baseline']} (same test set)",
             "",
             "| method | fraction | AUC − baseline [95 % CI] | p (paired bootstrap) | p (DeLong) |",
             "|---|---|---|---|---|",
@@ -291,7 +348,7 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
                 f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {pb} | {pd} |"
             )
         lines.append("")
-        if any(c.get("p_delong") is None for c in comps):
+        if footnote and any(c.get("p_delong") is None for c in comps):
             lines += [
                 "¹ DeLong's test treats the test units as independent; these test sets hold several units "
                 "(slices or series) per patient, so only the paired bootstrap, which resamples whole patients, "
@@ -300,17 +357,54 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
                 "",
             ]
     elif agg["baseline"] not in methods:
-        lines += [f"No paired comparison: the baseline {agg['baseline']!r} has no finished runs.", ""]
-    failed = [r for r in runs if r.get("status", "done") != "done"]
-    if failed:
-        lines += ["## Failed runs", ""]
-        lines += [
-            f"- {r.get('method')} at {_pct(float(r.get('fraction', float('nan'))))}, seed {r.get('seed')}: "
-            f"{r.get('error', 'failed')}"
-            for r in failed
-        ]
-        lines.append("")
-    return "\n".join(lines)
+        what = f"{agg['baseline']}'s linear probe" if probe else f"the baseline {agg['baseline']!r}"
+        lines += [f"No paired comparison: {what} has no finished runs.", ""]
+    return lines
+
+
+def _convergence_lines(conv: dict, runs: list[dict]) -> list[str]:
+    """The Convergence table: per method and fraction the steps to reach the target and the saving
+    against the baseline (:func:`sparkct.eval.convergence.convergence`)."""
+    base, share = conv["baseline"], f"{100 * conv['share']:g} %"
+    rows = conv["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fracs = sorted({r["fraction"] for r in rows}, reverse=True)
+    by = {(r["method"], r["fraction"]): r for r in rows}
+    every = sorted(
+        {(r.get("finetune") or {}).get("eval_every") for r in runs if run_protocol(r) == "finetune"} - {None}
+    )
+    when = f"every {', '.join(map(str, every))} step(s)" if every and every != [0] else "after every epoch"
+    lines = [
+        f"## Convergence (fine-tuning steps to reach {share} of {base}'s best validation AUC)",
+        "",
+        f"Target at each fraction: {share} of {base}'s best validation AUC there (the mean over its seeds of "
+        f"each seed's best). Steps: the first validation at or above it (validated {when}), the mean over the "
+        f"seeds that reached it (how many, where not all). Saving: 1 − steps / {base}'s steps. "
+        "Curves: `convergence.png`.",
+        "",
+        "| method | " + " | ".join(_pct(f) for f in fracs) + " |",
+        "|---|" + "---|" * len(fracs),
+        "| target (val AUC) | "
+        + " | ".join(_fmt(next((r["target"] for r in rows if r["fraction"] == f), None)) for f in fracs)
+        + " |",
+    ]
+    for m in methods:
+        cells = []
+        for f in fracs:
+            r = by.get((m, f))
+            if r is None:
+                cells.append("not run")
+            elif r["target"] is None:
+                cells.append(f"no {base} run")
+            elif r["steps"] is None:
+                cells.append("not reached")
+            else:
+                notes = [] if m == base or r["saving"] is None else [f"saving {100 * r['saving']:.0f} %"]
+                if r["seeds_reached"] < len(r["seeds"]):
+                    notes.append(f"{r['seeds_reached']} of {len(r['seeds'])} seeds")
+                cells.append(f"{r['steps']:.0f}" + (f" ({'; '.join(notes)})" if notes else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _refuse_duplicates(runs: list[dict]) -> None:
@@ -318,14 +412,20 @@ def _refuse_duplicates(runs: list[dict]) -> None:
     unique in these): averaged, they would pass for two seeds of one setup."""
     seen: dict[tuple, str] = {}
     for r in runs:
-        k = (r.get("method"), float(r.get("fraction") or 0), r.get("seed"))
+        k = (r.get("method"), float(r.get("fraction") or 0), r.get("seed"), run_protocol(r))
         if k in seen:
             raise UserError(
-                f"two runs of {k[0]} at {_pct(k[1])}, seed {k[2]}: {seen[k]} and {r.get('run_dir', '?')} "
+                f"two runs of {_label(r)} at {_pct(k[1])}, seed {k[2]}: {seen[k]} and {r.get('run_dir', '?')} "
                 "(runs of different settings); report the runs of one setup (e.g. one experiment's current "
                 "runs: sparkct experiment lists the others as stale)"
             )
         seen[k] = r.get("run_dir", "?")
+
+
+def _label(run: dict) -> str:
+    """The run's method, and its protocol where that is not full fine-tuning."""
+    p = run_protocol(run)
+    return str(run.get("method")) + ("" if p == "finetune" else f" ({PROTOCOL_NAMES.get(p, p)})")
 
 
 def _stale_markdown(stale: list[dict]) -> str:
@@ -341,96 +441,123 @@ def _stale_markdown(stale: list[dict]) -> str:
     ]
     for r in sorted(stale, key=lambda r: (str(r.get("method")), -float(r.get("fraction") or 0), str(r.get("seed")))):
         lines.append(
-            f"- {r.get('method')} at {_pct(float(r.get('fraction') or 0))}, seed {r.get('seed')} "
+            f"- {_label(r)} at {_pct(float(r.get('fraction') or 0))}, seed {r.get('seed')} "
             f"(`{os.path.basename(r.get('run_dir', ''))}`, {r.get('status', 'done')}): {r.get('stale')}"
         )
     return "\n".join(lines) + "\n"
 
 
-def _plot(agg: dict, path: str, title: str, caption: str = "") -> None:
+def _save_figure(make, path: str) -> None:
+    """Draw `make()` (a matplotlib figure) with the Agg backend into the PNG `path`, atomically."""
     import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
-    fig = auc_figure(agg, title, caption)
+    fig = make()
     with sio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
 
 
-def auc_figure(agg: dict, title: str, caption: str = ""):
+def auc_figure(agg: dict, title: str, caption: str = "", probe: dict | None = None):
     """The figure of auc_vs_fraction.png: per method, markers with the CI as error bars, offset
     sideways so the methods' bars do not overlap (bands would merge into one mass); a chance line at
-    0.5; the legend outside the axes; `caption` under them (data, test size, significance)."""
+    0.5; the legend outside the axes; `caption` under them (data, test size, significance). `probe`: the
+    linear probes' aggregate, drawn in a second panel on the same AUC axis, each method in its colour."""
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
-    cells = [c for c in agg["cells"] if c["auc"] is not None]
-    methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
-    fr = sorted({c["fraction"] for c in cells})
-    fig, ax = plt.subplots(figsize=(7.8, 4.6), dpi=120)
-    # categorical x positions: the fractions are few and a log axis would squeeze the offsets unevenly
-    pos = {f: i for i, f in enumerate(fr)}
-    width = 0.7 / max(len(methods), 1)
-    for i, m in enumerate(methods):
-        cs = sorted((c for c in cells if c["method"] == m), key=lambda c: c["fraction"])
-        x = np.array([pos[c["fraction"]] for c in cs]) + (i - (len(methods) - 1) / 2) * width
-        y = np.array([c["auc"]["value"] for c in cs])
-        lo = np.array([c["auc"]["low"] for c in cs])
-        hi = np.array([c["auc"]["high"] for c in cs])
-        base = m == agg["baseline"]
-        ax.errorbar(
-            x,
-            y,
-            yerr=np.vstack([y - lo, hi - y]),
-            fmt="s" if base else "o",
-            color="black" if base else f"C{i}",
-            ms=5,
-            capsize=3,
-            lw=1.2,
-            label=f"{m} (baseline)" if base else m,
-        )
-    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (AUC 0.5)")
-    ax.set_xticks(range(len(fr)))
-    ax.set_xticklabels([f"{100 * f:g}%" for f in fr])
-    ax.set_xlim(-0.5, len(fr) - 0.5)
-    ax.set_xlabel("labelled training data (fraction of patients)")
-    ax.set_ylabel("test AUC (95 % CI)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    panels = [(agg, "full fine-tuning")] + ([(probe, "linear probe (backbone frozen)")] if probe else [])
+    cells_of = [[c for c in a["cells"] if c["auc"] is not None] for a, _ in panels]
+    methods = sorted({c["method"] for cs in cells_of for c in cs}, key=lambda m: (m != agg["baseline"], m))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(7.8 + 4.8 * (len(panels) - 1), 4.6), dpi=120, sharey=True, squeeze=False
+    )
+    for ax, (_, name), cells in zip(axes[0], panels, cells_of):
+        fr = sorted({c["fraction"] for c in cells})
+        # categorical x positions: the fractions are few and a log axis would squeeze the offsets unevenly
+        pos = {f: i for i, f in enumerate(fr)}
+        width = 0.7 / max(len(methods), 1)
+        for i, m in enumerate(methods):
+            cs = sorted((c for c in cells if c["method"] == m), key=lambda c: c["fraction"])
+            if not cs:
+                continue
+            x = np.array([pos[c["fraction"]] for c in cs]) + (i - (len(methods) - 1) / 2) * width
+            y = np.array([c["auc"]["value"] for c in cs])
+            lo = np.array([c["auc"]["low"] for c in cs])
+            hi = np.array([c["auc"]["high"] for c in cs])
+            base = m == agg["baseline"]
+            ax.errorbar(
+                x,
+                y,
+                yerr=np.vstack([y - lo, hi - y]),
+                fmt="s" if base else "o",
+                color="black" if base else f"C{i}",
+                ms=5,
+                capsize=3,
+                lw=1.2,
+                label=f"{m} (baseline)" if base else m,
+            )
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (AUC 0.5)")
+        ax.set_xticks(range(len(fr)))
+        ax.set_xticklabels([f"{100 * f:g}%" for f in fr])
+        ax.set_xlim(-0.5, len(fr) - 0.5)
+        ax.set_xlabel("labelled training data (fraction of patients)")
+        ax.grid(axis="y", alpha=0.3)
+        if probe:
+            ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("test AUC (95 % CI)")
+    if probe:
+        fig.suptitle(title, fontsize=9)
+    else:
+        axes[0][0].set_title(title, fontsize=9)
+    handles = {}
+    for ax in axes[0]:  # a method missing from one panel still gets its legend entry
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[0][-1].legend(
+        handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0
+    )
     if caption:
         fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.04 + 0.035 * caption.count("\n"), 1, 1))
     return fig
 
 
-def plot_caption(agg: dict, runs: list[dict], data: str | None = None) -> str:
+def plot_caption(agg: dict, runs: list[dict], data: str | None = None, probe: dict | None = None) -> str:
     """The caption of auc_vs_fraction.png: the data (`data`, else the task's source), the test size
     (patients, slices) and which differences from the baseline are significant by the paired
-    bootstrap of results.md (p < 0.05), or that none is."""
+    bootstrap of results.md (p < 0.05), or that none is; with `probe` (the linear probes' aggregate),
+    the same for the probes on a line of their own."""
+    lines = [_data_line(runs, data)]
+    for a, prefix in ((agg, "fine-tuning: " if probe else ""), (probe, "linear probe: ")):
+        if a is not None:
+            lines.append(prefix + _significance(a))
+    return "\n".join(lines)
+
+
+def _data_line(runs: list[dict], data: str | None) -> str:
+    """The data (`data`, else the task's source) and the test size, for the figures' captions."""
     done = [r for r in runs if r.get("status", "done") == "done"]
     t = done[0].get("task", {}) if done else {}
     test = t.get("test", {})
     item = "slices" if t.get("kind") == "cache" else "images"
-    lines = [
+    return (
         f"data: {data or t.get('source', '?')}; test set: {test.get('patients', '?')} patients, "
         f"{test.get('items', '?')} {item}"
-    ]
+    )
+
+
+def _significance(agg: dict) -> str:
     comps = [c for c in agg["comparisons"] if "diff" in c]
     sig = [c for c in comps if c["p_bootstrap"] < 0.05]
     if not comps:
-        lines.append(f"no paired comparison with {agg['baseline']}")
-    elif sig:
-        lines.append(
-            f"significant vs {agg['baseline']} (paired bootstrap, p < 0.05): "
-            + "; ".join(f"{c['method']} at {100 * c['fraction']:g}% ({c['diff']:+.3f})" for c in sig)
+        return f"no paired comparison with {agg['baseline']}"
+    if sig:
+        return f"significant vs {agg['baseline']} (paired bootstrap, p < 0.05): " + "; ".join(
+            f"{c['method']} at {100 * c['fraction']:g}% ({c['diff']:+.3f})" for c in sig
         )
-    else:
-        lines.append(
-            f"none of {len(comps)} differences vs {agg['baseline']} is significant (paired bootstrap, p < 0.05)"
-        )
-    return "\n".join(lines)
+    return f"none of {len(comps)} differences vs {agg['baseline']} is significant (paired bootstrap, p < 0.05)"
 
 
 def _versions() -> dict:
@@ -471,7 +598,7 @@ def _meta(runs: list[dict], extra: dict | None) -> dict:
                 "fine-tuning",
                 f"{tr.get('arch')}, crop {tr.get('crop')}, {tr.get('epochs')} epochs, batch "
                 f"{tr.get('batch')}, optimizer {tr.get('optimizer') or 'adam'}, "
-                f"linear probe {done[0].get('finetune', {}).get('linear_probe')}",
+                "protocols " + ", ".join(PROTOCOL_NAMES[p] for p in _by_protocol(done)),
             )
         )
         units = {(r["test"].get("unit"), r["test"].get("n_units")) for r in done}
@@ -494,16 +621,25 @@ def write_report(
     stale: list[dict] | None = None,
     notice: str | None = None,
 ) -> dict[str, str]:
-    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
-    `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
-    results.json; `stale`: runs with other settings, listed (results.md, results.json), never aggregated;
-    `notice`: a warning for the top of results.md."""
+    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`, and convergence.png
+    where fine-tuning runs recorded a validation history; returns their paths. Each protocol (full
+    fine-tuning, linear probe: :func:`run_protocol`) is aggregated and compared with its own baseline runs;
+    results.json's cells and comparisons name their ``protocol``. `extra`: lines for the header (e.g.
+    pretraining sizes); `config`: the experiment's config for results.json; `stale`: runs with other
+    settings, listed (results.md, results.json), never aggregated; `notice`: a warning for the top of
+    results.md."""
     if not runs:
         raise UserError("no runs to report")
     _refuse_duplicates(runs)
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)
+    groups = _by_protocol(runs)
+    aggs = {}
+    for protocol, rs in groups.items():
+        aggs[protocol] = aggregate(rs, baseline=baseline, n_resamples=n_resamples)
+        for c in aggs[protocol]["cells"] + aggs[protocol]["comparisons"]:
+            c["protocol"] = protocol
+    conv = convergence(groups.get("finetune", []), baseline=baseline)
     meta = _meta(runs, extra)
     meta["notice"] = notice
     paths = {
@@ -515,19 +651,40 @@ def write_report(
             ("csv", "runs.csv"),
         )
     }
-    sio.write_text_atomic(paths["md"], _markdown(agg, runs, meta) + "\n" + _stale_markdown(stale or []))
+    if conv["rows"]:
+        paths["convergence"] = os.path.join(out, "convergence.png")
+    sio.write_text_atomic(paths["md"], _markdown(aggs, runs, meta, conv) + "\n" + _stale_markdown(stale or []))
     done = [r for r in runs if r.get("status", "done") == "done"]
-    title = "test AUC vs labelled fraction"
+    about = ""
     if done:
-        title += f" · {done[0].get('train', {}).get('arch')} · {len({r.get('seed') for r in done})} seed(s)"
+        about = f" · {done[0].get('train', {}).get('arch')} · {len({r.get('seed') for r in done})} seed(s)"
     data = (extra or {}).get("experiment data")
     builtin = isinstance(data, str) and data.startswith("built-in synthetic")
-    _plot(agg, paths["png"], title, plot_caption(agg, runs, "built-in synthetic chest CT" if builtin else None))
+    data = "built-in synthetic chest CT" if builtin else None
+    # the fine-tuning panel, and the linear probes' beside it (alone where only probes were run)
+    agg, probe = (aggs["finetune"], aggs.get("linear")) if "finetune" in aggs else (aggs["linear"], None)
+    title = "test AUC vs labelled fraction" + ("" if "finetune" in aggs else " · linear probe") + about
+    caption = plot_caption(agg, runs, data, probe)
+    _save_figure(lambda: auc_figure(agg, title, caption, probe), paths["png"])
+    if conv["rows"]:
+        conv_caption = _data_line(runs, data) + (
+            f"\nmean over seeds (thin lines: each seed); dashed: {100 * conv['share']:g} % of {baseline}'s best "
+            "validation AUC, the target of results.md's Convergence table"
+        )
+        _save_figure(
+            lambda: convergence_figure(
+                groups["finetune"], conv, "validation AUC vs fine-tuning step" + about, conv_caption
+            ),
+            paths["convergence"],
+        )
     rows = [_row(r) for r in runs]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RUN_FIELDS), lineterminator="\n")
     w.writeheader()
-    for row in sorted(rows, key=lambda r: (str(r["method"]), -float(r["fraction"] or 0), str(r["seed"]))):
+    order = list(PROTOCOL_NAMES)
+    for row in sorted(
+        rows, key=lambda r: (str(r["method"]), order.index(r["protocol"]), -float(r["fraction"] or 0), str(r["seed"]))
+    ):
         w.writerow(row)
     sio.write_text_atomic(paths["csv"], buf.getvalue())
     slim = [{k: v for k, v in r.items() if k != "predictions"} for r in runs]
@@ -535,14 +692,19 @@ def write_report(
         paths["json"],
         {
             "header": dict(meta["lines"]),
-            "cells": agg["cells"],
-            "comparisons": agg["comparisons"],
+            "cells": [c for a in aggs.values() for c in a["cells"]],
+            "comparisons": [c for a in aggs.values() for c in a["comparisons"]],
             "baseline": baseline,
             "n_resamples": n_resamples,
             "runs": slim,
             "stale_runs": [
-                {k: r.get(k) for k in ("method", "fraction", "seed", "status", "run_dir", "stale")} for r in stale or []
+                {
+                    **{k: r.get(k) for k in ("method", "fraction", "seed", "status", "run_dir", "stale")},
+                    "protocol": run_protocol(r),
+                }
+                for r in stale or []
             ],
+            "convergence": conv,
             "config": config or {},
             "versions": _versions(),
             "timings": {

@@ -60,21 +60,26 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     assert res["config"]["methods"] == SETTINGS["methods"] and res["config"]["finetune_steps"] == 4
     assert res["versions"]["numpy"] == np.__version__
     # one row per fine-tuning run, each traceable to its run folder's result.json and predictions.npz
-    csv_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
+    all_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
+    csv_rows = [r for r in all_rows if r["protocol"] == "finetune"]  # the linear probes: their own test
     assert sorted((r["method"], float(r["fraction"]), r["status"]) for r in csv_rows) == [
         ("random", 0.5, "done"),
         ("random", 1.0, "done"),
         ("rotation", 0.5, "done"),
         ("rotation", 1.0, "done"),
     ]
-    assert len(_finetune_dirs(out)) == 4
+    assert len(_finetune_dirs(out)) == len(all_rows) == 8
     for r in csv_rows:
         result = json.load(open(os.path.join(r["run_dir"], "result.json")))
         z = np.load(os.path.join(r["run_dir"], "predictions.npz"))
         auc = roc_auc_score(z["labels"], z["probabilities"][:, 1])
         assert float(r["auc"]) == pytest.approx(result["test"]["metrics"]["auc"]["value"]) == pytest.approx(auc)
         assert result["method"] == r["method"] and result["train"]["max_steps"] == 4 and result["train"]["crop"] == 32
-        cell = next(c for c in res["cells"] if c["method"] == r["method"] and c["fraction"] == float(r["fraction"]))
+        cell = next(
+            c
+            for c in res["cells"]
+            if c["method"] == r["method"] and c["fraction"] == float(r["fraction"]) and c["protocol"] == "finetune"
+        )
         assert cell["auc"]["value"] == pytest.approx(auc) and cell["auc_per_seed"] == [pytest.approx(auc)]
         lo, hi = cell["auc"]["low"], cell["auc"]["high"]
         assert 0 <= lo <= cell["auc"]["value"] <= hi <= 1
@@ -84,7 +89,7 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
         open(os.path.join(next(r["run_dir"] for r in csv_rows if r["method"] == "rotation"), "result.json"))
     )
     assert rot["init"]["kind"] == "run" and os.path.isfile(os.path.join(rot["init"]["source"], "summary.json"))
-    comp = {(c["method"], c["fraction"]) for c in res["comparisons"]}
+    comp = {(c["method"], c["fraction"]) for c in res["comparisons"] if c["protocol"] == "finetune"}
     assert comp == {("rotation", 1.0), ("rotation", 0.5)}
     with Image.open(os.path.join(out, "auc_vs_fraction.png")) as im:
         assert im.format == "PNG" and im.size[0] > 500
@@ -94,15 +99,20 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
         assert "tested.pt" in kept and not kept & {"checkpoints", "last.ckpt", "best.ckpt", "backbone.pt"}, kept
     # progress: which run of how many, and (once one run has finished) the time left
     prog = [ln for ln in experiment["log"] if ln.startswith("[")]
-    assert [ln.split("]")[0] for ln in prog] == [f"[{i}/5" for i in range(1, 6)]
-    # the time left is estimated per kind of run: before any fine-tuning run is timed it says so
-    assert prog[0].endswith(" elapsed, 1 pretraining run not timed yet; 4 fine-tuning runs not timed yet)")
+    assert [ln.split("]")[0] for ln in prog] == [f"[{i}/9" for i in range(1, 10)]
+    # the time left is estimated per kind of run: before any run of a kind is timed it says so
+    assert prog[0].endswith(
+        " elapsed, 1 pretraining run not timed yet; 4 fine-tuning runs not timed yet; "
+        "4 linear probe runs not timed yet)"
+    )
     assert "4 fine-tuning runs not timed yet" in prog[1] and "about" not in prog[1]  # pretraining done
-    assert "about" in prog[2] and "not timed" not in prog[2]
+    assert prog[2].startswith("[3/9] linear probe of random on 100% of the labelled patients")
+    assert "about" in prog[2] and prog[2].endswith("; 4 linear probe runs not timed yet)")
+    assert "about" in prog[3] and "not timed" not in prog[3]
 
 
 def test_the_data_is_hashed_once_per_invocation(experiment, eval_cache):
-    """Its contents are read for the runs' settings hash once, not per run (5 runs here); --data, also the
+    """Its contents are read for the runs' settings hash once, not per run (9 runs here); --data, also the
     pretraining cache, once."""
     assert sorted(experiment["hashed"]) == sorted([eval_cache["cache"], eval_cache["patient_labels"]])
 
@@ -116,13 +126,13 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, tiny_exper
         for p in (os.path.join(d, "result.json"), os.path.join(d, "tested.pt"))
     }
     log = tiny_experiment(out, SETTINGS)
-    assert sum("finished earlier: skipped" in ln for ln in log) == 5  # 1 pretraining + 4 fine-tuning runs
+    assert sum("finished earlier: skipped" in ln for ln in log) == 9  # 1 pretraining, 4 fine-tuning, 4 probes
     assert not any("resumed" in ln or "test AUC" in ln for ln in log)
     assert {p: os.path.getmtime(p) for p in marks} == marks
     after = _results(out)
     assert after["cells"] == before["cells"] and after["comparisons"] == before["comparisons"]
     # every run is counted, the skipped ones too
-    assert [ln.split("]")[0] for ln in log if ln.startswith("[")] == [f"[{i}/5" for i in range(1, 6)]
+    assert [ln.split("]")[0] for ln in log if ln.startswith("[")] == [f"[{i}/9" for i in range(1, 10)]
     # the experiment's time is what its runs recorded, whichever invocation ran them
     pre = [os.path.join(out, "pretrain", d, "summary.json") for d in os.listdir(os.path.join(out, "pretrain"))]
     recorded = sum(json.load(open(p))["seconds"] for p in pre)
@@ -144,15 +154,16 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, tiny_ex
     monkeypatch.setattr(Classifier, "after_step", dying)
     out = tmp_path / "exp"
     with pytest.raises(KeyboardInterrupt):
-        tiny_experiment(out, SETTINGS, methods="random")  # random only: no pretraining to repeat here
+        # random only, fine-tuning only: no pretraining to repeat here
+        tiny_experiment(out, SETTINGS, methods="random", protocols="finetune")
     monkeypatch.setattr(Classifier, "after_step", after_step)
     dirs = _finetune_dirs(str(out))
     assert len(dirs) == 1 and not os.path.isfile(os.path.join(dirs[0], "result.json"))
-    log = tiny_experiment(out, SETTINGS, methods="random")
+    log = tiny_experiment(out, SETTINGS, methods="random", protocols="finetune")
     resumed = [ln for ln in log if "resumed" in ln]
     assert len(resumed) == 1 and dirs[0] in resumed[0]
     assert sum("test AUC" in ln for ln in log) == 2  # the resumed run and the second one
-    a = [c for c in _results(experiment["out"])["cells"] if c["method"] == "random"]
+    a = [c for c in _results(experiment["out"])["cells"] if c["method"] == "random" and c["protocol"] == "finetune"]
     b = _results(str(out))["cells"]
     assert [(c["fraction"], c["auc"]) for c in a] == [(c["fraction"], c["auc"]) for c in b]
     for d in _finetune_dirs(str(out)):  # the same predictions as the uninterrupted experiment's runs
@@ -185,7 +196,13 @@ def test_a_failing_method_is_reported_as_failed(tiny_experiment, tmp_path, monke
     md = open(out / "results.md").read()
     assert "| rotation | failed |" in md and "## Failed runs" in md and "out of rotations" in md
     rows = list(csv.DictReader(open(out / "runs.csv")))
-    assert sorted((r["method"], r["status"]) for r in rows) == [("random", "done"), ("rotation", "failed")]
+    assert sorted((r["method"], r["protocol"], r["status"]) for r in rows) == [
+        ("random", "finetune", "done"),
+        ("random", "linear", "done"),
+        ("rotation", "finetune", "failed"),
+        ("rotation", "linear", "failed"),
+    ]
+    assert "- rotation (linear probe) at 100 %, seed 0: pretraining failed" in md
     res = _results(str(out))
     assert "rotation" in res["header"]["failed pretraining"]
     assert next(c for c in res["cells"] if c["method"] == "rotation")["auc"] is None
@@ -205,6 +222,9 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tiny_experiment, tmp
         (dict(synth_thickness=0.1), "--synth-thickness"),
         (dict(synth_min_nodule=40), "--synth-min-nodule"),
         (dict(split="0.5,x,0.3"), "--split"),
+        (dict(protocols="finetune,probe"), r"--protocols: unknown \['probe'\]; choose from finetune, linear"),
+        (dict(protocols=","), "--protocols: unknown none given"),
+        (dict(set=["finetune.linear_probe=true"]), "choose the protocols with --protocols"),
     ):
         with pytest.raises(UserError, match=msg):
             ExperimentConfig(**kw).validate()
@@ -344,8 +364,72 @@ def test_results_state_data_overrides_protocol_and_fractions(experiment, eval_ca
     assert "for every arm (random, rotation)" in lr and "default base_lr 0.0004" in lr
     p = h["fine-tuning protocol"]
     assert "cosine" in p and "constant Adam lr 1e-4" in p and "biases" in p and "BatchNorm" in p
+    assert "backbone frozen for the first 1 step(s)" in p
+    assert "linear probe: the backbone frozen throughout" in h["linear probe protocol"]
+    assert "protocols: full fine-tuning, linear probe (the same steps)" in h["fine-tuning schedule"]
     assert h["built-in overrides"] == "none in effect (--data given); left out: finetune.base_lr=0.004"
     with open(os.path.join(experiment["out"], "results.md")) as f:
         md = f.read()
     for k in ("pretraining data", "labelled training set per fraction", "fine-tuning lr", "fine-tuning protocol"):
         assert f"- {k}: " in md
+
+
+def test_a_linear_probe_beside_every_fine_tuning_run(experiment):
+    """Every method (random init too), fraction and seed is also linear-probed on the same patients with the
+    same steps: its own run folder and hash, linear_probe true in its result.json, its own table."""
+    out = experiment["out"]
+    results = {d: json.load(open(os.path.join(d, "result.json"))) for d in _finetune_dirs(out)}
+    by = {(r["method"], r["fraction"], r["finetune"]["linear_probe"]): (d, r) for d, r in results.items()}
+    assert sorted(by) == sorted((m, f, p) for m in ("random", "rotation") for f in (1.0, 0.5) for p in (False, True))
+    for (m, f, probe), (d, r) in by.items():
+        if not probe:
+            continue
+        tuned_dir, tuned = by[(m, f, False)]
+        settings = [json.load(open(os.path.join(x, "settings.json"))) for x in (d, tuned_dir)]
+        assert settings[0]["key"] != settings[1]["key"] and os.path.basename(d).startswith("linear-f")
+        assert settings[0]["settings"]["finetune"]["linear_probe"] is True
+        assert r["task"]["train"] == tuned["task"]["train"]  # the same patients and items
+        assert r["train"]["max_steps"] == tuned["train"]["max_steps"] == 4
+        assert r["summary"]["steps"] == tuned["summary"]["steps"]
+        assert r["init"] == tuned["init"]
+    res = _results(out)
+    md = open(os.path.join(out, "results.md")).read()
+    probed = md.split("## Linear probe: test AUC")[1].split("## Convergence")[0]
+    for c in (c for c in res["cells"] if c["protocol"] == "linear"):
+        row = next(ln for ln in probed.splitlines() if ln.startswith(f"| {c['method']} |"))
+        assert f"{c['auc']['value']:.3f} [" in row
+        assert c["auc"]["value"] == pytest.approx(
+            by[(c["method"], c["fraction"], True)][1]["test"]["metrics"]["auc"]["value"]
+        )
+    assert {(c["method"], c["fraction"]) for c in res["comparisons"] if c["protocol"] == "linear"} == {
+        ("rotation", 1.0),
+        ("rotation", 0.5),
+    }
+    assert "## Linear probe: paired comparison with random's linear probe" in md
+    rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
+    assert sorted(r["protocol"] for r in rows) == ["finetune"] * 4 + ["linear"] * 4
+
+
+def test_convergence_from_the_fine_tuning_runs(experiment):
+    from PIL import Image
+
+    out = experiment["out"]
+    res = _results(out)
+    conv = res["convergence"]
+    assert {(r["method"], r["fraction"]) for r in conv["rows"]} == {
+        (m, f) for m in ("random", "rotation") for f in (1.0, 0.5)
+    }
+    for r in conv["rows"]:  # from the fine-tuning runs' validation histories, validated every step
+        run = next(
+            x
+            for x in res["runs"]
+            if x["method"] == r["method"] and x["fraction"] == r["fraction"] and not x["finetune"]["linear_probe"]
+        )
+        assert r["best_val_auc_per_seed"] == [max(h["val_auc"] for h in run["val_history"])]
+        steps = [h["step"] for h in run["val_history"]]  # at epoch ends (--eval-every 1), the last at step 4
+        assert steps == sorted(set(steps)) and steps[-1] == 4 and set(r["steps_per_seed"]) <= {*steps, None}
+    md = open(os.path.join(out, "results.md")).read()
+    assert "## Convergence (fine-tuning steps to reach 95 % of random's best validation AUC)" in md
+    assert "| target (val AUC) |" in md and "validated every 1 step(s)" in md
+    with Image.open(os.path.join(out, "convergence.png")) as im:
+        assert im.format == "PNG" and im.size[0] > 500

@@ -1,7 +1,8 @@
 """`sparkct experiment`'s bookkeeping: runs are selected by the hash of their full settings (runs made
 with other settings are listed as stale, never averaged with current ones; a re-run still skips finished
-runs), and results.md states the pretraining data, the built-in overrides, the fine-tuning lr of every arm,
-the protocol actually run and the labelled patients and slices each fraction got."""
+runs; a stale linear probe is compared with the current probe), and results.md states the pretraining
+data, the built-in overrides, the fine-tuning lr of every arm, the protocol actually run and the labelled
+patients and slices each fraction got."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import os
 from sparkct.eval.config import ExperimentConfig
 from sparkct.eval.experiment import _finetune_configs, _lr_line, _overrides_line
 
-SETTINGS = dict(methods="random", fractions="0.5")
+# the linear probes' bookkeeping: their own test below
+SETTINGS = dict(methods="random", fractions="0.5", protocols="finetune")
 
 
 def _run(tiny_experiment, out, **kw):
@@ -71,3 +73,24 @@ def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache
     assert text.startswith("peak 5e-05 for every arm (random, spark)")
     assert "finetune.base_lr=0.004 (lr 0.0005) is not applied because --pretrain-data is given" in text
     assert "left out: " in _overrides_line(own, own.overrides(), ["spark"])
+
+
+def test_linear_probes_alone_and_stale_by_their_own_settings(tiny_experiment, tmp_path):
+    out = tmp_path / "exp"
+    _run(tiny_experiment, out, protocols="linear")
+    log, res, md = _run(tiny_experiment, out, protocols="linear", finetune_steps=3)
+    # a probe of other settings is stale with what differs from the current probe, not from a fine-tuning run
+    assert [(c["protocol"], c["seeds"]) for c in res["cells"]] == [("linear", [0])]
+    assert [(s["protocol"], s["stale"]) for s in res["stale_runs"]] == [("linear", "train.max_steps 2 (now 3)")]
+    assert "- random (linear probe) at 50 %, seed 0 (`linear-f0.5-s0-" in md
+    # probes alone: their table, no fine-tuning table, no convergence (the probes' histories are not used)
+    assert "## Linear probe: test AUC" in md and "## Test AUC" not in md and "## Convergence" not in md
+    assert "fine-tuning protocol" not in res["header"] and "linear probe protocol" in res["header"]
+    assert res["convergence"]["rows"] == [] and not os.path.exists(os.path.join(out, "convergence.png"))
+    # fine-tuning alone now: the probes are stale as not requested
+    log, res, md = _run(tiny_experiment, out, finetune_steps=3)
+    assert [c["protocol"] for c in res["cells"]] == ["finetune"] and "## Convergence" in md
+    assert sorted(s["stale"] for s in res["stale_runs"]) == [
+        "method, protocol, fraction or seed not requested now",
+        "method, protocol, fraction or seed not requested now",
+    ]

@@ -18,8 +18,8 @@ from sparkct.eval.config import ExperimentConfig
 from sparkct.eval.data import load_task
 from sparkct.eval.experiment import run_experiment
 
-#: a pretraining method, so that there is pretraining data to check
-SETTINGS = dict(methods="rotation", set=["rotation.max_steps=1", "finetune.max_steps=1"])
+#: a pretraining method, so that there is pretraining data to check; no probes needed
+SETTINGS = dict(methods="rotation", set=["rotation.max_steps=1", "finetune.max_steps=1"], protocols="finetune")
 
 
 def _results(out):

@@ -207,3 +207,79 @@ def test_auc_figure_chance_line_offset_error_bars_legend_outside_caption(tmp_pat
     assert "/data/synthetic" in plot_caption(agg, runs)
     paths = write_report(runs, str(tmp_path / "rep"), n_resamples=50)
     assert paths["png"].endswith("auc_vs_fraction.png")
+
+
+def _probe_and_history(run, probe, aucs=None):
+    """`run` as a linear probe (result.json's finetune.linear_probe) or with a validation history."""
+    run["finetune"] = {"linear_probe": probe, "eval_every": 10}
+    if aucs is not None:
+        run["val_history"] = [{"epoch": i + 1, "step": 10 * (i + 1), "val_auc": v} for i, v in enumerate(aucs)]
+    return run
+
+
+def test_linear_probes_get_their_own_table_and_the_fine_tuning_runs_a_convergence_table(tmp_path):
+    from PIL import Image
+
+    curves = {"random": [0.6, 0.7, 0.8, 0.9], "spark": [0.88, 0.9, 0.92, 0.92]}  # target 0.855: 40 vs 10 steps
+    runs = [_probe_and_history(_run(m, f, s), False, curves[m]) for m in curves for f in (1.0, 0.5) for s in (0, 1)]
+    runs += [_probe_and_history(_run(m, f, s), True) for m in curves for f in (1.0, 0.5) for s in (0, 1)]
+    paths = write_report(runs, str(tmp_path / "rep"), n_resamples=50)  # same method, fraction, seed: no refusal
+    md = open(paths["md"]).read()
+    tuned = md.split("## Test AUC")[1].split("## Linear probe")[0]
+    probed = md.split("## Linear probe: test AUC")[1].split("## Convergence")[0]
+    res = json.load(open(paths["json"]))
+    for protocol, text in (("finetune", tuned), ("linear", probed)):
+        cells = [c for c in res["cells"] if c["protocol"] == protocol]
+        assert len(cells) == 4
+        for c in cells:  # each table shows its own protocol's cells
+            row = next(ln for ln in text.splitlines() if ln.startswith(f"| {c['method']} |"))
+            assert f"{c['auc']['value']:.3f} [" in row
+        comps = [c for c in res["comparisons"] if c["protocol"] == protocol]
+        assert {(c["method"], c["fraction"]) for c in comps} == {("spark", 1.0), ("spark", 0.5)}
+    assert "## Paired comparison with random (same test set)" in tuned
+    assert "## Linear probe: paired comparison with random's linear probe (same test set)" in probed
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert sorted(r["protocol"] for r in rows) == ["finetune"] * 8 + ["linear"] * 8
+    # convergence from the fine-tuning runs only
+    conv = md.split("## Convergence")[1]
+    assert "| target (val AUC) | 0.855 | 0.855 |" in conv and "validated every 10 step(s)" in conv
+    assert "| random | 40 | 40 |" in conv and "| spark | 10 (saving 75 %) | 10 (saving 75 %) |" in conv
+    assert {(r["method"], r["fraction"], r["steps"]) for r in res["convergence"]["rows"]} == {
+        ("random", 1.0, 40),
+        ("random", 0.5, 40),
+        ("spark", 1.0, 10),
+        ("spark", 0.5, 10),
+    }
+    with Image.open(paths["convergence"]) as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    assert paths["convergence"].endswith("convergence.png")
+    # without validation histories there is nothing to plot: no convergence.png, no section
+    bare = write_report([_run(m, 1.0, 0) for m in curves], str(tmp_path / "bare"), n_resamples=50)
+    assert "convergence" not in bare and "## Convergence" not in open(bare["md"]).read()
+
+
+def test_auc_figure_has_a_linear_probe_panel(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from sparkct.eval.report import aggregate, auc_figure, plot_caption
+
+    tuned = [_run(m, f, 0) for m in QUALITY for f in (1.0, 0.5)]
+    probed = [_probe_and_history(_run(m, f, 0), True) for m in ("random", "spark") for f in (1.0, 0.5)]
+    agg, probe = aggregate(tuned, n_resamples=50), aggregate(probed, n_resamples=50)
+    caption = plot_caption(agg, tuned, probe=probe)
+    assert caption.splitlines()[1].startswith("fine-tuning: ") and caption.splitlines()[2].startswith("linear probe: ")
+    fig = auc_figure(agg, "t", caption, probe)
+    a, b = fig.axes
+    assert (a.get_title(), b.get_title()) == ("full fine-tuning", "linear probe (backbone frozen)")
+    assert [len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) for ax in (a, b)] == [3, 2]
+    # one colour per method in both panels
+    colour = {ax: {c.get_label(): c.lines[0].get_color() for c in ax.containers} for ax in (a, b)}
+    assert colour[a]["spark"] == colour[b]["spark"]
+    fig.canvas.draw()
+    assert b.get_legend().get_window_extent().x0 >= b.get_window_extent().x1 and a.get_legend() is None
+    assert "simclr" in [t.get_text() for t in b.get_legend().get_texts()]  # only fine-tuned, still in the legend
+    plt.close(fig)
