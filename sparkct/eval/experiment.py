@@ -583,8 +583,10 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     check_test_set(task0)  # said once, before any training
     # the data's identity beyond its path, in every run's settings hash: new data in the same folder (e.g.
     # other --synth-* settings) makes new runs, never a finished run of the old data counted as one
-    task_id = {"data": task_data, "data_id": _data_id(task_data), "labels": labels, "labels_id": _data_id(labels)}
-    pre_id = _data_id(pre_cache) if pre_methods else None
+    # hashed once per path: --data alone is the pretraining cache as well
+    ids = {p: _data_id(p) for p in {task_data, labels, *([pre_cache] if pre_methods else [])}}
+    task_id = {"data": task_data, "data_id": ids[task_data], "labels": labels, "labels_id": ids[labels]}
+    pre_id = ids[pre_cache] if pre_methods else None
     pre_ds, pre_desc, overlap_line, overlap_note = None, None, "", None
     if pre_methods and pre_cache is not None:
         pre_ds, pre_desc, overlap = _pretraining_set(cfg, pre_cache, task0, builtin=cfg.data is None)

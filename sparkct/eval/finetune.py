@@ -431,7 +431,14 @@ def finetune(
     )
     t0 = time.perf_counter()
     summary = Trainer(
-        model, cfg, method_name="finetune", dataset=task.train, resume=resume, log=log, resume_cmd=resume_cmd
+        model,
+        cfg,
+        method_name="finetune",
+        dataset=task.train,
+        resume=resume,
+        log=log,
+        resume_cmd=resume_cmd,
+        export_backbone=config.keep_checkpoints,  # else removed after testing: tested.pt holds the weights
     ).fit()
     train_s = time.perf_counter() - t0
     best = os.path.join(cfg.out, "best.ckpt")
@@ -503,7 +510,7 @@ def _save_tested(run_dir: str, model: Classifier) -> str:
 
 
 def _remove_checkpoints(run_dir: str, log) -> None:
-    """Remove the run's checkpoints and its last-step backbone export (tested.pt holds what was tested)."""
+    """Remove the run's checkpoints and a backbone export, if any (tested.pt holds what was tested)."""
     before = _du(run_dir)
     for name in CHECKPOINT_FILES:
         path = os.path.join(run_dir, name)

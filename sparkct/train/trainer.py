@@ -164,7 +164,8 @@ class Trainer:
     a labelled training split for fine-tuning). resume: False (refuse a run folder that already holds a
     checkpoint), True (continue its latest checkpoint) or a checkpoint path; force: resume even if the
     config differs. on_step(step), if given, is called after each optimizer step with the number of steps
-    done (sparkct profile advances its torch.profiler schedule there). The phases of a step are named
+    done (sparkct profile advances its torch.profiler schedule there). export_backbone: write backbone.pt at
+    the end (fine-tuning that keeps only the tested weights does without). The phases of a step are named
     ranges for profilers (sparkct.profiling.PHASES).
 
     During the loop SIGINT/SIGTERM finish the step in flight, write a checkpoint and raise
@@ -184,10 +185,12 @@ class Trainer:
         log=rank0_log,
         on_step=None,
         resume_cmd: str | None = None,
+        export_backbone: bool = True,
     ):
         config.validate()
         self.progress_seconds = progress_interval()
         self.resume_cmd = resume_cmd
+        self.export_backbone = export_backbone
         self.method = method
         self.cfg = config
         self.method_name = method_name or method.name
@@ -333,7 +336,9 @@ class Trainer:
     def _lock_run(self, create: bool) -> None:
         """Hold the run folder's lock (rank 0, for all ranks): a second process training into the same
         --out would mix its checkpoints, metrics and config with this run's. Every rank raises if it is
-        taken. Without `create`, a folder that does not exist yet is left alone (setup writes nothing)."""
+        taken. Without `create`, a folder that does not exist yet is left alone (setup writes nothing).
+        Taken once per run: by setup where the folder exists (before its checkpoint is read), else by
+        build_data (before data is prepared into it); the other call finds it held."""
         err = None
         if self.main and (create or os.path.isdir(self.run_dir)) and self._lock is None:
             try:
@@ -749,7 +754,8 @@ class Trainer:
 
     def finish(self) -> dict:
         """The final checkpoint (unless the last step was just saved), metrics files, loss.png, the last
-        preview, backbone.pt and summary.json; the closing log line. Returns the summary (rank 0)."""
+        preview, backbone.pt (unless export_backbone is off) and summary.json; the closing log line, naming what
+        the run folder holds. Returns the summary (rank 0)."""
         run = self.run
         if run.last_saved != run.step:
             self.save()
@@ -761,8 +767,10 @@ class Trainer:
             self._plot()
             if run.last_inp is not None:
                 self._preview(run.last_inp, run.step)
-            with self._writing(os.path.join(self.run_dir, "backbone.pt")):
-                C.export_backbone(self.method.backbone, os.path.join(self.run_dir, "backbone.pt"))
+            backbone = os.path.join(self.run_dir, "backbone.pt") if self.export_backbone else None
+            if backbone is not None:
+                with self._writing(backbone):
+                    C.export_backbone(self.method.backbone, backbone)
             summary = {
                 "method": self.method_name,
                 "steps": run.step,
@@ -774,7 +782,7 @@ class Trainer:
                 "images_per_s": run.images_per_s,
                 "run_dir": self.run_dir,
                 "checkpoint": os.path.join(self.run_dir, "last.ckpt"),
-                "backbone": os.path.join(self.run_dir, "backbone.pt"),
+                "backbone": backbone,
             }
             with self._writing(os.path.join(self.run_dir, "summary.json")):
                 sio.write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)

@@ -12,6 +12,25 @@ import pytest
 SALT = "e7a1" * 8
 N_PATIENTS = 12
 
+#: `sparkct experiment` settings small enough for a CPU test: each test module names what it varies
+TINY_EXPERIMENT = dict(
+    fractions="1",
+    seeds="0",
+    crop=32,
+    windows="lung",
+    pretrain_epochs=1,
+    pretrain_batch=8,
+    finetune_steps=2,
+    finetune_batch=8,
+    freeze_steps=1,
+    ramp_steps=1,
+    eval_every=1,
+    split="0.34,0.33,0.33",
+    resamples=20,
+    device="cpu",
+    amp="none",
+)
+
 
 def write_ct_patients(root: str, n_patients: int = N_PATIENTS, *, size: int = 32, slices: int = 4, seed: int = 0):
     """NIfTI CT of `n_patients` patients (a folder each, one or two series), 'nodule' patients with a
@@ -57,19 +76,51 @@ def eval_cache(tmp_path_factory) -> dict:
     c = SliceCache(dst)
     labels = {salted_hash(SALT, "file:" + f): y for f, y in folders.items()}
     assert set(labels) == set(map(str, c.patients))
-    path = str(root / "patients.csv")
+    patients = [[p, "nodule" if y else "clear"] for p, y in labels.items()]
+    path = _write_csv(root / "patients.csv", ["patient", "label"], patients)
+    series = [[c.series["key"][s], labels[str(c.patients[c.series["patient_index"][s]])]] for s in range(c.n_series)]
+    spath = _write_csv(root / "series.csv", ["series_key", "label"], series)
+    return {"cache": dst, "patients": labels, "patient_labels": path, "series_labels": spath}
+
+
+@pytest.fixture
+def finetune_flags() -> list[str]:
+    """`sparkct finetune` flags for a CPU run of seconds; each test adds its epochs and what it checks."""
+    flags = "--crop 32 --batch 8 --device cpu --progress false --tensorboard false --preview-every 0 --amp none"
+    return [*flags.split(), "--resamples", "50"]
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(eval_cache):
+    """tiny_experiment(out, *settings, **more) -> the log lines: `run_experiment` on eval_cache with its
+    patient labels and TINY_EXPERIMENT's settings, then each dict of `settings` and `more` added or
+    replacing them in turn (a module's own settings, then one test's)."""
+    from sparkct.eval.config import ExperimentConfig
+    from sparkct.eval.experiment import run_experiment
+
+    def run(out, *settings: dict, **more) -> list[str]:
+        kw = {"data": eval_cache["cache"], "labels": eval_cache["patient_labels"], **TINY_EXPERIMENT}
+        for d in (*settings, more):
+            kw.update(d)
+        lines: list[str] = []
+        run_experiment(ExperimentConfig(out=str(out), **kw), log=lines.append)
+        return lines
+
+    return run
+
+
+@pytest.fixture
+def write_csv():
+    """write_csv(path, header, rows) -> path."""
+    return _write_csv
+
+
+def _write_csv(path, header, rows) -> str:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["patient", "label"])
-        for p, y in labels.items():
-            w.writerow([p, "nodule" if y else "clear"])
-    spath = str(root / "series.csv")
-    with open(spath, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["series_key", "label"])
-        for s in range(c.n_series):
-            w.writerow([c.series["key"][s], labels[str(c.patients[c.series["patient_index"][s]])]])
-    return {"cache": dst, "patients": labels, "patient_labels": path, "series_labels": spath}
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
 
 
 @pytest.fixture

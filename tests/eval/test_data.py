@@ -14,14 +14,6 @@ from sparkct.errors import UserError
 from sparkct.eval.data import IMAGE_WINDOW, ImageSlices, load_task, to_pseudo_hu
 
 
-def _write(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
-
-
 def _check_task(t, n_patients=None):
     pats = {n: set(getattr(t, n).patients.tolist()) for n in ("full_train", "val", "test")}
     assert (
@@ -82,7 +74,7 @@ def test_patient_ids_are_hashed_like_prepare():
         _patient_rows(Cache, [{"patient_id": "P003", "__label__": "1"}], "x.csv")
 
 
-def test_series_and_slice_labels(eval_cache, tmp_path):
+def test_series_and_slice_labels(eval_cache, tmp_path, write_csv):
     from sparkct.data.cache import SliceCache
 
     t = load_task(eval_cache["cache"], eval_cache["series_labels"], split=(0.5, 0.25, 0.25))
@@ -94,7 +86,7 @@ def test_series_and_slice_labels(eval_cache, tmp_path):
     rows = [[c.series["key"][c.slice_series[i]], int(c.slice_index[i]), int(i % 3 == 0)] for i in range(len(c))]
     s = load_task(
         eval_cache["cache"],
-        _write(tmp_path / "s.csv", ["series_key", "slice_index", "label"], rows),
+        write_csv(tmp_path / "s.csv", ["series_key", "slice_index", "label"], rows),
         split=(0.5, 0.25, 0.25),
     )
     assert s.level == "slice" and len(s.full_train) + len(s.val) + len(s.test) == len(c)
@@ -102,7 +94,7 @@ def test_series_and_slice_labels(eval_cache, tmp_path):
         assert d.targets.tolist() == [int(i % 3 == 0) for i in d.indices]
 
 
-def test_bad_labels_files(eval_cache, tmp_path):
+def test_bad_labels_files(eval_cache, tmp_path, write_csv):
     cache = eval_cache["cache"]
     rows = list(csv.DictReader(open(eval_cache["series_labels"])))
     key = rows[0]["series_key"]
@@ -116,10 +108,10 @@ def test_bad_labels_files(eval_cache, tmp_path):
         "patients are not in the cache": (["patient", "label"], [["0123456789abcdef", 1], ["x", 0]]),
     }
     for msg, (header, body) in cases.items():
-        path = _write(tmp_path / "bad.csv", header, body)
+        path = write_csv(tmp_path / "bad.csv", header, body)
         with pytest.raises(UserError, match=msg):
             load_task(cache, path)
-    _write(tmp_path / "empty.csv", ["series_key", "label"], [])
+    write_csv(tmp_path / "empty.csv", ["series_key", "label"], [])
     with pytest.raises(UserError, match="no label rows"):
         load_task(cache, str(tmp_path / "empty.csv"))
     with pytest.raises(UserError, match="labels file not found"):

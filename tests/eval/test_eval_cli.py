@@ -9,27 +9,8 @@ import pytest
 
 from sparkct.cli import main
 
-FAST = [
-    "--crop",
-    "32",
-    "--batch",
-    "8",
-    "--device",
-    "cpu",
-    "--progress",
-    "false",
-    "--tensorboard",
-    "false",
-    "--preview-every",
-    "0",
-    "--amp",
-    "none",
-    "--resamples",
-    "50",
-]
 
-
-def test_finetune_and_report_commands(tmp_path, write_npz):
+def test_finetune_and_report_commands(tmp_path, write_npz, finetune_flags):
     data = write_npz(tmp_path / "organs.npz", n=(24, 12, 12), k=3, size=20)
     out = str(tmp_path / "runs" / "a")
     assert (
@@ -48,7 +29,7 @@ def test_finetune_and_report_commands(tmp_path, write_npz):
                 "1",
                 "--name",
                 "scratch",
-                *FAST,
+                *finetune_flags,
             ]
         )
         == 0
@@ -75,23 +56,27 @@ def test_finetune_and_report_commands(tmp_path, write_npz):
         (["--data", "{cache}", "--labels", "{bad}"], "no label column 'label'"),
     ],
 )
-def test_finetune_mistakes_are_one_line_with_exit_2(argv, msg, tmp_path, write_npz, eval_cache, capsys, monkeypatch):
+def test_finetune_mistakes_are_one_line_with_exit_2(
+    argv, msg, tmp_path, write_npz, eval_cache, finetune_flags, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.csv"
     bad.write_text("series_key,diagnosis\nabc,1\n")
     subs = {"{npz}": write_npz(tmp_path / "d.npz"), "{cache}": eval_cache["cache"], "{bad}": str(bad)}
     argv = [subs.get(a, a) for a in argv]
     # the case's flags last: argparse keeps the last value of a repeated flag
-    assert main(["finetune", "--out", str(tmp_path / "run"), "--epochs", "1", *FAST, *argv]) == 2
+    assert main(["finetune", "--out", str(tmp_path / "run"), "--epochs", "1", *finetune_flags, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("sparkct finetune: error:")
 
 
-def test_finetune_refuses_a_test_split_too_small_for_the_bootstrap_before_training(tmp_path, write_npz, capsys):
+def test_finetune_refuses_a_test_split_too_small_for_the_bootstrap_before_training(
+    tmp_path, write_npz, finetune_flags, capsys
+):
     data = write_npz(tmp_path / "d.npz", n=(24, 12, 3), k=3)  # one test image per class
     out = tmp_path / "run"
-    assert main(["finetune", "--data", data, "--out", str(out), "--epochs", "1", *FAST]) == 2
+    assert main(["finetune", "--data", data, "--out", str(out), "--epochs", "1", *finetune_flags]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds [1, 1, 1] patients per class" in err and len(err.splitlines()) == 1, err
     assert not out.exists()  # said before training, as `sparkct experiment` does

@@ -14,40 +14,23 @@ import pytest
 
 from sparkct.cli import main
 from sparkct.eval.config import ExperimentConfig
-from sparkct.eval.experiment import run_experiment
 from sparkct.eval.finetune import Classifier
 
-TINY = dict(
-    methods="random,rotation",
-    fractions="1,0.5",
-    seeds="0",
-    crop=32,
-    windows="lung",
-    pretrain_epochs=1,
-    pretrain_batch=8,
-    finetune_steps=4,
-    finetune_batch=8,
-    freeze_steps=1,
-    ramp_steps=1,
-    eval_every=1,
-    split="0.34,0.33,0.33",
-    resamples=50,
-    device="cpu",
-    amp="none",
-)
-
-
-def _experiment(cache, out, log=None, **kw):
-    cfg = ExperimentConfig(out=str(out), data=cache["cache"], labels=cache["patient_labels"], **{**TINY, **kw})
-    lines = []
-    run_experiment(cfg, log=log or lines.append)
-    return lines
+#: two methods (one pretrained) at two fractions: the report's tables, comparisons and progress have rows
+SETTINGS = dict(methods="random,rotation", fractions="1,0.5", finetune_steps=4, resamples=50)
 
 
 @pytest.fixture(scope="module")
-def experiment(eval_cache, tmp_path_factory):
+def experiment(tiny_experiment, tmp_path_factory):
+    import sparkct.eval.experiment as E
+
     out = tmp_path_factory.mktemp("exp") / "run"
-    return {"out": str(out), "log": _experiment(eval_cache, out)}
+    hashed: list = []
+    real = E._data_id
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "_data_id", lambda path: hashed.append(path) or real(path))
+        log = tiny_experiment(out, SETTINGS)
+    return {"out": str(out), "log": log, "hashed": hashed}
 
 
 def _results(out):
@@ -72,11 +55,9 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     res = _results(out)
     # the header states the data, sizes and epochs used, from the config
     assert res["header"]["pretraining"].startswith("rotation: resnet18, crop 32, 1 epochs, batch 8")
-    assert (
-        "4 optimizer steps at every fraction, batch 8" in res["header"]["fine-tuning schedule"]
-        and eval_cache["cache"] in res["header"]["data"]
-    )
-    assert res["config"]["methods"] == TINY["methods"] and res["config"]["finetune_steps"] == 4
+    assert "4 optimizer steps at every fraction, batch 8" in res["header"]["fine-tuning schedule"]
+    assert eval_cache["cache"] in res["header"]["data"]
+    assert res["config"]["methods"] == SETTINGS["methods"] and res["config"]["finetune_steps"] == 4
     assert res["versions"]["numpy"] == np.__version__
     # one row per fine-tuning run, each traceable to its run folder's result.json and predictions.npz
     all_rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
@@ -130,7 +111,13 @@ def test_report_files_and_their_numbers(experiment, eval_cache):
     assert "about" in prog[3] and "not timed" not in prog[3]
 
 
-def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache):
+def test_the_data_is_hashed_once_per_invocation(experiment, eval_cache):
+    """Its contents are read for the runs' settings hash once, not per run (9 runs here); --data, also the
+    pretraining cache, once."""
+    assert sorted(experiment["hashed"]) == sorted([eval_cache["cache"], eval_cache["patient_labels"]])
+
+
+def test_rerun_skips_finished_runs_with_identical_results(experiment, tiny_experiment):
     out = experiment["out"]
     before = _results(out)
     marks = {
@@ -138,7 +125,7 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
         for d in _finetune_dirs(out)
         for p in (os.path.join(d, "result.json"), os.path.join(d, "tested.pt"))
     }
-    log = _experiment(eval_cache, out)
+    log = tiny_experiment(out, SETTINGS)
     assert sum("finished earlier: skipped" in ln for ln in log) == 9  # 1 pretraining, 4 fine-tuning, 4 probes
     assert not any("resumed" in ln or "test AUC" in ln for ln in log)
     assert {p: os.path.getmtime(p) for p in marks} == marks
@@ -154,7 +141,7 @@ def test_rerun_skips_finished_runs_with_identical_results(experiment, eval_cache
     assert after["header"]["experiment time"].split(" (")[0] == before["header"]["experiment time"].split(" (")[0]
 
 
-def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_cache, tmp_path, monkeypatch):
+def test_interrupted_experiment_continues_to_the_same_result(experiment, tiny_experiment, tmp_path, monkeypatch):
     # Stop the first fine-tuning run at the first step of its second epoch, after its first checkpoint (as a
     # kill would: nothing is saved on the way out), then run the same command again.
     after_step = Classifier.after_step
@@ -168,11 +155,11 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
     out = tmp_path / "exp"
     with pytest.raises(KeyboardInterrupt):
         # random only, fine-tuning only: no pretraining to repeat here
-        _experiment(eval_cache, out, methods="random", protocols="finetune")
+        tiny_experiment(out, SETTINGS, methods="random", protocols="finetune")
     monkeypatch.setattr(Classifier, "after_step", after_step)
     dirs = _finetune_dirs(str(out))
     assert len(dirs) == 1 and not os.path.isfile(os.path.join(dirs[0], "result.json"))
-    log = _experiment(eval_cache, out, methods="random", protocols="finetune")
+    log = tiny_experiment(out, SETTINGS, methods="random", protocols="finetune")
     resumed = [ln for ln in log if "resumed" in ln]
     assert len(resumed) == 1 and dirs[0] in resumed[0]
     assert sum("test AUC" in ln for ln in log) == 2  # the resumed run and the second one
@@ -187,7 +174,7 @@ def test_interrupted_experiment_continues_to_the_same_result(experiment, eval_ca
         assert ra["val_history"] == rb["val_history"]  # the log up to the checkpoint survived the interruption
 
 
-def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatch):
+def test_a_failing_method_is_reported_as_failed(tiny_experiment, tmp_path, monkeypatch):
     import sparkct.eval.experiment as E
 
     real, checked = E.build_method, set()
@@ -201,7 +188,7 @@ def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatc
     monkeypatch.setattr(E, "build_method", broken)
     out = tmp_path / "exp"
     # a fine-tuning option for every fine-tuning run
-    log = _experiment(eval_cache, out, fractions="1", set=["finetune.base_lr=1e-3"])
+    log = tiny_experiment(out, SETTINGS, fractions="1", set=["finetune.base_lr=1e-3"])
     assert any("FAILED" in ln and "out of rotations" in ln for ln in log)
     assert "fine-tuning options: base_lr=1e-3" in log
     res = json.load(open(next(os.path.join(d, "result.json") for d in _finetune_dirs(str(out)) if "random" in d)))
@@ -221,7 +208,7 @@ def test_a_failing_method_is_reported_as_failed(eval_cache, tmp_path, monkeypatc
     assert next(c for c in res["cells"] if c["method"] == "rotation")["auc"] is None
 
 
-def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
+def test_builtin_data_defaults_and_their_checks(eval_cache, tiny_experiment, tmp_path):
     """Without --data the fine-tuning lr, the split and the synthetic series follow the built-in task's
     defaults; with --data the published ones; a bad fine-tuning option is refused before any training."""
     from sparkct.errors import UserError
@@ -242,7 +229,7 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tmp_path):
         with pytest.raises(UserError, match=msg):
             ExperimentConfig(**kw).validate()
     with pytest.raises(UserError, match="no option 'nope'"):
-        _experiment(eval_cache, tmp_path / "bad", set=["finetune.nope=1"])
+        tiny_experiment(tmp_path / "bad", SETTINGS, set=["finetune.nope=1"])
     assert not os.path.isdir(tmp_path / "bad" / "finetune")
 
 
@@ -335,40 +322,13 @@ def test_bad_labels_are_one_line_errors(case, msg, eval_cache, tmp_path, capsys)
     assert not os.path.isdir(tmp_path / "exp" / "finetune")  # refused before any training
 
 
-FT = [
-    "--crop",
-    "32",
-    "--batch",
-    "8",
-    "--epochs",
-    "3",
-    "--device",
-    "cpu",
-    "--progress",
-    "false",
-    "--tensorboard",
-    "false",
-    "--preview-every",
-    "0",
-    "--amp",
-    "none",
-    "--resamples",
-    "50",
-    "--freeze-epochs",
-    "1",
-    "--ramp-epochs",
-    "1",
-    "--ckpt-every",
-    "1000",
-    "--log-every",
-    "1",
-]
-
-
-def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, write_npz, monkeypatch):
+def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(
+    tmp_path, write_npz, finetune_flags, monkeypatch
+):
+    ft = [*finetune_flags, *"--epochs 3 --freeze-epochs 1 --ramp-epochs 1 --ckpt-every 1000 --log-every 1".split()]
     data = write_npz(tmp_path / "d.npz", n=(24, 12, 12), k=3, size=20)  # 3 steps per epoch, 9 in all
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    assert main(["finetune", "--data", data, "--out", ref, *FT]) == 0
+    assert main(["finetune", "--data", data, "--out", ref, *ft]) == 0
     after_step = Classifier.after_step
 
     def dying(self, step, total):
@@ -377,10 +337,10 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Classifier, "after_step", dying)
-    assert main(["finetune", "--data", data, "--out", run, *FT]) == 130  # interrupted
+    assert main(["finetune", "--data", data, "--out", run, *ft]) == 130  # interrupted
     monkeypatch.setattr(Classifier, "after_step", after_step)
     assert not os.path.isfile(os.path.join(run, "result.json"))
-    assert main(["finetune", "--data", data, "--out", run, "--resume", *FT]) == 0
+    assert main(["finetune", "--data", data, "--out", run, "--resume", *ft]) == 0
     a, b = (json.load(open(os.path.join(d, "result.json"))) for d in (ref, run))
     assert a["test"]["metrics"] == b["test"]["metrics"] and a["val_history"] == b["val_history"]
     assert a["tested_checkpoint"]["step"] == b["tested_checkpoint"]["step"]

@@ -10,34 +10,14 @@ import json
 import os
 
 from sparkct.eval.config import ExperimentConfig
-from sparkct.eval.experiment import _finetune_configs, _lr_line, _overrides_line, run_experiment
+from sparkct.eval.experiment import _finetune_configs, _lr_line, _overrides_line
 
-TINY = dict(
-    methods="random",
-    fractions="0.5",
-    seeds="0",
-    protocols="finetune",  # the linear probes' bookkeeping: their own test below
-    crop=32,
-    windows="lung",
-    pretrain_epochs=1,
-    pretrain_batch=8,
-    finetune_steps=2,
-    finetune_batch=8,
-    freeze_steps=1,
-    ramp_steps=1,
-    eval_every=1,
-    split="0.34,0.33,0.33",
-    resamples=20,
-    device="cpu",
-    amp="none",
-)
+# the linear probes' bookkeeping: their own test below
+SETTINGS = dict(methods="random", fractions="0.5", protocols="finetune")
 
 
-def _run(cache, out, **kw):
-    lines: list[str] = []
-    kw = {"labels": cache["patient_labels"], **TINY, **kw}
-    cfg = ExperimentConfig(out=str(out), data=cache["cache"], **kw)
-    run_experiment(cfg, log=lines.append)
+def _run(tiny_experiment, out, **kw):
+    lines = tiny_experiment(out, SETTINGS, kw)
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     with open(os.path.join(out, "results.md")) as f:
@@ -45,14 +25,14 @@ def _run(cache, out, **kw):
     return lines, res, md
 
 
-def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path):
+def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tiny_experiment, tmp_path):
     labels = tmp_path / "labels.csv"
     with open(eval_cache["patient_labels"]) as f:
         text = f.read()
     labels.write_text(text)
     out = tmp_path / "exp"
-    _run(eval_cache, out, labels=str(labels))
-    log, res, md = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
+    _run(tiny_experiment, out, labels=str(labels))
+    log, res, md = _run(tiny_experiment, out, labels=str(labels), finetune_steps=3)
     # the first invocation's run is neither counted as a seed nor averaged in
     assert [c["seeds"] for c in res["cells"]] == [[0]]
     assert [r["train"]["max_steps"] for r in res["runs"]] == [3]
@@ -62,7 +42,7 @@ def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path
     assert "## Stale runs" in md and "train.max_steps 2 (now 3)" in md
     assert os.path.isdir(stale[0]["run_dir"])  # kept on disk
     # the same settings again: the finished run is skipped, the stale one still listed
-    log, res2, _ = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
+    log, res2, _ = _run(tiny_experiment, out, labels=str(labels), finetune_steps=3)
     assert sum("finished earlier: skipped" in s for s in log) == 1
     assert [r["test"] for r in res2["runs"]] == [r["test"] for r in res["runs"]]
     assert len(res2["stale_runs"]) == 1
@@ -70,7 +50,7 @@ def test_runs_with_other_settings_are_stale_not_extra_seeds(eval_cache, tmp_path
     rows = text.strip().split("\n")
     flipped = [r.replace("nodule", "x").replace("clear", "nodule").replace(",x", ",clear") for r in rows[1:]]
     labels.write_text("\n".join(rows[:1] + flipped) + "\n")
-    log, res3, _ = _run(eval_cache, out, labels=str(labels), finetune_steps=3)
+    log, res3, _ = _run(tiny_experiment, out, labels=str(labels), finetune_steps=3)
     assert not any("finished earlier" in s for s in log)
     assert len(res3["runs"]) == 1 and len(res3["stale_runs"]) == 2
     assert all("labels contents differ" in s["stale"] for s in res3["stale_runs"])
@@ -95,10 +75,10 @@ def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache
     assert "left out: " in _overrides_line(own, own.overrides(), ["spark"])
 
 
-def test_linear_probes_alone_and_stale_by_their_own_settings(eval_cache, tmp_path):
+def test_linear_probes_alone_and_stale_by_their_own_settings(tiny_experiment, tmp_path):
     out = tmp_path / "exp"
-    _run(eval_cache, out, protocols="linear")
-    log, res, md = _run(eval_cache, out, protocols="linear", finetune_steps=3)
+    _run(tiny_experiment, out, protocols="linear")
+    log, res, md = _run(tiny_experiment, out, protocols="linear", finetune_steps=3)
     # a probe of other settings is stale with what differs from the current probe, not from a fine-tuning run
     assert [(c["protocol"], c["seeds"]) for c in res["cells"]] == [("linear", [0])]
     assert [(s["protocol"], s["stale"]) for s in res["stale_runs"]] == [("linear", "train.max_steps 2 (now 3)")]
@@ -108,7 +88,7 @@ def test_linear_probes_alone_and_stale_by_their_own_settings(eval_cache, tmp_pat
     assert "fine-tuning protocol" not in res["header"] and "linear probe protocol" in res["header"]
     assert res["convergence"]["rows"] == [] and not os.path.exists(os.path.join(out, "convergence.png"))
     # fine-tuning alone now: the probes are stale as not requested
-    log, res, md = _run(eval_cache, out, finetune_steps=3)
+    log, res, md = _run(tiny_experiment, out, finetune_steps=3)
     assert [c["protocol"] for c in res["cells"]] == ["finetune"] and "## Convergence" in md
     assert sorted(s["stale"] for s in res["stale_runs"]) == [
         "method, protocol, fraction or seed not requested now",

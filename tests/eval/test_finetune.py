@@ -248,13 +248,20 @@ def test_finetune_tests_the_newest_checkpoint_that_loads(tmp_path, write_npz, mo
     assert any("skipped" in ln and "last.ckpt" in ln for ln in lines), lines
 
 
-def test_the_closing_line_names_only_what_the_run_wrote(tmp_path, write_npz):
+def test_the_closing_line_names_only_what_the_run_keeps(tmp_path, write_npz):
+    """backbone.pt only with --keep-checkpoints: otherwise it would be named, then removed after testing."""
     task = load_task(write_npz(tmp_path / "s.npz", n=(24, 12, 12), k=3, size=20))
-    lines: list[str] = []
-    finetune(task, train_cfg=_cfg(tmp_path, "ft", epochs=1, batch=8), n_resamples=20, log=lines.append)
-    done = next(ln for ln in lines if ln.startswith("done:"))
-    assert done.endswith("(loss.png, backbone.pt)"), done  # fine-tuning writes no previews/
-    assert not os.path.exists(tmp_path / "ft" / "previews")
+    for keep, made in ((False, "(loss.png)"), (True, "(loss.png, backbone.pt)")):
+        lines: list[str] = []
+        cfg = _cfg(tmp_path, f"ft-{keep}", epochs=1, batch=8)
+        finetune(task, train_cfg=cfg, config=FinetuneConfig(keep_checkpoints=keep), n_resamples=20, log=lines.append)
+        done = next(ln for ln in lines if ln.startswith("done:"))
+        assert done.endswith(made), done  # fine-tuning writes no previews/
+        assert os.path.exists(os.path.join(cfg.out, "backbone.pt")) == keep
+        assert not os.path.exists(os.path.join(cfg.out, "previews"))
+        assert lines[-1].endswith(os.path.join(cfg.out, "result.json")) and os.path.isfile(lines[-1].split("; ")[-1])
+        summary = json.load(open(os.path.join(cfg.out, "summary.json")))
+        assert summary["backbone"] == (os.path.join(cfg.out, "backbone.pt") if keep else None)
 
 
 def test_evaluation_uses_the_trainers_public_api():

@@ -10,15 +10,7 @@ from sparkct.errors import UserError
 from sparkct.eval.data import load_task
 
 
-def _write(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
-
-
-def test_labels_files_are_checked_row_by_row(eval_cache, tmp_path):
+def test_labels_files_are_checked_row_by_row(eval_cache, tmp_path, write_csv):
     cache = eval_cache["cache"]
     series = list(csv.DictReader(open(eval_cache["series_labels"])))
     patients = list(csv.DictReader(open(eval_cache["patient_labels"])))
@@ -44,14 +36,14 @@ def test_labels_files_are_checked_row_by_row(eval_cache, tmp_path):
         ),
     }
     for msg, (header, body) in cases.items():
-        path = _write(tmp_path / "bad.csv", header, body)
+        path = write_csv(tmp_path / "bad.csv", header, body)
         with pytest.raises(UserError, match=msg) as e:
             load_task(cache, path)
         assert "\n" not in str(e.value)
 
 
-def test_1_and_1_0_are_one_class(eval_cache, tmp_path):
+def test_1_and_1_0_are_one_class(eval_cache, tmp_path, write_csv):
     series = list(csv.DictReader(open(eval_cache["series_labels"])))
     body = [[r["series_key"], f"{r['label']}.0" if i % 2 else r["label"]] for i, r in enumerate(series)]
-    task = load_task(eval_cache["cache"], _write(tmp_path / "l.csv", ["series_key", "label"], body))
+    task = load_task(eval_cache["cache"], write_csv(tmp_path / "l.csv", ["series_key", "label"], body))
     assert task.classes == [0, 1]

@@ -18,26 +18,8 @@ from sparkct.eval.config import ExperimentConfig
 from sparkct.eval.data import load_task
 from sparkct.eval.experiment import run_experiment
 
-TINY = dict(
-    methods="rotation",
-    set=["rotation.max_steps=1", "finetune.max_steps=1"],
-    fractions="1",
-    seeds="0",
-    protocols="finetune",  # these tests are about the pretraining data: no probes needed
-    crop=32,
-    windows="lung",
-    pretrain_epochs=1,
-    pretrain_batch=8,
-    finetune_steps=2,
-    finetune_batch=8,
-    freeze_steps=1,
-    ramp_steps=1,
-    eval_every=1,
-    split="0.34,0.33,0.33",
-    resamples=20,
-    device="cpu",
-    amp="none",
-)
+#: a pretraining method, so that there is pretraining data to check; no probes needed
+SETTINGS = dict(methods="rotation", set=["rotation.max_steps=1", "finetune.max_steps=1"], protocols="finetune")
 
 
 def _results(out):
@@ -46,18 +28,16 @@ def _results(out):
 
 
 def _val_test_slices(eval_cache) -> tuple[int, int]:
-    """(slices of the cache, slices of its labelled val + test patients) under TINY's split."""
+    """(slices of the cache, slices of its labelled val + test patients) under TINY_EXPERIMENT's split."""
     task = load_task(eval_cache["cache"], eval_cache["patient_labels"], split=(0.34, 0.33, 0.33))
     held = {int(p) for d in (task.val, task.test) for p in np.unique(d.patients)}
     c = SliceCache(eval_cache["cache"])
     return len(c), int(np.isin(c.slice_patient, sorted(held)).sum())
 
 
-def test_data_alone_pretrains_without_its_validation_and_test_patients(eval_cache, tmp_path):
+def test_data_alone_pretrains_without_its_validation_and_test_patients(eval_cache, tiny_experiment, tmp_path):
     out = tmp_path / "exp"
-    run_experiment(
-        ExperimentConfig(out=str(out), data=eval_cache["cache"], labels=eval_cache["patient_labels"], **TINY)
-    )
+    tiny_experiment(out, SETTINGS)
     (cfg_path,) = glob.glob(str(out / "pretrain" / "rotation-*" / "config.json"))
     with open(cfg_path) as f:
         pretrained = json.load(f)["resolved"]["slices"]
@@ -89,17 +69,9 @@ def test_same_data_as_pretrain_data_is_refused_before_any_work(eval_cache, tmp_p
     assert c.n_series and not (out / "pretrain").exists() and not (out / "finetune").exists()
 
 
-def test_allowed_overlap_is_stated_at_the_top_of_the_report(eval_cache, tmp_path):
+def test_allowed_overlap_is_stated_at_the_top_of_the_report(eval_cache, tiny_experiment, tmp_path):
     out = tmp_path / "exp"
-    cfg = ExperimentConfig(
-        out=str(out),
-        data=eval_cache["cache"],
-        labels=eval_cache["patient_labels"],
-        pretrain_data=eval_cache["cache"],
-        allow_overlap=True,
-        **TINY,
-    )
-    run_experiment(cfg, log=lambda s: None)
+    tiny_experiment(out, SETTINGS, pretrain_data=eval_cache["cache"], allow_overlap=True)
     md = (out / "results.md").read_text().splitlines()
     assert md[0] == "# Fine-tuning results"
     assert md[2].startswith("> **Warning:** Pretraining data overlaps the labelled validation/test patients"), md[:4]

@@ -11,32 +11,19 @@ import pytest
 
 from sparkct.errors import UserError
 from sparkct.train import checkpoint as C
-from sparkct.train.config import TrainConfig
 from sparkct.train.trainer import Trainer, build_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_shard_that_fails_mid_run_is_named_and_the_checkpoint_kept(small_cache, tmp_path):
+    from test_trainer import cfg_for
     from tiny_method import TinyConfig
 
     cache = str(tmp_path / "cache")
     shutil.copytree(small_cache, cache)
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        data=cache,
-        out=str(out),
-        arch="resnet18",
-        windows="lung",
-        crop=32,
-        batch=8,
-        epochs=2,
-        preview_every=0,
-        tensorboard=False,
-        progress=False,
-        device="cpu",
-        channels_last=False,
-    )
+    cfg = cfg_for(cache, out, preview_every=0)
     t = Trainer(build_method("tiny", cfg, TinyConfig()), cfg, method_name="tiny", log=lambda m: None)
     state = t.setup()
     t.build_data()  # the cache opens intact: its shards are checked here

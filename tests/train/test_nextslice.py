@@ -12,29 +12,9 @@ from sparkct.errors import UserError
 from sparkct.models import METHODS, get_method
 from sparkct.models.backbone import build_backbone
 from sparkct.models.pretext import NextSliceConfig
-from sparkct.train.config import TrainConfig
 from sparkct.train.trainer import Trainer, build_method
 
-
-def _cfg(cache, out, **kw):
-    base = dict(
-        data=cache,
-        out=str(out),
-        arch="resnet18",
-        windows="lung",
-        crop=32,
-        batch=8,
-        ckpt_every=2,
-        keep=2,
-        log_every=1,
-        preview_every=2,
-        tensorboard=False,
-        progress=False,
-        device="cpu",
-        channels_last=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+from test_trainer import cfg_for
 
 
 def test_registered_and_selectable_in_the_experiment():
@@ -105,7 +85,7 @@ def test_loss_falls_on_synthetic_ct(long_series):
 
 def test_trainer_runs_and_resumes_it_exactly(small_cache, tmp_path):
     def run(resume=False):
-        cfg = _cfg(small_cache, tmp_path, max_steps=4, lr=1e-3)
+        cfg = cfg_for(small_cache, tmp_path, max_steps=4, lr=1e-3, ckpt_every=2, preview_every=2)
         m = build_method("nextslice", cfg, NextSliceConfig(hidden=32))
         return Trainer(m, cfg, method_name="nextslice", resume=resume).fit(), m
 
@@ -122,7 +102,7 @@ def test_trainer_runs_and_resumes_it_exactly(small_cache, tmp_path):
 def test_data_without_neighbouring_slices_is_refused_before_training(small_cache, tmp_path):
     ds = CTSliceDataset(small_cache)
     firsts = ds.cache.series["offset"].astype(np.int64)
-    cfg = _cfg(small_cache, tmp_path / "run", max_steps=2, batch=2)
+    cfg = cfg_for(small_cache, tmp_path / "run", max_steps=2, batch=2, ckpt_every=2, preview_every=2)
     m = build_method("nextslice", cfg, NextSliceConfig())
     with pytest.raises(UserError, match="neighbouring slices"):
         Trainer(m, cfg, method_name="nextslice", dataset=CTSliceDataset(small_cache, indices=firsts)).fit()

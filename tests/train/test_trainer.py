@@ -17,6 +17,7 @@ import torch
 from sparkct.errors import TrainingDiverged, UserError
 from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig
+from sparkct.train.runlock import RunLock
 from sparkct.train.trainer import Trainer, build_method
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -353,10 +354,28 @@ def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(small_cac
         holder.wait(timeout=60)
 
 
+def test_the_run_lock_is_taken_once_per_run(small_cache, tmp_path, monkeypatch):
+    """setup takes it for a folder that exists, build_data for a new one (setup writes nothing)."""
+    from sparkct.train import trainer as T
+
+    from tiny_method import TinyConfig
+
+    taken = []
+    monkeypatch.setattr(T, "RunLock", lambda d: taken.append(d) or RunLock(d))
+    (tmp_path / "existing").mkdir()
+    for name, by_setup in (("new", []), ("existing", [str(tmp_path / "existing")])):
+        cfg = cfg_for(small_cache, tmp_path / name, max_steps=1)
+        t = Trainer(build_method("tiny", cfg, TinyConfig()), cfg, method_name="tiny")
+        taken.clear()
+        t.setup()
+        assert taken == by_setup
+        t.build_data()
+        assert taken == [str(tmp_path / name)]
+        t.release()
+
+
 def test_run_lock_is_reentrant_in_a_process_and_released(tmp_path):
     import fcntl
-
-    from sparkct.train.runlock import RunLock
 
     a = RunLock(str(tmp_path))
     b = RunLock(str(tmp_path))  # a trainer that raised may still hold it when this process runs again

@@ -10,8 +10,9 @@ import torch
 from sparkct.data import resolve_data
 from sparkct.errors import TrainingDiverged, UserError
 from sparkct.train import checkpoint as C
-from sparkct.train.config import TrainConfig
 from sparkct.train.trainer import StepResult, Trainer, build_method
+
+from test_trainer import cfg_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,21 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make(cache, out, method_kw=None, resume=False, log=lambda msg: None, **kw) -> Trainer:
     from tiny_method import TinyConfig
 
-    base = dict(
-        data=cache,
-        out=str(out),
-        arch="resnet18",
-        windows="lung",
-        crop=32,
-        batch=8,
-        epochs=2,
-        tensorboard=False,
-        progress=False,
-        device="cpu",
-        channels_last=False,
-    )
-    base.update(kw)
-    cfg = TrainConfig(**base)
+    cfg = cfg_for(cache, out, **kw)
     return Trainer(
         build_method("tiny", cfg, TinyConfig(**(method_kw or {}))), cfg, method_name="tiny", resume=resume, log=log
     )
@@ -207,19 +194,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_one_that_loads(small
 def test_spark_clips_at_five_by_default_as_published(small_cache, tmp_path, clip_grad, expected):
     """SparK's official run clips the global gradient norm at 5 (its --clip 5); --clip-grad 0 turns it off.
     The other methods do not clip unless asked."""
-    cfg = TrainConfig(
-        data=small_cache,
-        out=str(tmp_path / "run"),
-        windows="lung",
-        crop=64,
-        batch=4,
-        max_steps=1,
-        tensorboard=False,
-        progress=False,
-        device="cpu",
-        channels_last=False,
-        clip_grad=clip_grad,
-    )
+    cfg = cfg_for(small_cache, tmp_path / "run", crop=64, batch=4, max_steps=1, clip_grad=clip_grad)
     t = started(Trainer(build_method("spark", cfg), cfg, method_name="spark", log=lambda msg: None))
     assert t.clip_grad == expected and t.record["resolved"]["clip_grad"] == expected
     r = t.optimizer_step(iter(t.loader), epoch=0)

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from sparkct.train import trainer as T
-from sparkct.train.config import TrainConfig
 from sparkct.train.trainer import Trainer, build_method
 from sparkct.train.visual import curves_figure
 
@@ -53,6 +52,7 @@ def test_simclr_loss_at_uniform_similarities_is_the_reference():
 
 
 def test_metrics_start_at_step_1_and_loss_png_gets_the_reference(small_cache, tmp_path, monkeypatch):
+    from test_trainer import cfg_for
     from tiny_method import TinyConfig
 
     seen = {}
@@ -63,22 +63,7 @@ def test_metrics_start_at_step_1_and_loss_png_gets_the_reference(small_cache, tm
         return real(*a, **kw)
 
     monkeypatch.setattr(T, "plot_curves", spy)
-    cfg = TrainConfig(
-        data=small_cache,
-        out=str(tmp_path / "run"),
-        arch="resnet18",
-        windows="lung",
-        crop=32,
-        batch=8,
-        epochs=1,
-        log_every=2,
-        ckpt_every=100,
-        preview_every=0,
-        tensorboard=False,
-        progress=False,
-        device="cpu",
-        channels_last=False,
-    )
+    cfg = cfg_for(small_cache, tmp_path / "run", epochs=1, log_every=2, ckpt_every=100, preview_every=0)
     m = build_method("tiny", cfg, TinyConfig())
     m.loss_reference = lambda batch: 0.25 * batch  # type: ignore[method-assign]
     m.plot_marks = lambda: [(2, "event")]  # type: ignore[method-assign]

@@ -217,8 +217,7 @@ class SparK(Method):
     def transform(self, crop: int, windows) -> Callable:
         """SparK's augmentation on HU slices: random resized crop (area ``crop_scale``, aspect 3/4..4/3)
         and horizontal flips, windows as channels in [0, 1]; no intensity augmentation (the windowed HU
-        are the targets)."""
-        self.check_input(crop, windows)
+        are the targets). The crop and windows are checked once, by the trainer's set-up (check_input)."""
         return CTAugment(
             crop,
             windows=windows,
