@@ -545,17 +545,13 @@ def _test_robustness(model, task, config, aggregate, n_resamples, seed, log) -> 
         seed=seed,
         batch=config.eval_batch,
     )
-    worst = min(robust.items(), key=lambda kv: kv[1]["metrics"]["auc"]["value"])
+    auc = {k: r["metrics"]["auc"]["value"] for k, r in robust.items()}
+    worst = min(auc, key=auc.get)
     log(
-        f"robustness: test AUC under {len(robust)} perturbations {_auc_range(robust)}, lowest under "
-        f"{worst[0]} ({time.perf_counter() - t0:.1f} s)"
+        f"robustness: AUC {min(auc.values()):.4f}-{max(auc.values()):.4f} under {len(auc)} perturbations of the "
+        f"test slices, lowest under {worst} ({time.perf_counter() - t0:.1f} s)"
     )
     return robust, time.perf_counter() - t0
-
-
-def _auc_range(robust: dict) -> str:
-    v = [r["metrics"]["auc"]["value"] for r in robust.values()]
-    return f"{min(v):.4f}-{max(v):.4f}"
 
 
 #: what a fine-tuning run keeps besides its result, predictions, metrics, config and plots, unless

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,15 +34,22 @@ import torch.nn.functional as F
 
 from sparkct.data.augment import CTResize, affine_grid, crop_theta
 
-__all__ = ["KINDS", "PERTURBATIONS", "NOISE_SEED", "Perturbation", "evaluate_robustness", "robustness_summary"]
+__all__ = ["Kind", "KINDS", "PERTURBATIONS", "NOISE_SEED", "Perturbation", "evaluate_robustness", "robustness_summary"]
 
-#: kind -> (label for reports, unit of its level, the level that changes nothing)
+
+class Kind(NamedTuple):
+    label: str  # for reports
+    unit: str  # of its level
+    identity: float  # the level that changes nothing
+    fmt: str  # one perturbation's label, from its level
+
+
 KINDS = {
-    "hu_shift": ("HU shift", "HU", 0.0),
-    "hu_scale": ("HU scale", "x", 1.0),
-    "noise": ("Gaussian noise", "HU sigma", 0.0),
-    "rotate": ("rotation", "degrees", 0.0),
-    "zoom": ("scaling", "x", 1.0),
+    "hu_shift": Kind("HU shift", "HU", 0.0, "HU shift {:+g} HU"),
+    "hu_scale": Kind("HU scale", "factor", 1.0, "HU x {:g}"),
+    "noise": Kind("Gaussian noise", "sigma, HU", 0.0, "noise sigma {:g} HU"),
+    "rotate": Kind("rotation", "degrees", 0.0, "rotation {:g}°"),
+    "zoom": Kind("scaling", "factor", 1.0, "scaling x {:g}"),
 }
 
 #: the noise fields' seed: fixed, so every run is tested on the same noisy slices
@@ -64,26 +72,24 @@ class Perturbation:
 
     @property
     def label(self) -> str:
-        """For tables, e.g. ``HU shift +50 HU``, ``scaling 0.85 x``."""
-        lab, unit, ident = KINDS[self.kind]
-        v = f"{self.level:+g}" if ident == 0.0 else f"{self.level:g}"
-        return f"{lab} {v} {unit}"
+        """For tables, e.g. ``HU shift +50 HU``, ``scaling x 0.85``."""
+        return KINDS[self.kind].fmt.format(self.level)
 
     @property
     def identity(self) -> bool:
-        return self.level == KINDS[self.kind][2]
+        return self.level == KINDS[self.kind].identity
 
     def describe(self) -> dict:
         """Its definition for result.json, all a report needs to label and plot it."""
-        lab, unit, ident = KINDS[self.kind]
+        k = KINDS[self.kind]
         return {
             "name": self.name,
             "kind": self.kind,
             "level": self.level,
             "label": self.label,
-            "kind_label": lab,
-            "unit": unit,
-            "identity_level": ident,
+            "kind_label": k.label,
+            "unit": k.unit,
+            "identity_level": k.identity,
         }
 
     def __call__(self, hu: torch.Tensor, ids: np.ndarray, transform: CTResize) -> torch.Tensor:

@@ -75,8 +75,8 @@ def test_perturbed_slices_depend_only_on_the_slice_and_the_perturbation():
 def test_a_perturbation_at_its_identity_level_is_the_clean_transform():
     hu, ids = _slices(3), np.arange(3)
     tf = eval_transform(32, "lung")
-    for kind, (_, _, ident) in KINDS.items():
-        assert torch.equal(Perturbation(kind, ident)(hu, ids, tf), tf(hu)), kind
+    for kind, k in KINDS.items():
+        assert torch.equal(Perturbation(kind, k.identity)(hu, ids, tf), tf(hu)), kind
 
 
 def test_each_perturbation_does_what_it_names():
