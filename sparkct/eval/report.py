@@ -32,9 +32,10 @@ import numpy as np
 
 from sparkct import io as sio
 from sparkct.errors import UserError
+from sparkct.eval.config import PERTURBED_KEY
 from sparkct.eval.metrics import Models, bootstrap_ci, coverage_note, delong_test, paired_bootstrap
 
-__all__ = ["collect_runs", "aggregate", "write_report", "RUN_FIELDS"]
+__all__ = ["collect_runs", "aggregate", "robustness_aggregate", "write_report", "RUN_FIELDS"]
 
 RUN_FIELDS = (
     "method",
@@ -273,6 +274,7 @@ def _markdown(agg: dict, runs: list[dict], meta: dict) -> str:
             row.append(txt)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Bold: the best mean AUC of the column. n: seeds that finished.", ""]
+    lines += _reference_lines(meta.get("reference"))
     lines += _coverage_lines(runs)
     comps = [c for c in agg["comparisons"] if "diff" in c]
     if comps:
@@ -493,11 +495,14 @@ def write_report(
     config: dict | None = None,
     stale: list[dict] | None = None,
     notice: str | None = None,
+    reference: dict | None = None,
 ) -> dict[str, str]:
-    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`; returns their paths.
+    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`, and robustness.png where
+    runs were tested under the robustness perturbations; returns their paths.
     `extra`: lines for the header (e.g. pretraining sizes); `config`: the experiment's config for
     results.json; `stale`: runs with other settings, listed (results.md, results.json), never aggregated;
-    `notice`: a warning for the top of results.md."""
+    `notice`: a warning for the top of results.md; `reference`: the no-training reference
+    (:func:`sparkct.eval.reference.blob_reference`), a line below the AUC table."""
     if not runs:
         raise UserError("no runs to report")
     _refuse_duplicates(runs)
@@ -506,6 +511,8 @@ def write_report(
     agg = aggregate(runs, baseline=baseline, n_resamples=n_resamples)
     meta = _meta(runs, extra)
     meta["notice"] = notice
+    meta["reference"] = reference
+    rob = robustness_aggregate(runs, agg, n_resamples=n_resamples)
     paths = {
         k: os.path.join(out, f)
         for k, f in (
@@ -515,7 +522,10 @@ def write_report(
             ("csv", "runs.csv"),
         )
     }
-    sio.write_text_atomic(paths["md"], _markdown(agg, runs, meta) + "\n" + _stale_markdown(stale or []))
+    sio.write_text_atomic(
+        paths["md"],
+        _markdown(agg, runs, meta) + "\n" + _robustness_markdown(rob, n_resamples) + _stale_markdown(stale or []),
+    )
     done = [r for r in runs if r.get("status", "done") == "done"]
     title = "test AUC vs labelled fraction"
     if done:
@@ -523,6 +533,14 @@ def write_report(
     data = (extra or {}).get("experiment data")
     builtin = isinstance(data, str) and data.startswith("built-in synthetic")
     _plot(agg, paths["png"], title, plot_caption(agg, runs, "built-in synthetic chest CT" if builtin else None))
+    if rob is not None:
+        paths["robustness"] = os.path.join(out, "robustness.png")
+        _plot_robustness(
+            rob,
+            paths["robustness"],
+            title.replace("vs labelled fraction", "under perturbations of the test slices"),
+            _robustness_caption(rob, runs, "built-in synthetic chest CT" if builtin else None),
+        )
     rows = [_row(r) for r in runs]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RUN_FIELDS), lineterminator="\n")
@@ -537,6 +555,8 @@ def write_report(
             "header": dict(meta["lines"]),
             "cells": agg["cells"],
             "comparisons": agg["comparisons"],
+            "robustness": rob,
+            "reference": reference,
             "baseline": baseline,
             "n_resamples": n_resamples,
             "runs": slim,
@@ -552,6 +572,219 @@ def write_report(
         },
     )
     return paths
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+
+def _robust_fractions(fracs: list[float]) -> list[float]:
+    """The fractions the robustness section reports: the largest and the smallest (each a full table of
+    perturbations with paired tests; the ones between add little and cost a bootstrap per cell)."""
+    fr = sorted(set(fracs), reverse=True)
+    return fr[:1] + fr[-1:] if len(fr) > 1 else fr
+
+
+def robustness_aggregate(runs: list[dict], agg: dict, *, n_resamples: int = 1000, seed: int = 0) -> dict | None:
+    """Per method, at the largest and smallest fraction, the test AUC under each robustness perturbation
+    (mean over seeds with its patient-bootstrap CI, as the clean cells of `agg`) and its paired bootstrap
+    against the baseline under the same perturbation; None where no run was tested for robustness.
+    Perturbations are those every robustness-tested run holds, in their runs' order."""
+    done = [r for r in runs if r.get("status", "done") == "done" and r.get("robustness")]
+    if not done:
+        return None
+    held = [{d["name"] for d in r["robustness"]["perturbations"]} for r in done]
+    defs = [
+        {k: v for k, v in d.items() if k not in ("auc", "n_units", "n_patients")}
+        for d in done[0]["robustness"]["perturbations"]
+        if all(d["name"] in h for h in held)
+    ]
+    names = [d["name"] for d in defs]
+    baseline = agg["baseline"]
+    fracs = _robust_fractions([float(r["fraction"]) for r in done])
+    clean = {(c["method"], c["fraction"]): c for c in agg["cells"]}
+    comps = {(c["method"], c["fraction"]): c for c in agg["comparisons"] if "diff" in c}
+    by: dict = defaultdict(list)
+    for r in runs:
+        if r.get("status", "done") == "done" and float(r["fraction"]) in fracs:
+            by[(r.get("method", "?"), float(r["fraction"]))].append(r)
+    preds_of = {}
+    for key, rs in by.items():
+        preds = [_predictions(r) for r in rs]
+        keys = [PERTURBED_KEY + n for n in names]
+        if all(p is not None and all(k in p for k in keys) for p in preds) and _same_test_set(preds):
+            preds_of[key] = preds
+    cells = []
+    for (method, frac), preds in sorted(preds_of.items(), key=lambda kv: (kv[0][0] != baseline, kv[0][0], -kv[0][1])):
+        y, g = preds[0]["labels"], preds[0]["patients"]
+        base = preds_of.get((baseline, frac))
+        paired = method != baseline and base is not None and _same_test_set([preds[0], base[0]])
+        cl = clean.get((method, frac), {})
+        comp = comps.get((method, frac))
+        cell = {
+            "method": method,
+            "fraction": frac,
+            "seeds": sorted(r.get("seed") for r in by[(method, frac)]),
+            "clean": {
+                "auc": cl.get("auc"),
+                **({"diff": comp["diff"], "p": comp["p_bootstrap"]} if comp else {}),
+            },
+            "perturbed": {},
+        }
+        for n in names:
+            probs = Models([p[PERTURBED_KEY + n] for p in preds])
+            a = bootstrap_ci(y, probs, groups=g, n_resamples=n_resamples, seed=seed, metrics=("auc",))["auc"]
+            entry = {"auc": {k: a[k] for k in ("value", "low", "high")}}
+            if paired:
+                b = Models([p[PERTURBED_KEY + n] for p in base])
+                pb = paired_bootstrap(y, probs, b, groups=g, n_resamples=n_resamples, seed=seed, metrics=["auc"])
+                entry.update(diff=pb["auc"]["diff"], low=pb["auc"]["low"], high=pb["auc"]["high"], p=pb["auc"]["p"])
+            cell["perturbed"][n] = entry
+        cells.append(cell)
+    return {
+        "perturbations": defs,
+        "noise_seed": done[0]["robustness"].get("noise_seed"),
+        "fractions": fracs,
+        "baseline": baseline,
+        "cells": cells,
+    }
+
+
+def _p_text(p: float, n_resamples: int) -> str:
+    floor = 2 / (n_resamples + 1)  # the smallest p the bootstrap can give
+    return f"≤ {floor:.2g}" if p <= floor * (1 + 1e-9) else f"{p:.2g}"
+
+
+def _robustness_markdown(rob: dict | None, n_resamples: int) -> str:
+    if not rob:
+        return ""
+    defs = rob["perturbations"]
+    what = ", ".join(d["label"] for d in defs)
+    lines = [
+        "## Robustness: test AUC under fixed perturbations of the test slices",
+        "",
+        f"Every test slice perturbed in HU before windowing and resizing ({what}; noise per pixel of the model's "
+        f"input, from fixed seed {rob['noise_seed']}): each method and seed is tested on the same perturbed slices "
+        "(sparkct.eval.robustness). Cells: mean test AUC over seeds [95 % CI, patient bootstrap]; p: paired "
+        f"bootstrap against {rob['baseline']} under the same perturbation.",
+        "",
+    ]
+    for f in rob["fractions"]:
+        cells = [c for c in rob["cells"] if c["fraction"] == f]
+        if not cells:
+            continue
+        lines += [f"### {_pct(f)} of the labelled training patients", ""]
+        lines.append("| method | clean | " + " | ".join(d["label"] for d in defs) + " |")
+        lines.append("|---|---|" + "---|" * len(defs))
+        for c in cells:
+            row = []
+            for e in [c["clean"], *(c["perturbed"][d["name"]] for d in defs)]:
+                a = e.get("auc")
+                txt = "–" if a is None else f"{_fmt(a['value'])} [{_fmt(a['low'])}, {_fmt(a['high'])}]"
+                if "p" in e:
+                    txt += f" (p {_p_text(e['p'], n_resamples)})"
+                row.append(txt)
+            lines.append(f"| {c['method']} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def robustness_figure(rob: dict, title: str, caption: str = ""):
+    """The figure of robustness.png: one panel per kind of perturbation, test AUC (mean over seeds)
+    against its level (the clean test at the level that changes nothing), a line per method, solid at
+    the largest fraction and dashed at the smallest; a chance line at 0.5; `caption` under the panels."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
+
+    kinds: dict = {}
+    for d in rob["perturbations"]:
+        kinds.setdefault(d["kind"], []).append(d)
+    methods = sorted({c["method"] for c in rob["cells"]}, key=lambda m: (m != rob["baseline"], m))
+    fig, axs = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds) + 1.6, 3.6), dpi=120, sharey=True, squeeze=False)
+    styles = dict(zip(rob["fractions"], ("-", "--")))
+    for ax, ds in zip(axs[0], kinds.values()):
+        for i, m in enumerate(methods):
+            for f, ls in styles.items():
+                c = next((c for c in rob["cells"] if c["method"] == m and c["fraction"] == f), None)
+                if c is None:
+                    continue
+                pts = [(d["level"], c["perturbed"][d["name"]]["auc"]["value"]) for d in ds]
+                if c["clean"].get("auc"):
+                    pts.append((ds[0]["identity_level"], c["clean"]["auc"]["value"]))
+                x, y = zip(*sorted(pts))
+                base = m == rob["baseline"]
+                ax.plot(
+                    x,
+                    y,
+                    ls=ls,
+                    marker="s" if base else "o",
+                    ms=4,
+                    lw=1.2,
+                    color="black" if base else f"C{i}",
+                    label=(f"{m} (baseline)" if base else m) if f == rob["fractions"][0] else None,
+                )
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (AUC 0.5)" if ax is axs[0][0] else None)
+        ax.axvline(ds[0]["identity_level"], color="grey", lw=0.6, alpha=0.5)
+        ax.set_title(ds[0]["kind_label"], fontsize=9)
+        ax.set_xlabel(ds[0]["unit"], fontsize=8)
+        ax.grid(alpha=0.3)
+    axs[0][0].set_ylabel("test AUC (mean over seeds)")
+    handles, labels = axs[0][0].get_legend_handles_labels()
+    for f, ls in styles.items():
+        handles.append(plt.Line2D([], [], color="grey", ls=ls))
+        labels.append(f"{100 * f:g}% labelled")
+    fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle(title, fontsize=9)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * caption.count("\n"), 1, 1))
+    return fig
+
+
+def _robustness_caption(rob: dict, runs: list[dict], data: str | None = None) -> str:
+    done = [r for r in runs if r.get("status", "done") == "done"]
+    t = done[0].get("task", {}) if done else {}
+    test = t.get("test", {})
+    item = "slices" if t.get("kind") == "cache" else "images"
+    return (
+        f"data: {data or t.get('source', '?')}; test set: {test.get('patients', '?')} patients, "
+        f"{test.get('items', '?')} {item}, each perturbed in HU before windowing (fixed seed)\n"
+        "the unperturbed test at the level that changes nothing; CIs and paired tests in results.md"
+    )
+
+
+def _plot_robustness(rob: dict, path: str, title: str, caption: str) -> None:
+    import matplotlib  # noqa: PLC0415 (lazy: optional dependency)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
+
+    fig = robustness_figure(rob, title, caption)
+    with sio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def _reference_lines(ref: dict | None) -> list[str]:
+    """The no-training reference (sparkct.eval.reference) below the AUC table: its validation and test
+    AUC, never a method of the table or of the paired tests."""
+    if not ref:
+        return []
+    if "test" not in ref:
+        return [f"Reference without training, {ref.get('name')}: not computed ({ref.get('skipped', '?')}).", ""]
+
+    def auc(split):
+        a = ref[split]["auc"]
+        return f"{_fmt(a['value'])} [{_fmt(a['low'])}, {_fmt(a['high'])}]"
+
+    t = ref["test"]
+    return [
+        f"Reference without training, **{ref['name']}**: test AUC {auc('test')}, validation AUC {auc('val')} "
+        f"({t['n_units']} test {t['unit']}s of {t['n_patients']} patients): each slice scored by its strongest "
+        f"scale-normalised Laplacian-of-Gaussian blob response inside a lung mask, on {ref['input']}, sigmas "
+        f"{', '.join(f'{v:g}' for v in ref['sigmas_px'])} px for nodules of "
+        f"{ref['diameters_mm'][0]:g}-{ref['diameters_mm'][1]:g} mm at {ref['pixel_mm']:g} mm per pixel "
+        f"({ref['pixel_size']}). A check on the task's difficulty, not a method: not in the paired tests.",
+        "",
+    ]
 
 
 def load_results(path: str) -> dict:

@@ -386,3 +386,37 @@ def test_results_state_data_overrides_protocol_and_fractions(experiment, eval_ca
         md = f.read()
     for k in ("pretraining data", "labelled training set per fraction", "fine-tuning lr", "fine-tuning protocol"):
         assert f"- {k}: " in md
+
+
+def test_report_robustness_and_the_no_training_reference(experiment):
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from sparkct.eval.config import PERTURBED_KEY
+    from sparkct.eval.reference import NAME
+    from sparkct.eval.robustness import PERTURBATIONS
+
+    out = experiment["out"]
+    md = open(os.path.join(out, "results.md")).read()
+    res = _results(out)
+    # every fine-tuning run was tested under every perturbation, its probabilities kept
+    rob = res["robustness"]
+    assert [d["name"] for d in rob["perturbations"]] == [p.name for p in PERTURBATIONS]
+    assert rob["fractions"] == [1.0, 0.5] and len(rob["cells"]) == 4
+    for r in res["runs"]:
+        z = np.load(os.path.join(r["run_dir"], "predictions.npz"))
+        cell = next(c for c in rob["cells"] if c["method"] == r["method"] and c["fraction"] == r["fraction"])
+        for d in r["robustness"]["perturbations"]:
+            auc = roc_auc_score(z["labels"], z[PERTURBED_KEY + d["name"]][:, 1])
+            assert d["auc"]["value"] == pytest.approx(auc)
+            assert cell["perturbed"][d["name"]]["auc"]["value"] == pytest.approx(auc)  # one seed: the run's
+    sec = md.split("## Robustness")[1]
+    assert "### 100 % of the labelled" in sec and "### 50 % of the labelled" in sec
+    with Image.open(os.path.join(out, "robustness.png")) as im:
+        assert im.format == "PNG"
+    # the reference: computed once, its own line, not a method
+    ref = res["reference"]
+    assert ref["name"] == NAME and set(ref["val"]) >= {"auc", "unit", "n_units"} and ref["test"]["unit"] == "patient"
+    assert f"Reference without training, **{NAME}**: test AUC" in md
+    assert not any(c["method"] == NAME for c in res["cells"])
+    assert sum(ln.startswith(f"reference, {NAME}") for ln in experiment["log"]) == 1
