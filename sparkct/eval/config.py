@@ -58,8 +58,8 @@ class FinetuneConfig:
         default=0,
     )
     robustness: bool = option(
-        "after testing, test again under each fixed perturbation of the test slices (HU shift and scale, "
-        "noise, rotation, scaling; sparkct.eval.robustness; CT only)",
+        "skip the robustness test (by default the tested model is tested again under each fixed perturbation "
+        "of the test slices: HU shift and scale, noise, rotation, scaling; sparkct.eval.robustness; CT only)",
         default=True,
         negate=True,
     )
