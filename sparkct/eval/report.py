@@ -5,6 +5,10 @@
   difference with its paired-bootstrap CI and p-value, and DeLong's p where test units are
   independent (one per patient); the data, sizes, epochs and failed runs are stated above the tables;
 - ``auc_vs_fraction.png``: AUC against the labelled fraction, one line per method with its CI band;
+- ``robustness.png`` and a Robustness section of ``results.md``, where runs were tested under the fixed
+  perturbations of :mod:`sparkct.eval.robustness`: per method the AUC under each, with the paired
+  bootstrap against the baseline under the same perturbation; the no-training reference
+  (:mod:`sparkct.eval.reference`), when given, is a line below the AUC table, never a method;
 - ``results.json``: every number (per run, per cell, per comparison), the configs, versions, timings;
 - ``runs.csv``: one row per fine-tuning run (failed ones too).
 
