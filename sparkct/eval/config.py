@@ -21,11 +21,15 @@ SMALL_DATA_OVERRIDES = {**BUILTIN_DATA_OPTIONS, "finetune.base_lr": 4e-3}
 #: checkpoints almost at random; real data keeps the larger training share
 BUILTIN_SPLIT, DATA_SPLIT = "0.4,0.3,0.3", "0.5,0.2,0.3"
 
-__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES", "PROBE_TARGETS", "PROTOCOLS"]
+__all__ = ["FinetuneConfig", "ExperimentConfig", "SMALL_DATA_OVERRIDES", "PROBE_TARGETS", "PROTOCOLS", "PERTURBED_KEY"]
 
 #: the experiment's fine-tuning protocols (--protocols): full fine-tuning, and the linear probe (the backbone
 #: frozen throughout), which the published comparisons report beside it
 PROTOCOLS = ("finetune", "linear")
+
+#: predictions.npz of a fine-tuning run holds its test probabilities under each robustness perturbation as
+#: PERTURBED_KEY + the perturbation's name (sparkct.eval.robustness; here so the report needs no torch)
+PERTURBED_KEY = "perturbed_"
 
 #: what ``sparkct eval probe`` can predict (sparkct.eval.probe; here so the CLI parser needs no numpy)
 PROBE_TARGETS = ("sex", "age_band", "manufacturer", "kernel", "kvp")
@@ -56,6 +60,12 @@ class FinetuneConfig:
         "validate at the end of the epoch that completes every N optimizer steps, and after the last "
         "(0: after every epoch); with small fractions an epoch is a step or two",
         default=0,
+    )
+    robustness: bool = option(
+        "skip the robustness test (by default the tested model is tested again under each fixed perturbation "
+        "of the test slices: HU shift and scale, noise, rotation, scaling; sparkct.eval.robustness; CT only)",
+        default=True,
+        negate=True,
     )
     keep_checkpoints: bool = option(
         "keep the run's checkpoints and backbone.pt after testing (default: only tested.pt, the tested "

@@ -4,8 +4,11 @@ For each selected method: pretrain a backbone on the unlabelled CT (one run of t
 fine-tune it, and a randomly initialized baseline, on nested class-stratified fractions of the labelled
 training patients for several seeds, and (--protocols) train a linear probe of each beside it (the
 backbone frozen throughout, on the same patients with the same steps), test every model on the same
-held-out patients with bootstrap CIs, and write the report (``results.md``, ``auc_vs_fraction.png``,
-``convergence.png``, ``results.json``, ``runs.csv``) into the experiment folder.
+held-out patients with bootstrap CIs, and every fully fine-tuned model under fixed perturbations of the
+test slices (sparkct.eval.robustness), score the task with a detector that needs no training
+(sparkct.eval.reference) as a check on its difficulty, and write the report (``results.md``,
+``auc_vs_fraction.png``, ``convergence.png``, ``robustness.png``, ``results.json``, ``runs.csv``) into the
+experiment folder.
 
 Without data it runs on the built-in synthetic chest CT: a pretraining pool and a disjoint labelled task
 (nodule present / absent per slice, from ``sparkct data synth``'s ``slice_labels.csv``), sized for a 2-core
@@ -41,6 +44,8 @@ from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, Finetune
 from sparkct.eval.data import load_task
 from sparkct.eval.finetune import Classifier, check_test_set, finetune
 from sparkct.eval.overlap import Overlap, find_overlap, without_patients
+from sparkct.eval.reference import DIAMETERS_MM, blob_reference
+from sparkct.eval.reference import NAME as REFERENCE_NAME
 from sparkct.eval.report import collect_runs, run_protocol, write_report
 from sparkct.models import get_method
 from sparkct.train.config import TrainConfig, config_to_dict
@@ -508,6 +513,22 @@ def _overlap_lines(overlap: Overlap | None, allowed: bool) -> tuple[str, str | N
     return f"{what}, allowed by --allow-overlap", note if allowed else None
 
 
+def _reference(cfg: ExperimentConfig, task, log) -> dict:
+    """The no-training reference on the task's validation and test splits (the same for every run): the
+    blob detector, its sigmas matched to the built-in data's nodule diameters, or to lung nodules' range."""
+    if task.kind != "cache" or task.n_classes != 2:
+        return {"name": REFERENCE_NAME, "skipped": f"it scores nodules in HU: needs two classes of CT, not {task.kind}"}
+    diameters = (cfg.synth_min_nodule, DIAMETERS_MM[1]) if cfg.data is None else DIAMETERS_MM
+    t0 = time.perf_counter()
+    ref = blob_reference(task, crop=cfg.crop, diameters_mm=diameters, n_resamples=cfg.resamples)
+    a, v = ref["test"]["auc"], ref["val"]["auc"]
+    log(
+        f"reference, {REFERENCE_NAME}: AUC {v['value']:.4f} on validation, {a['value']:.4f} on test (95% CI "
+        f"{a['low']:.4f}-{a['high']:.4f}) ({time.perf_counter() - t0:.1f} s)"
+    )
+    return ref
+
+
 def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     """Run (or resume) the experiment; returns the report's paths."""
     cfg.validate()
@@ -520,8 +541,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     ft_opts = overrides.get("finetune", {})
     ft_cfg, fcfg = _finetune_configs(cfg, ft_opts)
     protocols = cfg.protocol_list()
-    # the probe differs from fine-tuning in linear_probe alone: same patients, steps, lr and validation
-    arm_cfgs = {"finetune": fcfg, "linear": dataclasses.replace(fcfg, linear_probe=True)}
+    # the probe differs from fine-tuning in linear_probe alone: same patients, steps, lr and validation; the
+    # robustness test is of the fully fine-tuned models only (the report's Robustness section compares those)
+    arm_cfgs = {"finetune": fcfg, "linear": dataclasses.replace(fcfg, linear_probe=True, robustness=False)}
     out = cfg.out
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "data")
@@ -790,6 +812,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         config={**dataclasses.asdict(cfg), "overrides": overrides},
         stale=stale,
         notice=overlap_note,
+        reference=_reference(cfg, task0, log),
     )
     log(f"report: {', '.join(paths.values())} ({(time.perf_counter() - t_start) / 60:.1f} min)")
     return paths

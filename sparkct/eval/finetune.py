@@ -19,7 +19,9 @@ BatchNorm statistics stay those of the initialization) and gets no gradient, whi
 
 :func:`finetune` runs one fine-tuning (init, data fraction, seed) into a run folder and tests the best
 checkpoint: ``result.json`` (test metrics with bootstrap CIs, validation history, sizes, timing) and
-``predictions.npz`` (test probabilities per evaluation unit, for paired comparisons between methods).
+``predictions.npz`` (test probabilities per evaluation unit, for paired comparisons between methods);
+with ``robustness`` (default) also the test AUC under each fixed perturbation of the test slices
+(:mod:`sparkct.eval.robustness`) and those probabilities.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from sparkct.data.augment import CTAugment, CTResize
 from sparkct.data.datasets import SliceLoader
 from sparkct.data.windows import resolve_windows
 from sparkct.errors import UserError
-from sparkct.eval.config import FinetuneConfig
+from sparkct.eval.config import PERTURBED_KEY, FinetuneConfig
 from sparkct.eval.metrics import bootstrap_ci, compute_metrics, units_per_class
+from sparkct.eval.robustness import evaluate_robustness, robustness_summary
 from sparkct.models.backbone import build_backbone, feature_dim
 from sparkct.models.base import Method
 from sparkct.train import checkpoint as C
@@ -224,25 +227,40 @@ class Classifier(Method):
         return out
 
 
+def _as_read(hu: torch.Tensor) -> torch.Tensor:
+    return hu
+
+
 @torch.no_grad()
-def predict(model: Classifier, dataset, *, batch: int = 128, crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: Classifier, dataset, *, batch: int = 128, crop: int | None = None, perturbation=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities (N, K), labels (N,)) of every item of `dataset`, in order, with the
-    evaluation transform (the whole slice resized to the crop size, windowed), in eval mode."""
+    evaluation transform (the whole slice resized to the crop size, windowed), in eval mode.
+    `perturbation`: a :class:`sparkct.eval.robustness.Perturbation` applied to every slice in HU."""
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
     try:
+        tf = eval_transform(crop or model.crop, model.windows)
         loader = SliceLoader(
             dataset,
             batch,
             shuffle=False,
             drop_last=False,
             device=dev,
-            transform=eval_transform(crop or model.crop, model.windows),
+            # perturbed: the loader gives the HU as read, and the perturbation, which needs each slice's
+            # index, runs the evaluation transform itself
+            transform=tf if perturbation is None else _as_read,
             tune_malloc=False,
         )
+        # unshuffled, the batches are the items in order; a perturbation seeds its noise by the slice index
+        ids, start = (np.asarray(dataset.indices) if perturbation is not None else None), 0
         probs, ys = [], []
         for x, y in loader:
+            if perturbation is not None:
+                x = perturbation(x, ids[start : start + len(x)], tf)
+            start += len(x)
             x = x.to(dev)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -270,6 +288,26 @@ def _units(dataset, aggregate: str, level: str | None) -> tuple[str, np.ndarray 
     return "item", None
 
 
+def pool_units(dataset, scores: np.ndarray, y: np.ndarray, *, aggregate: str = "auto", level: str | None = None):
+    """(unit kind, scores, labels, patients) per evaluation unit from per-item `scores` ((N,) or (N, K)):
+    with aggregate 'series' / 'patient' (auto: the labels' level) a unit's score is the mean of its
+    slices' and its label the largest of theirs."""
+    pats = np.asarray(dataset.patients)
+    unit, ids = _units(dataset, aggregate, level)
+    if ids is not None:
+        uniq, inv = np.unique(ids, return_inverse=True)
+        cnt = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+        p = np.zeros((len(uniq), *scores.shape[1:]))
+        np.add.at(p, inv, scores)
+        scores = p / cnt.reshape(-1, *[1] * (scores.ndim - 1))
+        lab = np.full(len(uniq), -1, np.int64)
+        np.maximum.at(lab, inv, y)
+        up = np.zeros(len(uniq), np.int64)
+        up[inv] = pats
+        y, pats = lab, up
+    return unit, scores, y, pats
+
+
 def evaluate(
     model: Classifier,
     dataset,
@@ -280,6 +318,7 @@ def evaluate(
     seed: int = 0,
     confidence: float = 0.95,
     batch: int = 128,
+    perturbation=None,
 ) -> dict:
     """Test metrics with bootstrap confidence intervals.
 
@@ -287,21 +326,10 @@ def evaluate(
     probability is the mean of its slices' and its label the largest of theirs. The bootstrap resamples
     patients (stratified by class), so slices of one scan never count as independent evidence.
     Returns {"metrics": {name: {value, low, high, se}}, "unit", "n_units", "n_patients", "per_class",
-    "probabilities", "labels", "patients"} (the last three as arrays, for paired comparisons)."""
-    prob, y = predict(model, dataset, batch=batch)
-    pats = np.asarray(dataset.patients)
-    unit, ids = _units(dataset, aggregate, level)
-    if ids is not None:
-        uniq, inv = np.unique(ids, return_inverse=True)
-        cnt = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
-        p = np.zeros((len(uniq), prob.shape[1]))
-        np.add.at(p, inv, prob)
-        prob = p / cnt[:, None]
-        lab = np.full(len(uniq), -1, np.int64)
-        np.maximum.at(lab, inv, y)
-        up = np.zeros(len(uniq), np.int64)
-        up[inv] = pats
-        y, pats = lab, up
+    "probabilities", "labels", "patients"} (the last three as arrays, for paired comparisons).
+    `perturbation`: tested on perturbed slices (see :mod:`sparkct.eval.robustness`)."""
+    prob, y = predict(model, dataset, batch=batch, perturbation=perturbation)
+    unit, prob, y, pats = pool_units(dataset, prob, y, aggregate=aggregate, level=level)
     ci = bootstrap_ci(y, prob, groups=pats, n_resamples=n_resamples, seed=seed, confidence=confidence)
     return {
         "metrics": ci,
@@ -455,6 +483,8 @@ def finetune(
         seed=cfg.seed,
         batch=config.eval_batch,
     )
+    t_test = time.perf_counter() - t1
+    robust, t_robust = _test_robustness(model, task, config, aggregate, n_resamples, cfg.seed, log)
     history = _read_history(cfg.out)
     result = {
         "method": name or init_name(init),
@@ -475,13 +505,21 @@ def finetune(
         "tested_checkpoint": {"path": state["path"], "step": int(state["step"]), "best_val_auc": state.get("best")},
         "test": {k: v for k, v in res.items() if k not in ("probabilities", "labels", "patients")},
         "val_history": history,
-        "seconds": {"train": round(train_s, 2), "test": round(time.perf_counter() - t1, 2)},
+        "seconds": {"train": round(train_s, 2), "test": round(t_test, 2)},
         "summary": {k: summary.get(k) for k in ("steps", "total_steps", "seconds", "images_per_s")} if summary else {},
     }
+    if robust is not None:
+        result["robustness"] = robustness_summary(robust)
+        result["seconds"]["robustness"] = round(t_robust, 2)
     if D.is_main():
         sio.write_npz_atomic(
             os.path.join(cfg.out, "predictions.npz"),
-            {"probabilities": res["probabilities"], "labels": res["labels"], "patients": res["patients"]},
+            {
+                "probabilities": res["probabilities"],
+                "labels": res["labels"],
+                "patients": res["patients"],
+                **{PERTURBED_KEY + k: v["probabilities"] for k, v in (robust or {}).items()},
+            },
         )
         if not config.keep_checkpoints:  # the tested weights first: result.json names them
             result["tested_weights"] = _save_tested(cfg.out, model)
@@ -494,6 +532,33 @@ def finetune(
         f"{res['n_units']} {res['unit']}s of {res['n_patients']} patients; {cfg.out}/result.json"
     )
     return result
+
+
+def _test_robustness(model, task, config, aggregate, n_resamples, seed, log) -> tuple[dict | None, float]:
+    """(the tested model's results under each of the robustness PERTURBATIONS, or None where not tested;
+    seconds). The perturbations are in HU: image sets (pseudo-HU) are not tested."""
+    if not config.robustness:
+        return None, 0.0
+    if task.kind != "cache":
+        log(f"robustness not tested: its perturbations are in HU, and {task.kind} images are not CT")
+        return None, 0.0
+    t0 = time.perf_counter()
+    robust = evaluate_robustness(
+        model,
+        task.test,
+        aggregate=aggregate,
+        level=task.level,
+        n_resamples=n_resamples,
+        seed=seed,
+        batch=config.eval_batch,
+    )
+    auc = {k: r["metrics"]["auc"]["value"] for k, r in robust.items()}
+    worst = min(auc, key=auc.get)
+    log(
+        f"robustness: AUC {min(auc.values()):.4f}-{max(auc.values()):.4f} under {len(auc)} perturbations of the "
+        f"test slices, lowest under {worst} ({time.perf_counter() - t0:.1f} s)"
+    )
+    return robust, time.perf_counter() - t0
 
 
 #: what a fine-tuning run keeps besides its result, predictions, metrics, config and plots, unless

@@ -11,6 +11,10 @@
 - ``convergence.png`` and the Convergence table of results.md: validation AUC against the fine-tuning
   step, and the steps each method needs to reach 95 % of the baseline's best validation AUC
   (:mod:`sparkct.eval.convergence`), where the fine-tuning runs recorded a validation history;
+- ``robustness.png`` and a Robustness section of ``results.md``, where fine-tuning runs were tested under
+  the fixed perturbations of :mod:`sparkct.eval.robustness`: per method the AUC under each, with the paired
+  bootstrap against the baseline under the same perturbation; the no-training reference
+  (:mod:`sparkct.eval.reference`), when given, is a line below the first AUC table, never a method;
 - ``results.json``: every number (per run, per cell, per comparison), the configs, versions, timings;
 - ``runs.csv``: one row per fine-tuning run (failed ones too).
 
@@ -38,10 +42,19 @@ import numpy as np
 
 from sparkct import io as sio
 from sparkct.errors import UserError
+from sparkct.eval.config import PERTURBED_KEY
 from sparkct.eval.convergence import convergence, convergence_figure
 from sparkct.eval.metrics import Models, bootstrap_ci, coverage_note, delong_test, paired_bootstrap
 
-__all__ = ["collect_runs", "aggregate", "write_report", "run_protocol", "RUN_FIELDS", "PROTOCOL_NAMES"]
+__all__ = [
+    "collect_runs",
+    "aggregate",
+    "robustness_aggregate",
+    "write_report",
+    "run_protocol",
+    "RUN_FIELDS",
+    "PROTOCOL_NAMES",
+]
 
 #: how the report names each protocol (sparkct.eval.config.PROTOCOLS), in the order of its tables
 PROTOCOL_NAMES = {"finetune": "full fine-tuning", "linear": "linear probe"}
@@ -260,7 +273,8 @@ def _coverage_lines(runs: list[dict]) -> list[str]:
 
 def _markdown(aggs: dict[str, dict], runs: list[dict], meta: dict, conv: dict | None = None) -> str:
     """results.md: the header, per protocol (`aggs`: protocol -> aggregate) the AUC table and the paired
-    comparison, the Convergence table (`conv`), the failed runs."""
+    comparison, the no-training reference (meta["reference"]) below the first table, the Convergence table
+    (`conv`), the failed runs."""
     lines = ["# Fine-tuning results", ""]
     if meta.get("notice"):
         lines += [f"> **Warning:** {meta['notice']}", ""]
@@ -268,7 +282,8 @@ def _markdown(aggs: dict[str, dict], runs: list[dict], meta: dict, conv: dict | 
     lines.append("")
     footnote = True  # DeLong's footnote, once
     for i, (protocol, agg) in enumerate(aggs.items()):
-        section = _auc_section(agg, runs if i == 0 else [], protocol, footnote)
+        first = i == 0  # full fine-tuning's where it ran
+        section = _auc_section(agg, runs if first else [], protocol, footnote, meta.get("reference") if first else None)
         footnote = footnote and "¹ DeLong's test" not in "\n".join(section)
         lines += section
     if conv and conv["rows"]:
@@ -285,10 +300,13 @@ def _markdown(aggs: dict[str, dict], runs: list[dict], meta: dict, conv: dict | 
     return "\n".join(lines)
 
 
-def _auc_section(agg: dict, runs: list[dict], protocol: str, footnote: bool) -> list[str]:
+def _auc_section(
+    agg: dict, runs: list[dict], protocol: str, footnote: bool, reference: dict | None = None
+) -> list[str]:
     """One protocol's AUC table and paired comparison with the baseline of the same protocol; `runs`: for
     the coverage note (given to the first table only); `footnote`: whether DeLong's footnote is still to
-    be written where a p is n/a."""
+    be written where a p is n/a; `reference`: the no-training reference, a line below the table (given to
+    the first table only)."""
     cells = agg["cells"]
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != agg["baseline"], m))
     fracs = sorted({c["fraction"] for c in cells}, reverse=True)
@@ -328,6 +346,7 @@ def _auc_section(agg: dict, runs: list[dict], protocol: str, footnote: bool) -> 
             row.append(txt)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Bold: the best mean AUC of the column. n: seeds that finished.", ""]
+    lines += _reference_lines(reference)
     lines += _coverage_lines(runs)
     comps = [c for c in agg["comparisons"] if "diff" in c]
     if comps:
@@ -620,14 +639,16 @@ def write_report(
     config: dict | None = None,
     stale: list[dict] | None = None,
     notice: str | None = None,
+    reference: dict | None = None,
 ) -> dict[str, str]:
-    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`, and convergence.png
-    where fine-tuning runs recorded a validation history; returns their paths. Each protocol (full
-    fine-tuning, linear probe: :func:`run_protocol`) is aggregated and compared with its own baseline runs;
-    results.json's cells and comparisons name their ``protocol``. `extra`: lines for the header (e.g.
-    pretraining sizes); `config`: the experiment's config for results.json; `stale`: runs with other
-    settings, listed (results.md, results.json), never aggregated; `notice`: a warning for the top of
-    results.md."""
+    """Write results.md, auc_vs_fraction.png, results.json and runs.csv into `out`, convergence.png where
+    fine-tuning runs recorded a validation history, and robustness.png where fine-tuning runs were tested
+    under the robustness perturbations; returns their paths. Each protocol (full fine-tuning, linear probe:
+    :func:`run_protocol`) is aggregated and compared with its own baseline runs; results.json's cells and
+    comparisons name their ``protocol``. `extra`: lines for the header (e.g. pretraining sizes); `config`:
+    the experiment's config for results.json; `stale`: runs with other settings, listed (results.md,
+    results.json), never aggregated; `notice`: a warning for the top of results.md; `reference`: the
+    no-training reference (:func:`sparkct.eval.reference.blob_reference`), a line below the first AUC table."""
     if not runs:
         raise UserError("no runs to report")
     _refuse_duplicates(runs)
@@ -642,6 +663,13 @@ def write_report(
     conv = convergence(groups.get("finetune", []), baseline=baseline)
     meta = _meta(runs, extra)
     meta["notice"] = notice
+    meta["reference"] = reference
+    # robustness is a test of the fully fine-tuned models, against the baseline's fine-tuned runs
+    rob = (
+        robustness_aggregate(groups["finetune"], aggs["finetune"], n_resamples=n_resamples)
+        if "finetune" in aggs
+        else None
+    )
     paths = {
         k: os.path.join(out, f)
         for k, f in (
@@ -653,7 +681,13 @@ def write_report(
     }
     if conv["rows"]:
         paths["convergence"] = os.path.join(out, "convergence.png")
-    sio.write_text_atomic(paths["md"], _markdown(aggs, runs, meta, conv) + "\n" + _stale_markdown(stale or []))
+    sio.write_text_atomic(
+        paths["md"],
+        _markdown(aggs, runs, meta, conv)
+        + "\n"
+        + _robustness_markdown(rob, n_resamples)
+        + _stale_markdown(stale or []),
+    )
     done = [r for r in runs if r.get("status", "done") == "done"]
     about = ""
     if done:
@@ -677,6 +711,16 @@ def write_report(
             ),
             paths["convergence"],
         )
+    if rob is not None:
+        paths["robustness"] = os.path.join(out, "robustness.png")
+        rob_caption = _data_line(groups["finetune"], data) + (
+            ", each perturbed in HU before windowing (fixed seed)\nthe unperturbed test at the level that "
+            "changes nothing; CIs and paired tests in results.md"
+        )
+        _save_figure(
+            lambda: robustness_figure(rob, "test AUC under perturbations of the test slices" + about, rob_caption),
+            paths["robustness"],
+        )
     rows = [_row(r) for r in runs]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RUN_FIELDS), lineterminator="\n")
@@ -694,6 +738,8 @@ def write_report(
             "header": dict(meta["lines"]),
             "cells": [c for a in aggs.values() for c in a["cells"]],
             "comparisons": [c for a in aggs.values() for c in a["comparisons"]],
+            "robustness": rob,
+            "reference": reference,
             "baseline": baseline,
             "n_resamples": n_resamples,
             "runs": slim,
@@ -714,6 +760,195 @@ def write_report(
         },
     )
     return paths
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+
+def _robust_fractions(fracs: list[float]) -> list[float]:
+    """The fractions the robustness section reports: the largest and the smallest (each a full table of
+    perturbations with paired tests; the ones between add little and cost a bootstrap per cell)."""
+    fr = sorted(set(fracs), reverse=True)
+    return fr[:1] + fr[-1:] if len(fr) > 1 else fr
+
+
+def robustness_aggregate(runs: list[dict], agg: dict, *, n_resamples: int = 1000, seed: int = 0) -> dict | None:
+    """Per method, at the largest and smallest fraction, the test AUC under each robustness perturbation
+    (mean over seeds with its patient-bootstrap CI, as the clean cells of `agg`) and its paired bootstrap
+    against the baseline under the same perturbation; None where no run was tested for robustness.
+    Perturbations are those every robustness-tested run holds, in their runs' order."""
+    done = [r for r in runs if r.get("status", "done") == "done" and r.get("robustness")]
+    if not done:
+        return None
+    held = [{d["name"] for d in r["robustness"]["perturbations"]} for r in done]
+    defs = [
+        {k: v for k, v in d.items() if k not in ("auc", "n_units", "n_patients")}
+        for d in done[0]["robustness"]["perturbations"]
+        if all(d["name"] in h for h in held)
+    ]
+    names = [d["name"] for d in defs]
+    baseline = agg["baseline"]
+    fracs = _robust_fractions([float(r["fraction"]) for r in done])
+    clean = {(c["method"], c["fraction"]): c for c in agg["cells"]}
+    comps = {(c["method"], c["fraction"]): c for c in agg["comparisons"] if "diff" in c}
+    by: dict = defaultdict(list)
+    for r in runs:
+        if r.get("status", "done") == "done" and float(r["fraction"]) in fracs:
+            by[(r.get("method", "?"), float(r["fraction"]))].append(r)
+    preds_of = {}
+    for key, rs in by.items():
+        preds = [_predictions(r) for r in rs]
+        keys = [PERTURBED_KEY + n for n in names]
+        if all(p is not None and all(k in p for k in keys) for p in preds) and _same_test_set(preds):
+            preds_of[key] = preds
+    cells = []
+    for (method, frac), preds in sorted(preds_of.items(), key=lambda kv: (kv[0][0] != baseline, kv[0][0], -kv[0][1])):
+        y, g = preds[0]["labels"], preds[0]["patients"]
+        base = preds_of.get((baseline, frac))
+        paired = method != baseline and base is not None and _same_test_set([preds[0], base[0]])
+        cl = clean.get((method, frac), {})
+        comp = comps.get((method, frac))
+        cell = {
+            "method": method,
+            "fraction": frac,
+            "seeds": sorted(r.get("seed") for r in by[(method, frac)]),
+            "clean": {
+                "auc": cl.get("auc"),
+                **({"diff": comp["diff"], "p": comp["p_bootstrap"]} if comp else {}),
+            },
+            "perturbed": {},
+        }
+        for n in names:
+            probs = Models([p[PERTURBED_KEY + n] for p in preds])
+            a = bootstrap_ci(y, probs, groups=g, n_resamples=n_resamples, seed=seed, metrics=("auc",))["auc"]
+            entry = {"auc": {k: a[k] for k in ("value", "low", "high")}}
+            if paired:
+                b = Models([p[PERTURBED_KEY + n] for p in base])
+                pb = paired_bootstrap(y, probs, b, groups=g, n_resamples=n_resamples, seed=seed, metrics=["auc"])
+                entry.update(diff=pb["auc"]["diff"], low=pb["auc"]["low"], high=pb["auc"]["high"], p=pb["auc"]["p"])
+            cell["perturbed"][n] = entry
+        cells.append(cell)
+    return {
+        "perturbations": defs,
+        "noise_seed": done[0]["robustness"].get("noise_seed"),
+        "fractions": fracs,
+        "baseline": baseline,
+        "cells": cells,
+    }
+
+
+def _p_text(p: float, n_resamples: int) -> str:
+    floor = 2 / (n_resamples + 1)  # the smallest p the bootstrap can give
+    return f"≤ {floor:.2g}" if p <= floor * (1 + 1e-9) else f"{p:.2g}"
+
+
+def _robustness_markdown(rob: dict | None, n_resamples: int) -> str:
+    if not rob:
+        return ""
+    defs = rob["perturbations"]
+    what = ", ".join(d["label"] for d in defs)
+    lines = [
+        "## Robustness: test AUC under fixed perturbations of the test slices",
+        "",
+        f"Every test slice perturbed in HU before windowing and resizing ({what}; noise per pixel of the model's "
+        f"input, from fixed seed {rob['noise_seed']}): each method and seed is tested on the same perturbed slices "
+        "(sparkct.eval.robustness). Cells: mean test AUC over seeds [95 % CI, patient bootstrap]; p: paired "
+        f"bootstrap against {rob['baseline']} under the same perturbation.",
+        "",
+    ]
+    for f in rob["fractions"]:
+        cells = [c for c in rob["cells"] if c["fraction"] == f]
+        if not cells:
+            continue
+        lines += [f"### {_pct(f)} of the labelled training patients", ""]
+        lines.append("| method | clean | " + " | ".join(d["label"] for d in defs) + " |")
+        lines.append("|---|---|" + "---|" * len(defs))
+        for c in cells:
+            row = []
+            for e in [c["clean"], *(c["perturbed"][d["name"]] for d in defs)]:
+                a = e.get("auc")
+                txt = "–" if a is None else f"{_fmt(a['value'])} [{_fmt(a['low'])}, {_fmt(a['high'])}]"
+                if "p" in e:
+                    txt += f" (p {_p_text(e['p'], n_resamples)})"
+                row.append(txt)
+            lines.append(f"| {c['method']} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def robustness_figure(rob: dict, title: str, caption: str = ""):
+    """The figure of robustness.png: one panel per kind of perturbation, test AUC (mean over seeds)
+    against its level (the clean test at the level that changes nothing), a line per method, solid at
+    the largest fraction and dashed at the smallest; a chance line at 0.5; `caption` under the panels."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
+
+    kinds: dict = {}
+    for d in rob["perturbations"]:
+        kinds.setdefault(d["kind"], []).append(d)
+    methods = sorted({c["method"] for c in rob["cells"]}, key=lambda m: (m != rob["baseline"], m))
+    fig, axs = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds) + 1.6, 3.6), dpi=120, sharey=True, squeeze=False)
+    styles = dict(zip(rob["fractions"], ("-", "--")))
+    for ax, ds in zip(axs[0], kinds.values()):
+        for i, m in enumerate(methods):
+            for f, ls in styles.items():
+                c = next((c for c in rob["cells"] if c["method"] == m and c["fraction"] == f), None)
+                if c is None:
+                    continue
+                pts = [(d["level"], c["perturbed"][d["name"]]["auc"]["value"]) for d in ds]
+                if c["clean"].get("auc"):
+                    pts.append((ds[0]["identity_level"], c["clean"]["auc"]["value"]))
+                x, y = zip(*sorted(pts))
+                base = m == rob["baseline"]
+                ax.plot(
+                    x,
+                    y,
+                    ls=ls,
+                    marker="s" if base else "o",
+                    ms=4,
+                    lw=1.2,
+                    color="black" if base else f"C{i}",
+                    label=(f"{m} (baseline)" if base else m) if f == rob["fractions"][0] else None,
+                )
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (AUC 0.5)" if ax is axs[0][0] else None)
+        ax.axvline(ds[0]["identity_level"], color="grey", lw=0.6, alpha=0.5)
+        ax.set_title(ds[0]["kind_label"], fontsize=9)
+        ax.set_xlabel(ds[0]["unit"], fontsize=8)
+        ax.grid(alpha=0.3)
+    axs[0][0].set_ylabel("test AUC (mean over seeds)")
+    handles, labels = axs[0][0].get_legend_handles_labels()
+    for f, ls in styles.items():
+        handles.append(plt.Line2D([], [], color="grey", ls=ls))
+        labels.append(f"{100 * f:g}% labelled")
+    fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle(title, fontsize=9)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * caption.count("\n"), 1, 1))
+    return fig
+
+
+def _reference_lines(ref: dict | None) -> list[str]:
+    """The no-training reference (sparkct.eval.reference) below the AUC table: its validation and test
+    AUC, never a method of the table or of the paired tests."""
+    if not ref:
+        return []
+    if "test" not in ref:
+        return [f"Reference without training, {ref.get('name')}: not computed ({ref.get('skipped', '?')}).", ""]
+
+    def auc(split):
+        a = ref[split]["auc"]
+        return f"{_fmt(a['value'])} [{_fmt(a['low'])}, {_fmt(a['high'])}]"
+
+    t = ref["test"]
+    return [
+        f"Reference without training, **{ref['name']}**: test AUC {auc('test')}, validation AUC {auc('val')} "
+        f"({t['n_units']} test {t['unit']}s of {t['n_patients']} patients): each slice scored by its strongest "
+        f"scale-normalised Laplacian-of-Gaussian blob response inside a lung mask, on {ref['input']}, sigmas "
+        f"{', '.join(f'{v:g}' for v in ref['sigmas_px'])} px for nodules of "
+        f"{ref['diameters_mm'][0]:g}-{ref['diameters_mm'][1]:g} mm at {ref['pixel_mm']:g} mm per pixel "
+        f"({ref['pixel_size']}). A check on the task's difficulty, not a method: not in the paired tests.",
+        "",
+    ]
 
 
 def load_results(path: str) -> dict:

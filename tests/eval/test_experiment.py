@@ -433,3 +433,52 @@ def test_convergence_from_the_fine_tuning_runs(experiment):
     assert "| target (val AUC) |" in md and "validated every 1 step(s)" in md
     with Image.open(os.path.join(out, "convergence.png")) as im:
         assert im.format == "PNG" and im.size[0] > 500
+
+
+def test_report_robustness_and_the_no_training_reference(experiment):
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from sparkct.eval.config import PERTURBED_KEY
+    from sparkct.eval.reference import NAME
+    from sparkct.eval.robustness import PERTURBATIONS
+
+    out = experiment["out"]
+    md = open(os.path.join(out, "results.md")).read()
+    res = _results(out)
+    # every fine-tuning run was tested under every perturbation, its probabilities kept; the linear probes
+    # were not (robustness is a test of the fully fine-tuned models)
+    rob = res["robustness"]
+    assert [d["name"] for d in rob["perturbations"]] == [p.name for p in PERTURBATIONS]
+    assert rob["fractions"] == [1.0, 0.5] and len(rob["cells"]) == 4
+    probes = [r for r in res["runs"] if r["finetune"]["linear_probe"]]
+    assert len(probes) == 4 and not any("robustness" in r for r in probes)
+    for r in probes:
+        assert not any(k.startswith(PERTURBED_KEY) for k in np.load(os.path.join(r["run_dir"], "predictions.npz")))
+    for r in (r for r in res["runs"] if not r["finetune"]["linear_probe"]):
+        z = np.load(os.path.join(r["run_dir"], "predictions.npz"))
+        cell = next(c for c in rob["cells"] if c["method"] == r["method"] and c["fraction"] == r["fraction"])
+        for d in r["robustness"]["perturbations"]:
+            auc = roc_auc_score(z["labels"], z[PERTURBED_KEY + d["name"]][:, 1])
+            assert d["auc"]["value"] == pytest.approx(auc)
+            assert cell["perturbed"][d["name"]]["auc"]["value"] == pytest.approx(auc)  # one seed: the run's
+    sec = md.split("## Robustness")[1]
+    assert "### 100 % of the labelled" in sec and "### 50 % of the labelled" in sec
+    with Image.open(os.path.join(out, "robustness.png")) as im:
+        assert im.format == "PNG"
+    # the reference: computed once, its own line, not a method
+    ref = res["reference"]
+    assert ref["name"] == NAME and set(ref["val"]) >= {"auc", "unit", "n_units"} and ref["test"]["unit"] == "patient"
+    # below the fine-tuning table, not the linear probes'
+    ref_line = f"Reference without training, **{NAME}**: test AUC"
+    assert md.count(ref_line) == 1 and ref_line in md.split("## Test AUC")[1].split("## Linear probe")[0]
+    assert not any(c["method"] == NAME for c in res["cells"])
+    assert sum(ln.startswith(f"reference, {NAME}") for ln in experiment["log"]) == 1
+    # results.md keeps every section, and the report's paths name every figure
+    heads = [ln for ln in md.splitlines() if ln.startswith("## ")]
+    for h in ("## Test AUC", "## Paired comparison", "## Linear probe: test AUC", "## Linear probe: paired", "## Conv"):
+        assert any(x.startswith(h) for x in heads), (h, heads)
+    assert heads[-1].startswith("## Robustness")
+    report = next(ln for ln in experiment["log"] if ln.startswith("report: "))
+    for f in ("results.md", "auc_vs_fraction.png", "convergence.png", "robustness.png", "results.json", "runs.csv"):
+        assert os.path.join(out, f) in report
