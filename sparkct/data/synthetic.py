@@ -337,7 +337,9 @@ def _vessel_tree(rng, p: Patient, side: int, n_targets: int = 384) -> np.ndarray
     return np.concatenate(pts, 0).astype(np.float32)
 
 
-def make_patient(seed: int, index: int, p_finding: float = 0.5, min_nodule_mm: float = 4.0) -> Patient:
+def make_patient(
+    seed: int, index: int, p_finding: float = 0.5, min_nodule_mm: float = 4.0, max_nodule_mm: float = 30.0
+) -> Patient:
     rng = np.random.default_rng([seed, index, 7])
     sex = "F" if rng.random() < 0.5 else "M"
     age = int(rng.integers(25, 88))
@@ -389,15 +391,15 @@ def make_patient(seed: int, index: int, p_finding: float = 0.5, min_nodule_mm: f
     p.vessels = [_vessel_tree(rng, p, s) for s in (-1, 1)]
     if rng.random() < p_finding:
         for _ in range(int(rng.choice([1, 2, 2, 3, 3, 4, 5]))):
-            nod = _make_nodule(rng, p, min_nodule_mm)
+            nod = _make_nodule(rng, p, min_nodule_mm, max_nodule_mm)
             if nod is not None:
                 p.nodules.append(nod)
     return p
 
 
-def _make_nodule(rng, p: Patient, min_mm: float = 4.0) -> Nodule | None:
+def _make_nodule(rng, p: Patient, min_mm: float = 4.0, max_mm: float = 30.0) -> Nodule | None:
     kind = str(rng.choice(NODULE_TYPES, p=[0.55, 0.15, 0.2, 0.1]))
-    d = float(np.exp(rng.uniform(np.log(min_mm), np.log(30.0))))
+    d = float(np.exp(rng.uniform(np.log(min_mm), np.log(max_mm))))
     if kind == "calcified":
         d = min(d, max(10.0, min_mm))
     for _ in range(200):
@@ -794,16 +796,19 @@ def synth(
     progress: bool = False,
     slices: int | None = _D.slices,
     min_nodule_mm: float = 4.0,
+    max_nodule_mm: float = 30.0,
 ) -> SynthReport:
     """Write `patients` synthetic chest CT patients (1-2 series each) under dst (see the module doc;
     the options' defaults: :class:`sparkct.data.options.SynthOptions`).
 
     size: rows = columns; thickness: slice thickness = spacing in mm (random per series when None);
     slices: a fixed number of slices per series (centred on the chest) instead of the full chest;
-    min_nodule_mm: the smallest nodule diameter (diameters are log-uniform from it to 30 mm)."""
+    min_nodule_mm, max_nodule_mm: the nodule diameters' range (log-uniform; above 30 mm a lesion is a mass)."""
     _check_synth_args(dst, patients, size, thickness, series_per_patient, p_finding, slices)
     if not (isinstance(min_nodule_mm, (int, float)) and 1.0 <= min_nodule_mm <= 30.0):
         raise UserError(f"min_nodule_mm must be in [1, 30] mm, got {min_nodule_mm!r}")
+    if not (isinstance(max_nodule_mm, (int, float)) and min_nodule_mm <= max_nodule_mm <= 60.0):
+        raise UserError(f"max_nodule_mm must be in [min_nodule_mm, 60] mm, got {max_nodule_mm!r}")
     t0 = time.perf_counter()
     rep = SynthReport(out=dst)
     series_rows, slice_rows, nodule_rows = [], [], []
@@ -811,7 +816,7 @@ def synth(
     if progress:
         bar = tqdm(total=patients, desc="synth", unit="patient")
     for i in range(patients):
-        p = make_patient(seed, i, p_finding, min_nodule_mm)
+        p = make_patient(seed, i, p_finding, min_nodule_mm, max_nodule_mm)
         rng = np.random.default_rng([seed, i, 11])
         study_uid = _uid(seed, i, "study")
         n_series = int(rng.integers(series_per_patient[0], series_per_patient[1] + 1))
@@ -933,6 +938,7 @@ def synth(
             "p_finding": p_finding,
             "slices": slices,
             "min_nodule_mm": min_nodule_mm,
+            "max_nodule_mm": max_nodule_mm,
             "series": rep.series,
             "total_slices": rep.slices,
             "positive_series": rep.positives,

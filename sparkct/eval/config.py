@@ -170,6 +170,9 @@ class ExperimentConfig:
         "field of view resized to the 64-px crop shows a 10 mm nodule as under 2 px)",
         default=20.0,
     )
+    synth_max_nodule: float = option(
+        "built-in data: largest nodule diameter in mm (above 30 mm a lesion is called a mass)", default=30.0
+    )
     set: list = option(
         "METHOD.FIELD=VALUE (repeatable): a method option, or a trainer option of that method's "
         "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
@@ -239,6 +242,10 @@ class ExperimentConfig:
             raise UserError(f"--synth-thickness must be in [0.5, 20] mm, got {self.synth_thickness}")
         if not 1 <= self.synth_min_nodule <= 30:
             raise UserError(f"--synth-min-nodule must be in [1, 30] mm, got {self.synth_min_nodule}")
+        if not self.synth_min_nodule <= self.synth_max_nodule <= 60:
+            raise UserError(
+                f"--synth-max-nodule must be in [--synth-min-nodule, 60] mm, got {self.synth_max_nodule}"
+            )
         self.split_fractions()
         if self.data is not None and not os.path.exists(self.data):
             raise UserError(f"--data {self.data}: no such file or folder")

@@ -421,8 +421,13 @@ def _synth_once(
     thickness: float | None = None,
     min_nodule_mm: float = 4.0,
     p_finding: float = 0.5,
+    max_nodule_mm: float = 30.0,
 ) -> str:
     want = {
+        # one series per patient: a second series of the same chest adds slices, synthesis and test time
+        # but little new evidence (its slices are the same anatomy and findings)
+        "series_per_patient": [1, 1],
+        "max_nodule_mm": max_nodule_mm,
         "p_finding": p_finding,
         "seed": seed,
         "patients": patients,
@@ -445,7 +450,9 @@ def _synth_once(
             localizer=False,
             thickness=thickness,
             min_nodule_mm=min_nodule_mm,
+            max_nodule_mm=max_nodule_mm,
             p_finding=p_finding,
+            series_per_patient=(1, 1),
         )
     return dst
 
@@ -518,7 +525,7 @@ def _reference(cfg: ExperimentConfig, task, log) -> dict:
     blob detector, its sigmas matched to the built-in data's nodule diameters, or to lung nodules' range."""
     if task.kind != "cache" or task.n_classes != 2:
         return {"name": REFERENCE_NAME, "skipped": f"it scores nodules in HU: needs two classes of CT, not {task.kind}"}
-    diameters = (cfg.synth_min_nodule, DIAMETERS_MM[1]) if cfg.data is None else DIAMETERS_MM
+    diameters = (cfg.synth_min_nodule, cfg.synth_max_nodule) if cfg.data is None else DIAMETERS_MM
     t0 = time.perf_counter()
     ref = blob_reference(task, crop=cfg.crop, diameters_mm=diameters, n_resamples=cfg.resamples)
     a, v = ref["test"]["auc"], ref["val"]["auc"]
@@ -552,7 +559,11 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
 
     # ---- data ------------------------------------------------------------------------------------
     if cfg.data is None:
-        synth_kw = {"thickness": cfg.synth_thickness, "min_nodule_mm": cfg.synth_min_nodule}
+        synth_kw = {
+            "thickness": cfg.synth_thickness,
+            "min_nodule_mm": cfg.synth_min_nodule,
+            "max_nodule_mm": cfg.synth_max_nodule,
+        }
         task_src = _synth_once(
             os.path.join(data_dir, "synth-task"),
             cfg.synth_patients,
@@ -569,14 +580,14 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             f"built-in synthetic chest CT: {cfg.synth_patients} labelled patients (nodule present/absent "
             f"per slice), {cfg.pretrain_patients} other patients for pretraining, {cfg.synth_size}x"
             f"{cfg.synth_size}, {cfg.synth_slices} slices per series of {cfg.synth_thickness:g} mm, "
-            f"nodules {cfg.synth_min_nodule:g}-30 mm"
+            f"nodules {cfg.synth_min_nodule:g}-{cfg.synth_max_nodule:g} mm"
         )
     else:
         task_data, labels = cfg.data, cfg.labels
         data_desc = f"{cfg.data}" + (f" with labels {cfg.labels}" if cfg.labels else "")
     if cfg.pretrain_data is not None:
         pre_cache = _prepare_once(cfg.pretrain_data, os.path.join(data_dir, "cache-pretrain"), log)
-    elif cfg.data is None:
+    elif cfg.data is None and pre_methods:
         pre_src = _synth_once(
             os.path.join(data_dir, "synth-pretrain"),
             cfg.pretrain_patients,
@@ -588,9 +599,9 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             **synth_kw,
         )
         pre_cache = _prepare_once(pre_src, os.path.join(data_dir, "cache-pretrain"), log, SYNTHETIC_SALT)
-    elif os.path.isfile(os.path.join(cfg.data, "cache.json")):
+    elif cfg.data is not None and os.path.isfile(os.path.join(cfg.data, "cache.json")):
         pre_cache = cfg.data
-    else:
+    else:  # nothing to pretrain on (built-in data and random init alone needs no pool)
         pre_cache = None
         if any(m != "random" for m in methods):
             raise UserError("--pretrain-data is needed: --data is not a CT cache, and pretraining reads CT")
