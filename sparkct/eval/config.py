@@ -243,9 +243,7 @@ class ExperimentConfig:
         if not 1 <= self.synth_min_nodule <= 30:
             raise UserError(f"--synth-min-nodule must be in [1, 30] mm, got {self.synth_min_nodule}")
         if not self.synth_min_nodule <= self.synth_max_nodule <= 60:
-            raise UserError(
-                f"--synth-max-nodule must be in [--synth-min-nodule, 60] mm, got {self.synth_max_nodule}"
-            )
+            raise UserError(f"--synth-max-nodule must be in [--synth-min-nodule, 60] mm, got {self.synth_max_nodule}")
         self.split_fractions()
         if self.data is not None and not os.path.exists(self.data):
             raise UserError(f"--data {self.data}: no such file or folder")

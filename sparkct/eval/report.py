@@ -280,6 +280,7 @@ def _markdown(aggs: dict[str, dict], runs: list[dict], meta: dict, conv: dict | 
         lines += [f"> **Warning:** {meta['notice']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta["lines"]]
     lines.append("")
+    lines += _answer_lines(aggs, meta.get("reference"))
     footnote = True  # DeLong's footnote, once
     for i, (protocol, agg) in enumerate(aggs.items()):
         first = i == 0  # full fine-tuning's where it ran
@@ -298,6 +299,65 @@ def _markdown(aggs: dict[str, dict], runs: list[dict], meta: dict, conv: dict | 
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+#: the significance level of the plain-words summary (the paired bootstrap's two-sided p)
+ALPHA = 0.05
+
+
+def answer(aggs: dict[str, dict], reference: dict | None = None) -> list[str]:
+    """What the run shows, in plain words, from the numbers of the tables: per protocol, at the smallest
+    fraction, which methods differ from the baseline (paired bootstrap p < ALPHA, by the sign of the
+    difference) and which do not; whether the baseline at the largest fraction is above chance (its CI's
+    lower bound above 0.5); and the no-training reference beside it. Nothing here is decided by hand."""
+    out = []
+    for protocol, agg in aggs.items():
+        base = agg["baseline"]
+        name = PROTOCOL_NAMES.get(protocol, protocol)
+        fracs = sorted({c["fraction"] for c in agg["cells"]})
+        if not fracs:
+            continue
+        lo, hi = fracs[0], fracs[-1]
+        cell = next((c for c in agg["cells"] if c["method"] == base and c["fraction"] == hi), None)
+        if protocol == "finetune" and cell and cell.get("auc"):
+            a = cell["auc"]
+            where = "above chance" if a["low"] > 0.5 else "not distinguishable from chance"
+            out.append(
+                f"{base} at {_pct(hi)} ({name}): test AUC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], {where}."
+            )
+        comps = [c for c in agg["comparisons"] if c["fraction"] == lo and c.get("p_bootstrap") is not None]
+        if not comps:
+            continue
+        better = [c for c in comps if c["p_bootstrap"] < ALPHA and c["diff"] > 0]
+        worse = [c for c in comps if c["p_bootstrap"] < ALPHA and c["diff"] < 0]
+        same = [c for c in comps if c["p_bootstrap"] >= ALPHA]
+
+        def say(cs):
+            return ", ".join(
+                f"{c['method']} ({c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p {c['p_bootstrap']:.3g})"
+                for c in cs
+            )
+
+        parts = []
+        if better:
+            parts.append(f"beat {base} (paired bootstrap p < {ALPHA:g}): {say(better)}")
+        if worse:
+            parts.append(f"fall below {base} (p < {ALPHA:g}): {say(worse)}")
+        if same:
+            parts.append(f"do not differ from {base} at p < {ALPHA:g}: {say(same)}")
+        out.append(f"At {_pct(lo)} of the labelled patients ({name}), " + "; ".join(parts) + ".")
+    if reference and not reference.get("skipped") and "test" in reference:
+        a = reference["test"]["auc"]
+        out.append(
+            f"The no-training reference ({reference.get('name', 'reference')}) reaches test AUC {a['value']:.3f} "
+            f"[{a['low']:.3f}, {a['high']:.3f}]."
+        )
+    return out
+
+
+def _answer_lines(aggs: dict[str, dict], reference: dict | None) -> list[str]:
+    found = answer(aggs, reference)
+    return ["## What this run shows", "", *[f"- {s}" for s in found], ""] if found else []
 
 
 def _auc_section(
@@ -738,6 +798,7 @@ def write_report(
             "header": dict(meta["lines"]),
             "cells": [c for a in aggs.values() for c in a["cells"]],
             "comparisons": [c for a in aggs.values() for c in a["comparisons"]],
+            "answer": answer(aggs, reference),
             "robustness": rob,
             "reference": reference,
             "baseline": baseline,

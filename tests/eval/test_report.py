@@ -283,3 +283,41 @@ def test_auc_figure_has_a_linear_probe_panel(tmp_path):
     assert b.get_legend().get_window_extent().x0 >= b.get_window_extent().x1 and a.get_legend() is None
     assert "simclr" in [t.get_text() for t in b.get_legend().get_texts()]  # only fine-tuned, still in the legend
     plt.close(fig)
+
+
+def _agg(comps, base_auc=(0.74, 0.66, 0.81)):
+    v, lo, hi = base_auc
+    return {
+        "baseline": "random",
+        "cells": [
+            {"method": "random", "fraction": 1.0, "auc": {"value": v, "low": lo, "high": hi}},
+            {"method": "random", "fraction": 0.1, "auc": {"value": 0.6, "low": 0.5, "high": 0.7}},
+        ],
+        "comparisons": [
+            {"method": m, "fraction": 0.1, "diff": d, "low": d - 0.05, "high": d + 0.05, "p_bootstrap": p}
+            for m, d, p in comps
+        ],
+    }
+
+
+def test_answer_says_what_the_paired_tests_and_intervals_show():
+    from sparkct.eval.report import answer
+
+    ref = {"name": "blob detector (no training)", "test": {"auc": {"value": 0.66, "low": 0.56, "high": 0.75}}}
+    lines = answer({"finetune": _agg([("spark", 0.08, 0.01), ("moco", -0.07, 0.03), ("simclr", 0.01, 0.6)])}, ref)
+    assert lines[0].startswith("random at 100 % (full fine-tuning): test AUC 0.740 [0.660, 0.810], above chance")
+    at10 = lines[1]
+    assert "beat random (paired bootstrap p < 0.05): spark (+0.080" in at10
+    assert "fall below random (p < 0.05): moco (-0.070" in at10
+    assert "do not differ from random at p < 0.05: simclr (+0.010" in at10
+    assert lines[2].startswith("The no-training reference (blob detector (no training)) reaches test AUC 0.660")
+    # no difference at all, and a baseline whose CI includes 0.5: said as such, nothing claimed
+    lines = answer({"finetune": _agg([("spark", 0.03, 0.2)], (0.55, 0.45, 0.65))})
+    assert "not distinguishable from chance" in lines[0]
+    assert "beat" not in lines[1] and "do not differ from random at p < 0.05: spark" in lines[1]
+    # the linear probe is summarized under its own name
+    lines = answer({"linear": _agg([("spark", 0.1, 0.001)])})
+    assert lines == [
+        "At 10 % of the labelled patients (linear probe), beat random (paired bootstrap p < 0.05): "
+        "spark (+0.100 [+0.050, +0.150], p 0.001)."
+    ]
