@@ -22,7 +22,11 @@ BUILTIN_DATA_OPTIONS = {
     "spark.base_lr": 3e-2,
     "swav.prototypes": 100,
     "swav.freeze_prototypes": 20,
-    "moco.queue_size": 1024,
+    # ~576 keys made per epoch of the 48-patient pool: a 512-key queue holds no slice's own older key, and
+    # at 0.999 the key encoder would still be ~75 % its random initialisation after ~300 steps
+    "moco.queue_size": 512,
+    "moco.momentum": 0.99,
+    "moco.momentum_end": 0.99,
 }
 
 METHODS: dict[str, str] = {
