@@ -57,8 +57,8 @@ class FinetuneConfig:
     label_smoothing: float = option("cross-entropy label smoothing", default=0.0)
     eval_batch: int = option("batch size for validation and testing", default=128)
     eval_every: int = option(
-        "validate at the end of the epoch that completes every N optimizer steps, and after the last "
-        "(0: after every epoch); with small fractions an epoch is a step or two",
+        "validate every N optimizer steps (mid-epoch too) and after the last; the best validation AUC "
+        "picks the tested checkpoint (0: validate after every epoch)",
         default=0,
     )
     robustness: bool = option(
@@ -243,9 +243,7 @@ class ExperimentConfig:
         if not 1 <= self.synth_min_nodule <= 30:
             raise UserError(f"--synth-min-nodule must be in [1, 30] mm, got {self.synth_min_nodule}")
         if not self.synth_min_nodule <= self.synth_max_nodule <= 60:
-            raise UserError(
-                f"--synth-max-nodule must be in [--synth-min-nodule, 60] mm, got {self.synth_max_nodule}"
-            )
+            raise UserError(f"--synth-max-nodule must be in [--synth-min-nodule, 60] mm, got {self.synth_max_nodule}")
         self.split_fractions()
         if self.data is not None and not os.path.exists(self.data):
             raise UserError(f"--data {self.data}: no such file or folder")
