@@ -59,8 +59,8 @@ class FinetuneConfig:
     label_smoothing: float = option("cross-entropy label smoothing", default=0.0)
     eval_batch: int = option("batch size for validation and testing", default=128)
     eval_every: int = option(
-        "validate at the end of the epoch that completes every N optimizer steps, and after the last "
-        "(0: after every epoch); with small fractions an epoch is a step or two",
+        "validate every N optimizer steps (mid-epoch too) and after the last; the best validation AUC "
+        "picks the tested checkpoint (0: validate after every epoch)",
         default=0,
     )
     robustness: bool = option(

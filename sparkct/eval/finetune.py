@@ -5,8 +5,9 @@ features, cross-entropy, and the published fine-tuning protocol of the CT compar
 SwAV / MoCo v2 / BYOL as its defaults: Adam, lr 1e-4 at batch 64 (``base_lr`` 4e-4 per 256), weight
 decay 5e-4, 70 epochs, the backbone frozen for the first 10 epochs (only the head learns), then
 trained at lr / 10 rising linearly to the full lr over ``ramp_epochs``. ``linear_probe`` keeps the
-backbone frozen throughout. Every epoch ends with the validation AUC as the trainer's "monitor", so
-``best.ckpt`` is the checkpoint that is tested.
+backbone frozen throughout. The validation AUC (after every epoch, or with ``eval_every`` N after
+every N-th optimizer step, mid-epoch too, and the last) is the trainer's "monitor", so ``best.ckpt``,
+the checkpoint of the best validation, is the one that is tested.
 
 How the backbone's learning rate is scaled without a handle on the optimizer: the trainer builds the
 optimizer and restores it on resume (new param-group dicts), so the method cannot keep group
@@ -88,7 +89,10 @@ def train_transform(crop: int, windows):
 
 
 class Classifier(Method):
-    """A linear classifier on a backbone, fine-tuned (or linearly probed) with the published protocol."""
+    """A linear classifier on a backbone, fine-tuned (or linearly probed) with the published protocol.
+    The trainer calls ``validate`` (validation AUC as the monitor that picks ``best.ckpt``) at every
+    epoch end, or, with ``eval_every`` N > 0 (``validate_every``), after every N-th optimizer step,
+    mid-epoch too, and after the last."""
 
     name = "finetune"
     config_class = FinetuneConfig
@@ -111,7 +115,6 @@ class Classifier(Method):
         steps_per_epoch: int,
         val_data=None,
         crop: int = 224,
-        total_steps: int | None = None,
     ):
         super().__init__(backbone, config)
         if n_classes < 2:
@@ -122,7 +125,7 @@ class Classifier(Method):
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.val_data = val_data
         self.crop = int(crop)
-        self.total_steps = total_steps
+        self.validate_every = self.config.eval_every  # the trainer validates every N steps (0: epoch ends)
         self.history: list[dict] = []
         self._before: list[torch.Tensor] | None = None
 
@@ -197,21 +200,9 @@ class Classifier(Method):
             self._before = None
 
     # --- evaluation ---------------------------------------------------------------------------------
-    def validates_after(self, epoch: int) -> bool:
-        """Whether epoch `epoch` ends with a validation: every epoch, or (--eval-every N) the epochs that
-        complete a multiple of N steps, and the last. A function of the epoch alone, so a resumed run
-        validates at the same steps."""
-        n = self.config.eval_every
-        if n <= 0:
-            return True
-        spe = self.steps_per_epoch
-        end = (epoch + 1) * spe
-        if self.total_steps is not None and end >= self.total_steps:
-            return True
-        return end // n > (epoch * spe) // n
-
-    def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        if self.val_data is None or not self.validates_after(epoch):
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation AUC ("monitor"), accuracy, balanced accuracy and loss after step `step`."""
+        if self.val_data is None:
             return {}
         prob, y = predict(self, self.val_data, batch=self.config.eval_batch)
         logp = np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None))
@@ -223,7 +214,7 @@ class Classifier(Method):
             "val_balanced_accuracy": m["balanced_accuracy"],
             "val_loss": float(-logp.mean()),
         }
-        self.history.append({"epoch": epoch + 1, **out})
+        self.history.append({"step": step, **out})
         return out
 
 
@@ -446,7 +437,6 @@ def finetune(
     spe = _steps_per_epoch(n, cfg.batch, cfg.accum)
     torch.manual_seed(cfg.seed)
     backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights)
-    total = cfg.max_steps if cfg.max_steps is not None else spe * cfg.epochs  # the trainer's rule
     model = Classifier(
         backbone,
         task.n_classes,
@@ -455,7 +445,6 @@ def finetune(
         steps_per_epoch=spe,
         val_data=task.val,
         crop=cfg.crop,
-        total_steps=total,
     )
     t0 = time.perf_counter()
     summary = Trainer(
@@ -592,7 +581,7 @@ def _du(path: str) -> int:
 
 
 def _read_history(run_dir: str) -> list[dict]:
-    """Per-epoch validation metrics from the trainer's metrics.jsonl."""
+    """The validation metrics (with their step and epoch) from the trainer's metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
     out = []
     if os.path.isfile(path):

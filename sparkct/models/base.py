@@ -14,9 +14,11 @@ previews, DDP. The trainer calls, per optimizer step:
     ... backward, clip, optimizer step ...
     method.after_step(step, total_steps)      # EMA, queues, prototype freezing
 
-and, every ``preview_every`` steps, ``method.preview(batch)`` for the PNG grid, and at the end of
-every epoch ``method.on_epoch_end(epoch)`` (evaluation; a ``"monitor"`` entry, higher = better, makes
-the trainer keep ``best.ckpt``).
+and, every ``preview_every`` steps, ``method.preview(batch)`` for the PNG grid; at the end of every
+epoch ``method.on_epoch_end(epoch)``; and ``method.validate(step)`` (evaluation) at the end of every
+epoch, or, where the method sets ``validate_every`` to N > 0, after every N-th optimizer step and the
+last instead. A ``"monitor"`` entry (higher = better) in what either returns makes the trainer keep
+``best.ckpt``.
 
 Methods whose step must run its own backward (gradient caching: embeddings in chunks without
 autograd, then each chunk again with autograd) set ``manual_backward = True``; the trainer then
@@ -73,6 +75,8 @@ class Method(nn.Module):
     #: get the pair, the others x alone (the trainer's online probe uses the targets either way)
     accepts_targets: bool = False
     seed: int = 0  # set by the trainer from its config
+    #: optimizer steps between the trainer's calls of validate (and after the last step); 0: at epoch ends
+    validate_every: int = 0
     micro: int = 0  # the accumulation micro-batch of the current step, set by the trainer
     #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
     defaults: dict = {
@@ -130,8 +134,12 @@ class Method(nn.Module):
         prototypes)."""
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        """Scalars to log after each epoch (e.g. validation metrics); key "monitor" (higher is better)
-        selects ``best.ckpt``."""
+        """Scalars to log after each epoch; key "monitor" (higher is better) selects ``best.ckpt``."""
+        return {}
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation scalars after optimizer step `step` (at epoch ends, or every ``validate_every``
+        steps and after the last); key "monitor" (higher is better) selects ``best.ckpt``."""
         return {}
 
     def step_generator(self, step: int, stream: int = 0) -> torch.Generator:

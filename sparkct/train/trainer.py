@@ -16,9 +16,9 @@ sparkct.train.metrics_log), previews (PNG) and the backbone export. The method
 ``build_data`` (dataset, labels, loader, step counts), ``build_optimization`` (device placement,
 optimizer, scaler, probe, DDP), ``restore`` (a checkpoint's state, or the fresh run's seed),
 ``open_run`` (config.json, metrics, progress bar), ``run_epoch`` (its ``optimizer_step`` calls, metrics
-rows, previews, periodic checkpoints, ``end_epoch``) and ``finish`` (final checkpoint, plots, backbone
-export, summary). What the loop changes as it goes (step, best monitor, last saved step, timers, the
-latest metrics row) lives in ``Trainer.run``, a :class:`RunState`.
+rows, previews, the method's step validations, periodic checkpoints, ``end_epoch``) and ``finish``
+(final checkpoint, plots, backbone export, summary). What the loop changes as it goes (step, best
+monitor, last saved step, timers, the latest metrics row) lives in ``Trainer.run``, a :class:`RunState`.
 
 Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``previews/``, ``tb/``,
 ``checkpoints/``, ``last.ckpt``, ``best.ckpt`` (when the method reports a monitor), ``backbone.pt``,
@@ -133,7 +133,7 @@ class RunState:
     """What the loop changes as it goes (the model, optimizer and RNG hold the rest)."""
 
     step: int = 0  #: optimizer steps done
-    best: float | None = None  #: the best epoch monitor so far (best.ckpt holds its state)
+    best: float | None = None  #: the best monitor so far (best.ckpt holds its state)
     last_saved: int = -1  #: the step of the latest checkpoint (-1: none this run)
     first_loss: float | None = None  #: the run's first loss (checkpoints carry it over resumes)
     logs: dict = field(default_factory=dict)  #: the latest metrics row (checkpoints and the summary carry it)
@@ -542,8 +542,9 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> None:
         """Epoch `epoch` from the run's current step (which lies in it) to its end or the run's: each
-        step's metrics row (every --log-every), preview, periodic checkpoint and on_step; then end_epoch
-        and, if the last step is a checkpoint step not yet saved, its checkpoint."""
+        step's metrics row (every --log-every), preview, validation (every method.validate_every steps),
+        periodic checkpoint and on_step; then end_epoch and, if the last step is a checkpoint step not
+        yet saved, its checkpoint."""
         cfg, run = self.cfg, self.run
         first = run.step - epoch * self.steps_per_epoch
         self.loader.set_epoch(epoch, first * cfg.accum)
@@ -564,7 +565,12 @@ class Trainer:
             # an epoch's last step is saved after on_epoch_end: what that changes (SwAV's epoch
             # count, say) belongs to the checkpoint the next epoch resumes from
             epoch_done = in_epoch + 1 == self.steps_per_epoch or run.step >= self.total
-            if run.step % cfg.ckpt_every == 0 and not epoch_done:
+            # an epoch's last step validates in end_epoch (once, in the epoch's row), after on_epoch_end:
+            # a new best's checkpoint must hold what that changes too
+            if not epoch_done and self._validates_now():
+                self.record_monitors(epoch, self.method.validate(run.step), f"step {run.step} (epoch {epoch + 1})")
+            # a new best monitor may just have saved this step
+            if run.step % cfg.ckpt_every == 0 and not epoch_done and run.last_saved != run.step:
                 self.save_periodic()
             if self.on_step is not None:
                 self.on_step(run.step)
@@ -697,17 +703,33 @@ class Trainer:
         self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{result.lr:.2e}", img_s=f"{run.images_per_s:.1f}")
 
     def end_epoch(self, epoch: int) -> None:
-        """The method's on_epoch_end and the kNN monitor (with labels, every --knn-every epochs): their
-        row and log line; a new best monitor is checkpointed and linked as best.ckpt."""
+        """The method's on_epoch_end, its validate (every epoch, or where the epoch's last step is a
+        validation step) and the kNN monitor (with labels, every --knn-every epochs): record_monitors."""
         cfg, run = self.cfg, self.run
         ep_logs = dict(self.method.on_epoch_end(epoch) or {})
+        if not self.method.validate_every or self._validates_now():
+            ep_logs.update(self.method.validate(run.step) or {})
         if self.probe is not None and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and self.main:
             ep_logs.update(self._knn(self.dataset, self.device))
-        if not ep_logs:
+        self.record_monitors(epoch, ep_logs, f"epoch {epoch + 1}")
+
+    def _validates_now(self) -> bool:
+        """Whether the step just done is one of the method's validation steps (every validate_every
+        steps, and the last): a function of the step alone, so a resumed run validates where one
+        uninterrupted run does."""
+        n, step = self.method.validate_every, self.run.step
+        return n > 0 and (step % n == 0 or step >= self.total)
+
+    def record_monitors(self, epoch: int, logs: dict | None, where: str) -> None:
+        """Monitors at the current step (in epoch `epoch`, 0-based), if any: their metrics row (keys
+        ``epoch/...``, which marks the monitor rows for their readers, also mid-epoch) and log line
+        (`where`: ...); a new best "monitor" is checkpointed and linked as best.ckpt."""
+        run = self.run
+        if not logs:
             return
-        self.metrics.write(run.step, epoch + 1, {f"epoch/{k}": float(v) for k, v in ep_logs.items()})
-        self.log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in ep_logs.items()))
-        mon = ep_logs.get("monitor")
+        self.metrics.write(run.step, epoch + 1, {f"epoch/{k}": float(v) for k, v in logs.items()})
+        self.log(f"{where}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items()))
+        mon = logs.get("monitor")
         if mon is not None and (run.best is None or float(mon) > run.best):
             run.best = float(mon)
             path = self.save()

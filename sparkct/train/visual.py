@@ -88,7 +88,7 @@ def epoch_rows(jsonl: str) -> list[dict]:
 
 def curves_figure(rows: list[dict], epochs: list[dict], keys, title: str = "", *, reference=None, marks=()):
     """The figure of loss.png (see plot_curves): one panel per metrics column in `keys`, then validation
-    AUC per epoch when `epochs` (metrics.jsonl epoch rows) hold ``epoch/val_auc``."""
+    AUC at each validation when `epochs` (metrics.jsonl epoch rows) hold ``epoch/val_auc``."""
     import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: optional dependency)
 
     keys = [k for k in keys if k in rows[0]]
@@ -107,7 +107,7 @@ def curves_figure(rows: list[dict], epochs: list[dict], keys, title: str = "", *
     if val:
         ax = axes[0][-1]
         vs, va = zip(*val)
-        ax.plot(vs, va, marker="o", ms=4, lw=1, color="C2", label="validation AUC (per epoch)")
+        ax.plot(vs, va, marker="o", ms=4, lw=1, color="C2", label="validation AUC")
         mon = [(float(r["epoch/monitor"]), int(r["step"])) for r in epochs if "epoch/monitor" in r]
         # best.ckpt is the first epoch with the highest monitor (a later tie does not replace it)
         best_step = max(mon, key=lambda m: (m[0], -m[1]))[1] if mon else vs[int(np.argmax(va))]

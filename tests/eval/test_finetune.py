@@ -16,6 +16,7 @@ from sparkct.errors import UserError
 from sparkct.eval.data import load_task
 from sparkct.eval.finetune import Classifier, FinetuneConfig, evaluate, finetune, resolve_init
 from sparkct.models.backbone import backbone_state, build_backbone
+from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig
 
 
@@ -180,7 +181,8 @@ def test_finetune_end_to_end_on_a_cache(eval_cache, tmp_path, monkeypatch):
     assert saved["test"]["unit"] == "patient" and saved["test"]["n_units"] == 4  # patient labels: per patient
     auc = saved["test"]["metrics"]["auc"]
     assert 0 <= auc["low"] <= auc["value"] <= auc["high"] <= 1
-    assert [h["epoch"] for h in saved["val_history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in saved["val_history"]] == [1, 2, 3]  # --eval-every 0: at epoch ends
+    assert [h["step"] for h in saved["val_history"]] == [spe, 2 * spe, 3 * spe]
     assert all("val_auc" in h and "monitor" in h for h in saved["val_history"])
     best = max(h["monitor"] for h in saved["val_history"])
     assert saved["tested_checkpoint"]["best_val_auc"] == pytest.approx(best)
@@ -190,6 +192,55 @@ def test_finetune_end_to_end_on_a_cache(eval_cache, tmp_path, monkeypatch):
     # a finished run folder is refused unless resumed
     with pytest.raises(UserError, match="holds a finished fine-tuning run"):
         finetune(task, train_cfg=_cfg(tmp_path, "ft", epochs=3, batch=16), config=FinetuneConfig(freeze_epochs=1))
+
+
+def _every_3_steps(data, out, **kw):
+    """A fine-tuning run validated every 3 steps over epochs of 8 steps (32 images, batch 4), 16 steps; the
+    head alone learns (at lr 1e-2 its validation AUC peaks mid-run, not at the first validation)."""
+    cfg = _cfg(Path(out).parent, Path(out).name, epochs=2, batch=4, lr=1e-2)
+    fcfg = FinetuneConfig(freeze_epochs=2, eval_every=3, keep_checkpoints=True)
+    return finetune(load_task(data), train_cfg=cfg, config=fcfg, n_resamples=20, **kw)
+
+
+def _jsonl(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(ln).items() if k != "images_per_s"} for ln in f]
+
+
+def test_eval_every_validates_every_n_steps_mid_epoch_and_resumes_exactly(tmp_path, write_npz, monkeypatch):
+    data = write_npz(tmp_path / "s.npz", n=(32, 12, 12), k=3, size=20)
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    a = _every_3_steps(data, ref)
+    assert a["steps_per_epoch"] == 8
+    hist = a["val_history"]
+    # every 3 steps, mid-epoch too, and the last; the end of epoch 1 (step 8) does not validate, the
+    # last step (the end of epoch 2) once
+    assert [h["step"] for h in hist] == [3, 6, 9, 12, 15, 16]
+    assert [h["epoch"] for h in hist] == [1, 1, 2, 2, 2, 2]  # the epoch each step lies in
+    best = max(hist, key=lambda h: h["monitor"])  # the first of equal maxima: a later one is no improvement
+    assert a["tested_checkpoint"]["step"] == C.load_checkpoint(os.path.join(ref, "best.ckpt"))["step"] == best["step"]
+    assert a["tested_checkpoint"]["best_val_auc"] == pytest.approx(best["monitor"])
+
+    # killed between two validations (no checkpoint at the kill): resumed from the latest
+    # validation's checkpoint, mid-epoch, it ends as the uninterrupted run did
+    after_step = Classifier.after_step
+
+    def dying(self, step, total):
+        after_step(self, step, total)
+        if step == 10:  # the 11th step, between the validations of steps 9 and 12
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Classifier, "after_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _every_3_steps(data, run)
+    monkeypatch.setattr(Classifier, "after_step", after_step)
+    assert C.load_checkpoint(run)["step"] in (3, 6, 9)  # a validation's new best, in the middle of an epoch
+    b = _every_3_steps(data, run, resume=True)
+    assert b["val_history"] == hist and b["test"]["metrics"] == a["test"]["metrics"]
+    assert b["tested_checkpoint"]["step"] == a["tested_checkpoint"]["step"]
+    assert _jsonl(run) == _jsonl(ref)
+    za, zb = (np.load(os.path.join(d, "predictions.npz")) for d in (ref, run))
+    assert np.array_equal(za["probabilities"], zb["probabilities"])
 
 
 def test_linear_probe_from_a_file_keeps_the_backbone(tmp_path, write_npz):
