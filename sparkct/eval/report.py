@@ -325,12 +325,6 @@ def answer(aggs: dict[str, dict], reference: dict | None = None) -> list[str]:
             out.append(
                 f"{base} at {_pct(hi)} ({name}): test AUC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], {where}."
             )
-        comps = [c for c in agg["comparisons"] if c["fraction"] == lo and c.get("p_bootstrap") is not None]
-        if not comps:
-            continue
-        better = [c for c in comps if c["p_bootstrap"] < ALPHA and c["diff"] > 0]
-        worse = [c for c in comps if c["p_bootstrap"] < ALPHA and c["diff"] < 0]
-        same = [c for c in comps if c["p_bootstrap"] >= ALPHA]
 
         def say(cs):
             return ", ".join(
@@ -338,14 +332,23 @@ def answer(aggs: dict[str, dict], reference: dict | None = None) -> list[str]:
                 for c in cs
             )
 
-        parts = []
-        if better:
-            parts.append(f"beat {base} (paired bootstrap p < {ALPHA:g}): {say(better)}")
-        if worse:
-            parts.append(f"fall below {base} (p < {ALPHA:g}): {say(worse)}")
-        if same:
-            parts.append(f"do not differ from {base} at p < {ALPHA:g}: {say(same)}")
-        out.append(f"At {_pct(lo)} of the labelled patients ({name}), " + "; ".join(parts) + ".")
+        # the smallest fraction, the question of the experiment, always; the others where a method differs
+        for frac in [lo, *sorted((f for f in fracs if f != lo), reverse=True)]:
+            comps = [c for c in agg["comparisons"] if c["fraction"] == frac and c.get("p_bootstrap") is not None]
+            better = [c for c in comps if c["p_bootstrap"] < ALPHA and c["diff"] > 0]
+            worse = [c for c in comps if c["p_bootstrap"] < ALPHA and c["diff"] < 0]
+            same = [c for c in comps if c["p_bootstrap"] >= ALPHA]
+            if not comps or (frac != lo and not better and not worse):
+                continue
+            parts = []
+            if better:
+                parts.append(f"better than {base} (paired bootstrap p < {ALPHA:g}): {say(better)}")
+            if worse:
+                parts.append(f"worse than {base} (p < {ALPHA:g}): {say(worse)}")
+            if same:
+                what = "no method differs" if not better and not worse else "no difference shown"
+                parts.append(f"{what} from {base} at p < {ALPHA:g}: {say(same)}")
+            out.append(f"At {_pct(frac)} of the labelled patients ({name}): " + "; ".join(parts) + ".")
     if reference and not reference.get("skipped") and "test" in reference:
         a = reference["test"]["auc"]
         out.append(
@@ -675,7 +678,9 @@ def _meta(runs: list[dict], extra: dict | None) -> dict:
         lines.append(
             (
                 "fine-tuning",
-                f"{tr.get('arch')}, crop {tr.get('crop')}, {tr.get('epochs')} epochs, batch "
+                f"{tr.get('arch')}, crop {tr.get('crop')}, "
+                + (f"{tr['max_steps']} steps" if tr.get("max_steps") else f"{tr.get('epochs')} epochs")
+                + ", batch "
                 f"{tr.get('batch')}, optimizer {tr.get('optimizer') or 'adam'}, "
                 "protocols " + ", ".join(PROTOCOL_NAMES[p] for p in _by_protocol(done)),
             )

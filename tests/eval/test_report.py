@@ -307,17 +307,28 @@ def test_answer_says_what_the_paired_tests_and_intervals_show():
     lines = answer({"finetune": _agg([("spark", 0.08, 0.01), ("moco", -0.07, 0.03), ("simclr", 0.01, 0.6)])}, ref)
     assert lines[0].startswith("random at 100 % (full fine-tuning): test AUC 0.740 [0.660, 0.810], above chance")
     at10 = lines[1]
-    assert "beat random (paired bootstrap p < 0.05): spark (+0.080" in at10
-    assert "fall below random (p < 0.05): moco (-0.070" in at10
-    assert "do not differ from random at p < 0.05: simclr (+0.010" in at10
+    assert at10.startswith("At 10 % of the labelled patients (full fine-tuning): better than random")
+    assert "better than random (paired bootstrap p < 0.05): spark (+0.080" in at10
+    assert "worse than random (p < 0.05): moco (-0.070" in at10
+    assert "no difference shown from random at p < 0.05: simclr (+0.010" in at10
     assert lines[2].startswith("The no-training reference (blob detector (no training)) reaches test AUC 0.660")
     # no difference at all, and a baseline whose CI includes 0.5: said as such, nothing claimed
     lines = answer({"finetune": _agg([("spark", 0.03, 0.2)], (0.55, 0.45, 0.65))})
     assert "not distinguishable from chance" in lines[0]
-    assert "beat" not in lines[1] and "do not differ from random at p < 0.05: spark" in lines[1]
+    assert "better" not in lines[1] and "no method differs from random at p < 0.05: spark" in lines[1]
     # the linear probe is summarized under its own name
     lines = answer({"linear": _agg([("spark", 0.1, 0.001)])})
     assert lines == [
-        "At 10 % of the labelled patients (linear probe), beat random (paired bootstrap p < 0.05): "
+        "At 10 % of the labelled patients (linear probe): better than random (paired bootstrap p < 0.05): "
         "spark (+0.100 [+0.050, +0.150], p 0.001)."
     ]
+    # another fraction is named only where a method differs there
+    agg = _agg([("spark", 0.02, 0.5)])
+    agg["comparisons"].append(
+        {"method": "spark", "fraction": 1.0, "diff": 0.077, "low": 0.037, "high": 0.121, "p_bootstrap": 0.002}
+    )
+    lines = answer({"finetune": agg})
+    assert lines[1].startswith("At 10 % of the labelled patients (full fine-tuning): no method differs")
+    assert lines[2].startswith("At 100 % of the labelled patients (full fine-tuning): better than random")
+    agg["comparisons"][-1]["p_bootstrap"] = 0.3
+    assert len(answer({"finetune": agg})) == 2
