@@ -214,13 +214,15 @@ def test_builtin_data_defaults_and_their_checks(eval_cache, tiny_experiment, tmp
     from sparkct.errors import UserError
 
     builtin = ExperimentConfig()
-    assert builtin.overrides()["finetune"] == {"base_lr": 4e-3} and builtin.split_fractions() == (0.4, 0.3, 0.3)
+    assert builtin.overrides()["finetune"] == {"base_lr": 8e-3} and builtin.split_fractions() == (0.5, 0.15, 0.35)
     data = ExperimentConfig(data=eval_cache["cache"])
     assert "finetune" not in data.overrides() and data.split_fractions() == (0.5, 0.2, 0.3)
-    assert ExperimentConfig(set=["finetune.lr=1e-3"]).overrides()["finetune"] == {"base_lr": 4e-3, "lr": "1e-3"}
+    assert ExperimentConfig(set=["finetune.lr=1e-3"]).overrides()["finetune"] == {"base_lr": 8e-3, "lr": "1e-3"}
     for kw, msg in (
         (dict(synth_thickness=0.1), "--synth-thickness"),
         (dict(synth_min_nodule=40), "--synth-min-nodule"),
+        (dict(synth_min_nodule=30, synth_max_nodule=25), "--synth-max-nodule"),
+        (dict(pretrain_finding=1.5), "--pretrain-finding"),
         (dict(split="0.5,x,0.3"), "--split"),
         (dict(protocols="finetune,probe"), r"--protocols: unknown \['probe'\]; choose from finetune, linear"),
         (dict(protocols=","), "--protocols: unknown none given"),
@@ -367,7 +369,7 @@ def test_results_state_data_overrides_protocol_and_fractions(experiment, eval_ca
     assert "backbone frozen for the first 1 step(s)" in p
     assert "linear probe: the backbone frozen throughout" in h["linear probe protocol"]
     assert "protocols: full fine-tuning, linear probe (the same steps)" in h["fine-tuning schedule"]
-    assert h["built-in overrides"] == "none in effect (--data given); left out: finetune.base_lr=0.004"
+    assert h["built-in overrides"] == "none in effect (--data given); left out: finetune.base_lr=0.008"
     with open(os.path.join(experiment["out"], "results.md")) as f:
         md = f.read()
     for k in ("pretraining data", "labelled training set per fraction", "fine-tuning lr", "fine-tuning protocol"):

@@ -62,8 +62,8 @@ def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache
     builtin = ExperimentConfig(methods="random,spark")
     tcfg, _ = _finetune_configs(builtin, builtin.overrides().get("finetune", {}))
     text = _lr_line(builtin, tcfg, ["random", "spark"])
-    assert text.startswith("peak 0.0005 for every arm (random, spark)") and "built-in override" in text
-    assert "finetune.base_lr=0.004" in _overrides_line(builtin, builtin.overrides(), ["spark"])
+    assert text.startswith("peak 0.001 for every arm (random, spark)") and "built-in override" in text
+    assert "finetune.base_lr=0.008" in _overrides_line(builtin, builtin.overrides(), ["spark"])
     mine = ExperimentConfig(methods="random,spark", set=["finetune.base_lr=1e-3"])
     assert _overrides_line(mine, mine.overrides(), ["spark"]).endswith("; replaced by --set: finetune.base_lr")
 
@@ -71,7 +71,7 @@ def test_a_dropped_builtin_override_is_stated_with_the_lr_of_each_arm(eval_cache
     tcfg, _ = _finetune_configs(own, own.overrides().get("finetune", {}))
     text = _lr_line(own, tcfg, ["random", "spark"])
     assert text.startswith("peak 5e-05 for every arm (random, spark)")
-    assert "finetune.base_lr=0.004 (lr 0.0005) is not applied because --pretrain-data is given" in text
+    assert "finetune.base_lr=0.008 (lr 0.001) is not applied because --pretrain-data is given" in text
     assert "left out: " in _overrides_line(own, own.overrides(), ["spark"])
 
 
