@@ -128,6 +128,7 @@ def cmd_experiment(ns: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(ExperimentConfig, ns)
     cfg.set = list(ns.set or [])
+    cfg.init_weights = list(ns.init_weights or [])
     run_experiment(cfg)
     return 0
 
@@ -260,13 +261,23 @@ def register(subparsers) -> None:
         "CIs and paired tests, and write results.md, auc_vs_fraction.png, results.json and runs.csv "
         "into --out. Resumable.",
     )
-    add_dataclass_args(e, ExperimentConfig, skip=("set",))
+    add_dataclass_args(e, ExperimentConfig, skip=("set", "init_weights"))
     e.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="METHOD.FIELD=VALUE",
         help="a method option (repeatable), e.g. --set spark.mask_ratio=0.75",
+    )
+    e.add_argument(
+        "--init-weights",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a row NAME whose backbone starts from the local weights file PATH (repeatable): torchvision or timm "
+        "ResNet weights (plain, under 'state_dict' or 'model', prefixed module./backbone./encoder.) or a "
+        "`sparkct export`; fine-tuned, probed and tested like the pretrained methods, e.g. "
+        "--init-weights imagenet=resnet18-imagenet.pth",
     )
     e.set_defaults(func=cmd_experiment)
 

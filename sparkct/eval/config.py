@@ -183,6 +183,12 @@ class ExperimentConfig:
         "pretraining, e.g. spark.mask_ratio=0.75 or spark.base_lr=2e-3",
         default_factory=list,
     )
+    init_weights: list = option(
+        "NAME=PATH (repeatable): a row NAME whose backbone starts from the local weights file PATH (e.g. "
+        "ImageNet-supervised torchvision or timm ResNet weights, or a `sparkct export`), fine-tuned, probed "
+        "and tested like the pretrained methods; nothing is downloaded",
+        default_factory=list,
+    )
 
     def lists(self) -> tuple[list[str], list[float], list[int]]:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -201,6 +207,25 @@ class ExperimentConfig:
         if not seeds:
             raise UserError("--seeds: give at least one seed")
         return methods, sorted(set(fr), reverse=True), sorted(set(seeds))
+
+    def outside_weights(self) -> dict[str, str]:
+        """--init-weights as {row name: weights file}, in the order given."""
+        methods = self.lists()[0]
+        out: dict[str, str] = {}
+        for item in self.init_weights:
+            name, sep, path = (t.strip() for t in item.partition("="))
+            if not sep or not name or not path:
+                raise UserError(f"--init-weights {item!r}: expected NAME=PATH")
+            if not name.isidentifier():
+                raise UserError(f"--init-weights {item!r}: NAME must be a simple identifier (letters, digits, _)")
+            if name == "random" or name in methods:
+                raise UserError(f"--init-weights {item!r}: {name!r} is already a row of --methods; choose another NAME")
+            if name in out:
+                raise UserError(f"--init-weights {item!r}: {name!r} is given twice")
+            if not os.path.isfile(path):
+                raise UserError(f"--init-weights {item!r}: no such file {path}")
+            out[name] = path
+        return out
 
     def protocol_list(self) -> list[str]:
         """--protocols in the order of PROTOCOLS."""
@@ -223,6 +248,7 @@ class ExperimentConfig:
         from sparkct.models.backbone import check_arch  # noqa: PLC0415 (lazy: the parser imports no torch)
 
         self.lists()
+        self.outside_weights()
         self.protocol_list()
         check_arch(self.arch)
         if self.crop < 32 or self.crop % 32:

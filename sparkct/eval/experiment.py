@@ -38,6 +38,7 @@ from tqdm import tqdm
 from sparkct import io as sio
 from sparkct.cliargs import parse_field
 from sparkct.data import CTSliceDataset, SliceCache, prepare, synth
+from sparkct.data.windows import resolve_windows
 from sparkct.device import resolve_device
 from sparkct.errors import UserError
 from sparkct.eval.config import SMALL_DATA_OVERRIDES, ExperimentConfig, FinetuneConfig
@@ -48,6 +49,7 @@ from sparkct.eval.reference import DIAMETERS_MM, blob_reference
 from sparkct.eval.reference import NAME as REFERENCE_NAME
 from sparkct.eval.report import collect_runs, run_protocol, write_report
 from sparkct.models import get_method
+from sparkct.models.backbone import build_backbone
 from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.optim import scaled_lr
 from sparkct.train.signals import resume_command
@@ -101,9 +103,9 @@ def _differs(old: dict, new: dict) -> str:
         if k in ("train.out", "train.seed", "fraction") or a.get(k) == b.get(k):
             continue
         va, vb = a.get(k, "unset"), b.get(k, "unset")
-        if k == "init":  # a pretraining run's folder: its name holds the method and its settings' hash
+        if k == "init":  # a pretraining run's folder (its name holds the method and its settings' hash) or a file
+            k = "pretraining run" if os.path.isdir(str(vb)) or os.path.isdir(str(va)) else "weights file"
             va, vb = os.path.basename(str(va)), os.path.basename(str(vb))
-            k = "pretraining run"
         elif k.endswith("_id"):  # a content hash: that it differs is what a reader needs
             parts.append(f"{k[: -len('_id')]} contents differ")
             continue
@@ -305,6 +307,19 @@ def _run_configs(
         given = f" (options {', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""
         raise UserError(f"{what}: {e}{given}") from None
     return tcfg, mcfg
+
+
+def _check_outside_weights(cfg: ExperimentConfig) -> dict[str, str]:
+    """--init-weights as {row name: file}, each file loaded into the --arch backbone with --windows' channels
+    before anything is written: a file that does not fit fails here, not after the pretraining."""
+    outside = cfg.outside_weights()
+    in_chans = len(resolve_windows(cfg.windows))
+    for name, path in outside.items():
+        try:
+            build_backbone(cfg.arch, in_chans=in_chans, weights=path)
+        except UserError as e:
+            raise UserError(f"--init-weights {name}: {e}") from None
+    return outside
 
 
 def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[TrainConfig, object]:
@@ -548,6 +563,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     ft_opts = overrides.get("finetune", {})
     ft_cfg, fcfg = _finetune_configs(cfg, ft_opts)
     protocols = cfg.protocol_list()
+    outside = _check_outside_weights(cfg)
+    rows = [*methods, *outside]  # the table's rows: each method, then each --init-weights file
     # the probe differs from fine-tuning in linear_probe alone: same patients, steps, lr and validation; the
     # robustness test is of the fully fine-tuned models only (the report's Robustness section compares those)
     arm_cfgs = {"finetune": fcfg, "linear": dataclasses.replace(fcfg, linear_probe=True, robustness=False)}
@@ -620,6 +637,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     ids = {p: _data_id(p) for p in {task_data, labels, *([pre_cache] if pre_methods else [])}}
     task_id = {"data": task_data, "data_id": ids[task_data], "labels": labels, "labels_id": ids[labels]}
     pre_id = ids[pre_cache] if pre_methods else None
+    outside_ids = {m: _data_id(p) for m, p in outside.items()}
     pre_ds, pre_desc, overlap_line, overlap_note = None, None, "", None
     if pre_methods and pre_cache is not None:
         pre_ds, pre_desc, overlap = _pretraining_set(cfg, pre_cache, task0, builtin=cfg.data is None)
@@ -637,7 +655,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
             + (" (built-in data defaults; --set finetune.FIELD=VALUE overrides)" if cfg.data is None else "")
         )
 
-    n_cells = len(methods) * len(fractions) * len(seeds)
+    n_cells = len(rows) * len(fractions) * len(seeds)
     prog = _Progress(
         {
             "pretraining": len(pre_methods),
@@ -647,7 +665,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         log,
     )
     try:
-        inits: dict[str, str | None] = {"random": "random"}
+        inits: dict[str, str | None] = {"random": "random", **outside}
         failed_pre: dict[str, str] = {}
         pre_dirs: list[str] = []
 
@@ -699,12 +717,14 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
 
         # ---- fine-tuning -------------------------------------------------------------------------------
         current: dict[str, dict] = {}  # run folder -> its full settings: the runs this report may use
-        for m in methods:
+        for m in rows:
             for seed in seeds:
                 for fr, protocol in itertools.product(fractions, protocols):
                     tcfg, pcfg = dataclasses.replace(ft_cfg, seed=seed), arm_cfgs[protocol]
                     settings = {
                         "init": inits.get(m, m),
+                        # the file's bytes: other weights under the same path make new runs
+                        **({"init_id": outside_ids[m]} if m in outside else {}),
                         "train": config_to_dict(tcfg),
                         # keeping checkpoints changes no result: the same run either way; linear_probe (the
                         # protocol) is in it
@@ -778,7 +798,7 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         "pretraining data": "none (no pretraining method among --methods)",
         "labelled training set per fraction": _fractions_line(runs),
         "built-in overrides": _overrides_line(cfg, overrides, pre_methods),
-        "fine-tuning lr": _lr_line(cfg, ft_cfg, methods),
+        "fine-tuning lr": _lr_line(cfg, ft_cfg, rows),
         "fine-tuning protocol": _protocol_line(ft_cfg, fcfg),
         "linear probe protocol": _protocol_line(ft_cfg, arm_cfgs["linear"]),
         "pretraining": (
@@ -809,6 +829,8 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
     for p, k in (("finetune", "fine-tuning protocol"), ("linear", "linear probe protocol")):
         if p not in protocols:
             del extra[k]
+    if outside:
+        extra["outside weights"] = "; ".join(f"{m} = {p} (sha1 {outside_ids[m]})" for m, p in outside.items())
     if pre_desc is not None:
         extra["pretraining data"] = pre_desc
         extra["pretraining overlap"] = overlap_line
@@ -820,7 +842,11 @@ def run_experiment(cfg: ExperimentConfig, log=_log) -> dict:
         baseline="random" if "random" in methods else methods[0],
         n_resamples=cfg.resamples,
         extra=extra,
-        config={**dataclasses.asdict(cfg), "overrides": overrides},
+        config={
+            **dataclasses.asdict(cfg),
+            "overrides": overrides,
+            "outside_weights": {m: {"path": p, "sha1": outside_ids[m]} for m, p in outside.items()},
+        },
         stale=stale,
         notice=overlap_note,
         reference=_reference(cfg, task0, log),

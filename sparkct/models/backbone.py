@@ -97,8 +97,9 @@ def build_backbone(
 
 
 def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
-    """A torchvision state_dict from `path`, loaded without unpickling code; ``fc.*`` and prefixes such
-    as ``module.`` / ``backbone.`` are dropped."""
+    """A torchvision (or timm: the same names) ResNet state_dict from `path`, loaded without unpickling
+    code: a plain state_dict, a backbone export, or one wrapped under ``backbone``, ``state_dict`` or
+    ``model``; ``fc.*`` and the prefixes ``module.`` / ``backbone.`` / ``encoder.`` are dropped."""
     if not os.path.isfile(path):
         raise UserError(f"weights file not found: {path}")
     try:
@@ -108,8 +109,11 @@ def load_backbone_state(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and "backbone" in obj and isinstance(obj["backbone"], dict):
         obj = obj["backbone"]
-    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    else:  # published checkpoints wrap the state_dict under one of these
+        for wrap in ("state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(wrap), dict):
+                obj = obj[wrap]
+                break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a state_dict (name -> tensor)")
     out = {}
