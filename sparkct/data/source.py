@@ -21,11 +21,17 @@ from sparkct.data.preparing import prepare
 from sparkct.data.synthetic import synth
 from sparkct.errors import UserError
 
-__all__ = ["resolve_data"]
+__all__ = ["resolve_data", "builtin_source"]
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def builtin_source(run_dir: str) -> str:
+    """Where the built-in synthetic CT of a run in `run_dir` is synthesized (with its labels.csv and
+    slice_labels.csv)."""
+    return os.path.join(os.path.abspath(run_dir), "data", "synth")
 
 
 def resolve_data(
@@ -37,7 +43,7 @@ def resolve_data(
     once. Messages go to `log` (rank 0 only); a missing or unusable `data` raises UserError."""
     root = os.path.join(os.path.abspath(run_dir), "data")
     if data is None:
-        src = os.path.join(root, "synth")
+        src = builtin_source(run_dir)
         want = {"seed": 0, "patients": synth_patients, "size": synth_size, "slices": synth_slices}
         marker = os.path.join(src, "synth.json")
         have = sio.read_json(marker) if os.path.isfile(marker) else None

@@ -195,6 +195,17 @@ class ExperimentConfig:
         bad = [m for m in methods if m != "random" and m not in METHODS]
         if not methods or bad:
             raise UserError(f"--methods: unknown {bad or 'none given'}; choose from random, {', '.join(METHODS)}")
+        from sparkct.models import get_method  # noqa: PLC0415 (lazy: a method's class imports torch)
+
+        for m in methods:
+            if m != "random" and get_method(m).needs_labels:
+                # pretraining on the task's own labelled patients would leak the task's labels (test ones
+                # included) into the "pretrained" backbone
+                raise UserError(
+                    f"--methods {m}: {m} pretraining needs its own labelled set, not this task's patients; run "
+                    f"`sparkct pretrain {m} --data OTHER --labels OTHER_LABELS.csv`, then pass its backbone.pt "
+                    "with --init-weights NAME=PATH"
+                )
         try:
             fr = [float(v) for v in self.fractions.split(",") if v.strip()]
             seeds = [int(v) for v in self.seeds.split(",") if v.strip()]

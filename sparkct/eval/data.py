@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sparkct.data._util import salted_hash
 from sparkct.data.cache import SliceCache
 from sparkct.data.datasets import (
     _SLICE_KEYS,
@@ -45,6 +44,7 @@ from sparkct.data.datasets import (
     read_labels_csv,
 )
 from sparkct.data.images import ImageFolderSlices
+from sparkct.data.labels import patient_rows
 from sparkct.data.windows import DEFAULT_WINDOWS, apply_windows, resolve_windows
 from sparkct.errors import UserError
 
@@ -183,44 +183,6 @@ def read_labels(path: str) -> list[dict]:
     return rows
 
 
-def _patient_rows(cache, rows: list[dict], path: str) -> list[dict]:
-    """Patient-level rows -> one row per series of the patient (series_key level)."""
-    col = "patient" if "patient" in rows[0] else "patient_id"
-    salt = cache.manifest.get("salt", "")
-    names = {str(p): i for i, p in enumerate(cache.patients)}
-    ser_pat = cache.series["patient_index"] if "patient_index" in cache.series else None
-    if ser_pat is None:
-        ser_pat = np.array([names[str(p)] for p in cache.series["patient"]])
-    keys = cache.series["key"]
-    out, unknown = [], []
-    first: dict[str, tuple[str, int]] = {}
-    for i, r in enumerate(rows):
-        v = str(r[col]).strip()
-        lab, (seen, line) = (
-            normalize_label(r["__label__"]),
-            first.setdefault(v, (normalize_label(r["__label__"]), i + 2)),
-        )
-        if lab != seen:  # checked here: expanded to series rows, the conflict would name a series, not the patient
-            raise UserError(f"{path}: {col} {v} is labelled {seen!r} (line {line}) and {lab!r} (line {i + 2})")
-        h = v if col == "patient" else salted_hash(salt, "id:" + v)
-        p = names.get(h)
-        if p is None:
-            unknown.append(v)
-            continue
-        for s in np.flatnonzero(ser_pat == p):
-            out.append({"series_key": str(keys[s]), "label": r["__label__"]})
-    if unknown:
-        hint = (
-            "patient ids are DICOM PatientIDs"
-            if col == "patient_id"
-            else "patient is the cache pseudonym in its series.csv"
-        )
-        raise UserError(
-            f"{path}: {len(unknown)} of {len(rows)} patients are not in the cache (e.g. {unknown[:3]}); {hint}"
-        )
-    return out
-
-
 def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
     try:
         cache = SliceCache(cache_dir)
@@ -261,7 +223,7 @@ def _cache_dataset(cache_dir: str, labels: str, label_column: str, level: str):
     if level == "patient":
         if patient_col is None:
             raise UserError(f"{labels}: patient-level labels need a patient or patient_id column")
-        rows = _patient_rows(cache, [dict(r, __label__=r[label_column]) for r in rows], labels)
+        rows = patient_rows(cache, [dict(r, __label__=r[label_column]) for r in rows], labels)
         label_column, lv = "label", "series"
     else:
         if series_col is None:

@@ -40,6 +40,7 @@ METHODS: dict[str, str] = {
     "denoise": "sparkct.models.pretext:Denoise",
     "inpaint": "sparkct.models.pretext:Inpaint",
     "nextslice": "sparkct.models.pretext:NextSlice",
+    "supervised": "sparkct.models.supervised:Supervised",
 }
 
 

@@ -74,6 +74,10 @@ class Method(nn.Module):
     #: with a labels file the loader yields (x, targets); methods that use targets (the hybrid objective)
     #: get the pair, the others x alone (the trainer's online probe uses the targets either way)
     accepts_targets: bool = False
+    #: the method trains on labels alone (supervised pretraining): the trainer refuses to start without a
+    #: labels file (on the built-in data it uses the built-in slice labels), keeps only labelled slices
+    #: and calls :meth:`set_classes`
+    needs_labels: bool = False
     seed: int = 0  # set by the trainer from its config
     #: optimizer steps between the trainer's calls of validate (and after the last step); 0: at epoch ends
     validate_every: int = 0
@@ -102,6 +106,10 @@ class Method(nn.Module):
         """Raise sparkct.errors.UserError before any work when this method cannot train on `crop` x `crop`
         inputs with `windows` (e.g. SparK: a mask ratio that hides no cell of the crop's grid). The trainer
         calls it in its set-up, before the data is resolved or anything is written."""
+
+    def set_classes(self, classes: list) -> None:
+        """The class names of the labels file (class index = position), given by the trainer before the
+        optimizer is made and a checkpoint restored: a method with a classifier head sizes it here."""
 
     # --- data ---------------------------------------------------------------------------------------
     def transform(self, crop: int, windows) -> Callable[..., Any]:

@@ -64,8 +64,8 @@ class TrainConfig:
     log_every: int = option("log metrics every N optimizer steps", default=5)
     preview_every: int = option("write a preview PNG every N optimizer steps (0: only at the end)", default=50)
     labels: str | None = option(
-        "a labels CSV over the data (slice or series level, column 'label'): enables the "
-        "online linear probe, kNN accuracy and the hybrid objective",
+        "a labels CSV over the data (slice, series or patient rows, column 'label'): enables the "
+        "online linear probe, kNN accuracy and the hybrid objective; supervised pretraining trains on it",
         default=None,
     )
     knn_every: int = option(

@@ -51,6 +51,7 @@ from sparkct import distributed as D
 from sparkct import io as sio
 from sparkct import profiling
 from sparkct.data import CTResize, CTSliceDataset, SliceLoader, label_slices, patient_split, resolve_data
+from sparkct.data.source import builtin_source
 from sparkct.data.windows import resolve_windows
 from sparkct.device import resolve_device
 from sparkct.errors import TrainingDiverged, TrainingInterrupted, UserError
@@ -308,6 +309,10 @@ class Trainer:
         self.amp = amp
         self.method.check_run(cfg.batch // cfg.accum)
         self.method.check_input(cfg.crop, cfg.windows)
+        if self.method.needs_labels and cfg.labels is None and (cfg.data is not None or self.dataset is not None):
+            raise UserError(
+                f"{self.method_name} pretraining needs --labels (a CSV over --data: slice, series or patient rows)"
+            )
 
         self._lock_run(create=False)  # a folder another run writes into is refused before its checkpoint is read
         # the run folder: refuse to overwrite a run unless resuming it
@@ -387,15 +392,24 @@ class Trainer:
             self.dataset = CTSliceDataset(cache)
         ds = self.dataset
         self.classes = None
-        if cfg.labels is not None:
-            ds, self.classes = label_slices(ds, cfg.labels)
+        labels = cfg.labels
+        if labels is None and method.needs_labels:  # setup let it through only on the built-in data
+            labels = os.path.join(builtin_source(cfg.out), "slice_labels.csv")
+            self.log(f"built-in synthetic data (no --labels): training on its slice labels, {labels}")
+        if labels is not None:
+            ds, self.classes = label_slices(ds, labels)
             if len(self.classes) < 2:
-                raise UserError(f"--labels {cfg.labels}: a single class ({self.classes}); monitors need at least two")
+                what = "--labels" if cfg.labels else "the built-in slice labels"
+                raise UserError(f"{what} {labels}: a single class ({self.classes}); at least two are needed")
+            if method.needs_labels:  # an unlabelled slice has nothing to teach a method that learns from labels
+                ds = ds.subset(np.nonzero(ds.targets >= 0)[0])
             self.dataset = ds
         micro = cfg.batch // cfg.accum  # images per micro-step, all ranks together
         if len(ds) < micro:
             raise UserError(f"the data has {len(ds)} slices, fewer than one batch of {micro}; lower --batch")
         method.seed = cfg.seed
+        if self.classes is not None:
+            method.set_classes(self.classes)
         self.loader = SliceLoader(
             ds,
             micro,

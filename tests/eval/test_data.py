@@ -48,7 +48,7 @@ def test_patient_ids_are_hashed_like_prepare():
     import pydicom
 
     from sparkct.data.dicom import patient_pseudonym
-    from sparkct.eval.data import _patient_rows
+    from sparkct.data.labels import patient_rows
 
     salt = "ab" * 16
     pseud = []
@@ -62,7 +62,7 @@ def test_patient_ids_are_hashed_like_prepare():
         patients = np.array(pseud)
         series = {"patient_index": np.array([0, 1, 1]), "key": np.array(["s0", "s1", "s2"])}
 
-    rows = _patient_rows(
+    rows = patient_rows(
         Cache, [{"patient_id": "P002", "__label__": "1"}, {"patient_id": "P001", "__label__": "0"}], "x.csv"
     )
     assert rows == [
@@ -71,7 +71,7 @@ def test_patient_ids_are_hashed_like_prepare():
         {"series_key": "s0", "label": "0"},
     ]
     with pytest.raises(UserError, match="1 of 1 patients are not in the cache"):
-        _patient_rows(Cache, [{"patient_id": "P003", "__label__": "1"}], "x.csv")
+        patient_rows(Cache, [{"patient_id": "P003", "__label__": "1"}], "x.csv")
 
 
 def test_series_and_slice_labels(eval_cache, tmp_path, write_csv):
