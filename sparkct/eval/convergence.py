@@ -22,6 +22,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from sparkct.eval.figures import panel_legend, place_caption
+
 __all__ = ["SHARE", "steps_to_reach", "best_val_auc", "convergence", "convergence_figure"]
 
 #: the share of random init's best validation AUC a method has to reach
@@ -136,15 +138,6 @@ def convergence_figure(runs: list[dict], conv: dict, title: str, caption: str = 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation AUC")
     fig.suptitle(title, fontsize=9)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    seen = dict(zip(labels, handles))  # the target line is drawn in every panel: one entry
-    for ax in axes[0][:-1]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    axes[0][-1].legend(
-        seen.values(), seen.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0
-    )
-    if caption:
-        fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * caption.count("\n"), 1, 1))
+    panel_legend(axes[0])
+    place_caption(fig, caption, bottom=0.05)
     return fig

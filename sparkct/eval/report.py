@@ -44,6 +44,7 @@ from sparkct import io as sio
 from sparkct.errors import UserError
 from sparkct.eval.config import PERTURBED_KEY
 from sparkct.eval.convergence import convergence, convergence_figure
+from sparkct.eval.figures import panel_legend, place_caption
 from sparkct.eval.metrics import Models, bootstrap_ci, coverage_note, delong_test, paired_bootstrap
 
 __all__ = [
@@ -593,16 +594,8 @@ def auc_figure(agg: dict, title: str, caption: str = "", probe: dict | None = No
         fig.suptitle(title, fontsize=9)
     else:
         axes[0][0].set_title(title, fontsize=9)
-    handles = {}
-    for ax in axes[0]:  # a method missing from one panel still gets its legend entry
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    axes[0][-1].legend(
-        handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0
-    )
-    if caption:
-        fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * caption.count("\n"), 1, 1))
+    panel_legend(axes[0])
+    place_caption(fig, caption)
     return fig
 
 
@@ -987,9 +980,7 @@ def robustness_figure(rob: dict, title: str, caption: str = ""):
         labels.append(f"{100 * f:g}% labelled")
     fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
     fig.suptitle(title, fontsize=9)
-    if caption:
-        fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * caption.count("\n"), 1, 1))
+    place_caption(fig, caption, bottom=0.06, per_line=0.04)
     return fig
 
 

@@ -15,16 +15,13 @@ from sparkct.eval.report import RUN_FIELDS, collect_runs, write_report
 QUALITY = {"random": 0.6, "spark": 2.0, "simclr": 1.2}  # separation of the classes' scores
 
 
-def _run(method, fraction, seed, n=60, per_patient=1):
-    rng = np.random.default_rng([list(QUALITY).index(method), int(fraction * 100), seed])
-    y = np.repeat(np.arange(n) % 2, per_patient)
-    patients = np.repeat(np.arange(n), per_patient)
-    z = rng.normal(size=len(y)) + QUALITY[method] * fraction * (2 * y - 1)
-    p1 = 1 / (1 + np.exp(-z))
-    prob = np.stack([1 - p1, p1], 1)
+def finished_run(method, fraction, seed, y, patients, prob, n_resamples=100):
+    """A finished fine-tuning run as collect_runs returns it (result.json and its predictions), patient-level
+    test units; also test_report_robustness's."""
     from sparkct.eval.metrics import bootstrap_ci
 
-    ci = bootstrap_ci(y, prob, groups=patients, n_resamples=100)
+    n = len(np.unique(patients))
+    ci = bootstrap_ci(y, prob, groups=patients, n_resamples=n_resamples)
     return {
         "method": method,
         "fraction": fraction,
@@ -49,6 +46,16 @@ def _run(method, fraction, seed, n=60, per_patient=1):
         "seconds": {"train": 1.5, "test": 0.1},
         "predictions": {"probabilities": prob, "labels": y, "patients": patients},
     }
+
+
+def _run(method, fraction, seed, n=60, per_patient=1):
+    rng = np.random.default_rng([list(QUALITY).index(method), int(fraction * 100), seed])
+    y = np.repeat(np.arange(n) % 2, per_patient)
+    patients = np.repeat(np.arange(n), per_patient)
+    z = rng.normal(size=len(y)) + QUALITY[method] * fraction * (2 * y - 1)
+    p1 = 1 / (1 + np.exp(-z))
+    prob = np.stack([1 - p1, p1], 1)
+    return finished_run(method, fraction, seed, y, patients, prob)
 
 
 def _runs():

@@ -36,32 +36,11 @@ def _run(method, fraction, seed, robust=True):
         preds[PERTURBED_KEY + p.name] = pp = _probs(rng, y, q)
         a = bootstrap_ci(y, pp, groups=patients, n_resamples=50, metrics=("auc",))["auc"]
         summary.append({**p.describe(), "auc": a, "n_units": N, "n_patients": N})
-    run = {
-        "method": method,
-        "fraction": fraction,
-        "seed": seed,
-        "status": "done",
-        "task": {
-            "source": "/data/synthetic",
-            "kind": "cache",
-            "level": "patient",
-            "classes": ["clear", "nodule"],
-            "full_train": {"patients": 80},
-            "val": {"patients": 20},
-            "test": {"patients": N, "items": N, "per_class": [N // 2, N // 2]},
-            "train": {"items": int(80 * fraction), "patients": int(80 * fraction)},
-        },
-        "train": {"arch": "resnet18", "crop": 64, "epochs": 3, "batch": 16},
-        "finetune": {"linear_probe": False},
-        "test": {
-            "metrics": bootstrap_ci(y, prob, groups=patients, n_resamples=50),
-            "unit": "patient",
-            "n_units": N,
-            "n_patients": N,
-        },
-        "seconds": {"train": 1.0, "test": 0.1},
-        "predictions": preds,
-    }
+    from test_report import finished_run
+
+    run = finished_run(method, fraction, seed, y, patients, prob, n_resamples=50)
+    run["task"]["test"]["items"] = N
+    run["predictions"] = preds
     if robust:
         run["robustness"] = {"noise_seed": 7, "perturbations": summary}
     return run
