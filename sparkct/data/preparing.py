@@ -24,6 +24,7 @@ the same token unless ``show_paths=True`` (``--show-paths``).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -283,12 +284,27 @@ class _Job:
     n_frames: int = 0  # frames found by the scan (for the progress bar)
 
 
+def _reserve(tmp: str, path: str) -> None:
+    """Give the memmap's sparse file its blocks now: on a full disk, writing through a memmap kills the
+    process with SIGBUS (a bus error, nothing saved, no message); reserving first turns that into an
+    OSError that names the shard."""
+    size = os.path.getsize(tmp)
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot reserve {size / 2**20:.1f} MiB for shard {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _write_shard(dst: str, key: str, n: int, shape: tuple[int, int], fill) -> int:
     """Create the shard of `n` slices through `fill(memmap) -> rows written`, atomically; a shard with
     fewer rows than planned (frames that failed to decode) is rewritten at its real length."""
     path = os.path.join(dst, shard_rel(key))
     with sio.atomic_path(path, ".npy") as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, *shape))
+        _reserve(tmp, path)
         k = fill(mm)
         mm.flush()
         if k < n:
@@ -523,7 +539,10 @@ def _run_job(job: _Job) -> dict:
         return _process_dicom(job, st)
     except Exception as e:
         log.debug("series %s failed", job.key, exc_info=True)
-        return {"key": job.key, "failed": f"series failed ({type(e).__name__})", "n_frames": len(job.files)}
+        out = {"key": job.key, "failed": f"series failed ({type(e).__name__})", "n_frames": len(job.files)}
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            out["fatal"] = str(e)  # every later series would fail the same way: stop (see finish)
+        return out
     finally:
         try:
             os.unlink(marker)
@@ -857,6 +876,11 @@ def prepare(
         t1 = time.perf_counter()
 
         def finish(rec: dict):
+            if "fatal" in rec:
+                raise UserError(
+                    f"{rec['fatal']}: free some space and run the same command again; the {len(done)} series "
+                    "already written are kept"
+                )
             if "failed" in rec:
                 report.series_failed += 1
                 report.skipped[rec["failed"]] += rec["n_frames"]

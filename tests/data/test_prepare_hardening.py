@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from sparkct.data import PixelLimits, SliceCache, prepare, read_series
+from sparkct.errors import UserError
 
 
 def hu_of(path: str) -> np.ndarray:
@@ -356,3 +357,25 @@ def test_nifti_volumes_over_the_limits_are_skipped(tmp_path):
     )
     assert rep.slices == 0 and rep.skipped == Counter({"image too large (Rows x Columns over the pixel limit)": 1})
     assert prepare(str(tmp_path / "src"), str(tmp_path / "c2"), progress=False).slices == 6
+
+
+def test_a_full_disk_is_an_error_naming_the_shard_not_a_bus_error(tmp_path, ct_series, monkeypatch):
+    # Writing through a memmap onto a full disk raises SIGBUS (the process dies, nothing said); the shard's
+    # blocks are reserved first so that a full disk is an OSError that names it and leaves no partial file.
+    import errno
+
+    src, dst = tmp_path / "src", tmp_path / "c"
+    ct_series(str(src / "s"), 3)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(
+        UserError, match=r"cannot reserve .* MiB for shard .*No space left on device.*run the same command again"
+    ):
+        prepare(str(src), str(dst), progress=False, workers=1)
+    leftovers = [f for _, _, fs in os.walk(dst) for f in fs if f.endswith(".npy") or f.endswith(".tmp")]
+    assert leftovers == []
+    monkeypatch.undo()  # space again: the same command completes
+    assert prepare(str(src), str(dst), progress=False, workers=1).slices == 3
