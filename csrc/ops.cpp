@@ -57,6 +57,18 @@ TORCH_LIBRARY(sparkct, m) {
         "float temperature, int col_offset, bool other_grad, bool allow_tf32, int impl) "
         "-> (Tensor, Tensor, Tensor)");
 
+  // ---- fused prototype cross-entropy: DINO's loss (Python face: sparkct/ops/prototype_ce.py) ----
+  // student (S, B, D), teacher (T, B, D), w_student / w_teacher (K, D), teacher_bias (K,) or None.
+  // Returns (loss in the inputs' dtype, lse_student (S, B), lse_teacher (T, B), stats (2,) = [mean teacher
+  // entropy, mean KL(teacher || student) over the pairs]); LSEs and stats in fp32 (fp64 for fp64 input).
+  // impl: 0 = fast tiled kernels, 1 = simple reference kernels (the test oracle).
+  m.def("prototype_ce(Tensor student, Tensor teacher, Tensor w_student, Tensor w_teacher, Tensor? teacher_bias, "
+        "float student_temp, float teacher_temp, bool skip_same, int impl) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. student and w_student (each empty where its flag is false); teacher inputs get none.
+  m.def("prototype_ce_backward(Tensor grad, Tensor student, Tensor teacher, Tensor w_student, Tensor w_teacher, "
+        "Tensor? teacher_bias, Tensor lse_student, Tensor lse_teacher, float student_temp, float teacher_temp, "
+        "bool skip_same, bool student_grad, bool w_grad, int impl) -> (Tensor, Tensor)");
+
   // ---- sparse masked convolution, packed cell tiles (Python face: sparkct/ops/sparse.py) ----
   // Tables of a boolean cell mask (B, GH, GW), True = visible: cells (A, 3) int32 (b, i, j),
   // nbr (A, 8) int32 (neighbour tile, -1 masked, -2 outside), cell_map (B, GH, GW) int32 (tile or -1).

@@ -13,6 +13,11 @@ from sparkct.ops.info_nce import info_nce
 
 __all__ += ["info_nce"]
 
+# ---- fused prototype cross-entropy (DINO) ----
+from sparkct.ops.prototype_ce import prototype_cross_entropy, prototype_sinkhorn  # noqa: E402
+
+__all__ += ["prototype_cross_entropy", "prototype_sinkhorn"]
+
 # ---- sparse masked convolution ----
 from sparkct.ops import sparse  # noqa: E402
 from sparkct.ops.sparse import (  # noqa: E402

@@ -117,3 +117,73 @@ def sparse_conv2d(packed, mask, weight, bias=None, stride=1, padding=0, groups=1
 def sparse_max_pool2d(packed, mask, kernel_size, stride=None, padding=0):
     y = F.max_pool2d(sparse_unpack(packed, mask), kernel_size, stride, padding)
     return sparse_pack(y, mask)
+
+
+# ---- fused prototype cross-entropy (DINO's loss) ------------------------------------------------------
+
+
+def prototype_cross_entropy(
+    student,
+    teacher,
+    w_student,
+    w_teacher,
+    teacher_bias=None,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+    skip_same: bool = True,
+    *,
+    return_stats: bool = False,
+):
+    """DINO's loss the plain way (sparkct.ops.prototype_cross_entropy's semantics, computed in the
+    inputs' dtype): every (S, B, K) and (T, B, K) logit formed, then, for every pair of teacher crop i
+    and student crop j (i == j skipped when `skip_same`), the batch mean of
+    -sum_k p_t[i,b,k] log_softmax(student[j,b] @ w_student.T / student_temp)_k, averaged over the pairs.
+    p_t = softmax(teacher @ w_teacher.T / teacher_temp + teacher_bias). The teacher side is detached.
+    With return_stats: (loss, {"teacher_entropy": mean entropy of p_t, "kl": mean KL(p_t || p_s) over
+    the pairs}), both detached."""
+    lsm = F.log_softmax(student @ w_student.t() / student_temp, dim=-1)  # (S, B, K)
+    lt = teacher.detach() @ w_teacher.detach().t() / teacher_temp
+    if teacher_bias is not None:
+        lt = lt + teacher_bias.detach()
+    pt = F.softmax(lt, dim=-1)  # (T, B, K)
+    total, kl, n = 0, 0, 0
+    for i in range(pt.shape[0]):
+        for j in range(lsm.shape[0]):
+            if skip_same and i == j:
+                continue
+            total = total - torch.sum(pt[i] * lsm[j], dim=-1).mean()
+            if return_stats:
+                kl = kl + torch.sum(pt[i] * (F.log_softmax(lt[i], dim=-1) - lsm[j].detach()), dim=-1).mean()
+            n += 1
+    loss = total / n
+    if not return_stats:
+        return loss
+    entropy = -torch.sum(pt * F.log_softmax(lt, dim=-1), dim=-1).mean()
+    return loss, {"teacher_entropy": entropy.detach(), "kl": (kl / n).detach()}
+
+
+def sinkhorn_knopp_teacher(
+    teacher_logits, teacher_temp: float, n_iterations: int = 3, world_size: int = 1, all_reduce=None
+):
+    """DINOv2's Sinkhorn-Knopp teacher assignment (dinov2/loss/dino_clstoken_loss.py, written from its
+    description): Q = exp(logits / temp)^T (K x B), scaled to sum 1, then `n_iterations` times rows to
+    1/K and columns to 1/B; returns B * Q^T (N, K), each row a distribution. Materializes N x K and does
+    not stabilize the exponent, as the original. `all_reduce` (in-place sum over ranks) and
+    `world_size` stand in for torch.distributed."""
+    Q = torch.exp(teacher_logits.float() / teacher_temp).t()
+    B = Q.shape[1] * world_size
+    K = Q.shape[0]
+    sum_Q = torch.sum(Q)
+    if all_reduce is not None:
+        all_reduce(sum_Q)
+    Q /= sum_Q
+    for _ in range(n_iterations):
+        rows = torch.sum(Q, dim=1, keepdim=True)
+        if all_reduce is not None:
+            all_reduce(rows)
+        Q /= rows
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
