@@ -306,7 +306,8 @@ void backward_fast(const Prep& p, T inv_ts, T inv_tt, const T* lse_s, const T* l
       }
     }
   });
-  for (int64_t c = 1; c < ch.nchunk; ++c) Gst.add_(acc[c]);
+  if (Gst.defined())
+    for (int64_t c = 1; c < ch.nchunk; ++c) Gst.add_(acc[c]);
 }
 
 // ---- the simple path -----------------------------------------------------------------------------
