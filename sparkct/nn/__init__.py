@@ -1,6 +1,7 @@
 """Modules users import.
 
-The fused InfoNCE loss (info_nce), the sparse masked convolution encoder (sparse_encoder), and the
+The fused InfoNCE loss (info_nce), DINO's fused prototype cross-entropy (prototype_ce), the sparse
+masked convolution encoder (sparse_encoder), and the
 contrastive and clustering pretraining parts (byol, ema, gradcache, heads, queue, swav).
 """
 
@@ -18,6 +19,7 @@ from sparkct.nn.heads import (  # noqa: F401
     scaled_width,
 )
 from sparkct.nn.info_nce import InfoNCELoss  # noqa: F401
+from sparkct.nn.prototype_ce import PrototypeCrossEntropyLoss  # noqa: F401
 from sparkct.nn.queue import FeatureQueue  # noqa: F401
 from sparkct.nn.sparse_encoder import SparseEncoder, sparsify  # noqa: F401
 from sparkct.nn.swav import SwAVLoss, sinkhorn  # noqa: F401
