@@ -153,6 +153,30 @@ def test_non_finite_input_gives_non_finite_loss():
         assert torch.isnan(prototype_cross_entropy(*args))
 
 
+def test_large_logits_stay_stable():
+    """Logits / temperature in the hundreds (fp32 exp would overflow without the streaming max)."""
+    st, te, ws, wt, b = make(4, 2, 3, 16, 700)
+    xs = [st * 5, te * 5, ws, wt, b * 50]
+    got = run(lambda *a, **kw: prototype_cross_entropy(*a, student_temp=0.05, teacher_temp=0.01, **kw), *xs)
+    want = run(lambda *a, **kw: ref.prototype_cross_entropy(*a, student_temp=0.05, teacher_temp=0.01, **kw), *as64(xs))
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_thread_count_does_not_change_the_result():
+    """The K chunks follow the thread count; results agree to fp32 rounding."""
+    xs = make(6, 2, 3, 32, 3000)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(fused(), *xs)
+        torch.set_num_threads(max(2, old))
+        many = run(fused(), *xs)
+    finally:
+        torch.set_num_threads(old)
+    assert_close(one, many, rtol=1e-5, atol=1e-7)
+
+
 # ---- the autograd / compiler contract --------------------------------------------------------------
 
 
