@@ -20,11 +20,14 @@ import sys
 import time
 
 SIZES = {
-    # info_nce: N pairs x D, bank K; sparse: batch, channels, grid (cells per side), cell size c, mask ratio
-    "small": dict(n=96, d=64, k=512, batch=2, channels=16, grid=4, cell=8, ratio=0.6),
-    "large": dict(n=4096, d=128, k=65536, batch=64, channels=256, grid=7, cell=8, ratio=0.6),
+    # info_nce: N pairs x D, bank K; sparse: batch, channels, grid (cells per side), cell size c, mask ratio;
+    # prototype_ce: (student crops S, teacher crops T, images B, D, prototypes K)
+    "small": dict(n=96, d=64, k=512, batch=2, channels=16, grid=4, cell=8, ratio=0.6, proto=(4, 2, 8, 64, 700)),
+    "large": dict(
+        n=4096, d=128, k=65536, batch=64, channels=256, grid=7, cell=8, ratio=0.6, proto=(10, 2, 1024, 256, 65536)
+    ),
 }
-OPS = ("info_nce", "info_nce_bank", "cell_layout", "pack", "unpack", "halo", "im2col")
+OPS = ("info_nce", "info_nce_bank", "cell_layout", "pack", "unpack", "halo", "im2col", "prototype_ce")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparkct import profiling  # noqa: PLC0415 (lazy: argument errors come before torch loads)
     from sparkct.device import resolve_device  # noqa: PLC0415 (lazy: argument errors come before torch loads)
     from sparkct.models.masking import cell_mask  # noqa: PLC0415 (lazy: argument errors come before torch loads)
-    from sparkct.ops import info_nce  # noqa: PLC0415 (lazy: argument errors come before torch loads)
+    from sparkct.ops import info_nce, prototype_cross_entropy  # noqa: PLC0415 (lazy: see above)
     from sparkct.ops import sparse as S  # noqa: PLC0415 (lazy: argument errors come before torch loads)
 
     device = resolve_device(args.device)
@@ -76,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     tiles = S.pack(dense.detach(), layout).requires_grad_()
     small = S.pack(torch.nn.functional.avg_pool2d(dense.detach(), c // 2), layout).requires_grad_()  # c = 2
     z0, z1, bank = randn(n, d), randn(n, d), randn(k, d).detach()
+    ps, pt, pb, pd, pk = sz["proto"]
+    proto = [randn(ps, pb, pd), randn(pt, pb, pd).detach(), randn(pk, pd), randn(pk, pd).detach()]
+    with torch.no_grad():
+        for t in proto:
+            t.copy_(torch.nn.functional.normalize(t, dim=-1))
 
     def run(op: str):
         if op == "info_nce":
@@ -92,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             S.halo(tiles, layout, 1).sum().backward()
         elif op == "im2col":
             S.im2col(small, layout, 3, 1, 1).sum().backward()
+        elif op == "prototype_ce":
+            prototype_cross_entropy(*proto, None, 0.1, 0.04, impl=args.impl).backward()
 
     try:
         for op in ops:
