@@ -86,6 +86,18 @@ def _check(student, teacher, w_student, w_teacher, teacher_bias, student_temp, t
     return ts, tt
 
 
+def _autocast(*ts):
+    """Under autocast every input runs in the autocast dtype, as the matmuls of the plain loss would (an
+    fp32 prototype weight with bf16 features, say); gradients return in each input's own dtype."""
+    first = ts[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return ts
+    if not all(t is None or (isinstance(t, torch.Tensor) and t.is_floating_point()) for t in ts):
+        return ts  # _check names the problem
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(None if t is None else t.to(dt) for t in ts)
+
+
 @ranged("sparkct.prototype_cross_entropy")
 def prototype_cross_entropy(
     student: torch.Tensor,
@@ -105,9 +117,13 @@ def prototype_cross_entropy(
     student (S, B, D), teacher (T, B, D): crop features (the teacher's are the first T crops);
     w_student, w_teacher (K, D): prototypes; teacher_bias (K,) or None, added to the teacher's logits
     after dividing by teacher_temp (DINO centering: -center / teacher_temp). skip_same: leave out the
-    pairs (i, i). return_stats: also return {"teacher_entropy", "kl"} (detached 0-d fp32 tensors, fp64
+    pairs (i, i). Under autocast all inputs run in the autocast dtype (outside it they must share one
+    dtype). return_stats: also return {"teacher_entropy", "kl"} (detached 0-d fp32 tensors, fp64
     for fp64 input). impl: "auto" (tiled kernels) or "simple" (per-element kernels, a test oracle).
     """
+    student, teacher, w_student, w_teacher, teacher_bias = _autocast(
+        student, teacher, w_student, w_teacher, teacher_bias
+    )
     ts, tt = _check(student, teacher, w_student, w_teacher, teacher_bias, student_temp, teacher_temp, skip_same)
     if impl not in IMPLS:
         raise ValueError(f"{_WHO}: impl must be one of {sorted(IMPLS)}, got {impl!r}")

@@ -177,6 +177,23 @@ def test_thread_count_does_not_change_the_result():
     assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    """fp32 prototypes with fp32 features under CPU bf16 autocast: computed as the bf16 op (as the plain
+    loss's matmuls would be), gradients in the inputs' fp32."""
+    st, te, ws, wt, b = make(4, 2, 3, 16, 300)
+    st.requires_grad_(True)
+    ws.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = prototype_cross_entropy(st, te, ws, wt, b)
+    gs, gw = torch.autograd.grad(loss, [st, ws])
+    assert loss.dtype == torch.bfloat16 and gs.dtype == torch.float32 and gw.dtype == torch.float32
+    bf = [x.detach().bfloat16() for x in (st, te, ws, wt, b)]
+    want = run(fused(), *bf)
+    assert_close((loss.detach(), gs, gw), want[:3], rtol=1e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="differs from the student"):  # outside autocast: one dtype
+        prototype_cross_entropy(st, te, ws.double(), wt, b)
+
+
 # ---- the autograd / compiler contract --------------------------------------------------------------
 
 
