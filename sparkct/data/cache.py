@@ -16,7 +16,10 @@ Nothing here imports torch or pydicom.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import mmap
 import os
 import zipfile
 import zlib
@@ -97,21 +100,66 @@ def _read_manifest(path: str) -> dict:
     return man
 
 
+def _member_array(f, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member of an npz archive: memory-mapped where it is stored uncompressed (as np.savez
+    writes it), so opening the index costs no memory in the number of slices; read otherwise."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        with zf.open(info) as m:
+            return np.lib.format.read_array(m, allow_pickle=False)
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header of {info.filename}")
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if dtype.hasobject:
+        raise ValueError(f"{info.filename}: pickled data (object arrays are not allowed)")
+    data = f.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data - start + nbytes > info.file_size or data + nbytes > os.fstat(f.fileno()).st_size:
+        raise EOFError(f"{info.filename}: truncated")
+    if nbytes < _MAP_BYTES:  # small tables: read (a map per member costs more than it saves)
+        f.seek(data)
+        a = np.frombuffer(bytearray(f.read(nbytes)), dtype=dtype) if nbytes else np.zeros(0, dtype)
+        return a.reshape(shape, order="F" if fortran else "C")
+    return np.memmap(f, dtype=dtype, mode="r", offset=data, shape=tuple(shape), order="F" if fortran else "C")
+
+
 def _read_index(path: str) -> dict[str, np.ndarray]:
-    """index.npz's arrays, read in full (a damaged member fails here, not in the middle of a run)."""
+    """index.npz's arrays, memory-mapped (see _member_array): a damaged archive or member header fails
+    here, not in the middle of a run. The members' CRCs are not read (that would read the whole index):
+    :func:`verify_index` does, and ``sparkct data verify`` runs it."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError("a single array, not an npz archive")
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        # allow_pickle=False turns anything that is neither npy nor npz into a 'pickled data' ValueError
-        why = "not an npz archive" if "pickle" in str(e) else _one_line(e)
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            data = {}
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                data[info.filename[:-4]] = _member_array(f, zf, info)
+    except zipfile.BadZipFile as e:
+        why = "not an npz archive" if "not a zip file" in str(e) else _one_line(e)
         raise UserError(f"{path}: not a readable slice index ({why}); {_again(os.path.dirname(path))}") from e
+    except (OSError, ValueError, EOFError, zlib.error, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable slice index ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
     missing = [k for k in INDEX_KEYS if k not in data]
     if missing:
         raise UserError(f"{path}: no {missing[0]!r} array ({len(missing)} missing); {_again(os.path.dirname(path))}")
     return data
+
+
+def verify_index(path: str) -> None:
+    """Read every member of index.npz and check its CRC (UserError naming the index if one differs)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a readable slice index ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
+    if bad is not None:
+        raise UserError(f"{path}: {bad} fails its CRC check; {_again(os.path.dirname(path))}")
 
 
 def _check_tables(path: str, data: dict[str, np.ndarray]) -> None:
@@ -139,17 +187,38 @@ def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
             )
     if data["series.shape"].ndim != 2 or data["series.shape"].shape[1] != 2:
         raise UserError(f"{path}: 'series.shape' is not (series, 2); {_again(os.path.dirname(path))}")
-    ser, idx = data["slice.series"], data["slice.index"]
-    if n_slices and (ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= data["series.n"][ser]).any()):
-        raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
-    if int(np.sum(data["series.n"])) != n_slices:
+    if int(np.sum(data["series.n"], dtype=np.int64)) != n_slices:
         raise UserError(
             f"{path}: the series hold {int(np.sum(data['series.n']))} slices, the slice table {n_slices}; "
             + _again(os.path.dirname(path))
         )
-    pat = data["slice.patient"]
-    if n_slices and (pat.min() < 0 or pat.max() >= len(data["patients"])):
-        raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_again(os.path.dirname(path))}")
+    series_n = np.asarray(data["series.n"])
+    n_patients = len(data["patients"])
+    # the slice-level checks read the whole slice table: in chunks, giving the memory-mapped pages back
+    # after each, so a rank's resident memory does not grow with the cache
+    for lo in range(0, n_slices, _CHECK_ROWS):
+        hi = min(n_slices, lo + _CHECK_ROWS)
+        ser, idx = np.asarray(data["slice.series"][lo:hi]), np.asarray(data["slice.index"][lo:hi])
+        if ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= series_n[ser]).any():
+            raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
+        pat = np.asarray(data["slice.patient"][lo:hi])
+        if pat.min() < 0 or pat.max() >= n_patients:
+            raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_again(os.path.dirname(path))}")
+        del ser, idx, pat
+        for k in ("slice.series", "slice.index", "slice.patient"):
+            _release(data[k])
+
+
+_CHECK_ROWS = 1 << 22
+_MAP_BYTES = 1 << 20
+
+
+def _release(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set (they stay in the page
+    cache); nothing for an array in memory."""
+    m = getattr(a, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def _shard_problem(path: str, shape: tuple[int, int, int]) -> str | None:
@@ -173,6 +242,14 @@ def _shard_problem(path: str, shape: tuple[int, int, int]) -> str | None:
     if size < want:
         return f"truncated: {size} bytes of {want}"
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_bytes(shape: tuple[int, int, int]) -> int:
+    """The .npy header's length that np.save writes for an int16 array of `shape`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i2", "fortran_order": False, "shape": shape})
+    return len(buf.getvalue())
 
 
 def shard_rel(key: str) -> str:
@@ -240,12 +317,24 @@ class SliceCache:
         """Every shard against the index, from its .npy header and its size alone (no pixel is read): a
         missing, zero-byte, foreign, truncated or wrongly shaped shard raises UserError naming the shard,
         its series and how many others are damaged. A run checks this before it writes anything."""
+        # From each shard's size first (one stat, no open): a shard of the size np.save gives its shape
+        # is taken as sound, the header is read only of the others, to say what is wrong. (A shard of the
+        # right size with a foreign header is named at its first read.)
         bad: list[tuple[int, str]] = []
-        for s in range(self.n_series):
-            n, (h, w) = int(self.series["n"][s]), (int(v) for v in self.series["shape"][s])
-            if n == 0:
+        n = np.asarray(self.series["n"], dtype=np.int64)
+        hw = np.asarray(self.series["shape"], dtype=np.int64)
+        want = n * hw[:, 0] * hw[:, 1] * 2
+        keys = self.series["key"].tolist()
+        for s in np.flatnonzero(n > 0).tolist():
+            p = os.path.join(self.root, shard_rel(keys[s]))
+            try:
+                head = os.stat(p).st_size - int(want[s])
+            except OSError:
+                head = -1
+            shape = (int(n[s]), int(hw[s, 0]), int(hw[s, 1]))
+            if head == _header_bytes(shape):
                 continue
-            what = _shard_problem(os.path.join(self.root, shard_rel(str(self.series["key"][s]))), (n, h, w))
+            what = _shard_problem(p, shape)
             if what:
                 bad.append((s, what))
         if bad:

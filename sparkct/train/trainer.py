@@ -967,13 +967,20 @@ class Trainer:
 def _data_fingerprint(ds) -> str | None:
     """A hash of what a dataset over a prepared cache holds (its series' keys and sizes, the slices it
     uses, their labels), not of where the cache lies; None for other datasets."""
-    series, indices = getattr(getattr(ds, "cache", None), "series", None), getattr(ds, "indices", None)
-    if not isinstance(series, dict) or "key" not in series or indices is None:
+    series = getattr(getattr(ds, "cache", None), "series", None)
+    rows = getattr(ds, "rows", None)  # CTSliceDataset: the slices of items, without a per-slice array
+    indices = None if callable(rows) else getattr(ds, "indices", None)
+    if not isinstance(series, dict) or "key" not in series or (indices is None and not callable(rows)):
         return None
     h = hashlib.sha256()
-    h.update(json.dumps([[str(k) for k in series["key"]], np.asarray(series["n"]).tolist()]).encode())
+    h.update(json.dumps([[str(k) for k in series["key"].tolist()], np.asarray(series["n"]).tolist()]).encode())
     h.update(np.asarray(series["shape"], np.int64).tobytes())
-    h.update(np.asarray(indices, np.int64).tobytes())
+    if indices is not None:
+        h.update(np.asarray(indices, np.int64).tobytes())
+    else:  # the same bytes, a chunk at a time (a dataset of 10^8 slices would need 800 MB at once)
+        chunk = 1 << 22
+        for lo in range(0, len(ds), chunk):
+            h.update(np.asarray(rows(np.arange(lo, min(len(ds), lo + chunk))), np.int64).tobytes())
     targets = getattr(ds, "targets", None)
     if targets is not None:
         t = np.asarray(targets)
