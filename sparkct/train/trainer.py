@@ -28,6 +28,7 @@ Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``p
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -126,7 +127,28 @@ def _init_distributed(device_spec: str) -> None:
     cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # SPARKCT_DIST_TIMEOUT (seconds): how long joining the group, and every collective after it, may wait for
+    # the other ranks (torch's default otherwise: 30 min for gloo, 10 min for NCCL)
+    raw = os.environ.get("SPARKCT_DIST_TIMEOUT", "")
+    try:
+        secs = float(raw) if raw else None
+        if secs is not None and not secs > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"SPARKCT_DIST_TIMEOUT must be seconds > 0, got {raw!r}") from None
+    try:
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=None if secs is None else datetime.timedelta(seconds=secs)
+        )
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        within = f"within {secs:g} s" if secs is not None else "in torch's default timeout"
+        raise UserError(
+            f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: the other ranks did not "
+            f"join {within} at {where} ({type(e).__name__}); start every node with the same --nnodes, "
+            "--nproc-per-node, --master-addr and --master-port, check that each reaches that address, or set "
+            "SPARKCT_DIST_TIMEOUT (seconds)"
+        ) from e
 
 
 @dataclass

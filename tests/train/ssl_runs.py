@@ -27,6 +27,7 @@ METHOD_KW = {
         freeze_prototypes=2,
     ),
     "byol": dict(proj_hidden_dim=32, proj_dim=16, momentum=0.9),
+    "spark": dict(decoder_width=32),  # a narrow decoder (published: 768); run it with crop=64 (2x2 cells)
 }
 
 
@@ -36,11 +37,16 @@ def _as_double(method) -> None:
     step = method.training_step
 
     def training_step(batch, s, **kw):
+        if not hasattr(method, "split_batch"):  # SparK: one batch of slices
+            return step(batch.double(), s, **kw)
         views, targets = method.split_batch(batch)
         views = [v.double() for v in views]
         return step(views if targets is None else (views, targets), s, **kw)
 
     method.training_step = training_step
+    if not hasattr(method, "split_batch"):  # SparK previews its reconstruction of the last batch
+        preview = method.preview
+        method.preview = lambda batch, *a, **kw: preview(batch.double(), *a, **kw)
 
 
 def run(
