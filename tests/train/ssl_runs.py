@@ -5,6 +5,9 @@ different orders)."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 from torch import nn
 
@@ -49,6 +52,26 @@ def _as_double(method) -> None:
         method.preview = lambda batch, *a, **kw: preview(batch.double(), *a, **kw)
 
 
+def _kill_node_hook(method) -> None:
+    """SSL_KILL_NODE_AFTER=STEP:NODE: on torchrun's node NODE (GROUP_RANK), every rank SIGKILLs its launcher
+    and then itself right after optimizer step STEP (1-based): a node lost mid-run."""
+    spec = os.environ.get("SSL_KILL_NODE_AFTER")
+    if not spec:
+        return
+    at, node = (int(v) for v in spec.split(":"))
+    if int(os.environ.get("GROUP_RANK", "-1")) != node:
+        return
+    after = method.after_step
+
+    def after_step(step, total):
+        after(step, total)
+        if step + 1 == at:
+            os.kill(os.getppid(), signal.SIGKILL)  # this node's torchrun
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    method.after_step = after_step
+
+
 def run(
     name: str,
     cache: str,
@@ -74,4 +97,5 @@ def run(
     method = get_method(name)(backbone, mcfg)
     if double:
         _as_double(method)
+    _kill_node_hook(method)
     return Trainer(method, cfg, method_name=name, resume=resume).fit()

@@ -1,12 +1,16 @@
 """Two "nodes" on this machine (issue 21): two ``torchrun --nnodes 2 --nproc-per-node 2`` launchers with
 --node-rank 0 and 1, static rendezvous on 127.0.0.1 (gloo), train SparK and SimCLR a few steps in float64
 and end where one process on the same global batches ends; only rank 0 writes the run folder; a node
-that never comes is a clear error after a short timeout, on the launcher's side and on the trainer's."""
+killed mid-run (its launcher and ranks) is resumed from the last checkpoint by starting both nodes again;
+a node that never comes is a clear error after a short timeout, on the launcher's side and on the
+trainer's. About two minutes on 2 cores."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +42,7 @@ def _env(**extra) -> dict:
     return {**env, **extra}
 
 
-def _torchrun(script: str, node: int, port: int, rdzv_timeout: int = 120, nnodes: int = 2) -> subprocess.Popen:
+def _torchrun(script: str, node: int, port: int, rdzv_timeout: int = 120, nnodes: int = 2, **env) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -54,7 +58,9 @@ def _torchrun(script: str, node: int, port: int, rdzv_timeout: int = 120, nnodes
         "--monitor-interval=0.5",
         script,
     ]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _losses(run_dir):
@@ -94,6 +100,62 @@ def test_two_nodes_of_two_ranks_equal_one_process(small_cache, tmp_path):
         assert len(la) == 3 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-6 * max(map(abs, la)), (name, la, lb)
         # rank 0 alone wrote: the 4-rank run folder holds exactly the files of the one-process run
         assert _files(tmp_path / "nodes" / name) == _files(tmp_path / "one" / name), name
+
+
+RESUME_SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+import torch
+torch.set_num_threads(1)
+from ssl_runs import run
+run('simclr', {cache!r}, {out!r}, double=True, max_steps=6, epochs=2, ckpt_every=3, keep=5, resume={resume!r})
+"""
+
+
+def test_a_killed_node_resumes_from_the_last_checkpoint(small_cache, tmp_path):
+    """Node 1's launcher and ranks are SIGKILLed after step 5 (checkpoint at step 3): node 0's ranks fail
+    at their next collective and its launcher exits; both nodes started again with resume end where one
+    uninterrupted process ends."""
+
+    def script(name: str, out: str, resume: bool) -> str:
+        path = str(tmp_path / f"{name}.py")
+        with open(path, "w") as f:
+            f.write(RESUME_SCRIPT.format(here=HERE, cache=small_cache, out=out, resume=resume))
+        return path
+
+    straight, nodes_out = str(tmp_path / "straight"), str(tmp_path / "nodes")
+    r = subprocess.run(
+        [sys.executable, script("straight", straight, False)], env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = script("first", nodes_out, False)
+    port = _free_port()
+    launched = [_torchrun(first, node, port, SSL_KILL_NODE_AFTER="5:1", SPARKCT_DIST_TIMEOUT="60") for node in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600) for p in launched]
+    finally:
+        for p in launched:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # whatever of the killed node's session is left
+    assert launched[1].returncode == -signal.SIGKILL, outs[1][1][-3000:]
+    assert launched[0].returncode not in (0, None), outs[0][1][-3000:]  # its ranks lost their peers
+    assert C.load_checkpoint(nodes_out)["step"] == 3
+    again = script("again", nodes_out, True)
+    port = _free_port()
+    relaunched = [_torchrun(again, node, port) for node in (0, 1)]
+    for p in relaunched:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = C.load_checkpoint(straight), C.load_checkpoint(nodes_out)
+    assert a["step"] == b["step"] == 6 and b["config"]["world_size"] == 4
+    for k, va in a["model"].items():
+        vb = b["model"][k]
+        if va.is_floating_point():
+            assert torch.allclose(va, vb, rtol=1e-7, atol=1e-9), (k, float((va - vb).abs().max()))
+        else:
+            assert torch.equal(va, vb), k
+    la, lb = _losses(straight), _losses(nodes_out)
+    assert len(la) == len(lb) == 6 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-6 * max(map(abs, la))
 
 
 def test_a_node_that_never_comes_is_a_clear_error(tmp_path):
