@@ -349,10 +349,41 @@ class SliceCache:
     def n_series(self) -> int:
         return len(self.series["key"])
 
-    def __getstate__(self):  # memmaps are reopened in each DataLoader worker
+    # attribute -> index.npz table, for the tables a pickled cache maps again instead of carrying
+    _TABLES = {
+        "slice_series": "slice.series",
+        "slice_index": "slice.index",
+        "slice_z": "slice.z",
+        "slice_instance": "slice.instance",
+        "slice_patient": "slice.patient",
+        "patients": "patients",
+    }
+
+    def __getstate__(self):
+        # shards and memory-mapped index tables are mapped again where it is unpickled (a DataLoader worker,
+        # another process): pickling a map would copy the whole table
         d = dict(self.__dict__)
         d["_maps"] = OrderedDict()
+        remap = [k for k in self._TABLES if isinstance(d.get(k), np.memmap)]
+        remap += ["series." + k for k, v in d["series"].items() if isinstance(v, np.memmap)]
+        if remap:
+            d["series"] = {k: (None if isinstance(v, np.memmap) else v) for k, v in d["series"].items()}
+            for k in remap:
+                if not k.startswith("series."):
+                    d[k] = None
+            d["_remap"] = remap
         return d
+
+    def __setstate__(self, d):
+        remap = d.pop("_remap", None)
+        self.__dict__.update(d)
+        if remap:
+            data = _read_index(os.path.join(self.root, "index.npz"))
+            for k in remap:
+                if k.startswith("series."):
+                    self.series[k[len("series.") :]] = data[k]
+                else:
+                    setattr(self, k, data[self._TABLES[k]])
 
     def shard(self, s: int) -> np.ndarray:
         m = self._maps.get(s)

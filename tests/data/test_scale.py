@@ -204,3 +204,24 @@ def test_the_run_fingerprint_is_unchanged_and_makes_no_index_array(cache_dir):
     h2.update(np.asarray(s["shape"], np.int64).tobytes())
     h2.update(np.array([3, 1, 2], np.int64).tobytes())
     assert trainer._data_fingerprint(sub) == h2.hexdigest()[:16]
+
+
+def test_a_pickled_cache_maps_its_tables_again(cache_dir, monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(cache_mod, "_MAP_BYTES", 0)
+    c = SliceCache(cache_dir)
+    st = c.__getstate__()  # what pickling carries: no table (a map pickles as a copy of the whole table)
+    assert st["slice_z"] is None and st["series"]["key"] is None
+    d = pickle.loads(pickle.dumps(c))
+    assert isinstance(d.slice_series, np.memmap) and isinstance(d.series["key"], np.memmap)
+    for k in ("slice_series", "slice_index", "slice_z", "slice_instance", "slice_patient", "patients"):
+        np.testing.assert_array_equal(getattr(d, k), getattr(c, k))
+    assert d.series.keys() == c.series.keys()
+    for k in c.series:
+        np.testing.assert_array_equal(d.series[k], c.series[k])
+    np.testing.assert_array_equal(d.read([5, 2]), c.read([5, 2]))
+    monkeypatch.undo()
+    e = pickle.loads(pickle.dumps(SliceCache(cache_dir, check_shards=False)))  # small tables: read, carried
+    assert not isinstance(e.slice_z, np.memmap)
+    np.testing.assert_array_equal(e.slice_z, c.slice_z)
