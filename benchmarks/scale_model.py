@@ -154,6 +154,18 @@ def measure(root: str, world: int = 8, batch: int = 256, rank: int = 0) -> dict:
     x = next(iter(loader))
     t_first = time.perf_counter() - t3
     after = _status()
+    # finding 10^6 random slices' series and rows: through the series sizes (SliceCache.locate, where the
+    # cache has it) and through the slice tables (what reads did before): how much of the index becomes
+    # resident
+    rng = np.random.default_rng(1)
+    probe = rng.integers(0, len(ds), 10**6)
+    locate = getattr(ds.cache, "locate", None)
+    f0 = _status()["RssFile"]
+    if locate is not None:
+        locate(probe)
+    f1 = _status()["RssFile"]
+    _ = ds.cache.slice_series[probe], ds.cache.slice_index[probe]
+    f2 = _status()["RssFile"]
     return {
         "slices": len(ds),
         "series": int(ds.cache.n_series),
@@ -172,6 +184,8 @@ def measure(root: str, world: int = 8, batch: int = 256, rank: int = 0) -> dict:
         "rss_first_batch_mib": _mib(after["VmRSS"] - base["VmRSS"]),
         "rss_anon_first_batch_mib": _mib(after["RssAnon"] - base["RssAnon"]),
         "peak_rss_mib": _mib(after["VmHWM"] - base["VmRSS"]),
+        "rss_file_locate_1e6_mib": _mib(f1 - f0) if locate is not None else None,
+        "rss_file_tables_1e6_mib": _mib(f2 - f1),
     }
 
 

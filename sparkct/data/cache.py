@@ -162,17 +162,19 @@ def verify_index(path: str) -> None:
         raise UserError(f"{path}: {bad} fails its CRC check; {_again(os.path.dirname(path))}")
 
 
-def _check_tables(path: str, data: dict[str, np.ndarray]) -> None:
-    """The index's tables agree in length and point inside each other (cheap: no shard is read)."""
+def _check_tables(path: str, data: dict[str, np.ndarray]) -> bool:
+    """The index's tables agree in length and point inside each other (cheap: no shard is read). Returns
+    whether the slice rows are in series order (as `prepare` writes them: series 0's slices in order,
+    then series 1's, ...), so that a slice's series and row follow from the series' sizes alone."""
     try:
-        _check_table_rows(path, data)
+        return _check_table_rows(path, data)
     except (TypeError, ValueError, IndexError) as e:
         if isinstance(e, UserError):
             raise
         raise UserError(f"{path}: tables of the wrong type ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
 
 
-def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
+def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> bool:
     n_slices = len(data["slice.series"])
     n_series = len(data["series.key"])
     for k in ("slice.index", "slice.z", "slice.instance", "slice.patient"):
@@ -194,12 +196,20 @@ def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
         )
     series_n = np.asarray(data["series.n"])
     n_patients = len(data["patients"])
+    ends = np.cumsum(series_n, dtype=np.int64)
+    starts = ends - series_n
+    in_order = True
     # the slice-level checks read the whole slice table: in chunks, giving the memory-mapped pages back
     # after each, so a rank's resident memory does not grow with the cache
     for lo in range(0, n_slices, _CHECK_ROWS):
         hi = min(n_slices, lo + _CHECK_ROWS)
         ser, idx = np.asarray(data["slice.series"][lo:hi]), np.asarray(data["slice.index"][lo:hi])
-        if ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= series_n[ser]).any():
+        if in_order:  # the rows prepare writes for [lo, hi): each series' slices in order, series by series
+            s0, s1 = int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(ends, hi - 1, "right"))
+            counts = np.maximum(np.minimum(ends[s0 : s1 + 1], hi) - np.maximum(starts[s0 : s1 + 1], lo), 0)
+            want = np.repeat(np.arange(s0, s1 + 1, dtype=np.int64), counts)
+            in_order = np.array_equal(ser, want) and np.array_equal(idx, np.arange(lo, hi) - starts[want])
+        if not in_order and (ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= series_n[ser]).any()):
             raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
         pat = np.asarray(data["slice.patient"][lo:hi])
         if pat.min() < 0 or pat.max() >= n_patients:
@@ -207,6 +217,7 @@ def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
         del ser, idx, pat
         for k in ("slice.series", "slice.index", "slice.patient"):
             _release(data[k])
+    return in_order
 
 
 _CHECK_ROWS = 1 << 22
@@ -292,7 +303,7 @@ class SliceCache:
         data = _read_index(path)
         if str(data["format"]) != FORMAT or int(data["version"]) != VERSION:
             raise UserError(f"{root!r}: unsupported cache format/version")
-        _check_tables(path, data)
+        in_order = _check_tables(path, data)
         self.slice_series = data["slice.series"]
         self.slice_index = data["slice.index"]
         self.slice_z = data["slice.z"]
@@ -302,6 +313,12 @@ class SliceCache:
         self.series = {k[len("series.") :]: v for k, v in data.items() if k.startswith("series.")}
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._max_open = max_open
+        # where the slice rows are in series order (always, from prepare), reads find a slice's series and
+        # row from the series' sizes (16 bytes a series) instead of the slice tables: their pages never
+        # become resident, however many slices an epoch reads
+        n = np.asarray(self.series["n"], dtype=np.int64)
+        self._ends = np.cumsum(n) if in_order else None
+        self._starts = self._ends - n if in_order else None
         shapes = self.series["shape"]
         self.uniform_shape = tuple(int(v) for v in shapes[0]) if len(shapes) and (shapes == shapes[0]).all() else None
         if check_shards:
@@ -404,13 +421,22 @@ class SliceCache:
             self._maps.move_to_end(s)
         return m
 
+    def locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(series, row in its shard) of slices `indices` (int64 arrays; indices must be in range)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self._ends is not None:
+            ser = np.searchsorted(self._ends, idx, side="right")
+            return ser, idx - self._starts[ser]
+        return np.asarray(self.slice_series[idx], np.int64), np.asarray(self.slice_index[idx], np.int64)
+
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"slice {i} out of range for a cache of {len(self)} slices")
-        return np.array(self.shard(int(self.slice_series[i]))[self.slice_index[i]])
+        ser, row = self.locate([i])
+        return np.array(self.shard(int(ser[0]))[row[0]])
 
     def read(self, indices, out: np.ndarray | None = None) -> np.ndarray:
         """Slices `indices` as one (B, H, W) int16 array (all slices must share a shape). Reads are
@@ -418,14 +444,14 @@ class SliceCache:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"slice indices out of range [0, {len(self)})")
-        ser = self.slice_series[idx]
+        ser, rows_in = self.locate(idx)
         shapes = self.series["shape"][ser]
         if len(idx) and not (shapes == shapes[0]).all():
             raise ValueError("slices of different sizes in one batch: prepare with --size, or read one by one")
         h, w = (int(v) for v in shapes[0]) if len(idx) else (0, 0)
         if out is None:
             out = np.empty((len(idx), h, w), dtype=np.int16)
-        order = np.lexsort((self.slice_index[idx], ser))
+        order = np.lexsort((rows_in, ser))
         pos = 0
         while pos < len(order):
             s = ser[order[pos]]
@@ -433,7 +459,7 @@ class SliceCache:
             while end < len(order) and ser[order[end]] == s:
                 end += 1
             rows = order[pos:end]
-            local = self.slice_index[idx[rows]]
+            local = rows_in[rows]
             m = self.shard(int(s))
             if len(local) > 1 and (np.diff(local) == 1).all():
                 out[rows] = m[local[0] : local[-1] + 1]

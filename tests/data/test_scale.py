@@ -225,3 +225,51 @@ def test_a_pickled_cache_maps_its_tables_again(cache_dir, monkeypatch):
     e = pickle.loads(pickle.dumps(SliceCache(cache_dir, check_shards=False)))  # small tables: read, carried
     assert not isinstance(e.slice_z, np.memmap)
     np.testing.assert_array_equal(e.slice_z, c.slice_z)
+
+
+class _Untouchable:
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, i):
+        raise AssertionError("a read looked up a slice table")
+
+
+def test_reads_find_slices_from_the_series_sizes_not_the_slice_tables(cache_dir):
+    c = SliceCache(cache_dir)
+    ref = SliceCache(cache_dir)
+    n = len(c)
+    c.slice_series, c.slice_index = _Untouchable(), _Untouchable()  # a read must not touch their pages
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, n, 40)
+    want = np.stack(
+        [
+            np.load(os.path.join(cache_dir, cache_mod.shard_rel(str(ref.series["key"][s]))))[k]
+            for s, k in zip(ref.slice_series[idx], ref.slice_index[idx])
+        ]
+    )
+    np.testing.assert_array_equal(c.read(idx), want)
+    np.testing.assert_array_equal(c[int(idx[0])], want[0])
+    ser, row = c.locate(np.arange(n))
+    np.testing.assert_array_equal(ser, ref.slice_series)
+    np.testing.assert_array_equal(row, ref.slice_index)
+
+
+def test_an_index_with_slices_out_of_series_order_is_read_through_its_tables(cache_dir, tmp_path):
+    root = str(tmp_path / "c")
+    shutil.copytree(cache_dir, root)
+    p = os.path.join(root, "index.npz")
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k in ("slice.series", "slice.index", "slice.z", "slice.instance", "slice.patient"):
+        arrays[k] = arrays[k][::-1].copy()  # the last slice first
+    np.savez(p, **arrays)
+    c, ref = SliceCache(root), SliceCache(cache_dir)
+    assert c._ends is None
+    n = len(c)
+    np.testing.assert_array_equal(c[0], ref[n - 1])
+    np.testing.assert_array_equal(c.read([0, n - 1, 3]), ref.read([n - 1, 0, n - 4]))
+    arrays["slice.index"][5] = 10**6  # and a row outside its series is still refused
+    np.savez(p, **arrays)
+    with pytest.raises(UserError, match="slice rows point outside their series"):
+        SliceCache(root)
