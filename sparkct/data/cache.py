@@ -16,7 +16,10 @@ Nothing here imports torch or pydicom.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import mmap
 import os
 import zipfile
 import zlib
@@ -97,34 +100,81 @@ def _read_manifest(path: str) -> dict:
     return man
 
 
+def _member_array(f, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member of an npz archive: memory-mapped where it is stored uncompressed (as np.savez
+    writes it), so opening the index costs no memory in the number of slices; read otherwise."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        with zf.open(info) as m:
+            return np.lib.format.read_array(m, allow_pickle=False)
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header of {info.filename}")
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if dtype.hasobject:
+        raise ValueError(f"{info.filename}: pickled data (object arrays are not allowed)")
+    data = f.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data - start + nbytes > info.file_size or data + nbytes > os.fstat(f.fileno()).st_size:
+        raise EOFError(f"{info.filename}: truncated")
+    if nbytes < _MAP_BYTES:  # small tables: read (a map per member costs more than it saves)
+        f.seek(data)
+        a = np.frombuffer(bytearray(f.read(nbytes)), dtype=dtype) if nbytes else np.zeros(0, dtype)
+        return a.reshape(shape, order="F" if fortran else "C")
+    return np.memmap(f, dtype=dtype, mode="r", offset=data, shape=tuple(shape), order="F" if fortran else "C")
+
+
 def _read_index(path: str) -> dict[str, np.ndarray]:
-    """index.npz's arrays, read in full (a damaged member fails here, not in the middle of a run)."""
+    """index.npz's arrays, memory-mapped (see _member_array): a damaged archive or member header fails
+    here, not in the middle of a run. The members' CRCs are not read (that would read the whole index):
+    :func:`verify_index` does, and ``sparkct data verify`` runs it."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError("a single array, not an npz archive")
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        # allow_pickle=False turns anything that is neither npy nor npz into a 'pickled data' ValueError
-        why = "not an npz archive" if "pickle" in str(e) else _one_line(e)
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            data = {}
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                data[info.filename[:-4]] = _member_array(f, zf, info)
+    except zipfile.BadZipFile as e:
+        why = "not an npz archive" if "not a zip file" in str(e) else _one_line(e)
         raise UserError(f"{path}: not a readable slice index ({why}); {_again(os.path.dirname(path))}") from e
+    except (OSError, ValueError, EOFError, zlib.error, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable slice index ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
     missing = [k for k in INDEX_KEYS if k not in data]
     if missing:
         raise UserError(f"{path}: no {missing[0]!r} array ({len(missing)} missing); {_again(os.path.dirname(path))}")
     return data
 
 
-def _check_tables(path: str, data: dict[str, np.ndarray]) -> None:
-    """The index's tables agree in length and point inside each other (cheap: no shard is read)."""
+def verify_index(path: str) -> None:
+    """Read every member of index.npz and check its CRC (UserError naming the index if one differs)."""
     try:
-        _check_table_rows(path, data)
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a readable slice index ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
+    if bad is not None:
+        raise UserError(f"{path}: {bad} fails its CRC check; {_again(os.path.dirname(path))}")
+
+
+def _check_tables(path: str, data: dict[str, np.ndarray]) -> bool:
+    """The index's tables agree in length and point inside each other (cheap: no shard is read). Returns
+    whether the slice rows are in series order (as `prepare` writes them: series 0's slices in order,
+    then series 1's, ...), so that a slice's series and row follow from the series' sizes alone."""
+    try:
+        return _check_table_rows(path, data)
     except (TypeError, ValueError, IndexError) as e:
         if isinstance(e, UserError):
             raise
         raise UserError(f"{path}: tables of the wrong type ({_one_line(e)}); {_again(os.path.dirname(path))}") from e
 
 
-def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
+def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> bool:
     n_slices = len(data["slice.series"])
     n_series = len(data["series.key"])
     for k in ("slice.index", "slice.z", "slice.instance", "slice.patient"):
@@ -139,17 +189,47 @@ def _check_table_rows(path: str, data: dict[str, np.ndarray]) -> None:
             )
     if data["series.shape"].ndim != 2 or data["series.shape"].shape[1] != 2:
         raise UserError(f"{path}: 'series.shape' is not (series, 2); {_again(os.path.dirname(path))}")
-    ser, idx = data["slice.series"], data["slice.index"]
-    if n_slices and (ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= data["series.n"][ser]).any()):
-        raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
-    if int(np.sum(data["series.n"])) != n_slices:
+    if int(np.sum(data["series.n"], dtype=np.int64)) != n_slices:
         raise UserError(
             f"{path}: the series hold {int(np.sum(data['series.n']))} slices, the slice table {n_slices}; "
             + _again(os.path.dirname(path))
         )
-    pat = data["slice.patient"]
-    if n_slices and (pat.min() < 0 or pat.max() >= len(data["patients"])):
-        raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_again(os.path.dirname(path))}")
+    series_n = np.asarray(data["series.n"])
+    n_patients = len(data["patients"])
+    ends = np.cumsum(series_n, dtype=np.int64)
+    starts = ends - series_n
+    in_order = True
+    # the slice-level checks read the whole slice table: in chunks, giving the memory-mapped pages back
+    # after each, so a rank's resident memory does not grow with the cache
+    for lo in range(0, n_slices, _CHECK_ROWS):
+        hi = min(n_slices, lo + _CHECK_ROWS)
+        ser, idx = np.asarray(data["slice.series"][lo:hi]), np.asarray(data["slice.index"][lo:hi])
+        if in_order:  # the rows prepare writes for [lo, hi): each series' slices in order, series by series
+            s0, s1 = int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(ends, hi - 1, "right"))
+            counts = np.maximum(np.minimum(ends[s0 : s1 + 1], hi) - np.maximum(starts[s0 : s1 + 1], lo), 0)
+            want = np.repeat(np.arange(s0, s1 + 1, dtype=np.int64), counts)
+            in_order = np.array_equal(ser, want) and np.array_equal(idx, np.arange(lo, hi) - starts[want])
+        if not in_order and (ser.min() < 0 or ser.max() >= n_series or idx.min() < 0 or (idx >= series_n[ser]).any()):
+            raise UserError(f"{path}: slice rows point outside their series; {_again(os.path.dirname(path))}")
+        pat = np.asarray(data["slice.patient"][lo:hi])
+        if pat.min() < 0 or pat.max() >= n_patients:
+            raise UserError(f"{path}: 'slice.patient' points outside 'patients'; {_again(os.path.dirname(path))}")
+        del ser, idx, pat
+        for k in ("slice.series", "slice.index", "slice.patient"):
+            _release(data[k])
+    return in_order
+
+
+_CHECK_ROWS = 1 << 22
+_MAP_BYTES = 1 << 20
+
+
+def _release(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set (they stay in the page
+    cache); nothing for an array in memory."""
+    m = getattr(a, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def _shard_problem(path: str, shape: tuple[int, int, int]) -> str | None:
@@ -173,6 +253,14 @@ def _shard_problem(path: str, shape: tuple[int, int, int]) -> str | None:
     if size < want:
         return f"truncated: {size} bytes of {want}"
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_bytes(shape: tuple[int, int, int]) -> int:
+    """The .npy header's length that np.save writes for an int16 array of `shape`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i2", "fortran_order": False, "shape": shape})
+    return len(buf.getvalue())
 
 
 def shard_rel(key: str) -> str:
@@ -215,7 +303,7 @@ class SliceCache:
         data = _read_index(path)
         if str(data["format"]) != FORMAT or int(data["version"]) != VERSION:
             raise UserError(f"{root!r}: unsupported cache format/version")
-        _check_tables(path, data)
+        in_order = _check_tables(path, data)
         self.slice_series = data["slice.series"]
         self.slice_index = data["slice.index"]
         self.slice_z = data["slice.z"]
@@ -225,6 +313,12 @@ class SliceCache:
         self.series = {k[len("series.") :]: v for k, v in data.items() if k.startswith("series.")}
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._max_open = max_open
+        # where the slice rows are in series order (always, from prepare), reads find a slice's series and
+        # row from the series' sizes (16 bytes a series) instead of the slice tables: their pages never
+        # become resident, however many slices an epoch reads
+        n = np.asarray(self.series["n"], dtype=np.int64)
+        self._ends = np.cumsum(n) if in_order else None
+        self._starts = self._ends - n if in_order else None
         shapes = self.series["shape"]
         self.uniform_shape = tuple(int(v) for v in shapes[0]) if len(shapes) and (shapes == shapes[0]).all() else None
         if check_shards:
@@ -240,12 +334,24 @@ class SliceCache:
         """Every shard against the index, from its .npy header and its size alone (no pixel is read): a
         missing, zero-byte, foreign, truncated or wrongly shaped shard raises UserError naming the shard,
         its series and how many others are damaged. A run checks this before it writes anything."""
+        # From each shard's size first (one stat, no open): a shard of the size np.save gives its shape
+        # is taken as sound, the header is read only of the others, to say what is wrong. (A shard of the
+        # right size with a foreign header is named at its first read.)
         bad: list[tuple[int, str]] = []
-        for s in range(self.n_series):
-            n, (h, w) = int(self.series["n"][s]), (int(v) for v in self.series["shape"][s])
-            if n == 0:
+        n = np.asarray(self.series["n"], dtype=np.int64)
+        hw = np.asarray(self.series["shape"], dtype=np.int64)
+        want = n * hw[:, 0] * hw[:, 1] * 2
+        keys = self.series["key"].tolist()
+        for s in np.flatnonzero(n > 0).tolist():
+            p = os.path.join(self.root, shard_rel(keys[s]))
+            try:
+                head = os.stat(p).st_size - int(want[s])
+            except OSError:
+                head = -1
+            shape = (int(n[s]), int(hw[s, 0]), int(hw[s, 1]))
+            if head == _header_bytes(shape):
                 continue
-            what = _shard_problem(os.path.join(self.root, shard_rel(str(self.series["key"][s]))), (n, h, w))
+            what = _shard_problem(p, shape)
             if what:
                 bad.append((s, what))
         if bad:
@@ -260,10 +366,41 @@ class SliceCache:
     def n_series(self) -> int:
         return len(self.series["key"])
 
-    def __getstate__(self):  # memmaps are reopened in each DataLoader worker
+    # attribute -> index.npz table, for the tables a pickled cache maps again instead of carrying
+    _TABLES = {
+        "slice_series": "slice.series",
+        "slice_index": "slice.index",
+        "slice_z": "slice.z",
+        "slice_instance": "slice.instance",
+        "slice_patient": "slice.patient",
+        "patients": "patients",
+    }
+
+    def __getstate__(self):
+        # shards and memory-mapped index tables are mapped again where it is unpickled (a DataLoader worker,
+        # another process): pickling a map would copy the whole table
         d = dict(self.__dict__)
         d["_maps"] = OrderedDict()
+        remap = [k for k in self._TABLES if isinstance(d.get(k), np.memmap)]
+        remap += ["series." + k for k, v in d["series"].items() if isinstance(v, np.memmap)]
+        if remap:
+            d["series"] = {k: (None if isinstance(v, np.memmap) else v) for k, v in d["series"].items()}
+            for k in remap:
+                if not k.startswith("series."):
+                    d[k] = None
+            d["_remap"] = remap
         return d
+
+    def __setstate__(self, d):
+        remap = d.pop("_remap", None)
+        self.__dict__.update(d)
+        if remap:
+            data = _read_index(os.path.join(self.root, "index.npz"))
+            for k in remap:
+                if k.startswith("series."):
+                    self.series[k[len("series.") :]] = data[k]
+                else:
+                    setattr(self, k, data[self._TABLES[k]])
 
     def shard(self, s: int) -> np.ndarray:
         m = self._maps.get(s)
@@ -284,13 +421,22 @@ class SliceCache:
             self._maps.move_to_end(s)
         return m
 
+    def locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(series, row in its shard) of slices `indices` (int64 arrays; indices must be in range)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self._ends is not None:
+            ser = np.searchsorted(self._ends, idx, side="right")
+            return ser, idx - self._starts[ser]
+        return np.asarray(self.slice_series[idx], np.int64), np.asarray(self.slice_index[idx], np.int64)
+
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"slice {i} out of range for a cache of {len(self)} slices")
-        return np.array(self.shard(int(self.slice_series[i]))[self.slice_index[i]])
+        ser, row = self.locate([i])
+        return np.array(self.shard(int(ser[0]))[row[0]])
 
     def read(self, indices, out: np.ndarray | None = None) -> np.ndarray:
         """Slices `indices` as one (B, H, W) int16 array (all slices must share a shape). Reads are
@@ -298,14 +444,14 @@ class SliceCache:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"slice indices out of range [0, {len(self)})")
-        ser = self.slice_series[idx]
+        ser, rows_in = self.locate(idx)
         shapes = self.series["shape"][ser]
         if len(idx) and not (shapes == shapes[0]).all():
             raise ValueError("slices of different sizes in one batch: prepare with --size, or read one by one")
         h, w = (int(v) for v in shapes[0]) if len(idx) else (0, 0)
         if out is None:
             out = np.empty((len(idx), h, w), dtype=np.int16)
-        order = np.lexsort((self.slice_index[idx], ser))
+        order = np.lexsort((rows_in, ser))
         pos = 0
         while pos < len(order):
             s = ser[order[pos]]
@@ -313,7 +459,7 @@ class SliceCache:
             while end < len(order) and ser[order[end]] == s:
                 end += 1
             rows = order[pos:end]
-            local = self.slice_index[idx[rows]]
+            local = rows_in[rows]
             m = self.shard(int(s))
             if len(local) > 1 and (np.diff(local) == 1).all():
                 out[rows] = m[local[0] : local[-1] + 1]

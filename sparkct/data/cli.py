@@ -92,8 +92,14 @@ def cmd_info(args) -> int:
     if args.csv:
         output_file(args.csv, "--csv")
     c = _cache(args.cache)
+    if args.verify:
+        from .cache import verify_index  # noqa: PLC0415
+
+        verify_index(os.path.join(args.cache, "index.npz"))
     s = c.series
     print(f"cache      {args.cache}")
+    if args.verify:
+        print("verified   index.npz: every table's CRC")
     print(f"settings   {c.manifest['settings']}")
     print(f"slices     {len(c)} in {c.n_series} series of {len(c.patients)} patients")
     if c.n_series:
@@ -281,6 +287,11 @@ def register(subparsers) -> None:
     )
     s.add_argument("cache", help="a folder written by `sparkct data prepare`")
     s.add_argument("--csv", default=None, help="also write one row per slice to this CSV")
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read the whole index and check its CRCs (opening a cache maps the index without reading it)",
+    )
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser(

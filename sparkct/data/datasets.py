@@ -55,24 +55,44 @@ class CTSliceDataset(torch.utils.data.Dataset):
         self, cache, indices=None, *, windows: WindowSpec | None = DEFAULT_WINDOWS, transform: Callable | None = None
     ):
         self.cache = _open_cache(cache)
-        self.indices = (
-            np.arange(len(self.cache), dtype=np.int64)
-            if indices is None
-            else np.asarray(indices, dtype=np.int64).reshape(-1)
-        )
-        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(self.cache)):
-            raise IndexError(f"indices out of range for a cache of {len(self.cache)} slices")
+        # indices=None is every slice: kept as None (no per-slice array) until someone asks for
+        # `indices`, so a dataset over 10^8 slices costs no memory per slice
+        self._indices = None if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._indices is not None and len(self._indices):
+            if self._indices.min() < 0 or self._indices.max() >= len(self.cache):
+                raise IndexError(f"indices out of range for a cache of {len(self.cache)} slices")
         self.windows = resolve_windows(windows) if windows is not None else None
         self.transform = transform
 
+    @property
+    def indices(self) -> np.ndarray:
+        """The cache slice of every item (int64); for a dataset of every slice, made on first use."""
+        if self._indices is None:
+            self._indices = np.arange(len(self.cache), dtype=np.int64)
+        return self._indices
+
+    @indices.setter
+    def indices(self, value) -> None:
+        self._indices = np.asarray(value, dtype=np.int64).reshape(-1)
+
+    def rows(self, items) -> np.ndarray:
+        """The cache slices of item positions `items` (int64), without making ``indices`` for a dataset
+        of every slice."""
+        items = np.asarray(items, dtype=np.int64)
+        return items.copy() if self._indices is None else self._indices[items]
+
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.cache) if self._indices is None else len(self._indices)
 
     # identity of items -------------------------------------------------------------------------
     @property
     def patients(self) -> np.ndarray:
         """Patient index (into cache.patients) of every item."""
-        return self.cache.slice_patient[self.indices]
+        return (
+            self.cache.slice_patient[self.indices]
+            if self._indices is not None
+            else np.asarray(self.cache.slice_patient)
+        )
 
     @property
     def patient_names(self) -> np.ndarray:
@@ -82,13 +102,15 @@ class CTSliceDataset(torch.utils.data.Dataset):
     @property
     def series(self) -> np.ndarray:
         """Series index (into the cache's series table) of every item."""
-        return self.cache.slice_series[self.indices]
+        return (
+            self.cache.slice_series[self.indices] if self._indices is not None else np.asarray(self.cache.slice_series)
+        )
 
     def subset(self, items) -> CTSliceDataset:
         """The same dataset restricted to item positions `items` (e.g. a split)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new.indices = self.indices[np.asarray(items, dtype=np.int64)]
+        new.indices = self.rows(items)
         if hasattr(self, "targets"):
             new.targets = self.targets[np.asarray(items, dtype=np.int64)]
         return new
@@ -96,7 +118,7 @@ class CTSliceDataset(torch.utils.data.Dataset):
     # reading -----------------------------------------------------------------------------------
     def hu(self, items) -> torch.Tensor:
         """Raw HU of items as int16 (B, 1, H, W): one read per shard run."""
-        arr = self.cache.read(self.indices[np.asarray(items, dtype=np.int64).reshape(-1)])
+        arr = self.cache.read(self.rows(np.asarray(items, dtype=np.int64).reshape(-1)))
         return torch.from_numpy(arr).unsqueeze(1)
 
     def _convert(self, hu: torch.Tensor, generator=None, rows=None) -> torch.Tensor:
@@ -577,10 +599,27 @@ def run_order(n: int, run_length: int, rng: np.random.Generator) -> np.ndarray:
     be shorter): the blocks are shuffled, their contents stay in order. run_length=1 is a plain
     permutation."""
     if run_length <= 1:
-        return rng.permutation(n)
+        return _permutation(n, rng)
     starts = np.arange(0, n, run_length)
-    starts = starts[rng.permutation(len(starts))]
-    return np.concatenate([np.arange(s, min(s + run_length, n)) for s in starts]) if n else np.zeros(0, np.int64)
+    starts = starts[_permutation(len(starts), rng)]
+    if not n:
+        return np.zeros(0, np.int64)
+    # the runs laid side by side (vectorized; the same order as concatenating range(s, s + run_length)):
+    # only the run starting at the last start is shorter
+    dtype = np.int32 if n < 2**31 else np.int64
+    runs = starts.astype(dtype)[:, None] + np.arange(run_length, dtype=dtype)
+    keep = runs < n
+    return runs[keep] if not keep.all() else runs.reshape(-1)
+
+
+def _permutation(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``rng.permutation(n)`` (the same values from the same draws: numpy's shuffle draws one
+    bounded integer per position whatever the item size), as int32 where n allows: half the memory."""
+    if n >= 2**31:
+        return rng.permutation(n)
+    a = np.arange(n, dtype=np.int32)
+    rng.shuffle(a)
+    return a
 
 
 class RunBatchSampler(torch.utils.data.Sampler):
@@ -619,6 +658,24 @@ class RunBatchSampler(torch.utils.data.Sampler):
         )
         for b in range(len(self)):
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+class _Lazy:
+    """f(start), f(start + 1), ... f(stop - 1) as a sequence, each made when asked for."""
+
+    def __init__(self, f, start: int, stop: int):
+        self.f, self.start, self.stop = f, start, max(start, stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.f(self.start + i)
+
+    def __iter__(self):
+        return (self.f(b) for b in range(self.start, self.stop))
 
 
 class SliceLoader:
@@ -744,7 +801,7 @@ class SliceLoader:
     def _load_pairs(self, epoch: int, b: int, items: np.ndarray):
         """items: the whole global batch (see __iter__); b: this rank's batch id."""
         rng = np.random.default_rng([self.seed, epoch, b // self.world, 0x9A125])
-        a, bb, nxt = self.pairs.draw(self.dataset.indices[np.asarray(items, dtype=np.int64)], rng)
+        a, bb, nxt = self.pairs.draw(self.dataset.rows(items), rng)
         bs = self.batch_size
         lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
         a, bb, nxt = a[lo:hi], bb[lo:hi], nxt[lo:hi]
@@ -773,29 +830,54 @@ class SliceLoader:
                 y = y.to(self.device, non_blocking=True)
         return (x, y) if self.labelled else x
 
-    def __iter__(self):
-        epoch, start = self.epoch, self.start_batch  # fixed for this pass, whatever set_epoch does meanwhile
+    def _plan(self, epoch: int, start: int):
+        """(number of batches, batch(b) -> this rank's item positions, gen_id(b) -> (generator id, rows))
+        for the batches from `start` on. Keeps only this rank's share of the epoch's order (a global
+        batch's rows for pairs), made batch by batch, so a rank holds 4 bytes per slice / world."""
         order = self.order(epoch)
-        nb = len(self)
-        bs = self.batch_size
+        n, nb, bs = len(order), len(self), self.batch_size
         # shard (rank, world): this rank's contiguous share of every global batch, so the ranks together
-        # read what one process reads, in the same order
+        # read what one process reads, in the same order; pairs are drawn for the whole global batch and
+        # each rank takes its rows, so the ranks together get the pairs (and labels) one process gets
         lo, hi = bs * self.rank // self.world, bs * (self.rank + 1) // self.world
-        batches = [order[b * bs : (b + 1) * bs][lo:hi] for b in range(nb)]
-        if self.pairs is not None:
-            # pairs are drawn for the whole global batch and each rank takes its rows, so the ranks
-            # together get the pairs (and labels) one process gets
-            batches = [order[b * bs : (b + 1) * bs] for b in range(nb)]
+        full = min(nb, n // bs)  # whole global batches (all but a last short one without drop_last)
+        mine = order[: full * bs].reshape(full, bs)
+        if self.pairs is None and self.world > 1:
+            mine = mine[:, lo:hi]
+        mine = np.ascontiguousarray(mine[start:])
+        tail = order[full * bs :].copy() if nb > full else None
+        del order
+
+        def batch(b: int) -> np.ndarray:
+            if b < full:
+                return mine[b - start]
+            return tail if self.pairs is not None else tail[lo:hi]
+
+        def size(b: int) -> int:
+            return bs if b < full else len(tail)
+
         # the transform's randomness is drawn per (epoch, batch): for the global batch, this rank's rows
         # taken, where the transform can (see takes_rows; not for pairs); per rank otherwise.
-        # ids: (generator id, rows)
         if self.world == 1:
-            ids = [(b, None) for b in range(nb)]
+
+            def gen_id(b: int):
+                return (b, None)
         elif self.pairs is None and self.transform is not None and takes_rows(self.transform):
-            ids = [(b, (min(lo, n), n)) for b in range(nb) for n in [len(order[b * bs : (b + 1) * bs])]]
+
+            def gen_id(b: int):
+                return (b, (min(lo, size(b)), size(b)))
         else:
-            ids = [(b * self.world + self.rank, None) for b in range(nb)]
-        batches, ids = batches[start:], ids[start:]
+
+            def gen_id(b: int):
+                return (b * self.world + self.rank, None)
+
+        return nb, batch, gen_id
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start_batch  # fixed for this pass, whatever set_epoch does meanwhile
+        nb, batch, gen_id = self._plan(epoch, start)
+        ids = _Lazy(gen_id, start, nb)
+        batches = _Lazy(batch, start, nb)
         nb = len(batches)
         if self.workers == 0:
             for b, items in zip(ids, batches):

@@ -28,6 +28,7 @@ Run folder (``config.out``): ``config.json``, ``metrics.csv``, ``loss.png``, ``p
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -126,7 +127,28 @@ def _init_distributed(device_spec: str) -> None:
     cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # SPARKCT_DIST_TIMEOUT (seconds): how long joining the group, and every collective after it, may wait for
+    # the other ranks (torch's default otherwise: 30 min for gloo, 10 min for NCCL)
+    raw = os.environ.get("SPARKCT_DIST_TIMEOUT", "")
+    try:
+        secs = float(raw) if raw else None
+        if secs is not None and not secs > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"SPARKCT_DIST_TIMEOUT must be seconds > 0, got {raw!r}") from None
+    try:
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=None if secs is None else datetime.timedelta(seconds=secs)
+        )
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        within = f"within {secs:g} s" if secs is not None else "in torch's default timeout"
+        raise UserError(
+            f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: the other ranks did not "
+            f"join {within} at {where} ({type(e).__name__}); start every node with the same --nnodes, "
+            "--nproc-per-node, --master-addr and --master-port, check that each reaches that address, or set "
+            "SPARKCT_DIST_TIMEOUT (seconds)"
+        ) from e
 
 
 @dataclass
@@ -967,13 +989,20 @@ class Trainer:
 def _data_fingerprint(ds) -> str | None:
     """A hash of what a dataset over a prepared cache holds (its series' keys and sizes, the slices it
     uses, their labels), not of where the cache lies; None for other datasets."""
-    series, indices = getattr(getattr(ds, "cache", None), "series", None), getattr(ds, "indices", None)
-    if not isinstance(series, dict) or "key" not in series or indices is None:
+    series = getattr(getattr(ds, "cache", None), "series", None)
+    rows = getattr(ds, "rows", None)  # CTSliceDataset: the slices of items, without a per-slice array
+    indices = None if callable(rows) else getattr(ds, "indices", None)
+    if not isinstance(series, dict) or "key" not in series or (indices is None and not callable(rows)):
         return None
     h = hashlib.sha256()
-    h.update(json.dumps([[str(k) for k in series["key"]], np.asarray(series["n"]).tolist()]).encode())
+    h.update(json.dumps([[str(k) for k in series["key"].tolist()], np.asarray(series["n"]).tolist()]).encode())
     h.update(np.asarray(series["shape"], np.int64).tobytes())
-    h.update(np.asarray(indices, np.int64).tobytes())
+    if indices is not None:
+        h.update(np.asarray(indices, np.int64).tobytes())
+    else:  # the same bytes, a chunk at a time (a dataset of 10^8 slices would need 800 MB at once)
+        chunk = 1 << 22
+        for lo in range(0, len(ds), chunk):
+            h.update(np.asarray(rows(np.arange(lo, min(len(ds), lo + chunk))), np.int64).tobytes())
     targets = getattr(ds, "targets", None)
     if targets is not None:
         t = np.asarray(targets)

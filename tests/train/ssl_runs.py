@@ -5,6 +5,9 @@ different orders)."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 from torch import nn
 
@@ -27,6 +30,7 @@ METHOD_KW = {
         freeze_prototypes=2,
     ),
     "byol": dict(proj_hidden_dim=32, proj_dim=16, momentum=0.9),
+    "spark": dict(decoder_width=32),  # a narrow decoder (published: 768); run it with crop=64 (2x2 cells)
 }
 
 
@@ -36,11 +40,36 @@ def _as_double(method) -> None:
     step = method.training_step
 
     def training_step(batch, s, **kw):
+        if not hasattr(method, "split_batch"):  # SparK: one batch of slices
+            return step(batch.double(), s, **kw)
         views, targets = method.split_batch(batch)
         views = [v.double() for v in views]
         return step(views if targets is None else (views, targets), s, **kw)
 
     method.training_step = training_step
+    if not hasattr(method, "split_batch"):  # SparK previews its reconstruction of the last batch
+        preview = method.preview
+        method.preview = lambda batch, *a, **kw: preview(batch.double(), *a, **kw)
+
+
+def _kill_node_hook(method) -> None:
+    """SSL_KILL_NODE_AFTER=STEP:NODE: on torchrun's node NODE (GROUP_RANK), every rank SIGKILLs its launcher
+    and then itself right after optimizer step STEP (1-based): a node lost mid-run."""
+    spec = os.environ.get("SSL_KILL_NODE_AFTER")
+    if not spec:
+        return
+    at, node = (int(v) for v in spec.split(":"))
+    if int(os.environ.get("GROUP_RANK", "-1")) != node:
+        return
+    after = method.after_step
+
+    def after_step(step, total):
+        after(step, total)
+        if step + 1 == at:
+            os.kill(os.getppid(), signal.SIGKILL)  # this node's torchrun
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    method.after_step = after_step
 
 
 def run(
@@ -68,4 +97,5 @@ def run(
     method = get_method(name)(backbone, mcfg)
     if double:
         _as_double(method)
+    _kill_node_hook(method)
     return Trainer(method, cfg, method_name=name, resume=resume).fit()
