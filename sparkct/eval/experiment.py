@@ -316,7 +316,7 @@ def _check_outside_weights(cfg: ExperimentConfig) -> dict[str, str]:
     in_chans = len(resolve_windows(cfg.windows))
     for name, path in outside.items():
         try:
-            build_backbone(cfg.arch, in_chans=in_chans, weights=path)
+            build_backbone(cfg.arch, in_chans=in_chans, weights=path, img_size=cfg.crop)
         except UserError as e:
             raise UserError(f"--init-weights {name}: {e}") from None
     return outside

@@ -436,7 +436,7 @@ def finetune(
         cfg.batch = new
     spe = _steps_per_epoch(n, cfg.batch, cfg.accum)
     torch.manual_seed(cfg.seed)
-    backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights)
+    backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights, img_size=cfg.crop)
     model = Classifier(
         backbone,
         task.n_classes,
@@ -552,7 +552,7 @@ def _test_robustness(model, task, config, aggregate, n_resamples, seed, log) -> 
 
 #: what a fine-tuning run keeps besides its result, predictions, metrics, config and plots, unless
 #: --keep-checkpoints: the tested weights (tested.pt); checkpoints hold the optimizer state too (~3x)
-CHECKPOINT_FILES = ("checkpoints", "last.ckpt", "best.ckpt", "backbone.pt")
+CHECKPOINT_FILES = ("checkpoints", "last.ckpt", "best.ckpt", "backbone.pt", "backbone.pt.json")
 
 
 def _save_tested(run_dir: str, model: Classifier) -> str:

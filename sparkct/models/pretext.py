@@ -45,7 +45,7 @@ from sparkct.data.augment import CTAugment
 from sparkct.data.datasets import SlicePairs
 from sparkct.distributed import rank, world_size
 from sparkct.errors import UserError
-from sparkct.models.backbone import feature_dim
+from sparkct.models.backbone import feature_dim, is_vit
 from sparkct.models.base import Method, MethodConfig
 from sparkct.models.spark.decoder import LightDecoder
 
@@ -177,6 +177,12 @@ class _Reconstruction(_Pretext):
     config: PretextConfig
 
     def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
+        if is_vit(backbone):
+            raise UserError(
+                f"{self.name} puts SparK's light decoder on a ResNet's four feature stages (strides 4-32), "
+                "which a ViT backbone does not have; use a ResNet --arch, or rotation / flip / nextslice "
+                "with the ViT"
+            )
         super().__init__(backbone, config)
         chans = cast(nn.Conv2d, backbone.conv1).in_channels
         self.decoder = LightDecoder(out_chans=chans, width=self.config.decoder_width)
