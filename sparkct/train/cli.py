@@ -145,7 +145,7 @@ def register(subparsers) -> None:
     s = subparsers.add_parser(
         "pretrain",
         help="self-supervised pretraining on CT (SparK, ...) with the one trainer",
-        description="Pretrain a CNN backbone on CT slices with a self-supervised method; checkpoints, resume, "
+        description="Pretrain a CNN or ViT backbone on CT slices with a self-supervised method; checkpoints, resume, "
         "metrics, previews and the backbone export go to --out.",
         epilog=_PRETRAIN_EPILOG,
     )

@@ -94,3 +94,18 @@ def test_resnet_export_records_its_arch_too(small_cache, tmp_path):
     assert _pretrain("flip", small_cache, run, "--arch", "resnet18") == 0
     meta = json.load(open(run / "backbone.pt.json"))
     assert meta["arch"] == "resnet18" and meta["library"] == "torchvision" and meta["in_chans"] == 1
+
+
+@pytest.mark.parametrize(
+    "argv", [["pretrain", "simclr", "-h"], ["finetune", "-h"], ["experiment", "-h"], ["eval", "probe", "-h"]]
+)
+def test_help_lists_every_arch(argv, capsys):
+    from sparkct.models.backbone import ARCHS
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    for arch in ARCHS:
+        if arch.startswith("vit"):
+            assert arch in text, (arch, argv)
+    assert "resnet18" in text
