@@ -109,3 +109,50 @@ def test_help_lists_every_arch(argv, capsys):
         if arch.startswith("vit"):
             assert arch in text, (arch, argv)
     assert "resnet18" in text
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+import torch
+torch.set_num_threads(1)
+from ssl_runs import run
+for name in ("simclr", "byol"):
+    run(name, {cache!r}, {out!r} + '/' + name, double=True, arch="vit_tiny_p8")
+"""
+
+
+def test_a_vit_on_two_ranks_equals_one_process(small_cache, tmp_path):
+    """SimCLR and BYOL with a ViT under DDP (gloo, float64, 3 steps): every ViT parameter is used (DDP's
+    reducer would fail otherwise), the heads' BatchNorm is synchronized, and the weights end as one
+    process's on the global batch."""
+    import subprocess
+    import sys
+
+    from test_ddp import _free_port
+
+    from sparkct.train import checkpoint as C
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    port, procs = _free_port(), []
+    for world in (1, 2):
+        for r in range(world):
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(k, None)
+            if world > 1:
+                env.update(
+                    WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+                )
+            code = DDP_SCRIPT.format(here=here, cache=small_cache, out=str(tmp_path / str(world)))
+            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    for name in ("simclr", "byol"):
+        a, b = (C.load_checkpoint(str(tmp_path / w / name)) for w in ("1", "2"))
+        assert a["step"] == b["step"] == 3 and b["config"]["world_size"] == 2
+        assert "backbone.blocks.11.attn.qkv.weight" in a["model"]
+        for k, va in a["model"].items():
+            vb = b["model"][k]
+            assert torch.allclose(va, vb, rtol=1e-7, atol=1e-9) if va.is_floating_point() else torch.equal(va, vb), k
