@@ -63,7 +63,8 @@ class Method(nn.Module):
     """Base class. Subclasses set ``name`` and ``config_class`` and implement the methods below.
 
     Attributes:
-        backbone: the torchvision ResNet (``fc`` = Identity) that is exported
+        backbone: the torchvision ResNet (``fc`` = Identity) or timm ViT (``num_classes=0``) of
+            ``sparkct.models.backbone.build_backbone``: ``backbone(x)`` -> (B, feature_dim); it is exported
             (``sparkct.models.backbone.backbone_state``) and fine-tuned later.
         config: the method's config (an instance of ``config_class``).
     """
