@@ -80,6 +80,10 @@ class Method(nn.Module):
     #: and calls :meth:`set_classes`
     needs_labels: bool = False
     seed: int = 0  # set by the trainer from its config
+    #: why the method needs a ResNet backbone (one line), or "" when any backbone of
+    #: ``sparkct.models.backbone`` will do; such a method refuses a ViT with it, and ``sparkct experiment``
+    #: checks it against --arch before anything is written
+    resnet_only: str = ""
     #: optimizer steps between the trainer's calls of validate (and after the last step); 0: at epoch ends
     validate_every: int = 0
     micro: int = 0  # the accumulation micro-batch of the current step, set by the trainer

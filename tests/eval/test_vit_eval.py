@@ -88,3 +88,13 @@ def test_outside_weights_that_do_not_fit_the_vit_are_one_line(eval_cache, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--init-weights imagenet:" in err[0] and "not weights of this vit_tiny backbone" in err[0]
     assert "missing" in err[0] and "cls_token" in err[0] and not out.exists()
+
+
+def test_experiment_refuses_a_resnet_only_method_with_a_vit_before_anything_is_written(eval_cache, tmp_path, capsys):
+    out = tmp_path / "exp"
+    argv = ["experiment", "--data", eval_cache["cache"], "--labels", eval_cache["patient_labels"], "--out", str(out)]
+    argv += ["--methods", "random,rotation,spark", "--arch", "vit_tiny_p8", "--crop", "32", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--methods spark with --arch vit_tiny_p8: SparK is a sparse-CNN method" in err[0], err
+    assert not out.exists()
