@@ -210,7 +210,8 @@ def _register_eval(subparsers) -> None:
         "--arch",
         default="resnet18",
         help="backbone architecture: a torchvision ResNet (resnet18, ...) or a timm ViT "
-        "(vit_tiny, vit_small, vit_base, vit_tiny_p8, vit_small_p8, vit_base_p8); a RUN's own arch wins",
+        "(vit_tiny, vit_small, vit_base, vit_tiny_p8, vit_small_p8, vit_base_p8); "
+        "a RUN's or an export's (FILE.json) own arch wins",
     )
     p.add_argument(
         "--windows", default=None, help="HU windows as input channels (default: the RUN's, else lung,mediastinum,bone)"

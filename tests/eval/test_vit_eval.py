@@ -24,7 +24,8 @@ def test_a_vit_made_at_one_size_fine_tunes_at_another(tmp_path, write_npz, finet
     export_backbone(model, str(w), arch="vit_tiny_p8")
     out = tmp_path / "ft"
     argv = ["finetune", "--data", data, "--out", str(out), "--epochs", "1", "--freeze-epochs", "0"]
-    argv += ["--ramp-epochs", "0", "--init", str(w), "--arch", "vit_tiny_p8", *finetune_flags, "--crop", "64"]
+    # no --arch: the export's vit32.pt.json names it
+    argv += ["--ramp-epochs", "0", "--init", str(w), *finetune_flags, "--crop", "64"]
     assert main(argv) == 0
     res = json.load(open(out / "result.json"))
     assert res["init"]["kind"] == "file" and res["train"]["arch"] == "vit_tiny_p8" and res["train"]["crop"] == 64
