@@ -206,7 +206,13 @@ def _register_eval(subparsers) -> None:
         "--targets", default=",".join(PROBE_TARGETS), help="comma-separated, from " + ", ".join(PROBE_TARGETS)
     )
     p.add_argument("--out", default="runs/probe", help="folder for probe.md and probe.json")
-    p.add_argument("--arch", default="resnet18", help="backbone architecture (a RUN's own arch wins)")
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        help="backbone architecture: a torchvision ResNet (resnet18, ...) or a timm ViT "
+        "(vit_tiny, vit_small, vit_base, vit_tiny_p8, vit_small_p8, vit_base_p8); "
+        "a RUN's or an export's (FILE.json) own arch wins",
+    )
     p.add_argument(
         "--windows", default=None, help="HU windows as input channels (default: the RUN's, else lung,mediastinum,bone)"
     )

@@ -126,7 +126,12 @@ class ExperimentConfig:
         "and steps",
         default="finetune,linear",
     )
-    arch: str = option("backbone", default="resnet18")
+    arch: str = option(
+        "backbone: torchvision resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d/64x4d, wide_resnet50_2/101_2; "
+        "timm ViTs vit_tiny, vit_small, vit_base (16-px patches), "
+        "vit_tiny_p8, vit_small_p8, vit_base_p8 (8-px patches, for small crops)",
+        default="resnet18",
+    )
     windows: str = option("HU windows as input channels", default="lung,mediastinum,bone")
     crop: int = option("crop size for pretraining and fine-tuning (multiple of 32)", default=64)
     pretrain_epochs: int = option("pretraining epochs per method", default=16)

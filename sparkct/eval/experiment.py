@@ -49,7 +49,7 @@ from sparkct.eval.reference import DIAMETERS_MM, blob_reference
 from sparkct.eval.reference import NAME as REFERENCE_NAME
 from sparkct.eval.report import collect_runs, run_protocol, write_report
 from sparkct.models import get_method
-from sparkct.models.backbone import build_backbone
+from sparkct.models.backbone import arch_family, build_backbone
 from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.optim import scaled_lr
 from sparkct.train.signals import resume_command
@@ -316,7 +316,7 @@ def _check_outside_weights(cfg: ExperimentConfig) -> dict[str, str]:
     in_chans = len(resolve_windows(cfg.windows))
     for name, path in outside.items():
         try:
-            build_backbone(cfg.arch, in_chans=in_chans, weights=path)
+            build_backbone(cfg.arch, in_chans=in_chans, weights=path, img_size=cfg.crop)
         except UserError as e:
             raise UserError(f"--init-weights {name}: {e}") from None
     return outside
@@ -324,7 +324,10 @@ def _check_outside_weights(cfg: ExperimentConfig) -> dict[str, str]:
 
 def _pretrain_configs(cfg: ExperimentConfig, method: str, opts: dict) -> tuple[TrainConfig, object]:
     """The pretraining run's configs (``data`` is set once the data is ready)."""
-    c = get_method(method).config_class
+    cls = get_method(method)
+    if cls.resnet_only and arch_family(cfg.arch) == "vit":
+        raise UserError(f"--methods {method} with --arch {cfg.arch}: {cls.resnet_only}")
+    c = cls.config_class
     tcfg, mcfg = _run_configs(
         cfg, method, c, opts, {}, epochs=cfg.pretrain_epochs, batch=cfg.pretrain_batch, ckpt_every=25
     )

@@ -354,9 +354,22 @@ def init_name(init: str) -> str:
     return os.path.splitext(os.path.basename(init))[0]
 
 
+def _export_arch(path: str) -> str | None:
+    """The arch a ``sparkct export`` recorded beside `path` (``path.json``), if any."""
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and meta.get("format") == "sparkct-backbone" and isinstance(meta.get("arch"), str):
+        return meta["arch"]
+    return None
+
+
 def resolve_init(init: str, arch: str) -> tuple[str | None, str, str]:
-    """(weights file or None, arch, kind) for --init: 'random', a state_dict FILE (a backbone export or
-    torchvision weights), or a pretraining RUN folder (its backbone.pt export; its arch)."""
+    """(weights file or None, arch, kind) for --init: 'random', a state_dict FILE (a backbone export, whose
+    ``FILE.json`` names its arch, or torchvision / timm weights), or a pretraining RUN folder (its
+    backbone.pt export; its arch). A run's or an export's own arch wins over `arch`."""
     if init in (None, "", "random"):
         return None, arch, "random"
     if os.path.isdir(init):
@@ -374,7 +387,7 @@ def resolve_init(init: str, arch: str) -> tuple[str | None, str, str]:
                 arch = run_arch
         return w, arch, "run"
     if os.path.isfile(init):
-        return init, arch, "file"
+        return init, _export_arch(init) or arch, "file"
     raise UserError(f"--init {init}: not 'random', a weights file or a run folder")
 
 
@@ -436,7 +449,7 @@ def finetune(
         cfg.batch = new
     spe = _steps_per_epoch(n, cfg.batch, cfg.accum)
     torch.manual_seed(cfg.seed)
-    backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights)
+    backbone, _ = build_backbone(arch, in_chans=len(task.windows), weights=weights, img_size=cfg.crop)
     model = Classifier(
         backbone,
         task.n_classes,
@@ -552,7 +565,7 @@ def _test_robustness(model, task, config, aggregate, n_resamples, seed, log) -> 
 
 #: what a fine-tuning run keeps besides its result, predictions, metrics, config and plots, unless
 #: --keep-checkpoints: the tested weights (tested.pt); checkpoints hold the optimizer state too (~3x)
-CHECKPOINT_FILES = ("checkpoints", "last.ckpt", "best.ckpt", "backbone.pt")
+CHECKPOINT_FILES = ("checkpoints", "last.ckpt", "best.ckpt", "backbone.pt", "backbone.pt.json")
 
 
 def _save_tested(run_dir: str, model: Classifier) -> str:

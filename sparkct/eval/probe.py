@@ -303,7 +303,7 @@ def run_probe(
     parts = patient_split(ds, fr, seed=split_seed, names=("train", "test"))
     pat = np.asarray(ds.patients)
     torch.manual_seed(seed)
-    backbone, _ = build_backbone(arch, in_chans=len(win), weights=weights)
+    backbone, _ = build_backbone(arch, in_chans=len(win), weights=weights, img_size=crop)
     src = "random init" if kind == "random" else f"{kind} {init}"
     log(
         f"probe: embedding {len(ds)} slices of {len(np.unique(pat))} patients with the frozen {arch} ({src}) at "

@@ -63,7 +63,8 @@ class Method(nn.Module):
     """Base class. Subclasses set ``name`` and ``config_class`` and implement the methods below.
 
     Attributes:
-        backbone: the torchvision ResNet (``fc`` = Identity) that is exported
+        backbone: the torchvision ResNet (``fc`` = Identity) or timm ViT (``num_classes=0``) of
+            ``sparkct.models.backbone.build_backbone``: ``backbone(x)`` -> (B, feature_dim); it is exported
             (``sparkct.models.backbone.backbone_state``) and fine-tuned later.
         config: the method's config (an instance of ``config_class``).
     """
@@ -79,6 +80,10 @@ class Method(nn.Module):
     #: and calls :meth:`set_classes`
     needs_labels: bool = False
     seed: int = 0  # set by the trainer from its config
+    #: why the method needs a ResNet backbone (one line), or "" when any backbone of
+    #: ``sparkct.models.backbone`` will do; such a method refuses a ViT with it, and ``sparkct experiment``
+    #: checks it against --arch before anything is written
+    resnet_only: str = ""
     #: optimizer steps between the trainer's calls of validate (and after the last step); 0: at epoch ends
     validate_every: int = 0
     micro: int = 0  # the accumulation micro-batch of the current step, set by the trainer

@@ -45,7 +45,7 @@ from sparkct.data.augment import CTAugment
 from sparkct.data.datasets import SlicePairs
 from sparkct.distributed import rank, world_size
 from sparkct.errors import UserError
-from sparkct.models.backbone import feature_dim
+from sparkct.models.backbone import feature_dim, is_vit
 from sparkct.models.base import Method, MethodConfig
 from sparkct.models.spark.decoder import LightDecoder
 
@@ -177,6 +177,8 @@ class _Reconstruction(_Pretext):
     config: PretextConfig
 
     def __init__(self, backbone: nn.Module, config: PretextConfig | None = None):
+        if is_vit(backbone):
+            raise UserError(self.resnet_only)
         super().__init__(backbone, config)
         chans = cast(nn.Conv2d, backbone.conv1).in_channels
         self.decoder = LightDecoder(out_chans=chans, width=self.config.decoder_width)
@@ -213,6 +215,12 @@ class _Reconstruction(_Pretext):
         return {"input": x, f"corrupted ({self.name})": xin, "reconstruction": self.reconstruct(xin).clamp(0, 1)}
 
 
+_ON_STAGES = (
+    " puts SparK's light decoder on a ResNet's four feature stages (strides 4-32), which a ViT backbone "
+    "does not have; use a ResNet --arch, or rotation / flip / nextslice with the ViT"
+)
+
+
 def _out_channels(stage: nn.Sequential) -> int:
     last = stage[-1]
     return cast(nn.BatchNorm2d, last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
@@ -222,6 +230,7 @@ class Denoise(_Reconstruction):
     """Denoising: reconstruct the slice from a copy with Gaussian noise added."""
 
     name = "denoise"
+    resnet_only = "denoise" + _ON_STAGES
 
     def corrupt(self, x: Tensor, step: int):
         noise = self._draw(step, x.shape[0], lambda g, n: torch.randn((n,) + tuple(x.shape[1:]), generator=g))
@@ -232,6 +241,7 @@ class Inpaint(_Reconstruction):
     """Masked-region prediction: reconstruct a random box that was blanked out (loss on the box)."""
 
     name = "inpaint"
+    resnet_only = "inpaint" + _ON_STAGES
 
     def corrupt(self, x: Tensor, step: int):
         B, _, H, W = x.shape

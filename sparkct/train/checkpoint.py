@@ -26,7 +26,7 @@ import torch
 
 from sparkct import io as sio
 from sparkct.errors import UserError
-from sparkct.models.backbone import backbone_state
+from sparkct.models.backbone import arch_family, backbone_state, timm_spec
 
 __all__ = [
     "FORMAT",
@@ -223,18 +223,43 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return state
 
 
-def export_backbone(state_or_model, out: str) -> dict:
-    """Write the backbone export (torchvision state_dict minus fc) atomically; returns it."""
+def export_metadata(arch: str, sd: dict) -> dict:
+    """What rebuilds the exported backbone `sd` of `arch` (the sidecar ``OUT.json`` of an export): for a
+    ViT the ``timm.create_model`` name and keyword arguments (``load_state_dict(sd, strict=True)`` accepts
+    the export), for a ResNet the torchvision constructor with ``fc`` = ``nn.Identity()``."""
+    meta: dict = {"format": "sparkct-backbone", "arch": arch, "tensors": len(sd)}
+    if arch_family(arch) == "vit":
+        name, kwargs = timm_spec(arch, sd)
+        meta.update(library="timm", timm_name=name, timm_kwargs=kwargs)
+        meta["load"] = f"timm.create_model({name!r}, **timm_kwargs).load_state_dict(sd, strict=True)"
+    else:
+        stem = sd.get("conv1.weight")
+        meta.update(library="torchvision", in_chans=int(stem.shape[1]) if stem is not None else None)
+        meta["load"] = (
+            f"torchvision.models.{arch}() with fc = nn.Identity() (and conv1 with in_chans input channels)"
+            ".load_state_dict(sd, strict=True)"
+        )
+    return meta
+
+
+def export_backbone(state_or_model, out: str, arch: str | None = None) -> dict:
+    """Write the backbone export (torchvision / timm state_dict minus the classifier) atomically; returns
+    it. With `arch` (a checkpoint's own is used otherwise), also ``OUT.json``: :func:`export_metadata`."""
     if isinstance(state_or_model, dict):
         sd = {
             k[len("backbone.") :]: v.detach().cpu().contiguous()
             for k, v in state_or_model["model"].items()
-            if k.startswith("backbone.") and not k.startswith("backbone.fc.")
+            if k.startswith("backbone.") and not k.startswith(("backbone.fc.", "backbone.head."))
         }
         if not sd:
             raise UserError("the checkpoint holds no backbone weights")
     else:
         sd = backbone_state(state_or_model)
+    if arch is None and isinstance(state_or_model, dict):
+        cfg = state_or_model.get("config")
+        arch = cfg.get("train", {}).get("arch") if isinstance(cfg, dict) else None
     with sio.atomic_path(out) as tmp:
         torch.save(sd, tmp)
+    if arch is not None:
+        sio.write_json_atomic(out + ".json", export_metadata(arch, sd))
     return sd

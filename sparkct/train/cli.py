@@ -130,9 +130,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     state = load_checkpoint(src)
     sd = export_backbone(state, args.out)
     arch = state["config"].get("train", {}).get("arch", "?")
+    if str(arch).startswith("vit"):
+        how = f"load with timm.create_model(NAME, **KWARGS) as recorded in {args.out}.json, strict=True"
+    else:
+        how = f"load with torchvision.models.{arch}() whose fc is replaced by nn.Identity(), strict=True"
     print(
-        f"wrote {args.out}: {arch} backbone ({len(sd)} tensors, step {state['step']} of {state['path']}); "
-        f"load with torchvision.models.{arch}() whose fc is replaced by nn.Identity(), strict=True"
+        f"wrote {args.out} (and {args.out}.json): {arch} backbone ({len(sd)} tensors, step {state['step']} "
+        f"of {state['path']}); {how}"
     )
     return 0
 
@@ -141,7 +145,7 @@ def register(subparsers) -> None:
     s = subparsers.add_parser(
         "pretrain",
         help="self-supervised pretraining on CT (SparK, ...) with the one trainer",
-        description="Pretrain a CNN backbone on CT slices with a self-supervised method; checkpoints, resume, "
+        description="Pretrain a CNN or ViT backbone on CT slices with a self-supervised method; checkpoints, resume, "
         "metrics, previews and the backbone export go to --out.",
         epilog=_PRETRAIN_EPILOG,
     )
@@ -152,9 +156,10 @@ def register(subparsers) -> None:
 
     s = subparsers.add_parser(
         "export",
-        help="write a run's backbone as a plain torchvision state_dict",
+        help="write a run's backbone as a plain torchvision / timm state_dict",
         description="Write the backbone of a pretraining run (its last.ckpt, or a given "
-        "checkpoint) as a torchvision ResNet state_dict without the classifier.",
+        "checkpoint) as a torchvision ResNet or timm ViT state_dict without the classifier, and beside it "
+        "OUT.json: the arch and, for a ViT, the timm.create_model name and keyword arguments that load it strictly.",
     )
     s.add_argument("run", help="a run folder or a checkpoint file")
     s.add_argument("--out", required=True, help="where to write the state_dict (.pt)")

@@ -29,7 +29,14 @@ class TrainConfig:
         default=None,
     )
     out: str = option("run folder: checkpoints, metrics, previews, backbone export", default="runs/pretrain")
-    arch: str = option("torchvision backbone (resnet18/34/50/101/152, resnext..., wide_resnet...)", default="resnet18")
+    arch: str = option(
+        "backbone: torchvision resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d/64x4d, wide_resnet50_2/101_2; "
+        "timm ViTs vit_tiny, vit_small, vit_base (16-px patches), "
+        "vit_tiny_p8, vit_small_p8, vit_base_p8 (8-px patches, for small crops); a ViT keeps the method's own "
+        "(ResNet) optimizer and heads, where MoCo v3 / DINO train ViTs with AdamW (docs/pretraining.md, Backbones); "
+        "spark, denoise and inpaint need a ResNet",
+        default="resnet18",
+    )
     weights: str | None = option(
         "initialize the backbone from this state_dict file (e.g. ImageNet weights)", default=None
     )

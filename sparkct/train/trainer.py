@@ -103,7 +103,9 @@ def build_method(name: str, cfg: TrainConfig, method_cfg=None) -> Method:
     method_cfg = method_cfg if method_cfg is not None else cls.config_class()
     method_cfg.validate()
     torch.manual_seed(cfg.seed)
-    backbone, _ = build_backbone(cfg.arch, in_chans=len(resolve_windows(cfg.windows)), weights=cfg.weights)
+    backbone, _ = build_backbone(
+        cfg.arch, in_chans=len(resolve_windows(cfg.windows)), weights=cfg.weights, img_size=cfg.crop
+    )
     return cls(backbone, method_cfg)
 
 
@@ -828,7 +830,7 @@ class Trainer:
             backbone = os.path.join(self.run_dir, "backbone.pt") if self.export_backbone else None
             if backbone is not None:
                 with self._writing(backbone):
-                    C.export_backbone(self.method.backbone, backbone)
+                    C.export_backbone(self.method.backbone, backbone, arch=self.cfg.arch)
             summary = {
                 "method": self.method_name,
                 "steps": run.step,

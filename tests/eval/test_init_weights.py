@@ -46,6 +46,10 @@ FORMATS = {
     "module.": lambda sd: {"module." + k: v for k, v in sd.items()},
     "backbone.": lambda sd: {"backbone." + k: v for k, v in sd.items()},
     "encoder.": lambda sd: {"encoder." + k: v for k, v in sd.items()},
+    # a method's whole model (a sparkct checkpoint's "model", a SimCLR module): the backbone beside its heads
+    "backbone. + heads": lambda sd: {
+        "model": {**{"backbone." + k: v for k, v in sd.items()}, "projector.layers.0.weight": torch.zeros(2, 2)}
+    },
 }
 
 

@@ -80,6 +80,7 @@ def run(
     double: bool = False,
     method_kw: dict | None = None,
     resume: bool | str = False,
+    arch: str | None = None,
     **train_kw,
 ):
     from test_trainer import cfg_for
@@ -91,9 +92,14 @@ def run(
     from torchvision.models.resnet import BasicBlock, ResNet
 
     torch.manual_seed(cfg.seed)
-    backbone = ResNet(BasicBlock, [1, 1, 1, 1])
-    backbone.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # one HU window
-    backbone.fc = nn.Identity()
+    if arch is not None:  # a sparkct backbone (a timm ViT, say) instead of the half-depth ResNet
+        from sparkct.models.backbone import build_backbone
+
+        backbone, _ = build_backbone(arch, in_chans=1, img_size=cfg.crop)
+    else:
+        backbone = ResNet(BasicBlock, [1, 1, 1, 1])
+        backbone.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # one HU window
+        backbone.fc = nn.Identity()
     method = get_method(name)(backbone, mcfg)
     if double:
         _as_double(method)

@@ -35,6 +35,7 @@ from sparkct import distributed as dist_utils
 from sparkct.data.augment import CTAugment
 from sparkct.data.windows import resolve_windows
 from sparkct.errors import UserError
+from sparkct.models.backbone import is_vit
 from sparkct.models.base import Method, MethodConfig
 from sparkct.models.masking import CELL, cell_mask, check_mask_grid, check_mask_ratio
 from sparkct.profiling import ranged
@@ -175,7 +176,15 @@ class SparK(Method):
         "clip_grad": 5.0,
     }
 
+    resnet_only = (
+        "SparK is a sparse-CNN method (masked image modelling with sparse convolutions on a ResNet's "
+        "stages) and does not run on a ViT backbone; its ViT counterpart, MAE, is not in sparkct: "
+        "use a ResNet --arch, or another method with the ViT"
+    )
+
     def __init__(self, backbone: nn.Module, config: SparKConfig | None = None):
+        if is_vit(backbone):
+            raise UserError(self.resnet_only)
         super().__init__(backbone, config)
         self.config.validate()
         from sparkct.nn import SparseEncoder  # noqa: PLC0415 (lazy: `pretrain spark -h` loads no extension)
