@@ -27,6 +27,13 @@ BUILTIN_DATA_OPTIONS = {
     "moco.queue_size": 512,
     "moco.momentum": 0.99,
     "moco.momentum_end": 0.99,
+    # DINO: 65,536 prototypes for a few hundred slices would mostly stay untouched (as SwAV's 3,000); its
+    # 30-epoch teacher-temperature and 10-epoch lr warm-ups are longer than the whole built-in run, and
+    # 0.996 -> 1 would hold the teacher near its random start over ~100 steps (as MoCo's 0.999)
+    "dino.prototypes": 1024,
+    "dino.warmup_teacher_temp_epochs": 5,
+    "dino.warmup_epochs": 2.0,
+    "dino.momentum": 0.99,
 }
 
 METHODS: dict[str, str] = {
@@ -35,6 +42,7 @@ METHODS: dict[str, str] = {
     "moco": "sparkct.models.moco:MoCo",
     "swav": "sparkct.models.swav:SwAV",
     "byol": "sparkct.models.byol:BYOL",
+    "dino": "sparkct.models.dino:DINO",
     "rotation": "sparkct.models.pretext:Rotation",
     "flip": "sparkct.models.pretext:Flip",
     "denoise": "sparkct.models.pretext:Denoise",
