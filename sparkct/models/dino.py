@@ -365,7 +365,7 @@ class DINO(SSLMethod):
             ibot = ibot_patch_loss(s_p, t_p, image, 2 * B, ph.weight(), w_tp, pbias, c.student_temp, temp)
             loss = loss + c.ibot_weight * ibot
             logs["ibot"] = ibot.detach()
-            if c.centering == "centre" and torch.is_grad_enabled():
+            if c.centering == "centre":
                 center_update(self.patch_center, t_p, w_tp, c.center_momentum)
         if c.koleo_weight > 0:
             koleo = sum(koleo_loss(f) for f in cls[: 2 * B].split(B))
@@ -377,7 +377,7 @@ class DINO(SSLMethod):
             logs["teacher_entropy"] = entropy
             # every teacher crop meets len(views) - 1 student crops: the pairs' mean entropy is the crops'
             logs["kl_teacher_student"] = dino.detach() - entropy
-            if c.centering == "centre" and torch.is_grad_enabled():
+            if c.centering == "centre":
                 center_update(self.center, t_z, w_t, c.center_momentum)  # after the loss, as DINO
             if B >= 2:
                 logs["collapse"] = collapse_indicator(zs[0].detach())

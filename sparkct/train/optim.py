@@ -127,9 +127,9 @@ def clip_per_parameter_(parameters, max_norm: float) -> float:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0).float() for g in grads])
+    norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
     for g, n in zip(grads, norms):
-        coef = max_norm / (float(n) + 1e-6)
+        coef = max_norm / (n + 1e-6)
         if coef < 1:
             g.mul_(coef)
-    return float(torch.linalg.vector_norm(norms, 2.0))
+    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms]), 2.0))
