@@ -27,6 +27,16 @@ METHOD_KW = {
         freeze_prototypes=2,
     ),
     "byol": dict(proj_hidden_dim=32, proj_dim=16, momentum=0.9),
+    "dino": dict(
+        proj_hidden_dim=32,
+        proj_dim=16,
+        prototypes=40,
+        n_local=2,
+        local_crop=16,
+        momentum=0.9,
+        warmup_teacher_temp_epochs=2,
+        freeze_last_layer=1,
+    ),
 }
 
 
