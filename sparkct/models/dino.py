@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,7 @@ from sparkct.errors import UserError
 from sparkct.models.backbone import feature_dim as backbone_feature_dim
 from sparkct.models.base import collapse_indicator
 from sparkct.models.ssl import SSLConfig, SSLMethod, Views
-from sparkct.nn.dino import (
+from sparkct.nn import (
     DINOHead,
     center_update,
     ibot_patch_loss,
@@ -92,9 +92,7 @@ class DINOConfig(SSLConfig):
     momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum at the start (DINO: 0.996)"})
     momentum_end: float = field(default=1.0, metadata={"help": "teacher EMA momentum at the end (cosine; DINO: 1)"})
     teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after the warm-up (DINO: 0.07)"})
-    warmup_teacher_temp: float = field(
-        default=0.04, metadata={"help": "teacher temperature at the start (DINO: 0.04)"}
-    )
+    warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at the start (DINO: 0.04)"})
     warmup_teacher_temp_epochs: int = field(
         default=30, metadata={"help": "epochs of the teacher temperature's linear warm-up (DINO: 30)"}
     )
@@ -181,7 +179,11 @@ class DINOConfig(SSLConfig):
 class _Student(nn.Module):
     """The student's parts the teacher copies (the EMA pairs their parameters in this order)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, patch_head: nn.Module | None):
+    backbone: nn.Module
+    head: DINOHead
+    patch_head: DINOHead | None
+
+    def __init__(self, backbone: nn.Module, head: DINOHead, patch_head: DINOHead | None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.patch_head = patch_head
@@ -196,6 +198,13 @@ class DINO(SSLMethod):
     config: DINOConfig
     epoch: Tensor  # buffer: epochs done
     center: Tensor
+    patch_center: Tensor | None
+    unfreeze_step: Tensor
+    steps_done: Tensor
+    teacher: _Student
+    dino_head: DINOHead
+    patch_head: DINOHead | None
+    mask_token: nn.Parameter | None
     #: DINO's main_dino.py defaults (its ViT recipe): AdamW, lr 5e-4 x batch / 256, 10 warm-up epochs,
     #: weight decay 0.04 -> 0.4 (cosine), gradients clipped at 3.0 per parameter tensor
     defaults = {
@@ -216,7 +225,7 @@ class DINO(SSLMethod):
     def __init__(self, backbone: nn.Module, config: DINOConfig | None = None, *, feature_dim: int | None = None):
         vit = is_vit(backbone)
         if feature_dim is None:
-            feature_dim = int(getattr(backbone, "num_features")) if vit else backbone_feature_dim(backbone)
+            feature_dim = int(cast(Any, backbone).num_features) if vit else backbone_feature_dim(backbone)
         super().__init__(backbone, config, feature_dim=feature_dim)
         c = self.config
         self.vit = vit
@@ -229,14 +238,20 @@ class DINO(SSLMethod):
 
         def head() -> DINOHead:
             return DINOHead(
-                self.feature_dim, c.prototypes, c.proj_hidden_dim, c.proj_dim, c.head_layers, c.head_bn, c.norm_last_layer
+                self.feature_dim,
+                c.prototypes,
+                c.proj_hidden_dim,
+                c.proj_dim,
+                c.head_layers,
+                c.head_bn,
+                c.norm_last_layer,
             )
 
         self.dino_head = head()
         self.patch_head = head() if self.ibot and c.ibot_separate_head else None
         self.mask_token = nn.Parameter(torch.zeros(1, self.feature_dim)) if self.ibot else None
         self.student = [_Student(self.backbone, self.dino_head, self.patch_head)]  # a list: not registered twice
-        self.teacher = momentum_copy(self.student[0])
+        self.teacher = cast(_Student, momentum_copy(self.student[0]))
         self.register_buffer("center", torch.zeros(c.prototypes))
         self.register_buffer("patch_center", torch.zeros(c.prototypes) if self.ibot else None)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
@@ -274,7 +289,7 @@ class DINO(SSLMethod):
         return -center / temp
 
     # --- ViT tokens (iBOT) --------------------------------------------------------------------------
-    def tokens(self, vit: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def tokens(self, vit: Any, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(pooled CLS features (B, D), patch tokens (B, P, D)) of a timm ViT, the patch tokens where `mask`
         (B, P) is true replaced by the mask token before the positional embedding (as iBOT / DINOv2)."""
         t = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size, else (B, P, C)
@@ -324,7 +339,7 @@ class DINO(SSLMethod):
         masks = None
         if self.ibot:
             with torch.no_grad():
-                grid = self.backbone.patch_embed(groups[0][0][:1])
+                grid = cast(Any, self.backbone).patch_embed(groups[0][0][:1])
             masks = self.masks(step, B, math.prod(grid.shape[1:-1]), views[0].device)
         # the teacher: the global crops, without autograd
         with torch.no_grad():
@@ -354,7 +369,10 @@ class DINO(SSLMethod):
         logs: dict[str, Any] = {"dino": dino.detach(), "teacher_temp": temp}
         if self.ibot:
             assert masks is not None and s_patch is not None
-            ph, tph = (self.patch_head, teacher.patch_head) if self.patch_head is not None else (self.dino_head, teacher.head)
+            ph, tph = self.dino_head, teacher.head
+            if self.patch_head is not None and teacher.patch_head is not None:
+                ph, tph = self.patch_head, teacher.patch_head
+            assert self.patch_center is not None
             flat = masks.view(-1)
             image = torch.arange(2 * B, device=flat.device).repeat_interleave(masks.shape[1])[flat]
             s_p = ph(s_patch.reshape(-1, s_patch.shape[-1])[flat])
@@ -368,7 +386,7 @@ class DINO(SSLMethod):
             if c.centering == "centre":
                 center_update(self.patch_center, t_p, w_tp, c.center_momentum)
         if c.koleo_weight > 0:
-            koleo = sum(koleo_loss(f) for f in cls[: 2 * B].split(B))
+            koleo = koleo_loss(cls[:B]) + koleo_loss(cls[B : 2 * B])
             loss = loss + c.koleo_weight * koleo
             logs["koleo"] = koleo.detach()
         with torch.no_grad():

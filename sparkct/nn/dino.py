@@ -102,6 +102,16 @@ def prototype_cross_entropy(
     return total / (B * n_pairs)
 
 
+class _WeightNormLinear(nn.Module):
+    """The parameters of ``nn.utils.weight_norm(nn.Linear(D, K, bias=False))``: direction v (K, D) and
+    norms g (K, 1), under the same names (DINO's checkpoints call them weight_v, weight_g)."""
+
+    def __init__(self, v: torch.Tensor, g: torch.Tensor, train_g: bool):
+        super().__init__()
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(g, requires_grad=train_g)
+
+
 class DINOHead(nn.Module):
     """DINO's projection head (``vision_transformer.DINOHead``): see the module docstring."""
 
@@ -137,9 +147,7 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         # weight_norm(Linear(bottleneck, K, bias=False)) with weight_g filled with 1: v keeps Linear's init
         v = nn.Linear(bottleneck_dim, out_dim, bias=False).weight.detach()
-        self.last_layer = nn.Module()
-        self.last_layer.weight_v = nn.Parameter(v.clone())
-        self.last_layer.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+        self.last_layer = _WeightNormLinear(v.clone(), torch.ones(out_dim, 1), not norm_last_layer)
         self.out_dim, self.bottleneck_dim = int(out_dim), int(bottleneck_dim)
 
     def weight(self) -> torch.Tensor:

@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from contrastive_helpers import synthetic_hu
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -30,6 +29,8 @@ from sparkct.nn.dino import (
     teacher_temperature,
 )
 from sparkct.train.optim import clip_per_parameter_
+
+from contrastive_helpers import synthetic_hu
 
 SMALL = dict(prototypes=64, proj_hidden_dim=32, proj_dim=16, n_local=2, local_crop=16)
 
@@ -97,13 +98,13 @@ def _resnet():
 
 
 def _vit():
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, dynamic_img_size=True
-    )
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, dynamic_img_size=True)
 
 
 def _views(method, n=6, crop=32, seed=0):
-    return [v.double() for v in method.transform(crop, "lung")(synthetic_hu(n, 48), torch.Generator().manual_seed(seed))]
+    return [
+        v.double() for v in method.transform(crop, "lung")(synthetic_hu(n, 48), torch.Generator().manual_seed(seed))
+    ]
 
 
 # --- the loss function --------------------------------------------------------------------------------
@@ -129,7 +130,10 @@ def test_prototype_cross_entropy_equals_dino_loss(with_bias):
 
 def test_prototype_cross_entropy_without_skip_and_bad_shapes():
     g = torch.Generator().manual_seed(1)
-    s, t = torch.randn(3, 2, 4, generator=g, dtype=torch.float64), torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.randn(3, 2, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 2, 4, generator=g, dtype=torch.float64),
+    )
     w = torch.randn(5, 4, generator=g, dtype=torch.float64)
     pt = F.softmax(t @ w.t() / 0.04, -1)
     ls = F.log_softmax(s @ w.t() / 0.1, -1)
@@ -208,7 +212,10 @@ def test_step_equals_dino_and_teacher_gets_no_gradient():
     assert float(logs["teacher_entropy"]) == pytest.approx(float(h), rel=1e-5)
     kl = torch.stack(
         [
-            (pt[i * B : (i + 1) * B] * (pt[i * B : (i + 1) * B].log() - F.log_softmax(s_out[j * B : (j + 1) * B] / 0.1, -1)))
+            (
+                pt[i * B : (i + 1) * B]
+                * (pt[i * B : (i + 1) * B].log() - F.log_softmax(s_out[j * B : (j + 1) * B] / 0.1, -1))
+            )
             .sum(-1)
             .mean()
             for i in range(2)
@@ -350,7 +357,13 @@ def test_ibot_with_a_resnet_and_bad_options_are_user_errors():
 def test_registered_with_published_defaults():
     assert get_method("dino") is DINO
     c = DINOConfig()
-    assert (c.prototypes, c.proj_hidden_dim, c.proj_dim, c.head_layers, c.norm_last_layer) == (65536, 2048, 256, 3, True)
+    assert (c.prototypes, c.proj_hidden_dim, c.proj_dim, c.head_layers, c.norm_last_layer) == (
+        65536,
+        2048,
+        256,
+        3,
+        True,
+    )
     assert (c.momentum, c.teacher_temp, c.warmup_teacher_temp, c.warmup_teacher_temp_epochs) == (0.996, 0.07, 0.04, 30)
     assert (c.student_temp, c.center_momentum, c.freeze_last_layer, c.n_local) == (0.1, 0.9, 1, 8)
     assert (c.ibot_weight, c.koleo_weight, c.centering) == (0.0, 0.0, "centre")
