@@ -176,6 +176,8 @@ def center_update(
     total = torch.cat([t.to(dt).sum(0), t.new_tensor([float(t.shape[0])], dtype=dt)])
     if gather and is_distributed():
         dist.all_reduce(total)
+    if float(total[-1]) == 0:  # no rows anywhere (iBOT with no masked patch): the centre stays
+        return
     mean = total[:-1] / total[-1]
     with torch.autocast(center.device.type, enabled=False):
         batch_center = w_teacher.detach().to(dt) @ mean
@@ -196,9 +198,11 @@ def sinkhorn_bias(
     distributed = gather and is_distributed()
     with torch.autocast(t.device.type, enabled=False):
         s = (t.to(dt) @ w_teacher.detach().to(dt).t()) / teacher_temp  # (N, K)
-    top = s.max()
+    top = s.max() if s.numel() else s.new_tensor(-math.inf)  # a rank may hold no (masked-patch) row
     if distributed:
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    if not math.isfinite(float(top)):  # no rows anywhere: no scaling
+        return s.new_zeros(s.shape[1])
     Q = torch.exp(s - top).t()  # (K, N): DINOv2's Q up to a constant factor, which the first step removes
     K = Q.shape[0]
     total = torch.stack([Q.sum(), Q.new_tensor(float(Q.shape[1]))])

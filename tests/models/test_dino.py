@@ -287,6 +287,17 @@ def test_sinkhorn_bias_equals_dinov2():
     assert torch.allclose(prototype_cross_entropy(s, t, w, w, bias, 0.1, 0.05), want, rtol=1e-10)
 
 
+def test_no_rows_leave_the_centre_and_give_no_scaling():
+    # iBOT with no masked patch (a few patches and a low ratio): nothing to average, no NaN
+    c = torch.ones(4, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64)
+    center_update(c, torch.zeros(0, 3, dtype=torch.float64), w, 0.9)
+    assert torch.equal(c, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(
+        sinkhorn_bias(torch.zeros(0, 3, dtype=torch.float64), w, 0.05), torch.zeros(4, dtype=torch.float64)
+    )
+
+
 def test_koleo_equals_dinov2():
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
     got, want = koleo_loss(x), ref_koleo(x)
