@@ -27,17 +27,21 @@ BUILTIN_DATA_OPTIONS = {
     "moco.queue_size": 512,
     "moco.momentum": 0.99,
     "moco.momentum_end": 0.99,
-    # DINO: 65,536 prototypes for a few hundred slices would mostly stay untouched (as SwAV's 3,000); over
-    # ~180 steps the published lr scaled to batch 32 (6e-5) barely moves the weights, and with the
-    # teacher temperature warming up to 0.07 the run fell into DINO's uniform collapse (teacher entropy ->
-    # ln K, KL -> 0, collapse indicator 0.30 -> 0.04 in 50 steps): main_dino.py's own default 0.04, the
-    # lr of batch 256, a 0.99 teacher (0.996 -> 1 would hold it near its random start, as MoCo's 0.999),
-    # short warm-ups, and 4 local crops (each costs ~10 % of a step on a CPU)
-    "dino.prototypes": 1024,
+    # DINO: the built-in run is a ResNet-18's, so DINO's ResNet-50 recipe (its README: SGD, lr 0.03, weight
+    # decay 1e-4, global crops 0.14 - 1, local 0.05 - 0.14, main_dino.py's teacher temperature 0.04); 65,536
+    # prototypes for a few hundred slices would mostly stay untouched (as SwAV's 3,000); a 0.99 teacher
+    # (0.996 -> 1 would hold it near its random start over ~180 steps, as MoCo's 0.999); 2 warm-up epochs of
+    # the 20; 4 local crops (each costs ~10 % of a step on a CPU)
+    "dino.optimizer": "sgd",
+    "dino.base_lr": 0.03,
+    "dino.weight_decay": 1e-4,
+    "dino.weight_decay_end": 1e-4,
+    "dino.global_scale": (0.14, 1.0),
+    "dino.local_scale": (0.05, 0.14),
     "dino.teacher_temp": 0.04,
-    "dino.base_lr": 4e-3,
-    "dino.warmup_epochs": 2.0,
+    "dino.prototypes": 1024,
     "dino.momentum": 0.99,
+    "dino.warmup_epochs": 2.0,
     "dino.n_local": 4,
 }
 
