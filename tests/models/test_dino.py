@@ -391,3 +391,17 @@ def test_registered_with_published_defaults():
     tf = m.transform(64, "lung")
     views = tf(synthetic_hu(2, 80), torch.Generator().manual_seed(0))
     assert [v.shape[-1] for v in views] == [64, 64, 16, 16]
+
+
+def test_ibot_masks_of_a_rank_are_its_rows_of_the_global_draw(monkeypatch):
+    """Under DDP each rank takes its rows of the masks drawn for the global batch (crop-major), so two
+    ranks mask what one process masks."""
+    import sparkct.models.dino as D
+
+    m = DINO(_vit(), DINOConfig(**SMALL, ibot_weight=1.0))
+    whole = m.masks(3, 6, 16, "cpu").view(2, 6, 16)
+    monkeypatch.setattr(D, "row_counts", lambda n, device: [4, 2])
+    for r, (lo, hi) in enumerate(((0, 4), (4, 6))):
+        monkeypatch.setattr(D, "rank", lambda r=r: r)
+        part = m.masks(3, hi - lo, 16, "cpu").view(2, hi - lo, 16)
+        assert torch.equal(part, whole[:, lo:hi])
