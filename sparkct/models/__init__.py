@@ -27,6 +27,22 @@ BUILTIN_DATA_OPTIONS = {
     "moco.queue_size": 512,
     "moco.momentum": 0.99,
     "moco.momentum_end": 0.99,
+    # DINO: the built-in run is a ResNet-18's, so DINO's ResNet-50 recipe (its README: SGD, lr 0.03, weight
+    # decay 1e-4, global crops 0.14 - 1, local 0.05 - 0.14, main_dino.py's teacher temperature 0.04); 65,536
+    # prototypes for a few hundred slices would mostly stay untouched (as SwAV's 3,000); a 0.99 teacher
+    # (0.996 -> 1 would hold it near its random start over ~180 steps, as MoCo's 0.999); 2 warm-up epochs of
+    # the 20; 4 local crops (each costs ~10 % of a step on a CPU)
+    "dino.optimizer": "sgd",
+    "dino.base_lr": 0.03,
+    "dino.weight_decay": 1e-4,
+    "dino.weight_decay_end": 1e-4,
+    "dino.global_scale": (0.14, 1.0),
+    "dino.local_scale": (0.05, 0.14),
+    "dino.teacher_temp": 0.04,
+    "dino.prototypes": 1024,
+    "dino.momentum": 0.99,
+    "dino.warmup_epochs": 2.0,
+    "dino.n_local": 4,
 }
 
 METHODS: dict[str, str] = {
@@ -35,6 +51,7 @@ METHODS: dict[str, str] = {
     "moco": "sparkct.models.moco:MoCo",
     "swav": "sparkct.models.swav:SwAV",
     "byol": "sparkct.models.byol:BYOL",
+    "dino": "sparkct.models.dino:DINO",
     "rotation": "sparkct.models.pretext:Rotation",
     "flip": "sparkct.models.pretext:Flip",
     "denoise": "sparkct.models.pretext:Denoise",

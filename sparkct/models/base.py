@@ -87,6 +87,9 @@ class Method(nn.Module):
     #: optimizer steps between the trainer's calls of validate (and after the last step); 0: at epoch ends
     validate_every: int = 0
     micro: int = 0  # the accumulation micro-batch of the current step, set by the trainer
+    #: the trainer's --clip-grad clips each parameter tensor's gradient norm on its own (DINO's
+    #: ``clip_gradients``) instead of the global norm
+    clip_per_parameter: bool = False
     #: the method's preferred optimizer settings; ``None`` fields of TrainConfig take these
     defaults: dict = {
         "optimizer": "adamw",

@@ -56,7 +56,8 @@ class TrainConfig:
     weight_decay_end: float | None = option("weight decay at the end", default=None)
     warmup_epochs: float | None = option("linear learning-rate warm-up, in epochs", default=None)
     clip_grad: float | None = option(
-        "clip the global gradient norm at this value (0: off; default: the method's, SparK 5 as published, others off)",
+        "clip the global gradient norm at this value (0: off; default: the method's, SparK 5 as published, DINO 3 "
+        "on each parameter's gradient as published, others off)",
         default=None,
     )
     amp: str = option(

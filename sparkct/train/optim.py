@@ -9,6 +9,8 @@
   from ``wd`` to ``wd_end``. ``apply_schedule`` writes them into the groups, times each group's
   ``lr_scale`` (fine-tuning freezes/ramps the backbone through it).
 * ``scaled_lr``: lr = base_lr x global batch / 256.
+* ``clip_per_parameter_``: each parameter's gradient scaled to norm <= max_norm on its own (DINO's
+  ``utils.clip_gradients``: factor ``max_norm / (norm + 1e-6)`` where below 1).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from torch import nn
 
 from sparkct.errors import UserError
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups", "lr_at", "wd_at", "apply_schedule", "scaled_lr"]
+__all__ = [
+    "OPTIMIZERS",
+    "build_optimizer",
+    "param_groups",
+    "lr_at",
+    "wd_at",
+    "apply_schedule",
+    "scaled_lr",
+    "clip_per_parameter_",
+]
 
 OPTIMIZERS = ("lamb", "lars", "adamw", "adam", "sgd")
 
@@ -107,3 +118,18 @@ def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> No
         g["lr"] = lr * g.get("lr_scale", 1.0)
         if g.get("decay", True):
             g["weight_decay"] = wd
+
+
+@torch.no_grad()
+def clip_per_parameter_(parameters, max_norm: float) -> float:
+    """Clip each parameter's gradient to norm `max_norm` on its own (DINO's ``clip_gradients``); returns
+    the global gradient norm before clipping (what the trainer logs as grad_norm)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+    for g, n in zip(grads, norms):
+        coef = max_norm / (n + 1e-6)
+        if coef < 1:
+            g.mul_(coef)
+    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms]), 2.0))

@@ -64,7 +64,7 @@ from sparkct.train import checkpoint as C
 from sparkct.train.config import TrainConfig, config_to_dict
 from sparkct.train.metrics_log import MetricsLog
 from sparkct.train.monitors import OnlineLinearProbe, extract_features, knn_accuracy
-from sparkct.train.optim import apply_schedule, build_optimizer, lr_at, scaled_lr, wd_at
+from sparkct.train.optim import apply_schedule, build_optimizer, clip_per_parameter_, lr_at, scaled_lr, wd_at
 from sparkct.train.progress import ProgressLines, progress_interval
 from sparkct.train.runlock import RunLock
 from sparkct.train.signals import StopSignals, resume_command
@@ -714,7 +714,10 @@ class Trainer:
             scaler.unscale_(optimizer)
         grad_norm = None
         if self.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.clip_grad))
+            if method.clip_per_parameter:
+                grad_norm = clip_per_parameter_(method.parameters(), self.clip_grad)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.clip_grad))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -31,6 +31,16 @@ METHOD_KW = {
     ),
     "byol": dict(proj_hidden_dim=32, proj_dim=16, momentum=0.9),
     "spark": dict(decoder_width=32),  # a narrow decoder (published: 768); run it with crop=64 (2x2 cells)
+    "dino": dict(
+        proj_hidden_dim=32,
+        proj_dim=16,
+        prototypes=40,
+        n_local=2,
+        local_crop=16,
+        momentum=0.9,
+        warmup_teacher_temp_epochs=2,
+        freeze_last_layer=1,
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""SimCLR, MoCo v2, SwAV and BYOL through the trainer on 2 CPU processes (gloo) end where one process on
+"""SimCLR, MoCo v2, SwAV, BYOL and DINO through the trainer on 2 CPU processes (gloo) end where one process on
 the same global batches ends (float64, 3 steps): weights, BatchNorm statistics, EMA key / target
 encoders, MoCo's queue of keys, SwAV's feature queue, and the logged loss.
 
@@ -7,7 +7,8 @@ rank its rows of the global batch's draw); BatchNorm is synchronized over the ra
 (SimCLR's and BYOL's global BN; for MoCo's key encoder this replaces shuffled BN, which is then
 skipped); SimCLR's negatives and MoCo's enqueued keys are gathered from every rank; SwAV's Sinkhorn
 sums over the ranks and each rank scores its share of the (global) feature queue; the EMA updates
-run on every rank from the same DDP-averaged weights."""
+run on every rank from the same DDP-averaged weights; DINO's centre averages the teacher's scores over
+the ranks and its Sinkhorn-Knopp option sums over them (all-reduce)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from test_ddp import _free_port
 from sparkct.train import checkpoint as C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("simclr", "moco", "swav", "byol")
+METHODS = ("simclr", "moco", "swav", "byol", "dino", "dino-sinkhorn")
+#: method variants: "method-variant" -> the method's options
+VARIANTS = {"dino-sinkhorn": {"centering": "sinkhorn"}}
 
 SCRIPT = """
 import sys
@@ -31,13 +34,13 @@ import torch
 torch.set_num_threads(1)
 from ssl_runs import run
 for name in {methods!r}:
-    run(name, {cache!r}, {out!r} + '/' + name, double=True)
+    run(name.split('-')[0], {cache!r}, {out!r} + '/' + name, double=True, method_kw={variants!r}.get(name))
 """
 
 
 def _launch(cache, out, world):
     """Start `world` processes running every method (they are waited for by _wait)."""
-    code = SCRIPT.format(here=HERE, cache=cache, out=str(out), methods=METHODS)
+    code = SCRIPT.format(here=HERE, cache=cache, out=str(out), methods=METHODS, variants=VARIANTS)
     port = _free_port()
     procs = []
     for r in range(world):
@@ -93,3 +96,6 @@ def test_contrastive_methods_on_two_ranks_equal_one_process(small_cache, tmp_pat
             assert int(m["criterion.bank_ptr"]) == (3 * 8) % 16
         if name == "swav":
             assert int(m["queue.0.count"]) == 16
+        if name.startswith("dino"):  # the teacher moved off the student; the centre (all-reduced) is in use
+            assert not torch.equal(m["teacher.backbone.conv1.weight"], m["backbone.conv1.weight"])
+            assert (m["center"].abs().sum() > 0) == (name == "dino")

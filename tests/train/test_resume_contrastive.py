@@ -21,6 +21,9 @@ RESUME_KW = {
     "moco": dict(momentum=0.9, momentum_end=0.99),  # a cosine schedule over the 6 steps; queue of 16 wraps
     "swav": dict(queue_start_epoch=1, freeze_prototypes=4),
     "byol": dict(momentum=0.9, momentum_end=1.0),
+    # the last layer frozen in epoch 1 (steps 0-2), the teacher temperature warming up over 2 epochs
+    "dino": dict(freeze_last_layer=1, warmup_teacher_temp_epochs=2),
+    "dino-sinkhorn": dict(centering="sinkhorn"),
 }
 
 
@@ -35,9 +38,10 @@ def _losses(run_dir, start):
 def test_resume_is_bit_identical(name, small_cache, tmp_path):
     kw = dict(max_steps=6, epochs=2, ckpt_every=3, keep=5, method_kw=RESUME_KW[name])
     straight = tmp_path / "straight"
-    run(name, small_cache, str(straight), **kw)
+    method = name.split("-")[0]  # "dino-sinkhorn": DINO with an option
+    run(method, small_cache, str(straight), **kw)
     mid = str(straight / "checkpoints" / "step-0000003.ckpt")
-    run(name, small_cache, str(tmp_path / "resumed"), resume=mid, **kw)
+    run(method, small_cache, str(tmp_path / "resumed"), resume=mid, **kw)
     a, b = C.load_checkpoint(str(straight)), C.load_checkpoint(str(tmp_path / "resumed"))
     assert a["step"] == b["step"] == 6
     assert a["model"].keys() == b["model"].keys()
@@ -57,3 +61,7 @@ def test_resume_is_bit_identical(name, small_cache, tmp_path):
         assert int(m["epoch"]) == 2 and int(m["queue.0.count"]) == 16
         row6 = next(r for r in csv.DictReader(open(straight / "metrics.csv")) if r["step"] == "6")
         assert float(row6["queue_used"]) == 1
+    if name == "dino":  # the epoch count (temperature, freezing) and the unfreezing step are in it
+        assert int(m["epoch"]) == 2 and int(m["unfreeze_step"]) == 3 and m["center"].abs().sum() > 0
+        rows = list(csv.DictReader(open(straight / "metrics.csv")))
+        assert {"teacher_entropy", "kl_teacher_student", "collapse", "teacher_temp"} <= rows[-1].keys()

@@ -200,3 +200,21 @@ def test_spark_clips_at_five_by_default_as_published(small_cache, tmp_path, clip
     r = t.optimizer_step(iter(t.loader), epoch=0)
     assert (r.grad_norm is not None) == (expected > 0)
     assert started(make(small_cache, tmp_path / "tiny")).clip_grad == 0.0
+
+
+def test_a_method_that_clips_per_parameter_gets_each_gradient_clipped(small_cache, tmp_path, monkeypatch):
+    """Method.clip_per_parameter (DINO's clip_gradients): --clip-grad bounds each parameter's gradient
+    norm on its own, so the optimizer sees every one at or below it while the global norm exceeds it."""
+    t = started(make(small_cache, tmp_path / "run", batch=8, clip_grad=1e-3))
+    monkeypatch.setattr(t.method, "clip_per_parameter", True)
+    seen = []
+    t.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(
+            [float(p.grad.norm()) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        )
+    )
+    r = t.optimizer_step(iter(t.loader), epoch=0)
+    norms = seen[0]
+    assert len(norms) > 1 and max(norms) <= 1e-3 * 1.001
+    assert float(torch.linalg.vector_norm(torch.tensor(norms))) > 1e-3 * 1.01  # not the global norm's clipping
+    assert r.grad_norm is not None and r.grad_norm > 1e-3  # the global norm before clipping is logged
