@@ -372,7 +372,9 @@ class DINO(SSLMethod):
         tz = t_z.view(2, B, -1)
         bias = self.teacher_bias(t_z, w_t, temp, self.center)
         w_s = self.dino_head.weight()
-        dino = prototype_cross_entropy(zs, tz, w_s, w_t, bias, c.student_temp, temp, skip_same=True)
+        dino, stats = prototype_cross_entropy(
+            zs, tz, w_s, w_t, bias, c.student_temp, temp, skip_same=True, return_stats=True
+        )
         loss = dino
         logs: dict[str, Any] = {"dino": dino.detach(), "teacher_temp": temp}
         if self.ibot:
@@ -398,11 +400,8 @@ class DINO(SSLMethod):
             loss = loss + c.koleo_weight * koleo
             logs["koleo"] = koleo.detach()
         with torch.no_grad():
-            logits = (t_z.float() @ w_t.float().t()) / temp + bias.float()
-            entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
-            logs["teacher_entropy"] = entropy
-            # every teacher crop meets len(views) - 1 student crops: the pairs' mean entropy is the crops'
-            logs["kl_teacher_student"] = dino.detach() - entropy
+            logs["teacher_entropy"] = stats["teacher_entropy"]
+            logs["kl_teacher_student"] = stats["kl"]
             if c.centering == "centre":
                 center_update(self.center, t_z, w_t, c.center_momentum)  # after the loss, as DINO
             if B >= 2:

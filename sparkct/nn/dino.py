@@ -2,8 +2,8 @@
 one loss function over prototype scores, teacher centering / Sinkhorn-Knopp, iBOT's patch loss, KoLeo,
 and the published schedules.
 
-:func:`prototype_cross_entropy` is the one place the DINO loss is computed (a fused C++/CUDA op with
-the same signature may replace it)::
+:func:`prototype_cross_entropy` is the one place the DINO loss is computed, on the fused C++/CUDA op
+:func:`sparkct.ops.prototype_cross_entropy` (the plain form is :func:`sparkct.ops.reference.prototype_cross_entropy`)::
 
     prototype_cross_entropy(student (S, B, D), teacher (T, B, D), w_student (K, D), w_teacher (K, D),
                             teacher_bias (K,) or None, student_temp, teacher_temp, skip_same=True)
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkct.distributed import is_distributed
+from sparkct.ops.prototype_ce import prototype_cross_entropy as fused_prototype_cross_entropy
 from sparkct.profiling import ranged
 
 __all__ = [
@@ -54,7 +55,6 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dt
 
 
-@ranged("loss/prototype_cross_entropy")
 def prototype_cross_entropy(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -64,42 +64,27 @@ def prototype_cross_entropy(
     student_temp: float,
     teacher_temp: float,
     skip_same: bool = True,
-) -> torch.Tensor:
-    """DINO's multi-crop cross-entropy (see the module docstring); a scalar."""
-    if student.dim() != 3 or teacher.dim() != 3 or student.shape[1:] != teacher.shape[1:]:
-        raise ValueError(
-            f"prototype_cross_entropy: expected student (S, B, D) and teacher (T, B, D), got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
-    S, B, D = student.shape
-    T = teacher.shape[0]
-    K = w_student.shape[0]
-    if w_student.shape != (K, D) or w_teacher.shape != (K, D):
-        raise ValueError(
-            f"prototype_cross_entropy: expected weights ({K}, {D}), got {tuple(w_student.shape)} and "
-            f"{tuple(w_teacher.shape)}"
-        )
-    if teacher_bias is not None and teacher_bias.shape != (K,):
-        raise ValueError(f"prototype_cross_entropy: teacher_bias must be ({K},), got {tuple(teacher_bias.shape)}")
-    if not (student_temp > 0 and teacher_temp > 0):
-        raise ValueError(f"prototype_cross_entropy: temperatures must be > 0, got {student_temp}, {teacher_temp}")
-    n_pairs = sum(S - (1 if skip_same and i < S else 0) for i in range(T))
-    if S == 0 or B == 0 or n_pairs == 0:
-        raise ValueError("prototype_cross_entropy: no (teacher, student) pair to compare")
+    *,
+    return_stats: bool = False,
+):
+    """DINO's multi-crop cross-entropy (see the module docstring); a scalar, or (scalar, {"teacher_entropy",
+    "kl"}) with `return_stats`. It runs on the fused op (:func:`sparkct.ops.prototype_cross_entropy`: the
+    (crops x B) x K logits are never formed) in float32, or float64 for float64 inputs, outside autocast,
+    so that bf16/fp16 training still scores prototypes in float32 as DINO's fp32 loss does."""
     dt = _compute_dtype(student, w_student)
+    bias = None if teacher_bias is None else teacher_bias.detach().to(dt)
     with torch.autocast(student.device.type, enabled=False):
-        with torch.no_grad():
-            t = teacher.detach().to(dt) @ w_teacher.detach().to(dt).t() / teacher_temp
-            if teacher_bias is not None:
-                t = t + teacher_bias.detach().to(dt)
-            p = torch.softmax(t, dim=-1)  # (T, B, K)
-        logp = torch.log_softmax(student.to(dt) @ w_student.to(dt).t() / student_temp, dim=-1)  # (S, B, K)
-        every = logp.sum(0)  # (B, K): each teacher crop is compared with every student crop but its own
-        total = logp.new_zeros(())
-        for i in range(T):
-            pred = every - logp[i] if skip_same and i < S else every
-            total = total - (p[i] * pred).sum()
-    return total / (B * n_pairs)
+        return fused_prototype_cross_entropy(
+            student.to(dt),
+            teacher.detach().to(dt),
+            w_student.to(dt),
+            w_teacher.detach().to(dt),
+            bias,
+            student_temp,
+            teacher_temp,
+            skip_same,
+            return_stats=return_stats,
+        )
 
 
 class _WeightNormLinear(nn.Module):
