@@ -99,3 +99,32 @@ def test_experiment_refuses_a_resnet_only_method_with_a_vit_before_anything_is_w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--methods spark with --arch vit_tiny_p8: SparK is a sparse-CNN method" in err[0], err
     assert not out.exists()
+
+
+def test_experiment_random_dino_and_imagenet_weights_on_a_vit_tiny(tiny_experiment, tmp_path):
+    """Issue 20's three-way comparison in one command: `sparkct experiment --methods random,dino --arch vit_tiny
+    --init-weights imagenet=FILE`, FILE a timm ViT-Tiny state_dict at timm's 224 px with 3 channels (its
+    classifier included, as timm publishes it). DINO pretrains on the fused prototype loss and exports a
+    timm ViT; all three rows are fine-tuned and tested alike."""
+    torch.manual_seed(2)
+    name, kw = timm_spec("vit_tiny")
+    sd = timm.create_model(name, num_classes=1000).state_dict()
+    w = tmp_path / "vit_tiny_imagenet.pth"
+    torch.save(sd, w)
+    out = tmp_path / "exp"
+    small = ["dino.prototypes=64", "dino.n_local=2", "dino.proj_hidden_dim=64", "dino.proj_dim=32"]
+    tiny_experiment(
+        out,
+        dict(arch="vit_tiny", methods="random,dino", init_weights=[f"imagenet={w}"], set=small, protocols="finetune"),
+    )
+    res = json.load(open(out / "results.json"))
+    assert {c["method"] for c in res["cells"]} == {"random", "dino", "imagenet"}
+    (pre,) = os.listdir(out / "pretrain")
+    run = out / "pretrain" / pre
+    meta = json.load(open(run / "backbone.pt.json"))
+    assert meta["arch"] == "vit_tiny"
+    model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
+    model.load_state_dict(torch.load(run / "backbone.pt", weights_only=True), strict=True)
+    with open(run / "metrics.csv") as f:
+        header = f.readline().strip().split(",")
+    assert {"teacher_entropy", "kl_teacher_student", "dino"} <= set(header)
