@@ -1,4 +1,5 @@
-"""Resume is bit-identical for SimCLR, MoCo v2, SwAV and BYOL on the CPU: 6 steps straight equal 3 steps,
+"""Resume is bit-identical for SimCLR, MoCo v2, SwAV, BYOL and DINO (a ResNet; a ViT with iBOT, KoLeo and
+Sinkhorn) on the CPU: 6 steps straight equal 3 steps,
 then a fresh run resumed from that checkpoint for 3 more: weights, EMA key / target encoders, MoCo's
 queue and its pointer, SwAV's feature queue (filled from epoch 1 = step 3, used from step 5) and its
 prototype freezing (steps 0-3), the optimizer state and the logged losses. The checkpoint sits at an
@@ -24,7 +25,11 @@ RESUME_KW = {
     # the last layer frozen in epoch 1 (steps 0-2), the teacher temperature warming up over 2 epochs
     "dino": dict(freeze_last_layer=1, warmup_teacher_temp_epochs=2),
     "dino-sinkhorn": dict(centering="sinkhorn"),
+    # a ViT with every DINOv2 option: iBOT's masks and mask token, KoLeo, Sinkhorn over CLS and patch tokens
+    "dino-vit": dict(ibot_weight=1.0, koleo_weight=0.1, centering="sinkhorn", mask_probability=1.0),
 }
+#: runs on a sparkct backbone instead of the half-depth ResNet
+RESUME_ARCH = {"dino-vit": "vit_tiny_p8"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,9 +44,10 @@ def test_resume_is_bit_identical(name, small_cache, tmp_path):
     kw = dict(max_steps=6, epochs=2, ckpt_every=3, keep=5, method_kw=RESUME_KW[name])
     straight = tmp_path / "straight"
     method = name.split("-")[0]  # "dino-sinkhorn": DINO with an option
-    run(method, small_cache, str(straight), **kw)
+    arch = RESUME_ARCH.get(name)
+    run(method, small_cache, str(straight), arch=arch, **kw)
     mid = str(straight / "checkpoints" / "step-0000003.ckpt")
-    run(method, small_cache, str(tmp_path / "resumed"), resume=mid, **kw)
+    run(method, small_cache, str(tmp_path / "resumed"), resume=mid, arch=arch, **kw)
     a, b = C.load_checkpoint(str(straight)), C.load_checkpoint(str(tmp_path / "resumed"))
     assert a["step"] == b["step"] == 6
     assert a["model"].keys() == b["model"].keys()
@@ -65,3 +71,7 @@ def test_resume_is_bit_identical(name, small_cache, tmp_path):
         assert int(m["epoch"]) == 2 and int(m["unfreeze_step"]) == 3 and m["center"].abs().sum() > 0
         rows = list(csv.DictReader(open(straight / "metrics.csv")))
         assert {"teacher_entropy", "kl_teacher_student", "collapse", "teacher_temp"} <= rows[-1].keys()
+    if name == "dino-vit":  # iBOT's and KoLeo's terms were computed and logged at every step
+        rows = list(csv.DictReader(open(straight / "metrics.csv")))
+        assert all(float(r["ibot"]) > 0 and r["koleo"] != "" for r in rows if r.get("step") and r.get("ibot"))
+        assert "mask_token" in m and len([r for r in rows if r.get("ibot")]) >= 6
