@@ -34,6 +34,7 @@ from torch import nn
 
 from sparkct.distributed import is_distributed
 from sparkct.ops.prototype_ce import prototype_cross_entropy as fused_prototype_cross_entropy
+from sparkct.ops.prototype_ce import prototype_sinkhorn
 from sparkct.profiling import ranged
 
 __all__ = [
@@ -175,35 +176,16 @@ def sinkhorn_bias(
 ) -> torch.Tensor:
     """The log per-prototype scaling (K,) of DINOv2's ``sinkhorn_knopp_teacher`` over the teacher's rows
     (N, D) (or (T, B, D): all crops together, as DINOv2) of the global batch: its codes equal
-    ``softmax(t @ w.T / teacher_temp + bias)``. Float32 at least; sums over prototypes all-reduced."""
+    ``softmax(t @ w.T / teacher_temp + bias)``. On the tiled op :func:`sparkct.ops.prototype_sinkhorn`
+    (the N x K assignment is never formed), float32 at least, its sums over the samples all-reduced; a rank
+    with no rows (iBOT: no masked patch there) takes part with zeros, and no rows anywhere gives zeros."""
     if iterations < 1:
         raise ValueError(f"sinkhorn_bias: iterations must be >= 1, got {iterations}")
     t = teacher.detach().reshape(-1, teacher.shape[-1])
     dt = _compute_dtype(t, w_teacher)
-    distributed = gather and is_distributed()
+    reduce = dist.all_reduce if gather and is_distributed() else None
     with torch.autocast(t.device.type, enabled=False):
-        s = (t.to(dt) @ w_teacher.detach().to(dt).t()) / teacher_temp  # (N, K)
-    top = s.max() if s.numel() else s.new_tensor(-math.inf)  # a rank may hold no (masked-patch) row
-    if distributed:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    if not math.isfinite(float(top)):  # no rows anywhere: no scaling
-        return s.new_zeros(s.shape[1])
-    Q = torch.exp(s - top).t()  # (K, N): DINOv2's Q up to a constant factor, which the first step removes
-    K = Q.shape[0]
-    total = torch.stack([Q.sum(), Q.new_tensor(float(Q.shape[1]))])
-    if distributed:
-        dist.all_reduce(total)
-    Q /= total[0]
-    B = total[1]
-    log_r = Q.new_zeros(K)
-    for _ in range(iterations):
-        per_prototype = Q.sum(dim=1, keepdim=True)
-        if distributed:
-            dist.all_reduce(per_prototype)
-        Q /= per_prototype * K
-        log_r -= torch.log(per_prototype.squeeze(1) * K)
-        Q /= Q.sum(dim=0, keepdim=True) * B  # per sample: what the softmax does
-    return log_r
+        return prototype_sinkhorn(t.to(dt), w_teacher.detach().to(dt), teacher_temp, iterations, all_reduce=reduce)
 
 
 @ranged("loss/ibot_patch_loss")

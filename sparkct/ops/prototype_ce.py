@@ -248,8 +248,11 @@ def prototype_sinkhorn(
             "prototype_sinkhorn: teacher and w_teacher must share a float dtype, "
             f"got {teacher.dtype} and {w_teacher.dtype}"
         )
-    if teacher.shape[0] == 0 or w_teacher.shape[0] == 0:
-        raise ValueError("prototype_sinkhorn: empty teacher or prototype set")
+    if w_teacher.shape[0] == 0:
+        raise ValueError("prototype_sinkhorn: empty prototype set")
+    if teacher.shape[0] == 0 and all_reduce is None:
+        # no rows (e.g. no masked patch for iBOT): no assignment to balance, no scaling
+        return teacher.new_zeros(w_teacher.shape[0])
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"prototype_sinkhorn: iters must be an int >= 1, got {iters!r}")
     if not isinstance(tile, int) or tile < 1:
@@ -267,9 +270,14 @@ def prototype_sinkhorn(
 
     tiny = torch.finfo(acc).tiny
     # iteration 1: row sums of exp(l) (DINOv2's Q after its global scaling, uniform in the samples)
-    mx = torch.cat([logits(k0, k1).amax(0) for k0, k1 in spans])
+    # a rank with no rows (iBOT: no masked patch there) takes part in every all-reduce with zeros
+    have = t.shape[0] > 0
+    mx = torch.cat([logits(k0, k1).amax(0) for k0, k1 in spans]) if have else w.new_zeros(K, dtype=acc)
     if all_reduce is not None:
-        mx = _reduce(all_reduce, mx) / _reduce(all_reduce, torch.ones_like(mx))
+        ranks = _reduce(all_reduce, torch.full_like(mx, float(have)))
+        if float(ranks[0]) == 0:  # no rows on any rank (every rank sees the same sum: no later all-reduce)
+            return teacher.new_zeros(K)
+        mx = _reduce(all_reduce, mx) / ranks
     rows = torch.cat([torch.exp(logits(k0, k1) - mx[k0:k1]).sum(0) for k0, k1 in spans])
     rows = _reduce(all_reduce, rows)
     log_r = -(mx + torch.log(rows.clamp_min(tiny)))

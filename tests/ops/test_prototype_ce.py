@@ -310,12 +310,14 @@ def test_sinkhorn_matches_dinov2(device, iters, tile):
     assert bias.shape == (200,) and bias.max() == 0
 
 
-def test_sinkhorn_all_reduce_over_ranks_equals_one_process():
-    """Two simulated ranks (threads with an all-reduce through a barrier) on halves of the batch give
-    the single-process bias on the whole batch, as DINOv2's distributed Sinkhorn does."""
+@pytest.mark.parametrize("split", [25, 60, 0])
+def test_sinkhorn_all_reduce_over_ranks_equals_one_process(split):
+    """Two simulated ranks (threads with an all-reduce through a barrier) on parts of the batch give
+    the single-process bias on the whole batch, as DINOv2's distributed Sinkhorn does; a rank with no
+    rows (iBOT: no masked patch there) takes part in every all-reduce and changes nothing."""
     _, te, _, wt, _ = make(1, 2, 30, 16, 100, dtype=torch.float64)
     t = te.reshape(-1, 16)
-    halves = [t[:25], t[25:]]
+    halves = [t[:split], t[split:]]
     barrier = threading.Barrier(2)
     slots: list = [None, None]
     calls = [0, 0]
@@ -343,7 +345,17 @@ def test_sinkhorn_all_reduce_over_ranks_equals_one_process():
     assert calls == [5, 5]
     # and DINOv2's distributed form: each rank's assignment of its own samples
     want = ref.sinkhorn_knopp_teacher(t @ wt.t(), 0.05, 3).double()
-    torch.testing.assert_close(torch.softmax(halves[1] @ wt.t() / 0.05 + out[1], -1), want[25:], rtol=1e-5, atol=1e-7)
+    got = torch.softmax(halves[1] @ wt.t() / 0.05 + out[1], -1)
+    torch.testing.assert_close(got, want[split:], rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_with_no_rows_anywhere_is_no_scaling():
+    _, _, _, wt, _ = make(1, 2, 4, 16, 10, dtype=torch.float64)
+    empty = torch.zeros(0, 16, dtype=torch.float64)
+    assert torch.equal(prototype_sinkhorn(empty, wt, 0.05, 3), torch.zeros(10, dtype=torch.float64))
+    calls = []
+    assert torch.equal(prototype_sinkhorn(empty, wt, 0.05, 3, lambda x: calls.append(1)), torch.zeros(10))
+    assert calls == [1]  # every rank saw no rows: one all-reduce, the same on every rank, then none
 
 
 def test_sinkhorn_stays_finite_where_dinov2_overflows():
