@@ -201,17 +201,23 @@ def _protocol_line(ft_cfg: TrainConfig, fcfg: FinetuneConfig) -> str:
         "half-cycle cosine decay from the peak to 0.001 x peak over all steps (the published protocol: "
         "constant Adam lr 1e-4); "
     )
+    # a ViT's LayerNorms keep no running statistics: eval mode changes nothing there to state
+    vit = arch_family(ft_cfg.arch) == "vit"
     if fcfg.linear_probe:
-        text += (
-            "linear probe: the backbone frozen throughout, in eval mode (BatchNorm keeps the initialization's "
-            "statistics)"
+        text += "linear probe: the backbone frozen throughout, in eval mode" + (
+            "" if vit else " (BatchNorm keeps the initialization's statistics)"
         )
     else:
         text += (
             f"backbone frozen for the first {_span(fcfg.freeze_steps, fcfg.freeze_epochs)}, only the head "
-            "learning, with its "
-            "BatchNorm in eval mode (running statistics stay the initialization's: for random init, mean 0 and "
-            f"variance 1), then trained at {fcfg.backbone_lr_start:g} x lr rising linearly to lr over "
+            "learning"
+            + (
+                ""
+                if vit
+                else ", with its BatchNorm in eval mode (running statistics stay the initialization's: for random "
+                "init, mean 0 and variance 1)"
+            )
+            + f", then trained at {fcfg.backbone_lr_start:g} x lr rising linearly to lr over "
             f"{_span(fcfg.ramp_steps, fcfg.ramp_epochs)}"
         )
     return text + "; the checkpoint of best validation AUC is tested"

@@ -119,6 +119,8 @@ def test_experiment_random_dino_and_imagenet_weights_on_a_vit_tiny(tiny_experime
     )
     res = json.load(open(out / "results.json"))
     assert {c["method"] for c in res["cells"]} == {"random", "dino", "imagenet"}
+    report = (out / "results.md").read_text()
+    assert "only the head learning, then trained at" in report and "BatchNorm" not in report  # a ViT has none
     (pre,) = os.listdir(out / "pretrain")
     run = out / "pretrain" / pre
     meta = json.load(open(run / "backbone.pt.json"))
