@@ -33,23 +33,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(world: int, rank: int, port: int) -> dict:
+    """The environment of rank `rank` of `world` processes on this machine (torchrun's variables, one
+    OpenMP thread each); a single process gets none of them, as a plain `python` run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if world > 1:
+        env.update(
+            WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    return env
+
+
 def _launch(cache, out, world):
     code = SCRIPT.format(here=HERE, cache=cache, out=str(out))
     port = _free_port()
     procs = []
     for r in range(world):
-        env = {
-            **os.environ,
-            "WORLD_SIZE": str(world),
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        if world == 1:
-            for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(k)
+        env = rank_env(world, r, port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import torch
-from test_ddp import _free_port
+from test_ddp import _free_port, rank_env
 
 from sparkct.train import checkpoint as C
 
@@ -44,13 +44,7 @@ def _launch(cache, out, world):
     port = _free_port()
     procs = []
     for r in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        if world > 1:
-            env.update(
-                WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-            )
+        env = rank_env(world, r, port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -129,7 +129,7 @@ def test_a_vit_on_two_ranks_equals_one_process(small_cache, tmp_path):
     import subprocess
     import sys
 
-    from test_ddp import _free_port
+    from test_ddp import _free_port, rank_env
 
     from sparkct.train import checkpoint as C
 
@@ -137,13 +137,7 @@ def test_a_vit_on_two_ranks_equals_one_process(small_cache, tmp_path):
     port, procs = _free_port(), []
     for world in (1, 2):
         for r in range(world):
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(k, None)
-            if world > 1:
-                env.update(
-                    WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-                )
+            env = rank_env(world, r, port)
             code = DDP_SCRIPT.format(here=here, cache=small_cache, out=str(tmp_path / str(world)))
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
     for p in procs:
