@@ -99,7 +99,7 @@ def is_vit(model: nn.Module) -> bool:
 
 def _stem(model: nn.Module) -> nn.Conv2d:
     """The conv that reads the image: a ResNet's conv1, a ViT's patch embedding."""
-    return cast(nn.Conv2d, model.patch_embed.proj if is_vit(model) else model.conv1)
+    return cast(nn.Conv2d, cast(nn.Module, model.patch_embed).proj if is_vit(model) else model.conv1)
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -146,7 +146,7 @@ def prototype_cross_entropy(
     if teacher_bias is not None:
         lt = lt + teacher_bias.detach()
     pt = F.softmax(lt, dim=-1)  # (T, B, K)
-    total, kl, n = 0, 0, 0
+    total, kl, n = lsm.new_zeros(()), lsm.new_zeros(()), 0
     for i in range(pt.shape[0]):
         for j in range(lsm.shape[0]):
             if skip_same and i == j:

@@ -1007,7 +1007,7 @@ def _data_fingerprint(ds) -> str | None:
     else:  # the same bytes, a chunk at a time (a dataset of 10^8 slices would need 800 MB at once)
         chunk = 1 << 22
         for lo in range(0, len(ds), chunk):
-            h.update(np.asarray(rows(np.arange(lo, min(len(ds), lo + chunk))), np.int64).tobytes())
+            h.update(np.asarray(rows(np.arange(lo, min(len(ds), lo + chunk))), np.int64).tobytes())  # type: ignore[misc]
     targets = getattr(ds, "targets", None)
     if targets is not None:
         t = np.asarray(targets)
