@@ -572,7 +572,7 @@ def test_quick_kernel_run_end_to_end(tmp_path, capfd):
     assert rc == 0, text
     # --device cpu drops the CUDA cases of the smoke subset (deselected, not skipped for want of a GPU)
     summary = next(ln for ln in text.splitlines() if re.match(r"\d+ passed", ln))
-    assert summary.startswith("7 passed, ") and "deselected" in summary and "skipped" not in summary, summary
+    assert summary.startswith("10 passed, ") and "deselected" in summary and "skipped" not in summary, summary
     d = report.load(str(out), "results")
     assert d["device"] == "cpu" and d["runner"].startswith("cpu-") and d["quick"] and d["complete"]
     assert d["suites"] == ["kernels"] and d["rounds"] == 3 and not d["failed"]
@@ -581,7 +581,9 @@ def test_quick_kernel_run_end_to_end(tmp_path, capfd):
     by = {c["id"]: c for c in d["cases"]}
     fused = by["kernels/bench_info_nce/test_info_nce[cpu-fp32-2N2048-D128-fwd-fused]"]
     naive = by["kernels/bench_info_nce/test_info_nce[cpu-fp32-2N2048-D128-fwd-naive]"]
-    assert {c["family"] for c in d["cases"]} == {"bench_info_nce", "bench_sparse_encoder"}
+    assert {c["family"] for c in d["cases"]} == {"bench_info_nce", "bench_sparse_encoder", "bench_prototype_ce"}
+    proto = [c for c in d["cases"] if c["family"] == "bench_prototype_ce" and c["params"]["impl"] == "fused"]
+    assert proto and all({"speedup_vs_plain", "mem_vs_plain", "speedup_vs_gemm"} <= set(c["ratios"]) for c in proto)
     assert all(c["time_s"]["rounds"] == 3 and c["time_s"]["noise"] is not None for c in d["cases"])
     assert fused["ratios"]["speedup_vs_naive"] == pytest.approx(naive["time_s"]["median"] / fused["time_s"]["median"])
     assert fused["ratios"]["mem_vs_naive"] < 0.1  # O(rows) extra memory, not O(rows^2)

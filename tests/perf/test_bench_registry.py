@@ -134,7 +134,7 @@ def test_adding_a_benchmark_is_one_file(tmp_path):
 
 def test_the_checkout_declares_every_suite():
     benches = registry.discover(BENCHMARKS)
-    assert registry.suites(benches) == ["data", "kernels", "train"]
+    assert registry.suites(benches) == ["data", "kernels", "scale", "train"]
     assert registry.files(benches, ["kernels"]) == [
         "bench_info_nce.py",
         "bench_prototype_ce.py",
