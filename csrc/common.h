@@ -23,4 +23,13 @@ namespace sparkct {
 // Integer ceil-division for grid/tile counts.
 SPARKCT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The plain dot product of the simple (oracle) kernels: one sequential sum in T, the obviously correct
+// order the tiled fast paths are tested against.
+template <class T>
+SPARKCT_HD T simple_dot(const T* a, const T* b, int64_t d) {
+  T acc = 0;
+  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
 }  // namespace sparkct

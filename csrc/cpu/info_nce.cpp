@@ -418,13 +418,6 @@ void finalize(const Mat& m, int segi, const RowNorms& nm, const at::Tensor& G, T
 // ---- the simple path ----------------------------------------------------------------------------
 
 template <class T>
-T dot(const T* a, const T* b, int64_t d) {
-  T acc = 0;
-  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
-  return acc;
-}
-
-template <class T>
 void forward_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T* inv_c, const Geometry& g,
                     T inv_tau, const T* pos_init, T* lse, T* pos) {
   const nce::ExpAccurate ex;
@@ -437,7 +430,7 @@ void forward_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T* i
       }
       for (int64_t c = 0; c < cols.rows; ++c) {
         if (nce::is_self(g, r, c)) continue;
-        const T l = nce::logit_sym(dot(rows.row<T>(r), cols.row<T>(c), rows.dim), inv_r[r], inv_c[c], inv_tau);
+        const T l = nce::logit_sym(simple_dot(rows.row<T>(r), cols.row<T>(c), rows.dim), inv_r[r], inv_c[c], inv_tau);
         if (nce::is_pos(g, r, c)) pos[r] = l;
         nce::lse_add(m, s, l, ex);
       }
@@ -460,7 +453,7 @@ void grad_pass_simple(const Mat& rows, const Mat& cols, const T* inv_r, const T*
       T* ga = gp + a * d;
       for (int64_t o = 0; o < other.rows; ++o) {
         const int64_t r = col_pass ? o : a, c = col_pass ? a : o;
-        const T l = nce::logit_sym(dot(rows.row<T>(r), cols.row<T>(c), d), inv_r[r], inv_c[c], inv_tau);
+        const T l = nce::logit_sym(simple_dot(rows.row<T>(r), cols.row<T>(c), d), inv_r[r], inv_c[c], inv_tau);
         const T w = nce::coef_row(l, lse[r], nce::is_self(g, r, c), nce::is_pos(g, r, c), ex);
         const T wo = w * (col_pass ? inv_r[r] : inv_c[c]);
         const T* y = other.row<T>(o);
@@ -534,7 +527,7 @@ at::Tensor bank_pos_logits(const at::Tensor& z0c, const at::Tensor& z1c, const T
   const T* b = z1c.data_ptr<T>();
   at::parallel_for(0, n, 256, [&](int64_t s, int64_t e) {
     for (int64_t r = s; r < e; ++r)
-      o[r] = nce::logit_sym(dot(a + r * d, b + r * d, d), inv0[r], inv1[r], inv_tau);
+      o[r] = nce::logit_sym(simple_dot(a + r * d, b + r * d, d), inv0[r], inv1[r], inv_tau);
   });
   return out;
 }

@@ -313,13 +313,6 @@ void backward_fast(const Prep& p, T inv_ts, T inv_tt, const T* lse_s, const T* l
 // ---- the simple path -----------------------------------------------------------------------------
 
 template <class T>
-T dot(const T* a, const T* b, int64_t d) {
-  T acc = 0;
-  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
-  return acc;
-}
-
-template <class T>
 struct Simple {
   const Prep& p;
   T inv_ts, inv_tt;
@@ -328,10 +321,10 @@ struct Simple {
       : p(p_), inv_ts(its), inv_tt(itt), st(p_.st.data_ptr<T>()), te(p_.te.data_ptr<T>()), ws(p_.ws.data_ptr<T>()),
         wt(p_.wt.data_ptr<T>()), bias(p_.bias.defined() ? p_.bias.data_ptr<T>() : nullptr) {}
   T ls(int64_t b, int64_t j, int64_t k) const {
-    return pce::student_logit(dot(st + (b * p.S + j) * p.D, ws + k * p.D, p.D), inv_ts);
+    return pce::student_logit(simple_dot(st + (b * p.S + j) * p.D, ws + k * p.D, p.D), inv_ts);
   }
   T lt(int64_t b, int64_t i, int64_t k) const {
-    return pce::teacher_logit(dot(te + (b * p.T + i) * p.D, wt + k * p.D, p.D), inv_tt, bias ? bias[k] : T(0));
+    return pce::teacher_logit(simple_dot(te + (b * p.T + i) * p.D, wt + k * p.D, p.D), inv_tt, bias ? bias[k] : T(0));
   }
   template <class F>
   T lse(F f) const {
